@@ -1,0 +1,115 @@
+"""`sageserve generate | convert` (user mistakes exit with code 2 and a message)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from sageserve.engine_args import add_engine_args, engine_config_from_args
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text for one or more prompts")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="a prompt; repeat the flag for several (they are batched together)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON with token ids, logprobs, finish reason and timings")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--logprobs", type=int, default=None, help="top-N logprobs per output token")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning"))
+    add_engine_args(p)
+    p.set_defaults(func=_run_generate)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="write a GGUF file as a Hugging Face model directory")
+    p.add_argument("gguf_file", help="the .gguf file (or a short model name)")
+    p.add_argument("out_dir", help="directory to write safetensors, config and tokenizer to")
+    p.set_defaults(func=_run_convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sageserve", description="LLM inference with pluggable (8-bit) attention"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_convert(sub)
+    return parser
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from sageserve.engine.llm import LLM
+    from sageserve.engine.sampling_params import SamplingParams
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        logprobs=args.logprobs,
+    )
+    llm = LLM.from_engine_config(engine_config_from_args(args))
+    if args.chat:
+        conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+        outputs = llm.chat(conversations, params)
+    else:
+        outputs = llm.generate(args.prompt, params)
+    for out in outputs:
+        print(json.dumps(_output_json(out)) if args.json else out.text)
+    return 0
+
+
+def _output_json(out: Any) -> dict[str, Any]:
+    def lp(entries: list[dict[int, float] | None] | None) -> Any:
+        if entries is None:
+            return None
+        return [None if e is None else {str(k): v for k, v in e.items()} for e in entries]
+
+    return {
+        "text": out.text,
+        "token_ids": out.token_ids,
+        "prompt_token_ids": out.prompt_token_ids,
+        "logprobs": lp(out.logprobs),
+        "finish_reason": out.finish_reason,
+        "stop_reason": out.stop_reason,
+        "usage": {
+            "prompt_tokens": out.num_prompt_tokens,
+            "completion_tokens": out.num_completion_tokens,
+            "cached_tokens": out.num_cached_tokens,
+        },
+        "time_to_first_token_s": out.metrics.time_to_first_token,
+        "latency_s": out.metrics.latency,
+    }
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from sageserve.models.convert import convert_gguf_to_hf
+    from sageserve.models.default_model import resolve_model_path
+
+    convert_gguf_to_hf(resolve_model_path(args.gguf_file), args.out_dir)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"sageserve: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

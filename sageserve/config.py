@@ -1,0 +1,101 @@
+"""Engine configuration: one frozen dataclass per concern, each validating itself.
+
+"auto" values are resolved before a config is built (see `EngineConfig.resolve`), never by
+mutating a frozen config afterwards. The model's own shape lives in
+`sageserve.models.config.ModelConfig`, read from the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+KV_CACHE_DTYPE_CHOICES = ("auto", "int8", "fp16", "bf16", "fp32")
+LOAD_FORMAT_CHOICES = ("auto", "safetensors", "gguf", "dummy")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache.
+
+    On CUDA the pool takes what `mem_fraction_static` of the card leaves after the weights;
+    on CPU it holds `max_total_tokens` tokens (default `DEFAULT_CPU_KV_TOKENS`).
+    """
+
+    page_size: int = 16
+    kv_cache_dtype: str = "auto"
+    mem_fraction_static: float = 0.85
+    max_total_tokens: int | None = None
+    enable_prefix_cache: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive("page_size", self.page_size)
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPE_CHOICES)
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError(
+                f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}"
+            )
+        _check_positive("max_total_tokens", self.max_total_tokens)
+
+
+DEFAULT_CPU_KV_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits.
+
+    `chunked_prefill_size` is the token budget of one step: decode tokens and prefill
+    chunks together never exceed it, and longer prompts are split across steps.
+    """
+
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 2048
+    max_queued_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("max_running_requests", self.max_running_requests)
+        _check_positive("chunked_prefill_size", self.chunked_prefill_size)
+        _check_positive("max_queued_requests", self.max_queued_requests)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start."""
+
+    model_path: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    attention_backend: str = "torch"
+    context_length: int | None = None
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("load_format", self.load_format, LOAD_FORMAT_CHOICES)
+        _check_choice("dtype", self.dtype, DTYPE_CHOICES)
+        _check_choice("device", self.device, DEVICE_CHOICES)
+        _check_positive("context_length", self.context_length)
+
+    def torch_device(self) -> torch.device:
+        """The device "auto" resolves to: CUDA when available, else CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but no CUDA device is available")
+        return torch.device(self.device)

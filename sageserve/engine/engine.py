@@ -1,0 +1,266 @@
+"""Engine: add requests, step, abort. The loop every front end (offline API, server) drives."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+
+import torch
+
+from sageserve.attention.base import BackendOptions
+from sageserve.attention.registry import get_backend_class
+from sageserve.config import EngineConfig
+from sageserve.engine.block_manager import BlockManager
+from sageserve.engine.detokenizer import IncrementalDetokenizer
+from sageserve.engine.logprobs import compute_logprobs, to_dicts
+from sageserve.engine.model_runner import ModelRunner
+from sageserve.engine.request import Request, RequestOutput
+from sageserve.engine.sampler import Sampler, SamplingRow
+from sageserve.engine.sampling_params import SamplingParams
+from sageserve.engine.scheduler import Scheduler
+from sageserve.engine.step_plan import ChunkPlan, plan_step
+from sageserve.engine.stop import StopChecker
+from sageserve.models.loader import LoadedModel, load_model
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Owns the model runner, the scheduler and every request; not thread-safe.
+
+    Drive it with `add_request` / `abort` / `step` from one thread.
+    """
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.device = config.torch_device()
+        self.loaded = loaded or load_model(
+            config.model_path,
+            load_format=config.load_format,
+            dtype=config.dtype,
+            device=self.device,
+            seed=config.seed,
+        )
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = self._resolve_context_length()
+        self._init_runner()
+        self.sampler = Sampler()
+        self._seed_rng = torch.Generator().manual_seed(config.seed)
+        self.requests: dict[str, Request] = {}
+        self.num_steps = 0
+
+    def _resolve_context_length(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        asked = self.config.context_length
+        if asked is not None and asked > limit:
+            raise ValueError(
+                f"context_length={asked} exceeds the model's max_position_embeddings={limit}"
+            )
+        return asked or limit
+
+    def _init_runner(self) -> None:
+        cache = self.config.cache
+        options = BackendOptions(cache.kv_cache_dtype, self.loaded.dtype, self.device)
+        backend = get_backend_class(self.config.attention_backend)(self.model_config, options)
+        self.runner = ModelRunner(self.loaded.model, backend, cache, self.device)
+        self.block_manager = BlockManager(
+            self.runner.num_pages, cache.page_size, cache.enable_prefix_cache
+        )
+        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
+        logger.info(
+            "engine ready: model=%s dtype=%s device=%s attention=%s context=%d",
+            self.loaded.source,
+            str(self.loaded.dtype).removeprefix("torch."),
+            self.device,
+            backend.name,
+            self.max_model_len,
+        )
+
+    # ----------------------------------------------------------------- requests
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a text prompt (special tokens such as BOS added), or the ids given."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids, not text")
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. ValueError for prompts that cannot be served."""
+        params = params or SamplingParams()
+        token_ids = self.tokenize(prompt)
+        self._check_prompt(token_ids)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = self._make_request(request_id, prompt, token_ids, params)
+        self.requests[request_id] = req
+        self.scheduler.add_request(req)
+        return request_id
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens; the context length is "
+                f"{self.max_model_len}, which must leave room for at least one new token"
+            )
+        if len(token_ids) + 1 > self.runner.pool_capacity_tokens:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens but the KV pool holds only "
+                f"{self.runner.pool_capacity_tokens}; raise --max-total-tokens"
+            )
+
+    def _make_request(
+        self, request_id: str, prompt: str | Sequence[int], token_ids: list[int],
+        params: SamplingParams,
+    ) -> Request:
+        seed = params.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            params=params,
+            generator=torch.Generator().manual_seed(seed),
+            prompt=prompt if isinstance(prompt, str) else None,
+            detokenizer=detok,
+            stop_checker=StopChecker(params.stop) if params.stop else None,
+        )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its pages; returns its final output, None if unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self._finish(req, "abort")
+        return RequestOutput.from_request(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # --------------------------------------------------------------------- step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns an output for every request that progressed."""
+        sched = self.scheduler.schedule()
+        touched: list[Request] = []
+        for req in sched.unservable:
+            logger.warning("request %s outgrew the whole KV pool; aborted", req.request_id)
+            self._finish(req, "abort")
+            touched.append(req)
+        if sched.chunks:
+            batch, plans = plan_step(sched.chunks, self.runner.page_size, self.device)
+            logits = self.runner.forward(batch)
+            touched.extend(self._process(plans, logits))
+            self.num_steps += 1
+        outputs = [RequestOutput.from_request(req) for req in touched]
+        for req in touched:
+            if req.is_finished:
+                self.requests.pop(req.request_id, None)
+        return outputs
+
+    def _process(self, plans: list[ChunkPlan], logits: torch.Tensor) -> list[Request]:
+        self._record_prompt_logprobs(plans, logits)
+        for plan in plans:
+            self.scheduler.on_chunk_computed(plan.chunk)
+        sampling = [p for p in plans if p.sample_row is not None]
+        if sampling:
+            self._sample(sampling, logits)
+        for plan in plans:
+            req = plan.chunk.request
+            if plan.reaches_end and req.params.max_new_tokens == 0:
+                self._finish(req, "length")
+        return [plan.chunk.request for plan in plans]
+
+    def _record_prompt_logprobs(self, plans: list[ChunkPlan], logits: torch.Tensor) -> None:
+        for plan in plans:
+            if not plan.prompt_rows:
+                continue
+            req = plan.chunk.request
+            targets = [req.token_ids[j + 1] for j in plan.prompt_positions]
+            top_n = req.params.prompt_logprobs or 0
+            rows = torch.tensor(plan.prompt_rows, device=logits.device)
+            target_t = torch.tensor(targets, device=logits.device)
+            lp = compute_logprobs(logits[rows], target_t, top_n)
+            for j, d in zip(plan.prompt_positions, to_dicts(lp, targets, [top_n] * len(targets))):
+                req.prompt_logprobs[j + 1] = d
+
+    def _sample(self, plans: list[ChunkPlan], logits: torch.Tensor) -> None:
+        reqs = [p.chunk.request for p in plans]
+        rows_t = torch.tensor([p.sample_row for p in plans], device=logits.device)
+        out = self.sampler(logits[rows_t], [self._sampling_row(r) for r in reqs])
+        top_ns = [r.params.logprobs or 0 for r in reqs]
+        lp_dicts = to_dicts(out.logprobs, out.token_ids, top_ns) if out.logprobs else None
+        now = time.monotonic()
+        for i, (req, token) in enumerate(zip(reqs, out.token_ids)):
+            if req.first_token_time is None:
+                req.first_token_time = now
+            if lp_dicts is not None and req.params.logprobs is not None:
+                req.output_logprobs.append(lp_dicts[i])
+            self._append_token(req, token)
+
+    def _sampling_row(self, req: Request) -> SamplingRow:
+        suppressed: list[int] = []
+        if req.num_output_tokens < req.params.min_new_tokens:
+            suppressed = [*req.params.stop_token_ids, *self._eos_ids(req)]
+        return SamplingRow(
+            params=req.params,
+            generator=req.generator,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=req.output_token_ids,
+            suppressed_token_ids=suppressed,
+        )
+
+    def _eos_ids(self, req: Request) -> tuple[int, ...]:
+        return () if req.params.ignore_eos else self.model_config.eos_token_ids
+
+    # ------------------------------------------------------------ finishing
+
+    def _append_token(self, req: Request, token: int) -> None:
+        req.token_ids.append(token)
+        delta = req.detokenizer.append(token) if req.detokenizer else ""
+        req.text += delta
+        reason = self._stop_reason(req, token, len(delta))
+        if reason is not None:
+            self._finish(req, *reason)
+
+    def _stop_reason(
+        self, req: Request, token: int, delta_len: int
+    ) -> tuple[str, str | int | None] | None:
+        params = req.params
+        if req.num_output_tokens >= params.min_new_tokens:
+            if token in params.stop_token_ids or token in self._eos_ids(req):
+                return "stop", token
+            if req.stop_checker is not None:
+                cut = req.stop_checker.check(req.text, delta_len)
+                if cut is not None:
+                    matched = next(s for s in params.stop if req.text.startswith(s, cut))
+                    req.text = req.text[:cut]
+                    return "stop", matched
+        if req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= self.max_model_len:
+            return "length", None
+        return None
+
+    def _finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        req.finished_time = time.monotonic()
+        self.scheduler.finish(req)

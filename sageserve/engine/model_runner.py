@@ -1,0 +1,83 @@
+"""ModelRunner: owns the model, the attention backend and the KV pool; runs one step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sageserve.attention.base import AttentionBackend, StepAttention
+from sageserve.config import DEFAULT_CPU_KV_TOKENS, CacheConfig
+from sageserve.engine.batch import ForwardBatch
+from sageserve.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def pool_num_pages(cache: CacheConfig, bytes_per_token: int, device: torch.device) -> int:
+    """How many pages the KV pool gets (page 0, the null page, included).
+
+    CUDA: what `mem_fraction_static` of the card leaves after the weights (already
+    allocated when this runs), capped by `max_total_tokens` if given. CPU: a token budget,
+    `max_total_tokens` or DEFAULT_CPU_KV_TOKENS.
+    """
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        budget = int(total * cache.mem_fraction_static) - torch.cuda.memory_allocated(device)
+        tokens = budget // bytes_per_token
+        if cache.max_total_tokens is not None:
+            tokens = min(tokens, cache.max_total_tokens)
+    else:
+        tokens = cache.max_total_tokens or DEFAULT_CPU_KV_TOKENS
+    pages = tokens // cache.page_size
+    if pages < 1:
+        raise ValueError(
+            f"the KV pool would hold {max(tokens, 0)} tokens, less than one page of "
+            f"{cache.page_size}; raise --mem-fraction-static or --max-total-tokens"
+        )
+    return pages + 1
+
+
+class ModelRunner:
+    """Runs a ForwardBatch through the model and returns the logits it asked for."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        backend: AttentionBackend,
+        cache: CacheConfig,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.kv_spec = backend.kv_cache_spec()
+        self.num_pages = pool_num_pages(cache, self.kv_spec.bytes_per_token, device)
+        self.page_size = cache.page_size
+        self.kv_cache = backend.allocate(self.num_pages, cache.page_size)
+        self._log_pool()
+
+    @property
+    def pool_capacity_tokens(self) -> int:
+        """Tokens the pool can hold (the null page excluded)."""
+        return (self.num_pages - 1) * self.page_size
+
+    def _log_pool(self) -> None:
+        gib = self.num_pages * self.page_size * self.kv_spec.bytes_per_token / 2**30
+        logger.info(
+            "KV cache: backend=%s, %s; %d pages x %d tokens = %d tokens (%.2f GiB)",
+            self.backend.name,
+            self.kv_spec.describe(),
+            self.num_pages - 1,
+            self.page_size,
+            self.pool_capacity_tokens,
+            gib,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits of the tokens in batch.logits_indices: [num_logits, vocab] float32."""
+        meta = self.backend.build_metadata(batch)
+        attn = StepAttention(self.backend, self.kv_cache, meta)
+        hidden = self.model(batch.input_ids, batch.positions, attn)
+        return self.model.compute_logits(hidden[batch.logits_indices])

@@ -1,0 +1,249 @@
+"""Turn one step's logits into one token per row.
+
+Order of operations for every row:
+
+    penalties -> suppression -> temperature -> top-k -> top-p -> min-p -> sample
+
+* penalties: repetition (HF/vLLM: positive logits divided, negative multiplied, over prompt +
+  output tokens), then frequency and presence (OpenAI: subtracted, over output tokens).
+* suppression: ``SamplingRow.suppressed_token_ids`` set to -inf (EOS / stop ids while the
+  request is below ``min_new_tokens``).
+* greedy rows (temperature 0) stop here: argmax of the penalised, suppressed logits (first
+  index on ties), no noise, generator untouched.
+* random rows: logits / temperature; top-k keeps the k largest logits; top-p keeps the most
+  likely tokens, in descending order, while the mass before them (renormalised after top-k)
+  is below top_p; min-p keeps tokens whose probability is >= min_p * the best one's. Each
+  filter also keeps every token tied with the last one kept. Then the exponential race:
+  argmax(probs / E) with E ~ Exp(1) i.i.d. picks token i with probability probs[i] (the
+  Gumbel-max trick in probability space), without the host sync of torch.multinomial.
+
+Batch independence and seeding: each step a random row draws ONE int64 from its own
+generator and expands it on the logits' device into ``vocab`` Exp(1) values with a
+counter-based hash (splitmix64), and every operation is row-wise with tie-independent
+filters. So a row's token depends only on its logits, params, history and generator, never on
+the other rows of the batch, and the same seed replays the same tokens.
+
+Logprobs come from the RAW logits (see ``logprobs.py``), not from the processed ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sageserve.engine.logprobs import TokenLogprobs, compute_logprobs
+from sageserve.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """One row of the logits matrix that must be sampled."""
+
+    params: SamplingParams
+    # Per-request generator (normally CPU): the only source of this row's noise.
+    generator: torch.Generator
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    suppressed_token_ids: Sequence[int] = ()
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    # [N] rows, for the chosen tokens, from the raw distribution; K = max logprobs asked.
+    # Rows that did not ask get values too (the caller ignores them). None if no row asked.
+    logprobs: TokenLogprobs | None
+
+
+class Sampler:
+    """Stateless: all per-request state arrives in the ``SamplingRow``s."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """Sample one token per row.
+
+        logits: [N, vocab] float logits, CPU or CUDA; not modified.
+        rows: N rows, row i describing ``logits[i]``.
+        """
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        work = logits.float()
+        if any(r.params.has_penalties or r.suppressed_token_ids for r in rows):
+            work = work.clone()  # edited in place below; the caller's logits stay raw
+        _apply_penalties(work, rows)
+        _apply_suppression(work, rows)
+        token_ids = _sample(work, rows)
+        return SamplerOutput(
+            token_ids=token_ids.tolist(), logprobs=_logprobs(logits, token_ids, rows)
+        )
+
+
+def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """[N, vocab] processed logits -> [N] int64 token ids (greedy fast path when possible)."""
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    if len(greedy) == len(rows):
+        return logits.argmax(dim=-1)
+    random = [i for i, r in enumerate(rows) if not r.params.greedy]
+    token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    if greedy:
+        idx = _index(greedy, logits.device)
+        token_ids[idx] = logits[idx].argmax(dim=-1)
+    idx = _index(random, logits.device)
+    token_ids[idx] = _sample_random(logits[idx], [rows[i] for i in random])
+    return token_ids
+
+
+def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, filters and the exponential race. logits: [R, vocab] -> [R] int64.
+
+    Filtered-out tokens get probability 0; the rows are not renormalised afterwards because
+    argmax(probs / E) does not change when a row is scaled.
+    """
+    logits = logits / _column([r.params.temperature for r in rows], logits)
+    if any(r.params.top_k_enabled for r in rows):
+        logits = _apply_top_k(logits, rows)
+    probs = logits.softmax(dim=-1)  # renormalised over what top-k kept
+    if any(r.params.top_p < 1.0 for r in rows):
+        probs = _apply_top_p(probs, rows)
+    if any(r.params.min_p > 0.0 for r in rows):
+        probs = _apply_min_p(probs, rows)
+    return probs.div_(exponential_noise(_step_seeds(rows, probs), probs.shape[1])).argmax(dim=-1)
+
+
+# NOTE: the filters keep every token tied with the last one kept (threshold semantics), so the
+# result never depends on how a sort or topk orders equal values (common with bf16 logits),
+# and hence not on the other rows of the batch.
+
+
+def _apply_top_k(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """-inf for logits [R, vocab] below each row's k-th largest value (rows without top-k:
+    k = vocab, i.e. nothing masked)."""
+    vocab = logits.shape[1]
+    ks = [min(r.params.top_k, vocab) if r.params.top_k_enabled else vocab for r in rows]
+    top = logits.topk(max(ks), dim=-1, sorted=True).values
+    kth = top.gather(1, _column(ks, logits) - 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _apply_top_p(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Zero probs [R, vocab] outside each row's nucleus: the most likely tokens, taken in
+    descending order while the mass before them is below top_p (so at least one is kept)."""
+    vocab = probs.shape[1]
+    # Only the sorted values matter. When every row has top-k, at most max(k) distinct
+    # positions can be kept, so a topk replaces the full sort.
+    width = max(r.params.top_k for r in rows) if all(r.params.top_k_enabled for r in rows) else 0
+    if 0 < width < vocab:
+        ordered = probs.topk(width, dim=-1, sorted=True).values
+    else:
+        ordered = probs.sort(dim=-1, descending=True).values
+    top_p = _column([r.params.top_p for r in rows], probs)
+    mass_before = ordered.cumsum(dim=-1) - ordered
+    # top_p == 1 keeps everything: cumsum rounding could otherwise drop a far tail.
+    drop = (mass_before >= top_p) & (top_p < 1.0)
+    drop[:, 0] = False
+    smallest_kept = ordered.masked_fill(drop, float("inf")).amin(dim=-1, keepdim=True)
+    return probs.masked_fill_(probs < smallest_kept, 0.0)
+
+
+def _apply_min_p(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Zero probs [R, vocab] below min_p * the row's max (scale-free, so no renormalising)."""
+    threshold = probs.amax(dim=-1, keepdim=True) * _column([r.params.min_p for r in rows], probs)
+    return probs.masked_fill_(probs < threshold, 0.0)
+
+
+def _step_seeds(rows: list[SamplingRow], like: torch.Tensor) -> torch.Tensor:
+    """[R] int64: one draw from each row's own generator, the seed of this step's noise."""
+    seeds = [
+        torch.empty((), dtype=torch.int64, device=r.generator.device).random_(generator=r.generator)
+        for r in rows
+    ]
+    return torch.stack(seeds).to(like.device, non_blocking=True)
+
+
+# splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 wraps the same).
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def exponential_noise(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, vocab] float32 Exp(1) noise, row i a pure function of ``seeds[i]`` ([R] int64).
+
+    Counter-based: element j is splitmix64 output j of the row's seed, computed on the seeds'
+    device in a few vectorised integer ops. Drawing ``vocab`` values per row from a CPU
+    generator instead costs milliseconds per row per step plus a host-to-device copy.
+    """
+    col = torch.arange(1, vocab + 1, dtype=torch.int64, device=seeds.device)
+    z = seeds.unsqueeze(1) + col * _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    # Top 53 bits -> uniform in (0, 1), never 0 or 1, so E = -log(u) is finite and > 0. Float64
+    # keeps E's resolution near 0 (~1e-16; float32 would stop at ~6e-8), where it decides
+    # whether tokens of tiny probability can ever win.
+    u = (_shr(z, 11).double() + 0.5) * 2.0**-53
+    return u.log_().neg_().float()
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Apply repetition, frequency and presence penalties in place to logits [N, vocab]."""
+    penalised = [i for i, r in enumerate(rows) if r.params.has_penalties]
+    if not penalised:
+        return
+    sub = [rows[i] for i in penalised]
+    idx = _index(penalised, logits.device)
+    x = logits[idx]
+    vocab = x.shape[1]
+    out_counts = _token_counts([r.output_token_ids for r in sub], vocab, x)
+    seen = (out_counts > 0) | (_token_counts([r.prompt_token_ids for r in sub], vocab, x) > 0)
+    rep = _column([r.params.repetition_penalty for r in sub], x)
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    x -= _column([r.params.frequency_penalty for r in sub], x) * out_counts
+    x -= _column([r.params.presence_penalty for r in sub], x) * (out_counts > 0)
+    logits[idx] = x
+
+
+def _token_counts(seqs: list[Sequence[int]], vocab: int, like: torch.Tensor) -> torch.Tensor:
+    """[R, vocab] float32 occurrence counts of each row's token ids, on ``like``'s device."""
+    # One flat host tensor and one copy for the whole batch, not one per row.
+    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    assert flat.numel() == 0 or (int(flat.min()) >= 0 and int(flat.max()) < vocab), "bad id"
+    rows = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
+    counts = torch.zeros(len(seqs), vocab, dtype=torch.float32, device=like.device)
+    index = (rows.to(like.device, non_blocking=True), flat.to(like.device, non_blocking=True))
+    ones = torch.ones(flat.numel(), dtype=torch.float32, device=like.device)
+    return counts.index_put_(index, ones, accumulate=True)
+
+
+def _apply_suppression(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Set each row's suppressed token ids to -inf in place; logits: [N, vocab]."""
+    pairs = [(i, t) for i, r in enumerate(rows) for t in r.suppressed_token_ids]
+    if not pairs:
+        return
+    row_idx, tok_idx = torch.tensor(pairs, dtype=torch.long).to(logits.device).unbind(dim=1)
+    logits[row_idx, tok_idx] = float("-inf")
+
+
+def _logprobs(
+    raw_logits: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]
+) -> TokenLogprobs | None:
+    asked = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+    if not asked:
+        return None
+    return compute_logprobs(raw_logits, token_ids, max(asked))
+
+
+def _column(values: list[float] | list[int], like: torch.Tensor) -> torch.Tensor:
+    """[R, 1] tensor of per-row values on ``like``'s device, for broadcasting over vocab."""
+    dtype = torch.long if isinstance(values[0], int) else torch.float32
+    return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True).unsqueeze(1)
+
+
+def _index(indices: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(indices, dtype=torch.long).to(device, non_blocking=True)

@@ -1,0 +1,171 @@
+"""Continuous batching: which requests compute how many tokens in the next step.
+
+Every request is treated alike: it has `num_tokens` token ids of which
+`num_computed_tokens` already have K/V in the cache; a step computes the next chunk of the
+rest. A prefill chunk and a decode token differ only in chunk length, so one step mixes
+both freely under one token budget (`chunked_prefill_size`).
+
+Order: running requests first, in admission order; then waiting requests, first come
+first served. When pages run out, the most recently admitted running request is preempted
+(its pages released, recomputed later) -- never a crash.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from sageserve.config import SchedulerConfig
+from sageserve.engine.block_manager import BlockManager
+from sageserve.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """request computes tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)."""
+
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def completes_sequence(self) -> bool:
+        """True when this chunk reaches the last token: the step then samples one."""
+        req = self.request
+        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Request]
+    unservable: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """Owns the waiting queue, the running set and every page they hold."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add_request(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks (see module docstring)."""
+        out = SchedulerOutput([], [], [])
+        budget = self._schedule_running(out, self.config.chunked_prefill_size)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_uncomputed_tokens, budget)
+            if self._make_room(req, req.num_computed_tokens + n, out):
+                out.chunks.append(ScheduledChunk(req, n))
+                budget -= n
+                i += 1
+        return budget
+
+    def _make_room(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Grow req's page table to hold num_tokens, preempting from the tail if needed.
+
+        Returns False when req itself had to go (it was the tail, or can never fit).
+        """
+        while not self._grow(req, num_tokens):
+            victim = self.running.pop()
+            if victim is req and self._can_never_fit(num_tokens):
+                self._release(req)
+                out.unservable.append(req)
+                return False
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+            req = self.waiting[0]
+            if not req.page_table:
+                self._match_prefix(req)
+            n = min(req.num_uncomputed_tokens, budget)
+            num_tokens = req.num_computed_tokens + n
+            if not self._grow(req, num_tokens):
+                self._release(req)
+                if not self.running and not out.chunks and self._can_never_fit(num_tokens):
+                    self.waiting.popleft()
+                    out.unservable.append(req)
+                    continue
+                return
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, n))
+            budget -= n
+
+    def _match_prefix(self, req: Request) -> None:
+        pages = self.block_manager.match_prefix(req.token_ids, req.max_cacheable_prefix)
+        req.page_table = pages
+        req.num_computed_tokens = len(pages) * self.block_manager.page_size
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed_tokens
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        need = self.block_manager.pages_needed(num_tokens) - len(req.page_table)
+        if need <= 0:
+            return True
+        if need > self.block_manager.num_free_pages:
+            return False
+        req.page_table.extend(self.block_manager.allocate(need))
+        return True
+
+    def _can_never_fit(self, num_tokens: int) -> bool:
+        return self.block_manager.pages_needed(num_tokens) > self.block_manager.num_usable_pages
+
+    def _preempt(self, req: Request) -> None:
+        self._release(req)
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _release(self, req: Request) -> None:
+        self.block_manager.free(req.page_table)
+        req.page_table = []
+        req.num_computed_tokens = 0
+
+    def on_chunk_computed(self, chunk: ScheduledChunk) -> None:
+        """Account a computed chunk and offer its full pages to the prefix cache."""
+        req = chunk.request
+        req.num_computed_tokens += chunk.num_new_tokens
+        self.block_manager.cache_full_pages(req.token_ids, req.page_table, req.num_computed_tokens)
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished or aborted request and free its pages."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+        req.status = RequestStatus.FINISHED
+
+    def find(self, request_id: str) -> Request | None:
+        for req in (*self.running, *self.waiting):
+            if req.request_id == request_id:
+                return req
+        return None

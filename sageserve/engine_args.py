@@ -1,0 +1,91 @@
+"""Command-line flags for the engine, named as SGLang names them where the meaning is the same."""
+
+from __future__ import annotations
+
+import argparse
+
+from sageserve.config import (
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    KV_CACHE_DTYPE_CHOICES,
+    LOAD_FORMAT_CHOICES,
+    CacheConfig,
+    EngineConfig,
+    SchedulerConfig,
+)
+
+# Kept in sync with sageserve.attention.registry (tested); listed here so that parsing
+# arguments never imports torch.
+ATTENTION_BACKEND_CHOICES = ("torch",)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add every EngineConfig flag to `parser`."""
+    _add_model_args(parser.add_argument_group("model"))
+    _add_cache_args(parser.add_argument_group("KV cache"))
+    _add_scheduler_args(parser.add_argument_group("scheduler"))
+
+
+def _add_model_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--model-path",
+        default=None,
+        help="a Hugging Face model directory, a .gguf file, a bundled config name (with "
+        "--load-format dummy) or a short name; default: smollm2-135m-instruct",
+    )
+    group.add_argument("--load-format", default="auto", choices=LOAD_FORMAT_CHOICES,
+                       help="how to read the weights; dummy = random weights (speed tests)")
+    group.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                       help="weights and activations; auto = float32 on CPU, the checkpoint's "
+                       "16-bit dtype (else bfloat16) on CUDA")
+    group.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                       help="auto = cuda when available, else cpu")
+    group.add_argument("--attention-backend", default="torch", choices=ATTENTION_BACKEND_CHOICES,
+                       help="torch = exact reference (runs on CPU)")
+    group.add_argument("--context-length", type=int, default=None,
+                       help="maximum tokens per sequence; default: the model's limit")
+    group.add_argument("--random-seed", type=int, default=0,
+                       help="seeds dummy weights and requests that carry no seed")
+
+
+def _add_cache_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
+                       help="auto = the model dtype for 16-bit backends")
+    group.add_argument("--mem-fraction-static", type=float, default=0.85,
+                       help="CUDA: fraction of the card for weights + KV pool")
+    group.add_argument("--max-total-tokens", type=int, default=None,
+                       help="KV pool size in tokens (CPU default 32768; caps the CUDA pool)")
+    group.add_argument("--disable-prefix-cache", action="store_true",
+                       help="do not share KV pages between requests with a common prefix")
+
+
+def _add_scheduler_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--max-running-requests", type=int, default=256,
+                       help="most requests decoding at once")
+    group.add_argument("--chunked-prefill-size", type=int, default=2048,
+                       help="token budget of one step; longer prompts are prefilled in chunks")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Build the EngineConfig; ValueError (naming the valid choices) on bad values."""
+    return EngineConfig(
+        model_path=args.model_path,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        context_length=args.context_length,
+        seed=args.random_seed,
+        cache=CacheConfig(
+            page_size=args.page_size,
+            kv_cache_dtype=args.kv_cache_dtype,
+            mem_fraction_static=args.mem_fraction_static,
+            max_total_tokens=args.max_total_tokens,
+            enable_prefix_cache=not args.disable_prefix_cache,
+        ),
+        scheduler=SchedulerConfig(
+            max_running_requests=args.max_running_requests,
+            chunked_prefill_size=args.chunked_prefill_size,
+        ),
+    )

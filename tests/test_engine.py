@@ -1,0 +1,176 @@
+"""The engine end to end on SmolLM2 (fp32, CPU, exact `torch` attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sageserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from sageserve.engine.llm import LLM
+from sageserve.engine.sampling_params import SamplingParams
+from sageserve.models.loader import LoadedModel, load_model
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf) -> LoadedModel:
+    return load_model(str(smollm2_gguf), dtype="float32", device="cpu")
+
+
+def make_llm(
+    loaded: LoadedModel,
+    *,
+    max_total_tokens: int = 8192,
+    page_size: int = 16,
+    chunked_prefill_size: int = 2048,
+    enable_prefix_cache: bool = True,
+) -> LLM:
+    config = EngineConfig(
+        dtype="float32",
+        device="cpu",
+        cache=CacheConfig(
+            page_size=page_size,
+            max_total_tokens=max_total_tokens,
+            enable_prefix_cache=enable_prefix_cache,
+        ),
+        scheduler=SchedulerConfig(chunked_prefill_size=chunked_prefill_size),
+    )
+    return LLM.from_engine_config(config, loaded)
+
+
+def random_prompts(lengths: list[int], seed: int, vocab: int = 49152) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    # Skip the first ids (special tokens) so prompts look like text to the model.
+    return [torch.randint(100, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def assert_pool_whole(llm: LLM) -> None:
+    bm = llm.engine.block_manager
+    assert not llm.engine.has_unfinished_requests()
+    assert bm.num_free_pages == bm.num_usable_pages
+
+
+def test_batched_equals_alone(smollm2: LoadedModel) -> None:
+    prompts = random_prompts([1, 7, 20, 33, 64, 100, 150, 200], seed=1)
+    llm = make_llm(smollm2, chunked_prefill_size=64)
+    together = llm.generate(prompts, GREEDY)
+    alone = [llm.generate([p], GREEDY)[0] for p in prompts]
+    for t, a in zip(together, alone):
+        assert t.token_ids == a.token_ids
+        assert len(t.token_ids) == 16 and t.finish_reason == "length"
+    assert_pool_whole(llm)
+
+
+def test_prefix_cache_hit_matches_miss(smollm2: LoadedModel) -> None:
+    shared, tail_a, tail_b = random_prompts([70, 9, 13], seed=2)
+    params = SamplingParams(temperature=0, max_new_tokens=8, logprobs=5, ignore_eos=True)
+    cached = make_llm(smollm2)
+    cached.generate([shared + tail_a], params)
+    hit = cached.generate([shared + tail_b], params)[0]
+    assert hit.num_cached_tokens == 64  # the 4 full pages of the shared prefix
+    miss = make_llm(smollm2, enable_prefix_cache=False).generate([shared + tail_b], params)[0]
+    assert miss.num_cached_tokens == 0
+    assert hit.token_ids == miss.token_ids
+    for lp_hit, lp_miss in zip(hit.logprobs, miss.logprobs):
+        assert lp_hit.keys() == lp_miss.keys()
+        assert max(abs(lp_hit[k] - lp_miss[k]) for k in lp_hit) < 1e-4
+    assert_pool_whole(cached)
+
+
+def test_preemption_under_tiny_pool_gives_same_outputs(smollm2: LoadedModel) -> None:
+    prompts = random_prompts([40, 45, 50, 35], seed=3)
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    big = make_llm(smollm2).generate(prompts, params)
+    tiny_llm = make_llm(smollm2, max_total_tokens=160, chunked_prefill_size=32)
+    tiny = tiny_llm.generate(prompts, params)
+    assert tiny_llm.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in tiny] == [o.token_ids for o in big]
+    assert_pool_whole(tiny_llm)
+
+
+def test_seeded_sampling_is_batch_independent(smollm2: LoadedModel) -> None:
+    prompts = random_prompts([12, 30, 5], seed=4)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_new_tokens=12)
+    others = SamplingParams(temperature=1.2, top_k=50, max_new_tokens=20)
+    llm = make_llm(smollm2)
+    alone = llm.generate([prompts[0]], seeded)[0]
+    batched = llm.generate(prompts, [seeded, others, others])[0]
+    again = llm.generate([prompts[0]], seeded)[0]
+    assert alone.token_ids == batched.token_ids == again.token_ids
+    other_seed = SamplingParams(temperature=0.9, top_p=0.95, seed=8, max_new_tokens=12)
+    assert llm.generate([prompts[0]], other_seed)[0].token_ids != alone.token_ids
+
+
+def test_abort_frees_pages(smollm2: LoadedModel) -> None:
+    llm = make_llm(smollm2)
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in random_prompts([50, 60], seed=5)]
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_free_pages < engine.block_manager.num_usable_pages
+    final = engine.abort(ids[0])
+    assert final is not None and final.finished and final.finish_reason == "abort"
+    assert engine.abort("no-such-request") is None
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_pool_whole(llm)
+
+
+def test_stop_conditions(smollm2: LoadedModel) -> None:
+    llm = make_llm(smollm2)
+    prompt = "The capital of France is"
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12))[0]
+    assert "Paris" in free.text
+    cut = llm.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12, stop="aris"))[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == "aris"
+    assert cut.text == free.text[: free.text.index("aris")]
+    first = free.token_ids[0]
+    by_id = llm.generate(
+        prompt, SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[first])
+    )[0]
+    assert by_id.token_ids == [first] and by_id.stop_reason == first
+    held = llm.generate(
+        prompt,
+        SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[first], min_new_tokens=3),
+    )[0]
+    assert held.token_ids[0] != first and len(held.token_ids) >= 3
+
+
+def test_chat_answers_paris(smollm2: LoadedModel) -> None:
+    llm = make_llm(smollm2)
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_new_tokens=32),
+    )[0]
+    assert out.text == "The capital of France is Paris."
+    assert out.finish_reason == "stop" and out.token_ids[-1] == 2  # <|im_end|>
+
+
+def test_prompt_logprobs_and_scoring_only(smollm2: LoadedModel) -> None:
+    llm = make_llm(smollm2, chunked_prefill_size=16)
+    prompt = random_prompts([40], seed=6)[0]
+    params = SamplingParams(max_new_tokens=0, prompt_logprobs=3, logprob_start_len=10)
+    out = llm.generate([prompt], params)[0]
+    assert out.token_ids == [] and out.finish_reason == "length"
+    lps = out.prompt_logprobs
+    assert len(lps) == 40 and all(lp is None for lp in lps[:10])
+    for pos in range(10, 40):
+        assert prompt[pos] in lps[pos] and 3 <= len(lps[pos]) <= 4
+    assert_pool_whole(llm)
+
+
+def test_user_errors_are_value_errors(smollm2: LoadedModel) -> None:
+    llm = make_llm(smollm2, max_total_tokens=256)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], GREEDY)
+    with pytest.raises(ValueError, match="context length"):
+        llm.generate([[5] * 9000], GREEDY)
+    with pytest.raises(ValueError, match="KV pool"):
+        llm.generate([[5] * 300], GREEDY)
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate([[5, 10**6]], GREEDY)
+    with pytest.raises(ValueError, match="valid backends"):
+        LLM.from_engine_config(EngineConfig(attention_backend="nope", device="cpu"), smollm2)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        CacheConfig(kv_cache_dtype="int4")
