@@ -13,11 +13,18 @@ from sageserve.engine_args import add_engine_args, engine_config_from_args
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text for one or more prompts")
-    p.add_argument("--prompt", action="append", required=True,
-                   help="a prompt; repeat the flag for several (they are batched together)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="a prompt; repeat the flag for several (they are batched together)",
+    )
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
-    p.add_argument("--json", action="store_true",
-                   help="print JSON with token ids, logprobs, finish reason and timings")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON with token ids, logprobs, finish reason and timings",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

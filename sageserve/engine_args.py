@@ -33,38 +33,82 @@ def _add_model_args(group: argparse._ArgumentGroup) -> None:
         help="a Hugging Face model directory, a .gguf file, a bundled config name (with "
         "--load-format dummy) or a short name; default: smollm2-135m-instruct",
     )
-    group.add_argument("--load-format", default="auto", choices=LOAD_FORMAT_CHOICES,
-                       help="how to read the weights; dummy = random weights (speed tests)")
-    group.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                       help="weights and activations; auto = float32 on CPU, the checkpoint's "
-                       "16-bit dtype (else bfloat16) on CUDA")
-    group.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
-                       help="auto = cuda when available, else cpu")
-    group.add_argument("--attention-backend", default="torch", choices=ATTENTION_BACKEND_CHOICES,
-                       help="torch = exact reference (runs on CPU)")
-    group.add_argument("--context-length", type=int, default=None,
-                       help="maximum tokens per sequence; default: the model's limit")
-    group.add_argument("--random-seed", type=int, default=0,
-                       help="seeds dummy weights and requests that carry no seed")
+    group.add_argument(
+        "--load-format",
+        default="auto",
+        choices=LOAD_FORMAT_CHOICES,
+        help="how to read the weights; dummy = random weights (speed tests)",
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weights and activations; auto = float32 on CPU, the checkpoint's "
+        "16-bit dtype (else bfloat16) on CUDA",
+    )
+    group.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICE_CHOICES,
+        help="auto = cuda when available, else cpu",
+    )
+    group.add_argument(
+        "--attention-backend",
+        default="torch",
+        choices=ATTENTION_BACKEND_CHOICES,
+        help="torch = exact reference (runs on CPU)",
+    )
+    group.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="maximum tokens per sequence; default: the model's limit",
+    )
+    group.add_argument(
+        "--random-seed",
+        type=int,
+        default=0,
+        help="seeds dummy weights and requests that carry no seed",
+    )
 
 
 def _add_cache_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
-    group.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
-                       help="auto = the model dtype for 16-bit backends")
-    group.add_argument("--mem-fraction-static", type=float, default=0.85,
-                       help="CUDA: fraction of the card for weights + KV pool")
-    group.add_argument("--max-total-tokens", type=int, default=None,
-                       help="KV pool size in tokens (CPU default 32768; caps the CUDA pool)")
-    group.add_argument("--disable-prefix-cache", action="store_true",
-                       help="do not share KV pages between requests with a common prefix")
+    group.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPE_CHOICES,
+        help="auto = the model dtype for 16-bit backends",
+    )
+    group.add_argument(
+        "--mem-fraction-static",
+        type=float,
+        default=0.85,
+        help="CUDA: fraction of the card for weights + KV pool",
+    )
+    group.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=None,
+        help="KV pool size in tokens (CPU default 32768; caps the CUDA pool)",
+    )
+    group.add_argument(
+        "--disable-prefix-cache",
+        action="store_true",
+        help="do not share KV pages between requests with a common prefix",
+    )
 
 
 def _add_scheduler_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--max-running-requests", type=int, default=256,
-                       help="most requests decoding at once")
-    group.add_argument("--chunked-prefill-size", type=int, default=2048,
-                       help="token budget of one step; longer prompts are prefilled in chunks")
+    group.add_argument(
+        "--max-running-requests", type=int, default=256, help="most requests decoding at once"
+    )
+    group.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=2048,
+        help="token budget of one step; longer prompts are prefilled in chunks",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -27,11 +27,22 @@ MIXED_STEP = [(0, 1), (0, 7), (0, 200), (0, 333), (120, 80), (332, 1), (7, 1), (
 
 def _model_config(num_q_heads: int, num_kv_heads: int, head_dim: int) -> ModelConfig:
     return ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=32, hidden_size=num_q_heads * head_dim,
-        intermediate_size=64, num_layers=2, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5,
-        max_position_embeddings=4096, tie_word_embeddings=False, attention_bias=False,
-        bos_token_id=None, eos_token_ids=(),
+        architecture="LlamaForCausalLM",
+        vocab_size=32,
+        hidden_size=num_q_heads * head_dim,
+        intermediate_size=64,
+        num_layers=2,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        bos_token_id=None,
+        eos_token_ids=(),
     )
 
 
@@ -56,14 +67,14 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: in
 
 def _run_step(backend, kv_cache, seqs, spans, page_size, num_q_heads, gen):
     """Run one step of every layer; returns (outputs per layer, queries per layer)."""
-    slices = [SequenceSlice(s.page_table, p, n) for s, (p, n) in zip(seqs, spans)]
+    slices = [SequenceSlice(s.page_table, p, n) for s, (p, n) in zip(seqs, spans, strict=True)]
     ids = [[0] * n for _, n in spans]
     batch = build_forward_batch(slices, ids, [], page_size, torch.device("cpu"))
     meta = backend.build_metadata(batch)
     results = []
     for layer in range(2):
-        k = torch.cat([s.k[layer, p : p + n] for s, (p, n) in zip(seqs, spans)])
-        v = torch.cat([s.v[layer, p : p + n] for s, (p, n) in zip(seqs, spans)])
+        k = torch.cat([s.k[layer, p : p + n] for s, (p, n) in zip(seqs, spans, strict=True)])
+        v = torch.cat([s.v[layer, p : p + n] for s, (p, n) in zip(seqs, spans, strict=True)])
         head_dim = k.shape[-1]
         q = torch.randn(k.shape[0], num_q_heads, head_dim, generator=gen)
         out = backend.forward(layer, q, k, v, kv_cache, meta)
@@ -75,7 +86,7 @@ def _check_step(results, seqs, spans, tol):
     for layer, (q, out) in enumerate(results):
         assert torch.isfinite(out).all(), "output reads unwritten (poisoned) cache slots"
         start = 0
-        for seq, (prefix, n) in zip(seqs, spans):
+        for seq, (prefix, n) in zip(seqs, spans, strict=True):
             ref = _reference(
                 q[start : start + n], seq.k[layer, : prefix + n], seq.v[layer, : prefix + n], prefix
             )
@@ -109,17 +120,18 @@ def test_backend_matches_dense_reference(
     _poison(kv_cache, page_size)
     order = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
     seqs = []
-    for count, (p, n) in zip(pages_per_seq, MIXED_STEP):
+    for count, (p, n) in zip(pages_per_seq, MIXED_STEP, strict=True):
         table, order = tuple(order[:count]), order[count:]
         shape = (2, p + n, num_kv_heads, head_dim)
         # Real keys carry a per-channel bias; so do these.
         bias = 3 * torch.randn(2, 1, num_kv_heads, head_dim, generator=gen)
-        seqs.append(Seq(table, torch.randn(shape, generator=gen) + bias,
-                        torch.randn(shape, generator=gen)))
+        seqs.append(
+            Seq(table, torch.randn(shape, generator=gen) + bias, torch.randn(shape, generator=gen))
+        )
     tol = TOLERANCE[backend_name]
     # Step 1 writes the cached prefixes; step 2 is the mixed batch over them.
-    with_prefix = [(s, (0, p)) for s, (p, _) in zip(seqs, MIXED_STEP) if p > 0]
-    prefix_seqs, prefix_spans = zip(*with_prefix)
+    with_prefix = [(s, (0, p)) for s, (p, _) in zip(seqs, MIXED_STEP, strict=True) if p > 0]
+    prefix_seqs, prefix_spans = zip(*with_prefix, strict=True)
     results = _run_step(backend, kv_cache, prefix_seqs, prefix_spans, page_size, num_q_heads, gen)
     _check_step(results, prefix_seqs, prefix_spans, tol)
     results = _run_step(backend, kv_cache, seqs, MIXED_STEP, page_size, num_q_heads, gen)
@@ -127,7 +139,7 @@ def test_backend_matches_dense_reference(
 
 
 def test_unknown_backend_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="valid backends: .*torch"):
+    with pytest.raises(ValueError, match=r"valid backends: .*torch"):
         get_backend_class("flash_magic")
 
 

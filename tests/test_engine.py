@@ -56,7 +56,7 @@ def test_batched_equals_alone(smollm2: LoadedModel) -> None:
     llm = make_llm(smollm2, chunked_prefill_size=64)
     together = llm.generate(prompts, GREEDY)
     alone = [llm.generate([p], GREEDY)[0] for p in prompts]
-    for t, a in zip(together, alone):
+    for t, a in zip(together, alone, strict=True):
         assert t.token_ids == a.token_ids
         assert len(t.token_ids) == 16 and t.finish_reason == "length"
     assert_pool_whole(llm)
@@ -72,7 +72,7 @@ def test_prefix_cache_hit_matches_miss(smollm2: LoadedModel) -> None:
     miss = make_llm(smollm2, enable_prefix_cache=False).generate([shared + tail_b], params)[0]
     assert miss.num_cached_tokens == 0
     assert hit.token_ids == miss.token_ids
-    for lp_hit, lp_miss in zip(hit.logprobs, miss.logprobs):
+    for lp_hit, lp_miss in zip(hit.logprobs, miss.logprobs, strict=True):
         assert lp_hit.keys() == lp_miss.keys()
         assert max(abs(lp_hit[k] - lp_miss[k]) for k in lp_hit) < 1e-4
     assert_pool_whole(cached)

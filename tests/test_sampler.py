@@ -163,7 +163,7 @@ def test_min_p() -> None:
 
 
 def test_filters_combine_per_row_in_one_batch() -> None:
-    params = [dict(top_k=1), dict(top_p=0.3), dict(min_p=0.9), dict(top_k=2, temperature=2.0)]
+    params = [dict(top_k=1), dict(top_p=0.3), dict(min_p=0.9), dict(top_k=2, temperature=2.0), {}]
     n = 400
     logits = torch.tensor(PROBS).log().expand(n * len(params), -1).clone()
     rows = [_row(seed=i, **params[i % len(params)]) for i in range(n * len(params))]
@@ -172,6 +172,7 @@ def test_filters_combine_per_row_in_one_batch() -> None:
     assert set(ids[:, 1].tolist()) == {0}
     assert set(ids[:, 2].tolist()) == {0}
     assert set(ids[:, 3].tolist()) == {0, 1}
+    assert set(ids[:, 4].tolist()) == set(range(len(PROBS)))  # unfiltered beside top-k rows
 
 
 # --- penalties and suppression --------------------------------------------------------------
@@ -218,6 +219,18 @@ def test_all_penalties_combined_and_greedy_follows_them() -> None:
     expected = torch.tensor([3.0 / 1.5 - 0.5, 2.9 / 1.5 - 0.3, 0.0, -1.0])
     torch.testing.assert_close(_processed_greedy_logits(logits, row), expected)
     assert Sampler()(logits, [row]).token_ids == [1]
+
+
+def test_tensor_histories_equal_list_histories() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.5]])
+    kw = dict(repetition_penalty=1.7, frequency_penalty=0.3, presence_penalty=0.2)
+    as_list = _row(prompt=[0, 3], output=[1, 1], **kw)
+    as_tensor = _row(**kw)
+    as_tensor.prompt_token_ids = torch.tensor([0, 3])
+    as_tensor.output_token_ids = torch.tensor([1, 1])
+    torch.testing.assert_close(
+        _processed_greedy_logits(logits, as_list), _processed_greedy_logits(logits, as_tensor)
+    )
 
 
 def test_suppression_masks_tokens() -> None:

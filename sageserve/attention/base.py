@@ -34,7 +34,9 @@ class KVCacheSpec:
     bytes_per_token: int
 
     def describe(self) -> str:
-        return f"{self.dtype_name}, {self.bytes_per_token} bytes/token over {self.num_layers} layers"
+        return (
+            f"{self.dtype_name}, {self.bytes_per_token} bytes/token over {self.num_layers} layers"
+        )
 
 
 @dataclass(frozen=True)

@@ -61,13 +61,14 @@ class TorchNativeMetadata:
 
 
 def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """"auto" stores K and V in the model's dtype; 8-bit choices belong to sage_attn."""
+    """ "auto" stores K and V in the model's dtype; 8-bit choices belong to sage_attn."""
     if kv_cache_dtype == "auto":
         return model_dtype
     if kv_cache_dtype not in KV_DTYPES:
         raise ValueError(
             f"kv_cache_dtype={kv_cache_dtype!r} is not supported by this backend; "
-            f"choose one of: auto, {', '.join(KV_DTYPES)} (int8 needs --attention-backend sage_attn)"
+            f"choose one of: auto, {', '.join(KV_DTYPES)} "
+            "(int8 needs --attention-backend sage_attn)"
         )
     return KV_DTYPES[kv_cache_dtype]
 

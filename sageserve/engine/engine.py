@@ -126,7 +126,10 @@ class Engine:
             )
 
     def _make_request(
-        self, request_id: str, prompt: str | Sequence[int], token_ids: list[int],
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        token_ids: list[int],
         params: SamplingParams,
     ) -> Request:
         seed = params.seed
@@ -200,7 +203,9 @@ class Engine:
             rows = torch.tensor(plan.prompt_rows, device=logits.device)
             target_t = torch.tensor(targets, device=logits.device)
             lp = compute_logprobs(logits[rows], target_t, top_n)
-            for j, d in zip(plan.prompt_positions, to_dicts(lp, targets, [top_n] * len(targets))):
+            for j, d in zip(
+                plan.prompt_positions, to_dicts(lp, targets, [top_n] * len(targets)), strict=True
+            ):
                 req.prompt_logprobs[j + 1] = d
 
     def _sample(self, plans: list[ChunkPlan], logits: torch.Tensor) -> None:
@@ -210,7 +215,7 @@ class Engine:
         top_ns = [r.params.logprobs or 0 for r in reqs]
         lp_dicts = to_dicts(out.logprobs, out.token_ids, top_ns) if out.logprobs else None
         now = time.monotonic()
-        for i, (req, token) in enumerate(zip(reqs, out.token_ids)):
+        for i, (req, token) in enumerate(zip(reqs, out.token_ids, strict=True)):
             if req.first_token_time is None:
                 req.first_token_time = now
             if lp_dicts is not None and req.params.logprobs is not None:
@@ -239,8 +244,13 @@ class Engine:
         delta = req.detokenizer.append(token) if req.detokenizer else ""
         req.text += delta
         reason = self._stop_reason(req, token, len(delta))
-        if reason is not None:
-            self._finish(req, *reason)
+        if reason is None:
+            return
+        if req.detokenizer is not None and not isinstance(reason[1], str):
+            # Text held back for an incomplete UTF-8 character is released at the end,
+            # except after a stop-string cut, where the tail is dropped anyway.
+            req.text += req.detokenizer.flush()
+        self._finish(req, *reason)
 
     def _stop_reason(
         self, req: Request, token: int, delta_len: int
@@ -249,12 +259,11 @@ class Engine:
         if req.num_output_tokens >= params.min_new_tokens:
             if token in params.stop_token_ids or token in self._eos_ids(req):
                 return "stop", token
-            if req.stop_checker is not None:
-                cut = req.stop_checker.check(req.text, delta_len)
-                if cut is not None:
-                    matched = next(s for s in params.stop if req.text.startswith(s, cut))
-                    req.text = req.text[:cut]
-                    return "stop", matched
+            match = req.stop_checker.find(req.text, delta_len) if req.stop_checker else None
+            if match is not None:
+                cut, matched = match
+                req.text = req.text[:cut]
+                return "stop", matched
         if req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= self.max_model_len:
             return "length", None
         return None

@@ -44,8 +44,10 @@ class SamplingRow:
     params: SamplingParams
     # Per-request generator (normally CPU): the only source of this row's noise.
     generator: torch.Generator
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]
+    # Histories for the penalties; a CPU int64 tensor is accepted too (cheaper, see
+    # ``_token_counts``). Only read when the row has penalties.
+    prompt_token_ids: Sequence[int] | torch.Tensor
+    output_token_ids: Sequence[int] | torch.Tensor
     suppressed_token_ids: Sequence[int] = ()
 
 
@@ -116,12 +118,13 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
 
 
 def _apply_top_k(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """-inf for logits [R, vocab] below each row's k-th largest value (rows without top-k:
-    k = vocab, i.e. nothing masked)."""
+    """-inf for logits [R, vocab] below each row's k-th largest value; rows without top-k are
+    left alone (and do not widen the topk, which would then cost a full sort)."""
     vocab = logits.shape[1]
-    ks = [min(r.params.top_k, vocab) if r.params.top_k_enabled else vocab for r in rows]
+    ks = [min(r.params.top_k, vocab) if r.params.top_k_enabled else 0 for r in rows]
     top = logits.topk(max(ks), dim=-1, sorted=True).values
-    kth = top.gather(1, _column(ks, logits) - 1)
+    kth = top.gather(1, (_column(ks, logits) - 1).clamp_min_(0))
+    kth.masked_fill_(_column(ks, logits) == 0, float("-inf"))
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
@@ -208,10 +211,16 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     logits[idx] = x
 
 
-def _token_counts(seqs: list[Sequence[int]], vocab: int, like: torch.Tensor) -> torch.Tensor:
-    """[R, vocab] float32 occurrence counts of each row's token ids, on ``like``'s device."""
+def _token_counts(
+    seqs: list[Sequence[int] | torch.Tensor], vocab: int, like: torch.Tensor
+) -> torch.Tensor:
+    """[R, vocab] float32 occurrence counts of each row's token ids, on ``like``'s device.
+
+    A history may be a CPU int64 tensor: the engine can keep the prompt as one, which skips
+    converting hundreds of Python ints per row per step.
+    """
     # One flat host tensor and one copy for the whole batch, not one per row.
-    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    flat = torch.cat([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs])
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     assert flat.numel() == 0 or (int(flat.min()) >= 0 and int(flat.max()) < vocab), "bad id"
     rows = torch.repeat_interleave(torch.arange(len(seqs)), lengths)

@@ -8,9 +8,9 @@ from pathlib import Path
 from gguf import GGUFReader
 from safetensors.torch import save_file
 
+from sageserve.models.config import ModelConfig
 from sageserve.models.gguf_loader import gguf_weights, hf_config_from_gguf
 from sageserve.models.gguf_tokenizer import tokenizer_from_gguf
-from sageserve.models.config import ModelConfig
 
 
 def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> None:

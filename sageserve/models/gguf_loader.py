@@ -128,9 +128,7 @@ def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return split.transpose(1, 2).reshape(rows, *rest)
 
 
-def gguf_weights(
-    reader: GGUFReader, config: ModelConfig
-) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_weights(reader: GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor of the file, dequantized lazily one by one."""
     arch = gguf_architecture(reader)
     _, gguf_arch, permuted = _ARCHITECTURES[arch]

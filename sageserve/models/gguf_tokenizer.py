@@ -36,17 +36,17 @@ def tokenizer_from_gguf(reader: GGUFReader) -> PreTrainedTokenizerFast:
     _check_supported(reader)
     tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges")]
-    bpe = models.BPE(
-        vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, fuse_unk=False
-    )
+    bpe = models.BPE(vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, fuse_unk=False)
     tokenizer = Tokenizer(bpe)
     pre = _PRE_TOKENIZERS[_field(reader, "tokenizer.ggml.pre", "gpt2")]()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [*pre, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    special = _special_tokens(tokens, _field(reader, "tokenizer.ggml.token_type"))
+    token_types = _field(reader, "tokenizer.ggml.token_type")
+    special = _added_tokens(tokens, token_types, _SPECIAL_TYPES, special=True)
     tokenizer.add_special_tokens(special)
+    tokenizer.add_tokens(_added_tokens(tokens, token_types, (TokenType.USER_DEFINED,), False))
     return _wrap(tokenizer, tokens, [t.content for t in special], reader)
 
 
@@ -63,12 +63,17 @@ def _check_supported(reader: GGUFReader) -> None:
         )
 
 
-def _special_tokens(tokens: list[str], token_types: list[int]) -> list[AddedToken]:
-    """Control/unknown tokens as special added tokens (never split, skippable on decode)."""
+def _added_tokens(
+    tokens: list[str], token_types: list[int], kinds: tuple[int, ...], special: bool
+) -> list[AddedToken]:
+    """Tokens of the given GGUF types, matched whole (never split by BPE).
+
+    Control/unknown tokens are special (skippable on decode); user-defined ones are not.
+    """
     return [
-        AddedToken(tok, special=True, normalized=False)
+        AddedToken(tok, special=special, normalized=False)
         for tok, kind in zip(tokens, token_types, strict=True)
-        if kind in _SPECIAL_TYPES
+        if kind in kinds
     ]
 
 
@@ -86,13 +91,10 @@ def _wrap(
     }
     named = {role: tokens[token_id] for role, token_id in ids.items()}
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
-    if add_bos:
-        bos = tokens[ids["bos_token"]]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids["bos_token"])]
-        )
-    else:
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    if add_bos and "bos_token" not in named:
+        raise ValueError("GGUF asks to add a BOS token but names no tokenizer.ggml.bos_token_id")
+    bos = (named["bos_token"], ids["bos_token"]) if add_bos else None
+    tokenizer.post_processor = _post_processor(bos)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         chat_template=_field(reader, "tokenizer.chat_template"),
@@ -100,4 +102,14 @@ def _wrap(
         clean_up_tokenization_spaces=False,
         additional_special_tokens=[t for t in special if t not in named.values()],
         **named,
+    )
+
+
+def _post_processor(bos: tuple[str, int] | None) -> processors.PostProcessor:
+    """Prepend `bos` (token, id) to every sequence when given; otherwise add nothing."""
+    if bos is None:
+        return processors.ByteLevel(trim_offsets=False)
+    token = bos[0]
+    return processors.TemplateProcessing(
+        single=f"{token} $A", pair=f"{token} $A {token} $B", special_tokens=[bos]
     )

@@ -98,9 +98,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i) for i in range(config.num_layers)
-        )
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim,
@@ -163,7 +161,9 @@ class LlamaForCausalLM(nn.Module):
             loaded.add(name)
         missing = expected - loaded
         if missing:
-            raise ValueError(f"{len(missing)} weights missing from checkpoint: {sorted(missing)[:5]}")
+            raise ValueError(
+                f"{len(missing)} weights missing from checkpoint: {sorted(missing)[:5]}"
+            )
 
 
 def _target(model: nn.Module, params: dict[str, nn.Parameter], hf_name: str) -> torch.Tensor:

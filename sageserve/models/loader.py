@@ -75,8 +75,7 @@ def load_model(
     config.json, a config.json file, or a bundled config name such as "llama-3.1-8b").
     dtype: see `resolve_dtype`. Raises ValueError naming the valid choices on bad input.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from: {', '.join(DTYPES)}")
+    _check_dtype(dtype)  # before the (slow) source is opened
     source = _open_source(resolve_model_path(model_path), load_format)
     torch_device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, source.config, source.hf_torch_dtype, torch_device)
@@ -85,7 +84,9 @@ def load_model(
         init_dummy_weights(model, seed)
     else:
         model.load_weights(source.weights())
-    return LoadedModel(model.eval(), source.config, source.tokenizer, torch_dtype, source.description)
+    return LoadedModel(
+        model.eval(), source.config, source.tokenizer, torch_dtype, source.description
+    )
 
 
 def resolve_dtype(
@@ -98,8 +99,7 @@ def resolve_dtype(
     float32 checkpoints). Explicit names ("float32", "float16", "bfloat16", ...) are taken as is.
     `config` is accepted for per-architecture rules; none exist today.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from: {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     explicit = DTYPES[dtype]
     if explicit is not None:
         return explicit
@@ -108,6 +108,11 @@ def resolve_dtype(
     if hf_torch_dtype in ("float16", "bfloat16"):
         return DTYPES[hf_torch_dtype]
     return torch.bfloat16
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from: {', '.join(DTYPES)}")
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
@@ -243,7 +248,7 @@ def _hf_tokenizer(directory: Path, *, required: bool) -> PreTrainedTokenizerBase
 
 
 def safetensors_files(directory: Path) -> list[Path]:
-    """The checkpoint's files: those named by model.safetensors.index.json, else all *.safetensors."""
+    """Checkpoint files: those named by model.safetensors.index.json, else all *.safetensors."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -1,0 +1,64 @@
+"""`sageserve generate` and its user errors (exit code 2, a message naming valid choices)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sageserve.cli import main
+
+
+def test_generate_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "generate",
+            "--prompt",
+            "What is the capital of France?",
+            "--chat",
+            "--json",
+            "--max-new-tokens",
+            "12",
+            "--logprobs",
+            "2",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == "The capital of France is Paris."
+    assert out["finish_reason"] == "stop" and out["stop_reason"] == 2
+    assert len(out["token_ids"]) == len(out["logprobs"]) == out["usage"]["completion_tokens"]
+    for token, entry in zip(out["token_ids"], out["logprobs"], strict=True):
+        assert str(token) in entry and all(v <= 0 for v in entry.values())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--attention-backend", "flash9"], "invalid choice: 'flash9'"),
+        (["--dtype", "float8"], "invalid choice: 'float8'"),
+        (["--kv-cache-dtype", "int4"], "invalid choice: 'int4'"),
+    ],
+)
+def test_bad_flags_exit_2(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "hi", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model-path", "/no/such/model"], "does not exist"),
+        (["--temperature", "-1"], "temperature"),
+        (["--page-size", "0"], "page_size must be >= 1"),
+    ],
+)
+def test_bad_values_exit_2(argv: list[str], message: str, capsys) -> None:
+    assert main(["generate", "--prompt", "hi", "--device", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
