@@ -8,10 +8,12 @@ longest context with a key-padding mask.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sageserve.attention.base import KV_DTYPES, AttentionBackend, BackendOptions, KVCacheSpec
 from sageserve.engine.batch import ForwardBatch, SequenceSlice
@@ -71,6 +73,18 @@ def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dty
             "(int8 needs --attention-backend sage_attn)"
         )
     return KV_DTYPES[kv_cache_dtype]
+
+
+# cuDNN's attention gave run-to-run differences on identical decode steps (H100, torch
+# 2.11, 2026-11-28; benchmarks/gpu_determinism_probe.py): the reference must be repeatable,
+# so on CUDA it is kept to the memory-efficient and math kernels.
+_CUDA_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return sdpa_kernel(_CUDA_SDPA_BACKENDS)
+    return contextlib.nullcontext()
 
 
 class TorchNativeBackend(AttentionBackend):
@@ -133,10 +147,11 @@ class TorchNativeBackend(AttentionBackend):
         k_layer[meta.slot_mapping] = k.to(k_layer.dtype)
         v_layer[meta.slot_mapping] = v.to(v_layer.dtype)
         out = torch.empty_like(q)
-        for seq in meta.prefills:
-            out[seq.q_start : seq.q_end] = _attend_prefill(q, k_layer, v_layer, seq)
-        if meta.decode is not None:
-            out[meta.decode.token_index] = _attend_decode(q, k_layer, v_layer, meta.decode)
+        with _sdpa_backends(q.device):
+            for seq in meta.prefills:
+                out[seq.q_start : seq.q_end] = _attend_prefill(q, k_layer, v_layer, seq)
+            if meta.decode is not None:
+                out[meta.decode.token_index] = _attend_decode(q, k_layer, v_layer, meta.decode)
         return out
 
 
