@@ -72,6 +72,29 @@ class SchedulerConfig:
         _check_positive("max_queued_requests", self.max_queued_requests)
 
 
+SAGE_PV_CHOICES = ("fp8", "fp16")
+
+
+@dataclass(frozen=True)
+class SageConfig:
+    """Options of the 8-bit `sage_attn` backend (ignored by the others).
+
+    pv: precision of the P·V product: "fp16" (P in FP16, V cached as INT8; the accurate
+        default) or "fp8" (P and the cached V in FP8 e4m3; what FP8 tensor cores need).
+    smooth_k: subtract the calibrated per-(layer, KV head) key mean before quantizing K.
+    skip_layers: layers kept in exact 16-bit attention over a 16-bit cache (logged).
+    """
+
+    pv: str = "fp16"
+    smooth_k: bool = True
+    skip_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_choice("sage_pv", self.pv, SAGE_PV_CHOICES)
+        if any(layer < 0 for layer in self.skip_layers):
+            raise ValueError(f"sage_skip_layers must be layer indices >= 0, got {self.skip_layers}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to start."""
@@ -85,6 +108,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sage: SageConfig = field(default_factory=SageConfig)
 
     def __post_init__(self) -> None:
         _check_choice("load_format", self.load_format, LOAD_FORMAT_CHOICES)

@@ -9,14 +9,16 @@ from sageserve.config import (
     DTYPE_CHOICES,
     KV_CACHE_DTYPE_CHOICES,
     LOAD_FORMAT_CHOICES,
+    SAGE_PV_CHOICES,
     CacheConfig,
     EngineConfig,
+    SageConfig,
     SchedulerConfig,
 )
 
 # Kept in sync with sageserve.attention.registry (tested); listed here so that parsing
 # arguments never imports torch.
-ATTENTION_BACKEND_CHOICES = ("torch",)
+ATTENTION_BACKEND_CHOICES = ("sage_attn", "torch")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser.add_argument_group("model"))
     _add_cache_args(parser.add_argument_group("KV cache"))
     _add_scheduler_args(parser.add_argument_group("scheduler"))
+    _add_sage_args(parser.add_argument_group("sage_attn (8-bit attention)"))
 
 
 def _add_model_args(group: argparse._ArgumentGroup) -> None:
@@ -56,7 +59,7 @@ def _add_model_args(group: argparse._ArgumentGroup) -> None:
         "--attention-backend",
         default="torch",
         choices=ATTENTION_BACKEND_CHOICES,
-        help="torch = exact reference (runs on CPU)",
+        help="torch = exact reference; sage_attn = 8-bit attention and KV cache",
     )
     group.add_argument(
         "--context-length",
@@ -111,6 +114,36 @@ def _add_scheduler_args(group: argparse._ArgumentGroup) -> None:
     )
 
 
+def _add_sage_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--sage-pv",
+        default="fp16",
+        choices=SAGE_PV_CHOICES,
+        help="P·V precision: fp16 (V cached as INT8; accurate) or fp8 (P and the cached V in "
+        "FP8 e4m3)",
+    )
+    group.add_argument(
+        "--sage-disable-smooth-k",
+        action="store_true",
+        help="quantize keys without subtracting their calibrated mean",
+    )
+    group.add_argument(
+        "--sage-skip-layers",
+        type=_layer_list,
+        default=(),
+        help="comma-separated layers kept in exact attention, e.g. 0,1",
+    )
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices such as 0,1 -- got {text!r}"
+        ) from None
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """Build the EngineConfig; ValueError (naming the valid choices) on bad values."""
     return EngineConfig(
@@ -131,5 +164,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(
             max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size,
+        ),
+        sage=SageConfig(
+            pv=args.sage_pv,
+            smooth_k=not args.sage_disable_smooth_k,
+            skip_layers=args.sage_skip_layers,
         ),
     )

@@ -68,6 +68,12 @@ class AttentionBackend(ABC):
         """Why this backend cannot serve this configuration; empty when it can."""
         return []
 
+    def prepare(self, model: torch.nn.Module, tokenizer: Any | None) -> None:  # noqa: B027
+        """Run once after the weights are loaded, before the first step (e.g. calibration).
+
+        Optional: the default does nothing.
+        """
+
     @abstractmethod
     def kv_cache_spec(self) -> KVCacheSpec:
         """Bytes per token and dtype of this backend's cache for the model."""

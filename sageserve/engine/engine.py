@@ -63,9 +63,11 @@ class Engine:
 
     def _init_runner(self) -> None:
         cache = self.config.cache
-        options = BackendOptions(cache.kv_cache_dtype, self.loaded.dtype, self.device)
+        options = BackendOptions(
+            cache.kv_cache_dtype, self.loaded.dtype, self.device, (("sage", self.config.sage),)
+        )
         backend = get_backend_class(self.config.attention_backend)(self.model_config, options)
-        self.runner = ModelRunner(self.loaded.model, backend, cache, self.device)
+        self.runner = ModelRunner(self.loaded.model, backend, cache, self.device, self.tokenizer)
         self.block_manager = BlockManager(
             self.runner.num_pages, cache.page_size, cache.enable_prefix_cache
         )

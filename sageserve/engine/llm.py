@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sageserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from sageserve.config import CacheConfig, EngineConfig, SageConfig, SchedulerConfig
 from sageserve.engine.engine import Engine
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
@@ -41,6 +41,9 @@ class LLM:
         enable_prefix_cache: bool = True,
         chunked_prefill_size: int = 2048,
         max_running_requests: int = 256,
+        sage_pv: str = "fp16",
+        sage_smooth_k: bool = True,
+        sage_skip_layers: tuple[int, ...] = (),
     ) -> None:
         config = EngineConfig(
             model_path=model,
@@ -61,6 +64,7 @@ class LLM:
                 max_running_requests=max_running_requests,
                 chunked_prefill_size=chunked_prefill_size,
             ),
+            sage=SageConfig(pv=sage_pv, smooth_k=sage_smooth_k, skip_layers=sage_skip_layers),
         )
         self.engine = Engine(config)
 

@@ -47,9 +47,11 @@ class ModelRunner:
         backend: AttentionBackend,
         cache: CacheConfig,
         device: torch.device,
+        tokenizer: object | None = None,
     ) -> None:
         self.model = model
         self.backend = backend
+        backend.prepare(model, tokenizer)
         self.device = device
         self.kv_spec = backend.kv_cache_spec()
         self.num_pages = pool_num_pages(cache, self.kv_spec.bytes_per_token, device)

@@ -1,0 +1,217 @@
+"""`sage_attn`: SageAttention-style 8-bit attention over an 8-bit paged KV cache.
+
+Every phase is 8-bit: prefill, prefill after a cached prefix and decode all read the same
+8-bit cache and run the numerics of `sage_reference` (INT8 Q·Kᵀ with per-token scales and
+K smoothing, FP16 or FP8 P·V). On CPU, and until the Triton kernels land, attention runs
+through the reference itself, so the engine, server and validation all see 8-bit numerics
+on any machine.
+
+Cache layout per 8-bit layer (page 0 is the null page):
+    k        [num_pages, Hkv, page_size, D] int8           (smoothed keys, K-major)
+    k_scale  [num_pages, Hkv, page_size]    fp16
+    v        [num_pages, Hkv, D, page_size] int8 or fp8    (transposed: P·V reduces over tokens)
+    v_scale  [num_pages, Hkv, page_size]    fp16
+Layers named in `--sage-skip-layers` keep exact attention over a cache in the model dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from sageserve.attention.base import AttentionBackend, BackendOptions, KVCacheSpec
+from sageserve.attention.calibration import calibration_token_ids, measure_key_means
+from sageserve.attention.sage_reference import FP8_DTYPE, quantize_kv, sage_attention
+from sageserve.attention.torch_native import PagedKVCache, TorchNativeBackend
+from sageserve.config import SageConfig
+from sageserve.engine.batch import ForwardBatch
+from sageserve.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+SAGE_KV_DTYPES = ("auto", "int8")
+
+
+@dataclass
+class SageKVCache:
+    """The 8-bit layers' tensors (see module docstring) plus the exact layers' cache."""
+
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    v: torch.Tensor
+    v_scale: torch.Tensor
+    exact: PagedKVCache | None
+    page_size: int
+
+
+@dataclass
+class SageSeq:
+    """One sequence of the step: its query rows and the pages holding its keys."""
+
+    q_start: int
+    q_end: int
+    kv_len: int
+    pages: torch.Tensor  # [ceil(kv_len / page_size)] int64
+
+
+@dataclass
+class SageMetadata:
+    store_pages: torch.Tensor  # [num_tokens] page of each new token
+    store_offsets: torch.Tensor  # [num_tokens] offset inside that page
+    seqs: list[SageSeq]
+    exact: object | None  # the torch backend's metadata, when some layers are exact
+
+
+def _sage_config(options: BackendOptions) -> SageConfig:
+    return dict(options.extra).get("sage", SageConfig())
+
+
+class SageAttentionBackend(AttentionBackend):
+    """8-bit attention in every phase (see module docstring)."""
+
+    name = "sage_attn"
+
+    @classmethod
+    def unsupported_reasons(cls, model_config: ModelConfig, options: BackendOptions) -> list[str]:
+        reasons = []
+        if options.kv_cache_dtype not in SAGE_KV_DTYPES:
+            reasons.append(
+                f"kv_cache_dtype={options.kv_cache_dtype!r}: sage_attn keeps its cache in 8 bits "
+                f"(choose one of: {', '.join(SAGE_KV_DTYPES)}); a 16-bit cache is served by "
+                "--attention-backend torch"
+            )
+        bad = [i for i in _sage_config(options).skip_layers if i >= model_config.num_layers]
+        if bad:
+            reasons.append(
+                f"sage_skip_layers {bad} do not exist: the model has layers "
+                f"0..{model_config.num_layers - 1}"
+            )
+        return reasons
+
+    def __init__(self, model_config: ModelConfig, options: BackendOptions) -> None:
+        super().__init__(model_config, options)
+        self.sage = _sage_config(options)
+        skipped = sorted(set(self.sage.skip_layers))
+        self.sage_layers = [i for i in range(model_config.num_layers) if i not in skipped]
+        self.slot_of = {layer: i for i, layer in enumerate(self.sage_layers)}
+        self.slot_of |= {layer: i for i, layer in enumerate(skipped)}
+        self.skipped = set(skipped)
+        self.exact = self._exact_backend(len(skipped))
+        self.k_mean: torch.Tensor | None = None
+        logger.info(
+            "sage_attn: INT8 QK (per-token scales, K smoothing %s), %s PV, 8-bit KV cache; "
+            "layers kept exact: %s",
+            "on" if self.sage.smooth_k else "off",
+            self.sage.pv.upper(),
+            skipped or "none",
+        )
+
+    def _exact_backend(self, num_layers: int) -> TorchNativeBackend | None:
+        if num_layers == 0:
+            return None
+        config = dataclasses.replace(self.model_config, num_layers=num_layers)
+        options = dataclasses.replace(self.options, kv_cache_dtype="auto")
+        return TorchNativeBackend(config, options)
+
+    def prepare(self, model: torch.nn.Module, tokenizer: object | None) -> None:
+        """Measure the key means used for smoothing (see sageserve/attention/calibration.py)."""
+        if not self.sage.smooth_k:
+            return
+        ids = calibration_token_ids(tokenizer, self.model_config.vocab_size)
+        self.set_key_means(measure_key_means(model, ids))
+
+    def set_key_means(self, k_mean: torch.Tensor) -> None:
+        """k_mean: [num_layers, num_kv_heads, head_dim], subtracted from keys before INT8."""
+        cfg = self.model_config
+        expected = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        if tuple(k_mean.shape) != expected:
+            raise ValueError(f"key means of shape {tuple(k_mean.shape)}, expected {expected}")
+        self.k_mean = k_mean.float().to(self.options.device)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        cfg = self.model_config
+        per_layer_8bit = 2 * cfg.num_kv_heads * (cfg.head_dim + 2)  # codes + fp16 scale, K and V
+        total = len(self.sage_layers) * per_layer_8bit
+        if self.exact is not None:
+            total += self.exact.kv_cache_spec().bytes_per_token
+        name = "int8 K + " + ("fp8" if self.sage.pv == "fp8" else "int8") + " V, fp16 scales"
+        return KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, name, total)
+
+    def allocate(self, num_pages: int, page_size: int) -> SageKVCache:
+        cfg, device = self.model_config, self.options.device
+        layers, heads, dim = len(self.sage_layers), cfg.num_kv_heads, cfg.head_dim
+        v_dtype = FP8_DTYPE if self.sage.pv == "fp8" else torch.int8
+        scale_shape = (layers, num_pages, heads, page_size)
+        return SageKVCache(
+            k=torch.zeros(
+                layers, num_pages, heads, page_size, dim, dtype=torch.int8, device=device
+            ),
+            k_scale=torch.zeros(scale_shape, dtype=torch.float16, device=device),
+            v=torch.zeros(layers, num_pages, heads, dim, page_size, dtype=v_dtype, device=device),
+            v_scale=torch.zeros(scale_shape, dtype=torch.float16, device=device),
+            exact=self.exact.allocate(num_pages, page_size) if self.exact else None,
+            page_size=page_size,
+        )
+
+    def build_metadata(self, batch: ForwardBatch) -> SageMetadata:
+        device, page_size = batch.input_ids.device, batch.page_size
+        seqs, q_start = [], 0
+        for seq in batch.seqs:
+            num_pages = -(-seq.kv_len // page_size)
+            pages = torch.tensor(seq.page_table[:num_pages], dtype=torch.int64, device=device)
+            seqs.append(SageSeq(q_start, q_start + seq.query_len, seq.kv_len, pages))
+            q_start += seq.query_len
+        exact = self.exact.build_metadata(batch) if self.exact else None
+        slots = batch.slot_mapping
+        return SageMetadata(slots // page_size, slots % page_size, seqs, exact)
+
+    def forward(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: SageKVCache,
+        meta: SageMetadata,
+    ) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] with 8-bit numerics."""
+        i = self.slot_of[layer_id]
+        if layer_id in self.skipped:
+            return self.exact.forward(i, q, k, v, kv_cache.exact, meta.exact)
+        self._store(i, k, v, kv_cache, meta, layer_id)
+        out = torch.empty_like(q)
+        for seq in meta.seqs:
+            out[seq.q_start : seq.q_end] = self._attend(
+                i, q[seq.q_start : seq.q_end], seq, kv_cache
+            )
+        return out
+
+    def _store(
+        self,
+        i: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: SageKVCache,
+        meta: SageMetadata,
+        layer_id: int,
+    ) -> None:
+        k_mean = self.k_mean[layer_id] if self.k_mean is not None else None
+        k_codes, k_scale, v_codes, v_scale = quantize_kv(k, v, k_mean, self.sage.pv)
+        pages, offsets = meta.store_pages, meta.store_offsets
+        cache.k[i][pages, :, offsets] = k_codes
+        cache.k_scale[i][pages, :, offsets] = k_scale.half()
+        cache.v[i][pages, :, :, offsets] = v_codes
+        cache.v_scale[i][pages, :, offsets] = v_scale.half()
+
+    def _attend(self, i: int, q: torch.Tensor, seq: SageSeq, cache: SageKVCache) -> torch.Tensor:
+        """q: [n, Hq, D] -> [n, Hq, D] over the sequence's first kv_len cached keys."""
+        heads, dim, n = self.model_config.num_kv_heads, self.model_config.head_dim, seq.kv_len
+        k_codes = cache.k[i][seq.pages].transpose(1, 2).reshape(-1, heads, dim)[:n]
+        k_scale = cache.k_scale[i][seq.pages].transpose(1, 2).reshape(-1, heads)[:n]
+        v_codes = cache.v[i][seq.pages].permute(0, 3, 1, 2).reshape(-1, heads, dim)[:n]
+        v_scale = cache.v_scale[i][seq.pages].transpose(1, 2).reshape(-1, heads)[:n]
+        out = sage_attention(q, k_codes, k_scale.float(), v_codes, v_scale.float(), self.sage.pv)
+        return out.to(q.dtype)
