@@ -82,11 +82,13 @@ class SageConfig:
     pv: precision of the P·V product: "fp16" (P in FP16, V cached as INT8; the accurate
         default) or "fp8" (P and the cached V in FP8 e4m3; what FP8 tensor cores need).
     smooth_k: subtract the calibrated per-(layer, KV head) key mean before quantizing K.
+    balance_qk: scale Q's channels up and K's down by a calibrated vector before quantizing.
     skip_layers: layers kept in exact 16-bit attention over a 16-bit cache (logged).
     """
 
     pv: str = "fp16"
     smooth_k: bool = True
+    balance_qk: bool = True
     skip_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:

@@ -128,6 +128,11 @@ def _add_sage_args(group: argparse._ArgumentGroup) -> None:
         help="quantize keys without subtracting their calibrated mean",
     )
     group.add_argument(
+        "--sage-disable-qk-balance",
+        action="store_true",
+        help="quantize Q and K without the calibrated per-channel balance",
+    )
+    group.add_argument(
         "--sage-skip-layers",
         type=_layer_list,
         default=(),
@@ -168,6 +173,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         sage=SageConfig(
             pv=args.sage_pv,
             smooth_k=not args.sage_disable_smooth_k,
+            balance_qk=not args.sage_disable_qk_balance,
             skip_layers=args.sage_skip_layers,
         ),
     )

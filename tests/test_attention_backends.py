@@ -41,6 +41,7 @@ VARIANTS = [
     Variant("torch"),
     Variant("sage_attn", SageConfig(), min_cosine=0.999, max_rel_l1=0.03),
     Variant("sage_attn", SageConfig(smooth_k=False), min_cosine=0.999, max_rel_l1=0.03),
+    Variant("sage_attn", SageConfig(balance_qk=False), min_cosine=0.999, max_rel_l1=0.03),
     Variant("sage_attn", SageConfig(pv="fp8"), min_cosine=0.998, max_rel_l1=0.05),
     Variant("sage_attn", SageConfig(skip_layers=(1,)), min_cosine=0.999, max_rel_l1=0.03),
 ]
@@ -184,9 +185,8 @@ def test_backend_matches_dense_reference(
         seqs.append(
             Seq(table, torch.randn(shape, generator=gen) + bias, torch.randn(shape, generator=gen))
         )
-    if variant.sage is not None and variant.sage.smooth_k:
-        # Calibrated key means: estimated from other keys with the same channel bias.
-        backend.set_key_means(_calibration_means(seqs, gen))
+    if variant.sage is not None:
+        backend.set_calibration(*_calibration(seqs, variant.sage, num_q_heads, gen))
     # Step 1 writes the cached prefixes; step 2 is the mixed batch over them.
     with_prefix = [(s, (0, p)) for s, (p, _) in zip(seqs, MIXED_STEP, strict=True) if p > 0]
     prefix_seqs, prefix_spans = zip(*with_prefix, strict=True)
@@ -196,11 +196,18 @@ def test_backend_matches_dense_reference(
     _check_step(results, seqs, MIXED_STEP, variant)
 
 
-def _calibration_means(seqs: list[Seq], gen: torch.Generator) -> torch.Tensor:
-    """[num_layers, Hkv, D]: the mean of all keys plus noise, as a calibration run would give."""
-    keys = torch.cat([s.k for s in seqs], dim=1)
-    means = keys.mean(dim=1)
-    return means + 0.1 * torch.randn(means.shape, generator=gen)
+def _calibration(seqs: list[Seq], sage: SageConfig, num_q_heads: int, gen: torch.Generator):
+    """(k_mean, channel_scale), each [num_layers, Hkv, D] or None, as calibration would give.
+
+    The mean is that of all keys plus noise (calibration sees other tokens); the balance
+    compares the keys' channel ranges with those of fresh queries.
+    """
+    keys = torch.cat([s.k for s in seqs], dim=1)  # [L, T, Hkv, D]
+    k_mean = keys.mean(dim=1) + 0.1 * torch.randn(keys.mean(dim=1).shape, generator=gen)
+    k_absmax = (keys - k_mean[:, None] if sage.smooth_k else keys).abs().amax(dim=1)
+    q_absmax = 4.0 * torch.ones_like(k_absmax)  # max |N(0, 1)| over a few hundred draws
+    balance = (k_absmax / q_absmax).sqrt()
+    return (k_mean if sage.smooth_k else None), (balance if sage.balance_qk else None)
 
 
 def test_unknown_backend_lists_valid_names() -> None:

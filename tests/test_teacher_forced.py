@@ -39,8 +39,7 @@ def tokens() -> list[int]:
     return torch.randint(100, 49152, (NUM_TOKENS,), generator=gen).tolist()
 
 
-@pytest.fixture(scope="module")
-def hf_logprobs(smollm2_gguf, tokens) -> torch.Tensor:
+def _hf_logprobs(smollm2_gguf, tokens: list[int]) -> torch.Tensor:
     """transformers' log_softmax at positions 0 .. n-2: [n - 1, vocab]."""
     hf = AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
@@ -50,21 +49,19 @@ def hf_logprobs(smollm2_gguf, tokens) -> torch.Tensor:
     return logits.log_softmax(-1)
 
 
-def test_matches_transformers_and_frees_the_pool(engine, tokens, hf_logprobs) -> None:
+# NOTE: one test, so that pytest-xdist loads transformers' model in one worker only.
+def test_matches_transformers_and_frees_the_pool(engine, tokens, smollm2_gguf) -> None:
     ours = teacher_forced_logprobs(engine, tokens)
+    theirs = _hf_logprobs(smollm2_gguf, tokens)
     assert ours.shape == (NUM_TOKENS - 1, 49152) and ours.dtype == torch.float32
     assert ours.device.type == "cpu"
-    assert (ours - hf_logprobs).abs().max().item() <= 1e-4
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    targets = torch.tensor(tokens[1:])
+    ppl_ours = perplexity(target_logprobs(ours, targets))
+    assert ppl_ours == pytest.approx(perplexity(target_logprobs(theirs, targets)), rel=1e-3)
     bm = engine.block_manager
     assert bm.num_free_pages == bm.num_usable_pages
     bm.check_invariants()
-
-
-def test_perplexity_matches_transformers(engine, tokens, hf_logprobs) -> None:
-    targets = torch.tensor(tokens[1:])
-    ours = perplexity(target_logprobs(teacher_forced_logprobs(engine, tokens), targets))
-    theirs = perplexity(target_logprobs(hf_logprobs, targets))
-    assert ours == pytest.approx(theirs, rel=1e-3)
 
 
 def test_pages_are_freed_on_error(engine, tokens, monkeypatch) -> None:

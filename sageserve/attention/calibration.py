@@ -1,4 +1,4 @@
-"""The key mean used for K smoothing, measured once per model at start-up.
+"""The key mean (K smoothing) and the Q/K channel balance, measured once per model.
 
 Softmax is invariant to a shift shared by every key a query sees, so subtracting one mean
 vector per (layer, KV head) from every key — prefix pages, new chunks, decode tokens and
@@ -6,13 +6,18 @@ pages shared through the prefix cache alike — changes nothing exactly, while t
 large common component out of the keys before they are quantized to INT8. One vector per
 model (not per sequence) is what lets the prefix cache share 8-bit pages between requests.
 
-The vector is the mean of the post-rotary keys over a fixed calibration text (bundled, so
+The channel balance c = sqrt(max|k| / max|q|) per (layer, KV head, channel) is likewise
+fixed per model: Q·c and K/c give the same product while sharing the outlier channels'
+range between the two INT8 quantizations.
+
+Both come from the post-rotary keys and queries over a fixed calibration text (bundled, so
 every machine computes the same vector), or over seeded random token ids for a model
 without a tokenizer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,22 +27,36 @@ CALIBRATION_TEXT = Path(__file__).with_name("calibration_text.txt")
 CALIBRATION_TOKENS = 512
 
 
-class KeyMeanCollector:
-    """An AttentionContext for one sequence: exact causal attention, summing keys per layer."""
+@dataclass
+class QKCalibration:
+    """Per (layer, KV head, channel) statistics: each [num_layers, num_kv_heads, head_dim]."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device) -> None:
-        self.sums = torch.zeros(
-            num_layers, num_kv_heads, head_dim, dtype=torch.float64, device=device
-        )
-        self.count = 0
+    k_mean: torch.Tensor
+    k_absmax: torch.Tensor  # max |k - k_mean| over the calibration tokens
+    k_absmax_raw: torch.Tensor  # max |k|, for when smoothing is off
+    q_absmax: torch.Tensor  # max |q| over the tokens and the query heads of the KV head
+
+    def channel_scale(self, smoothed: bool) -> torch.Tensor:
+        """c = sqrt(max|k| / max|q|): Q·c and K/c then have equal per-channel ranges."""
+        k_absmax = self.k_absmax if smoothed else self.k_absmax_raw
+        return (k_absmax.clamp_min(1e-6) / self.q_absmax.clamp_min(1e-6)).sqrt()
+
+
+class QKStatsCollector:
+    """An AttentionContext for one sequence: exact causal attention, recording q and k."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.q_absmax: dict[int, torch.Tensor] = {}
 
     def attend(
         self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] (causal, one sequence)."""
-        self.sums[layer_id] += k.double().sum(dim=0)
-        if layer_id == 0:
-            self.count += k.shape[0]
+        tokens, kv_heads = k.shape[0], k.shape[1]
+        self.keys[layer_id] = k.float().clone()
+        grouped = q.float().abs().view(tokens, kv_heads, -1, q.shape[-1])
+        self.q_absmax[layer_id] = grouped.amax(dim=(0, 2))
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1),
             k.transpose(0, 1),
@@ -47,9 +66,16 @@ class KeyMeanCollector:
         )
         return out.transpose(0, 1)
 
-    def means(self) -> torch.Tensor:
-        """[num_layers, num_kv_heads, head_dim] float32."""
-        return (self.sums / max(self.count, 1)).float()
+    def result(self) -> QKCalibration:
+        layers = sorted(self.keys)
+        keys = torch.stack([self.keys[i] for i in layers])  # [L, T, Hkv, D]
+        k_mean = keys.double().mean(dim=1).float()
+        return QKCalibration(
+            k_mean=k_mean,
+            k_absmax=(keys - k_mean[:, None]).abs().amax(dim=1),
+            k_absmax_raw=keys.abs().amax(dim=1),
+            q_absmax=torch.stack([self.q_absmax[i] for i in layers]),
+        )
 
 
 def calibration_token_ids(tokenizer, vocab_size: int) -> list[int]:
@@ -62,11 +88,10 @@ def calibration_token_ids(tokenizer, vocab_size: int) -> list[int]:
 
 
 @torch.inference_mode()
-def measure_key_means(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
-    """Mean post-rotary key per (layer, KV head): [num_layers, num_kv_heads, head_dim] fp32."""
-    cfg = model.config
+def calibrate_qk(model: torch.nn.Module, token_ids: list[int]) -> QKCalibration:
+    """Post-rotary Q and K statistics of `model` over one sequence of token ids."""
     device = next(model.parameters()).device
-    collector = KeyMeanCollector(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, device)
+    collector = QKStatsCollector()
     ids = torch.tensor(token_ids, dtype=torch.int64, device=device)
     model(ids, torch.arange(len(token_ids), device=device), collector)
-    return collector.means()
+    return collector.result()

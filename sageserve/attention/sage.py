@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from sageserve.attention.base import AttentionBackend, BackendOptions, KVCacheSpec
-from sageserve.attention.calibration import calibration_token_ids, measure_key_means
+from sageserve.attention.calibration import calibrate_qk, calibration_token_ids
 from sageserve.attention.sage_reference import FP8_DTYPE, quantize_kv, sage_attention
 from sageserve.attention.torch_native import PagedKVCache, TorchNativeBackend
 from sageserve.config import SageConfig
@@ -101,10 +101,12 @@ class SageAttentionBackend(AttentionBackend):
         self.skipped = set(skipped)
         self.exact = self._exact_backend(len(skipped))
         self.k_mean: torch.Tensor | None = None
+        self.channel_scale: torch.Tensor | None = None
         logger.info(
-            "sage_attn: INT8 QK (per-token scales, K smoothing %s), %s PV, 8-bit KV cache; "
-            "layers kept exact: %s",
+            "sage_attn: INT8 QK (per-token scales, K smoothing %s, channel balance %s), %s PV, "
+            "8-bit KV cache; layers kept exact: %s",
             "on" if self.sage.smooth_k else "off",
+            "on" if self.sage.balance_qk else "off",
             self.sage.pv.upper(),
             skipped or "none",
         )
@@ -117,19 +119,28 @@ class SageAttentionBackend(AttentionBackend):
         return TorchNativeBackend(config, options)
 
     def prepare(self, model: torch.nn.Module, tokenizer: object | None) -> None:
-        """Measure the key means used for smoothing (see sageserve/attention/calibration.py)."""
-        if not self.sage.smooth_k:
+        """Calibrate the key mean and channel balance (sageserve/attention/calibration.py)."""
+        if not (self.sage.smooth_k or self.sage.balance_qk):
             return
-        ids = calibration_token_ids(tokenizer, self.model_config.vocab_size)
-        self.set_key_means(measure_key_means(model, ids))
+        stats = calibrate_qk(model, calibration_token_ids(tokenizer, self.model_config.vocab_size))
+        self.set_calibration(
+            stats.k_mean if self.sage.smooth_k else None,
+            stats.channel_scale(self.sage.smooth_k) if self.sage.balance_qk else None,
+        )
 
-    def set_key_means(self, k_mean: torch.Tensor) -> None:
-        """k_mean: [num_layers, num_kv_heads, head_dim], subtracted from keys before INT8."""
+    def set_calibration(self, k_mean: torch.Tensor | None, channel_scale: torch.Tensor | None):
+        """Each [num_layers, num_kv_heads, head_dim] or None (off).
+
+        Stored keys are (k - k_mean) / channel_scale; queries are multiplied by channel_scale.
+        """
         cfg = self.model_config
         expected = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-        if tuple(k_mean.shape) != expected:
-            raise ValueError(f"key means of shape {tuple(k_mean.shape)}, expected {expected}")
-        self.k_mean = k_mean.float().to(self.options.device)
+        for name, tensor in (("k_mean", k_mean), ("channel_scale", channel_scale)):
+            if tensor is not None and tuple(tensor.shape) != expected:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
+        device = self.options.device
+        self.k_mean = None if k_mean is None else k_mean.float().to(device)
+        self.channel_scale = None if channel_scale is None else channel_scale.float().to(device)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         cfg = self.model_config
@@ -185,7 +196,7 @@ class SageAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         for seq in meta.seqs:
             out[seq.q_start : seq.q_end] = self._attend(
-                i, q[seq.q_start : seq.q_end], seq, kv_cache
+                layer_id, q[seq.q_start : seq.q_end], seq, kv_cache
             )
         return out
 
@@ -199,19 +210,32 @@ class SageAttentionBackend(AttentionBackend):
         layer_id: int,
     ) -> None:
         k_mean = self.k_mean[layer_id] if self.k_mean is not None else None
-        k_codes, k_scale, v_codes, v_scale = quantize_kv(k, v, k_mean, self.sage.pv)
+        balance = self.channel_scale[layer_id] if self.channel_scale is not None else None
+        k_codes, k_scale, v_codes, v_scale = quantize_kv(k, v, k_mean, self.sage.pv, balance)
         pages, offsets = meta.store_pages, meta.store_offsets
         cache.k[i][pages, :, offsets] = k_codes
         cache.k_scale[i][pages, :, offsets] = k_scale.half()
         cache.v[i][pages, :, :, offsets] = v_codes
         cache.v_scale[i][pages, :, offsets] = v_scale.half()
 
-    def _attend(self, i: int, q: torch.Tensor, seq: SageSeq, cache: SageKVCache) -> torch.Tensor:
+    def _attend(
+        self, layer_id: int, q: torch.Tensor, seq: SageSeq, cache: SageKVCache
+    ) -> torch.Tensor:
         """q: [n, Hq, D] -> [n, Hq, D] over the sequence's first kv_len cached keys."""
+        i = self.slot_of[layer_id]
         heads, dim, n = self.model_config.num_kv_heads, self.model_config.head_dim, seq.kv_len
         k_codes = cache.k[i][seq.pages].transpose(1, 2).reshape(-1, heads, dim)[:n]
         k_scale = cache.k_scale[i][seq.pages].transpose(1, 2).reshape(-1, heads)[:n]
         v_codes = cache.v[i][seq.pages].permute(0, 3, 1, 2).reshape(-1, heads, dim)[:n]
         v_scale = cache.v_scale[i][seq.pages].transpose(1, 2).reshape(-1, heads)[:n]
-        out = sage_attention(q, k_codes, k_scale.float(), v_codes, v_scale.float(), self.sage.pv)
+        balance = self.channel_scale[layer_id] if self.channel_scale is not None else None
+        out = sage_attention(
+            q,
+            k_codes,
+            k_scale.float(),
+            v_codes,
+            v_scale.float(),
+            self.sage.pv,
+            channel_scale=balance,
+        )
         return out.to(q.dtype)

@@ -5,8 +5,12 @@ token's cache entry independent of every other token, so a prefix-cache hit stor
 reads exactly the bytes a miss would):
 
 - Q: INT8, scale = max|q| / 127 in fp32 (not stored).
-- K: smoothed first (k - mean, see `sage.py` for how the mean is chosen), then INT8 with
-  scale = max|k| / 127 rounded to fp16 (stored as fp16 beside the INT8 values).
+- K: smoothed first (k - mean), then INT8 with scale = max|k| / 127 rounded to fp16
+  (stored as fp16 beside the INT8 values).
+- Channel balance (optional, SmoothQuant-style): before quantizing, Q is multiplied and the
+  smoothed K divided by a fixed per-(layer, KV head) channel vector c, which leaves Q·Kᵀ
+  unchanged but moves outlier channels' range from Q (whose channels are spikier) to K.
+  The mean and c are calibrated once per model (`calibration.py`).
 - V: with `pv="fp16"` (the default), INT8 like K (no smoothing); with `pv="fp8"`, FP8 e4m3
   with scale = max|v| / 448 rounded to fp16. The FP8 tensor-core product needs FP8 V, but
   e4m3's 3 mantissa bits cost about 2% relative error on V alone, against 0.6% for INT8
@@ -79,15 +83,28 @@ def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.repeat_interleave(group, dim=1)
 
 
-def quantized_scores(
-    q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, sm_scale: float
-) -> torch.Tensor:
-    """S = (Q_int8 · K_int8ᵀ) · s_q · s_k · sm_scale.
+def balance_q(q: torch.Tensor, channel_scale: torch.Tensor | None) -> torch.Tensor:
+    """q [n, Hq, D] * c [Hkv, D] (each KV head's vector serves its query heads) -> fp32."""
+    if channel_scale is None:
+        return q.float()
+    group = q.shape[1] // channel_scale.shape[0]
+    return q.float() * channel_scale.repeat_interleave(group, dim=0)
 
-    q: [n, Hq, D] float; k_codes: [kv, Hkv, D] int8; k_scale: [kv, Hkv]. Returns [Hq, n, kv].
+
+def quantized_scores(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    sm_scale: float,
+    channel_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """S = (Q_int8 · K_int8ᵀ) · s_q · s_k · sm_scale, Q balanced by channel_scale first.
+
+    q: [n, Hq, D] float; k_codes: [kv, Hkv, D] int8; k_scale: [kv, Hkv];
+    channel_scale: [Hkv, D] or None. Returns [Hq, n, kv].
     """
     group = q.shape[1] // k_codes.shape[1]
-    q_codes, q_scale = quantize_int8(q)
+    q_codes, q_scale = quantize_int8(balance_q(q, channel_scale))
     k_codes, k_scale = _expand_heads(k_codes, group), _expand_heads(k_scale, group)
     dots = torch.einsum("qhd,khd->hqk", q_codes.float(), k_codes.float())
     return dots * (q_scale.T[:, :, None] * sm_scale) * k_scale.T[:, None, :]
@@ -128,21 +145,23 @@ def sage_attention(
     k_scale: torch.Tensor,
     v_codes: torch.Tensor,
     v_scale: torch.Tensor,
-    pv: str = "fp8",
+    pv: str = "fp16",
     sm_scale: float | None = None,
+    channel_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """8-bit attention of one sequence's query chunk over all its keys.
 
     q: [n, Hq, D] float (the last n of the kv_len positions; causal mask bottom-right).
     k_codes: [kv_len, Hkv, D] int8 (smoothed keys); k_scale: [kv_len, Hkv] fp32.
     v_codes: [kv_len, Hkv, D] int8 (pv="fp16") or fp8 e4m3 (pv="fp8"); v_scale: [kv_len, Hkv].
+    channel_scale: [Hkv, D], the balance the keys were stored with (None: none).
     Returns [n, Hq, D] fp32.
     """
     if pv not in PV_CHOICES:
         raise ValueError(f"pv={pv!r} is not valid; choose one of: {', '.join(PV_CHOICES)}")
     n, kv_len = q.shape[0], k_codes.shape[0]
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    scores = quantized_scores(q, k_codes, k_scale, sm_scale)
+    scores = quantized_scores(q, k_codes, k_scale, sm_scale, channel_scale)
     scores = scores.masked_fill(~causal_mask(n, kv_len, q.device), float("-inf"))
     p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))  # [H, n, kv], fp32
     denom = p.sum(dim=-1, keepdim=True).double()
@@ -154,15 +173,22 @@ def sage_attention(
 
 
 def quantize_kv(
-    k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor | None, pv: str
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_mean: torch.Tensor | None,
+    pv: str,
+    channel_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the 8-bit cache stores for new tokens.
 
-    k, v: [T, Hkv, D]; k_mean: [Hkv, D] or None (no smoothing).
+    k, v: [T, Hkv, D]; k_mean, channel_scale: [Hkv, D] or None (no smoothing / balance);
+    the stored key is (k - k_mean) / channel_scale.
     Returns (k int8 [T, Hkv, D], k scale [T, Hkv], v codes [T, Hkv, D], v scale [T, Hkv]);
     v codes are INT8 for pv="fp16" and FP8 e4m3 for pv="fp8".
     """
     k = k.float() if k_mean is None else k.float() - k_mean
+    if channel_scale is not None:
+        k = k / channel_scale
     k_codes, k_scale = quantize_int8(k, torch.float16)
     v_codes, v_scale = quantize_fp8(v) if pv == "fp8" else quantize_int8(v, torch.float16)
     return k_codes, k_scale, v_codes, v_scale

@@ -43,6 +43,7 @@ class LLM:
         max_running_requests: int = 256,
         sage_pv: str = "fp16",
         sage_smooth_k: bool = True,
+        sage_balance_qk: bool = True,
         sage_skip_layers: tuple[int, ...] = (),
     ) -> None:
         config = EngineConfig(
@@ -64,7 +65,12 @@ class LLM:
                 max_running_requests=max_running_requests,
                 chunked_prefill_size=chunked_prefill_size,
             ),
-            sage=SageConfig(pv=sage_pv, smooth_k=sage_smooth_k, skip_layers=sage_skip_layers),
+            sage=SageConfig(
+                pv=sage_pv,
+                smooth_k=sage_smooth_k,
+                balance_qk=sage_balance_qk,
+                skip_layers=sage_skip_layers,
+            ),
         )
         self.engine = Engine(config)
 
