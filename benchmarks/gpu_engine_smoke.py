@@ -49,6 +49,7 @@ def _profile(llm: LLM, prompts: list[list[int]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3.1-8b")
+    parser.add_argument("--attention-backend", default="torch")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--out", default=None)
@@ -61,6 +62,7 @@ def main() -> int:
         load_format="dummy",
         dtype="bfloat16",
         device="cuda",
+        attention_backend=args.attention_backend,
         context_length=8192,
         cache=CacheConfig(mem_fraction_static=0.85),
     )
