@@ -73,6 +73,7 @@ class SchedulerConfig:
 
 
 SAGE_PV_CHOICES = ("fp8", "fp16")
+SAGE_IMPL_CHOICES = ("auto", "triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -84,15 +85,19 @@ class SageConfig:
     smooth_k: subtract the calibrated per-(layer, KV head) key mean before quantizing K.
     balance_qk: scale Q's channels up and K's down by a calibrated vector before quantizing.
     skip_layers: layers kept in exact 16-bit attention over a 16-bit cache (logged).
+    impl: "triton" kernels, the torch "reference", or "auto" (Triton on CUDA, the reference
+        elsewhere). Both compute the numerics of sage_reference.py.
     """
 
     pv: str = "fp16"
     smooth_k: bool = True
     balance_qk: bool = True
     skip_layers: tuple[int, ...] = ()
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("sage_pv", self.pv, SAGE_PV_CHOICES)
+        _check_choice("sage_impl", self.impl, SAGE_IMPL_CHOICES)
         if any(layer < 0 for layer in self.skip_layers):
             raise ValueError(f"sage_skip_layers must be layer indices >= 0, got {self.skip_layers}")
 

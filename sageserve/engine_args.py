@@ -9,6 +9,7 @@ from sageserve.config import (
     DTYPE_CHOICES,
     KV_CACHE_DTYPE_CHOICES,
     LOAD_FORMAT_CHOICES,
+    SAGE_IMPL_CHOICES,
     SAGE_PV_CHOICES,
     CacheConfig,
     EngineConfig,
@@ -133,6 +134,12 @@ def _add_sage_args(group: argparse._ArgumentGroup) -> None:
         help="quantize Q and K without the calibrated per-channel balance",
     )
     group.add_argument(
+        "--sage-impl",
+        default="auto",
+        choices=SAGE_IMPL_CHOICES,
+        help="auto = Triton kernels on CUDA, the torch reference elsewhere",
+    )
+    group.add_argument(
         "--sage-skip-layers",
         type=_layer_list,
         default=(),
@@ -175,5 +182,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             smooth_k=not args.sage_disable_smooth_k,
             balance_qk=not args.sage_disable_qk_balance,
             skip_layers=args.sage_skip_layers,
+            impl=args.sage_impl,
         ),
     )

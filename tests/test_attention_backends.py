@@ -44,6 +44,8 @@ VARIANTS = [
     Variant("sage_attn", SageConfig(balance_qk=False), min_cosine=0.999, max_rel_l1=0.03),
     Variant("sage_attn", SageConfig(pv="fp8"), min_cosine=0.998, max_rel_l1=0.05),
     Variant("sage_attn", SageConfig(skip_layers=(1,)), min_cosine=0.999, max_rel_l1=0.03),
+    # The Triton kernels (through the interpreter on CPU).
+    Variant("sage_attn", SageConfig(impl="triton"), min_cosine=0.999, max_rel_l1=0.03),
 ]
 
 # (prefix_len, query_len) per sequence of the mixed step.

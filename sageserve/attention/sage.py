@@ -58,15 +58,33 @@ class SageSeq:
 
 
 @dataclass
+class KernelMetadata:
+    """What the Triton kernels read: int32 tensors on the device, built once per step."""
+
+    page_table: torch.Tensor  # [B, max_pages], padded with the null page
+    q_start: torch.Tensor  # [B]
+    q_len: torch.Tensor  # [B]
+    kv_len: torch.Tensor  # [B]
+    max_q_len: int
+
+
+@dataclass
 class SageMetadata:
     store_pages: torch.Tensor  # [num_tokens] page of each new token
     store_offsets: torch.Tensor  # [num_tokens] offset inside that page
     seqs: list[SageSeq]
     exact: object | None  # the torch backend's metadata, when some layers are exact
+    kernel: KernelMetadata | None  # set when the Triton kernels run
 
 
 def _sage_config(options: BackendOptions) -> SageConfig:
     return dict(options.extra).get("sage", SageConfig())
+
+
+def _uses_kernels(sage: SageConfig, device: torch.device) -> bool:
+    if sage.impl == "auto":
+        return device.type == "cuda"
+    return sage.impl == "triton"
 
 
 class SageAttentionBackend(AttentionBackend):
@@ -83,7 +101,15 @@ class SageAttentionBackend(AttentionBackend):
                 f"(choose one of: {', '.join(SAGE_KV_DTYPES)}); a 16-bit cache is served by "
                 "--attention-backend torch"
             )
-        bad = [i for i in _sage_config(options).skip_layers if i >= model_config.num_layers]
+        sage = _sage_config(options)
+        if _uses_kernels(sage, options.device):
+            dim = model_config.head_dim
+            if dim & (dim - 1) or dim < 16:
+                reasons.append(
+                    f"head_dim {dim}: the Triton kernels need a power of two >= 16 "
+                    "(--sage-impl reference runs any head_dim, slowly)"
+                )
+        bad = [i for i in sage.skip_layers if i >= model_config.num_layers]
         if bad:
             reasons.append(
                 f"sage_skip_layers {bad} do not exist: the model has layers "
@@ -100,14 +126,16 @@ class SageAttentionBackend(AttentionBackend):
         self.slot_of |= {layer: i for i, layer in enumerate(skipped)}
         self.skipped = set(skipped)
         self.exact = self._exact_backend(len(skipped))
+        self.use_kernels = _uses_kernels(self.sage, options.device)
         self.k_mean: torch.Tensor | None = None
         self.channel_scale: torch.Tensor | None = None
         logger.info(
             "sage_attn: INT8 QK (per-token scales, K smoothing %s, channel balance %s), %s PV, "
-            "8-bit KV cache; layers kept exact: %s",
+            "8-bit KV cache, %s; layers kept exact: %s",
             "on" if self.sage.smooth_k else "off",
             "on" if self.sage.balance_qk else "off",
             self.sage.pv.upper(),
+            "Triton kernels" if self.use_kernels else "torch reference",
             skipped or "none",
         )
 
@@ -176,8 +204,9 @@ class SageAttentionBackend(AttentionBackend):
             seqs.append(SageSeq(q_start, q_start + seq.query_len, seq.kv_len, pages))
             q_start += seq.query_len
         exact = self.exact.build_metadata(batch) if self.exact else None
+        kernel = _kernel_metadata(batch, device) if self.use_kernels else None
         slots = batch.slot_mapping
-        return SageMetadata(slots // page_size, slots % page_size, seqs, exact)
+        return SageMetadata(slots // page_size, slots % page_size, seqs, exact, kernel)
 
     def forward(
         self,
@@ -192,6 +221,8 @@ class SageAttentionBackend(AttentionBackend):
         i = self.slot_of[layer_id]
         if layer_id in self.skipped:
             return self.exact.forward(i, q, k, v, kv_cache.exact, meta.exact)
+        if meta.kernel is not None:
+            return self._forward_kernels(layer_id, q, k, v, kv_cache, meta)
         self._store(i, k, v, kv_cache, meta, layer_id)
         out = torch.empty_like(q)
         for seq in meta.seqs:
@@ -239,3 +270,47 @@ class SageAttentionBackend(AttentionBackend):
             channel_scale=balance,
         )
         return out.to(q.dtype)
+
+    def _forward_kernels(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: SageKVCache,
+        meta: SageMetadata,
+    ) -> torch.Tensor:
+        """The Triton path: fused quantize-and-store, then paged 8-bit attention."""
+        from sageserve.attention.kernels.sage_attention import sage_attention_paged
+        from sageserve.attention.kernels.sage_store import store_kv
+
+        i = self.slot_of[layer_id]
+        k_mean = self.k_mean[layer_id] if self.k_mean is not None else None
+        balance = self.channel_scale[layer_id] if self.channel_scale is not None else None
+        store_kv(k, v, k_mean, balance, meta.store_pages, meta.store_offsets,
+                 cache.k[i], cache.k_scale[i], cache.v[i], cache.v_scale[i])  # fmt: skip
+        km = meta.kernel
+        return sage_attention_paged(
+            q, balance, cache.k[i], cache.k_scale[i], cache.v[i], cache.v_scale[i],
+            km.page_table, km.q_start, km.q_len, km.kv_len, km.max_q_len,
+        )  # fmt: skip
+
+
+def _kernel_metadata(batch: ForwardBatch, device: torch.device) -> KernelMetadata:
+    seqs = batch.seqs
+    width = max(-(-s.kv_len // batch.page_size) for s in seqs)
+    table = [list(s.page_table[:width]) + [0] * (width - len(s.page_table[:width])) for s in seqs]
+    starts = [0]
+    for s in seqs[:-1]:
+        starts.append(starts[-1] + s.query_len)
+
+    def i32(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+    return KernelMetadata(
+        page_table=i32(table),
+        q_start=i32(starts),
+        q_len=i32([s.query_len for s in seqs]),
+        kv_len=i32([s.kv_len for s in seqs]),
+        max_q_len=max(s.query_len for s in seqs),
+    )
