@@ -63,8 +63,10 @@ def _sage_fn(q, k, v, seq, dim, pv, gen):
 
     def run():
         store_kv(k, v, mean, balance, pages, offsets, c["k"], c["k_scale"], c["v"], c["v_scale"])
-        return sage_attention_paged(q, balance, c["k"], c["k_scale"], c["v"], c["v_scale"],
-                                    table, starts, lens, lens, seq, block_m=128, block_n=64)  # fmt: skip
+        return sage_attention_paged(
+            q, balance, c["k"], c["k_scale"], c["v"], c["v_scale"],
+            table, starts, lens, lens, seq, block_m=128, block_n=64,
+        )  # fmt: skip
 
     return run
 
