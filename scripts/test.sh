@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export OPENBLAS_NUM_THREADS=1 TRITON_INTERPRET=1
+export OPENBLAS_NUM_THREADS=1
 ruff check sageserve tests benchmarks
 ruff format --check sageserve tests benchmarks
 python -m pytest -n 2 -q tests "$@"

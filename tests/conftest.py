@@ -4,11 +4,12 @@ import importlib.util
 import os
 from pathlib import Path
 
-# NOTE: must be set before any Triton kernel module is imported.
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("SAGESERVE_GPU_TESTS") else "1")
-
 import pytest
 import torch
+
+# NOTE: must be set before any Triton kernel module is imported. Without a GPU, kernels
+# run in Triton's interpreter on CPU tensors; with one, they are compiled.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

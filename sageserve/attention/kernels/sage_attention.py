@@ -17,7 +17,7 @@ import triton.language as tl
 
 from sageserve.attention.sage_reference import PV_BLOCK
 
-MIN_SCALE = 2.0**-24
+MIN_SCALE = tl.constexpr(2.0**-24)
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def _sage_attention_kernel(
         v_scale = tl.load(v_scale_ptr + slot, mask=key_ok, other=0.0).to(tl.float32)
         v_base = (page * num_kv_heads + kv_head) * head_dim * page_size + keys % page_size
         v = tl.load(v_cache_ptr + v_base[:, None] + d[None, :] * page_size,
-                    mask=key_ok[:, None], other=0)  # fmt: skip
+                    mask=key_ok[:, None], other=0.0)  # fmt: skip
         if PV_FP8:
             block_max = tl.maximum(tl.max(v_scale, axis=0), MIN_SCALE)
             p_codes = (p * (v_scale / block_max)[None, :] * 448.0).to(tl.float8e4nv)

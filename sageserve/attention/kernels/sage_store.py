@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-MIN_SCALE = 2.0**-24
+MIN_SCALE = tl.constexpr(2.0**-24)
 
 
 @triton.jit
