@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sageserve.attention.base import BackendOptions
-from sageserve.attention.kernels.sage_attention import sage_attention_paged
+from sageserve.attention.kernels.sage_attention import padded_page_table, sage_attention_paged
 from sageserve.attention.sage import SageAttentionBackend
 from sageserve.config import SageConfig
 from sageserve.engine.batch import SequenceSlice, build_forward_batch
@@ -26,10 +26,10 @@ def _config(heads: int, kv_heads: int, dim: int) -> ModelConfig:
     )  # fmt: skip
 
 
-def _step_tensors(slices, device):
+def _step_tensors(slices, page_size, device):
     """page table [B, pages] int32, q_start, q_len, kv_len [B] int32, max_q_len."""
-    width = max(len(s.page_table) for s in slices)
-    table = [list(s.page_table) + [0] * (width - len(s.page_table)) for s in slices]
+    kv_lens = [s.kv_len for s in slices]
+    table = padded_page_table([s.page_table for s in slices], kv_lens, page_size, device)
     starts, start = [], 0
     for s in slices:
         starts.append(start)
@@ -38,10 +38,8 @@ def _step_tensors(slices, device):
     def i32(values):
         return torch.tensor(values, dtype=torch.int32, device=device)
 
-    return (
-        i32(table), i32(starts), i32([s.query_len for s in slices]),
-        i32([s.kv_len for s in slices]), max(s.query_len for s in slices),
-    )  # fmt: skip
+    return (table, i32(starts), i32([s.query_len for s in slices]), i32(kv_lens),
+            max(s.query_len for s in slices))  # fmt: skip
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -83,7 +81,7 @@ def run_case(heads, kv_heads, dim, page_size, pv, device, block_m, block_n, seed
         ref = backend.forward(0, q, k, v, cache, meta)
     out = sage_attention_paged(
         q, backend.channel_scale[0], cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0],
-        *_step_tensors(slices, device), block_m=block_m, block_n=block_n,
+        *_step_tensors(slices, page_size, device), block_m=block_m, block_n=block_n,
     )  # fmt: skip
     return out, ref
 

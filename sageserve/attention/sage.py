@@ -297,9 +297,9 @@ class SageAttentionBackend(AttentionBackend):
 
 
 def _kernel_metadata(batch: ForwardBatch, device: torch.device) -> KernelMetadata:
+    from sageserve.attention.kernels.sage_attention import padded_page_table
+
     seqs = batch.seqs
-    width = max(-(-s.kv_len // batch.page_size) for s in seqs)
-    table = [list(s.page_table[:width]) + [0] * (width - len(s.page_table[:width])) for s in seqs]
     starts = [0]
     for s in seqs[:-1]:
         starts.append(starts[-1] + s.query_len)
@@ -307,10 +307,13 @@ def _kernel_metadata(batch: ForwardBatch, device: torch.device) -> KernelMetadat
     def i32(values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
+    kv_lens = [s.kv_len for s in seqs]
     return KernelMetadata(
-        page_table=i32(table),
+        page_table=padded_page_table(
+            [s.page_table for s in seqs], kv_lens, batch.page_size, device
+        ),
         q_start=i32(starts),
         q_len=i32([s.query_len for s in seqs]),
-        kv_len=i32([s.kv_len for s in seqs]),
+        kv_len=i32(kv_lens),
         max_q_len=max(s.query_len for s in seqs),
     )

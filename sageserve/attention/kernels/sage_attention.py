@@ -18,6 +18,11 @@ import triton.language as tl
 from sageserve.attention.sage_reference import PV_BLOCK
 
 MIN_SCALE = tl.constexpr(2.0**-24)
+LOG2E = tl.constexpr(1.4426950408889634)
+# Page tables are read without masks (so the compiler sees each page's keys as contiguous
+# and vectorizes): rows must cover every key block a program may touch, i.e. be padded with
+# the null page to a multiple of KEY_ALIGN tokens past the longest sequence.
+KEY_ALIGN = 128
 
 
 @triton.jit
@@ -61,7 +66,7 @@ def _sage_attention_kernel(
     if HAS_BALANCE:
         q = q * tl.load(balance_ptr + kv_head * head_dim + d)[None, :]
     q_codes, q_scale = _quantize_q(q, 127.0)
-    row_scale = q_scale * sm_scale
+    row_scale = q_scale * (sm_scale * LOG2E)  # scores in log2 units: exp2 below
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, head_dim], tl.float32)
@@ -70,23 +75,29 @@ def _sage_attention_kernel(
     for start in range(0, end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < end
-        page = tl.load(table + keys // page_size, mask=key_ok, other=0).to(tl.int64)
-        slot = (page * num_kv_heads + kv_head) * page_size + keys % page_size
-        k = tl.load(k_cache_ptr + slot[:, None] * head_dim + d[None, :], mask=key_ok[:, None],
-                    other=0)  # fmt: skip
-        k_scale = tl.load(k_scale_ptr + slot, mask=key_ok, other=0.0).to(tl.float32)
+        page = tl.load(table + keys // page_size).to(tl.int64)
+        # Keys of one page are contiguous in the cache: say so, so that loads vectorize.
+        in_page = tl.max_contiguous(tl.multiple_of(keys % page_size, page_size), page_size)
+        page_base = (page * num_kv_heads + kv_head) * page_size
+        slot = page_base + in_page
+        k_rows = tl.multiple_of(slot * head_dim, head_dim)
+        # Unmasked: keys past the end read the null page or stale slots of this sequence's
+        # last page; they are masked out of the scores, and their V scales are zeroed. (The
+        # pool starts zeroed and the store never writes a non-finite code.)
+        k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :])
+        k_scale = tl.load(k_scale_ptr + slot).to(tl.float32)
         s = tl.dot(q_codes, tl.trans(k)).to(tl.float32)
         s = s * row_scale[:, None] * k_scale[None, :]
         allowed = (keys[None, :] <= prefix + rows[:, None]) & key_ok[None, :]
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_scale = tl.load(v_scale_ptr + slot, mask=key_ok, other=0.0).to(tl.float32)
-        v_base = (page * num_kv_heads + kv_head) * head_dim * page_size + keys % page_size
-        v = tl.load(v_cache_ptr + v_base[:, None] + d[None, :] * page_size,
-                    mask=key_ok[:, None], other=0.0)  # fmt: skip
+        # Zeroed past the end: P·s_v must be 0 there even if a stale scale were not finite.
+        v_scale = tl.where(key_ok, tl.load(v_scale_ptr + slot).to(tl.float32), 0.0)
+        v_base = page_base * head_dim + in_page
+        v = tl.load(v_cache_ptr + v_base[:, None] + d[None, :] * page_size)
         if PV_FP8:
             block_max = tl.maximum(tl.max(v_scale, axis=0), MIN_SCALE)
             p_codes = (p * (v_scale / block_max)[None, :] * 448.0).to(tl.float8e4nv)
@@ -122,8 +133,9 @@ def sage_attention_paged(
     q: [T, Hq, D] (the step's queries, sequences back to back); balance: [Hkv, D] fp32 or
     None. k_cache: [P, Hkv, page, D] int8; v_cache: [P, Hkv, D, page] int8 (FP16 P·V) or
     float8_e4m3fn (FP8 P·V); k_scale, v_scale: [P, Hkv, page] fp16. page_table: [B, pages]
-    int32 (padding: page 0). q_start, q_len, kv_len: [B] int32 (the new tokens are already
-    stored; kv_len counts them). max_q_len: the largest q_len (host int, sizes the grid).
+    int32 from `padded_page_table` (rows padded with page 0 past KEY_ALIGN-aligned ends).
+    q_start, q_len, kv_len: [B] int32 (the new tokens are already stored; kv_len counts them).
+    max_q_len: the largest q_len (host int, sizes the grid).
     Returns [T, Hq, D] in q's dtype.
     """
     tokens, q_heads, dim = q.shape
@@ -134,6 +146,7 @@ def sage_attention_paged(
     if tokens == 0:
         return out
     grid = (page_table.shape[0], triton.cdiv(max_q_len, block_m), q_heads)
+    num_warps = 8 if block_m >= 128 else 4
     _sage_attention_kernel[grid](
         q, balance if balance is not None else k_scale, out,
         k_cache, k_scale, v_cache, v_scale,
@@ -142,8 +155,23 @@ def sage_attention_paged(
         dim**-0.5 if sm_scale is None else sm_scale,
         num_kv_heads=kv_heads, group=q_heads // kv_heads, page_size=page_size, head_dim=dim,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_BALANCE=balance is not None, PV_FP8=pv_fp8,
+        num_warps=num_warps, num_stages=3,
     )  # fmt: skip
     return out
+
+
+def padded_page_table(
+    tables: list[tuple[int, ...]], kv_lens: list[int], page_size: int, device: torch.device
+) -> torch.Tensor:
+    """[B, width] int32: each sequence's pages, then the null page (0) up to a width that
+    covers max(kv_lens) rounded up to KEY_ALIGN tokens (see KEY_ALIGN)."""
+    aligned = -(-max(kv_lens) // KEY_ALIGN) * KEY_ALIGN
+    width = -(-aligned // page_size)
+    rows = []
+    for table, kv_len in zip(tables, kv_lens, strict=True):
+        used = list(table[: -(-kv_len // page_size)])
+        rows.append(used + [0] * (width - len(used)))
+    return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
 
 
 def _check_args(q, k_cache, v_cache, balance, page_table, pv_fp8: bool, block_n: int) -> None:
@@ -161,5 +189,10 @@ def _check_args(q, k_cache, v_cache, balance, page_table, pv_fp8: bool, block_n:
         raise ValueError(f"balance must be fp32 [{kv_heads}, {dim}]")
     if page_table.dtype != torch.int32 or not page_table.is_contiguous():
         raise ValueError("page_table must be a contiguous int32 [B, pages] tensor")
+    page_size = k_cache.shape[2]
+    if page_table.shape[1] * page_size < KEY_ALIGN:
+        raise ValueError("page_table rows must come from padded_page_table (KEY_ALIGN padding)")
+    if block_n > KEY_ALIGN or KEY_ALIGN % block_n:
+        raise ValueError(f"block_n must divide {KEY_ALIGN}, got {block_n}")
     if pv_fp8 and block_n != PV_BLOCK:
         raise ValueError(f"FP8 P·V scales P per {PV_BLOCK} keys: block_n must be {PV_BLOCK}")
