@@ -1,0 +1,186 @@
+"""Local validation: one loaded model, an engine per backend built one at a time.
+
+Per backend (the reference first) one phase runs logprob checks, teacher-forced agreement
+windows, the prefix-cache case, MMLU and determinism, with its peak memory measured around
+it; then throughput alternates the backends over rounds. `run_local` returns the raw
+results; `sections.py` turns them into the report's sections and verdicts.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sageserve.config import EngineConfig
+from sageserve.engine.engine import Engine
+from sageserve.models.loader import LoadedModel, load_model
+from sageserve.validate import agreement, determinism, logprob_check, memory, mmlu, throughput
+from sageserve.validate.config import CONTEXT_GROUPS, ValidateConfig
+from sageserve.validate.data import MMLUQuestion, britannica_text, mmlu_questions, stratified_subset
+from sageserve.validate.workload import TextSource, built_engine
+
+
+@dataclass
+class Plan:
+    """The exact inputs every backend gets (identical tokens for all)."""
+
+    logprob_prompts: list[list[int]]
+    windows: list[agreement.Window]
+    prefix: list[int]
+    suffix: list[int]
+    prefix_offset: int
+    questions: list[MMLUQuestion]
+    det_prompt: list[int]
+    det_others: list[list[int]]
+
+
+@dataclass
+class LocalResults:
+    """Raw measurements per backend label (see each section module for the fields)."""
+
+    plan: Plan
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    logprobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scores: dict[str, agreement.BackendScores] = field(default_factory=dict)
+    mmlu: dict[str, torch.Tensor] = field(default_factory=dict)
+    determinism: dict[str, dict[str, Any]] = field(default_factory=dict)
+    throughput: dict[str, dict[str, list[dict[str, float]]]] = field(default_factory=dict)
+    model_source: str = ""
+
+
+def make_plan(cfg: ValidateConfig, text: TextSource) -> Plan:
+    """Cut every section's tokens from the text, distinct spans for the scored ones."""
+    s = cfg.sizes
+    prompts = [text.take(s.logprob_prompt_len)[1] for _ in range(s.logprob_prompts)]
+    windows = []
+    for group in CONTEXT_GROUPS:
+        g = s.group(group)
+        for i in range(g.count if cfg.runs("agreement") or cfg.runs("perplexity") else 0):
+            offset, ids = text.take(g.length)
+            windows.append(agreement.Window(group, i, offset, ids))
+    offset, ids = text.take(s.prefix_len + s.suffix_len) if s.prefix_len else (0, [])
+    questions = []
+    if cfg.runs("mmlu") and s.mmlu_per_subject > 0:
+        questions = stratified_subset(mmlu_questions(), s.mmlu_per_subject, seed=cfg.seed)
+    n = s.determinism_prompt_len
+    return Plan(
+        logprob_prompts=prompts,
+        windows=windows,
+        prefix=ids[: s.prefix_len],
+        suffix=ids[s.prefix_len :],
+        prefix_offset=offset,
+        questions=questions,
+        det_prompt=text.cycled(0, n),
+        det_others=[text.cycled((i + 1) * 7919, n + 3 * i) for i in range(s.determinism_batch - 1)],
+    )
+
+
+def _phase_units(cfg: ValidateConfig, plan: Plan) -> int:
+    return len(plan.logprob_prompts) + len(plan.windows) + 2 + len(plan.questions)
+
+
+def _backend_phase(
+    cfg: ValidateConfig,
+    engine: Engine,
+    label: str,
+    store: agreement.ReferenceStore,
+    res: LocalResults,
+) -> None:
+    """Every per-backend section on one engine."""
+    plan, s, is_ref = res.plan, cfg.sizes, label == cfg.reference
+    bar = tqdm(total=_phase_units(cfg, plan), desc=f"validate {label}", file=sys.stderr)
+    with bar:
+        if cfg.runs("logprobs"):
+            bar.set_postfix_str("logprobs")
+            tols = (cfg.thresholds.consistency_tol, cfg.thresholds.logprob_delta)
+            parts = []
+            for p in plan.logprob_prompts:
+                parts.append(logprob_check.check_prompt(engine, p, s.logprob_new_tokens, tols))
+                bar.update(1)
+            res.logprobs[label] = logprob_check.merge(parts).to_dict()
+        scores = res.scores.setdefault(label, agreement.BackendScores())
+        bar.set_postfix_str("teacher-forced windows")
+        for w in plan.windows:
+            agreement.score_window(engine, w, store, is_ref, scores)
+            bar.update(1)
+        if cfg.runs("agreement") and plan.prefix:
+            bar.set_postfix_str("prefix-cache hit")
+            agreement.score_prefix_hit(engine, plan.prefix, plan.suffix, store, is_ref, scores)
+        bar.update(1)
+        if plan.questions:
+            bar.set_postfix_str("mmlu")
+            res.mmlu[label] = mmlu.score_questions(engine, plan.questions, bar)
+        if cfg.runs("determinism") and s.determinism_runs:
+            bar.set_postfix_str("determinism")
+            res.determinism[label] = determinism.determinism_checks(
+                engine,
+                plan.det_prompt,
+                plan.det_others,
+                s.determinism_runs,
+                s.determinism_new_tokens,
+            )
+        bar.update(1)
+
+
+def _throughput(
+    cfg: ValidateConfig,
+    base: EngineConfig,
+    loaded: LoadedModel,
+    text: TextSource,
+    res: LocalResults,
+) -> None:
+    """Alternate the backends over rounds, each round on a fresh engine (prefix cache off)."""
+    s = cfg.sizes
+    grid = throughput.cases(
+        s.throughput_input_lens, s.throughput_output_lens, s.throughput_concurrency
+    )
+    total = s.throughput_repeats * len(cfg.labels) * len(grid)
+    with tqdm(total=total, desc="validate throughput", file=sys.stderr) as bar:
+        for r in range(s.throughput_repeats):
+            for label, backend in zip(cfg.labels, cfg.backends, strict=True):
+                with built_engine(base, backend, loaded, prefix_cache=False) as engine:
+                    throughput.warm_up(engine)
+                    for i, case in enumerate(grid):
+                        bar.set_postfix_str(f"{label} {case.key}")
+                        run = throughput.run_case(engine, case, text, offset=(r * 31 + i) * 4099)
+                        res.throughput.setdefault(label, {}).setdefault(case.key, []).append(run)
+                        bar.update(1)
+
+
+def load(base: EngineConfig) -> LoadedModel:
+    """The model, once, on the engine config's device and dtype."""
+    return load_model(
+        base.model_path,
+        load_format=base.load_format,
+        dtype=base.dtype,
+        device=base.torch_device(),
+        seed=base.seed,
+    )
+
+
+def run_local(cfg: ValidateConfig, base: EngineConfig) -> LocalResults:
+    """Every local section's raw measurements (see LocalResults)."""
+    loaded = load(base)
+    if loaded.tokenizer is None:
+        raise ValueError("validate needs a model with a tokenizer (it scores real text)")
+    text = TextSource(loaded.tokenizer.encode(britannica_text(), add_special_tokens=False))
+    res = LocalResults(make_plan(cfg, text), model_source=loaded.source)
+    with tempfile.TemporaryDirectory(prefix="sageserve_validate_") as tmp:
+        store = agreement.ReferenceStore(Path(tmp))
+        for label, backend in zip(cfg.labels, cfg.backends, strict=True):
+            with (
+                memory.PeakMemory(base.torch_device()) as peak,
+                built_engine(base, backend, loaded) as engine,
+            ):
+                res.memory[label] = memory.static_memory(engine)
+                _backend_phase(cfg, engine, label, store, res)
+            res.memory[label]["peak"] = peak.to_dict()
+    if cfg.runs("throughput"):
+        _throughput(cfg, base, loaded, text, res)
+    return res
