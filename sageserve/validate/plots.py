@@ -12,10 +12,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from sageserve.validate.sections import PlotData  # noqa: E402
+from sageserve.validate.sections import PlotData
 
 _KL_FLOOR = 1e-9  # KL is 0 for identical rows; log-scale bins need a positive floor
 _POSITION_BINS = 32
@@ -92,12 +92,15 @@ def memory_plot(per_backend: dict[str, dict[str, Any]], path: Path) -> bool:
     kinds = ("weights_bytes", "pool_bytes", "peak")
     width = 0.8 / len(kinds)
     for i, kind in enumerate(kinds):
-        vals = [_mib(per_backend[lb][kind]["peak_bytes"] if kind == "peak" else per_backend[lb][kind])
-                for lb in labels]  # fmt: skip
+        vals = [_mib(_bytes(per_backend[lb], kind)) for lb in labels]
         ax.bar([j + i * width for j in range(len(labels))], vals, width, label=kind)
     ax.set_xticks([j + width for j in range(len(labels))], labels)
     ax.set(ylabel="MiB", title="memory per backend (peak: RSS on CPU, max allocated on CUDA)")
     return _save(fig, ax, path, True)
+
+
+def _bytes(row: dict[str, Any], kind: str) -> int:
+    return row[kind]["peak_bytes"] if kind == "peak" else row[kind]
 
 
 def _mib(n: int) -> float:
