@@ -1,4 +1,4 @@
-"""`sageserve generate | convert` (user mistakes exit with code 2 and a message)."""
+"""`sageserve generate | convert | validate` (user mistakes exit with code 2 and a message)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,37 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_convert)
 
 
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    from sageserve.validate.args import add_validate_args
+
+    p = sub.add_parser(
+        "validate",
+        help="side-by-side report of attention backends: logprobs, KL, perplexity, MMLU, "
+        "throughput, memory, determinism (exit 0: every verdict passed, 1: one failed)",
+        conflict_handler="resolve",
+    )
+    add_validate_args(p)
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning"))
+    add_engine_args(p)
+    # validate builds one engine per entry of --backends; a single backend flag would mislead.
+    p.add_argument("--attention-backend", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_run_validate)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from sageserve.launch_server import add_launch_args
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (same flags as launch_server)")
+    add_launch_args(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from sageserve.launch_server import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sageserve", description="LLM inference with pluggable (8-bit) attention"
@@ -50,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    _add_validate(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -107,6 +140,25 @@ def _run_convert(args: argparse.Namespace) -> int:
     convert_gguf_to_hf(resolve_model_path(args.gguf_file), args.out_dir)
     print(f"wrote {args.out_dir}")
     return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sageserve.validate.args import validate_config_from_args
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.attention_backend is not None:
+        raise ValueError(
+            "validate compares several backends: use --backends, not --attention-backend"
+        )
+    out = Path(args.out or f"reports/{args.mode}")
+    from sageserve.validate.pipeline import default_backends, run_validation
+
+    cfg = validate_config_from_args(args, args.backends or default_backends())
+    report = run_validation(cfg, engine_config_from_args(args), out)
+    print(f"{'PASS' if report['passed'] else 'FAIL'}: {out / 'report.md'}")
+    return 0 if report["passed"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

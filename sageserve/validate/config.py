@@ -47,6 +47,7 @@ class Sizes:
     suffix_len: int = 64
     ppl_group: str = "medium"
     mmlu_per_subject: int = 1
+    mmlu_subjects: int = 0  # 0: every subject; N: the first N in alphabetical order
     throughput_input_lens: tuple[int, ...] = (16, 128, 512)
     throughput_output_lens: tuple[int, ...] = (8, 32)
     throughput_concurrency: tuple[int, ...] = (1, 4)

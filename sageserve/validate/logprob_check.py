@@ -88,9 +88,12 @@ def check_prompt(
     tols: (prompt positions, output positions) tolerances against teacher forcing.
     """
     params = SamplingParams(
-        temperature=0, max_new_tokens=new_tokens, ignore_eos=True,
-        logprobs=TOP_N, prompt_logprobs=TOP_N,
-    )  # fmt: skip
+        temperature=0,
+        max_new_tokens=new_tokens,
+        ignore_eos=True,
+        logprobs=TOP_N,
+        prompt_logprobs=TOP_N,
+    )
     out = generate(engine, [prompt], params)[0]
     found = LogprobFindings()
     _check_prompt_positions(out.prompt_logprobs, prompt, found)

@@ -30,8 +30,11 @@ def kl_histogram(data: PlotData, reference: str, path: Path) -> bool:
         kl = torch.cat(list(groups.values())).clamp_min(_KL_FLOOR).log10().numpy()
         ax.hist(kl, bins=60, histtype="step", label=label)
         drawn = True
-    ax.set(xlabel=f"log10 KL(reference || backend) per token (floor {_KL_FLOOR:g})",
-           ylabel="tokens", title=f"KL against {reference}, all teacher-forced tokens")  # fmt: skip
+    ax.set(
+        xlabel=f"log10 KL(reference || backend) per token (floor {_KL_FLOOR:g})",
+        ylabel="tokens",
+        title=f"KL against {reference}, all teacher-forced tokens",
+    )
     return _save(fig, ax, path, drawn)
 
 
@@ -57,8 +60,12 @@ def delta_by_position(data: PlotData, reference: str, path: Path) -> bool:
             x, y = _binned_mean(windows)
             ax.plot(x, y, marker=".", label=f"{label} {group}")
             drawn = True
-    ax.set(xlabel="position in window (scored token)", ylabel="mean |Δ logprob|", yscale="log",
-           title=f"|Δ logprob| against {reference} by position")  # fmt: skip
+    ax.set(
+        xlabel="position in window (scored token)",
+        ylabel="mean |Δ logprob|",
+        yscale="log",
+        title=f"|Δ logprob| against {reference} by position",
+    )
     return _save(fig, ax, path, drawn)
 
 
@@ -80,7 +87,8 @@ def throughput_plot(summary: dict[str, dict[str, Any]], path: Path) -> bool:
             drawn = True
     axes[0].set(xlabel="input tokens", ylabel="decode tok/s per request (median)", xscale="log")
     axes[1].set(xlabel="input tokens", ylabel="TTFT s (median)", xscale="log", yscale="log")
-    axes[1].legend(fontsize=6)
+    if drawn:
+        axes[1].legend(fontsize=6)
     return _save(fig, axes[0], path, drawn)
 
 

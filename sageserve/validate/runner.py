@@ -54,6 +54,15 @@ class LocalResults:
     model_source: str = ""
 
 
+def _subjects(limit: int) -> list[MMLUQuestion]:
+    """Every MMLU question, or those of the first `limit` subjects alphabetically."""
+    questions = mmlu_questions()
+    if limit <= 0:
+        return questions
+    keep = set(sorted({q.subject for q in questions})[:limit])
+    return [q for q in questions if q.subject in keep]
+
+
 def make_plan(cfg: ValidateConfig, text: TextSource) -> Plan:
     """Cut every section's tokens from the text, distinct spans for the scored ones."""
     s = cfg.sizes
@@ -67,7 +76,7 @@ def make_plan(cfg: ValidateConfig, text: TextSource) -> Plan:
     offset, ids = text.take(s.prefix_len + s.suffix_len) if s.prefix_len else (0, [])
     questions = []
     if cfg.runs("mmlu") and s.mmlu_per_subject > 0:
-        questions = stratified_subset(mmlu_questions(), s.mmlu_per_subject, seed=cfg.seed)
+        questions = stratified_subset(_subjects(s.mmlu_subjects), s.mmlu_per_subject, cfg.seed)
     n = s.determinism_prompt_len
     return Plan(
         logprob_prompts=prompts,

@@ -71,9 +71,14 @@ def _windows(res: LocalResults) -> list[dict[str, Any]]:
     ]
     if plan.prefix:
         rows.append(
-            {"group": PREFIX_GROUP, "index": 0, "token_offset": plan.prefix_offset,
-             "tokens": len(plan.prefix) + len(plan.suffix), "prefix_tokens": len(plan.prefix)}
-        )  # fmt: skip
+            {
+                "group": PREFIX_GROUP,
+                "index": 0,
+                "token_offset": plan.prefix_offset,
+                "tokens": len(plan.prefix) + len(plan.suffix),
+                "prefix_tokens": len(plan.prefix),
+            }
+        )
     return rows
 
 

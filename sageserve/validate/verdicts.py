@@ -57,35 +57,50 @@ def agreement_verdict(per_backend: dict[str, dict[str, dict[str, Any]]], th: Thr
         for group, s in groups.items():
             frac = s["frac_within_logprob_delta"]
             checks.append(
-                Check(f"{label} {group}: share |Δ logprob| < {th.logprob_delta:g}", frac, share,
-                      frac >= th.logprob_delta_quantile)
-            )  # fmt: skip
+                Check(
+                    f"{label} {group}: share |Δ logprob| < {th.logprob_delta:g}",
+                    frac,
+                    share,
+                    frac >= th.logprob_delta_quantile,
+                )
+            )
             checks.append(
-                Check(f"{label} {group}: mean KL", s["mean_kl"], f"< {th.mean_kl:g}",
-                      s["mean_kl"] < th.mean_kl)
-            )  # fmt: skip
+                Check(
+                    f"{label} {group}: mean KL",
+                    s["mean_kl"],
+                    f"< {th.mean_kl:g}",
+                    s["mean_kl"] < th.mean_kl,
+                )
+            )
     return from_checks(checks)
 
 
 def perplexity_verdict(per_backend: dict[str, dict[str, Any]], th: Thresholds) -> Verdict:
     checks = [
-        Check(f"{label}: |Δ perplexity| (relative)", abs(r["delta_rel"]),
-              f"< {th.ppl_delta_rel:g}", abs(r["delta_rel"]) < th.ppl_delta_rel)
+        Check(
+            f"{label}: |Δ perplexity| (relative)",
+            abs(r["delta_rel"]),
+            f"< {th.ppl_delta_rel:g}",
+            abs(r["delta_rel"]) < th.ppl_delta_rel,
+        )
         for label, r in per_backend.items()
         if "delta_rel" in r
-    ]  # fmt: skip
+    ]
     return from_checks(checks)
 
 
 def mmlu_verdict(per_backend: dict[str, dict[str, Any]], th: Thresholds) -> Verdict:
     limit = th.max_mmlu_flip_rate
     checks = [
-        Check(f"{label}: answer-flip rate", r["flip_rate"],
-              "no threshold" if limit is None else f"<= {limit:g}",
-              None if limit is None else r["flip_rate"] <= limit)
+        Check(
+            f"{label}: answer-flip rate",
+            r["flip_rate"],
+            "no threshold" if limit is None else f"<= {limit:g}",
+            None if limit is None else r["flip_rate"] <= limit,
+        )
         for label, r in per_backend.items()
         if "flip_rate" in r
-    ]  # fmt: skip
+    ]
     return from_checks(checks)
 
 
@@ -95,10 +110,13 @@ def throughput_verdict(speedups: dict[str, dict[str, dict[str, float]]], th: Thr
     for label, per_case in speedups.items():
         worst = min(s["decode"] for s in per_case.values())
         checks.append(
-            Check(f"{label}: slowest decode speedup over cases", worst,
-                  "no threshold" if limit is None else f">= {limit:g}",
-                  None if limit is None else worst >= limit)
-        )  # fmt: skip
+            Check(
+                f"{label}: slowest decode speedup over cases",
+                worst,
+                "no threshold" if limit is None else f">= {limit:g}",
+                None if limit is None else worst >= limit,
+            )
+        )
     return from_checks(checks)
 
 
@@ -113,10 +131,13 @@ def memory_verdict(
             continue
         ratio = r["kv_bytes_per_token"] / ref
         checks.append(
-            Check(f"{label}: KV bytes per token / reference's", ratio,
-                  "no threshold" if limit is None else f"<= {limit:g}",
-                  None if limit is None else ratio <= limit)
-        )  # fmt: skip
+            Check(
+                f"{label}: KV bytes per token / reference's",
+                ratio,
+                "no threshold" if limit is None else f"<= {limit:g}",
+                None if limit is None else ratio <= limit,
+            )
+        )
     return from_checks(checks)
 
 
@@ -131,10 +152,25 @@ def determinism_verdict(per_backend: dict[str, dict[str, Any]], th: Thresholds) 
         ]
         for name, d in named:
             where = "" if d["first_token_diff"] is None else f" (first at {d['first_token_diff']})"
-            checks.append(Check(f"{label} {name}: same tokens{where}", d["identical_tokens"],
-                                "identical", d["identical_tokens"]))  # fmt: skip
+            checks.append(
+                Check(
+                    f"{label} {name}: same tokens{where}",
+                    d["identical_tokens"],
+                    "identical",
+                    d["identical_tokens"],
+                )
+            )
             if th.determinism_logprob_tol is not None:
                 tol = th.determinism_logprob_tol
-                checks.append(Check(f"{label} {name}: max |Δ logprob|", d["max_logprob_delta"],
-                                    f"<= {tol:g}", d["max_logprob_delta"] <= tol))  # fmt: skip
+                checks.append(
+                    Check(
+                        f"{label} {name}: max |Δ logprob|",
+                        d["max_logprob_delta"],
+                        f"<= {tol:g}",
+                        d["max_logprob_delta"] <= tol,
+                    )
+                )
+        hit = r["cache_miss_vs_hit"]["cached_tokens"][1]
+        # Without a hit the miss-vs-hit comparison would not test the cache at all.
+        checks.append(Check(f"{label} cache-hit run: tokens from the cache", hit, "> 0", hit > 0))
     return from_checks(checks)

@@ -1,0 +1,424 @@
+"""The engine on its own thread, behind an asyncio API for the HTTP server.
+
+The engine is not thread-safe, so only the engine thread touches it. The event loop hands it
+commands (add, abort) through a `queue.Queue`; the thread hands each step's outputs back with
+`loop.call_soon_threadsafe`, where they are routed to the streams waiting for them::
+
+    event loop                         engine thread
+    submit() ── _Add ──────────────>   engine.add_request (ValueError -> that request's 400)
+    OutputStream <── outputs ───────   engine.step()        (one call per step)
+    OutputStream.close() ── _Abort ─>  engine.abort         (frees the request's pages)
+
+Requests submitted together (a batch, or OpenAI's `n`) share one OutputStream, so the HTTP
+layer can stream them interleaved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import logging
+import queue
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sageserve.engine.engine import Engine
+from sageserve.engine.request import RequestOutput
+from sageserve.engine.sampling_params import SamplingParams
+from sageserve.engine.stop import StopChecker
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+
+class InvalidRequestError(ValueError):
+    """The engine refused a request (empty or too long a prompt, a duplicate id, ...)."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than --max-queued-requests allows."""
+
+
+class EngineStepError(RuntimeError):
+    """An engine step raised; every request in flight was aborted (the server goes on)."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What does not change while serving; read once, before the thread starts."""
+
+    model_path: str
+    attention_backend: str
+    kv_cache_dtype: str
+    dtype: str
+    device: str
+    page_size: int
+    pool_capacity_tokens: int
+    context_length: int
+    vocab_size: int
+    max_running_requests: int
+    chunked_prefill_size: int
+    enable_prefix_cache: bool
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot the engine thread publishes after every iteration (for /get_server_info).
+
+    max_batch_seen: the most requests one step has computed (prefill chunks and decodes).
+    """
+
+    num_steps: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    max_batch_seen: int = 0
+    num_free_pages: int = 0
+    num_usable_pages: int = 0
+    num_cached_pages: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass
+class _Add:
+    prompts: list[Prompt]
+    params: list[SamplingParams]
+    request_ids: list[str]
+    future: asyncio.Future[None]
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+_STOP = object()
+
+
+class OutputStream:
+    """The outputs of requests submitted together, as `(index, RequestOutput)` pairs.
+
+    Each output is a cumulative snapshot, so when the reader falls behind, only the latest
+    output of each request is yielded. Leaving early (`close`, or `async with`) aborts the
+    requests that have not finished.
+    """
+
+    def __init__(self, owner: EngineLoop, request_ids: list[str]) -> None:
+        self.request_ids = request_ids
+        self._owner = owner
+        self._queue: asyncio.Queue[list[tuple[int, RequestOutput]] | Exception] = asyncio.Queue()
+        self._pending: deque[tuple[int, RequestOutput]] = deque()
+        self._finals: dict[int, RequestOutput] = {}
+        self._closed = False
+
+    @property
+    def done(self) -> bool:
+        return len(self._finals) == len(self.request_ids)
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        while not self._pending:
+            if self.done:
+                raise StopAsyncIteration
+            self._take([await self._queue.get()])
+        return self._pending.popleft()
+
+    def _take(self, items: list[list[tuple[int, RequestOutput]] | Exception]) -> None:
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        latest: dict[int, RequestOutput] = {}
+        for item in items:
+            if isinstance(item, Exception):
+                raise item
+            latest.update(item)
+        for index, out in sorted(latest.items()):
+            if out.finished:
+                self._finals[index] = out
+            self._pending.append((index, out))
+
+    def put(self, item: list[tuple[int, RequestOutput]] | Exception) -> None:
+        self._queue.put_nowait(item)
+
+    async def finals(self) -> list[RequestOutput]:
+        """Wait for every request to finish; their final outputs in submission order."""
+        async for _ in self:
+            pass
+        return self.results
+
+    @property
+    def results(self) -> list[RequestOutput]:
+        """The final outputs in submission order, once the stream has run to its end."""
+        assert self.done, "the stream has not finished"
+        return [self._finals[i] for i in range(len(self.request_ids))]
+
+    def close(self) -> None:
+        """Abort the requests still running (idempotent; safe in a cancelled task)."""
+        if self._closed:
+            return
+        self._closed = True
+        unfinished = [rid for i, rid in enumerate(self.request_ids) if i not in self._finals]
+        self._owner.release(self.request_ids, unfinished)
+
+    async def __aenter__(self) -> OutputStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EngineLoop:
+    """Runs an Engine on a dedicated thread; submit, stream and abort from asyncio."""
+
+    def __init__(self, engine: Engine, max_queued_requests: int | None = None) -> None:
+        self.max_queued_requests = max_queued_requests
+        self.info = _engine_info(engine)
+        # NOTE: the event loop decodes token texts and applies chat templates with its own
+        # copy: a tokenizer object must not be shared with the engine thread.
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self.stats = EngineStats()
+        self._engine = engine
+        self._commands: queue.Queue[Any] = queue.Queue()
+        self._routes: dict[str, tuple[OutputStream, int]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._max_batch = 0  # engine thread only
+        self.token_text = functools.lru_cache(maxsize=65536)(self._decode_token)
+
+    # ------------------------------------------------------------- event loop side
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will submit requests."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="sageserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (requests in flight are aborted) and wait for it."""
+        self._commands.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def submit(
+        self,
+        prompts: Sequence[Prompt],
+        params: Sequence[SamplingParams],
+        request_ids: Sequence[str | None] | None = None,
+    ) -> OutputStream:
+        """Add requests atomically: all are accepted, or none (and the error is raised).
+
+        Raises InvalidRequestError (HTTP 400) or QueueFullError (HTTP 503).
+        """
+        ids = [rid or uuid.uuid4().hex for rid in (request_ids or [None] * len(prompts))]
+        self._check_ids(ids)
+        stream = OutputStream(self, ids)
+        # Routes exist before the engine sees the requests: their first outputs may reach
+        # the event loop before this coroutine resumes from the future below.
+        self._routes.update({rid: (stream, i) for i, rid in enumerate(ids)})
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(_Add(list(prompts), list(params), ids, future))
+        try:
+            await future
+        except (InvalidRequestError, QueueFullError):
+            self.release(ids, [])  # the engine thread took none of them
+            raise
+        except BaseException:
+            # The client left while waiting: the engine may hold them by now.
+            self.release(ids, ids)
+            raise
+        return stream
+
+    def _check_ids(self, ids: list[str]) -> None:
+        if len(set(ids)) != len(ids):
+            raise InvalidRequestError(f"request ids must be unique, got {ids}")
+        taken = [rid for rid in ids if rid in self._routes]
+        if taken:
+            raise InvalidRequestError(f"request id {taken[0]!r} is already in use")
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """The outputs of one request, each a cumulative snapshot; the last one is finished."""
+        async with await self.submit([prompt], [params], [request_id]) as stream:
+            async for _, out in stream:
+                yield out
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a running request by id (its stream ends with finish_reason "abort").
+
+        Returns False when no such request is in flight.
+        """
+        if request_id not in self._routes:
+            return False
+        self._commands.put(_Abort([request_id]))
+        return True
+
+    def release(self, request_ids: list[str], unfinished: list[str]) -> None:
+        """Forget a stream's routes and abort its unfinished requests in the engine."""
+        for rid in request_ids:
+            self._routes.pop(rid, None)
+        if unfinished:
+            self._commands.put(_Abort(unfinished))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        by_stream: dict[OutputStream, list[tuple[int, RequestOutput]]] = {}
+        for out in outputs:
+            route = self._routes.get(out.request_id)
+            if route is None:
+                continue  # its client has left
+            by_stream.setdefault(route[0], []).append((route[1], out))
+        for stream, items in by_stream.items():
+            stream.put(items)
+
+    def _fail(self, request_ids: list[str], error: Exception) -> None:
+        streams = {self._routes[rid][0] for rid in request_ids if rid in self._routes}
+        for stream in streams:
+            stream.put(error)
+
+    def _decode_token(self, token_id: int) -> str:
+        """The text of one token on its own (for logprob entries; cached as token_text)."""
+        return self.tokenizer.decode([token_id])
+
+    # ----------------------------------------------------------------- engine thread
+
+    def _run(self) -> None:
+        logger.info("engine loop started")
+        self._publish_stats()
+        while True:
+            idle = not self._engine.has_unfinished_requests()
+            commands = self._drain(block=idle)
+            for command in commands:
+                if command is _STOP:
+                    self._abort_all()
+                    logger.info("engine loop stopped")
+                    return
+                self._apply(command)
+            if self._engine.has_unfinished_requests():
+                self._step()
+            self._publish_stats()
+
+    def _drain(self, block: bool) -> list[Any]:
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, command: _Add | _Abort) -> None:
+        if isinstance(command, _Abort):
+            outputs = [self._engine.abort(rid) for rid in command.request_ids]
+            self._post(self._dispatch, [out for out in outputs if out is not None])
+            return
+        try:
+            self._add(command)
+        except (InvalidRequestError, QueueFullError) as err:
+            self._post(_settle, command.future, err)
+        else:
+            self._post(_settle, command.future, None)
+
+    def _add(self, command: _Add) -> None:
+        limit = self.max_queued_requests
+        if limit is not None:
+            in_flight = self._engine.scheduler.num_unfinished + len(command.prompts)
+            if in_flight > self.info.max_running_requests + limit:
+                raise QueueFullError(
+                    f"too many requests in flight (at most {self.info.max_running_requests} "
+                    f"running and {limit} queued); retry later"
+                )
+        added: list[str] = []
+        try:
+            for prompt, params, rid in zip(
+                command.prompts, command.params, command.request_ids, strict=True
+            ):
+                added.append(self._engine.add_request(prompt, params, rid))
+        except ValueError as err:
+            for rid in added:
+                self._engine.abort(rid)
+            raise InvalidRequestError(str(err)) from err
+
+    def _step(self) -> None:
+        try:
+            outputs = self._engine.step()
+        except Exception:
+            # NOTE: one failing step must not take the server down: log it with its
+            # traceback, fail the requests it may have touched, and keep serving.
+            logger.exception("engine step failed; aborting every request in flight")
+            ids = self._abort_all()
+            self._post(self._fail, ids, EngineStepError("the engine failed on this request"))
+            return
+        self._max_batch = max(self._max_batch, len(outputs))
+        self._post(self._dispatch, outputs)
+
+    def _abort_all(self) -> list[str]:
+        ids = list(self._engine.requests)
+        for rid in ids:
+            self._engine.abort(rid)
+        return ids
+
+    def _publish_stats(self) -> None:
+        scheduler = self._engine.scheduler
+        blocks = self._engine.block_manager
+        self.stats = EngineStats(
+            num_steps=self._engine.num_steps,
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            max_batch_seen=self._max_batch,
+            num_free_pages=blocks.num_free_pages,
+            num_usable_pages=blocks.num_usable_pages,
+            num_cached_pages=blocks.num_cached_pages,
+            num_preemptions=scheduler.num_preemptions,
+        )
+
+    def _post(self, callback: Any, *args: Any) -> None:
+        assert self._loop is not None, "EngineLoop.start() was not called"
+        self._loop.call_soon_threadsafe(callback, *args)
+
+
+def streamable_text(out: RequestOutput, stop: Sequence[str]) -> str:
+    """The part of `out.text` that is safe to send before the request finishes.
+
+    A tail that could still grow into a stop string is withheld: if the string completes,
+    the engine cuts the text where it starts, and streamed text must never be taken back.
+    """
+    if out.finished or not stop:
+        return out.text
+    return out.text[: len(out.text) - StopChecker(stop).holdback(out.text)]
+
+
+def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
+    if future.done():
+        return  # the submitter was cancelled; it has already released its requests
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _engine_info(engine: Engine) -> EngineInfo:
+    runner = engine.runner
+    config = engine.config
+    return EngineInfo(
+        model_path=str(engine.loaded.source),
+        attention_backend=runner.backend.name,
+        kv_cache_dtype=runner.kv_spec.dtype_name,
+        dtype=str(engine.loaded.dtype).removeprefix("torch."),
+        device=str(engine.device),
+        page_size=runner.page_size,
+        pool_capacity_tokens=runner.pool_capacity_tokens,
+        context_length=engine.max_model_len,
+        vocab_size=engine.model_config.vocab_size,
+        max_running_requests=config.scheduler.max_running_requests,
+        chunked_prefill_size=config.scheduler.chunked_prefill_size,
+        enable_prefix_cache=config.cache.enable_prefix_cache,
+    )

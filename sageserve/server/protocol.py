@@ -1,0 +1,406 @@
+"""What travels on the wire: request and response models, the error body, SSE framing.
+
+Request models are strict (no "5" for 5, no true for 1) and forbid unknown fields, so an
+unsupported option is a 400 naming it rather than silently ignored. Ranges are checked by
+SamplingParams, once, not repeated here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
+from starlette.responses import StreamingResponse
+
+from sageserve.engine.sampling_params import SamplingParams
+
+_REQUEST = ConfigDict(extra="forbid", strict=True)
+
+
+class _OmitNone(BaseModel):
+    """A response model whose fields named in `omit_if_none` are left out when None.
+
+    For fields that only exist in some responses (logprobs asked for, a batch's index),
+    while other None fields (an unfinished request's finish_reason) stay as null.
+    """
+
+    omit_if_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k not in self.omit_if_none}
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+class APIError(Exception):
+    """An error the client gets as an OpenAI-style body with this HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        detail = ErrorDetail(message=message, type=type, param=param, code=code)
+        self.body = ErrorResponse(error=detail)
+        self.headers = dict(headers or {})
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+def make_sampling_params(param: str | None = None, **kwargs: Any) -> SamplingParams:
+    """SamplingParams(**kwargs), its ValueError turned into a 400 naming the problem."""
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as err:
+        raise bad_request(str(err), param) from err
+
+
+# ------------------------------------------------------------------------ SSE framing
+
+
+def sse(data: BaseModel | dict[str, Any] | str) -> str:
+    """One server-sent event: `data: <json>` and a blank line."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump_json()
+    elif not isinstance(data, str):
+        data = json.dumps(data)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """A text/event-stream response that always closes its body iterator.
+
+    Starlette stops iterating when the client disconnects, but leaves the iterator to the
+    garbage collector; closing it here runs its `finally` (which aborts the request) now.
+    """
+
+    media_type = "text/event-stream"
+
+    async def stream_response(self, send: Any) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------- SGLang /generate
+
+
+class GenerateSamplingParams(BaseModel):
+    """SGLang's `sampling_params`; null or absent fields take SamplingParams' defaults."""
+
+    model_config = _REQUEST
+
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = Field(None, validation_alias=AliasChoices("seed", "sampling_seed"))
+
+
+class GenerateRequest(BaseModel):
+    """SGLang's /generate body: one prompt or a batch (a list of texts or of id lists)."""
+
+    model_config = _REQUEST
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: GenerateSamplingParams | list[GenerateSamplingParams] = Field(
+        default_factory=GenerateSamplingParams
+    )
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    rid: str | list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt_kind(self) -> GenerateRequest:
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of 'text' and 'input_ids'")
+        return self
+
+    @property
+    def is_batch(self) -> bool:
+        prompts = self.text if self.text is not None else self.input_ids
+        return isinstance(prompts, list) and (
+            self.text is not None or (bool(prompts) and isinstance(prompts[0], list))
+        )
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list (one entry when not a batch)."""
+        prompts: Any = self.text if self.text is not None else self.input_ids
+        return list(prompts) if self.is_batch else [prompts]
+
+
+FinishType = Literal["stop", "length", "abort"]
+
+
+class FinishReason(_OmitNone):
+    omit_if_none = ("matched",)
+
+    type: FinishType
+    matched: str | int | None = None
+
+
+# [logprob, token_id, text]; logprob is null at prompt position 0, text unless asked for.
+LogprobEntry = tuple[float | None, int, str | None]
+
+
+class MetaInfo(_OmitNone):
+    omit_if_none = (
+        "input_token_logprobs",
+        "output_token_logprobs",
+        "input_top_logprobs",
+        "output_top_logprobs",
+    )
+
+    id: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    finish_reason: FinishReason | None
+    e2e_latency: float | None
+    input_token_logprobs: list[LogprobEntry] | None = None
+    output_token_logprobs: list[LogprobEntry] | None = None
+    input_top_logprobs: list[list[LogprobEntry] | None] | None = None
+    output_top_logprobs: list[list[LogprobEntry] | None] | None = None
+
+
+class GenerateResponse(_OmitNone):
+    omit_if_none = ("index",)
+
+    text: str
+    output_ids: list[int]
+    meta_info: MetaInfo
+    index: int | None = None  # set on a batch's stream chunks: which prompt this is
+
+
+class AbortRequest(BaseModel):
+    model_config = _REQUEST
+
+    rid: str
+
+
+# ------------------------------------------------------------------- OpenAI requests
+
+
+class StreamOptions(BaseModel):
+    model_config = _REQUEST
+
+    include_usage: bool = False
+
+
+class _OpenAIRequest(BaseModel):
+    """Fields /v1/completions and /v1/chat/completions share."""
+
+    model_config = _REQUEST
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=64)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    user: str | None = None  # accepted for compatibility; it changes nothing
+
+    @model_validator(mode="after")
+    def _usage_needs_stream(self) -> _OpenAIRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        p: Any = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class ChatMessage(BaseModel):
+    model_config = _REQUEST
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+
+# ------------------------------------------------------------------ OpenAI responses
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class ChatResponseMessage(BaseModel):
+    role: str = "assistant"
+    content: str
+
+
+class ChatDelta(_OmitNone):
+    omit_if_none = ("role", "content")
+
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "sageserve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]

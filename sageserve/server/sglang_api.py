@@ -1,0 +1,222 @@
+"""SGLang's native routes: /generate, /abort_request, /get_model_info, /get_server_info."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import AsyncIterator
+from contextlib import closing
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter
+
+from sageserve import __version__
+from sageserve.engine.request import RequestOutput
+from sageserve.engine.sampling_params import SamplingParams
+from sageserve.server.args import ServerArgs
+from sageserve.server.engine_loop import EngineLoop, OutputStream, streamable_text
+from sageserve.server.protocol import (
+    SSE_DONE,
+    AbortRequest,
+    APIError,
+    EventStreamResponse,
+    FinishReason,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateSamplingParams,
+    LogprobEntry,
+    MetaInfo,
+    bad_request,
+    make_sampling_params,
+    sse,
+)
+
+
+def build_router(engine_loop: EngineLoop, server_args: ServerArgs) -> APIRouter:
+    """The SGLang-compatible routes over `engine_loop`."""
+    router = APIRouter()
+
+    @router.post(
+        "/generate",
+        response_model=GenerateResponse | list[GenerateResponse],
+    )
+    async def generate(body: GenerateRequest) -> Any:
+        """SGLang's /generate: one prompt or a batch, optionally streamed."""
+        prompts = body.prompts()
+        params = _sampling_params(body, len(prompts))
+        stream = await engine_loop.submit(prompts, params, _request_ids(body, len(prompts)))
+        formatter = _Formatter(engine_loop, body, params)
+        if body.stream:
+            return EventStreamResponse(_events(stream, formatter, body.is_batch))
+        with closing(stream):
+            finals = await stream.finals()
+        responses = [formatter.response(i, out) for i, out in enumerate(finals)]
+        return responses if body.is_batch else responses[0]
+
+    @router.post("/abort_request")
+    async def abort_request(body: AbortRequest) -> dict[str, Any]:
+        """Abort a request by its rid; its own call ends with finish_reason "abort"."""
+        if not engine_loop.abort(body.rid):
+            raise APIError(404, f"no request with rid {body.rid!r} is in flight", "not_found_error")
+        return {"rid": body.rid, "aborted": True}
+
+    @router.get("/get_model_info")
+    async def get_model_info() -> dict[str, Any]:
+        info = engine_loop.info
+        return {
+            "model_path": info.model_path,
+            "served_model_name": server_args.served_model_name,
+            "is_generation": True,
+            "context_length": info.context_length,
+            "vocab_size": info.vocab_size,
+            "dtype": info.dtype,
+        }
+
+    @router.get("/get_server_info")
+    async def get_server_info() -> dict[str, Any]:
+        """Engine settings (backend, KV dtype, pool), live counters and versions."""
+        server = {k: v for k, v in asdict(server_args).items() if k != "api_key"}
+        return {
+            **server,
+            **asdict(engine_loop.info),
+            **asdict(engine_loop.stats),
+            "version": __version__,
+            "versions": _versions(),
+        }
+
+    return router
+
+
+def _sampling_params(body: GenerateRequest, n: int) -> list[SamplingParams]:
+    if n == 0:
+        raise bad_request("the batch is empty: give at least one prompt", "text")
+    given = body.sampling_params
+    if isinstance(given, list) and len(given) != n:
+        raise bad_request(f"got {len(given)} sampling_params for {n} prompts", "sampling_params")
+    per_prompt = given if isinstance(given, list) else [given] * n
+    logprobs = _logprob_fields(body)
+    return [_one_sampling_params(sp, logprobs) for sp in per_prompt]
+
+
+def _one_sampling_params(sp: GenerateSamplingParams, logprobs: dict[str, Any]) -> SamplingParams:
+    fields = sp.model_dump(exclude_none=True)
+    if isinstance(fields.get("stop"), str):
+        fields["stop"] = [fields["stop"]]
+    return make_sampling_params("sampling_params", **fields, **logprobs)
+
+
+def _logprob_fields(body: GenerateRequest) -> dict[str, Any]:
+    """return_logprob / logprob_start_len / top_logprobs_num as SamplingParams fields."""
+    if not body.return_logprob:
+        return {}
+    start = body.logprob_start_len
+    if start < -1:
+        raise bad_request(
+            f"logprob_start_len={start} is invalid: -1 (output tokens only) or >= 0",
+            "logprob_start_len",
+        )
+    fields: dict[str, Any] = {"logprobs": body.top_logprobs_num}
+    if start >= 0:
+        fields.update(prompt_logprobs=body.top_logprobs_num, logprob_start_len=start)
+    return fields
+
+
+def _request_ids(body: GenerateRequest, n: int) -> list[str | None]:
+    rid = body.rid
+    if rid is None:
+        return [None] * n
+    if body.is_batch != isinstance(rid, list) or (isinstance(rid, list) and len(rid) != n):
+        raise bad_request("rid must be one string per prompt: a list for a batch", "rid")
+    return list(rid) if isinstance(rid, list) else [rid]
+
+
+async def _events(
+    stream: OutputStream, formatter: _Formatter, is_batch: bool
+) -> AsyncIterator[str]:
+    """SGLang's stream: cumulative text and meta_info per update, then [DONE]."""
+    with closing(stream):
+        async for index, out in stream:
+            chunk = formatter.response(index, out)
+            if is_batch:
+                chunk.index = index
+            yield sse(chunk)
+    yield SSE_DONE
+
+
+class _Formatter:
+    """RequestOutput -> SGLang's response (text, output_ids, meta_info)."""
+
+    def __init__(
+        self, engine_loop: EngineLoop, body: GenerateRequest, params: list[SamplingParams]
+    ) -> None:
+        self.loop = engine_loop
+        self.body = body
+        self.params = params
+
+    def response(self, index: int, out: RequestOutput) -> GenerateResponse:
+        """The response for prompt `index`; its text withholds a possible stop-string start."""
+        return GenerateResponse(
+            text=streamable_text(out, self.params[index].stop),
+            output_ids=out.token_ids,
+            meta_info=self.meta_info(out),
+        )
+
+    def meta_info(self, out: RequestOutput) -> MetaInfo:
+        meta = MetaInfo(
+            id=out.request_id,
+            prompt_tokens=out.num_prompt_tokens,
+            completion_tokens=out.num_completion_tokens,
+            cached_tokens=out.num_cached_tokens,
+            finish_reason=_finish_reason(out),
+            e2e_latency=out.metrics.latency,
+        )
+        if self.body.return_logprob:
+            self._add_logprobs(meta, out)
+        return meta
+
+    def _add_logprobs(self, meta: MetaInfo, out: RequestOutput) -> None:
+        top_n = self.body.top_logprobs_num
+        outputs = list(zip(out.token_ids, out.logprobs or [], strict=False))
+        meta.output_token_logprobs = [self._entry(d[t], t) for t, d in outputs]
+        start = self.body.logprob_start_len
+        prompt = list(enumerate(out.prompt_token_ids))[start:] if start >= 0 else []
+        pl = out.prompt_logprobs or [None] * out.num_prompt_tokens
+        meta.input_token_logprobs = [self._entry(pl[j] and pl[j][t], t) for j, t in prompt]
+        if top_n > 0:
+            meta.output_top_logprobs = [self._top(d, top_n) for _, d in outputs]
+            meta.input_top_logprobs = [self._top(pl[j], top_n) for j, _ in prompt]
+
+    def _entry(self, logprob: float | None, token_id: int) -> LogprobEntry:
+        text = self.loop.token_text(token_id) if self.body.return_text_in_logprobs else None
+        return (logprob, token_id, text)
+
+    def _top(self, logprobs: dict[int, float] | None, n: int) -> list[LogprobEntry] | None:
+        if logprobs is None:
+            return None
+        best = sorted(logprobs.items(), key=lambda kv: kv[1], reverse=True)[:n]
+        return [self._entry(lp, t) for t, lp in best]
+
+
+def _finish_reason(out: RequestOutput) -> FinishReason | None:
+    if not out.finished:
+        return None
+    reason = FinishReason(type=out.finish_reason)
+    if out.stop_reason is not None:
+        reason.matched = out.stop_reason
+    return reason
+
+
+def _versions() -> dict[str, str]:
+    import fastapi
+    import pydantic
+    import torch
+    import transformers
+
+    return {
+        "sageserve": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "fastapi": fastapi.__version__,
+        "pydantic": pydantic.__version__,
+    }

@@ -1,0 +1,276 @@
+"""report.md: the report's numbers as Markdown tables, one part per section."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+_STATUS = {
+    "pass": "PASS",
+    "fail": "FAIL",
+    "info": "info",
+    "not_run": "not run",
+    "unsupported": "unsupported",
+}
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:{spec}}"
+    if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
+        return f"[{v[0]:{spec}}, {v[1]:{spec}}]"
+    return str(v)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _verdict(section: dict[str, Any]) -> str:
+    v = section["verdict"]
+    out = [f"**Verdict: {_STATUS[v['status']]}**" + (f" — {v['reason']}" if v["reason"] else "")]
+    if v["checks"]:
+        rows = [
+            [
+                c["name"],
+                c["value"],
+                c["limit"],
+                _STATUS["pass" if c["passed"] else "fail"] if c["passed"] is not None else "—",
+            ]
+            for c in v["checks"]
+        ]
+        out.append(table(["check", "measured", "limit", "result"], rows))
+    return "\n\n".join(out)
+
+
+def _logprobs(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            lb,
+            x["prompt_positions"],
+            x["output_positions"],
+            x["num_failures"],
+            x["max_prompt_vs_teacher_forced"],
+            x["max_output_vs_teacher_forced"],
+        ]
+        for lb, x in r["backends"].items()
+    ]
+    head = [
+        "backend",
+        "prompt positions",
+        "output positions",
+        "failures",
+        "max |prompt − teacher-forced|",
+        "max |output − teacher-forced|",
+    ]
+    notes = [f"- {lb}: {f}" for lb, x in r["backends"].items() for f in x["failures"]]
+    return "\n".join([f"API: {r['api']}, top-{r['top_n']}.", "", table(head, rows), "", *notes])
+
+
+def _agreement(r: dict[str, Any]) -> str:
+    rows = []
+    for lb, groups in r["backends"].items():
+        for g, s in groups.items():
+            rows.append(
+                [
+                    lb,
+                    g,
+                    s["n_tokens"],
+                    s["mean_kl"],
+                    s["mean_kl_ci"],
+                    s["p99_kl"],
+                    s["max_kl"],
+                    s["top1_agreement"],
+                    s["mean_abs_logprob_delta"],
+                    s["p99_abs_logprob_delta"],
+                    s["max_abs_logprob_delta"],
+                    s["frac_within_logprob_delta"],
+                ]
+            )
+    head = [
+        "backend",
+        "context",
+        "tokens",
+        "mean KL",
+        "mean KL 95% CI",
+        "p99 KL",
+        "max KL",
+        "top-1 agree",
+        "mean |Δlp|",
+        "p99 |Δlp|",
+        "max |Δlp|",
+        "share within limit",
+    ]
+    wins = table(
+        ["group", "index", "token offset", "tokens"],
+        [[w["group"], w["index"], w["token_offset"], w["tokens"]] for w in r["windows"]],
+    )
+    skipped = ", ".join(r["groups_not_run"]) or "none"
+    return "\n\n".join([table(head, rows), f"Context groups not run (size 0): {skipped}.", wins])
+
+
+def _perplexity(r: dict[str, Any]) -> str:
+    rows = [
+        [lb, x["tokens"], x["perplexity"], x.get("delta_rel"), x.get("delta_rel_ci")]
+        for lb, x in r["backends"].items()
+    ]
+    note = (
+        f"Windows: group {r['group']}, {r['window_tokens']} tokens, offsets {r['token_offsets']}."
+    )
+    return note + "\n\n" + table(["backend", "tokens", "perplexity", "Δ rel", "Δ rel 95% CI"], rows)
+
+
+def _mmlu(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            lb,
+            x["questions"],
+            x["accuracy"],
+            x["accuracy_ci"],
+            x.get("flip_rate"),
+            x.get("flip_rate_ci"),
+            x.get("mean_option_kl"),
+        ]
+        for lb, x in r["backends"].items()
+    ]
+    note = f"{r['questions']} questions, {r['subjects']} subjects ({r['per_subject']} per subject)."
+    head = ["backend", "questions", "accuracy", "95% CI", "flip rate", "flip 95% CI", "option KL"]
+    return note + "\n\n" + table(head, rows)
+
+
+def _spread(s: dict[str, Any]) -> str:
+    return f"{s['median']:.4g} [{s['min']:.4g}, {s['max']:.4g}]"
+
+
+def _throughput(r: dict[str, Any]) -> str:
+    rows = []
+    for lb, cases in r["backends"].items():
+        for key, s in cases.items():
+            up = r["speedup_vs_reference"].get(lb, {}).get(key, {})
+            rows.append(
+                [
+                    lb,
+                    key,
+                    _spread(s["ttft_s"]),
+                    _spread(s["decode_tok_s_per_request"]),
+                    _spread(s["output_tok_s"]),
+                    _spread(s["total_tok_s"]),
+                    up.get("decode"),
+                    s["rounds"],
+                ]
+            )
+    head = [
+        "backend",
+        "case",
+        "TTFT s",
+        "decode tok/s/request",
+        "output tok/s",
+        "total tok/s",
+        "decode speedup",
+        "rounds",
+    ]
+    return table(head, rows)
+
+
+def _memory(r: dict[str, Any]) -> str:
+    mib = 2**20
+    rows = [
+        [
+            lb,
+            x["weights_bytes"] / mib,
+            x["kv_dtype"],
+            x["kv_bytes_per_token"],
+            x["pool_capacity_tokens"],
+            x["pool_bytes"] / mib,
+            x["tokens_per_gib"],
+            x["peak"]["kind"],
+            x["peak"]["peak_bytes"] / mib,
+        ]
+        for lb, x in r["backends"].items()
+    ]
+    head = [
+        "backend",
+        "weights MiB",
+        "KV dtype",
+        "KV bytes/token",
+        "pool tokens",
+        "pool MiB",
+        "tokens per GiB",
+        "peak kind",
+        "peak MiB",
+    ]
+    return table(head, rows)
+
+
+def _determinism(r: dict[str, Any]) -> str:
+    rows = []
+    for lb, x in r["backends"].items():
+        named = [(f"repeat {i + 2} vs 1", d) for i, d in enumerate(x["repeats"])]
+        named += [
+            (f"alone vs batch of {x['alone_vs_batch']['batch']}", x["alone_vs_batch"]),
+            ("cache miss vs hit", x["cache_miss_vs_hit"]),
+        ]
+        for name, d in named:
+            rows.append(
+                [
+                    lb,
+                    name,
+                    d["identical_tokens"],
+                    d["first_token_diff"],
+                    d["first_logprob_diff"],
+                    d["max_logprob_delta"],
+                    d["cached_tokens"],
+                ]
+            )
+    head = [
+        "backend",
+        "comparison",
+        "same tokens",
+        "first token diff",
+        "first logprob diff",
+        "max |Δ logprob|",
+        "cached tokens (a, b)",
+    ]
+    return table(head, rows)
+
+
+_RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
+    "logprobs": _logprobs,
+    "agreement": _agreement,
+    "perplexity": _perplexity,
+    "mmlu": _mmlu,
+    "throughput": _throughput,
+    "memory": _memory,
+    "determinism": _determinism,
+}
+
+
+def render(report: dict[str, Any]) -> str:
+    """The whole report as Markdown."""
+    st = report["settings"]
+    parts = [
+        f"# sageserve validate ({report['mode']}): {'PASS' if report['passed'] else 'FAIL'}",
+        f"{report['date']} — `{report['command']}`",
+        f"Model: {st.get('model')}; backends: {', '.join(st['backends'])} "
+        f"(reference: {st['reference']}); machine: {report['machine']['cpu']}, "
+        f"{report['machine']['torch_threads']} threads, GPU: {report['machine']['gpu']}",
+        table(
+            ["section", "verdict"],
+            [[n, _STATUS[s["verdict"]["status"]]] for n, s in report["sections"].items()],
+        ),
+    ]
+    for name, section in report["sections"].items():
+        parts.append(f"## {name}")
+        if section.get("method"):
+            parts.append(f"Method: {section['method']}.")
+        parts.append(_verdict(section))
+        if section["results"] and name in _RENDER and section.get("source") != "remote":
+            parts.append(_RENDER[name](section["results"]))
+    parts += [f"![{p}]({p})" for p in report.get("plots", [])]
+    return "\n\n".join(parts) + "\n"

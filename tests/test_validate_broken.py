@@ -1,0 +1,49 @@
+"""A deliberately broken backend must fail the verdicts (and the exit code must say so)."""
+
+from __future__ import annotations
+
+import json
+
+from sageserve.attention.registry import register_backend
+from sageserve.attention.torch_native import TorchNativeBackend, TorchNativeMetadata
+from sageserve.cli import main
+from sageserve.engine.batch import ForwardBatch
+
+
+class PeekingBackend(TorchNativeBackend):
+    """The exact backend with its causal mask shifted: each query also sees the next key."""
+
+    name = "torch_peek"
+
+    def build_metadata(self, batch: ForwardBatch) -> TorchNativeMetadata:
+        meta = super().build_metadata(batch)
+        for seq in meta.prefills:
+            shifted = seq.mask.clone()
+            shifted[:, 1:] |= seq.mask[:, :-1]
+            seq.mask = shifted
+        return meta
+
+
+def test_broken_backend_fails_the_report(tmp_path) -> None:
+    register_backend("torch_peek", f"{__name__}:PeekingBackend")
+    argv = [
+        "validate", "quick", "--backends", "torch,torch_peek", "--out", str(tmp_path),
+        "--sections", "agreement,perplexity", "--short-len", "48", "--short-windows", "1",
+        "--medium-windows", "0", "--ppl-group", "short", "--prefix-len", "32",
+        "--suffix-len", "8", "--device", "cpu", "--dtype", "float32",
+        "--max-total-tokens", "512",
+    ]  # fmt: skip
+    assert main(argv) == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert not report["passed"]
+    assert report["sections"]["agreement"]["verdict"]["status"] == "fail"
+    assert report["sections"]["perplexity"]["verdict"]["status"] == "fail"
+    assert report["sections"]["mmlu"]["verdict"]["status"] == "not_run"
+
+
+def test_user_errors_exit_2(tmp_path, capsys) -> None:
+    assert main(["validate", "quick", "--backends", "torch,flash9", "--out", str(tmp_path)]) == 2
+    assert "valid backends" in capsys.readouterr().err
+    code = main(["validate", "quick", "--attention-backend", "torch", "--out", str(tmp_path)])
+    assert code == 2
+    assert "--backends" in capsys.readouterr().err
