@@ -1,4 +1,7 @@
-"""`sageserve generate | convert | validate` (user mistakes exit with code 2 and a message)."""
+"""`sageserve generate | convert | validate | serve | bench`.
+
+User mistakes exit with code 2 and a message.
+"""
 
 from __future__ import annotations
 
@@ -74,6 +77,26 @@ def _run_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from sageserve.bench.serving import add_serving_args
+
+    p = sub.add_parser("bench", help="benchmarks against a running server")
+    kinds = p.add_subparsers(dest="bench", required=True)
+    serving = kinds.add_parser(
+        "serving",
+        help="concurrent streaming clients against /generate: throughput, TTFT, inter-token "
+        "latency (exit 1 if any request failed)",
+    )
+    add_serving_args(serving)
+    serving.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from sageserve.bench.serving import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sageserve", description="LLM inference with pluggable (8-bit) attention"
@@ -83,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_validate(sub)
     _add_serve(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
@@ -23,6 +23,7 @@ from sageserve.server.engine_loop import (
     InvalidRequestError,
     QueueFullError,
 )
+from sageserve.server.metrics import CONTENT_TYPE_LATEST
 from sageserve.server.protocol import APIError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ def build_app(engine_loop: EngineLoop, server_args: ServerArgs) -> FastAPI:
         if engine_loop.is_alive:
             return JSONResponse({"status": "ok"})
         return _error(APIError(503, "the engine thread is not running", "server_error"))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics (open without an API key, like /health)."""
+        return Response(engine_loop.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -31,6 +31,7 @@ from sageserve.engine.engine import Engine
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.stop import StopChecker
+from sageserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class EngineLoop:
         # copy: a tokenizer object must not be shared with the engine thread.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.stats = EngineStats()
+        self.metrics = ServerMetrics(self.info, lambda: self.stats)
         self._engine = engine
         self._commands: queue.Queue[Any] = queue.Queue()
         self._routes: dict[str, tuple[OutputStream, int]] = {}
@@ -317,8 +319,10 @@ class EngineLoop:
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
-            outputs = [self._engine.abort(rid) for rid in command.request_ids]
-            self._post(self._dispatch, [out for out in outputs if out is not None])
+            aborted = [self._engine.abort(rid) for rid in command.request_ids]
+            outputs = [out for out in aborted if out is not None]
+            self.metrics.observe(outputs)
+            self._post(self._dispatch, outputs)
             return
         try:
             self._add(command)
@@ -355,9 +359,11 @@ class EngineLoop:
             # traceback, fail the requests it may have touched, and keep serving.
             logger.exception("engine step failed; aborting every request in flight")
             ids = self._abort_all()
+            self.metrics.observe_failed(ids)
             self._post(self._fail, ids, EngineStepError("the engine failed on this request"))
             return
         self._max_batch = max(self._max_batch, len(outputs))
+        self.metrics.observe(outputs)
         self._post(self._dispatch, outputs)
 
     def _abort_all(self) -> list[str]:
