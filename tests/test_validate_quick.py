@@ -31,9 +31,16 @@ TINY = [
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quick")
-    code = main(
-        ["validate", "quick", "--backends", "torch,sage_attn,torch", "--out", str(out), *TINY]
-    )
+    # NOTE: pytest -n 2 runs two workers on 2 cores; two threads each oversubscribe the CPU
+    # and slow this run many times over.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(
+            ["validate", "quick", "--backends", "torch,sage_attn,torch", "--out", str(out), *TINY]
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert code in (0, 1)
     report = json.loads((out / "report.json").read_text())
     assert code == (0 if report["passed"] else 1)
@@ -45,7 +52,7 @@ def report(report_dir) -> dict:
     return json.loads((report_dir / "report.json").read_text())
 
 
-def test_writes_every_output(report_dir, report) -> None:
+def _writes_every_output(report_dir, report) -> None:
     md = (report_dir / "report.md").read_text()
     assert md.startswith("# sageserve validate (quick)")
     for name in ("kl_histogram", "logprob_delta_by_position", "throughput_vs_input", "memory"):
@@ -58,7 +65,7 @@ def test_writes_every_output(report_dir, report) -> None:
         assert section["verdict"]["status"] in ("pass", "fail", "info")
 
 
-def test_a_backend_against_itself_agrees_exactly(report) -> None:
+def _a_backend_against_itself_agrees_exactly(report) -> None:
     agree = report["sections"]["agreement"]["results"]["backends"]["torch#2"]
     for group in ("short", "prefix_cache_hit"):
         assert agree[group]["mean_kl"] == pytest.approx(0, abs=1e-9)
@@ -70,7 +77,7 @@ def test_a_backend_against_itself_agrees_exactly(report) -> None:
     assert report["sections"]["logprobs"]["results"]["backends"]["torch"]["num_failures"] == 0
 
 
-def test_sage_numbers_are_measured(report) -> None:
+def _sage_numbers_are_measured(report) -> None:
     s = report["sections"]
     sage = s["agreement"]["results"]["backends"]["sage_attn"]["short"]
     assert 0 < sage["mean_kl"] < 0.05 and sage["n_tokens"] == 2 * 63
@@ -81,7 +88,7 @@ def test_sage_numbers_are_measured(report) -> None:
     assert det["cache_miss_vs_hit"]["cached_tokens"][1] == 32
 
 
-def test_torch_perplexity_matches_transformers(report, smollm2_gguf) -> None:
+def _torch_perplexity_matches_transformers(report, smollm2_gguf) -> None:
     res = report["sections"]["perplexity"]["results"]
     tok = tokenizer_from_gguf(GGUFReader(smollm2_gguf))
     ids = tok.encode(britannica_text(), add_special_tokens=False)
@@ -97,3 +104,11 @@ def test_torch_perplexity_matches_transformers(report, smollm2_gguf) -> None:
             nll.append(-lp.gather(1, window[0, 1:, None]).squeeze(1))
     expected = torch.cat(nll).double().mean().exp().item()
     assert res["backends"]["torch"]["perplexity"] == pytest.approx(expected, rel=1e-3)
+
+
+# NOTE: one test, so that pytest-xdist runs the (slow) validate fixture in one worker only.
+def test_validate_quick_end_to_end(report_dir, report, smollm2_gguf) -> None:
+    _writes_every_output(report_dir, report)
+    _a_backend_against_itself_agrees_exactly(report)
+    _sage_numbers_are_measured(report)
+    _torch_perplexity_matches_transformers(report, smollm2_gguf)
