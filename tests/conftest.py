@@ -11,11 +11,6 @@ import torch
 # run in Triton's interpreter on CPU tensors; with one, they are compiled.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
-# Under pytest-xdist every worker would start one torch thread per core: on a 2-core CI
-# machine two workers then fight over the cores and run several times slower.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
-
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
