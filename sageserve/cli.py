@@ -177,12 +177,31 @@ def _run_validate(args: argparse.Namespace) -> int:
             "validate compares several backends: use --backends, not --attention-backend"
         )
     out = Path(args.out or f"reports/{args.mode}")
-    from sageserve.validate.pipeline import default_backends, run_validation
+    from sageserve.validate import pipeline
 
-    cfg = validate_config_from_args(args, args.backends or default_backends())
-    report = run_validation(cfg, engine_config_from_args(args), out)
+    if args.url:
+        report = _validate_remote(args, out)
+    else:
+        cfg = validate_config_from_args(args, args.backends or pipeline.default_backends())
+        report = pipeline.run_validation(cfg, engine_config_from_args(args), out)
     print(f"{'PASS' if report['passed'] else 'FAIL'}: {out / 'report.md'}")
     return 0 if report["passed"] else 1
+
+
+def _validate_remote(args: argparse.Namespace, out: object) -> dict:
+    from sageserve.validate.args import validate_config_from_args
+    from sageserve.validate.pipeline import run_remote_validation
+    from sageserve.validate.remote_client import RemoteServer
+
+    if args.backends:
+        raise ValueError("--url validates running servers: drop --backends (each URL is one)")
+    cfg = validate_config_from_args(args, tuple(u.rstrip("/") for u in args.url))
+    servers = [RemoteServer(u, args.remote_api, args.remote_api_key) for u in cfg.backends]
+    try:
+        return run_remote_validation(cfg, servers, engine_config_from_args(args), out)
+    finally:
+        for server in servers:
+            server.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,21 +6,17 @@ One server per module (and per xdist worker that runs tests of it): launching co
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from server_process import ServerProcess, launched
 
 from sageserve import LLM, SamplingParams
 
@@ -32,16 +28,15 @@ MAX_QUEUED = 8
 ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--context-length", str(CONTEXT)]
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-START_TIMEOUT_S = 120
 
 
 class Server:
     """A launch_server process and an authenticated client for it."""
 
-    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.process = process
-        self.log = log
+    def __init__(self, proc: ServerProcess) -> None:
+        self.url = proc.url
+        self.process = proc.process
+        self.log = proc.log
         self.client = httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
         )
@@ -61,47 +56,15 @@ class Server:
             time.sleep(0.05)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(f"the server exited at start-up:\n{server.log.read_text()}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"the server was not healthy after {START_TIMEOUT_S} s:\n{server.log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    port = _free_port()
-    log = Path(tempfile.mkstemp(prefix="sageserve-server-", suffix=".log")[1])
-    command = [
-        *(sys.executable, "-m", "sageserve.launch_server", "--model-path", MODEL),
-        *("--port", str(port), "--api-key", API_KEY, "--max-total-tokens", "8192"),
+    flags = [
+        *("--api-key", API_KEY, "--max-total-tokens", "8192"),
         *("--max-running-requests", str(MAX_RUNNING), "--max-queued-requests", str(MAX_QUEUED)),
         *ENGINE_FLAGS,
     ]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(port, process, log)
-    try:
-        _wait_healthy(srv)
-        yield srv
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        if request.session.testsfailed:
-            print(f"--- server log ---\n{log.read_text()}")
+    with launched(MODEL, flags, show_log=lambda: request.session.testsfailed > 0) as proc:
+        yield Server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,6 @@ counter deltas, so they do not depend on what ran before them.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from server_process import ServerProcess, launched
 
 from sageserve.cli import main as cli_main
 
 API_KEY = "metrics-test-key"
 MODEL = "smollm2-135m-instruct"
-START_TIMEOUT_S = 120
 PROMPT_LENS = (5, 9, 17)
 MAX_NEW_TOKENS = 6
 
@@ -33,10 +29,10 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 class Server:
     """A launch_server process, its URL and its log."""
 
-    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.process = process
-        self.log = log
+    def __init__(self, proc: ServerProcess) -> None:
+        self.url = proc.url
+        self.process = proc.process
+        self.log = proc.log
         headers = {"Authorization": f"Bearer {API_KEY}"}
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
@@ -60,46 +56,14 @@ class Server:
         return self.client.post("/generate", json=body)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(f"the server exited at start-up:\n{server.log.read_text()}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"the server was not healthy after {START_TIMEOUT_S} s:\n{server.log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    port = _free_port()
-    log = Path(tempfile.mkstemp(prefix="sageserve-metrics-", suffix=".log")[1])
-    command = [
-        *(sys.executable, "-m", "sageserve.launch_server", "--model-path", MODEL),
-        *("--port", str(port), "--api-key", API_KEY, "--max-total-tokens", "4096"),
+    flags = [
+        *("--api-key", API_KEY, "--max-total-tokens", "4096"),
         *("--device", "cpu", "--dtype", "float32", "--context-length", "1024"),
     ]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(port, process, log)
-    try:
-        _wait_healthy(srv)
-        yield srv
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        if request.session.testsfailed:
-            print(f"--- server log ---\n{log.read_text()}")
+    with launched(MODEL, flags, show_log=lambda: request.session.testsfailed > 0) as proc:
+        yield Server(proc)
 
 
 def _value(samples: Samples, name: str, **labels: str) -> float:

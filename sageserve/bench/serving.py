@@ -117,7 +117,7 @@ class _StreamState:
         self.last = now
 
 
-async def _one_request(
+async def stream_generate(
     client: httpx.AsyncClient, body: dict[str, Any], record: RequestRecord
 ) -> None:
     """Stream one /generate request into `record` (errors are recorded, not raised)."""
@@ -184,7 +184,7 @@ async def _client(http: httpx.AsyncClient, load: _Load, records: list[RequestRec
     while (body := load.next_body()) is not None:
         record = RequestRecord()
         records.append(record)
-        await _one_request(http, body, record)
+        await stream_generate(http, body, record)
 
 
 async def _run_load(config: BenchConfig, vocab_size: int) -> tuple[list[RequestRecord], float]:

@@ -89,6 +89,19 @@ def load_model(
     )
 
 
+def load_tokenizer(
+    model_path: str | None, *, load_format: str = "auto"
+) -> tuple[PreTrainedTokenizerBase, ModelConfig]:
+    """The tokenizer and config of `model_path` without its weights (see `load_model`).
+
+    ValueError when the model has no tokenizer (dummy weights without tokenizer files).
+    """
+    source = _open_source(resolve_model_path(model_path), load_format)
+    if source.tokenizer is None:
+        raise ValueError(f"{model_path or 'the default model'} has no tokenizer")
+    return source.tokenizer, source.config
+
+
 def resolve_dtype(
     dtype: str, config: ModelConfig, hf_torch_dtype: str | None, device: torch.device
 ) -> torch.dtype:

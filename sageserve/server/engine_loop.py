@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sageserve.engine.engine import Engine
+from sageserve.engine.memory_usage import static_memory
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.stop import StopChecker
@@ -66,6 +67,7 @@ class EngineInfo:
     max_running_requests: int
     chunked_prefill_size: int
     enable_prefix_cache: bool
+    memory: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,11 @@ class _Add:
 @dataclass
 class _Abort:
     request_ids: list[str]
+
+
+@dataclass
+class _FlushCache:
+    future: asyncio.Future[None]
 
 
 _STOP = object()
@@ -265,6 +272,16 @@ class EngineLoop:
         self._commands.put(_Abort([request_id]))
         return True
 
+    async def flush_cache(self) -> None:
+        """Empty the prefix cache (SGLang's /flush_cache).
+
+        Raises InvalidRequestError while requests are in flight: their pages stay in use and
+        a partial flush would be a surprise, so the cache is flushed only when idle.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(_FlushCache(future))
+        await future
+
     def release(self, request_ids: list[str], unfinished: list[str]) -> None:
         """Forget a stream's routes and abort its unfinished requests in the engine."""
         for rid in request_ids:
@@ -317,7 +334,10 @@ class EngineLoop:
             except queue.Empty:
                 return commands
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _Add | _Abort | _FlushCache) -> None:
+        if isinstance(command, _FlushCache):
+            self._post(_settle, command.future, self._flush_cache())
+            return
         if isinstance(command, _Abort):
             aborted = [self._engine.abort(rid) for rid in command.request_ids]
             outputs = [out for out in aborted if out is not None]
@@ -350,6 +370,14 @@ class EngineLoop:
             for rid in added:
                 self._engine.abort(rid)
             raise InvalidRequestError(str(err)) from err
+
+    def _flush_cache(self) -> InvalidRequestError | None:
+        if self._engine.has_unfinished_requests():
+            return InvalidRequestError(
+                "requests are in flight; the prefix cache is flushed only when the server is idle"
+            )
+        self._engine.block_manager.reset_prefix_cache()
+        return None
 
     def _step(self) -> None:
         try:
@@ -427,4 +455,5 @@ def _engine_info(engine: Engine) -> EngineInfo:
         max_running_requests=config.scheduler.max_running_requests,
         chunked_prefill_size=config.scheduler.chunked_prefill_size,
         enable_prefix_cache=config.cache.enable_prefix_cache,
+        memory=static_memory(engine),
     )

@@ -173,6 +173,8 @@ def _job(body: Any, prompts: list[Prompt], fields: dict[str, Any]) -> _Job:
         for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty")
         if getattr(body, name) is not None
     }
+    if body.ignore_eos:
+        common["ignore_eos"] = True
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     params = []
     for i in range(body.n):

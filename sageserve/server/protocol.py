@@ -252,6 +252,7 @@ class _OpenAIRequest(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     user: str | None = None  # accepted for compatibility; it changes nothing
+    ignore_eos: bool = False  # vLLM's and SGLang's extension: generate through EOS
 
     @model_validator(mode="after")
     def _usage_needs_stream(self) -> _OpenAIRequest:

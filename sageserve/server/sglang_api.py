@@ -1,4 +1,7 @@
-"""SGLang's native routes: /generate, /abort_request, /get_model_info, /get_server_info."""
+"""SGLang's native routes.
+
+/generate, /abort_request, /flush_cache, /get_model_info, /get_server_info.
+"""
 
 from __future__ import annotations
 
@@ -59,6 +62,12 @@ def build_router(engine_loop: EngineLoop, server_args: ServerArgs) -> APIRouter:
         if not engine_loop.abort(body.rid):
             raise APIError(404, f"no request with rid {body.rid!r} is in flight", "not_found_error")
         return {"rid": body.rid, "aborted": True}
+
+    @router.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> dict[str, Any]:
+        """Empty the prefix cache; 400 while requests are in flight (as SGLang)."""
+        await engine_loop.flush_cache()
+        return {"flushed": True}
 
     @router.get("/get_model_info")
     async def get_model_info() -> dict[str, Any]:

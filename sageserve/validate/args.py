@@ -33,6 +33,7 @@ _SIZE_FLAGS: dict[str, tuple[str, Callable[[str], object], str]] = {
     "--determinism-prompt-len": ("determinism_prompt_len", int, "tokens of the prompt"),
     "--determinism-new-tokens": ("determinism_new_tokens", int, "greedy tokens per run"),
     "--determinism-batch": ("determinism_batch", int, "batch size for alone-vs-batch"),
+    "--remote-top-n": ("remote_top_n", int, "--url: top-N logprobs per position for the KL"),
 }
 
 # Threshold flags: flag name -> (Thresholds field, help).
@@ -87,6 +88,21 @@ def add_validate_args(p: argparse.ArgumentParser) -> None:
         "(default: torch,sage_attn, plus triton on a GPU when registered)",
     )
     p.add_argument("--out", default=None, help="output directory (default: reports/<mode>)")
+    p.add_argument(
+        "--url",
+        type=name_list,
+        default=None,
+        help="validate running servers instead (comma-separated base URLs; the first is the "
+        "reference); --model-path must name their model, for its tokenizer",
+    )
+    p.add_argument(
+        "--remote-api",
+        choices=("auto", "sglang", "openai"),
+        default="auto",
+        help="--url: use SGLang's /generate where a server has it (auto), insist on it "
+        "(sglang), or use OpenAI's /v1 only (openai: fewer sections)",
+    )
+    p.add_argument("--remote-api-key", default=None, help="--url: bearer token for the servers")
     p.add_argument(
         "--sections",
         type=name_list,

@@ -40,7 +40,7 @@ class Sizes:
     logprob_prompts: int = 2
     logprob_prompt_len: int = 48
     logprob_new_tokens: int = 8
-    short: WindowGroup = WindowGroup(512, 1)
+    short: WindowGroup = WindowGroup(512, 2)
     medium: WindowGroup = WindowGroup(2048, 1)
     long: WindowGroup = WindowGroup(8192, 0)
     prefix_len: int = 512
@@ -49,20 +49,26 @@ class Sizes:
     mmlu_per_subject: int = 1
     mmlu_subjects: int = 0  # 0: every subject; N: the first N in alphabetical order
     throughput_input_lens: tuple[int, ...] = (16, 128, 512)
-    throughput_output_lens: tuple[int, ...] = (8, 32)
+    throughput_output_lens: tuple[int, ...] = (16,)
     throughput_concurrency: tuple[int, ...] = (1, 4)
     throughput_repeats: int = 2
     determinism_runs: int = 3
     determinism_prompt_len: int = 64
     determinism_new_tokens: int = 16
     determinism_batch: int = 4
+    remote_top_n: int = 20
 
     def __post_init__(self) -> None:
         if self.ppl_group not in CONTEXT_GROUPS:
             raise ValueError(
                 f"ppl_group={self.ppl_group!r}; choose one of: {', '.join(CONTEXT_GROUPS)}"
             )
-        positive = ("logprob_prompt_len", "throughput_repeats", "determinism_prompt_len")
+        positive = (
+            "logprob_prompt_len",
+            "throughput_repeats",
+            "determinism_prompt_len",
+            "remote_top_n",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -14,8 +14,9 @@ shapes, so greedy outputs can still part. This section reports what it measures.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sageserve.engine.engine import Engine
 from sageserve.engine.request import RequestOutput
@@ -39,7 +40,15 @@ class Difference:
     cached_tokens: tuple[int, int]
 
 
-def compare_outputs(a: RequestOutput, b: RequestOutput) -> Difference:
+class GreedyOutput(Protocol):
+    """What a comparison reads: a RequestOutput, or a remote server's `remote_client.Greedy`."""
+
+    token_ids: Sequence[Any]
+    logprobs: Sequence[dict[Any, float]] | None
+    num_cached_tokens: int
+
+
+def compare_outputs(a: GreedyOutput, b: GreedyOutput) -> Difference:
     """Compare two outputs position by position (see Difference)."""
     n = min(len(a.token_ids), len(b.token_ids))
     token_diff = next((i for i in range(n) if a.token_ids[i] != b.token_ids[i]), None)
@@ -74,9 +83,22 @@ def determinism_checks(
     batched = _cold(engine, [prompt, *others], params)[0]
     miss = _cold(engine, [prompt], params)[0]
     hit = generate(engine, [prompt], params)[0]
+    return result_dict(repeats, first, batched, miss, hit, new_tokens, batch=1 + len(others))
+
+
+def result_dict(
+    repeats: list[Difference],
+    first: GreedyOutput,
+    batched: GreedyOutput,
+    miss: GreedyOutput,
+    hit: GreedyOutput,
+    new_tokens: int,
+    batch: int,
+) -> dict[str, Any]:
+    """The section's JSON for one backend from its runs (see `determinism_checks`)."""
     return {
         "repeats": [asdict(d) for d in repeats],
-        "alone_vs_batch": asdict(compare_outputs(first, batched)) | {"batch": 1 + len(others)},
+        "alone_vs_batch": asdict(compare_outputs(first, batched)) | {"batch": batch},
         "cache_miss_vs_hit": asdict(compare_outputs(miss, hit)),
         "output_tokens": new_tokens,
     }

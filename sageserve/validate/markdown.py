@@ -70,6 +70,12 @@ def _logprobs(r: dict[str, Any]) -> str:
         "max |output − teacher-forced|",
     ]
     notes = [f"- {lb}: {f}" for lb, x in r["backends"].items() for f in x["failures"]]
+    notes += [f"- {lb}: {n}" for lb, x in r["backends"].items() for n in x.get("notes", [])]
+    notes += [
+        f"- {lb}: checked through {', '.join(x['apis'])}"
+        for lb, x in r["backends"].items()
+        if "apis" in x
+    ]
     return "\n".join([f"API: {r['api']}, top-{r['top_n']}.", "", table(head, rows), "", *notes])
 
 
@@ -179,21 +185,25 @@ def _throughput(r: dict[str, Any]) -> str:
 
 
 def _memory(r: dict[str, Any]) -> str:
-    mib = 2**20
-    rows = [
-        [
-            lb,
-            x["weights_bytes"] / mib,
-            x["kv_dtype"],
-            x["kv_bytes_per_token"],
-            x["pool_capacity_tokens"],
-            x["pool_bytes"] / mib,
-            x["tokens_per_gib"],
-            x["peak"]["kind"],
-            x["peak"]["peak_bytes"] / mib,
-        ]
-        for lb, x in r["backends"].items()
-    ]
+    def mib(n: int | None) -> float | None:
+        return None if n is None else n / 2**20
+
+    rows = []
+    for lb, x in r["backends"].items():
+        peak = x.get("peak") or {}
+        rows.append(
+            [
+                lb,
+                mib(x.get("weights_bytes")),
+                x.get("kv_dtype"),
+                x.get("kv_bytes_per_token"),
+                x.get("pool_capacity_tokens"),
+                mib(x.get("pool_bytes")),
+                x.get("tokens_per_gib"),
+                peak.get("kind"),
+                mib(peak.get("peak_bytes")),
+            ]
+        )
     head = [
         "backend",
         "weights MiB",
@@ -270,7 +280,7 @@ def render(report: dict[str, Any]) -> str:
         if section.get("method"):
             parts.append(f"Method: {section['method']}.")
         parts.append(_verdict(section))
-        if section["results"] and name in _RENDER and section.get("source") != "remote":
+        if section["results"] and name in _RENDER:
             parts.append(_RENDER[name](section["results"]))
     parts += [f"![{p}]({p})" for p in report.get("plots", [])]
     return "\n\n".join(parts) + "\n"

@@ -7,7 +7,6 @@ size, sampled every few milliseconds by a thread for the duration of one backend
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -16,7 +15,9 @@ from typing import Any
 
 import torch
 
-from sageserve.engine.engine import Engine
+from sageserve.engine.memory_usage import static_memory, tensor_bytes
+
+__all__ = ["PeakMemory", "rss_bytes", "static_memory", "tensor_bytes"]
 
 _STATUS = Path("/proc/self/status")
 _SAMPLE_S = 0.005
@@ -28,31 +29,6 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("VmRSS missing from /proc/self/status")
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor in `obj`, a tensor or a dataclass of them (recursively)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if dataclasses.is_dataclass(obj):
-        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    return 0
-
-
-def static_memory(engine: Engine) -> dict[str, Any]:
-    """What the engine allocated: weights, KV cache per token and pool (all measured)."""
-    model = engine.runner.model
-    weights = sum(tensor_bytes(p) for p in model.parameters())
-    weights += sum(tensor_bytes(b) for b in model.buffers())
-    spec = engine.runner.kv_spec
-    return {
-        "weights_bytes": weights,
-        "kv_bytes_per_token": spec.bytes_per_token,
-        "kv_dtype": spec.dtype_name,
-        "pool_capacity_tokens": engine.runner.pool_capacity_tokens,
-        "pool_bytes": tensor_bytes(engine.runner.kv_cache),
-        "tokens_per_gib": 2**30 // spec.bytes_per_token,
-    }
 
 
 class PeakMemory:

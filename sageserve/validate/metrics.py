@@ -122,6 +122,53 @@ def compare_logprobs(
     )
 
 
+def top_n_kl(ref: dict[int, float], test: dict[int, float]) -> float:
+    """Approximate KL(ref ‖ test) from two top-N {token: logprob} lists (remote servers).
+
+    Over the reference's top-N tokens, plus one bucket for the rest of the vocabulary
+    (P_rest = 1 - sum of the reference's top-N, Q_rest likewise for the test's values of
+    those tokens). A token missing from the test's top-N gets the test's N-th logprob, an
+    upper bound of its true value. Lumping the tail makes this a coarse-grained KL, which
+    is at most the true one by the data-processing inequality; the bound used for missing
+    tokens can push it either way. Good to the leading digit for peaked distributions.
+    """
+    floor = min(test.values()) if test else -math.inf
+    kl, p_top, q_top = 0.0, 0.0, 0.0
+    for token, lp in ref.items():
+        p, lq = math.exp(lp), test.get(token, floor)
+        kl += p * (lp - lq)
+        p_top, q_top = p_top + p, q_top + math.exp(lq)
+    p_rest, q_rest = max(1.0 - p_top, 0.0), max(1.0 - q_top, 1e-12)
+    if p_rest > 0:
+        kl += p_rest * math.log(p_rest / q_rest)
+    return max(kl, 0.0)
+
+
+def _first(top: dict[int, float]) -> int | None:
+    return next(iter(top), None)
+
+
+def compare_top_n(
+    ref_top: list[dict[int, float]],
+    test_top: list[dict[int, float]],
+    ref_lp: list[float],
+    test_lp: list[float],
+) -> TokenComparison:
+    """Per-token comparison from top-N lists (KL approximate, see `top_n_kl`).
+
+    ref_lp, test_lp: [n] exact log p of the actual next token; top-1 agreement compares the
+    first token of each list (the lists come best first).
+    """
+    if not len(ref_top) == len(test_top) == len(ref_lp) == len(test_lp):
+        raise ValueError("top-N comparison needs equally long lists")
+    return TokenComparison(
+        kl=torch.tensor([top_n_kl(r, t) for r, t in zip(ref_top, test_top, strict=True)]),
+        ref_lp=torch.tensor(ref_lp, dtype=torch.float64),
+        test_lp=torch.tensor(test_lp, dtype=torch.float64),
+        top1=torch.tensor([_first(r) == _first(t) for r, t in zip(ref_top, test_top, strict=True)]),
+    )
+
+
 # --------------------------------------------------------------- confidence intervals
 
 

@@ -93,11 +93,14 @@ def throughput_plot(summary: dict[str, dict[str, Any]], path: Path) -> bool:
 
 
 def memory_plot(per_backend: dict[str, dict[str, Any]], path: Path) -> bool:
-    labels = list(per_backend)
+    labels, rows = list(per_backend), list(per_backend.values())
     if not labels:
         return False
+    # Remote servers report no peak (and other servers no byte figures at all).
+    kinds = [k for k in ("weights_bytes", "pool_bytes", "peak") if all(k in r for r in rows)]
+    if not kinds:
+        return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    kinds = ("weights_bytes", "pool_bytes", "peak")
     width = 0.8 / len(kinds)
     for i, kind in enumerate(kinds):
         vals = [_mib(_bytes(per_backend[lb], kind)) for lb in labels]
