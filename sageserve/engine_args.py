@@ -19,7 +19,7 @@ from sageserve.config import (
 
 # Kept in sync with sageserve.attention.registry (tested); listed here so that parsing
 # arguments never imports torch.
-ATTENTION_BACKEND_CHOICES = ("sage_attn", "torch")
+ATTENTION_BACKEND_CHOICES = ("sage_attn", "torch", "triton")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,8 @@ def _add_model_args(group: argparse._ArgumentGroup) -> None:
         "--attention-backend",
         default="torch",
         choices=ATTENTION_BACKEND_CHOICES,
-        help="torch = exact reference; sage_attn = 8-bit attention and KV cache",
+        help="torch = exact reference; triton = 16-bit Triton kernels (CUDA, fp16/bf16); "
+        "sage_attn = 8-bit attention and KV cache",
     )
     group.add_argument(
         "--context-length",

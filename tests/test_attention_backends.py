@@ -46,6 +46,8 @@ VARIANTS = [
     Variant("sage_attn", SageConfig(skip_layers=(1,)), min_cosine=0.999, max_rel_l1=0.03),
     # The Triton kernels (through the interpreter on CPU).
     Variant("sage_attn", SageConfig(impl="triton"), min_cosine=0.999, max_rel_l1=0.03),
+    # The 16-bit Triton kernels, in fp32 through the interpreter on CPU: exact up to rounding.
+    Variant("triton"),
 ]
 
 # (prefix_len, query_len) per sequence of the mixed step.

@@ -150,7 +150,10 @@ def test_top_n_kl_tracks_the_exact_kl_on_peaked_distributions() -> None:
     for r, t in zip(ref, test, strict=True):
         (rv, ri), (tv, ti) = r.topk(20), t.topk(20)
         approx.append(
-            top_n_kl(dict(zip(ri.tolist(), rv.tolist())), dict(zip(ti.tolist(), tv.tolist())))
+            top_n_kl(
+                dict(zip(ri.tolist(), rv.tolist(), strict=True)),
+                dict(zip(ti.tolist(), tv.tolist(), strict=True)),
+            )
         )
     ratio = sum(approx) / exact.sum().item()
     assert 0.8 < ratio < 1.1, ratio

@@ -9,6 +9,7 @@ from sageserve.attention.base import AttentionBackend
 _BACKENDS: dict[str, str] = {
     "torch": "sageserve.attention.torch_native:TorchNativeBackend",
     "sage_attn": "sageserve.attention.sage:SageAttentionBackend",
+    "triton": "sageserve.attention.triton_attn:TritonBackend",
 }
 
 

@@ -1,0 +1,173 @@
+"""`triton`: 16-bit attention through Triton kernels over a 16-bit paged KV cache.
+
+The 16-bit baseline the 8-bit backend is measured against. Its cache is the torch
+backend's `PagedKVCache` ([layers, slots, Hkv, D], page 0 the null page), so both read and
+write the same bytes. Per layer, `forward` stores the step's K/V (`paged_store`), then runs
+the prefill kernel over every chunk of more than one query row (`paged_prefill`: causal
+mask aligned bottom-right after a cached prefix) and the split-KV decode kernel over the
+single-row ones (`paged_decode`), each writing its own rows of one output.
+
+Metadata is built once per step on the host (no device sync) and shared by every layer,
+including the decode kernel's split workspace, which is therefore allocated per step in
+`build_metadata`, never in `forward`.
+
+Runs on CUDA in fp16 or bf16. Without CUDA it runs only under Triton's interpreter
+(TRITON_INTERPRET=1, as the tests do), in fp16 or fp32 — never a silent torch fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sageserve.attention.base import AttentionBackend, BackendOptions, KVCacheSpec
+from sageserve.attention.kernels.paged_common import HEAD_DIMS, SUPPORTED_DTYPES, interpreting
+from sageserve.attention.kernels.paged_decode import (
+    DecodePlan,
+    num_decode_splits,
+    paged_decode,
+    plan_decode,
+)
+from sageserve.attention.kernels.paged_prefill import PrefillPlan, paged_prefill, plan_prefill
+from sageserve.attention.kernels.paged_store import store_kv
+from sageserve.attention.torch_native import PagedKVCache, resolve_kv_dtype
+from sageserve.engine.batch import ForwardBatch
+from sageserve.models.config import ModelConfig
+
+_INTERPRETER_DTYPES = (torch.float16, torch.float32)
+
+
+@dataclass
+class TritonMetadata:
+    """One step's kernel inputs: where new tokens go, and each kernel's plan (or None)."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    prefill: PrefillPlan | None
+    decode: DecodePlan | None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_reasons(device: torch.device, model_dtype: torch.dtype, kv: torch.dtype) -> list[str]:
+    """The dtypes this device can run: 16-bit compiled, fp16/fp32 interpreted."""
+    if device.type == "cuda":
+        valid, where = SUPPORTED_DTYPES, "on CUDA the triton backend is 16-bit"
+        hint = "; fp32 attention is served by --attention-backend torch"
+    elif not interpreting():
+        return [
+            f"device {device.type}: the triton backend's kernels need CUDA; set "
+            "TRITON_INTERPRET=1 to run them through Triton's CPU interpreter (slow, for "
+            "tests) or choose --attention-backend torch"
+        ]
+    else:
+        valid, where = _INTERPRETER_DTYPES, "under Triton's interpreter"
+        hint = " (its bfloat16 arithmetic is wrong: it computes on the raw bits)"
+    names = " or ".join(_dtype_name(t) for t in valid)
+    reasons = []
+    if model_dtype not in valid:
+        reasons.append(f"model dtype {_dtype_name(model_dtype)}: {where}; choose --dtype {names}")
+    if kv not in valid and kv != model_dtype:
+        reasons.append(f"KV cache dtype {_dtype_name(kv)}: {where}; choose {names}")
+    return [r + hint for r in reasons]
+
+
+class TritonBackend(AttentionBackend):
+    """16-bit paged attention in Triton (see module docstring)."""
+
+    name = "triton"
+
+    @classmethod
+    def unsupported_reasons(cls, model_config: ModelConfig, options: BackendOptions) -> list[str]:
+        try:
+            kv_dtype = resolve_kv_dtype(options.kv_cache_dtype, options.model_dtype)
+        except ValueError as err:
+            return [str(err)]
+        reasons = []
+        if model_config.head_dim not in HEAD_DIMS:
+            reasons.append(
+                f"head_dim {model_config.head_dim}: the triton kernels support "
+                f"{', '.join(map(str, HEAD_DIMS))} (--attention-backend torch runs any)"
+            )
+        return reasons + _dtype_reasons(options.device, options.model_dtype, kv_dtype)
+
+    def __init__(self, model_config: ModelConfig, options: BackendOptions) -> None:
+        super().__init__(model_config, options)
+        self.kv_dtype = resolve_kv_dtype(options.kv_cache_dtype, options.model_dtype)
+        # Caps the decode split count; known exactly once the pool is allocated.
+        self.max_context = model_config.max_position_embeddings
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """K and V in the cache dtype: 2 * layers * Hkv * D * element bytes per token."""
+        cfg = self.model_config
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
+        return KVCacheSpec(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, _dtype_name(self.kv_dtype), per_token
+        )
+
+    def allocate(self, num_pages: int, page_size: int) -> PagedKVCache:
+        """k, v: [layers, num_pages * page_size, Hkv, D] zeros (page 0 is the null page)."""
+        cfg = self.model_config
+        shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
+        device = self.options.device
+        self.max_context = min(cfg.max_position_embeddings, num_pages * page_size)
+        k = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        v = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        return PagedKVCache(k, v, page_size)
+
+    def build_metadata(self, batch: ForwardBatch) -> TritonMetadata:
+        """Once per step: split the sequences into prefill chunks (query_len > 1) and
+        decodes (query_len == 1, the same computation as a one-token chunk) and plan both
+        kernels (int32 tables on the device, the decode workspace). No device sync."""
+        starts, start = [], 0
+        for seq in batch.seqs:
+            starts.append(start)
+            start += seq.query_len
+        pre = [i for i, s in enumerate(batch.seqs) if s.query_len > 1]
+        dec = [i for i, s in enumerate(batch.seqs) if s.query_len == 1]
+        prefill = self._plan_prefill(batch, pre, starts) if pre else None
+        decode = self._plan_decode(batch, dec, starts) if dec else None
+        return TritonMetadata(batch.slot_mapping, prefill, decode)
+
+    def _plan_prefill(self, batch: ForwardBatch, idx: list[int], starts: list[int]) -> PrefillPlan:
+        seqs = [batch.seqs[i] for i in idx]
+        return plan_prefill(
+            [s.page_table for s in seqs], [starts[i] for i in idx], [s.query_len for s in seqs],
+            [s.kv_len for s in seqs], batch.page_size, self.model_config.head_dim,
+            batch.input_ids.device,
+        )  # fmt: skip
+
+    def _plan_decode(self, batch: ForwardBatch, idx: list[int], starts: list[int]) -> DecodePlan:
+        cfg, device = self.model_config, batch.input_ids.device
+        splits = num_decode_splits(len(idx), cfg.num_kv_heads, self.max_context, device)
+        seqs = [batch.seqs[i] for i in idx]
+        return plan_decode(
+            [s.page_table for s in seqs], [starts[i] for i in idx], [s.kv_len for s in seqs],
+            batch.page_size, cfg.num_q_heads, cfg.head_dim, splits, device,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: PagedKVCache,
+        meta: TritonMetadata,
+    ) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] in q's dtype.
+
+        Stores k, v at meta.slot_mapping, then attends: prefill rows and decode rows of a
+        mixed step each by their kernel, into one output.
+        """
+        k_layer, v_layer = kv_cache.k[layer_id], kv_cache.v[layer_id]
+        store_kv(k, v, meta.slot_mapping, k_layer, v_layer)
+        out = torch.empty_like(q)
+        if meta.prefill is not None:
+            paged_prefill(q, k_layer, v_layer, meta.prefill, out)
+        if meta.decode is not None:
+            paged_decode(q, k_layer, v_layer, meta.decode, out)
+        return out
