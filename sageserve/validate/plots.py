@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from sageserve.validate.agreement import PREFIX_GROUP
 from sageserve.validate.sections import PlotData
 
 _KL_FLOOR = 1e-9  # KL is 0 for identical rows; log-scale bins need a positive floor
@@ -51,12 +52,15 @@ def _binned_mean(windows: list[torch.Tensor]) -> tuple[list[float], list[float]]
 
 
 def delta_by_position(data: PlotData, reference: str, path: Path) -> bool:
+    """Mean |Δ logprob| by position, binned, per backend and context group."""
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for label, groups in data.delta_by_window.items():
         if label == reference:
             continue
         for group, windows in groups.items():
+            if group == PREFIX_GROUP:
+                continue  # its positions start after the cached prefix: not comparable here
             x, y = _binned_mean(windows)
             ax.plot(x, y, marker=".", label=f"{label} {group}")
             drawn = True
