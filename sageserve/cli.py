@@ -78,9 +78,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from sageserve.bench.kernels import add_kernels_args
     from sageserve.bench.serving import add_serving_args
 
-    p = sub.add_parser("bench", help="benchmarks against a running server")
+    p = sub.add_parser("bench", help="benchmarks: a running server, or the attention kernels")
     kinds = p.add_subparsers(dest="bench", required=True)
     serving = kinds.add_parser(
         "serving",
@@ -89,10 +90,23 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     add_serving_args(serving)
     serving.set_defaults(func=_run_bench)
+    kernels = kinds.add_parser(
+        "kernels",
+        help="attention kernels side by side on one device: prefill TOPS and accuracy (ours "
+        "vs SDPA and SageAttention 1.0.6), decode µs and GB/s (exit 1 if a variant failed)",
+    )
+    add_kernels_args(kernels)
+    kernels.set_defaults(func=_run_bench_kernels)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from sageserve.bench.serving import run
+
+    return run(args)
+
+
+def _run_bench_kernels(args: argparse.Namespace) -> int:
+    from sageserve.bench.kernels import run
 
     return run(args)
 

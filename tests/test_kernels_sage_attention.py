@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from sageserve.attention.base import BackendOptions
-from sageserve.attention.kernels.sage_attention import padded_page_table, sage_attention_paged
+from sageserve.attention.kernels.sage_attention import (
+    PrefillConfig,
+    _int8_to_fp16,
+    padded_page_table,
+    sage_attention_paged,
+)
 from sageserve.attention.sage import SageAttentionBackend
 from sageserve.config import SageConfig
 from sageserve.engine.batch import SequenceSlice, build_forward_batch
@@ -52,7 +59,7 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert cosine >= 0.99999 and err <= 5e-3, (cosine, err)
 
 
-def run_case(heads, kv_heads, dim, page_size, pv, device, block_m, block_n, seed=0):
+def run_case(heads, kv_heads, dim, page_size, pv, device, launch, seed=0):
     gen = torch.Generator().manual_seed(seed)
     config = _config(heads, kv_heads, dim)
     options = BackendOptions("auto", torch.float32, device, (("sage", SageConfig(pv=pv)),))
@@ -79,24 +86,74 @@ def run_case(heads, kv_heads, dim, page_size, pv, device, block_m, block_n, seed
         k = (torch.randn(tokens, kv_heads, dim, generator=gen) + bias).to(device)
         v = torch.randn(tokens, kv_heads, dim, generator=gen).to(device)
         ref = backend.forward(0, q, k, v, cache, meta)
-    out = sage_attention_paged(
+    out = torch.full_like(q, float("nan"))  # every row must be written
+    sage_attention_paged(
         q, backend.channel_scale[0], cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0],
-        *_step_tensors(slices, page_size, device), block_m=block_m, block_n=block_n,
+        *_step_tensors(slices, page_size, device), config=launch, out=out,
     )  # fmt: skip
     return out, ref
 
 
+# Small tiles on CPU (the interpreter is slow), with and without the split causal loop.
+CPU_CONFIGS = [
+    PrefillConfig(32, 32, 4, 2, split_mask=True),
+    PrefillConfig(32, 16, 4, 2, split_mask=False),
+    PrefillConfig(32, 32, 4, 1, split_mask=True, prefetch=True),
+]
+# The default and the variants benchmarked against it (benchmarks/sage_kernels_bench.py).
+GPU_CONFIGS = [
+    PrefillConfig(),  # the default
+    PrefillConfig(fast_v_cvt=False),
+    PrefillConfig(64, 32, 4, 3),
+    PrefillConfig(128, 64, 8, 3, maxnreg=None),
+    PrefillConfig(128, 64, 8, 1, prefetch=True, maxnreg=None),
+    PrefillConfig(128, 128, 8, 2, maxnreg=None),
+]
+
+
+@pytest.mark.parametrize("config", CPU_CONFIGS, ids=str)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "page_size"),
                          [(4, 2, 64, 16), (2, 1, 128, 7), (3, 3, 32, 1)])  # fmt: skip
-def test_fp16_pv_kernel_matches_reference(heads, kv_heads, dim, page_size) -> None:
-    out, ref = run_case(heads, kv_heads, dim, page_size, "fp16", torch.device("cpu"), 32, 32)
+def test_fp16_pv_kernel_matches_reference(heads, kv_heads, dim, page_size, config) -> None:
+    out, ref = run_case(heads, kv_heads, dim, page_size, "fp16", torch.device("cpu"), config)
     _close(out, ref)
+
+
+def test_bad_block_n_raises() -> None:
+    with pytest.raises(ValueError, match="block_n"):
+        run_case(2, 1, 32, 16, "fp16", torch.device("cpu"), PrefillConfig(32, 48, 4, 2))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pv", ["fp16", "fp8"])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "page_size"),
-                         [(32, 8, 128, 16), (9, 3, 64, 16), (8, 2, 128, 1)])  # fmt: skip
+                         [(9, 3, 64, 16), (8, 2, 128, 1), (4, 2, 128, 7)])  # fmt: skip
 def test_kernel_matches_reference_on_gpu(heads, kv_heads, dim, page_size, pv) -> None:
-    out, ref = run_case(heads, kv_heads, dim, page_size, pv, torch.device("cuda"), 64, 64)
+    out, ref = run_case(heads, kv_heads, dim, page_size, pv, torch.device("cuda"),
+                        PrefillConfig())  # fmt: skip
     _close(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=str)
+def test_configs_match_reference_on_gpu(config, pv) -> None:
+    if pv == "fp8" and config.block_n != 64:
+        pytest.skip("FP8 P·V needs block_n 64")
+    out, ref = run_case(32, 8, 128, 16, pv, torch.device("cuda"), config)
+    _close(out, ref)
+
+
+@triton.jit
+def _convert_kernel(src_ptr, dst_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(dst_ptr + offs, _int8_to_fp16(tl.load(src_ptr + offs)))
+
+
+@pytest.mark.gpu
+def test_int8_to_fp16_is_exact_for_every_code() -> None:
+    codes = torch.arange(-128, 128, dtype=torch.int8, device="cuda").repeat(4)
+    codes = codes[torch.randperm(codes.numel(), device="cuda")]  # every byte position
+    out = torch.empty(codes.shape, dtype=torch.float16, device="cuda")
+    _convert_kernel[(1,)](codes, out, N=codes.numel())
+    assert torch.equal(out, codes.half())

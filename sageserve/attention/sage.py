@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from sageserve.attention.torch_native import PagedKVCache, TorchNativeBackend
 from sageserve.config import SageConfig
 from sageserve.engine.batch import ForwardBatch
 from sageserve.models.config import ModelConfig
+
+if TYPE_CHECKING:  # the kernels import triton, which the reference path does not need
+    from sageserve.attention.kernels.sage_decode import DecodeWorkspace
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +62,32 @@ class SageSeq:
 
 
 @dataclass
-class KernelMetadata:
-    """What the Triton kernels read: int32 tensors on the device, built once per step."""
+class PrefillRows:
+    """Sequences with more than one query row, for the prefill kernel (int32 on the device)."""
 
     page_table: torch.Tensor  # [B, max_pages], padded with the null page
     q_start: torch.Tensor  # [B]
     q_len: torch.Tensor  # [B]
     kv_len: torch.Tensor  # [B]
     max_q_len: int
+
+
+@dataclass
+class DecodeRows:
+    """Sequences with one query row (decodes), for the split-KV decode kernel."""
+
+    page_table: torch.Tensor  # [B, max_pages] int32, padded with the null page
+    q_rows: torch.Tensor  # [B] int32: the row of each sequence's query in the step
+    kv_len: torch.Tensor  # [B] int32
+    workspace: DecodeWorkspace  # per-split partials, shared by every layer of the step
+
+
+@dataclass
+class KernelMetadata:
+    """What the Triton kernels read, built once per step; either part may be empty."""
+
+    prefill: PrefillRows | None
+    decode: DecodeRows | None
 
 
 @dataclass
@@ -204,7 +226,7 @@ class SageAttentionBackend(AttentionBackend):
             seqs.append(SageSeq(q_start, q_start + seq.query_len, seq.kv_len, pages))
             q_start += seq.query_len
         exact = self.exact.build_metadata(batch) if self.exact else None
-        kernel = _kernel_metadata(batch, device) if self.use_kernels else None
+        kernel = _kernel_metadata(batch, self.model_config, device) if self.use_kernels else None
         slots = batch.slot_mapping
         return SageMetadata(slots // page_size, slots % page_size, seqs, exact, kernel)
 
@@ -280,8 +302,13 @@ class SageAttentionBackend(AttentionBackend):
         cache: SageKVCache,
         meta: SageMetadata,
     ) -> torch.Tensor:
-        """The Triton path: fused quantize-and-store, then paged 8-bit attention."""
+        """The Triton path: fused quantize-and-store, then paged 8-bit attention.
+
+        Prefill chunks go through the prefill kernel, single-row sequences (decodes)
+        through the split-KV decode kernel; each writes its own rows of one output.
+        """
         from sageserve.attention.kernels.sage_attention import sage_attention_paged
+        from sageserve.attention.kernels.sage_decode import sage_decode_paged
         from sageserve.attention.kernels.sage_store import store_kv
 
         i = self.slot_of[layer_id]
@@ -289,31 +316,63 @@ class SageAttentionBackend(AttentionBackend):
         balance = self.channel_scale[layer_id] if self.channel_scale is not None else None
         store_kv(k, v, k_mean, balance, meta.store_pages, meta.store_offsets,
                  cache.k[i], cache.k_scale[i], cache.v[i], cache.v_scale[i])  # fmt: skip
-        km = meta.kernel
-        return sage_attention_paged(
-            q, balance, cache.k[i], cache.k_scale[i], cache.v[i], cache.v_scale[i],
-            km.page_table, km.q_start, km.q_len, km.kv_len, km.max_q_len,
-        )  # fmt: skip
+        out = torch.empty_like(q)
+        caches = (cache.k[i], cache.k_scale[i], cache.v[i], cache.v_scale[i])
+        pre, dec = meta.kernel.prefill, meta.kernel.decode
+        if pre is not None:
+            sage_attention_paged(q, balance, *caches, pre.page_table, pre.q_start, pre.q_len,
+                                 pre.kv_len, pre.max_q_len, out=out)  # fmt: skip
+        if dec is not None:
+            sage_decode_paged(q, balance, *caches, dec.page_table, dec.q_rows, dec.kv_len, out,
+                              dec.workspace)  # fmt: skip
+        return out
 
 
-def _kernel_metadata(batch: ForwardBatch, device: torch.device) -> KernelMetadata:
+def _kernel_metadata(
+    batch: ForwardBatch, model_config: ModelConfig, device: torch.device
+) -> KernelMetadata:
+    """Split the step's sequences into prefill chunks and decodes (one query row: a decode,
+    or a one-token chunk, which is the same computation) and build each kernel's inputs."""
     from sageserve.attention.kernels.sage_attention import padded_page_table
+    from sageserve.attention.kernels.sage_decode import DecodeWorkspace
 
-    seqs = batch.seqs
-    starts = [0]
-    for s in seqs[:-1]:
-        starts.append(starts[-1] + s.query_len)
+    starts, start = [], 0
+    for s in batch.seqs:
+        starts.append(start)
+        start += s.query_len
+    decodes = [i for i, s in enumerate(batch.seqs) if s.query_len == 1]
+    prefills = [i for i, s in enumerate(batch.seqs) if s.query_len > 1]
 
-    def i32(values: list) -> torch.Tensor:
+    def i32(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
-    kv_lens = [s.kv_len for s in seqs]
-    return KernelMetadata(
-        page_table=padded_page_table(
-            [s.page_table for s in seqs], kv_lens, batch.page_size, device
-        ),
-        q_start=i32(starts),
-        q_len=i32([s.query_len for s in seqs]),
-        kv_len=i32(kv_lens),
-        max_q_len=max(s.query_len for s in seqs),
-    )
+    def table(rows: list[int]) -> torch.Tensor:
+        seqs = [batch.seqs[i] for i in rows]
+        return padded_page_table(
+            [s.page_table for s in seqs], [s.kv_len for s in seqs], batch.page_size, device
+        )
+
+    prefill = decode = None
+    if prefills:
+        seqs = [batch.seqs[i] for i in prefills]
+        prefill = PrefillRows(
+            page_table=table(prefills),
+            q_start=i32([starts[i] for i in prefills]),
+            q_len=i32([s.query_len for s in seqs]),
+            kv_len=i32([s.kv_len for s in seqs]),
+            max_q_len=max(s.query_len for s in seqs),
+        )
+    if decodes:
+        page_table = table(decodes)
+        cfg = model_config
+        workspace = DecodeWorkspace.allocate(
+            len(decodes), cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim,
+            page_table.shape[1] * batch.page_size, device,
+        )  # fmt: skip
+        decode = DecodeRows(
+            page_table=page_table,
+            q_rows=i32([starts[i] for i in decodes]),
+            kv_len=i32([batch.seqs[i].kv_len for i in decodes]),
+            workspace=workspace,
+        )
+    return KernelMetadata(prefill, decode)

@@ -1,15 +1,22 @@
-"""8-bit attention over the 8-bit paged cache: prefill, prefill after a cached prefix, decode.
+"""8-bit attention over the 8-bit paged cache: prefill and prefill after a cached prefix.
 
-One program per (sequence, block of BLOCK_M queries, query head). The query block is
-quantized in registers exactly as `sage_reference.quantized_scores` does (balance, per-row
-INT8 with IEEE division, half away from zero); keys are read as INT8 codes from their pages
-and Q·Kᵀ runs on INT8 tensor cores with int32 accumulation. The softmax is online (fp32);
-P·V is FP16 (P times the per-token V scale, times INT8 V codes) or FP8 (P scaled per key
-block of 64 relative to the block's largest V scale, times FP8 V codes). The causal mask is
-aligned bottom-right: query i of a chunk of n sees keys 0 .. kv_len - n + i.
+(Single-row sequences, i.e. decodes, go to the split-KV kernel in `sage_decode.py`; this
+kernel also computes them correctly, e.g. in tests.)
+
+One program per (block of BLOCK_M queries, query head, sequence), longest blocks first. The
+query block is quantized in registers exactly as `sage_reference.quantized_scores` does
+(balance, per-row INT8 with IEEE division, half away from zero); keys are read as INT8 codes
+from their pages and Q·Kᵀ runs on INT8 tensor cores with int32 accumulation. The softmax is
+online (fp32, exp2); P·V is FP16 (P times the per-token V scale, times INT8 V codes) or FP8
+(P scaled per key block of 64 relative to the block's largest V scale, times FP8 V codes).
+The causal mask is aligned bottom-right: query i of a chunk of n sees keys
+0 .. kv_len - n + i; keys every row of a block sees run in a loop without mask work, the
+diagonal blocks in a second one. Tuning history and measurements: benchmarks/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -36,6 +43,172 @@ def _quantize_q(q, max_code: tl.constexpr):
 
 
 @triton.jit
+def _int8_to_fp16(v):
+    """INT8 codes -> fp16, exactly, without the slow I2F conversion unit (which converts 4
+    lanes per clock per SM quarter, and took as long as the exp2 work here).
+
+    Per 4 codes: flip the sign bits (x + 128 as unsigned bytes), place each byte under an
+    fp16 exponent byte 0x64 (fp16 1024 + byte), subtract 1152 = 1024 + 128 two lanes at a
+    time. Inline PTX: compiled kernels only (the interpreter has no inline asm).
+    """
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, e, c;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 e, 0x64646464;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, t, e, 0x5140;
+        prmt.b32 $1, t, e, 0x5342;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""",
+        constraints="=r,=r,r",
+        args=[v],
+        dtype=tl.float16,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _block_pages(table, start, page_size: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The page number of each key start .. start + BLOCK_N: [BLOCK_N] int32."""
+    if page_size < BLOCK_N and page_size & (page_size - 1) == 0:
+        # Whole pages per block: read each page number once and repeat it for its keys (a
+        # load per key is repeated by each layout that uses the keys' slots).
+        pages = tl.load(table + start // page_size + tl.arange(0, BLOCK_N // page_size))
+        page = tl.reshape(tl.broadcast_to(pages[:, None], (BLOCK_N // page_size, page_size)),
+                          (BLOCK_N,))  # fmt: skip
+        return tl.max_constancy(page, page_size)  # (the reshape hides it from the compiler)
+    else:
+        return tl.load(table + (start + tl.arange(0, BLOCK_N)) // page_size)
+
+
+@triton.jit
+def _load_block(
+    k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr, page, start, kv_head, d,
+    num_kv_heads: tl.constexpr, page_size: tl.constexpr, head_dim: tl.constexpr,
+    BLOCK_N: tl.constexpr, KEY_RUN: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    """Keys start .. start + BLOCK_N (a multiple of BLOCK_N) in pages `page` -> K codes
+    [BLOCK_N, D], K scales [BLOCK_N], V codes [BLOCK_N, D], V scales [BLOCK_N].
+
+    Unmasked: keys past the end read the null page or stale slots of this sequence's last
+    page; the caller masks them out of the scores and zeroes their V scales. (The pool
+    starts zeroed and the store never writes a non-finite code.)
+    """
+    keys = tl.multiple_of(start + tl.arange(0, BLOCK_N), BLOCK_N)
+    in_page = keys % page_size
+    if WIDE:
+        page = page.to(tl.int64)
+    page_base = (page * num_kv_heads + kv_head) * page_size
+    if KEY_RUN > 1:
+        # Runs of KEY_RUN keys share a page and are contiguous in it: saying so lets the
+        # loads vectorize (V is contiguous along keys). Stated here, on values computed
+        # here: hints on values carried through a loop are lost.
+        page_base = tl.max_constancy(page_base, KEY_RUN)
+        in_page = tl.max_contiguous(tl.multiple_of(in_page, KEY_RUN), KEY_RUN)
+    slot = page_base + in_page
+    k = tl.load(k_cache_ptr + tl.multiple_of(slot * head_dim, head_dim)[:, None] + d[None, :])
+    k_scale = tl.load(k_scale_ptr + slot)
+    v_rows = page_base * head_dim + in_page  # V pages are [D, page]: keys contiguous
+    v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * page_size)
+    v_scale = tl.load(v_scale_ptr + slot)
+    return k, k_scale, v, v_scale
+
+
+@triton.jit
+def _softmax_pv(
+    acc, l_i, m_i, q_codes, row_scale, rows, prefix, start, end, k, k_scale, v, v_scale,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr,
+    FAST_CVT: tl.constexpr,
+):  # fmt: skip
+    """One key block of the online softmax: returns (acc, l_i, m_i).
+
+    MASK: mask keys past the end (keys >= end) and, if CAUSAL, those after the row (query row
+    r sees keys <= prefix + r); off for blocks every row sees in full, which skip that work.
+    Scores stay in INT8-product units times the key scale; the row scale (with sm_scale and
+    log2 e) is applied inside exp2's argument by one FMA, and m_i is in scaled log2 units.
+    """
+    s = tl.dot(q_codes, tl.trans(k)).to(tl.float32) * k_scale.to(tl.float32)[None, :]
+    v_scale = v_scale.to(tl.float32)
+    if MASK:
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < end
+        if CAUSAL:
+            allowed = (keys[None, :] <= prefix + rows[:, None]) & key_ok[None, :]
+        else:
+            allowed = key_ok[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+        # Zeroed past the end: P·s_v must be 0 there even if a stale scale were not finite.
+        v_scale = tl.where(key_ok, v_scale, 0.0)
+    # row_scale > 0, so the row maximum of s times row_scale is that of the scores.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * row_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * row_scale[:, None] - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if PV_FP8:
+        block_max = tl.maximum(tl.max(v_scale, axis=0), MIN_SCALE)
+        p_codes = (p * (v_scale / block_max)[None, :] * 448.0).to(tl.float8e4nv)
+        pv = tl.dot(p_codes, v) * (block_max / 448.0)
+    else:
+        v16 = _int8_to_fp16(v) if FAST_CVT else v.to(tl.float16)
+        pv = tl.dot((p * v_scale[None, :]).to(tl.float16), v16)
+    return acc * alpha[:, None] + pv, l_i, m_new
+
+
+@triton.jit
+def _attend_keys(
+    acc, l_i, m_i, q_codes, row_scale, rows, prefix, lo, hi, end, kv_head, d, table,
+    k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
+    num_kv_heads: tl.constexpr, page_size: tl.constexpr, head_dim: tl.constexpr,
+    BLOCK_N: tl.constexpr, KEY_RUN: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    PV_FP8: tl.constexpr, PREFETCH: tl.constexpr, WIDE: tl.constexpr, FAST_CVT: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over the key blocks lo, lo + BLOCK_N, .. < hi: (acc, l_i, m_i).
+
+    PREFETCH: load block i + 1 into registers (and its page numbers a block earlier) before
+    computing block i, so that the loads overlap the math; otherwise leave the loads to
+    Triton's software pipeliner (num_stages).
+    """
+    if PREFETCH:
+        if lo < hi:
+            # Prefetches past the last block re-read the last block: never out of bounds.
+            last = lo + (hi - lo - 1) // BLOCK_N * BLOCK_N
+            page = _block_pages(table, lo, page_size, BLOCK_N)
+            k, ks, v, vs = _load_block(k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr, page,
+                                       lo, kv_head, d, num_kv_heads, page_size, head_dim,
+                                       BLOCK_N, KEY_RUN, WIDE)  # fmt: skip
+            page = _block_pages(table, tl.minimum(lo + BLOCK_N, last), page_size, BLOCK_N)
+            for start in tl.range(lo, hi, BLOCK_N, num_stages=1):
+                start = tl.multiple_of(start, BLOCK_N)
+                nxt = tl.minimum(start + BLOCK_N, last)
+                k_n, ks_n, v_n, vs_n = _load_block(k_cache_ptr, k_scale_ptr, v_cache_ptr,
+                                                   v_scale_ptr, page, nxt, kv_head, d,
+                                                   num_kv_heads, page_size, head_dim, BLOCK_N,
+                                                   KEY_RUN, WIDE)  # fmt: skip
+                page = _block_pages(table, tl.minimum(start + 2 * BLOCK_N, last), page_size,
+                                    BLOCK_N)  # fmt: skip
+                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, q_codes, row_scale, rows, prefix,
+                                            start, end, k, ks, v, vs, BLOCK_N, MASK, CAUSAL,
+                                            PV_FP8, FAST_CVT)  # fmt: skip
+                k, ks, v, vs = k_n, ks_n, v_n, vs_n
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            start = tl.multiple_of(start, BLOCK_N)
+            page = _block_pages(table, start, page_size, BLOCK_N)
+            k, ks, v, vs = _load_block(k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr, page,
+                                       start, kv_head, d, num_kv_heads, page_size, head_dim,
+                                       BLOCK_N, KEY_RUN, WIDE)  # fmt: skip
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, q_codes, row_scale, rows, prefix, start,
+                                        end, k, ks, v, vs, BLOCK_N, MASK, CAUSAL,
+                                        PV_FP8, FAST_CVT)  # fmt: skip
+    return acc, l_i, m_i
+
+
+# The page table's width (its row stride) changes with the longest sequence of a step:
+# specializing on it (divisible by 16 or not) would recompile the kernel mid-run.
+@triton.jit(do_not_specialize=["stride_table"])
 def _sage_attention_kernel(
     q_ptr, balance_ptr, out_ptr,
     k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
@@ -44,13 +217,22 @@ def _sage_attention_kernel(
     sm_scale,
     num_kv_heads: tl.constexpr, group: tl.constexpr, page_size: tl.constexpr,
     head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BALANCE: tl.constexpr, PV_FP8: tl.constexpr,
+    KEY_RUN: tl.constexpr, SPLIT_MASK: tl.constexpr, PREFETCH: tl.constexpr,
+    WIDE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BALANCE: tl.constexpr, PV_FP8: tl.constexpr,
+    FAST_CVT: tl.constexpr,
 ):  # fmt: skip
-    seq = tl.program_id(0)
-    block = tl.program_id(1)
-    head = tl.program_id(2)
+    """One program per (block of BLOCK_M query rows, query head, sequence).
+
+    Blocks run last to first (the grid's first programs get the longest causal rows, so
+    the short ones fill the tail). SPLIT_MASK: keys every row of the block sees run
+    without mask work, then the diagonal blocks with it. CAUSAL off: every row sees all
+    kv_len keys (benchmarks against non-causal attention; the server is always causal).
+    """
+    seq = tl.program_id(2)
+    head = tl.program_id(1)
     q_len = tl.load(q_len_ptr + seq)
-    if block * BLOCK_M >= q_len:
+    block = tl.cdiv(q_len, BLOCK_M) - 1 - tl.program_id(0)
+    if block < 0:
         return
     kv_len = tl.load(kv_len_ptr + seq)
     prefix = kv_len - q_len
@@ -70,46 +252,56 @@ def _sage_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, head_dim], tl.float32)
-    end = tl.minimum(kv_len, prefix + (block + 1) * BLOCK_M)  # last key any row here sees
     table = page_table_ptr + seq.to(tl.int64) * stride_table
-    for start in range(0, end, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < end
-        page = tl.load(table + keys // page_size).to(tl.int64)
-        # Keys of one page are contiguous in the cache: say so, so that loads vectorize.
-        in_page = tl.max_contiguous(tl.multiple_of(keys % page_size, page_size), page_size)
-        page_base = (page * num_kv_heads + kv_head) * page_size
-        slot = page_base + in_page
-        k_rows = tl.multiple_of(slot * head_dim, head_dim)
-        # Unmasked: keys past the end read the null page or stale slots of this sequence's
-        # last page; they are masked out of the scores, and their V scales are zeroed. (The
-        # pool starts zeroed and the store never writes a non-finite code.)
-        k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :])
-        k_scale = tl.load(k_scale_ptr + slot).to(tl.float32)
-        s = tl.dot(q_codes, tl.trans(k)).to(tl.float32)
-        s = s * row_scale[:, None] * k_scale[None, :]
-        allowed = (keys[None, :] <= prefix + rows[:, None]) & key_ok[None, :]
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        # Zeroed past the end: P·s_v must be 0 there even if a stale scale were not finite.
-        v_scale = tl.where(key_ok, tl.load(v_scale_ptr + slot).to(tl.float32), 0.0)
-        v_base = page_base * head_dim + in_page
-        v = tl.load(v_cache_ptr + v_base[:, None] + d[None, :] * page_size)
-        if PV_FP8:
-            block_max = tl.maximum(tl.max(v_scale, axis=0), MIN_SCALE)
-            p_codes = (p * (v_scale / block_max)[None, :] * 448.0).to(tl.float8e4nv)
-            pv = tl.dot(p_codes, v) * (block_max / 448.0)
-        else:
-            pv = tl.dot((p * v_scale[None, :]).to(tl.float16), v.to(tl.float16))
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    if CAUSAL:
+        end = tl.minimum(kv_len, prefix + (block + 1) * BLOCK_M)  # past the last key seen
+        seen_by_all = prefix + block * BLOCK_M + 1  # keys 0 .. prefix + the block's first row
+    else:
+        end = kv_len
+        seen_by_all = kv_len
+    full = seen_by_all // BLOCK_N * BLOCK_N if SPLIT_MASK else 0
+    acc, l_i, m_i = _attend_keys(
+        acc, l_i, m_i, q_codes, row_scale, rows, prefix, 0, full, end, kv_head, d, table,
+        k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
+        num_kv_heads, page_size, head_dim, BLOCK_N, KEY_RUN, False, CAUSAL, PV_FP8, PREFETCH,
+        WIDE, FAST_CVT,
+    )  # fmt: skip
+    acc, l_i, m_i = _attend_keys(
+        acc, l_i, m_i, q_codes, row_scale, rows, prefix, full, end, end, kv_head, d, table,
+        k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
+        num_kv_heads, page_size, head_dim, BLOCK_N, KEY_RUN, True, CAUSAL, PV_FP8, PREFETCH,
+        WIDE, FAST_CVT,
+    )  # fmt: skip
     out = acc / l_i[:, None]
-    o_rows = (tl.load(q_start_ptr + seq) + rows).to(tl.int64)
-    tl.store(out_ptr + o_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Launch choices of the prefill kernel (tuned on an H100: benchmarks/KERNEL_NOTES.md).
+
+    block_m query rows and block_n keys per tile; FP8 P·V needs block_n == PV_BLOCK.
+    split_mask: run the keys every row sees without mask work, then the diagonal blocks.
+    prefetch: load the next key block into registers before computing the current one
+    (instead of leaving the loads to Triton's pipeliner). maxnreg: cap registers per thread
+    (more programs per SM, at the risk of spills; applied for head_dim <= 128, where it was
+    tuned); None: the compiler's choice. fast_v_cvt: convert INT8 V to fp16 with integer
+    and half ops instead of the slow conversion unit (same values; compiled kernels only,
+    the interpreter always casts).
+
+    The default (64 x 64 tiles, 4 warps, 3 stages, 168 registers: three programs per SM)
+    was the fastest at 1k-16k tokens, FP16 and FP8 P·V, head_dim 128 (KERNEL_NOTES v3).
+    """
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    split_mask: bool = True
+    prefetch: bool = False
+    maxnreg: int | None = 168
+    fast_v_cvt: bool = True
 
 
 def sage_attention_paged(
@@ -125,8 +317,9 @@ def sage_attention_paged(
     kv_len: torch.Tensor,
     max_q_len: int,
     sm_scale: float | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    config: PrefillConfig | None = None,
+    out: torch.Tensor | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
     """8-bit attention of every sequence's query chunk over its cached keys.
 
@@ -135,18 +328,24 @@ def sage_attention_paged(
     float8_e4m3fn (FP8 P·V); k_scale, v_scale: [P, Hkv, page] fp16. page_table: [B, pages]
     int32 from `padded_page_table` (rows padded with page 0 past KEY_ALIGN-aligned ends).
     q_start, q_len, kv_len: [B] int32 (the new tokens are already stored; kv_len counts them).
-    max_q_len: the largest q_len (host int, sizes the grid).
-    Returns [T, Hq, D] in q's dtype.
+    max_q_len: the largest q_len (host int, sizes the grid). config: None = PrefillConfig().
+    out: [T, Hq, D] to write into (rows of other sequences untouched); None: a new tensor.
+    causal: False lets every query see all kv_len keys (for benchmarks).
+    Returns out, in q's dtype when allocated here.
     """
+    config = config or PrefillConfig()
     tokens, q_heads, dim = q.shape
     kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     pv_fp8 = v_cache.dtype == torch.float8_e4m3fn
-    _check_args(q, k_cache, v_cache, balance, page_table, pv_fp8, block_n)
-    out = torch.empty_like(q)
+    _check_args(q, k_cache, v_cache, balance, page_table, pv_fp8, config.block_n)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must be [T, Hq, D] like q {tuple(q.shape)}, got {out.shape}")
     if tokens == 0:
         return out
-    grid = (page_table.shape[0], triton.cdiv(max_q_len, block_m), q_heads)
-    num_warps = 8 if block_m >= 128 else 4
+    # Query blocks first (adjacent programs share a head's keys in L2), then heads, sequences.
+    grid = (triton.cdiv(max_q_len, config.block_m), q_heads, page_table.shape[0])
     _sage_attention_kernel[grid](
         q, balance if balance is not None else k_scale, out,
         k_cache, k_scale, v_cache, v_scale,
@@ -154,10 +353,25 @@ def sage_attention_paged(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         dim**-0.5 if sm_scale is None else sm_scale,
         num_kv_heads=kv_heads, group=q_heads // kv_heads, page_size=page_size, head_dim=dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_BALANCE=balance is not None, PV_FP8=pv_fp8,
-        num_warps=num_warps, num_stages=3,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, KEY_RUN=key_run(page_size, config.block_n),
+        SPLIT_MASK=config.split_mask, PREFETCH=config.prefetch, WIDE=_needs_int64(k_cache),
+        CAUSAL=causal, FAST_CVT=config.fast_v_cvt and q.is_cuda,
+        HAS_BALANCE=balance is not None, PV_FP8=pv_fp8,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        maxnreg=config.maxnreg if dim <= 128 else None,
     )  # fmt: skip
     return out
+
+
+def _needs_int64(k_cache: torch.Tensor) -> bool:
+    """Element offsets into one layer's cache overflow int32 past 2^31 codes."""
+    return k_cache.numel() >= 2**31
+
+
+def key_run(page_size: int, block_n: int) -> int:
+    """Keys of a block_n-aligned key block that are contiguous (and aligned) in the cache:
+    a power-of-two page holds runs of min(page, block_n); other page sizes promise none."""
+    return min(page_size, block_n) if page_size & (page_size - 1) == 0 else 1
 
 
 def padded_page_table(
@@ -192,7 +406,7 @@ def _check_args(q, k_cache, v_cache, balance, page_table, pv_fp8: bool, block_n:
     page_size = k_cache.shape[2]
     if page_table.shape[1] * page_size < KEY_ALIGN:
         raise ValueError("page_table rows must come from padded_page_table (KEY_ALIGN padding)")
-    if block_n > KEY_ALIGN or KEY_ALIGN % block_n:
-        raise ValueError(f"block_n must divide {KEY_ALIGN}, got {block_n}")
+    if block_n < 16 or block_n > KEY_ALIGN or KEY_ALIGN % block_n:
+        raise ValueError(f"block_n must be a power of two in 16..{KEY_ALIGN}, got {block_n}")
     if pv_fp8 and block_n != PV_BLOCK:
         raise ValueError(f"FP8 P·V scales P per {PV_BLOCK} keys: block_n must be {PV_BLOCK}")

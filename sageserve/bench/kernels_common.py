@@ -1,0 +1,168 @@
+"""Pieces shared by the prefill and decode parts of `sageserve bench kernels`.
+
+Our kernels are reached through the attention backends (`SageAttentionBackend`,
+`TritonBackend`) built for a one-layer model of the benchmark's shape: their caches come
+from `allocate`, their plans and page tables from `build_metadata` (outside the timed
+region, as a serving step builds them once for every layer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sageserve.attention.base import AttentionBackend, BackendOptions
+from sageserve.config import SageConfig
+from sageserve.engine.batch import ForwardBatch, SequenceSlice, build_forward_batch
+from sageserve.models.config import ModelConfig
+
+# Our kernels' variants: backend name and sage P·V precision.
+OUR_VARIANTS: dict[str, tuple[str, str | None]] = {
+    "sage_fp16pv": ("sage_attn", "fp16"),
+    "sage_fp8pv": ("sage_attn", "fp8"),
+    "triton16": ("triton", None),
+}
+# Model positions of the benchmark's model (Llama-3.1-8B): caps the triton16 decode splits
+# as in a server whose pool holds more tokens than that.
+MAX_POSITIONS = 131072
+# The fp64 reference attends over query rows in chunks of about this many score bytes.
+REFERENCE_CHUNK_BYTES = 1 << 30
+# Sanity bar for every variant (8-bit variants included) against the fp64 reference.
+MIN_COSINE = 0.99
+
+
+def model_config(q_heads: int, kv_heads: int, head_dim: int) -> ModelConfig:
+    """A one-layer Llama-shaped model: the backends' only inputs about the model."""
+    return ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=128, hidden_size=q_heads * head_dim,
+        intermediate_size=128, num_layers=1, num_q_heads=q_heads, num_kv_heads=kv_heads,
+        head_dim=head_dim, rope_theta=5e5, rope_scaling=None, rms_norm_eps=1e-5,
+        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
+        attention_bias=False, bos_token_id=None, eos_token_ids=(),
+    )  # fmt: skip
+
+
+def make_backend(
+    variant: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> AttentionBackend:
+    """The backend serving `variant` (the Triton kernels forced on for sage, any device)."""
+    from sageserve.attention.registry import get_backend_class
+
+    name, pv = OUR_VARIANTS[variant]
+    extra = (("sage", SageConfig(pv=pv, impl="triton")),) if pv else ()
+    return get_backend_class(name)(cfg, BackendOptions("auto", dtype, device, extra))
+
+
+def backend_reasons(
+    variant: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> list[str]:
+    """Why the backend of `variant` cannot run this shape and dtype here (empty: it can)."""
+    from sageserve.attention.registry import get_backend_class
+
+    name, pv = OUR_VARIANTS[variant]
+    extra = (("sage", SageConfig(pv=pv, impl="triton")),) if pv else ()
+    options = BackendOptions("auto", dtype, device, extra)
+    return get_backend_class(name).unsupported_reasons(cfg, options)
+
+
+def calibrate(backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Set the sage backend's key mean and Q/K channel balance from these tokens, the way
+    sageserve calibrates on 512 tokens (`attention/calibration.py`); other backends: no-op.
+
+    q: [T, Hq, D]; k: [T, Hkv, D] (the first tokens of the benchmark's data).
+    """
+    if not hasattr(backend, "set_calibration"):
+        return
+    from sageserve.attention.calibration import QKCalibration
+
+    k32, kv_heads = k.float(), k.shape[1]
+    k_mean = k32.double().mean(dim=0).float()
+    grouped = q.float().abs().view(q.shape[0], kv_heads, -1, q.shape[-1])
+    stats = QKCalibration(
+        k_mean=k_mean[None],
+        k_absmax=(k32 - k_mean).abs().amax(dim=0)[None],
+        k_absmax_raw=k32.abs().amax(dim=0)[None],
+        q_absmax=grouped.amax(dim=(0, 2))[None],
+    )
+    backend.set_calibration(stats.k_mean, stats.channel_scale(smoothed=True))
+
+
+def shuffled_tables(
+    count: int, kv_len: int, page_size: int, gen: torch.Generator
+) -> tuple[list[tuple[int, ...]], int]:
+    """`count` page tables of kv_len tokens over a shuffled pool; (tables, pool pages)."""
+    per_seq = math.ceil(kv_len / page_size)
+    num_pages = count * per_seq + 1  # page 0 is the null page
+    order = (torch.randperm(num_pages - 1, generator=gen) + 1).view(count, per_seq)
+    return [tuple(row) for row in order.tolist()], num_pages
+
+
+def forward_batch(
+    tables: list[tuple[int, ...]],
+    prefix_len: int,
+    query_len: int,
+    page_size: int,
+    device: torch.device,
+) -> ForwardBatch:
+    """A step of len(tables) sequences, each query_len new tokens after prefix_len cached."""
+    slices = [SequenceSlice(table, prefix_len, query_len) for table in tables]
+    ids = [[0] * query_len for _ in tables]
+    return build_forward_batch(slices, ids, [], page_size, device)
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> torch.Tensor:
+    """Exact attention in fp64: q [Nq, Hq, D], k, v [Nk, Hkv, D] -> [Nq, Hq, D].
+
+    Causal aligned bottom-right (query i sees keys 0 .. Nk - Nq + i). Query rows run in
+    chunks so that the scores stay near REFERENCE_CHUNK_BYTES; K/V are not expanded
+    over the GQA group (the group's query heads share a batched product instead).
+    """
+    n_q, q_heads, dim = q.shape
+    n_k, kv_heads = k.shape[0], k.shape[1]
+    group = q_heads // kv_heads
+    qg = q.double().view(n_q, kv_heads, group, dim).permute(1, 2, 0, 3)  # [Hkv, G, Nq, D]
+    kh = k.double().permute(1, 2, 0)  # [Hkv, D, Nk]
+    vh = v.double().permute(1, 0, 2)  # [Hkv, Nk, D]
+    out = torch.empty_like(qg)
+    rows = max(1, REFERENCE_CHUNK_BYTES // (q_heads * n_k * 8))
+    keys = torch.arange(n_k, device=q.device)
+    for r0 in range(0, n_q, rows):
+        r1 = min(n_q, r0 + rows)
+        s = torch.matmul(qg[:, :, r0:r1].reshape(kv_heads, -1, dim), kh) * dim**-0.5
+        s = s.view(kv_heads, group, r1 - r0, n_k)
+        if causal:
+            last = torch.arange(r0, r1, device=q.device) + (n_k - n_q)  # last key each row sees
+            s = s.masked_fill(keys[None, :] > last[:, None], float("-inf"))
+        p = torch.softmax(s, dim=-1).view(kv_heads, -1, n_k)
+        out[:, :, r0:r1] = torch.matmul(p, vh).view(kv_heads, group, r1 - r0, dim)
+    return out.permute(2, 0, 1, 3).reshape(n_q, q_heads, dim)
+
+
+def accuracy(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Cosine similarity, relative L1 (sum|o - ref| / sum|ref|) and max error / max|ref|."""
+    o, r = got.double().flatten(), ref.double().flatten()
+    diff = (o - r).abs()
+    return {
+        "cosine": torch.nn.functional.cosine_similarity(o, r, dim=0).item(),
+        "rel_l1": (diff.sum() / r.abs().sum()).item(),
+        "max_err_rel": (diff.max() / r.abs().max()).item(),
+    }
+
+
+def keys_with_bias(
+    shape: tuple[int, ...], bias: torch.Tensor, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Normal fp32 values plus a per-(head, channel) bias shared by every token, as real
+    keys carry (the reason for K smoothing). shape: [T, H, D]; bias: [H, D]."""
+    return torch.randn(shape, generator=gen, device=device) + bias
+
+
+def shape_seed(base: int, *parts: int) -> int:
+    """A fresh, reproducible seed per shape."""
+    seed = base
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**62)
+    return seed
