@@ -60,12 +60,33 @@ BACKENDS = ["torch", "sage_attn"]
 def test_batched_equals_alone(smollm2: LoadedModel, backend: str) -> None:
     prompts = random_prompts([1, 7, 20, 33, 64, 100, 150, 200], seed=1)
     llm = make_llm(smollm2, backend=backend, chunked_prefill_size=64)
-    together = llm.generate(prompts, GREEDY)
-    alone = [llm.generate([p], GREEDY)[0] for p in prompts]
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, logprobs=2)
+    together = llm.generate(prompts, params)
+    alone = [llm.generate([p], params)[0] for p in prompts]
     for t, a in zip(together, alone, strict=True):
-        assert t.token_ids == a.token_ids
         assert len(t.token_ids) == 16 and t.finish_reason == "length"
+        if backend == "torch":
+            assert t.token_ids == a.token_ids
+        else:
+            _assert_same_up_to_near_tie(t, a)
     assert_pool_whole(llm)
+
+
+def _assert_same_up_to_near_tie(t, a, gap: float = 0.1) -> None:
+    """Greedy outputs agree, or first part at a position where both saw a near-tie.
+
+    The fp32 linear layers round differently for other batch shapes (~1e-6); an 8-bit
+    backend can amplify that by flipping an INT8 code, which only changes a greedy token
+    where the top two candidates are close. Attention itself is batch-invariant (tested
+    at the backend level, bitwise).
+    """
+    pairs = enumerate(zip(t.token_ids, a.token_ids, strict=True))
+    first = next((i for i, (x, y) in pairs if x != y), None)
+    if first is None:
+        return
+    for out in (t, a):
+        top2 = sorted(out.logprobs[first].values(), reverse=True)[:2]
+        assert top2[0] - top2[1] < gap, (first, top2, t.token_ids, a.token_ids)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
