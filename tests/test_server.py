@@ -263,7 +263,8 @@ def test_client_disconnect_aborts_and_frees_pages(server: Server) -> None:
     with server.client.stream("POST", "/generate", json=body) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-        assert server.info()["num_running"] == 1
+        # Stats are published after the step whose output we just read: wait for them.
+        assert server.wait_until(lambda i: i["num_running"] == 1, timeout=10)["num_running"] == 1
     info = server.wait_until(_pool_whole)
     assert _pool_whole(info), info
 
