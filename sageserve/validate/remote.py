@@ -24,7 +24,7 @@ from sageserve.validate import determinism, mmlu, remote_logprobs, remote_throug
 from sageserve.validate.agreement import PREFIX_GROUP, BackendScores, Window
 from sageserve.validate.config import ValidateConfig
 from sageserve.validate.logprob_check import merge
-from sageserve.validate.metrics import TokenComparison, compare_top_n
+from sageserve.validate.metrics import compare_top_n
 from sageserve.validate.remote_client import RemoteServer, Scored
 from sageserve.validate.runner import LocalResults, Plan
 
@@ -173,8 +173,3 @@ def _memory(server: RemoteServer) -> dict[str, Any]:
         mem["pool_capacity_tokens"] = info["max_total_num_tokens"]
     mem["attention_backend"] = info.get("attention_backend")
     return mem
-
-
-def merged_comparisons(scores: BackendScores) -> dict[str, TokenComparison]:
-    """Each group's windows as one comparison (for tests and quick looks)."""
-    return {g: TokenComparison.cat(parts) for g, parts in scores.comparisons.items()}

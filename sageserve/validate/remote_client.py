@@ -9,7 +9,7 @@ everywhere, so every server sees exactly the same tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -46,7 +46,6 @@ class Greedy:
     token_ids: list[int] | list[str]
     logprobs: list[dict[Any, float]]
     num_cached_tokens: int
-    top: list[dict[Any, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -177,8 +176,7 @@ class RemoteServer:
             meta = answer["meta_info"]
             ids = list(answer["output_ids"])
             chosen = [{e[1]: e[0]} for e in meta["output_token_logprobs"]]
-            tops = [_top_dict(t) for t in meta.get("output_top_logprobs") or []]
-            outs.append(Greedy(ids, chosen, meta.get("cached_tokens") or 0, tops))
+            outs.append(Greedy(ids, chosen, meta.get("cached_tokens") or 0))
         return outs
 
     def _greedy_completions(self, prompts: list[list[int]], n: int, top_n: int) -> list[Greedy]:
@@ -188,7 +186,7 @@ class RemoteServer:
         for c in choices:
             lp = c["logprobs"]
             chosen = [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"], strict=True)]
-            outs.append(Greedy(list(lp["tokens"]), chosen, 0, list(lp["top_logprobs"] or [])))
+            outs.append(Greedy(list(lp["tokens"]), chosen, 0))
         return outs
 
     def completion_body(self, prompts: list[list[int]] | list[int], n: int) -> dict[str, Any]:
