@@ -35,7 +35,7 @@ class CacheConfig:
     on CPU it holds `max_total_tokens` tokens (default `DEFAULT_CPU_KV_TOKENS`).
     """
 
-    page_size: int = 16
+    page_size: int | None = None  # None: the attention backend's `preferred_page_size`
     kv_cache_dtype: str = "auto"
     mem_fraction_static: float = 0.85
     max_total_tokens: int | None = None

@@ -78,7 +78,13 @@ def _add_model_args(group: argparse._ArgumentGroup) -> None:
 
 
 def _add_cache_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
+    group.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        help="tokens per KV cache page; default: the attention backend's choice (64 for the "
+        "GPU kernels of triton and sage_attn, whose key blocks are then whole pages; 16 else)",
+    )
     group.add_argument(
         "--kv-cache-dtype",
         default="auto",

@@ -80,13 +80,17 @@ def _assert_same_up_to_near_tie(t, a, gap: float = 0.1) -> None:
     where the top two candidates are close. Attention itself is batch-invariant (tested
     at the backend level, bitwise).
     """
-    pairs = enumerate(zip(t.token_ids, a.token_ids, strict=True))
-    first = next((i for i, (x, y) in pairs if x != y), None)
-    if first is None:
+    first = _first_difference(t.token_ids, a.token_ids)
+    if first == len(t.token_ids):
         return
     for out in (t, a):
         top2 = sorted(out.logprobs[first].values(), reverse=True)[:2]
         assert top2[0] - top2[1] < gap, (first, top2, t.token_ids, a.token_ids)
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first position where a and b (same length) differ; len(a) if none."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,10 +104,21 @@ def test_prefix_cache_hit_matches_miss(smollm2: LoadedModel, backend: str) -> No
     no_cache = make_llm(smollm2, backend=backend, enable_prefix_cache=False)
     miss = no_cache.generate([shared + tail_b], params)[0]
     assert miss.num_cached_tokens == 0
-    assert hit.token_ids == miss.token_ids
-    for lp_hit, lp_miss in zip(hit.logprobs, miss.logprobs, strict=True):
+    if backend == "torch":
+        assert hit.token_ids == miss.token_ids
+        tolerance, steps = 1e-4, len(hit.token_ids)
+    else:
+        # The prefix's K/V came from a GEMM over another batch shape (the first prompt): fp32
+        # rounding differs by ~1e-6, which can flip an INT8 code (seen on other CPUs' BLAS).
+        # Such a flip moves logprobs by ~1e-2 (SGLang's per-token bar is 5e-2) and may part
+        # greedy outputs only at a near-tie.
+        _assert_same_up_to_near_tie(hit, miss)
+        tolerance = 5e-2
+        # Up to the first differing token, both saw the same context.
+        steps = _first_difference(hit.token_ids, miss.token_ids) + 1
+    for lp_hit, lp_miss in list(zip(hit.logprobs, miss.logprobs, strict=True))[:steps]:
         assert lp_hit.keys() == lp_miss.keys()
-        assert max(abs(lp_hit[k] - lp_miss[k]) for k in lp_hit) < 1e-4
+        assert max(abs(lp_hit[k] - lp_miss[k]) for k in lp_hit) < tolerance
     assert_pool_whole(cached)
 
 
@@ -204,3 +219,22 @@ def test_user_errors_are_value_errors(smollm2: LoadedModel) -> None:
         LLM.from_engine_config(EngineConfig(attention_backend="nope", device="cpu"), smollm2)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         CacheConfig(kv_cache_dtype="int4")
+
+
+def test_validate_engine_frees_its_pool_while_still_named(smollm2: LoadedModel) -> None:
+    """`built_engine` frees the pool on exit though the caller's `as` name still holds the
+    engine (on a GPU the next engine's pool is sized from the memory left)."""
+    import gc
+    import weakref
+
+    from sageserve.validate.workload import built_engine
+
+    base = EngineConfig(dtype="float32", device="cpu", cache=CacheConfig(max_total_tokens=256))
+    with built_engine(base, "torch", smollm2) as engine:
+        engine.add_request([5, 6, 7], GREEDY)
+        engine.step()
+        pool = weakref.ref(engine.runner.kv_cache)
+    gc.collect()
+    assert pool() is None
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.step()

@@ -119,6 +119,16 @@ def test_fp16_pv_kernel_matches_reference(heads, kv_heads, dim, page_size, confi
     _close(out, ref)
 
 
+# Pages that hold whole key blocks: the tensor-descriptor (TMA) loads.
+@pytest.mark.parametrize("config", CPU_CONFIGS[:2], ids=str)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "page_size"),
+                         [(4, 2, 64, 32), (2, 1, 32, 64)])  # fmt: skip
+def test_tma_kernel_matches_reference(heads, kv_heads, dim, page_size, config) -> None:
+    assert config.uses_tma(page_size)
+    out, ref = run_case(heads, kv_heads, dim, page_size, "fp16", torch.device("cpu"), config)
+    _close(out, ref)
+
+
 def test_bad_block_n_raises() -> None:
     with pytest.raises(ValueError, match="block_n"):
         run_case(2, 1, 32, 16, "fp16", torch.device("cpu"), PrefillConfig(32, 48, 4, 2))
@@ -127,7 +137,8 @@ def test_bad_block_n_raises() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("pv", ["fp16", "fp8"])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "page_size"),
-                         [(9, 3, 64, 16), (8, 2, 128, 1), (4, 2, 128, 7)])  # fmt: skip
+                         [(9, 3, 64, 16), (8, 2, 128, 1), (4, 2, 128, 7), (8, 2, 128, 64),
+                          (9, 3, 64, 128)])  # fmt: skip
 def test_kernel_matches_reference_on_gpu(heads, kv_heads, dim, page_size, pv) -> None:
     out, ref = run_case(heads, kv_heads, dim, page_size, pv, torch.device("cuda"),
                         PrefillConfig())  # fmt: skip
@@ -137,10 +148,11 @@ def test_kernel_matches_reference_on_gpu(heads, kv_heads, dim, page_size, pv) ->
 @pytest.mark.gpu
 @pytest.mark.parametrize("pv", ["fp16", "fp8"])
 @pytest.mark.parametrize("config", GPU_CONFIGS, ids=str)
-def test_configs_match_reference_on_gpu(config, pv) -> None:
+@pytest.mark.parametrize("page_size", [16, 128])
+def test_configs_match_reference_on_gpu(config, pv, page_size) -> None:
     if pv == "fp8" and config.block_n != 64:
         pytest.skip("FP8 P·V needs block_n 64")
-    out, ref = run_case(32, 8, 128, 16, pv, torch.device("cuda"), config)
+    out, ref = run_case(32, 8, 128, page_size, pv, torch.device("cuda"), config)
     _close(out, ref)
 
 

@@ -177,6 +177,10 @@ def run_prefill(heads, kv_heads, dim, page_size, dtype, spans, config=None, seed
         (6, 2, 64, 7, torch.float16, PrefillConfig(32, 32, 4, 1)),
         # More keys than query rows per step.
         (2, 1, 128, 16, torch.float16, PrefillConfig(64, 128, 4, 1)),
+        # Pages that hold whole key blocks: tensor-descriptor (TMA) loads.
+        (4, 2, 64, 64, torch.float16, None),
+        (6, 2, 64, 32, torch.float16, PrefillConfig(32, 32, 4, 1)),
+        (4, 4, 32, 128, torch.float32, None),
     ],
 )
 def test_prefill_matches_dense_reference(heads, kv_heads, dim, page_size, dtype, config) -> None:
@@ -332,7 +336,7 @@ def test_backend_mixed_step_matches_dense_reference(device, dtype) -> None:
 
 CUDA = torch.device("cuda")
 # Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim 128; SmolLM2: 9, 3, 64.
-GPU_SHAPES = [(32, 8, 128, 16), (32, 8, 128, 1), (9, 3, 64, 16)]
+GPU_SHAPES = [(32, 8, 128, 16), (32, 8, 128, 1), (9, 3, 64, 16), (32, 8, 128, 64), (9, 3, 64, 128)]
 GPU_DTYPES = [torch.float16, torch.bfloat16]
 
 

@@ -269,3 +269,55 @@ def test_calibration_shift_equals_running_at_shifted_positions(smollm2: LoadedMo
         torch.testing.assert_close(rotated, k1, atol=tol, rtol=0)
         rotated_q = _shifted(q0, cos[pick : pick + 1], sin[pick : pick + 1])[0]
         torch.testing.assert_close(rotated_q, q1, atol=2e-3 * q1.abs().max().item(), rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+def test_kernel_decode_step_replays_in_a_cuda_graph(pv: str) -> None:
+    """The Triton path's decode step (quantizing store, split-KV kernel, combine) captured
+    in a CUDA graph and replayed with the next step's metadata copied into the captured
+    buffers equals running that step eagerly: no host sync or data-dependent allocation."""
+    cuda = torch.device("cuda")
+    gen = torch.Generator().manual_seed(12)
+    config = _config(num_layers=1, heads=32, kv_heads=8, head_dim=128)
+    options = BackendOptions("auto", torch.bfloat16, cuda, (("sage", SageConfig(pv=pv)),))
+    backend = SageAttentionBackend(config, options)
+    backend.set_calibration(torch.randn(1, 8, 128, generator=gen), torch.rand(1, 8, 128) + 0.5)
+    page, lens = 64, [300, 1000, 5, 2000]
+    cache = backend.allocate(200, page)
+    order = (torch.randperm(199, generator=gen) + 1).tolist()
+    tables = [tuple(order[i * 40 : i * 40 + 40]) for i in range(len(lens))]
+
+    def step(prefixes: list[int], new: int):
+        slices = [SequenceSlice(t, p, new) for t, p in zip(tables, prefixes, strict=True)]
+        meta = backend.build_metadata(
+            build_forward_batch(slices, [[1] * new] * len(lens), [], page, cuda)
+        )
+        tokens = new * len(lens)
+        q, k, v = (torch.randn(tokens, h, 128, generator=gen).to(cuda, torch.bfloat16)
+                   for h in (32, 8, 8))  # fmt: skip
+        return meta, q, k, v
+
+    for table, n in zip(tables, lens, strict=True):  # fill the prefixes, one at a time
+        slices = [SequenceSlice(table, 0, n)]
+        meta = backend.build_metadata(build_forward_batch(slices, [[1] * n], [], page, cuda))
+        backend.forward(0, *(torch.randn(n, h, 128, generator=gen).to(cuda, torch.bfloat16)
+                             for h in (32, 8, 8)), cache, meta)  # fmt: skip
+    meta, q, k, v = step(lens, 1)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = backend.forward(0, q, k, v, cache, meta)
+    nxt, q2, k2, v2 = step([n + 1 for n in lens], 1)
+    dec, nxt_dec = meta.kernel.decode, nxt.kernel.decode
+    for name in ("page_table", "q_rows", "kv_len"):
+        getattr(dec, name).copy_(getattr(nxt_dec, name))
+    meta.store_pages.copy_(nxt.store_pages)
+    meta.store_offsets.copy_(nxt.store_offsets)
+    for static, new in ((q, q2), (k, k2), (v, v2)):
+        static.copy_(new)
+    graph.replay()
+    eager = backend.forward(0, q2, k2, v2, cache, nxt)
+    torch.cuda.synchronize()
+    assert torch.isfinite(static_out).all()
+    assert torch.equal(static_out, eager)

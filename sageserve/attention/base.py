@@ -78,6 +78,11 @@ class AttentionBackend(ABC):
     def kv_cache_spec(self) -> KVCacheSpec:
         """Bytes per token and dtype of this backend's cache for the model."""
 
+    def preferred_page_size(self) -> int:
+        """Tokens per page when the user names none (`--page-size`): what this backend's
+        kernels run fastest with. Any page size >= 1 must still work."""
+        return 16
+
     @abstractmethod
     def allocate(self, num_pages: int, page_size: int) -> Any:
         """Allocate the whole KV pool: num_pages pages of page_size tokens, every layer."""

@@ -192,6 +192,12 @@ class SageAttentionBackend(AttentionBackend):
         self.k_mean = None if k_mean is None else k_mean.float().to(device)
         self.channel_scale = None if channel_scale is None else channel_scale.float().to(device)
 
+    def preferred_page_size(self) -> int:
+        """64 for the Triton kernels: the prefill kernel's 64-key blocks are then whole pages,
+        read by TMA (one bulk copy per block instead of per-key gathers): 1.3-1.4x faster on
+        an H100. The reference path keeps the base size."""
+        return 64 if self.use_kernels else super().preferred_page_size()
+
     def kv_cache_spec(self) -> KVCacheSpec:
         cfg = self.model_config
         per_layer_8bit = 2 * cfg.num_kv_heads * (cfg.head_dim + 2)  # codes + fp16 scale, K and V

@@ -86,7 +86,12 @@ def add_kernels_args(parser: argparse.ArgumentParser) -> None:
         default=Q_HEADS,
         help=f"prefill KV heads ({Q_HEADS} query heads; fewer KV heads = GQA)",
     )
-    add("--page-size", type=int, default=16, help="tokens per page of our paged caches")
+    add(
+        "--page-size",
+        type=int,
+        default=64,
+        help="tokens per page of our paged caches (64: the GPU backends' default)",
+    )
     add("--decode-batches", default="1,16,64")
     add(
         "--decode-contexts",

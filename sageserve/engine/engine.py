@@ -69,7 +69,7 @@ class Engine:
         backend = get_backend_class(self.config.attention_backend)(self.model_config, options)
         self.runner = ModelRunner(self.loaded.model, backend, cache, self.device, self.tokenizer)
         self.block_manager = BlockManager(
-            self.runner.num_pages, cache.page_size, cache.enable_prefix_cache
+            self.runner.num_pages, self.runner.page_size, cache.enable_prefix_cache
         )
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         logger.info(
@@ -161,10 +161,20 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def close(self) -> None:
+        """Free the KV pool and the attention backend now, whoever still holds this Engine
+        (the weights stay with their LoadedModel). Any later step raises."""
+        self.runner = None
+        self.block_manager = None
+        self.scheduler = None
+        self.requests.clear()
+
     # --------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns an output for every request that progressed."""
+        if self.runner is None:
+            raise RuntimeError("this engine was closed")
         sched = self.scheduler.schedule()
         touched: list[Request] = []
         for req in sched.unservable:

@@ -35,7 +35,7 @@ class LLM:
         context_length: int | None = None,
         seed: int = 0,
         kv_cache_dtype: str = "auto",
-        page_size: int = 16,
+        page_size: int | None = None,
         max_total_tokens: int | None = None,
         mem_fraction_static: float = 0.85,
         enable_prefix_cache: bool = True,

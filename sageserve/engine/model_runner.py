@@ -14,8 +14,10 @@ from sageserve.models.llama import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 
-def pool_num_pages(cache: CacheConfig, bytes_per_token: int, device: torch.device) -> int:
-    """How many pages the KV pool gets (page 0, the null page, included).
+def pool_num_pages(
+    cache: CacheConfig, page_size: int, bytes_per_token: int, device: torch.device
+) -> int:
+    """How many pages of page_size tokens the KV pool gets (page 0, the null page, included).
 
     CUDA: what `mem_fraction_static` of the card leaves after the weights (already
     allocated when this runs), capped by `max_total_tokens` if given. CPU: a token budget,
@@ -29,11 +31,11 @@ def pool_num_pages(cache: CacheConfig, bytes_per_token: int, device: torch.devic
             tokens = min(tokens, cache.max_total_tokens)
     else:
         tokens = cache.max_total_tokens or DEFAULT_CPU_KV_TOKENS
-    pages = tokens // cache.page_size
+    pages = tokens // page_size
     if pages < 1:
         raise ValueError(
             f"the KV pool would hold {max(tokens, 0)} tokens, less than one page of "
-            f"{cache.page_size}; raise --mem-fraction-static or --max-total-tokens"
+            f"{page_size}; raise --mem-fraction-static or --max-total-tokens"
         )
     return pages + 1
 
@@ -54,9 +56,9 @@ class ModelRunner:
         backend.prepare(model, tokenizer)
         self.device = device
         self.kv_spec = backend.kv_cache_spec()
-        self.num_pages = pool_num_pages(cache, self.kv_spec.bytes_per_token, device)
-        self.page_size = cache.page_size
-        self.kv_cache = backend.allocate(self.num_pages, cache.page_size)
+        self.page_size = cache.page_size or backend.preferred_page_size()
+        self.num_pages = pool_num_pages(cache, self.page_size, self.kv_spec.bytes_per_token, device)
+        self.kv_cache = backend.allocate(self.num_pages, self.page_size)
         self._log_pool()
 
     @property

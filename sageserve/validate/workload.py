@@ -52,7 +52,9 @@ class TextSource:
 def built_engine(
     base: EngineConfig, backend: str, loaded: LoadedModel, prefix_cache: bool | None = None
 ) -> Iterator[Engine]:
-    """An Engine for `backend` over the shared weights, freed (pool and all) on exit.
+    """An Engine for `backend` over the shared weights, freed (pool and all) on exit, even
+    while the caller's `as` name still refers to it: the next engine's pool is sized from the
+    memory left on the card.
 
     prefix_cache: override the base config's setting (None keeps it).
     """
@@ -63,7 +65,7 @@ def built_engine(
     try:
         yield engine
     finally:
-        del engine
+        engine.close()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

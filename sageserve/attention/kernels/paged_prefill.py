@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sageserve.attention.kernels.paged_common import (
     KEY_ALIGN,
@@ -35,19 +36,30 @@ from sageserve.attention.kernels.paged_common import (
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    """Query rows and keys per program step, and the compiler's warps and pipeline stages."""
+    """Query rows and keys per program step, the compiler's warps and pipeline stages, a
+    register cap per thread (None: the compiler's choice), and whether key blocks that lie
+    inside one page (page_size % block_n == 0) are read through tensor descriptors (TMA)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
+    tma: bool = True
+
+    def uses_tma(self, page_size: int) -> bool:
+        """Whether key blocks of this page size go through tensor descriptors."""
+        return self.tma and page_size % self.block_n == 0
 
 
-def prefill_config(head_dim: int) -> PrefillConfig:
+def prefill_config(head_dim: int, page_size: int) -> PrefillConfig:
     """Tile shapes: 128 query rows on two warpgroups (Hopper's wgmma takes 64 rows per
-    warpgroup), 64 keys per step; one tiling for every head_dim so far (no spills at 128:
-    benchmarks/triton16_ptx_check.py). The interpreter uses the same: its cost is per
-    operation, so large tiles are also its fastest (and the tests run the GPU's tiling)."""
+    warpgroup); 128 keys per step when a page holds them (one TMA box), else 64. Fastest
+    of the settings tried on an H100 at head_dim 128 (benchmarks/KERNEL_NOTES.md, "TMA");
+    no spills at head_dim <= 128. The interpreter uses the same: its cost is per operation,
+    so large tiles are also its fastest (and the tests run the GPU's tiling)."""
+    if page_size % 128 == 0:
+        return PrefillConfig(128, 128, 8, 2)
     return PrefillConfig(128, 64, 8, 3)
 
 
@@ -86,7 +98,7 @@ def plan_prefill(
     tables: each sequence's pages (at least ceil(kv_len / page_size)); q_starts, q_lens,
     kv_lens: host ints per sequence, q_len <= kv_len.
     """
-    config = config or prefill_config(head_dim)
+    config = config or prefill_config(head_dim, page_size)
     blocks = [
         (kv - q + row + config.block_m, seq, row)
         for seq, (q, kv) in enumerate(zip(q_lens, kv_lens, strict=True))
@@ -102,21 +114,30 @@ def plan_prefill(
 def _attend_key_block(
     q, q_pos, k_ptr, v_ptr, table, start, kv_len, m_i, l_i, acc, qk_scale,
     kv_head, num_kv_heads: tl.constexpr, page_size: tl.constexpr, head_dim: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """Keys start .. start + BLOCK_N of one sequence folded into the running softmax."""
+    """Keys start .. start + BLOCK_N of one sequence folded into the running softmax.
+
+    TMA: k_ptr and v_ptr are descriptors of the cache as [slots, Hkv * D] with
+    [BLOCK_N, D] boxes, and the block lies inside one page: one bulk copy each.
+    """
     keys = start + tl.arange(0, BLOCK_N)
-    rows = key_offsets(table, keys, page_size, num_kv_heads, kv_head, head_dim)[:, None]
-    d = tl.arange(0, head_dim)[None, :]
-    k = tl.load(k_ptr + rows + d)
+    if TMA:
+        page = tl.load(table + start // page_size)
+        slot = page * page_size + start % page_size
+        k = k_ptr.load([slot, kv_head * head_dim])
+        v = v_ptr.load([slot, kv_head * head_dim])
+    else:
+        rows = key_offsets(table, keys, page_size, num_kv_heads, kv_head, head_dim)[:, None]
+        d = tl.arange(0, head_dim)[None, :]
+        k = tl.load(k_ptr + rows + d)
+        v = tl.load(v_ptr + rows + d)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if MASKED:
         key_ok = keys < kv_len
         s = tl.where((keys[None, :] <= q_pos[:, None]) & key_ok[None, :], s, float("-inf"))
         # Slots past kv_len are stale or never written: 0 * NaN would still poison P·V.
-        v = tl.load(v_ptr + rows + d, mask=key_ok[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptr + rows + d)
+        v = tl.where(key_ok[:, None], v, 0.0)
     return online_softmax_step(s, v, m_i, l_i, acc)
 
 
@@ -126,8 +147,9 @@ def _paged_prefill_kernel(
     table_ptr, q_start_ptr, q_len_ptr, kv_len_ptr, block_seq_ptr, block_row_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_table, qk_scale,
     num_kv_heads: tl.constexpr, group: tl.constexpr, page_size: tl.constexpr,
-    head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
+    """One program per (query head, planned block); TMA: k_ptr, v_ptr are descriptors."""
     head = tl.program_id(0)
     seq = tl.load(block_seq_ptr + tl.program_id(1))
     row0 = tl.load(block_row_ptr + tl.program_id(1))
@@ -140,7 +162,7 @@ def _paged_prefill_kernel(
     d = tl.arange(0, head_dim)[None, :]
     tokens = (tl.load(q_start_ptr + seq) + rows).to(tl.int64)[:, None]
     q = tl.load(q_ptr + tokens * stride_qt + head * stride_qh + d, mask=row_ok, other=0.0)
-    q = q.to(k_ptr.dtype.element_ty)
+    q = q.to(k_ptr.dtype if TMA else k_ptr.dtype.element_ty)  # a descriptor's dtype: its element
     q_pos = prefix + rows
     table = table_ptr + seq.to(tl.int64) * stride_table
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -151,13 +173,13 @@ def _paged_prefill_kernel(
     for start in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _attend_key_block(
             q, q_pos, k_ptr, v_ptr, table, start, kv_len, m_i, l_i, acc, qk_scale,
-            kv_head, num_kv_heads, page_size, head_dim, BLOCK_N, False,
+            kv_head, num_kv_heads, page_size, head_dim, BLOCK_N, False, TMA,
         )  # fmt: skip
     end = tl.minimum(kv_len, prefix + row0 + BLOCK_M)
     for start in range(full_end, end, BLOCK_N):
         m_i, l_i, acc = _attend_key_block(
             q, q_pos, k_ptr, v_ptr, table, start, kv_len, m_i, l_i, acc, qk_scale,
-            kv_head, num_kv_heads, page_size, head_dim, BLOCK_N, True,
+            kv_head, num_kv_heads, page_size, head_dim, BLOCK_N, True, TMA,
         )  # fmt: skip
     out = acc / l_i[:, None]
     o_ptrs = out_ptr + tokens * stride_ot + head * stride_oh + d
@@ -189,13 +211,24 @@ def paged_prefill(
     if num_blocks == 0:
         return out
     scale = (dim**-0.5 if sm_scale is None else sm_scale) * LOG2E
+    tma = cfg.uses_tma(plan.page_size)
+    caches = (k_cache, v_cache)
+    if tma:
+        caches = tuple(_descriptor(t, cfg.block_n) for t in caches)
     _paged_prefill_kernel[(q_heads, num_blocks)](
-        q, out, k_cache, v_cache,
+        q, out, *caches,
         plan.page_table, plan.q_start, plan.q_len, plan.kv_len, plan.block_seq, plan.block_row,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), plan.page_table.stride(0),
         scale,
         num_kv_heads=kv_heads, group=q_heads // kv_heads, page_size=plan.page_size, head_dim=dim,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )  # fmt: skip
     return out
+
+
+def _descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """One layer's K or V cache [slots, Hkv, D] as [slots, Hkv * D], [block_n, D] boxes."""
+    slots, heads, dim = cache.shape
+    flat = cache.view(slots, heads * dim)
+    return TensorDescriptor(flat, [slots, heads * dim], [heads * dim, 1], [block_n, dim])

@@ -21,15 +21,16 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
+# Page tables are read without masks (so the compiler sees each page's keys as contiguous
+# and vectorizes): rows are padded with the null page to a multiple of KEY_ALIGN tokens past
+# the longest sequence, as for the 16-bit kernels.
+from sageserve.attention.kernels.paged_common import KEY_ALIGN, padded_tables
 from sageserve.attention.sage_reference import PV_BLOCK
 
 MIN_SCALE = tl.constexpr(2.0**-24)
 LOG2E = tl.constexpr(1.4426950408889634)
-# Page tables are read without masks (so the compiler sees each page's keys as contiguous
-# and vectorizes): rows must cover every key block a program may touch, i.e. be padded with
-# the null page to a multiple of KEY_ALIGN tokens past the longest sequence.
-KEY_ALIGN = 128
 
 
 @triton.jit
@@ -118,6 +119,29 @@ def _load_block(
 
 
 @triton.jit
+def _load_block_tma(
+    k_desc, k_scale_desc, v_desc, v_scale_desc, table, start, kv_head,
+    num_kv_heads: tl.constexpr, page_size: tl.constexpr, head_dim: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Keys start .. start + BLOCK_N through tensor descriptors (TMA), when a key block lies
+    inside one page (page_size % BLOCK_N == 0): one bulk copy per operand, no per-key
+    addresses. Returns what `_load_block` does; unmasked in the same way.
+
+    k_desc: [P * Hkv * page, D] int8 boxes [BLOCK_N, D]; v_desc: [P * Hkv * D, page] boxes
+    [D, BLOCK_N] (V pages are transposed); scale descriptors [P * Hkv, page] boxes [1, BLOCK_N].
+    """
+    page = tl.load(table + start // page_size)
+    base = page * num_kv_heads + kv_head  # the (page, head) tile
+    in_page = start % page_size
+    k = k_desc.load([base * page_size + in_page, 0])
+    k_scale = tl.reshape(k_scale_desc.load([base, in_page]), [BLOCK_N])
+    v = tl.trans(v_desc.load([base * head_dim, in_page]))
+    v_scale = tl.reshape(v_scale_desc.load([base, in_page]), [BLOCK_N])
+    return k, k_scale, v, v_scale
+
+
+@triton.jit
 def _softmax_pv(
     acc, l_i, m_i, q_codes, row_scale, rows, prefix, start, end, k, k_scale, v, v_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr,
@@ -164,8 +188,11 @@ def _attend_keys(
     num_kv_heads: tl.constexpr, page_size: tl.constexpr, head_dim: tl.constexpr,
     BLOCK_N: tl.constexpr, KEY_RUN: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
     PV_FP8: tl.constexpr, PREFETCH: tl.constexpr, WIDE: tl.constexpr, FAST_CVT: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key blocks lo, lo + BLOCK_N, .. < hi: (acc, l_i, m_i).
+
+    TMA: the four cache arguments are tensor descriptors (see `_load_block_tma`).
 
     PREFETCH: load block i + 1 into registers (and its page numbers a block earlier) before
     computing block i, so that the loads overlap the math; otherwise leave the loads to
@@ -196,10 +223,15 @@ def _attend_keys(
     else:
         for start in range(lo, hi, BLOCK_N):
             start = tl.multiple_of(start, BLOCK_N)
-            page = _block_pages(table, start, page_size, BLOCK_N)
-            k, ks, v, vs = _load_block(k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr, page,
-                                       start, kv_head, d, num_kv_heads, page_size, head_dim,
-                                       BLOCK_N, KEY_RUN, WIDE)  # fmt: skip
+            if TMA:
+                k, ks, v, vs = _load_block_tma(k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
+                                               table, start, kv_head, num_kv_heads, page_size,
+                                               head_dim, BLOCK_N)  # fmt: skip
+            else:
+                page = _block_pages(table, start, page_size, BLOCK_N)
+                k, ks, v, vs = _load_block(k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
+                                           page, start, kv_head, d, num_kv_heads, page_size,
+                                           head_dim, BLOCK_N, KEY_RUN, WIDE)  # fmt: skip
             acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, q_codes, row_scale, rows, prefix, start,
                                         end, k, ks, v, vs, BLOCK_N, MASK, CAUSAL,
                                         PV_FP8, FAST_CVT)  # fmt: skip
@@ -219,9 +251,12 @@ def _sage_attention_kernel(
     head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KEY_RUN: tl.constexpr, SPLIT_MASK: tl.constexpr, PREFETCH: tl.constexpr,
     WIDE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BALANCE: tl.constexpr, PV_FP8: tl.constexpr,
-    FAST_CVT: tl.constexpr,
+    FAST_CVT: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """One program per (block of BLOCK_M query rows, query head, sequence).
+
+    TMA: the cache arguments are tensor descriptors (`cache_descriptors`), read a page-aligned
+    key block at a time; otherwise pointers, read by per-key gathers.
 
     Blocks run last to first (the grid's first programs get the longest causal rows, so
     the short ones fill the tail). SPLIT_MASK: keys every row of the block sees run
@@ -264,13 +299,13 @@ def _sage_attention_kernel(
         acc, l_i, m_i, q_codes, row_scale, rows, prefix, 0, full, end, kv_head, d, table,
         k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
         num_kv_heads, page_size, head_dim, BLOCK_N, KEY_RUN, False, CAUSAL, PV_FP8, PREFETCH,
-        WIDE, FAST_CVT,
+        WIDE, FAST_CVT, TMA,
     )  # fmt: skip
     acc, l_i, m_i = _attend_keys(
         acc, l_i, m_i, q_codes, row_scale, rows, prefix, full, end, end, kv_head, d, table,
         k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
         num_kv_heads, page_size, head_dim, BLOCK_N, KEY_RUN, True, CAUSAL, PV_FP8, PREFETCH,
-        WIDE, FAST_CVT,
+        WIDE, FAST_CVT, TMA,
     )  # fmt: skip
     out = acc / l_i[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -290,6 +325,9 @@ class PrefillConfig:
     and half ops instead of the slow conversion unit (same values; compiled kernels only,
     the interpreter always casts).
 
+    tma: read key blocks through tensor descriptors (TMA) when a block lies inside one page
+    (page_size % block_n == 0, no prefetch); other page sizes gather per key.
+
     The default (64 x 64 tiles, 4 warps, 3 stages, 168 registers: three programs per SM)
     was the fastest at 1k-16k tokens, FP16 and FP8 P·V, head_dim 128 (KERNEL_NOTES v3).
     """
@@ -302,6 +340,11 @@ class PrefillConfig:
     prefetch: bool = False
     maxnreg: int | None = 168
     fast_v_cvt: bool = True
+    tma: bool = True
+
+    def uses_tma(self, page_size: int) -> bool:
+        """Whether key blocks of this page size go through tensor descriptors."""
+        return self.tma and not self.prefetch and page_size % self.block_n == 0
 
 
 def sage_attention_paged(
@@ -344,11 +387,14 @@ def sage_attention_paged(
         raise ValueError(f"out must be [T, Hq, D] like q {tuple(q.shape)}, got {out.shape}")
     if tokens == 0:
         return out
+    tma = config.uses_tma(page_size)
+    caches = (k_cache, k_scale, v_cache, v_scale)
+    if tma:
+        caches = cache_descriptors(*caches, config.block_n)
     # Query blocks first (adjacent programs share a head's keys in L2), then heads, sequences.
     grid = (triton.cdiv(max_q_len, config.block_m), q_heads, page_table.shape[0])
     _sage_attention_kernel[grid](
-        q, balance if balance is not None else k_scale, out,
-        k_cache, k_scale, v_cache, v_scale,
+        q, balance if balance is not None else k_scale, out, *caches,
         page_table, q_start, q_len, kv_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         dim**-0.5 if sm_scale is None else sm_scale,
@@ -356,11 +402,38 @@ def sage_attention_paged(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, KEY_RUN=key_run(page_size, config.block_n),
         SPLIT_MASK=config.split_mask, PREFETCH=config.prefetch, WIDE=_needs_int64(k_cache),
         CAUSAL=causal, FAST_CVT=config.fast_v_cvt and q.is_cuda,
-        HAS_BALANCE=balance is not None, PV_FP8=pv_fp8,
+        HAS_BALANCE=balance is not None, PV_FP8=pv_fp8, TMA=tma,
         num_warps=config.num_warps, num_stages=config.num_stages,
         maxnreg=config.maxnreg if dim <= 128 else None,
     )  # fmt: skip
     return out
+
+
+def cache_descriptors(
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_cache: torch.Tensor,
+    v_scale: torch.Tensor,
+    block_n: int,
+) -> tuple[TensorDescriptor, ...]:
+    """Tensor descriptors of one layer's 8-bit cache for `_load_block_tma`: (K codes, K
+    scales, V codes, V scales), each a 2-D view whose box is one key block of one page.
+
+    k_cache: [P, Hkv, page, D]; v_cache: [P, Hkv, D, page]; scales: [P, Hkv, page].
+    (Built per call, not cached: a cache holding the views would keep freed pools alive.)
+    """
+    pages, heads, page_size, dim = k_cache.shape
+    tiles = pages * heads
+    views = (
+        (k_cache, (tiles * page_size, dim), (block_n, dim)),
+        (k_scale, (tiles, page_size), (1, block_n)),
+        (v_cache, (tiles * dim, page_size), (dim, block_n)),
+        (v_scale, (tiles, page_size), (1, block_n)),
+    )
+    return tuple(
+        TensorDescriptor(t.view(shape), list(shape), [shape[1], 1], list(box))
+        for t, shape, box in views
+    )
 
 
 def _needs_int64(k_cache: torch.Tensor) -> bool:
@@ -377,15 +450,10 @@ def key_run(page_size: int, block_n: int) -> int:
 def padded_page_table(
     tables: list[tuple[int, ...]], kv_lens: list[int], page_size: int, device: torch.device
 ) -> torch.Tensor:
-    """[B, width] int32: each sequence's pages, then the null page (0) up to a width that
-    covers max(kv_lens) rounded up to KEY_ALIGN tokens (see KEY_ALIGN)."""
-    aligned = -(-max(kv_lens) // KEY_ALIGN) * KEY_ALIGN
-    width = -(-aligned // page_size)
-    rows = []
-    for table, kv_len in zip(tables, kv_lens, strict=True):
-        used = list(table[: -(-kv_len // page_size)])
-        rows.append(used + [0] * (width - len(used)))
-    return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
+    """[B, width] int32 on `device`: each sequence's pages, then the null page (0) up to a
+    width that covers max(kv_lens) rounded up to KEY_ALIGN tokens (see KEY_ALIGN)."""
+    table = padded_tables(tables, kv_lens, page_size)
+    return torch.from_numpy(table).to(device, non_blocking=True)
 
 
 def _check_args(q, k_cache, v_cache, balance, page_table, pv_fp8: bool, block_n: int) -> None:
