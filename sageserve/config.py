@@ -103,6 +103,22 @@ class SageConfig:
 
 
 @dataclass(frozen=True)
+class CudaGraphConfig:
+    """CUDA-graph decode (CUDA only; on CPU decode always runs eagerly).
+
+    disable: run every decode step eagerly. max_bs: the largest decode batch replayed from
+    a graph (capped by max_running_requests); graphs are captured for 1, 2, 4, 8, 16, 24,
+    ... up to it (sageserve/attention/graph_sizes.py), larger batches run eagerly.
+    """
+
+    disable: bool = False
+    max_bs: int = 64
+
+    def __post_init__(self) -> None:
+        _check_positive("cuda_graph_max_bs", self.max_bs)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to start."""
 
@@ -116,6 +132,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sage: SageConfig = field(default_factory=SageConfig)
+    cuda_graph: CudaGraphConfig = field(default_factory=CudaGraphConfig)
 
     def __post_init__(self) -> None:
         _check_choice("load_format", self.load_format, LOAD_FORMAT_CHOICES)

@@ -12,6 +12,7 @@ from sageserve.config import (
     SAGE_IMPL_CHOICES,
     SAGE_PV_CHOICES,
     CacheConfig,
+    CudaGraphConfig,
     EngineConfig,
     SageConfig,
     SchedulerConfig,
@@ -27,6 +28,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser.add_argument_group("model"))
     _add_cache_args(parser.add_argument_group("KV cache"))
     _add_scheduler_args(parser.add_argument_group("scheduler"))
+    _add_cuda_graph_args(parser.add_argument_group("CUDA graphs"))
     _add_sage_args(parser.add_argument_group("sage_attn (8-bit attention)"))
 
 
@@ -122,6 +124,22 @@ def _add_scheduler_args(group: argparse._ArgumentGroup) -> None:
     )
 
 
+def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--disable-cuda-graph",
+        action="store_true",
+        help="run every decode step eagerly (CUDA graphs are captured on CUDA only, and only "
+        "for the triton and sage_attn kernels)",
+    )
+    group.add_argument(
+        "--cuda-graph-max-bs",
+        type=int,
+        default=64,
+        help="largest decode batch replayed from a CUDA graph (capped by "
+        "--max-running-requests); larger ones run eagerly",
+    )
+
+
 def _add_sage_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--sage-pv",
@@ -191,4 +209,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             skip_layers=args.sage_skip_layers,
             impl=args.sage_impl,
         ),
+        cuda_graph=CudaGraphConfig(disable=args.disable_cuda_graph, max_bs=args.cuda_graph_max_bs),
     )

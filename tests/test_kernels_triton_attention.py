@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sageserve.attention.base import BackendOptions
+from sageserve.attention.kernels.paged_common import decode_split_count
 from sageserve.attention.kernels.paged_decode import (
     MAX_SPLITS,
     num_decode_splits,
@@ -246,6 +247,26 @@ def test_split_count_depends_on_static_quantities_only() -> None:
     assert num_decode_splits(1, 1, 131072, CPU) > num_decode_splits(64, 8, 131072, CPU)
     with pytest.raises(ValueError, match="power of two"):
         plan_decode([(1,)], [0], [3], 16, 2, 32, 3, CPU)
+
+
+def test_split_count_is_unchanged_by_the_shared_rule() -> None:
+    """num_decode_splits now calls paged_common.decode_split_count (shared with the 8-bit
+    decode); it must give what its own formula gave before, on CPU and for 132 SMs."""
+
+    def before(batch: int, kv_heads: int, max_context: int, sms: int) -> int:
+        wanted = -(-4 * sms // max(batch * kv_heads, 1))
+        splits = max(1, min(wanted, -(-max_context // 256), 64))
+        return 1 << (splits.bit_length() - 1)
+
+    for batch in (0, 1, 2, 3, 5, 16, 33, 64, 200):
+        for kv_heads in (1, 8):
+            for max_context in (1, 300, 8192, 131072):
+                assert num_decode_splits(batch, kv_heads, max_context, CPU) == before(
+                    batch, kv_heads, max_context, 8
+                )
+                assert decode_split_count(batch * kv_heads, max_context, 132, 4, 256, 64) == (
+                    before(batch, kv_heads, max_context, 132)
+                )
 
 
 # ---------------------------------------------------------------------------- backend

@@ -3,6 +3,10 @@
 A backend owns its KV cache layout (dtype, page shape, any scale tensors) because the 8-bit
 backend stores different things than the 16-bit ones. Per step the engine asks it for
 metadata once (`build_metadata`), then every layer calls `forward` with that metadata.
+
+A backend whose decode is CUDA-graph safe also keeps static metadata per captured batch
+size (`graph_metadata`) and writes each replayed step into it (`graph_update`); see
+`sageserve/engine/cuda_graph.py` for how the engine captures and replays.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from sageserve.attention.static_metadata import StaticBuffers
 from sageserve.engine.batch import ForwardBatch
 from sageserve.models.config import ModelConfig
 
@@ -41,12 +46,34 @@ class KVCacheSpec:
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """Launch-time choices a backend may read (resolved, no "auto")."""
+    """Launch-time choices a backend may read (resolved, no "auto").
+
+    max_context: the longest sequence the engine serves (its context length; None: the
+    model's limit). Decode split plans are made for it, from static quantities only.
+    """
 
     kv_cache_dtype: str
     model_dtype: torch.dtype
     device: torch.device
     extra: tuple[tuple[str, Any], ...] = ()
+    max_context: int | None = None
+
+
+@dataclass
+class GraphMetadata:
+    """A backend's static decode metadata for one CUDA-graph batch size.
+
+    meta: what `forward` reads for a decode step of batch_size rows (one query token each;
+    row i of q is sequence i); its tensors are views of `buffers`, at fixed addresses for
+    the graph to read at every replay. The tables hold contexts of up to max_context keys
+    in pages of page_size tokens. Rows past a step's sequences are padding.
+    """
+
+    batch_size: int
+    max_context: int
+    page_size: int
+    meta: Any
+    buffers: StaticBuffers
 
 
 class AttentionBackend(ABC):
@@ -90,6 +117,38 @@ class AttentionBackend(ABC):
     @abstractmethod
     def build_metadata(self, batch: ForwardBatch) -> Any:
         """Everything `forward` needs about the step, computed once per step."""
+
+    def cuda_graph_unsupported_reason(self) -> str | None:
+        """Why this backend's decode cannot be captured in a CUDA graph; None when it can.
+
+        A backend returning None implements `graph_metadata` and `graph_update`, and its
+        `forward` over that metadata makes no host sync and no data-dependent allocation or
+        shape (the engine captures it per batch size and replays it).
+        """
+        return f"the {self.name} backend does not implement CUDA-graph decode"
+
+    def graph_metadata(self, kv_cache: Any, batch_size: int, max_context: int) -> GraphMetadata:
+        """Allocate the static metadata of decode steps over kv_cache (from `allocate`),
+        padded to batch_size rows, whose contexts (kv_len, the new token included) hold at
+        most max_context keys.
+
+        Tables are at their largest shape: e.g. page_table [batch_size, W] int32 with W the
+        pages of max_context rounded up to the kernels' key alignment, kv_len [batch_size];
+        the decode workspace is planned for batch_size rows from static quantities only, as
+        for an eager step of that size. Every row starts as padding. Only called when
+        `cuda_graph_unsupported_reason()` is None.
+        """
+        raise NotImplementedError(f"{self.name}: {self.cuda_graph_unsupported_reason()}")
+
+    def graph_update(self, graph_meta: GraphMetadata, batch: ForwardBatch) -> None:
+        """Write a decode-only step into `graph_meta`'s static buffers, in one host-to-device
+        copy, for a replay of the graph captured over it.
+
+        batch: is_decode_only, num_seqs <= batch_size, every kv_len <= max_context (the
+        caller checks). Sequence i takes row i; rows past num_seqs become padding: kv_len 0
+        (attention output 0) and no K/V store. The step's q, k, v rows follow the same order.
+        """
+        raise NotImplementedError(f"{self.name}: {self.cuda_graph_unsupported_reason()}")
 
     @abstractmethod
     def forward(

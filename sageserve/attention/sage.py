@@ -11,21 +11,33 @@ Cache layout per 8-bit layer (page 0 is the null page):
     k_scale  [num_pages, Hkv, page_size]    fp16
     v        [num_pages, Hkv, D, page_size] int8 or fp8    (transposed: P·V reduces over tokens)
     v_scale  [num_pages, Hkv, page_size]    fp16
+plus one scratch page past the pool (index num_pages, never in a page table) where the
+padded rows of a CUDA-graph decode store their K/V (the quantizing store has no skip).
 Layers named in `--sage-skip-layers` keep exact attention over a cache in the model dtype.
+
+CUDA graphs (Triton kernels, no exact layers): decode is captured per padded batch size
+over static metadata (`graph_metadata`), filled per step in one host-to-device copy
+(`graph_update`); padded rows have kv_len 0 (output 0) and store into the scratch page. The
+decode splits are planned from static quantities in eager steps too (the padded batch
+size, `max_context`), so both paths cut the keys into the same splits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from sageserve.attention.base import AttentionBackend, BackendOptions, KVCacheSpec
+from sageserve.attention.base import AttentionBackend, BackendOptions, GraphMetadata, KVCacheSpec
 from sageserve.attention.calibration import calibrate_qk, calibration_token_ids
+from sageserve.attention.graph_sizes import padded_batch_size
 from sageserve.attention.sage_reference import FP8_DTYPE, quantize_kv, sage_attention
+from sageserve.attention.static_metadata import StaticBuffers, table_width, write_decode_rows
 from sageserve.attention.torch_native import PagedKVCache, TorchNativeBackend
 from sageserve.config import SageConfig
 from sageserve.engine.batch import ForwardBatch
@@ -41,7 +53,10 @@ SAGE_KV_DTYPES = ("auto", "int8")
 
 @dataclass
 class SageKVCache:
-    """The 8-bit layers' tensors (see module docstring) plus the exact layers' cache."""
+    """The 8-bit layers' tensors (see module docstring) plus the exact layers' cache.
+
+    The 8-bit tensors hold scratch_page + 1 pages: the pool's, then the scratch page.
+    """
 
     k: torch.Tensor
     k_scale: torch.Tensor
@@ -49,6 +64,7 @@ class SageKVCache:
     v_scale: torch.Tensor
     exact: PagedKVCache | None
     page_size: int
+    scratch_page: int
 
 
 @dataclass
@@ -97,6 +113,13 @@ class SageMetadata:
     seqs: list[SageSeq]
     exact: object | None  # the torch backend's metadata, when some layers are exact
     kernel: KernelMetadata | None  # set when the Triton kernels run
+
+
+@dataclass
+class SageGraphMetadata(GraphMetadata):
+    """GraphMetadata plus the cache's scratch page, where padded rows store their K/V."""
+
+    scratch_page: int
 
 
 def _sage_config(options: BackendOptions) -> SageConfig:
@@ -149,6 +172,9 @@ class SageAttentionBackend(AttentionBackend):
         self.skipped = set(skipped)
         self.exact = self._exact_backend(len(skipped))
         self.use_kernels = _uses_kernels(self.sage, options.device)
+        # The longest context served: decode splits are planned for it (static, so eager
+        # steps and CUDA-graph replays split alike); lowered to the pool's size in allocate.
+        self.max_context = options.max_context or model_config.max_position_embeddings
         self.k_mean: torch.Tensor | None = None
         self.channel_scale: torch.Tensor | None = None
         logger.info(
@@ -208,19 +234,22 @@ class SageAttentionBackend(AttentionBackend):
         return KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, name, total)
 
     def allocate(self, num_pages: int, page_size: int) -> SageKVCache:
+        """The pool's num_pages pages (page 0 the null page) plus the scratch page."""
         cfg, device = self.model_config, self.options.device
         layers, heads, dim = len(self.sage_layers), cfg.num_kv_heads, cfg.head_dim
+        limit = self.options.max_context or cfg.max_position_embeddings
+        self.max_context = min(limit, num_pages * page_size)
         v_dtype = FP8_DTYPE if self.sage.pv == "fp8" else torch.int8
-        scale_shape = (layers, num_pages, heads, page_size)
+        pages = num_pages + 1
+        scale_shape = (layers, pages, heads, page_size)
         return SageKVCache(
-            k=torch.zeros(
-                layers, num_pages, heads, page_size, dim, dtype=torch.int8, device=device
-            ),
+            k=torch.zeros(layers, pages, heads, page_size, dim, dtype=torch.int8, device=device),
             k_scale=torch.zeros(scale_shape, dtype=torch.float16, device=device),
-            v=torch.zeros(layers, num_pages, heads, dim, page_size, dtype=v_dtype, device=device),
+            v=torch.zeros(layers, pages, heads, dim, page_size, dtype=v_dtype, device=device),
             v_scale=torch.zeros(scale_shape, dtype=torch.float16, device=device),
             exact=self.exact.allocate(num_pages, page_size) if self.exact else None,
             page_size=page_size,
+            scratch_page=num_pages,
         )
 
     def build_metadata(self, batch: ForwardBatch) -> SageMetadata:
@@ -232,7 +261,9 @@ class SageAttentionBackend(AttentionBackend):
             seqs.append(SageSeq(q_start, q_start + seq.query_len, seq.kv_len, pages))
             q_start += seq.query_len
         exact = self.exact.build_metadata(batch) if self.exact else None
-        kernel = _kernel_metadata(batch, self.model_config, device) if self.use_kernels else None
+        kernel = None
+        if self.use_kernels:
+            kernel = _kernel_metadata(batch, lambda rows: self._decode_workspace(rows, page_size))
         slots = batch.slot_mapping
         return SageMetadata(slots // page_size, slots % page_size, seqs, exact, kernel)
 
@@ -333,15 +364,94 @@ class SageAttentionBackend(AttentionBackend):
                               dec.workspace)  # fmt: skip
         return out
 
+    def _decode_workspace(self, rows: int, page_size: int) -> DecodeWorkspace:
+        """The split workspace for `rows` decodes, planned from static quantities only: the
+        CUDA-graph batch size they pad to, and the page-table width of `max_context` (not
+        the step's own width). Eager steps and graph replays thus cut a context into the
+        same splits (the split length follows the planned width), bitwise the same output."""
+        from sageserve.attention.kernels.sage_attention import KEY_ALIGN
+        from sageserve.attention.kernels.sage_decode import DecodeWorkspace, plan_splits
+
+        cfg, device = self.model_config, self.options.device
+        tokens = table_width(self.max_context, page_size, KEY_ALIGN) * page_size
+        splits, _ = plan_splits(padded_batch_size(rows), cfg.num_kv_heads, tokens, device)
+        return DecodeWorkspace.allocate(
+            rows, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, tokens, device, num_splits=splits
+        )
+
+    # ------------------------------------------------------------ CUDA graphs
+
+    def cuda_graph_unsupported_reason(self) -> str | None:
+        if not self.use_kernels:
+            return (
+                "sage_attn runs its torch reference here (--sage-impl reference, or no CUDA), "
+                "which is not CUDA-graph safe"
+            )
+        if self.exact is not None:
+            return (
+                f"sage_attn keeps layers {sorted(self.skipped)} exact (--sage-skip-layers) "
+                "through the torch backend, which is not CUDA-graph safe"
+            )
+        return None
+
+    def graph_metadata(
+        self, kv_cache: SageKVCache, batch_size: int, max_context: int
+    ) -> SageGraphMetadata:
+        """Static tables (int32 page_table [bs, W], q_rows [bs] = 0..bs-1, kv_len [bs]; int64
+        store_pages, store_offsets [bs]) and the decode workspace for bs rows. Every row
+        starts as padding (its new token stored into kv_cache's scratch page)."""
+        from sageserve.attention.kernels.sage_attention import KEY_ALIGN
+
+        if max_context > self.max_context:
+            raise ValueError(f"max_context {max_context} exceeds this pool's {self.max_context}")
+        bs, i32, i64, page_size = batch_size, torch.int32, torch.int64, kv_cache.page_size
+        width = table_width(max_context, page_size, KEY_ALIGN)
+        buffers = StaticBuffers(
+            {"page_table": ((bs, width), i32), "q_rows": ((bs,), i32), "kv_len": ((bs,), i32),
+             "store_pages": ((bs,), i64), "store_offsets": ((bs,), i64)}, self.options.device,
+        )  # fmt: skip
+        buffers.host["q_rows"][:] = np.arange(bs)
+        view = buffers.device
+        decode = DecodeRows(view["page_table"], view["q_rows"], view["kv_len"],
+                            self._decode_workspace(bs, page_size))  # fmt: skip
+        meta = SageMetadata(view["store_pages"], view["store_offsets"], [], None,
+                            KernelMetadata(prefill=None, decode=decode))  # fmt: skip
+        graph_meta = SageGraphMetadata(
+            bs, max_context, page_size, meta, buffers, kv_cache.scratch_page
+        )
+        _write_padding(graph_meta, 0)
+        buffers.upload()
+        return graph_meta
+
+    def graph_update(self, graph_meta: SageGraphMetadata, batch: ForwardBatch) -> None:
+        """Tables of the step's rows; padding after them (null pages, kv_len 0, new token
+        stored into the scratch page, which nothing reads)."""
+        host = graph_meta.buffers.host
+        slots = write_decode_rows(batch, host["page_table"], host["kv_len"])
+        n = len(slots)
+        host["store_pages"][:n], host["store_offsets"][:n] = np.divmod(slots, batch.page_size)
+        _write_padding(graph_meta, n)
+        graph_meta.buffers.upload()
+
+
+def _write_padding(graph_meta: SageGraphMetadata, first_row: int) -> None:
+    """Rows first_row.. of the host tables: no pages, kv_len 0, store to the scratch page."""
+    host = graph_meta.buffers.host
+    host["page_table"][first_row:] = 0
+    host["kv_len"][first_row:] = 0
+    host["store_pages"][first_row:] = graph_meta.scratch_page
+    host["store_offsets"][first_row:] = 0
+
 
 def _kernel_metadata(
-    batch: ForwardBatch, model_config: ModelConfig, device: torch.device
+    batch: ForwardBatch, workspace_for: Callable[[int], DecodeWorkspace]
 ) -> KernelMetadata:
     """Split the step's sequences into prefill chunks and decodes (one query row: a decode,
-    or a one-token chunk, which is the same computation) and build each kernel's inputs."""
+    or a one-token chunk, which is the same computation) and build each kernel's inputs.
+    workspace_for(rows): the decode workspace for that many decodes."""
     from sageserve.attention.kernels.sage_attention import padded_page_table
-    from sageserve.attention.kernels.sage_decode import DecodeWorkspace
 
+    device = batch.input_ids.device
     starts, start = [], 0
     for s in batch.seqs:
         starts.append(start)
@@ -369,16 +479,10 @@ def _kernel_metadata(
             max_q_len=max(s.query_len for s in seqs),
         )
     if decodes:
-        page_table = table(decodes)
-        cfg = model_config
-        workspace = DecodeWorkspace.allocate(
-            len(decodes), cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim,
-            page_table.shape[1] * batch.page_size, device,
-        )  # fmt: skip
         decode = DecodeRows(
-            page_table=page_table,
+            page_table=table(decodes),
             q_rows=i32([starts[i] for i in decodes]),
             kv_len=i32([batch.seqs[i].kv_len for i in decodes]),
-            workspace=workspace,
+            workspace=workspace_for(len(decodes)),
         )
     return KernelMetadata(prefill, decode)

@@ -111,6 +111,12 @@ class TorchNativeBackend(AttentionBackend):
         name = str(self.kv_dtype).removeprefix("torch.")
         return KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, name, per_token)
 
+    def cuda_graph_unsupported_reason(self) -> str | None:
+        return (
+            "the torch backend is the exact reference, not a speed path: its decode pads the "
+            "step's contexts to the longest one (shapes change from step to step)"
+        )
+
     def allocate(self, num_pages: int, page_size: int) -> PagedKVCache:
         cfg = self.model_config
         shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)

@@ -11,6 +11,12 @@ Metadata is built once per step on the host (no device sync) and shared by every
 including the decode kernel's split workspace, which is therefore allocated per step in
 `build_metadata`, never in `forward`.
 
+CUDA graphs: decode is captured per padded batch size over static metadata
+(`graph_metadata`: page table of a fixed width, kv_len, the new tokens' slots, one
+workspace), which `graph_update` fills in one host-to-device copy; padded rows have kv_len 0
+(output 0) and slot -1 (the store skips them). The split count is planned for the padded
+batch size in eager steps too (`graph_sizes`), so both paths compute the same attention.
+
 Runs on CUDA in fp16 or bf16. Without CUDA it runs only under Triton's interpreter
 (TRITON_INTERPRET=1, as the tests do), in fp16 or fp32 — never a silent torch fallback.
 """
@@ -19,11 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from sageserve.attention.base import AttentionBackend, BackendOptions, KVCacheSpec
+from sageserve.attention.base import AttentionBackend, BackendOptions, GraphMetadata, KVCacheSpec
+from sageserve.attention.graph_sizes import padded_batch_size
 from sageserve.attention.kernels.paged_common import (
     HEAD_DIMS,
+    KEY_ALIGN,
     SUPPORTED_DTYPES,
     interpreting,
 )
@@ -35,6 +44,7 @@ from sageserve.attention.kernels.paged_decode import (
 )
 from sageserve.attention.kernels.paged_prefill import PrefillPlan, paged_prefill, plan_prefill
 from sageserve.attention.kernels.paged_store import store_kv
+from sageserve.attention.static_metadata import StaticBuffers, table_width, write_decode_rows
 from sageserve.attention.torch_native import PagedKVCache, resolve_kv_dtype
 from sageserve.engine.batch import ForwardBatch
 from sageserve.models.config import ModelConfig
@@ -100,8 +110,9 @@ class TritonBackend(AttentionBackend):
     def __init__(self, model_config: ModelConfig, options: BackendOptions) -> None:
         super().__init__(model_config, options)
         self.kv_dtype = resolve_kv_dtype(options.kv_cache_dtype, options.model_dtype)
-        # Caps the decode split count; known exactly once the pool is allocated.
-        self.max_context = model_config.max_position_embeddings
+        # The longest context served: caps the decode split count (static, so CUDA-graph
+        # safe); lowered to the pool's size once it is allocated.
+        self.max_context = options.max_context or model_config.max_position_embeddings
 
     def preferred_page_size(self) -> int:
         """128: the prefill kernel's 128-key blocks are then whole pages, read by TMA (one
@@ -122,7 +133,8 @@ class TritonBackend(AttentionBackend):
         cfg = self.model_config
         shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
         device = self.options.device
-        self.max_context = min(cfg.max_position_embeddings, num_pages * page_size)
+        limit = self.options.max_context or cfg.max_position_embeddings
+        self.max_context = min(limit, num_pages * page_size)
         k = torch.zeros(shape, dtype=self.kv_dtype, device=device)
         v = torch.zeros(shape, dtype=self.kv_dtype, device=device)
         return PagedKVCache(k, v, page_size)
@@ -149,9 +161,15 @@ class TritonBackend(AttentionBackend):
             batch.input_ids.device,
         )  # fmt: skip
 
+    def _decode_splits(self, rows: int, device: torch.device) -> int:
+        """Split count for `rows` decodes: planned for the CUDA-graph batch size they pad to
+        (eager steps too), so a step splits its keys alike replayed or eager."""
+        kv_heads = self.model_config.num_kv_heads
+        return num_decode_splits(padded_batch_size(rows), kv_heads, self.max_context, device)
+
     def _plan_decode(self, batch: ForwardBatch, idx: list[int], starts: list[int]) -> DecodePlan:
         cfg, device = self.model_config, batch.input_ids.device
-        splits = num_decode_splits(len(idx), cfg.num_kv_heads, self.max_context, device)
+        splits = self._decode_splits(len(idx), device)
         seqs = [batch.seqs[i] for i in idx]
         return plan_decode(
             [s.page_table for s in seqs], [starts[i] for i in idx], [s.kv_len for s in seqs],
@@ -180,3 +198,46 @@ class TritonBackend(AttentionBackend):
         if meta.decode is not None:
             paged_decode(q, k_layer, v_layer, meta.decode, out)
         return out
+
+    # ------------------------------------------------------------ CUDA graphs
+
+    def cuda_graph_unsupported_reason(self) -> str | None:
+        """None: the store, decode and merge kernels make no host sync (see module doc)."""
+        return None
+
+    def graph_metadata(
+        self, kv_cache: PagedKVCache, batch_size: int, max_context: int
+    ) -> GraphMetadata:
+        """Static tables (int32 page_table [bs, W], q_row [bs] = 0..bs-1, kv_len [bs]; int64
+        slot [bs]) and a DecodePlan over them with its workspace acc [bs, Hq, S, D], ml
+        [bs, Hq, S, 2] fp32, S planned for bs rows. Every row starts as padding."""
+        if max_context > self.max_context:
+            raise ValueError(f"max_context {max_context} exceeds this pool's {self.max_context}")
+        cfg, device, bs = self.model_config, self.options.device, batch_size
+        page_size = kv_cache.page_size
+        width = table_width(max_context, page_size, KEY_ALIGN)
+        i32, i64 = torch.int32, torch.int64
+        buffers = StaticBuffers(
+            {"page_table": ((bs, width), i32), "q_row": ((bs,), i32), "kv_len": ((bs,), i32),
+             "slot": ((bs,), i64)}, device,
+        )  # fmt: skip
+        buffers.host["q_row"][:] = np.arange(bs)
+        buffers.host["slot"][:] = -1
+        buffers.upload()
+        view = buffers.device
+        work = (bs, cfg.num_q_heads, self._decode_splits(bs, device))
+        plan = DecodePlan(
+            page_table=view["page_table"], q_row=view["q_row"], kv_len=view["kv_len"],
+            acc=torch.empty(*work, cfg.head_dim, dtype=torch.float32, device=device),
+            ml=torch.empty(*work, 2, dtype=torch.float32, device=device), page_size=page_size,
+        )  # fmt: skip
+        meta = TritonMetadata(view["slot"], prefill=None, decode=plan)
+        return GraphMetadata(bs, max_context, page_size, meta, buffers)
+
+    def graph_update(self, graph_meta: GraphMetadata, batch: ForwardBatch) -> None:
+        """Tables of the step's rows, padding (null pages, kv_len 0, slot -1) after them."""
+        host = graph_meta.buffers.host
+        slots = write_decode_rows(batch, host["page_table"], host["kv_len"])
+        host["slot"][: len(slots)] = slots
+        host["slot"][len(slots) :] = -1
+        graph_meta.buffers.upload()

@@ -64,10 +64,17 @@ class Engine:
     def _init_runner(self) -> None:
         cache = self.config.cache
         options = BackendOptions(
-            cache.kv_cache_dtype, self.loaded.dtype, self.device, (("sage", self.config.sage),)
+            cache.kv_cache_dtype,
+            self.loaded.dtype,
+            self.device,
+            (("sage", self.config.sage),),
+            max_context=self.max_model_len,
         )
         backend = get_backend_class(self.config.attention_backend)(self.model_config, options)
         self.runner = ModelRunner(self.loaded.model, backend, cache, self.device, self.tokenizer)
+        self.runner.setup_cuda_graphs(
+            self.config.cuda_graph, self.config.scheduler.max_running_requests, self.max_model_len
+        )
         self.block_manager = BlockManager(
             self.runner.num_pages, self.runner.page_size, cache.enable_prefix_cache
         )

@@ -7,7 +7,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sageserve.config import CacheConfig, EngineConfig, SageConfig, SchedulerConfig
+from sageserve.config import (
+    CacheConfig,
+    CudaGraphConfig,
+    EngineConfig,
+    SageConfig,
+    SchedulerConfig,
+)
 from sageserve.engine.engine import Engine
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
@@ -45,6 +51,8 @@ class LLM:
         sage_smooth_k: bool = True,
         sage_balance_qk: bool = True,
         sage_skip_layers: tuple[int, ...] = (),
+        disable_cuda_graph: bool = False,
+        cuda_graph_max_bs: int = 64,
     ) -> None:
         config = EngineConfig(
             model_path=model,
@@ -71,6 +79,7 @@ class LLM:
                 balance_qk=sage_balance_qk,
                 skip_layers=sage_skip_layers,
             ),
+            cuda_graph=CudaGraphConfig(disable=disable_cuda_graph, max_bs=cuda_graph_max_bs),
         )
         self.engine = Engine(config)
 

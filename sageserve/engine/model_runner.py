@@ -7,8 +7,9 @@ import logging
 import torch
 
 from sageserve.attention.base import AttentionBackend, StepAttention
-from sageserve.config import DEFAULT_CPU_KV_TOKENS, CacheConfig
+from sageserve.config import DEFAULT_CPU_KV_TOKENS, CacheConfig, CudaGraphConfig
 from sageserve.engine.batch import ForwardBatch
+from sageserve.engine.cuda_graph import DecodeGraphRunner, decode_graph_runner
 from sageserve.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,11 @@ def pool_num_pages(
 
 
 class ModelRunner:
-    """Runs a ForwardBatch through the model and returns the logits it asked for."""
+    """Runs a ForwardBatch through the model and returns the logits it asked for.
+
+    Decode-only steps replay a CUDA graph once `setup_cuda_graphs` captured them (CUDA);
+    every other step runs eagerly.
+    """
 
     def __init__(
         self,
@@ -59,6 +64,7 @@ class ModelRunner:
         self.page_size = cache.page_size or backend.preferred_page_size()
         self.num_pages = pool_num_pages(cache, self.page_size, self.kv_spec.bytes_per_token, device)
         self.kv_cache = backend.allocate(self.num_pages, self.page_size)
+        self.graph_runner: DecodeGraphRunner | None = None
         self._log_pool()
 
     @property
@@ -78,9 +84,26 @@ class ModelRunner:
             gib,
         )
 
+    def setup_cuda_graphs(
+        self, config: CudaGraphConfig, max_running_requests: int, max_context: int
+    ) -> None:
+        """Capture decode graphs for contexts up to max_context tokens (capped by the pool),
+        unless on CPU, disabled or unsupported by the backend (logged)."""
+        max_context = min(max_context, self.pool_capacity_tokens)
+        self.graph_runner = decode_graph_runner(
+            self.model, self.backend, self.kv_cache, config, max_running_requests, max_context
+        )
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits of the tokens in batch.logits_indices: [num_logits, vocab] float32."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.run(batch)
+        return self.forward_eager(batch)
+
+    @torch.inference_mode()
+    def forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
+        """`forward` without CUDA graphs: metadata built for this step, every kernel launched."""
         meta = self.backend.build_metadata(batch)
         attn = StepAttention(self.backend, self.kv_cache, meta)
         hidden = self.model(batch.input_ids, batch.positions, attn)

@@ -1,4 +1,5 @@
-"""Pieces shared by the 16-bit paged kernels (`paged_store`, `paged_prefill`, `paged_decode`).
+"""Pieces shared by the paged kernels (`paged_store`, `paged_prefill`, `paged_decode`; the
+split rule also by the 8-bit `sage_decode`).
 
 Cache layout: that of `torch_native.PagedKVCache`, one layer at a time:
 
@@ -29,6 +30,35 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return bool(triton.knobs.runtime.interpret)
+
+
+def sm_count(device: torch.device, cpu_sms: int) -> int:
+    """The device's SM count; off CUDA (the interpreter) `cpu_sms`, so splitting is exercised."""
+    if device.type != "cuda":
+        return cpu_sms
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_split_count(
+    pairs: int,
+    max_tokens: int,
+    sms: int,
+    programs_per_sm: int,
+    min_split_tokens: int,
+    max_splits: int,
+) -> int:
+    """Splits per sequence of a split-KV decode, from static quantities only (CUDA-graph safe).
+
+    The one rule of both decode kernels (`paged_decode`, `sage_decode`): enough splits for
+    about `programs_per_sm` programs per SM over `pairs` = batch x KV heads, none shorter than
+    `min_split_tokens` of `max_tokens` (the longest context the plan covers), at most
+    `max_splits`, rounded down to a power of two. Rounding down keeps the grid within whole
+    waves for power-of-two batch x KV heads: e.g. 128 pairs on 132 SMs x 4 give 4 splits (512
+    programs, one wave), where 5 would leave a second wave of 112 programs.
+    """
+    wanted = triton.cdiv(programs_per_sm * sms, max(pairs, 1))
+    splits = max(1, min(wanted, triton.cdiv(max_tokens, min_split_tokens), max_splits))
+    return 1 << (splits.bit_length() - 1)
 
 
 @triton.jit

@@ -30,10 +30,12 @@ import triton.language as tl
 from sageserve.attention.kernels.paged_common import (
     LOG2E,
     check_paged_args,
+    decode_split_count,
     int32_on_device,
     key_offsets,
     online_softmax_step,
     padded_tables,
+    sm_count,
 )
 
 BLOCK_N = 64
@@ -72,17 +74,12 @@ class DecodePlan:
 def num_decode_splits(
     batch: int, kv_heads: int, max_context: int, device: torch.device
 ) -> int:  # fmt: skip
-    """Splits per sequence, from static quantities only (CUDA-graph safe): about
-    PROGRAMS_PER_SM programs per SM over batch x kv_heads, no more than max_context /
-    MIN_SPLIT_KEYS, at most MAX_SPLITS, rounded down to a power of two."""
-    sms = CPU_SMS if device.type != "cuda" else _sm_count(device)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(batch * kv_heads, 1))
-    splits = max(1, min(wanted, triton.cdiv(max_context, MIN_SPLIT_KEYS), MAX_SPLITS))
-    return 1 << (splits.bit_length() - 1)
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """Splits per sequence, from static quantities only (CUDA-graph safe): the shared rule
+    `decode_split_count` with PROGRAMS_PER_SM, MIN_SPLIT_KEYS of max_context, MAX_SPLITS."""
+    return decode_split_count(
+        batch * kv_heads, max_context, sm_count(device, CPU_SMS),
+        PROGRAMS_PER_SM, MIN_SPLIT_KEYS, MAX_SPLITS,
+    )  # fmt: skip
 
 
 def plan_decode(

@@ -5,8 +5,9 @@ So one program handles all query heads of a GQA group (their K/V bytes are read 
 group, not once per query head) over one slice ("split") of the context, and the context is
 cut into enough splits to fill the card even for a single sequence:
 
-    grid (sequence, KV head, split) -> partial (max, sum, acc) per query head and split
-    grid (sequence, query head)     -> combine the splits, normalize, write the output row
+    grid (sequence, KV head, split) -> the group's rows over the split's keys; then the last
+    program of a (sequence, KV head) to finish merges every split's partial (max, sum, acc)
+    and writes the output rows (a sequence with one split writes them directly)
 
 Numerics are those of `sage_reference` (and of the prefill kernel): Q balanced and quantized
 per row to INT8 with IEEE division, INT8 Q·Kᵀ in int32, online softmax in fp32 (log2 units),
@@ -14,20 +15,34 @@ P·V in FP16 (P times the V scale, times INT8 V codes) or FP8 (P scaled per abso
 PV_BLOCK keys relative to the block's largest V scale). Splits start at multiples of
 KEY_ALIGN tokens, so the FP8 blocks stay aligned with the reference's.
 
-CUDA graphs: the split count and split length come from static quantities only (batch
-size, KV heads, the page table's width, the SM count), the workspace is allocated once per
-step with the metadata (`DecodeWorkspace.allocate`), and no host sync happens in forward.
-Empty splits (past a short sequence's end) write nothing; the combine never reads them.
+Speed (v2, benchmarks/KERNEL_NOTES.md "sage_decode v2"): at 3 stages Triton 3.6's key loop
+waits for all of a block's copies before its math and loads nothing during it; the default
+5 stages give two buffers, so block i+1's K/V copies are in flight while block i is
+computed (64 keys an iteration keep 4 programs per SM; more keys an iteration cost one).
+The per-token scales are read as fp16 pairs (4-byte words the pipeliner turns into
+cp.async; 2-byte loads stay synchronous in the loop); page numbers once per page. Larger
+iterations (`DecodeConfig.block_n`) run as sub_n-key softmax steps; FP8 P·V always steps
+by PV_BLOCK keys (the reference's blocks).
+
+CUDA graphs: the split count S comes from static quantities only (batch size, KV heads,
+the planned width, the SM count); each sequence is cut into S splits of its own length
+(ceil(ceil(kv_len / S) / KEY_ALIGN) · KEY_ALIGN keys, computed in the kernel), so a plan
+for a long static width still spreads a shorter context over every split. The workspace
+(partials and one arrival counter per (sequence, KV head), zeroed when allocated and
+re-zeroed by the merging program) is allocated once per step with the metadata
+(`DecodeWorkspace.allocate`), and no host sync happens in forward. The merge reads the
+splits in a fixed order, so the output does not depend on which program finishes last.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
+from sageserve.attention.kernels.paged_common import decode_split_count, sm_count
 from sageserve.attention.kernels.sage_attention import (
     KEY_ALIGN,
     LOG2E,
@@ -38,56 +53,261 @@ from sageserve.attention.kernels.sage_attention import (
 )
 from sageserve.attention.sage_reference import PV_BLOCK
 
-# Keys per loop iteration: one FP8 P·V scaling block, and a divisor of KEY_ALIGN so that the
-# unmasked page-table reads stay inside `padded_page_table`'s padding.
-BLOCK_N = PV_BLOCK
 # Every split starts at a multiple of this many keys (what plan_splits guarantees).
 SPLIT_ALIGN = tl.constexpr(KEY_ALIGN)
-# Programs to aim for per SM. Few sequences: 4 (more, shorter splits: 1 x 32k and 8 x 8k
-# contexts ran 20% faster than with 2); once batch x KV heads alone fills the SMs, 2 (3 splits
-# of 32 x 4k ran 14% slower than 2). H100 measurements, KERNEL_NOTES.md decode v1.
-PROGRAMS_PER_SM_FEW = 4
-PROGRAMS_PER_SM = 2
+# Programs to aim for per SM (the shared rule `decode_split_count`): the default config
+# compiles to 114 registers (FP8 P·V: 128) and 37.5 KiB of shared memory on sm_90, so four
+# 4-warp programs fit an SM (KERNEL_NOTES.md, "sage_decode v2").
+PROGRAMS_PER_SM = 4
+# No split shorter than this: one loop iteration of the default config, and KEY_ALIGN.
+MIN_SPLIT_TOKENS = KEY_ALIGN
 # Under the interpreter (CPU), pretend to have this many SMs so splitting is exercised.
 CPU_SMS = 64
-# Upper bound of splits: the combine kernel holds all of a row's splits in one tile.
+# Element offsets into one layer's cache need int64 from this many codes on.
+WIDE_CODES = 2**31
+# Upper bound of splits (the merge walks them in chunks; more only adds merge traffic).
 MAX_SPLITS = 64
+# fp32 elements of one merge step ([splits, group, D]): 32 registers a thread in a 4-warp
+# program (8192 raised the kernel to 149 registers, 3 programs per SM instead of 4); 8 steps
+# for 64 splits of a group of 4 at head_dim 128.
+MERGE_ELEMENTS = 4096
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch knobs of the split kernel; every setting computes the same numerics.
+
+    block_n: keys per loop iteration (a power of two, 16..256; FP8 P·V: a multiple of
+    PV_BLOCK). fused_combine: the last program of each (sequence, KV head) merges the splits
+    (one kernel); False: a separate combine kernel (two kernels, as v1). packed_scales: read
+    the fp16 scales as 4-byte pairs when pages allow (even page sizes). fast_v_cvt: INT8 V to
+    fp16 without the I2F unit (compiled kernels only; ignored under the interpreter).
+
+    Default: the fastest measured on an H100 (benchmarks/KERNEL_NOTES.md, "sage_decode v2"):
+    two buffers (5 stages) and the separate combine kernel: the fused merge was 1.7x slower
+    at batch 1 (its last program merges 64 splits alone) and no faster at batch >= 16.
+    """
+
+    block_n: int = 64
+    sub_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 5
+    fused_combine: bool = False
+    packed_scales: bool = True
+    fast_v_cvt: bool = True
+
+    def __post_init__(self) -> None:
+        n = self.block_n
+        if n < 16 or n > 256 or n & (n - 1):
+            raise ValueError(f"block_n must be a power of two in 16..256, got {n}")
+        if self.num_warps not in (1, 2, 4, 8) or self.num_stages < 1:
+            raise ValueError(f"bad num_warps {self.num_warps} / num_stages {self.num_stages}")
+
+
+DEFAULT_CONFIG = DecodeConfig()
+
+
+@triton.jit
+def _run_starts(
+    table, first_key, end, kv_head,
+    num_kv_heads: tl.constexpr, page_size: tl.constexpr, N: tl.constexpr, RUN: tl.constexpr,
+    WIDE: tl.constexpr,
+):  # fmt: skip
+    """Keys first_key .. first_key + N (first_key a multiple of RUN) as N // RUN runs of RUN
+    keys, each contiguous in one page -> (page_base, in_page) of each run's first key,
+    [N // RUN] each: its slot is page_base + in_page, its V column page_base * D + in_page.
+
+    One page-table read per run, masked past `end` (those runs read the null page): a block
+    may reach past the table's KEY_ALIGN padding when N > KEY_ALIGN.
+    """
+    run_keys = first_key + tl.arange(0, N // RUN) * RUN
+    page = tl.load(table + run_keys // page_size, mask=run_keys < end, other=0)
+    if WIDE:
+        page = page.to(tl.int64)
+    return (page * num_kv_heads + kv_head) * page_size, run_keys % page_size
+
+
+@triton.jit
+def _expand_runs(run_first, N: tl.constexpr, RUN: tl.constexpr):
+    """[N // RUN] first offsets of runs -> [N] offsets: run r holds run_first[r] + 0 .. RUN-1.
+
+    Each run starts at a multiple of RUN; the hints say so after the reshape (which hides it
+    from the compiler), so that the K and V loads vectorize. They are stated here, on values
+    computed in the loop body: hints on values carried through a loop are lost.
+    """
+    if RUN == 1:
+        return run_first
+    offsets = tl.reshape(run_first[:, None] + tl.arange(0, RUN)[None, :], (N,))
+    return tl.max_contiguous(tl.multiple_of(offsets, RUN), RUN)
+
+
+@triton.jit
+def _load_scales(scale_ptr, run_first, N: tl.constexpr, RUN: tl.constexpr,
+                 PACKED: tl.constexpr):  # fmt: skip
+    """fp16 scales of N keys -> [N] fp32. run_first: [N // RUN] slot of each run's first key.
+
+    PACKED (RUN even): pairs of scales as one int32 word, so each load is >= 4 bytes and can
+    be a pipelined cp.async; one fp16 per load (2 bytes) stays a synchronous load whose
+    latency every loop iteration would wait for.
+    """
+    if PACKED:
+        words = scale_ptr.to(tl.pointer_type(tl.int32))
+        w = tl.load(words + (run_first // 2)[:, None] + tl.arange(0, RUN // 2)[None, :])
+        lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)  # little-endian: key 2u
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), (N,)).to(tl.float32)
+    else:
+        return tl.load(scale_ptr + _expand_runs(run_first, N, RUN)).to(tl.float32)
+
+
+@triton.jit
+def _attend_keys(
+    q_codes, row_scale, m_i, l_i, acc, table, first_key, end, kv_head, d,
+    k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
+    num_kv_heads: tl.constexpr, page_size: tl.constexpr, head_dim: tl.constexpr,
+    N: tl.constexpr, RUN: tl.constexpr, WIDE: tl.constexpr, PACKED: tl.constexpr,
+    PV_FP8: tl.constexpr, FAST_CVT: tl.constexpr,
+):  # fmt: skip
+    """Fold keys first_key .. first_key + N (those before `end`) into the running softmax.
+
+    q_codes: [H, D] int8; row_scale: [H] (Q scale x sm_scale x log2 e); m_i, l_i: [H]; acc:
+    [H, D] fp32, un-normalized. Needs a key before `end` in this block or an earlier one
+    (m_i finite afterwards). Returns the updated (m_i, l_i, acc).
+    """
+    page_base, in_page = _run_starts(table, first_key, end, kv_head, num_kv_heads, page_size,
+                                     N, RUN, WIDE)  # fmt: skip
+    run_slot = page_base + in_page
+    slot = _expand_runs(run_slot, N, RUN)
+    # Unmasked code loads: keys past the end read the null page or stale (finite) slots of
+    # the last page; their scores are masked and their V scales zeroed below.
+    k = tl.load(k_cache_ptr + tl.multiple_of(slot * head_dim, head_dim)[:, None] + d[None, :])
+    v_col = _expand_runs(page_base * head_dim + in_page, N, RUN)  # V pages are [D, page]
+    v = tl.load(v_cache_ptr + v_col[:, None] + d[None, :] * page_size)
+    k_scale = _load_scales(k_scale_ptr, run_slot, N, RUN, PACKED)
+    v_scale = _load_scales(v_scale_ptr, run_slot, N, RUN, PACKED)
+    key_ok = first_key + tl.arange(0, N) < end
+    s = tl.dot(q_codes, tl.trans(k)).to(tl.float32)
+    s = tl.where(key_ok[None, :], s * row_scale[:, None] * k_scale[None, :], float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v_scale = tl.where(key_ok, v_scale, 0.0)  # stale slots may hold any scale, even NaN
+    if PV_FP8:
+        block_max = tl.maximum(tl.max(v_scale, axis=0), MIN_SCALE)
+        p_codes = (p * (v_scale / block_max)[None, :] * 448.0).to(tl.float8e4nv)
+        pv = tl.dot(p_codes, v) * (block_max / 448.0)
+    else:
+        v16 = _int8_to_fp16(v) if FAST_CVT else v.to(tl.float16)
+        pv = tl.dot((p * v_scale[None, :]).to(tl.float16), v16)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _merge_splits(
+    out_rows, part_acc_ptr, part_ml_ptr, first_part, used, d,
+    num_splits, group: tl.constexpr, head_dim: tl.constexpr, GROUP_P2: tl.constexpr,
+    MERGE_S: tl.constexpr,
+):  # fmt: skip
+    """Merge the `used` splits of one (sequence, KV head) in split order and write its rows.
+
+    out_rows: [GROUP_P2, 1] pointers to each query head's output row; first_part: the
+    partial index of (sequence, the group's first head, split 0); partials of head h, split
+    s sit at first_part + h * num_splits + s. MERGE_S splits per step, their (max, sum) and
+    acc loaded together (one round trip to L2 per step; no separate pass for the maximum).
+    Loads bypass L1 (.cg): other SMs wrote the partials.
+    """
+    hh = tl.arange(0, GROUP_P2)
+    head_ok = hh < group
+    c = tl.arange(0, MERGE_S)
+    m_run = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    den = tl.zeros([GROUP_P2], tl.float32)
+    num = tl.zeros([GROUP_P2, head_dim], tl.float32)
+    for chunk in range(0, used, MERGE_S):
+        split = chunk + c
+        part = first_part + hh[None, :] * num_splits + split[:, None]  # [MERGE_S, GROUP_P2]
+        ok = (split[:, None] < used) & head_ok[None, :]
+        m = tl.load(part_ml_ptr + part * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(part_ml_ptr + part * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")  # noqa: E741
+        acc = tl.load(part_acc_ptr + part[:, :, None] * head_dim + d[None, None, :],
+                      mask=ok[:, :, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_new = tl.where(head_ok, m_new, 0.0)  # padding heads see no split: keep it finite
+        alpha = tl.exp2(m_run - m_new)  # 0 on the first step (m_run = -inf)
+        w = tl.where(ok, tl.exp2(m - m_new[None, :]), 0.0)
+        num = num * alpha[:, None] + tl.sum(acc * w[:, :, None], axis=0)
+        den = den * alpha + tl.sum(l * w, axis=0)
+        m_run = m_new
+    out = num / tl.where(head_ok, den, 1.0)[:, None]
+    tl.store(out_rows + d[None, :], out.to(out_rows.dtype.element_ty), mask=head_ok[:, None])
+
+
+@triton.jit
+def _merge_if_last(
+    counter, out_rows, part_acc_ptr, part_ml_ptr, first_part, used, d,
+    num_splits, group: tl.constexpr, head_dim: tl.constexpr, GROUP_P2: tl.constexpr,
+    MERGE_S: tl.constexpr,
+):  # fmt: skip
+    """Count this program's split in (its partials are stored); the program that completes
+    the count of `used` splits merges them (`_merge_splits`) and zeroes the counter again.
+
+    The barrier puts every thread's partial stores before the counter's release; the
+    acquire of the last arrival makes every split's partials visible to the merge.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    if arrived == used - 1:
+        _merge_splits(out_rows, part_acc_ptr, part_ml_ptr, first_part, used, d, num_splits,
+                      group, head_dim, GROUP_P2, MERGE_S)  # fmt: skip
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+
+
+@triton.jit
+def _split_span(kv_len, num_splits):
+    """Keys per split of a sequence of kv_len keys cut into num_splits splits: a multiple of
+    SPLIT_ALIGN (so FP8 P·V blocks stay aligned with the reference's), at least SPLIT_ALIGN."""
+    return tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), SPLIT_ALIGN), 1) * SPLIT_ALIGN
 
 
 # Values that change from step to step are not specialized on (no recompiles mid-run).
-@triton.jit(do_not_specialize=["stride_table", "split_tokens", "num_splits"])
+@triton.jit(do_not_specialize=["stride_table", "num_splits"])
 def _sage_decode_split_kernel(
     q_ptr, balance_ptr, k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
-    page_table_ptr, q_row_ptr, kv_len_ptr, part_acc_ptr, part_ml_ptr,
-    stride_qt, stride_qh, stride_table, split_tokens, num_splits,
-    sm_scale,
+    page_table_ptr, q_row_ptr, kv_len_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, out_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, num_splits, sm_scale,
     num_kv_heads: tl.constexpr, group: tl.constexpr, page_size: tl.constexpr,
-    head_dim: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    KEY_RUN: tl.constexpr, HAS_BALANCE: tl.constexpr, PV_FP8: tl.constexpr,
-    FAST_CVT: tl.constexpr,
+    head_dim: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
+    RUN: tl.constexpr, WIDE: tl.constexpr, PACKED: tl.constexpr, HAS_BALANCE: tl.constexpr,
+    PV_FP8: tl.constexpr, FAST_CVT: tl.constexpr, FUSED: tl.constexpr,
+    GROUP_P2: tl.constexpr, MERGE_S: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, KV head, split): the group's query heads over split_tokens keys."""
+    """One (sequence, KV head, split): the group's query heads over the split's keys."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     kv_len = tl.load(kv_len_ptr + seq)
-    # split_tokens is a multiple of KEY_ALIGN: saying so lets the compiler see each page's
-    # keys as one aligned run (otherwise V, contiguous along keys, loads byte by byte).
-    start = tl.multiple_of(split * split_tokens, SPLIT_ALIGN)
-    if start >= kv_len:
-        return  # empty split: the combine kernel reads only cdiv(kv_len, split_tokens)
-    end = tl.minimum(kv_len, start + split_tokens)
+    q_row = tl.load(q_row_ptr + seq).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     h_ok = h < group  # rows past the group are padding (tl.dot needs >= 16 rows)
     heads = kv_head * group + h
     d = tl.arange(0, head_dim)
-    q_row = tl.load(q_row_ptr + seq).to(tl.int64)
+    out_rows = out_ptr + q_row * stride_ot + heads[:, None] * stride_oh
+    # Issued before the kv_len test: the Q load then overlaps the kv_len round trip.
     q = tl.load(
         q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + d[None, :],
         mask=h_ok[:, None], other=0.0,
     ).to(tl.float32)  # fmt: skip
     if HAS_BALANCE:
         q = q * tl.load(balance_ptr + kv_head * head_dim + d)[None, :]
+    span = _split_span(kv_len, num_splits)
+    start = tl.multiple_of(split * span, SPLIT_ALIGN)
+    if start >= kv_len:
+        if FUSED and split == 0:  # kv_len 0 (a padded CUDA-graph row): zeros, not 0/0
+            zeros = tl.zeros([BLOCK_H, head_dim], tl.float32)
+            tl.store(out_rows + d[None, :], zeros.to(out_ptr.dtype.element_ty),
+                     mask=h_ok[:, None])  # fmt: skip
+        return  # empty split: nothing reads its partials
+    end = tl.minimum(kv_len, start + span)
     q_codes, q_scale = _quantize_q(q, 127.0)
     row_scale = q_scale * (sm_scale * LOG2E)  # scores in log2 units: exp2 below
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -95,59 +315,44 @@ def _sage_decode_split_kernel(
     acc = tl.zeros([BLOCK_H, head_dim], tl.float32)
     table = page_table_ptr + seq.to(tl.int64) * stride_table
     for block_start in range(start, end, BLOCK_N):
-        keys = block_start + tl.arange(0, BLOCK_N)
-        key_ok = keys < end
-        # Unmasked: rows come from `padded_page_table`, and block_start < kv_len keeps every
-        # read inside the KEY_ALIGN padding.
-        page = tl.load(table + keys // page_size).to(tl.int64)
-        in_page = keys % page_size
-        if KEY_RUN > 1:
-            # Power-of-two pages: runs of KEY_RUN keys are contiguous in the cache (and start
-            # aligned); saying so lets the K and V loads vectorize.
-            in_page = tl.max_contiguous(tl.multiple_of(in_page, KEY_RUN), KEY_RUN)
-        page_base = (page * num_kv_heads + kv_head) * page_size
-        slot = page_base + in_page
-        # Unmasked code loads: keys past the end read the null page or stale (finite) slots
-        # of the last page; their scores are masked and their V scales zeroed below.
-        k = tl.load(k_cache_ptr + tl.multiple_of(slot * head_dim, head_dim)[:, None] + d[None, :])
-        k_scale = tl.load(k_scale_ptr + slot).to(tl.float32)
-        s = tl.dot(q_codes, tl.trans(k)).to(tl.float32)
-        s = s * row_scale[:, None] * k_scale[None, :]
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_scale = tl.where(key_ok, tl.load(v_scale_ptr + slot).to(tl.float32), 0.0)
-        v_rows = page_base * head_dim + in_page  # V pages are [D, page]: keys contiguous
-        v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * page_size)
-        if PV_FP8:
-            block_max = tl.maximum(tl.max(v_scale, axis=0), MIN_SCALE)
-            p_codes = (p * (v_scale / block_max)[None, :] * 448.0).to(tl.float8e4nv)
-            pv = tl.dot(p_codes, v) * (block_max / 448.0)
-        else:
-            v16 = _int8_to_fp16(v) if FAST_CVT else v.to(tl.float16)
-            pv = tl.dot((p * v_scale[None, :]).to(tl.float16), v16)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-    part = (seq * (num_kv_heads * group) + heads) * num_splits + split
-    tl.store(part_acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=h_ok[:, None])
-    tl.store(part_ml_ptr + part * 2, m_i, mask=h_ok)
-    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=h_ok)
+        # SUB_N < BLOCK_N only for FP8 P·V: one step per PV_BLOCK keys, the loads of the
+        # whole iteration still issued together.
+        for sub in tl.static_range(BLOCK_N // SUB_N):
+            m_i, l_i, acc = _attend_keys(
+                q_codes, row_scale, m_i, l_i, acc, table, block_start + sub * SUB_N, end,
+                kv_head, d, k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
+                num_kv_heads, page_size, head_dim, SUB_N, RUN, WIDE, PACKED, PV_FP8, FAST_CVT,
+            )  # fmt: skip
+    used = tl.cdiv(kv_len, span)
+    if FUSED and used == 1:  # the only split: normalize here, no partials, no merge
+        tl.store(out_rows + d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=h_ok[:, None])  # fmt: skip
+    else:
+        first_part = (seq * (num_kv_heads * group) + kv_head * group) * num_splits
+        part = first_part + h * num_splits + split
+        tl.store(part_acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=h_ok[:, None])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=h_ok)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=h_ok)
+        if FUSED:
+            hh = tl.arange(0, GROUP_P2)
+            rows = out_ptr + q_row * stride_ot + (kv_head * group + hh)[:, None] * stride_oh
+            _merge_if_last(counter_ptr + seq * num_kv_heads + kv_head, rows, part_acc_ptr,
+                           part_ml_ptr, first_part, used, d, num_splits, group, head_dim,
+                           GROUP_P2, MERGE_S)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["split_tokens", "num_splits"])
+@triton.jit(do_not_specialize=["num_splits"])
 def _sage_decode_combine_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, q_row_ptr, kv_len_ptr,
-    stride_ot, stride_oh, split_tokens, num_splits,
+    stride_ot, stride_oh, num_splits,
     num_q_heads: tl.constexpr, head_dim: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, query head): merge its non-empty splits and normalize."""
+    """One (sequence, query head): merge its non-empty splits and normalize (unfused)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     kv_len = tl.load(kv_len_ptr + seq)
     s = tl.arange(0, SPLITS)
-    used = s < tl.cdiv(kv_len, split_tokens)
+    used = s < tl.cdiv(kv_len, _split_span(kv_len, num_splits))
     part = (seq * num_q_heads + head) * num_splits + s
     m = tl.load(part_ml_ptr + part * 2, mask=used, other=float("-inf"))
     l = tl.load(part_ml_ptr + part * 2 + 1, mask=used, other=0.0)  # noqa: E741
@@ -168,11 +373,17 @@ class DecodeWorkspace:
     """Per-split partial results, allocated once per step and shared by every layer.
 
     acc: [B, Hq, splits, D] fp32 (un-normalized P·V); ml: [B, Hq, splits, 2] fp32 (running
-    max in log2 units, softmax sum). split_tokens: keys per split, a multiple of KEY_ALIGN.
+    max in log2 units, softmax sum); counter: [B, Hkv] int32, zero between launches (the
+    fused merge's arrival count; each merging program zeroes its own again).
+    split_tokens: keys per split of a context as long as the planned width (informative:
+    the kernel cuts each sequence into `num_splits` splits of its own length,
+    ceil(ceil(kv_len / splits) / KEY_ALIGN) · KEY_ALIGN keys, so a workspace planned for a
+    long static width still spreads a shorter context over every split).
     """
 
     acc: torch.Tensor
     ml: torch.Tensor
+    counter: torch.Tensor
     split_tokens: int
 
     @property
@@ -190,11 +401,13 @@ class DecodeWorkspace:
         device: torch.device,
         num_splits: int | None = None,
     ) -> DecodeWorkspace:
-        """max_tokens: the page table's width in tokens (static); num_splits: None = plan."""
+        """max_tokens: the longest context planned for (the page table's width in tokens,
+        or a static maximum); num_splits: None = plan (`plan_splits`)."""
         splits, split_tokens = plan_splits(batch, kv_heads, max_tokens, device, num_splits)
         return cls(
             acc=torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=device),
             ml=torch.empty(batch, q_heads, splits, 2, dtype=torch.float32, device=device),
+            counter=torch.zeros(batch, kv_heads, dtype=torch.int32, device=device),
             split_tokens=split_tokens,
         )
 
@@ -209,21 +422,15 @@ def plan_splits(
 ) -> tuple[int, int]:
     """(num_splits, split_tokens) from static quantities only (CUDA-graph friendly).
 
-    Enough splits for programs_per_sm programs per SM over batch × kv_heads (None:
-    PROGRAMS_PER_SM_FEW while batch × kv_heads < SMs, else PROGRAMS_PER_SM), no split
-    shorter than KEY_ALIGN tokens, at most MAX_SPLITS. num_splits forces a count (tests).
+    The count is the rule shared with the 16-bit decode (`decode_split_count`: about
+    programs_per_sm programs per SM over batch × kv_heads, None = PROGRAMS_PER_SM; no split
+    shorter than MIN_SPLIT_TOKENS; at most MAX_SPLITS; a power of two); the split length is
+    then rounded up to KEY_ALIGN, which may leave fewer splits. num_splits forces a count.
     """
     if num_splits is None:
-        sms = (
-            torch.cuda.get_device_properties(device).multi_processor_count
-            if device.type == "cuda"
-            else CPU_SMS
-        )
-        pairs = max(batch * kv_heads, 1)
-        if programs_per_sm is None:
-            programs_per_sm = PROGRAMS_PER_SM_FEW if pairs < sms else PROGRAMS_PER_SM
-        wanted = triton.cdiv(programs_per_sm * sms, pairs)
-        num_splits = min(wanted, triton.cdiv(max_tokens, KEY_ALIGN), MAX_SPLITS)
+        pps = PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+        num_splits = decode_split_count(batch * kv_heads, max_tokens, sm_count(device, CPU_SMS),
+                                        pps, MIN_SPLIT_TOKENS, MAX_SPLITS)  # fmt: skip
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
     split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), KEY_ALIGN) * KEY_ALIGN
@@ -243,8 +450,9 @@ def sage_decode_paged(
     out: torch.Tensor,
     workspace: DecodeWorkspace,
     sm_scale: float | None = None,
-    num_stages: int = 3,
-    fast_v_cvt: bool = True,
+    num_stages: int | None = None,
+    fast_v_cvt: bool | None = None,
+    config: DecodeConfig = DEFAULT_CONFIG,
 ) -> None:
     """8-bit attention of one query token per sequence over its cached keys, into `out`.
 
@@ -253,35 +461,58 @@ def sage_decode_paged(
     (FP16 P·V) or float8_e4m3fn (FP8 P·V); k_scale, v_scale: [P, Hkv, page] fp16.
     page_table: [B, pages] int32 from `padded_page_table`; q_rows, kv_len: [B] int32
     (kv_len counts the new token, already stored). out: [T, Hq, D]; rows q_rows are written,
-    others untouched. workspace: from `DecodeWorkspace.allocate` for this B and table width.
-    num_stages: software-pipelining depth of the key loop (tuning). fast_v_cvt: INT8 V to
-    fp16 without the I2F unit (as in the prefill kernel; compiled kernels only).
+    others untouched. workspace: from `DecodeWorkspace.allocate` for this B and these heads.
+    config: launch knobs (`DecodeConfig`); num_stages, fast_v_cvt: overrides of its fields.
     """
+    if num_stages is not None:
+        config = replace(config, num_stages=num_stages)
+    if fast_v_cvt is not None:
+        config = replace(config, fast_v_cvt=fast_v_cvt)
     batch = page_table.shape[0]
     _, q_heads, dim = q.shape
     kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
+    pv_fp8 = v_cache.dtype == torch.float8_e4m3fn
     _check_decode_args(q, k_cache, balance, page_table, q_rows, kv_len, out, workspace)
+    if pv_fp8 and config.block_n % PV_BLOCK:
+        raise ValueError(f"FP8 P·V scales P per {PV_BLOCK} keys: block_n must be a multiple")
     if batch == 0:
         return
     group = q_heads // kv_heads
     splits = workspace.num_splits
+    sub_n = min(config.sub_n, config.block_n)
+    if pv_fp8:
+        sub_n = PV_BLOCK
+    run = key_run(page_size, sub_n)
+    group_p2 = triton.next_power_of_2(group)
     _sage_decode_split_kernel[(batch, kv_heads, splits)](
         q, balance if balance is not None else k_scale,
-        k_cache, k_scale, v_cache, v_scale,
-        page_table, q_rows, kv_len, workspace.acc, workspace.ml,
-        q.stride(0), q.stride(1), page_table.stride(0), workspace.split_tokens, splits,
-        dim**-0.5 if sm_scale is None else sm_scale,
+        k_cache, k_scale, v_cache, v_scale, page_table, q_rows, kv_len,
+        workspace.acc, workspace.ml, workspace.counter, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
+        splits, dim**-0.5 if sm_scale is None else sm_scale,
         num_kv_heads=kv_heads, group=group, page_size=page_size, head_dim=dim,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        KEY_RUN=key_run(page_size, BLOCK_N), HAS_BALANCE=balance is not None,
-        PV_FP8=v_cache.dtype == torch.float8_e4m3fn, FAST_CVT=fast_v_cvt and q.is_cuda,
-        num_warps=4, num_stages=num_stages,
+        BLOCK_H=max(16, group_p2), BLOCK_N=config.block_n, SUB_N=sub_n, RUN=run,
+        WIDE=k_cache.numel() >= WIDE_CODES,
+        PACKED=config.packed_scales and _pairs_aligned(run, k_scale, v_scale),
+        HAS_BALANCE=balance is not None, PV_FP8=pv_fp8,
+        FAST_CVT=config.fast_v_cvt and q.is_cuda, FUSED=config.fused_combine,
+        GROUP_P2=group_p2,
+        MERGE_S=min(triton.next_power_of_2(splits), max(1, MERGE_ELEMENTS // (group_p2 * dim))),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    _sage_decode_combine_kernel[(batch, q_heads)](
-        out, workspace.acc, workspace.ml, q_rows, kv_len,
-        out.stride(0), out.stride(1), workspace.split_tokens, splits,
-        num_q_heads=q_heads, head_dim=dim, SPLITS=triton.next_power_of_2(splits), num_warps=4,
-    )  # fmt: skip
+    if not config.fused_combine:
+        _sage_decode_combine_kernel[(batch, q_heads)](
+            out, workspace.acc, workspace.ml, q_rows, kv_len,
+            out.stride(0), out.stride(1), splits,
+            num_q_heads=q_heads, head_dim=dim, SPLITS=triton.next_power_of_2(splits),
+            num_warps=4,
+        )  # fmt: skip
+
+
+def _pairs_aligned(run: int, k_scale: torch.Tensor, v_scale: torch.Tensor) -> bool:
+    """Scales can be read as int32 pairs: runs of an even number of keys (so every pair
+    shares a page) and 4-byte aligned scale tensors."""
+    return run % 2 == 0 and k_scale.data_ptr() % 4 == 0 and v_scale.data_ptr() % 4 == 0
 
 
 def _check_decode_args(q, k_cache, balance, page_table, q_rows, kv_len, out, workspace) -> None:
@@ -305,8 +536,10 @@ def _check_decode_args(q, k_cache, balance, page_table, q_rows, kv_len, out, wor
     for name, t in (("q_rows", q_rows), ("kv_len", kv_len)):
         if t.dtype != torch.int32 or t.shape != (batch,):
             raise ValueError(f"{name} must be int32 [{batch}], got {t.dtype} {tuple(t.shape)}")
-    splits, span = workspace.num_splits, workspace.split_tokens
-    if workspace.acc.shape != (batch, q_heads, splits, dim) or splits * span < (
-        page_table.shape[1] * page_size
+    splits = workspace.num_splits
+    if (
+        workspace.acc.shape != (batch, q_heads, splits, dim)
+        or workspace.ml.shape != (batch, q_heads, splits, 2)
+        or workspace.counter.shape != (batch, kv_heads)
     ):
-        raise ValueError("workspace does not fit this batch and page table: allocate it for them")
+        raise ValueError("workspace does not fit this batch and these heads: allocate it for them")
