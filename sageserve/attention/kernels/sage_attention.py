@@ -171,14 +171,26 @@ def _softmax_pv(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s * row_scale[:, None] - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    pv = scaled_pv(p, v, v_scale, PV_FP8, FAST_CVT)
+    return acc * alpha[:, None] + pv, l_i, m_new
+
+
+@triton.jit
+def scaled_pv(p, v, v_scale, PV_FP8: tl.constexpr, FAST_CVT: tl.constexpr):
+    """P·V over one key block with per-key V scales: p [M, N] fp32, v [N, D] 8-bit codes,
+    v_scale [N] fp32 (0 for keys past the end) -> [M, D] fp32.
+
+    FP16: P times each key's scale, rounded to fp16, times the INT8 codes. FP8: P scaled by
+    the keys' scales relative to the block's largest and by 448, rounded to e4m3, times the
+    FP8 codes (`sage_reference`'s PV_BLOCK blocks). Shared by the prefill and decode kernels.
+    """
     if PV_FP8:
         block_max = tl.maximum(tl.max(v_scale, axis=0), MIN_SCALE)
         p_codes = (p * (v_scale / block_max)[None, :] * 448.0).to(tl.float8e4nv)
-        pv = tl.dot(p_codes, v) * (block_max / 448.0)
+        return tl.dot(p_codes, v) * (block_max / 448.0)
     else:
         v16 = _int8_to_fp16(v) if FAST_CVT else v.to(tl.float16)
-        pv = tl.dot((p * v_scale[None, :]).to(tl.float16), v16)
-    return acc * alpha[:, None] + pv, l_i, m_new
+        return tl.dot((p * v_scale[None, :]).to(tl.float16), v16)
 
 
 @triton.jit

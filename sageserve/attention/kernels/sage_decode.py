@@ -46,10 +46,9 @@ from sageserve.attention.kernels.paged_common import decode_split_count, sm_coun
 from sageserve.attention.kernels.sage_attention import (
     KEY_ALIGN,
     LOG2E,
-    MIN_SCALE,
-    _int8_to_fp16,
     _quantize_q,
     key_run,
+    scaled_pv,
 )
 from sageserve.attention.sage_reference import PV_BLOCK
 
@@ -193,13 +192,7 @@ def _attend_keys(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v_scale = tl.where(key_ok, v_scale, 0.0)  # stale slots may hold any scale, even NaN
-    if PV_FP8:
-        block_max = tl.maximum(tl.max(v_scale, axis=0), MIN_SCALE)
-        p_codes = (p * (v_scale / block_max)[None, :] * 448.0).to(tl.float8e4nv)
-        pv = tl.dot(p_codes, v) * (block_max / 448.0)
-    else:
-        v16 = _int8_to_fp16(v) if FAST_CVT else v.to(tl.float16)
-        pv = tl.dot((p * v_scale[None, :]).to(tl.float16), v16)
+    pv = scaled_pv(p, v, v_scale, PV_FP8, FAST_CVT)
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
