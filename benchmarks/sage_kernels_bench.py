@@ -36,7 +36,12 @@ from sageserve.attention.kernels.sage_attention import (
     padded_page_table,
     sage_attention_paged,
 )
-from sageserve.attention.kernels.sage_decode import DecodeWorkspace, plan_splits, sage_decode_paged
+from sageserve.attention.kernels.sage_decode import (
+    DecodeConfig,
+    DecodeWorkspace,
+    plan_splits,
+    sage_decode_paged,
+)
 from sageserve.attention.kernels.sage_store import store_kv
 from sageserve.attention.sage_reference import (
     FP8_DTYPE,
@@ -331,7 +336,7 @@ def _bench_decode_one(v2, batch: int, ctx: int, pv: str, gen) -> list[dict]:
 
     def split_kv_i2f() -> None:  # INT8 V converted by I2F (round 2's decode kernel)
         sage_decode_paged(q, balance, *caches, table, rows_idx, kv_len, outs["split_kv_i2f"], ws,
-                          fast_v_cvt=False)  # fmt: skip
+                          config=DecodeConfig(fast_v_cvt=False))  # fmt: skip
 
     def split_kv_pps2() -> None:  # always 2 programs per SM
         sage_decode_paged(q, balance, *caches, table, rows_idx, kv_len, outs["split_kv_pps2"],

@@ -29,12 +29,16 @@ class Variant:
     min_cosine: float = 1.0
     max_rel_l1: float = 0.0
     max_abs_rel: float = 2e-5  # for exact layers: max |error| / max |reference|
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
 
     def exact_layer(self, layer: int) -> bool:
-        return self.sage is None or layer in self.sage.skip_layers
+        exact_math = self.sage is None or layer in self.sage.skip_layers
+        return exact_math and self.dtype == torch.float32
 
     def __str__(self) -> str:
-        return self.name if self.sage is None else f"{self.name}-{self.sage}"
+        name = self.name if self.sage is None else f"{self.name}-{self.sage}"
+        return name if self.device == "cpu" else f"{name}-{self.device}-{self.dtype}"
 
 
 # The FP8 P·V mode is looser: e4m3 V alone costs about 2% relative L1 (sage_reference.py).
@@ -50,6 +54,26 @@ VARIANTS = [
     # The 16-bit Triton kernels, in fp32 through the interpreter on CPU: exact up to rounding.
     Variant("triton"),
 ]
+
+# The same step on a GPU, in the 16-bit dtypes the kernels serve. Inputs are rounded to that
+# dtype before the fp64 reference sees them, so the bounds measure the kernels alone: 16-bit
+# P and output rounding (about 0.3% relative L1) for the exact-math backends.
+_BF16, _FP16 = torch.bfloat16, torch.float16
+GPU_VARIANTS = [
+    Variant("torch", min_cosine=0.9999, max_rel_l1=0.01, dtype=_BF16, device="cuda"),
+    Variant("triton", min_cosine=0.9999, max_rel_l1=0.01, dtype=_BF16, device="cuda"),
+    Variant("triton", min_cosine=0.9999, max_rel_l1=0.01, dtype=_FP16, device="cuda"),
+    Variant("sage_attn", SageConfig(), 0.999, 0.03, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", SageConfig(), 0.999, 0.03, dtype=_FP16, device="cuda"),
+    Variant("sage_attn", SageConfig(pv="fp8"), 0.998, 0.05, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", SageConfig(smooth_k=False), 0.999, 0.03, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", SageConfig(skip_layers=(1,)), 0.999, 0.03, dtype=_BF16, device="cuda"),
+]
+
+# (num_q_heads, num_kv_heads, head_dim, page_size): GQA, MHA and MQA; pages of one key, of an
+# odd size, and (GPU) of whole key blocks, which the prefill kernels read by TMA.
+SHAPES = [(6, 2, 32, 16), (4, 4, 64, 1), (8, 1, 64, 7), (4, 2, 128, 16)]
+GPU_SHAPES = [(4, 4, 64, 1), (8, 1, 64, 7), (4, 2, 128, 16), (8, 2, 64, 64), (8, 2, 128, 128)]
 
 # (prefix_len, query_len) per sequence of the mixed step.
 MIXED_STEP = [(0, 1), (0, 7), (0, 200), (0, 333), (120, 80), (332, 1), (7, 1), (16, 17)]
@@ -96,19 +120,21 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: in
 
 
 def _run_step(backend, kv_cache, seqs, spans, page_size, num_q_heads, gen):
-    """Run one step of every layer; returns (outputs per layer, queries per layer)."""
+    """Run one step of every layer; returns [(queries, outputs on the CPU)] per layer."""
+    options = backend.options
     slices = [SequenceSlice(s.page_table, p, n) for s, (p, n) in zip(seqs, spans, strict=True)]
     ids = [[0] * n for _, n in spans]
-    batch = build_forward_batch(slices, ids, [], page_size, torch.device("cpu"))
+    batch = build_forward_batch(slices, ids, [], page_size, options.device)
     meta = backend.build_metadata(batch)
     results = []
     for layer in range(2):
         k = torch.cat([s.k[layer, p : p + n] for s, (p, n) in zip(seqs, spans, strict=True)])
         v = torch.cat([s.v[layer, p : p + n] for s, (p, n) in zip(seqs, spans, strict=True)])
         head_dim = k.shape[-1]
-        q = torch.randn(k.shape[0], num_q_heads, head_dim, generator=gen)
-        out = backend.forward(layer, q, k, v, kv_cache, meta)
-        results.append((q, out))
+        q = torch.randn(k.shape[0], num_q_heads, head_dim, generator=gen).to(options.model_dtype)
+        on_device = (t.to(options.device, options.model_dtype) for t in (q, k, v))
+        out = backend.forward(layer, *on_device, kv_cache, meta)
+        results.append((q.float(), out.cpu()))
     return results
 
 
@@ -139,7 +165,7 @@ def _poison(kv_cache, page_size: int) -> None:
     """Every page but the null page (page 0) holds garbage until written.
 
     A read of an unwritten slot that reaches the output shows up as NaN (float tensors) or
-    as a large error (integer codes).
+    as a large error (integer and FP8 codes).
     """
     caches = [kv_cache] if not hasattr(kv_cache, "exact") else [kv_cache, kv_cache.exact]
     for cache in filter(None, caches):
@@ -151,13 +177,18 @@ def _poison(kv_cache, page_size: int) -> None:
             )
             if tensor.dtype == torch.int8:
                 pages.copy_(torch.randint_like(pages, -127, 128))
+            elif tensor.dtype.itemsize == 1:
+                # FP8 codes: garbage but finite, as every code the store writes (the pool
+                # starts zeroed); masked keys' P is 0, and 0 x NaN would not be.
+                garbage = torch.empty(pages.shape, device=pages.device).uniform_(-448, 448)
+                pages.copy_(garbage.to(tensor.dtype))
             else:
                 pages.fill_(float("nan"))
 
 
 def _make_backend(variant: Variant, config: ModelConfig):
     extra = () if variant.sage is None else (("sage", variant.sage),)
-    options = BackendOptions("auto", torch.float32, torch.device("cpu"), extra)
+    options = BackendOptions("auto", variant.dtype, torch.device(variant.device), extra)
     return get_backend_class(variant.name)(config, options)
 
 
@@ -166,19 +197,29 @@ def test_every_registered_backend_is_covered() -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
-@pytest.mark.parametrize(
-    ("num_q_heads", "num_kv_heads", "head_dim", "page_size"),
-    [(6, 2, 32, 16), (4, 4, 64, 1), (8, 1, 64, 7), (4, 2, 128, 16)],
-)
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim", "page_size"), SHAPES)
 def test_backend_matches_dense_reference(
     variant: Variant, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
 ) -> None:
     uses_kernels = variant.name == "triton" or (variant.sage and variant.sage.impl == "triton")
     if uses_kernels and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip(
-            "fp32 CPU tensors need Triton's interpreter; on a GPU machine the kernels are "
-            "checked at real sizes by the gpu-marked tests of test_kernels_*.py"
-        )
+        pytest.skip("fp32 CPU tensors need Triton's interpreter; test_..._on_gpu runs these")
+    _check_backend(variant, num_q_heads, num_kv_heads, head_dim, page_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", GPU_VARIANTS, ids=str)
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim", "page_size"), GPU_SHAPES)
+def test_backend_matches_dense_reference_on_gpu(
+    variant: Variant, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
+) -> None:
+    _check_backend(variant, num_q_heads, num_kv_heads, head_dim, page_size)
+
+
+def _check_backend(
+    variant: Variant, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
+) -> None:
+    """Cached prefixes written in one step, then the mixed step over them, against fp64."""
     gen = torch.Generator().manual_seed(1234 + page_size)
     config = _model_config(num_q_heads, num_kv_heads, head_dim)
     backend = _make_backend(variant, config)
@@ -193,9 +234,8 @@ def test_backend_matches_dense_reference(
     for count, (p, n) in zip(pages_per_seq, MIXED_STEP, strict=True):
         table, order = tuple(order[:count]), order[count:]
         shape = (2, p + n, num_kv_heads, head_dim)
-        seqs.append(
-            Seq(table, torch.randn(shape, generator=gen) + bias, torch.randn(shape, generator=gen))
-        )
+        k, v = torch.randn(shape, generator=gen) + bias, torch.randn(shape, generator=gen)
+        seqs.append(Seq(table, *(t.to(variant.dtype).float() for t in (k, v))))
     if variant.sage is not None:
         backend.set_calibration(*_calibration(seqs, variant.sage, num_q_heads, gen))
     # Step 1 writes the cached prefixes; step 2 is the mixed batch over them.

@@ -54,3 +54,17 @@ def test_user_errors_exit_2(tmp_path, capsys) -> None:
     code = main(["validate", "quick", "--attention-backend", "torch", "--out", str(tmp_path)])
     assert code == 2
     assert "--backends" in capsys.readouterr().err
+
+
+def test_determinism_prompt_that_caches_no_page_exits_2(tmp_path, capsys) -> None:
+    """At page size 32, a 32-token prompt caches nothing (its last token is recomputed): the
+    cache-hit comparison would be empty, so validate refuses before measuring."""
+    argv = [
+        "validate", "quick", "--backends", "torch", "--sections", "determinism",
+        "--determinism-prompt-len", "32", "--page-size", "32", "--device", "cpu",
+        "--dtype", "float32", "--max-total-tokens", "512", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--determinism-prompt-len 32" in err and "at least 33" in err
+    assert not (tmp_path / "report.json").exists()

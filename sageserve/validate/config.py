@@ -53,7 +53,7 @@ class Sizes:
     throughput_concurrency: tuple[int, ...] = (1, 4)
     throughput_repeats: int = 2
     determinism_runs: int = 3
-    determinism_prompt_len: int = 64
+    determinism_prompt_len: int = 200  # whole pages at every page size up to 128: a cache hit
     determinism_new_tokens: int = 16
     determinism_batch: int = 4
     remote_top_n: int = 20

@@ -103,6 +103,8 @@ def _backend_phase(
 ) -> None:
     """Every per-backend section on one engine."""
     plan, s, is_ref = res.plan, cfg.sizes, label == cfg.reference
+    if cfg.runs("determinism") and s.determinism_runs:
+        _check_determinism_fills_a_page(len(plan.det_prompt), engine.block_manager.page_size)
     bar = tqdm(total=_phase_units(cfg, plan), desc=f"validate {label}", file=sys.stderr)
     with bar:
         if cfg.runs("logprobs"):
@@ -135,6 +137,17 @@ def _backend_phase(
                 s.determinism_new_tokens,
             )
         bar.update(1)
+
+
+def _check_determinism_fills_a_page(prompt_len: int, page_size: int) -> None:
+    """ValueError when the determinism prompt caches no page (its last token is always
+    recomputed), so that its cache-hit run would compare nothing."""
+    if prompt_len - 1 < page_size:
+        raise ValueError(
+            f"--determinism-prompt-len {prompt_len} fills no whole page of this backend's "
+            f"{page_size} tokens, so its cache-hit run would have nothing cached; use at "
+            f"least {page_size + 1} (or --page-size {max(1, prompt_len - 1)})"
+        )
 
 
 def _throughput(

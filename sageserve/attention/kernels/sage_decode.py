@@ -36,7 +36,7 @@ splits in a fixed order, so the output does not depend on which program finishes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -443,8 +443,6 @@ def sage_decode_paged(
     out: torch.Tensor,
     workspace: DecodeWorkspace,
     sm_scale: float | None = None,
-    num_stages: int | None = None,
-    fast_v_cvt: bool | None = None,
     config: DecodeConfig = DEFAULT_CONFIG,
 ) -> None:
     """8-bit attention of one query token per sequence over its cached keys, into `out`.
@@ -455,12 +453,8 @@ def sage_decode_paged(
     page_table: [B, pages] int32 from `padded_page_table`; q_rows, kv_len: [B] int32
     (kv_len counts the new token, already stored). out: [T, Hq, D]; rows q_rows are written,
     others untouched. workspace: from `DecodeWorkspace.allocate` for this B and these heads.
-    config: launch knobs (`DecodeConfig`); num_stages, fast_v_cvt: overrides of its fields.
+    config: launch knobs (`DecodeConfig`).
     """
-    if num_stages is not None:
-        config = replace(config, num_stages=num_stages)
-    if fast_v_cvt is not None:
-        config = replace(config, fast_v_cvt=fast_v_cvt)
     batch = page_table.shape[0]
     _, q_heads, dim = q.shape
     kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
