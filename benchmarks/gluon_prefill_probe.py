@@ -2,18 +2,18 @@
 
 KERNEL_NOTES.md ("Where the 8-bit prefill's time goes") found the Triton kernel at the
 serialized bound: every wgmma is followed by `wgmma.wait_group 0`, so the softmax never runs
-under the tensor cores. Gluon exposes the waits. This kernel issues the QKᵀ of key block
-j + 1 before the softmax of block j and waits for it only after the P·V of block j is issued
-(FA3's intra-warpgroup overlap), with TMA loads three blocks ahead.
+under the tensor cores. Gluon exposes the waits: here the softmax of key block j runs under
+the QKᵀ of block j + 1 and the P·V of block j - 1, with TMA loads two blocks ahead.
 
-Scope of the probe (not wired into the backend): FP8 P·V, non-causal, head_dim 128, 64-row
-query blocks, page 64 (one key block per page), sequence lengths that are multiples of 64.
-Same cache layout and numerics as `sage_attention_paged(..., pv="fp8")`: INT8 Q per row,
-INT8 K per token (fp16 scales), FP8 V per token; P scaled by the block's largest V scale
-and 448 before its e4m3 rounding.
+Scope of the probe (not wired into the backend): FP8 P·V, head_dim 128, 64-row query
+blocks, page 64 (one key block per page), equal sequence lengths that are multiples of 64,
+no cached prefix; causal or not. Same cache layout and numerics as
+`sage_attention_paged(..., pv="fp8")`: INT8 Q per row (quantized in the kernel), INT8 K per
+token (fp16 scales), FP8 V per token; P scaled by the block's largest V scale and 448
+before its e4m3 rounding.
 
-    python benchmarks/gluon_prefill_probe.py --sass            # no GPU: compile for sm_90
-    python benchmarks/gluon_prefill_probe.py --out probe.json  # GPU: check, then time
+    python benchmarks/gluon_prefill_probe.py --sass [--causal]  # no GPU: compile for sm_90
+    python benchmarks/gluon_prefill_probe.py --out probe.json     # GPU: check, then time
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -43,7 +44,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 ROWS, KEYS, HEAD_DIM = 64, 64, 128  # query rows and keys per block (= page), head dim
 BLOCK_M, BLOCK_N, DIM = gl.constexpr(ROWS), gl.constexpr(KEYS), gl.constexpr(HEAD_DIM)
 STAGES = gl.constexpr(3)  # key blocks in shared memory (TMA runs two ahead)
-LOG2E = 1.4426950408889634
+LOG2E = gl.constexpr(1.4426950408889634)
 FP8_MAX = gl.constexpr(448.0)
 
 
@@ -83,14 +84,19 @@ def _load_scales(k_scale_ptr, v_scale_ptr, table, block, kv_head, num_kv_heads: 
 
 
 @gluon.jit
-def _softmax(s_float, q_scale, m_i, l_i, k_scale, v_scale):
+def _softmax(s_float, q_scale, m_i, l_i, k_scale, v_scale, rows, block,
+             s_layout: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
     """Online softmax of one block of scores (INT32 products, as fp32): (FP8 P codes, alpha,
     m, l, unit).
 
     P is scaled per key by its V scale over the block's largest and by 448 before the e4m3
     rounding; unit = that largest scale / 448 is what the block's P·V must be multiplied by.
+    CAUSAL: row `rows[i]` (position in its sequence) sees keys up to itself.
     """
     scores = s_float * k_scale[None, :]
+    if CAUSAL:
+        keys = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        scores = gl.where(keys[None, :] <= rows[:, None], scores, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(scores, axis=1) * q_scale)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(scores * q_scale[:, None] - m_new[:, None])
@@ -101,16 +107,36 @@ def _softmax(s_float, q_scale, m_i, l_i, k_scale, v_scale):
 
 
 @gluon.jit
-def _gluon_prefill_kernel(
-    q_desc, q_scale_ptr, k_desc, v_desc, k_scale_ptr, v_scale_ptr, page_table_ptr, out_ptr,
-    seq_len, total_tokens, stride_table, stride_ot, stride_oh,
-    num_q_heads: gl.constexpr, num_kv_heads: gl.constexpr,
-):  # fmt: skip
-    """One program per (64 query rows, query head, sequence); see the module doc.
+def _quantize_q_block(q_ptr, q_smem, first_row, head, stride_qt, stride_qh, sm_scale,
+                      rows_s: gl.constexpr):  # fmt: skip
+    """Load 64 bf16 query rows of `head`, write their INT8 codes (per-row scales, rounded as
+    the Triton kernel's `_quantize_q`) to q_smem; return the row scales times sm_scale and
+    log2 e, [BLOCK_M] in the scores' row layout."""
+    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    rows = first_row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
+    d = gl.arange(0, DIM, layout=gl.SliceLayout(0, blocked))
+    offsets = rows.to(gl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :]
+    q = gl.load(q_ptr + offsets).to(gl.float32)
+    scale = gl.maximum(gl.max(gl.abs(q), axis=1) / 127.0, 2.0**-24)
+    y = gl.div_rn(q, gl.zeros_like(q) + scale[:, None])
+    y = gl.where(y >= 0, y + 0.5, y - 0.5)
+    q_smem.store(gl.minimum(gl.maximum(y, -127.0), 127.0).to(gl.int8))
+    fence_async_shared()  # the codes are read by wgmma (the async proxy)
+    return gl.convert_layout(scale * (sm_scale * LOG2E), rows_s)
 
-    q_desc: [Hq * T, D] INT8 codes (head-major), q_scale_ptr: [Hq, T] fp32 row scales with
-    sm_scale and log2 e folded in; k_desc: [P * Hkv * 64, D] INT8; v_desc: [P * Hkv * D, 64]
-    e4m3; k_scale_ptr, v_scale_ptr: [P * Hkv * 64] fp16; out: [T, Hq, D] bf16.
+
+@gluon.jit
+def _gluon_prefill_kernel(
+    q_ptr, k_desc, v_desc, k_scale_ptr, v_scale_ptr, page_table_ptr, out_ptr,
+    seq_len, stride_qt, stride_qh, stride_table, stride_ot, stride_oh, sm_scale,
+    num_q_heads: gl.constexpr, num_kv_heads: gl.constexpr, CAUSAL: gl.constexpr,
+):  # fmt: skip
+    """One program per (64 query rows, query head, sequence), longest causal rows first; see
+    the module doc.
+
+    q: [T, Hq, D] bf16, quantized here; k_desc: [P * Hkv * 64, D] INT8; v_desc:
+    [P * Hkv * D, 64] e4m3; k_scale_ptr, v_scale_ptr: [P * Hkv * 64] fp16; out: [T, Hq, D]
+    bf16. CAUSAL: row r of a sequence sees keys 0..r (no cached prefix).
     """
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 32]
@@ -123,33 +149,31 @@ def _gluon_prefill_kernel(
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     cols_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
-    block_m = gl.program_id(0)
+    block_m = gl.num_programs(0) - 1 - gl.program_id(0)
     head = gl.program_id(1)
     seq = gl.program_id(2)
     kv_head = head // (num_q_heads // num_kv_heads)
     table = page_table_ptr + seq * stride_table
     first_row = seq * seq_len + block_m * BLOCK_M
-    num_blocks = seq_len // BLOCK_N
+    num_blocks = block_m + 1 if CAUSAL else seq_len // BLOCK_N
 
-    q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, DIM], q_desc.layout)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8,
+                                                  rank=2)  # fmt: skip
+    q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, DIM], q_layout)
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, DIM, BLOCK_N], v_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
-    mbarrier.init(q_bar, count=1)
-
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [head * total_tokens + first_row, 0], q_bar, q_smem)
     for b in gl.static_range(STAGES):
         if b < num_blocks:
             _issue_block_load(k_desc, v_desc, k_smem, v_smem, bars, table, b, kv_head,
                               num_kv_heads, STAGES)  # fmt: skip
-    mbarrier.wait(q_bar, phase=0)
-
-    rows = first_row + gl.arange(0, BLOCK_M, layout=rows_s)
-    q_scale = gl.load(q_scale_ptr + head * total_tokens + rows)
+    q_scale = _quantize_q_block(q_ptr, q_smem, first_row, head, stride_qt, stride_qh, sm_scale,
+                                rows_s)  # fmt: skip
+    # Causal: the mask is applied to every block (one select per score); only the last block
+    # (the diagonal, with 64-row query blocks over 64-key blocks) has anything masked.
+    rows_in_seq = block_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_s)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, rows_s)
     l_i = gl.zeros([BLOCK_M], gl.float32, rows_s)
     # acc is kept in units of the last block's (largest V scale / 448): the FP8 product of a
@@ -169,7 +193,8 @@ def _gluon_prefill_kernel(
     k_scale, v_scale = _load_scales(k_scale_ptr, v_scale_ptr, table, 0, kv_head, num_kv_heads,
                                     s_layout)  # fmt: skip
     s_next = _qk(q_smem, k_smem, bars, gl.minimum(1, last), s_zero, STAGES)
-    p_codes, alpha, m_i, l_i, unit = _softmax(s, q_scale, m_i, l_i, k_scale, v_scale)
+    p_codes, alpha, m_i, l_i, unit = _softmax(s, q_scale, m_i, l_i, k_scale, v_scale,
+                                              rows_in_seq, 0, s_layout, CAUSAL)  # fmt: skip
     k_scale, v_scale = _load_scales(k_scale_ptr, v_scale_ptr, table, gl.minimum(1, last),
                                     kv_head, num_kv_heads, s_layout)  # fmt: skip
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s_next,)).to(gl.float32)
@@ -178,7 +203,9 @@ def _gluon_prefill_kernel(
                         zero, use_acc=False, is_async=True)  # fmt: skip
     for j in range(1, num_blocks):
         s_next = _qk(q_smem, k_smem, bars, gl.minimum(j + 1, last), s_zero, STAGES)
-        p_codes, alpha, m_i, l_i, new_unit = _softmax(s, q_scale, m_i, l_i, k_scale, v_scale)
+        p_codes, alpha, m_i, l_i, new_unit = _softmax(s, q_scale, m_i, l_i, k_scale, v_scale,
+                                                      rows_in_seq, j, s_layout,
+                                                      CAUSAL)  # fmt: skip
         k_scale, v_scale = _load_scales(k_scale_ptr, v_scale_ptr, table,
                                         gl.minimum(j + 1, last), kv_head, num_kv_heads,
                                         s_layout)  # fmt: skip
@@ -200,7 +227,6 @@ def _gluon_prefill_kernel(
     gl.store(out_ptr + offsets, out.to(gl.bfloat16))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    mbarrier.invalidate(q_bar)
 
 
 def _descriptor(tensor: torch.Tensor, shape: list[int], box: list[int], dtype) -> TensorDescriptor:
@@ -208,36 +234,28 @@ def _descriptor(tensor: torch.Tensor, shape: list[int], box: list[int], dtype) -
     return TensorDescriptor(tensor.view(shape), shape, [shape[1], 1], box, layout)
 
 
-def quantize_q(q: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [T, Hq, D] -> (INT8 codes [Hq, T, D], row scales [Hq, T] fp32 with sm_scale and
-    log2 e folded in): one scale per token and head, as the Triton kernel quantizes Q."""
-    qt = q.transpose(0, 1).float()
-    scale = qt.abs().amax(dim=-1).clamp_min(2.0**-24) / 127.0
-    codes = torch.round(qt / scale[..., None]).clamp_(-127, 127).to(torch.int8).contiguous()
-    return codes, (scale * sm_scale * LOG2E).contiguous()
+def gluon_prefill(q, k_cache, k_scale, v_cache, v_scale, page_table, seq_len, out,
+                  causal: bool = False, maxnreg: int | None = 168) -> None:  # fmt: skip
+    """8-bit attention of equal-length sequences (no cached prefix) over a page-64 FP8-V cache.
 
-
-def gluon_prefill(q_codes, q_scale, k_cache, k_scale, v_cache, v_scale, page_table, seq_len,
-                  out, maxnreg: int | None = None) -> None:  # fmt: skip
-    """Non-causal 8-bit attention of equal-length sequences over a page-64 FP8-V cache.
-
-    q_codes: [Hq, T, D] int8, q_scale: [Hq, T] fp32 (`quantize_q`); k_cache: [P, Hkv, 64, D]
-    int8; v_cache: [P, Hkv, D, 64] float8_e4m3fn; k_scale, v_scale: [P, Hkv, 64] fp16;
-    page_table: [B, seq_len // 64] int32; out: [T, Hq, D] bf16 (T = B * seq_len).
+    q: [T, Hq, D] bf16 (quantized in the kernel); k_cache: [P, Hkv, 64, D] int8; v_cache:
+    [P, Hkv, D, 64] float8_e4m3fn; k_scale, v_scale: [P, Hkv, 64] fp16; page_table:
+    [B, >= seq_len // 64] int32; out: [T, Hq, D] bf16 (T = B * seq_len). maxnreg 168: three
+    programs per SM (measured faster than the compiler's 237 registers and two).
     """
-    heads, tokens, dim = q_codes.shape
+    tokens, heads, dim = q.shape
     pages, kv_heads, page, _ = k_cache.shape
     if (dim, page) != (HEAD_DIM, KEYS) or seq_len % ROWS or v_cache.dtype != torch.float8_e4m3fn:
         raise ValueError("the probe covers head_dim 128, page 64, FP8 V, seq_len % 64 == 0")
     tiles = pages * kv_heads
-    q_desc = _descriptor(q_codes, [heads * tokens, dim], [ROWS, dim], gl.int8)
     k_desc = _descriptor(k_cache, [tiles * page, dim], [KEYS, dim], gl.int8)
     v_desc = _descriptor(v_cache, [tiles * dim, page], [dim, KEYS], gl.float8e4nv)
     grid = (seq_len // ROWS, heads, tokens // seq_len)
     _gluon_prefill_kernel[grid](
-        q_desc, q_scale, k_desc, v_desc, k_scale, v_scale, page_table, out,
-        seq_len, tokens, page_table.stride(0), out.stride(0), out.stride(1),
-        num_q_heads=heads, num_kv_heads=kv_heads, num_warps=4, maxnreg=maxnreg,
+        q, k_desc, v_desc, k_scale, v_scale, page_table, out,
+        seq_len, q.stride(0), q.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
+        dim**-0.5, num_q_heads=heads, num_kv_heads=kv_heads, CAUSAL=causal, num_warps=4,
+        maxnreg=maxnreg,
     )  # fmt: skip
 
 
@@ -254,7 +272,7 @@ def _ptxas_summary(ptx: str) -> str:
     return " | ".join(ln for ln in lines if any(k in ln for k in keep))
 
 
-def sass_report(maxnreg: int | None = None) -> int:
+def sass_report(maxnreg: int | None = 168, causal: bool = False) -> int:
     """Compile for sm_90 without a GPU; print the wgmma waits and the register use."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -264,17 +282,16 @@ def sass_report(maxnreg: int | None = None) -> int:
         return mangle_type(_descriptor(torch.zeros(shape, dtype=torch_dtype), shape, box, dtype))
 
     signature = {
-        "q_desc": desc([4096, HEAD_DIM], [ROWS, HEAD_DIM], gl.int8, torch.int8),
-        "q_scale_ptr": "*fp32",
+        "q_ptr": "*bf16",
         "k_desc": desc([4096, HEAD_DIM], [KEYS, HEAD_DIM], gl.int8, torch.int8),
         "v_desc": desc([8192, KEYS], [HEAD_DIM, KEYS], gl.float8e4nv, torch.float8_e4m3fn),
         "k_scale_ptr": "*fp16", "v_scale_ptr": "*fp16", "page_table_ptr": "*i32",
-        "out_ptr": "*bf16", "seq_len": "i32", "total_tokens": "i32", "stride_table": "i32",
-        "stride_ot": "i32", "stride_oh": "i32", "num_q_heads": "constexpr",
-        "num_kv_heads": "constexpr",
+        "out_ptr": "*bf16", "seq_len": "i32", "stride_qt": "i32", "stride_qh": "i32",
+        "stride_table": "i32", "stride_ot": "i32", "stride_oh": "i32", "sm_scale": "fp32",
+        "num_q_heads": "constexpr", "num_kv_heads": "constexpr", "CAUSAL": "constexpr",
     }  # fmt: skip
-    src = GluonASTSource(_gluon_prefill_kernel, signature,
-                         constexprs={"num_q_heads": 32, "num_kv_heads": 32})  # fmt: skip
+    constexprs = {"num_q_heads": 32, "num_kv_heads": 32, "CAUSAL": causal}
+    src = GluonASTSource(_gluon_prefill_kernel, signature, constexprs=constexprs)
     options = {"num_warps": 4} if maxnreg is None else {"num_warps": 4, "maxnreg": maxnreg}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = kernel.asm["ptx"]
@@ -305,40 +322,34 @@ def _build(seq: int, gen: torch.Generator):
     return case, caches, table
 
 
-def _runners(case, caches, table) -> dict:
-    """name -> fn(out): this kernel (with and without the Q quantization), the Triton
-    kernel (FP8 P·V, Q quantized inside), and SDPA's cuDNN back end."""
+def _runners(case, caches, table, causal: bool) -> dict:
+    """name -> fn(out): this kernel (Q quantized inside, as in the Triton kernel), the Triton
+    kernel (FP8 P·V), and SDPA's cuDNN back end."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from sageserve.attention.kernels import sage_attention as p8
 
-    seq, sm_scale = case.seq, HEAD_DIM**-0.5
-    q_codes, q_scale = quantize_q(case.q, sm_scale)
+    seq = case.seq
 
-    def gluon_only(out):
-        gluon_prefill(q_codes, q_scale, *caches, table, seq, out)
-
-    def gluon_r168(out):  # three programs per SM (a few spills) instead of two
-        gluon_prefill(q_codes, q_scale, *caches, table, seq, out, maxnreg=168)
-
-    def gluon_with_quant(out):
-        gluon_prefill(*quantize_q(case.q, sm_scale), *caches, table, seq, out)
+    def gluon(out):
+        gluon_prefill(case.q, *caches, table, seq, out, causal=causal)
 
     def triton(out):
         p8.sage_attention_paged(case.q, None, *caches, table, case.starts, case.lens, case.lens,
-                                seq, out=out, causal=False)  # fmt: skip
+                                seq, out=out, causal=causal)  # fmt: skip
 
     def cudnn(out):
         def heads_first(x):
             return x.view(case.batch, seq, *x.shape[1:]).transpose(1, 2)
 
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            o = F.scaled_dot_product_attention(*(heads_first(t) for t in (case.q, case.k, case.v)))
+            o = F.scaled_dot_product_attention(
+                *(heads_first(t) for t in (case.q, case.k, case.v)), is_causal=causal
+            )
         out.copy_(o.transpose(1, 2).reshape(out.shape))
 
-    return {"gluon": gluon_only, "gluon_r168": gluon_r168, "gluon+q_quant": gluon_with_quant,
-            "triton_sage_fp8": triton, "sdpa_cudnn": cudnn}  # fmt: skip
+    return {"gluon": gluon, "triton_sage_fp8": triton, "sdpa_cudnn": cudnn}
 
 
 def _accuracy(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -353,46 +364,55 @@ def run(seqs: list[int], rounds: int) -> list[dict]:
     rows = []
     for seq in seqs:
         case, caches, table = _build(seq, gen)
-        runners = _runners(case, caches, table)
-        outs = {}
+        for causal in (False, True):
+            rows += _bench_shape(case, caches, table, causal, rounds)
+    return rows
+
+
+def _bench_shape(case, caches, table, causal: bool, rounds: int) -> list[dict]:
+    seq, runners = case.seq, _runners(case, caches, table, causal)
+    outs = {}
+    for name, fn in runners.items():
+        outs[name] = torch.full_like(case.q, float("nan"))
+        fn(outs[name])
+    torch.cuda.synchronize()
+    first = slice(0, seq)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        *(t[first].float().transpose(0, 1) for t in (case.q, case.k, case.v)), is_causal=causal
+    ).transpose(0, 1)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
         for name, fn in runners.items():
-            outs[name] = torch.full_like(case.q, float("nan"))
-            fn(outs[name])
-        torch.cuda.synchronize()
-        first = slice(0, seq)
-        exact = torch.nn.functional.scaled_dot_product_attention(
-            *(t[first].float().transpose(0, 1) for t in (case.q, case.k, case.v))
-        ).transpose(0, 1)
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(rounds):
-            for name, fn in runners.items():
-                out = outs[name]
-                times[name].append(triton.testing.do_bench(lambda f=fn, o=out: f(o), rep=50))
-        flops = 4 * case.q.shape[0] * seq * case.q.shape[1] * HEAD_DIM
-        for name in runners:
-            ms = sorted(times[name])[len(times[name]) // 2]
-            row = {"seq": seq, "variant": name, "ms": ms, "tops": flops / ms / 1e9,
-                   "vs_fp32": _accuracy(outs[name][first], exact),
-                   "vs_triton_sage_fp8": _accuracy(outs[name], outs["triton_sage_fp8"]),
-                   "finite": bool(torch.isfinite(outs[name]).all())}  # fmt: skip
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            out = outs[name]
+            times[name].append(triton.testing.do_bench(lambda f=fn, o=out: f(o), rep=50))
+    flops = 4 * case.q.shape[0] * seq * case.q.shape[1] * HEAD_DIM / (2 if causal else 1)
+    rows = []
+    for name in runners:
+        ms = sorted(times[name])[len(times[name]) // 2]
+        row = {"seq": seq, "causal": causal, "variant": name, "ms": ms,
+               "tops": flops / ms / 1e9, "vs_fp32": _accuracy(outs[name][first], exact),
+               "vs_triton_sage_fp8": _accuracy(outs[name], outs["triton_sage_fp8"]),
+               "finite": bool(torch.isfinite(outs[name]).all())}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sass", action="store_true", help="compile for sm_90 only (no GPU)")
+    parser.add_argument("--causal", action="store_true", help="with --sass: the causal kernel")
     parser.add_argument("--seqs", default="1024,4096,16384")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.sass:
-        return sass_report()
+        return sass_report(causal=args.causal)
     rows = run([int(s) for s in args.seqs.split(",")], args.rounds)
     result = {
-        "what": "Gluon 8-bit prefill probe (FP8 P·V, non-causal, page 64) vs the Triton "
-        "kernel and cuDNN; attention only (no cache store), 16k tokens x 32 heads, D 128",
+        "what": "Gluon 8-bit prefill probe v2 (FP8 P·V, in-kernel Q quantization, page 64, "
+        "causal and not) vs the Triton kernel and cuDNN; attention only (no cache store), 16k "
+        "tokens x 32 heads, D 128; TOPS halved for causal",
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
