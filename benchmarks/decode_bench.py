@@ -688,14 +688,15 @@ def _bin(name: str) -> str:
 
 
 def _ptxas(ptx: str) -> str:
-    """ptxas -v: registers, spills."""
+    """ptxas -v: registers, spills, and any wgmma serialization warning."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
         res = subprocess.run([_bin("ptxas"), "-arch=sm_90a", "-v", str(path), "-o", os.devnull],
                              capture_output=True, text=True, check=True)  # fmt: skip
     lines = [ln.split("info    : ")[-1] for ln in res.stderr.splitlines()]
-    return " | ".join(ln for ln in lines if "Used" in ln or "spill" in ln)
+    keep = ("Used", "spill", "Performance Loss")
+    return " | ".join(ln for ln in lines if any(k in ln for k in keep))
 
 
 def _loop_sass(cubin: bytes) -> list[int]:

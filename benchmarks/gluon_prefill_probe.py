@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -259,21 +256,9 @@ def gluon_prefill(q, k_cache, k_scale, v_cache, v_scale, page_table, seq_len, ou
     )  # fmt: skip
 
 
-def _ptxas_summary(ptx: str) -> str:
-    """ptxas -v's register and spill lines for sm_90a."""
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.ptx"
-        path.write_text(ptx)
-        res = subprocess.run([str(bin_dir / "ptxas"), "-arch=sm_90a", "-v", str(path), "-o",
-                              os.devnull], capture_output=True, text=True, check=True)  # fmt: skip
-    lines = [ln.split("info    : ")[-1] for ln in res.stderr.splitlines()]
-    keep = ("Used", "spill", "Performance Loss")
-    return " | ".join(ln for ln in lines if any(k in ln for k in keep))
-
-
 def sass_report(maxnreg: int | None = 168, causal: bool = False) -> int:
     """Compile for sm_90 without a GPU; print the wgmma waits and the register use."""
+    from decode_bench import _ptxas
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -297,29 +282,16 @@ def sass_report(maxnreg: int | None = 168, causal: bool = False) -> int:
     ptx = kernel.asm["ptx"]
     print("wgmma.wait_group:", re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))
     print("wgmma kinds:", sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", ptx))))
-    print(f"shared memory {kernel.metadata.shared} B;", _ptxas_summary(ptx))
+    print(f"shared memory {kernel.metadata.shared} B;", _ptxas(ptx))
     return 0
 
 
 def _build(seq: int, gen: torch.Generator):
     """Inputs of one shape: (case, 8-bit caches with FP8 V at page 64, padded page table)."""
-    from prefill_tma_tune import DEV, Case, _tables
-
-    from sageserve.attention.kernels import sage_attention as p8
-    from sageserve.attention.kernels.sage_store import store_kv
+    from prefill_tma_tune import Case
 
     case = Case(seq, gen)
-    tables, pages, offsets, num_pages = _tables(case.batch, seq, KEYS, gen)
-    heads = case.q.shape[1]
-    caches = (
-        torch.zeros(num_pages, heads, KEYS, HEAD_DIM, dtype=torch.int8, device=DEV),
-        torch.zeros(num_pages, heads, KEYS, dtype=torch.float16, device=DEV),
-        torch.zeros(num_pages, heads, HEAD_DIM, KEYS, dtype=torch.float8_e4m3fn, device=DEV),
-        torch.zeros(num_pages, heads, KEYS, dtype=torch.float16, device=DEV),
-    )
-    store_kv(case.k, case.v, case.k_mean, None, pages.to(DEV), offsets.to(DEV), *caches)
-    table = p8.padded_page_table(tables, [seq] * case.batch, KEYS, DEV)
-    return case, caches, table
+    return case, *case.sage_caches(KEYS, "fp8")
 
 
 def _runners(case, caches, table, causal: bool) -> dict:

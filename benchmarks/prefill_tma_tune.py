@@ -76,7 +76,9 @@ class Case:
         self.lens = torch.full((self.batch,), seq, dtype=torch.int32, device=DEV)
         self.starts = (torch.arange(self.batch) * seq).int().to(DEV)
 
-    def sage(self, page: int, config, pv: str, causal: bool) -> Callable:
+    def sage_caches(self, page: int, pv: str) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(K codes, K scales, V codes, V scales) of this case's keys in shuffled pages, and
+        the padded page table."""
         tables, pages, offsets, num_pages = _tables(self.batch, self.seq, page, self.gen)
         v_dtype = FP8_DTYPE if pv == "fp8" else torch.int8
         caches = (
@@ -86,7 +88,10 @@ class Case:
             torch.zeros(num_pages, HEADS, page, dtype=torch.float16, device=DEV),
         )
         store8(self.k, self.v, self.k_mean, None, pages.to(DEV), offsets.to(DEV), *caches)
-        table = p8.padded_page_table(tables, [self.seq] * self.batch, page, DEV)
+        return caches, p8.padded_page_table(tables, [self.seq] * self.batch, page, DEV)
+
+    def sage(self, page: int, config, pv: str, causal: bool) -> Callable:
+        caches, table = self.sage_caches(page, pv)
 
         def run(out: torch.Tensor) -> None:
             p8.sage_attention_paged(self.q, None, *caches, table, self.starts, self.lens,
