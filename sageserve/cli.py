@@ -183,14 +183,14 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _run_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sageserve.validate.args import validate_config_from_args
+    from sageserve.validate.args import default_out_dir, validate_config_from_args
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.attention_backend is not None:
         raise ValueError(
             "validate compares several backends: use --backends, not --attention-backend"
         )
-    out = Path(args.out or f"reports/{args.mode}")
+    out = Path(args.out) if args.out else default_out_dir(args.mode)
     from sageserve.validate import pipeline
 
     if args.url:

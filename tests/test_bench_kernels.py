@@ -3,6 +3,7 @@ GPU: compiled), its JSON and Markdown, and its refusal of bad flags (exit 2)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sageserve.bench.kernels import add_kernels_args, config_from_args
 from sageserve.bench.kernels_common import reference_attention
 from sageserve.cli import main as cli_main
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TINY = ["--seq-lens", "64", "--total-tokens", "128"]
 # Tiny shapes: 2 sequences of 64 tokens, GQA 32/2 heads (the 8-bit store kernel runs one
 # interpreted program per token and KV head), 2 decodes over 100 cached tokens (7 pages).
 SMOKE = [
@@ -94,12 +97,23 @@ def check_markdown(markdown: str) -> None:
         (["--seq-lens", "0"], "positive integers"),
         (["--decode-variants", "sdpa_flash"], "triton16"),
         (["--kv-heads", "5"], "must divide 32"),
-        (["--device", "cpu", "--variants", "sdpa_flash", "--skip-decode"], "--variants"),
+        (["--device", "cpu", "--variants", "sdpa_flash", "--skip-decode", *TINY], "--variants"),
+        (["--device", "cpu"], "--seq-lens 32768"),  # the GPU grid, refused on CPU
+        (["--device", "cpu", "--skip-prefill", "--decode-contexts", "2000"], "contexts 2000"),
     ],
 )
 def test_bad_values_exit_2_naming_the_choices(flags, message, capsys) -> None:
     assert cli_main(["bench", "kernels", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cpu_refusal_suggests_a_run_it_accepts(capsys) -> None:
+    assert cli_main(["bench", "kernels", "--device", "cpu"]) == 2
+    suggested = capsys.readouterr().err.split("to smoke-test on CPU: ")[1].split()
+    assert suggested[:3] == ["sageserve", "bench", "kernels"]
+    parser = argparse.ArgumentParser()
+    add_kernels_args(parser)
+    assert config_from_args(parser.parse_args(suggested[3:])).device == "cpu"
 
 
 def test_bad_choice_exits_2() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,28 @@ def test_bad_flags_exit_2(argv: list[str], message: str, capsys) -> None:
 def test_bad_values_exit_2(argv: list[str], message: str, capsys) -> None:
     assert main(["generate", "--prompt", "hi", "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_validate_writes_an_untracked_folder_per_run(monkeypatch, tmp_path, capsys) -> None:
+    """Without --out, validate writes under sageserve-reports/ (ignored by git), one new
+    folder per run, never into the committed reports/."""
+    from datetime import UTC, datetime
+
+    from sageserve.validate import pipeline
+    from sageserve.validate.args import default_out_dir
+
+    written = []
+
+    def fake_run(cfg, base, out):
+        written.append(out)
+        return {"passed": False}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "run_validation", fake_run)
+    assert main(["validate", "quick", "--backends", "torch"]) == 1
+    (out,) = written
+    assert out.parts[0] == "sageserve-reports" and out.name.endswith("-quick")
+    assert f"FAIL: {out / 'report.md'}" in capsys.readouterr().out
+    assert "/sageserve-reports/" in (Path(__file__).parents[1] / ".gitignore").read_text()
+    noon = datetime(2026, 12, 3, 12, 0, 5, tzinfo=UTC)
+    assert str(default_out_dir("full", noon)) == "sageserve-reports/2026-12-03-120005-full"

@@ -17,6 +17,7 @@ import re
 
 import pytest
 import torch
+from int8_flips import assert_logprob_rows_close, assert_outputs_match
 
 from sageserve.attention.base import BackendOptions
 from sageserve.attention.graph_sizes import graph_batch_sizes, padded_batch_size
@@ -287,9 +288,10 @@ def test_backend_static_decode_equals_eager(name: str, sage: SageConfig) -> None
             lengths[i] += 1
 
 
-def _check_static_path(runner, graphs, device, exact: bool) -> None:
+def _check_static_path(runner, graphs, device, exact: bool, eight_bit: bool = False) -> None:
     """The model through the static path vs eagerly over the same decode steps: the same
-    logits (bitwise when `exact`) and no cache write but the real rows' new tokens."""
+    logits (bitwise when `exact`; else to the linear layers' rounding, which on the 8-bit
+    path may flip a code: int8_flips.py) and no cache write but the real rows' new tokens."""
     gen = torch.Generator().manual_seed(5)
     lengths = list(SHORT_LENGTHS)
     tables = _tables(lengths, runner.num_pages, gen)
@@ -309,7 +311,7 @@ def _check_static_path(runner, graphs, device, exact: bool) -> None:
             assert torch.equal(static, eager), (rows, (static - eager).abs().max())
             _assert_same_pool(runner.kv_cache, after_eager)
         else:
-            torch.testing.assert_close(static, eager, rtol=0, atol=1e-5)
+            assert_logprob_rows_close(static, eager, exact_atol=None if eight_bit else 1e-5)
         for i in rows:
             lengths[i] += 1
 
@@ -325,7 +327,7 @@ def test_static_path_equals_eager_on_cpu(backend: str, sage: SageConfig) -> None
     graphs = DecodeGraphRunner(
         runner.model, runner.backend, runner.kv_cache, [1, 4, 8], GRAPH_CONTEXT, capture=False
     )
-    _check_static_path(runner, graphs, CPU, exact=False)
+    _check_static_path(runner, graphs, CPU, exact=False, eight_bit=backend == "sage_attn")
     assert graphs.num_runs == len(STEPS)
 
 
@@ -394,7 +396,5 @@ def test_engine_with_graphs_equals_eager_on_gpu(backend: str) -> None:
             assert graphs.batch_sizes == [1, 2, 4, 8] and graphs.num_runs > 0
         llm.engine.close()
     for with_graphs, eager in zip(outputs[False], outputs[True], strict=True):
-        assert with_graphs.token_ids == eager.token_ids
-        for a, b in zip(with_graphs.logprobs, eager.logprobs, strict=True):
-            assert a.keys() == b.keys()
-            assert max(abs(a[k] - b[k]) for k in a) <= 1e-5
+        exact = backend == "triton"
+        assert_outputs_match(with_graphs, eager, exact=exact, top_n=3, exact_tol=1e-5)

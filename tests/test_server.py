@@ -354,6 +354,26 @@ def test_errors_are_400_and_harmless(
     _assert_serving(server)
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded"])
+def test_json_body_without_a_json_content_type(server: Server, content_type: str | None) -> None:
+    """curl -d labels a body as a form, some clients label nothing: both are read as JSON."""
+    body = json.dumps({"text": PROMPT, "sampling_params": _greedy(2)}).encode()
+    request = server.client.build_request("POST", "/generate", content=body)
+    assert "content-type" not in request.headers  # httpx labels no raw content
+    if content_type:
+        request.headers["content-type"] = content_type
+    got = server.client.send(request)
+    assert got.status_code == 200, got.text
+    assert len(got.json()["output_ids"]) == 2
+
+
+def test_a_body_labelled_otherwise_is_a_400(server: Server) -> None:
+    body = json.dumps({"text": PROMPT}).encode()
+    got = server.client.post("/generate", content=body, headers={"content-type": "text/plain"})
+    assert got.status_code == 400 and "application/json" in got.json()["error"]["message"]
+    _assert_serving(server)
+
+
 def test_api_key(server: Server) -> None:
     body = {"text": PROMPT, "sampling_params": _greedy(1)}
     for headers in ({}, {"Authorization": "Bearer wrong"}):

@@ -42,6 +42,7 @@ from sageserve.attention.torch_native import PagedKVCache, TorchNativeBackend
 from sageserve.config import SageConfig
 from sageserve.engine.batch import ForwardBatch
 from sageserve.models.config import ModelConfig
+from sageserve.startup_phases import startup_phase
 
 if TYPE_CHECKING:  # the kernels import triton, which the reference path does not need
     from sageserve.attention.kernels.sage_decode import DecodeWorkspace
@@ -198,7 +199,11 @@ class SageAttentionBackend(AttentionBackend):
         """Calibrate the key mean and channel balance (sageserve/attention/calibration.py)."""
         if not (self.sage.smooth_k or self.sage.balance_qk):
             return
-        stats = calibrate_qk(model, calibration_token_ids(tokenizer, self.model_config.vocab_size))
+        ids = calibration_token_ids(tokenizer, self.model_config.vocab_size)
+        with startup_phase(
+            "calibrate", f"sage_attn key mean and Q/K balance over {len(ids)} tokens"
+        ):
+            stats = calibrate_qk(model, ids)
         self.set_calibration(
             stats.k_mean if self.sage.smooth_k else None,
             stats.channel_scale(self.sage.smooth_k) if self.sage.balance_qk else None,

@@ -111,7 +111,8 @@ def add_kernels_args(parser: argparse.ArgumentParser) -> None:
     add("--sample-ms", type=float, default=20.0, help="target duration of one timed sample")
     add("--seed", type=int, default=0)
     add("--out", default=None,
-        help="JSON path (default benchmarks/results/kernels-<card>-<date>.json); Markdown "
+        help="JSON path (default sageserve-reports/kernels-<card>-<date>-<time>.json, "
+        "untracked); Markdown "
         "goes next to it (.md) and to stdout")  # fmt: skip
 
 
@@ -155,6 +156,8 @@ class KernelBenchConfig:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
         if self.skip_prefill and self.skip_decode:
             raise ValueError("--skip-prefill and --skip-decode together leave nothing to run")
+        if self.device == "cpu":
+            _check_cpu_grid(self)
 
     @property
     def torch_device(self) -> torch.device:
@@ -163,6 +166,34 @@ class KernelBenchConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+# On CPU our kernels run in Triton's interpreter, one Python call per program and block: the
+# GPU grid (up to 32k tokens) would take hours there. A CPU run is a smoke test of the code
+# path at shapes up to these; TINY_CPU_RUN is one (about 30 s on a 2-core CPU).
+CPU_MAX_TOKENS = 1024
+TINY_CPU_RUN = (
+    "sageserve bench kernels --device cpu --head-dims 64 --seq-lens 64 --total-tokens 128 "
+    "--kv-heads 2 --decode-batches 2 --decode-contexts 100 --repeats 1 --warmup 0"
+)
+
+
+def _check_cpu_grid(cfg: KernelBenchConfig) -> None:
+    """ValueError when a CPU run asks for GPU-sized shapes (see CPU_MAX_TOKENS)."""
+    sizes = {}
+    if not cfg.skip_prefill:
+        sizes |= {"--seq-lens": max(cfg.seq_lens), "--total-tokens": cfg.total_tokens}
+    if not cfg.skip_decode:
+        sizes["--decode-contexts"] = max(cfg.decode_contexts)
+        sizes["--decode-batches x contexts"] = max(cfg.decode_batches) * max(cfg.decode_contexts)
+    too_big = [f"{flag} {n}" for flag, n in sizes.items() if n > CPU_MAX_TOKENS]
+    if too_big:
+        raise ValueError(
+            "no CUDA device: on CPU the kernels run in Triton's interpreter, thousands of "
+            f"times slower, so shapes are limited to {CPU_MAX_TOKENS} tokens (asked: "
+            f"{', '.join(too_big)}). Time the kernels on a GPU; to smoke-test on CPU: "
+            f"{TINY_CPU_RUN}"
+        )
 
 
 def _choices(flag: str, values: tuple, valid: tuple) -> None:
@@ -372,9 +403,10 @@ def _method(cfg: KernelBenchConfig) -> dict[str, Any]:
     }
 
 
-def default_out(device: dict[str, Any], date: str) -> Path:
+def default_out(device: dict[str, Any], stamp: str) -> Path:
+    """Untracked, one file per run (results to keep are written with --out)."""
     slug = re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-")
-    return Path("benchmarks/results") / f"kernels-{slug}-{date}.json"
+    return Path("sageserve-reports") / f"kernels-{slug}-{stamp}.json"
 
 
 def _write(result: dict[str, Any], out: Path) -> None:
@@ -434,7 +466,7 @@ def run_benchmark(cfg: KernelBenchConfig, out: Path | None) -> tuple[dict[str, A
     started = time.monotonic()
     now = datetime.datetime.now(datetime.UTC)
     device = _device_info(cfg)
-    out = out or default_out(device, now.date().isoformat())
+    out = out or default_out(device, now.strftime("%Y-%m-%d-%H%M%S"))
     result: dict[str, Any] = {
         "benchmark": "sageserve bench kernels", "date": now.isoformat(timespec="seconds"),
         "command": command_line(cfg, out), "process_argv": shlex.join(sys.argv),

@@ -184,6 +184,7 @@ def decode_graph_runner(
         return None
     sizes = graph_batch_sizes(min(config.max_bs, padded_batch_size(max_running_requests)))
     reserved = torch.cuda.memory_reserved(device)
+    logger.info("CUDA graphs: capturing decode for batch sizes %s ...", sizes)
     runner = DecodeGraphRunner(model, backend, kv_cache, sizes, max_context)
     logger.info(
         "CUDA graphs: decode captured for batch sizes %s (contexts up to %d tokens) in %.1f s, "

@@ -22,7 +22,9 @@ from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.scheduler import Scheduler
 from sageserve.engine.step_plan import ChunkPlan, plan_step
 from sageserve.engine.stop import StopChecker
+from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.models.loader import LoadedModel, load_model
+from sageserve.startup_phases import startup_phase
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +38,7 @@ class Engine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.device = config.torch_device()
-        self.loaded = loaded or load_model(
-            config.model_path,
-            load_format=config.load_format,
-            dtype=config.dtype,
-            device=self.device,
-            seed=config.seed,
-        )
+        self.loaded = loaded or self._load_model()
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = self._resolve_context_length()
@@ -51,6 +47,17 @@ class Engine:
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
+
+    def _load_model(self) -> LoadedModel:
+        config = self.config
+        with startup_phase("load", f"{config.model_path or DEFAULT_MODEL} on {self.device}"):
+            return load_model(
+                config.model_path,
+                load_format=config.load_format,
+                dtype=config.dtype,
+                device=self.device,
+                seed=config.seed,
+            )
 
     def _resolve_context_length(self) -> int:
         limit = self.model_config.max_position_embeddings

@@ -11,6 +11,7 @@ from sageserve.config import DEFAULT_CPU_KV_TOKENS, CacheConfig, CudaGraphConfig
 from sageserve.engine.batch import ForwardBatch
 from sageserve.engine.cuda_graph import DecodeGraphRunner, decode_graph_runner
 from sageserve.models.llama import LlamaForCausalLM
+from sageserve.startup_phases import startup_phase
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class ModelRunner:
         self.kv_spec = backend.kv_cache_spec()
         self.page_size = cache.page_size or backend.preferred_page_size()
         self.num_pages = pool_num_pages(cache, self.page_size, self.kv_spec.bytes_per_token, device)
-        self.kv_cache = backend.allocate(self.num_pages, self.page_size)
+        with startup_phase("allocate", "KV cache pool"):
+            self.kv_cache = backend.allocate(self.num_pages, self.page_size)
         self.graph_runner: DecodeGraphRunner | None = None
         self._log_pool()
 

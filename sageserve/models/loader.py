@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: PreTrainedTokenizerBase | None  # None only for dummy weights without tokenizer
     dtype: torch.dtype
-    source: str  # resolved path and format, for logs
+    source: str  # file or directory name, format and stored types (no absolute path)
 
 
 @dataclass
@@ -195,8 +196,14 @@ def _gguf_source(path: Path) -> _Source:
         hf_torch_dtype=None,
         tokenizer=tokenizer_from_gguf(reader),
         weights=lambda: gguf_weights(reader, config),
-        description=f"{path} (gguf)",
+        description=f"{path.name} (GGUF; {_tensor_types(reader)}; dequantized on load)",
     )
+
+
+def _tensor_types(reader: GGUFReader) -> str:
+    """How many tensors of each stored type, most common first: '210 Q4_1, 61 F32'."""
+    counts = Counter(t.tensor_type.name for t in reader.tensors)
+    return ", ".join(f"{n} {name}" for name, n in counts.most_common())
 
 
 def _is_gguf(path: Path) -> bool:
@@ -217,7 +224,7 @@ def _safetensors_source(path: Path) -> _Source:
         hf_torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
         tokenizer=_hf_tokenizer(path, required=True),
         weights=lambda: safetensors_weights(files),
-        description=f"{path} (safetensors, {len(files)} file{'s' * (len(files) > 1)})",
+        description=f"{path.name} (safetensors, {len(files)} file{'s' * (len(files) > 1)})",
     )
 
 
@@ -229,7 +236,7 @@ def _dummy_source(path: str) -> _Source:
         hf_torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
         tokenizer=_hf_tokenizer(config_file.parent, required=False),
         weights=None,
-        description=f"{config_file} (dummy weights)",
+        description=f"{config_file.parent.name}/{config_file.name} (dummy weights)",
     )
 
 

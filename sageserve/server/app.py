@@ -23,6 +23,7 @@ from sageserve.server.engine_loop import (
     InvalidRequestError,
     QueueFullError,
 )
+from sageserve.server.json_body import DefaultJSONBody
 from sageserve.server.metrics import CONTENT_TYPE_LATEST
 from sageserve.server.protocol import APIError
 
@@ -48,6 +49,7 @@ def build_app(engine_loop: EngineLoop, server_args: ServerArgs) -> FastAPI:
         engine_loop.stop()
 
     app = FastAPI(title="sageserve", version=__version__, lifespan=lifespan)
+    app.add_middleware(DefaultJSONBody)
     _add_error_handlers(app)
     auth = [Depends(_api_key_check(server_args.api_key))] if server_args.api_key else []
     app.include_router(sglang_api.build_router(engine_loop, server_args), dependencies=auth)

@@ -32,6 +32,7 @@ from sageserve.engine.memory_usage import static_memory
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.stop import StopChecker
+from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class EngineStepError(RuntimeError):
 class EngineInfo:
     """What does not change while serving; read once, before the thread starts."""
 
-    model_path: str
+    model_path: str  # as given (a short name, a directory or a file)
+    model_source: str  # what was loaded: file name, format, stored tensor types
     attention_backend: str
     kv_cache_dtype: str
     dtype: str
@@ -443,7 +445,8 @@ def _engine_info(engine: Engine) -> EngineInfo:
     runner = engine.runner
     config = engine.config
     return EngineInfo(
-        model_path=str(engine.loaded.source),
+        model_path=engine.config.model_path or DEFAULT_MODEL,
+        model_source=engine.loaded.source,
         attention_backend=runner.backend.name,
         kv_cache_dtype=runner.kv_spec.dtype_name,
         dtype=str(engine.loaded.dtype).removeprefix("torch."),

@@ -74,6 +74,7 @@ def build_router(engine_loop: EngineLoop, server_args: ServerArgs) -> APIRouter:
         info = engine_loop.info
         return {
             "model_path": info.model_path,
+            "model_source": info.model_source,
             "served_model_name": server_args.served_model_name,
             "is_generation": True,
             "context_length": info.context_length,

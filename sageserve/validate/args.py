@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
 from sageserve.validate.config import (
     CONTEXT_GROUPS,
@@ -75,6 +77,17 @@ def name_list(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
+# Where a run writes when --out is not given: untracked (.gitignore), one folder per run, so a
+# user's run never overwrites the reports committed under reports/.
+DEFAULT_OUT_ROOT = "sageserve-reports"
+
+
+def default_out_dir(mode: str, now: datetime | None = None) -> Path:
+    """sageserve-reports/<UTC date>-<time>-<mode> under the current directory."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%d-%H%M%S")
+    return Path(DEFAULT_OUT_ROOT) / f"{stamp}-{mode}"
+
+
 def add_validate_args(p: argparse.ArgumentParser) -> None:
     """Mode, backends, output, remote servers, sizes and thresholds."""
     p.add_argument(
@@ -87,7 +100,11 @@ def add_validate_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated attention backends; the first is the reference "
         "(default: torch,sage_attn, plus triton on a GPU when registered)",
     )
-    p.add_argument("--out", default=None, help="output directory (default: reports/<mode>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"output directory (default: {DEFAULT_OUT_ROOT}/<date>-<time>-<mode>, untracked)",
+    )
     p.add_argument(
         "--url",
         type=name_list,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from sageserve.validate.machine_load import busy_warning
+
 _STATUS = {
     "pass": "PASS",
     "fail": "FAIL",
@@ -181,7 +183,10 @@ def _throughput(r: dict[str, Any]) -> str:
         "decode speedup",
         "rounds",
     ]
-    return table(head, rows)
+    load = r.get("machine_load") or {}
+    if not load.get("busy"):
+        return table(head, rows)
+    return f"**Warning:** {busy_warning(load)}.\n\n{table(head, rows)}"
 
 
 def _memory(r: dict[str, Any]) -> str:

@@ -19,10 +19,12 @@ from tqdm.auto import tqdm
 
 from sageserve.config import EngineConfig
 from sageserve.engine.engine import Engine
+from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.validate import agreement, determinism, logprob_check, memory, mmlu, throughput
 from sageserve.validate.config import CONTEXT_GROUPS, ValidateConfig
 from sageserve.validate.data import MMLUQuestion, britannica_text, mmlu_questions, stratified_subset
+from sageserve.validate.machine_load import LoadSampler
 from sageserve.validate.workload import TextSource, built_engine
 
 
@@ -51,6 +53,7 @@ class LocalResults:
     mmlu: dict[str, torch.Tensor] = field(default_factory=dict)
     determinism: dict[str, dict[str, Any]] = field(default_factory=dict)
     throughput: dict[str, dict[str, list[dict[str, float]]]] = field(default_factory=dict)
+    machine_load: dict[str, Any] = field(default_factory=dict)  # during throughput
     model_source: str = ""
 
 
@@ -163,6 +166,7 @@ def _throughput(
         s.throughput_input_lens, s.throughput_output_lens, s.throughput_concurrency
     )
     total = s.throughput_repeats * len(cfg.labels) * len(grid)
+    load = LoadSampler()
     with tqdm(total=total, desc="validate throughput", file=sys.stderr) as bar:
         for r in range(s.throughput_repeats):
             for label, backend in zip(cfg.labels, cfg.backends, strict=True):
@@ -172,7 +176,10 @@ def _throughput(
                         bar.set_postfix_str(f"{label} {case.key}")
                         run = throughput.run_case(engine, case, text, offset=(r * 31 + i) * 4099)
                         res.throughput.setdefault(label, {}).setdefault(case.key, []).append(run)
+                        load.sample()
                         bar.update(1)
+    load.warn_if_busy()
+    res.machine_load = load.to_dict()
 
 
 def load(base: EngineConfig) -> LoadedModel:
@@ -192,7 +199,8 @@ def run_local(cfg: ValidateConfig, base: EngineConfig) -> LocalResults:
     if loaded.tokenizer is None:
         raise ValueError("validate needs a model with a tokenizer (it scores real text)")
     text = TextSource(loaded.tokenizer.encode(britannica_text(), add_special_tokens=False))
-    res = LocalResults(make_plan(cfg, text), model_source=loaded.source)
+    given = base.model_path or DEFAULT_MODEL
+    res = LocalResults(make_plan(cfg, text), model_source=f"{given}: {loaded.source}")
     with tempfile.TemporaryDirectory(prefix="sageserve_validate_") as tmp:
         store = agreement.ReferenceStore(Path(tmp))
         for label, backend in zip(cfg.labels, cfg.backends, strict=True):

@@ -119,10 +119,14 @@ def throughput_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any]
         for label, per_case in res.throughput.items()
     }
     ups = throughput.speedups(summary, cfg.reference)
-    results = {"backends": summary, "speedup_vs_reference": ups}
+    results = {
+        "backends": summary,
+        "speedup_vs_reference": ups,
+        "machine_load": res.machine_load,
+    }
     method = (
         "greedy, EOS ignored, prefix cache off; backends alternated over rounds on fresh "
-        "engines; median [min, max] over rounds"
+        "engines; median [min, max] over rounds; 1-minute load average sampled after each case"
     )
     return _section(verdicts.throughput_verdict(ups, cfg.thresholds), results, method)
 

@@ -1,0 +1,35 @@
+"""validate's throughput section says when the machine was busy while it was timed."""
+
+from __future__ import annotations
+
+from sageserve.validate.machine_load import LoadSampler
+from sageserve.validate.markdown import _throughput
+
+RUN = {"median": 10.0, "min": 9.0, "max": 11.0}
+SUMMARY = {"ttft_s": RUN, "decode_tok_s_per_request": RUN, "output_tok_s": RUN}
+SUMMARY |= {"total_tok_s": RUN, "rounds": 2}
+
+
+def _section(load: dict) -> str:
+    results = {
+        "backends": {"torch": {"in16-out4-c1": SUMMARY}},
+        "speedup_vs_reference": {},
+        "machine_load": load,
+    }
+    return _throughput(results)
+
+
+def test_busy_only_above_the_core_count() -> None:
+    sampler = LoadSampler(cores=2, samples=[1.2, 2.0])
+    assert not sampler.busy and "Warning" not in _section(sampler.to_dict())
+    sampler.sample()  # a real reading must not break anything
+    sampler.samples.append(3.9)
+    load = sampler.to_dict()
+    assert load["busy"] and load["max_load_1min"] == 3.9 and load["cores"] == 2
+    text = _section(load)
+    assert text.startswith("**Warning:** the machine was busy") and "3.9 on 2 cores" in text
+
+
+def test_no_samples_is_not_busy() -> None:
+    assert not LoadSampler(cores=2).busy
+    assert "Warning" not in _section({})
