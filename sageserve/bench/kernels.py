@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from sageserve.validate.args import DEFAULT_OUT_ROOT
+
 PREFILL_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", "sdpa_flash", "sdpa_cudnn",
                    "sageattn_1_0_6", "torch_sdpa")  # fmt: skip
 DECODE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16")
@@ -406,7 +408,7 @@ def _method(cfg: KernelBenchConfig) -> dict[str, Any]:
 def default_out(device: dict[str, Any], stamp: str) -> Path:
     """Untracked, one file per run (results to keep are written with --out)."""
     slug = re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-")
-    return Path("sageserve-reports") / f"kernels-{slug}-{stamp}.json"
+    return Path(DEFAULT_OUT_ROOT) / f"kernels-{slug}-{stamp}.json"
 
 
 def _write(result: dict[str, Any], out: Path) -> None:
