@@ -1,8 +1,8 @@
 """Log lines per start-up phase (load, calibrate, allocate), with its time.
 
-Start-up can take tens of seconds (an 8-bit backend calibrates; CUDA-graph capture logs its own time); a
-line when a phase begins says what the process is doing, one when it ends says how long it
-took.
+Start-up can take tens of seconds (an 8-bit backend calibrates; CUDA-graph capture logs
+its own time); a line when a phase begins says what the process is doing, one when it ends
+says how long it took.
 """
 
 from __future__ import annotations
