@@ -66,6 +66,11 @@ def one_run(index: int, files: list[str], load_files: list[str]) -> dict:
     }
 
 
+def git_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+")
@@ -77,7 +82,9 @@ def main() -> None:
         "benchmark": "repeat_tests",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
+        "commit": git_commit(),
         "machine": {"cpu": platform.machine(), "cores": len(os.sched_getaffinity(0))},
+        "python": platform.python_version(),
         "files": args.files,
         "runs": [],
     }
