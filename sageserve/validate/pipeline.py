@@ -54,9 +54,10 @@ def _settings(cfg: ValidateConfig, base: EngineConfig, model_source: str) -> dic
 def run_validation(cfg: ValidateConfig, base: EngineConfig, out: Path) -> dict[str, Any]:
     """Run every selected section locally and write the report into `out`; returns it."""
     check_backends(cfg.backends)
+    git = report.git_state()
     res = run_local(cfg, base)
     sections, plot_data = local_sections(cfg, res)
-    rep = report.envelope(cfg.mode, _settings(cfg, base, res.model_source), sections)
+    rep = report.envelope(cfg.mode, _settings(cfg, base, res.model_source), sections, git)
     out.mkdir(parents=True, exist_ok=True)
     rep["plots"] = plots.draw_all(sections, plot_data, cfg.reference, out)
     report.write(rep, out)
@@ -72,6 +73,7 @@ def run_remote_validation(
     """Validate running servers (cfg.backends are their URLs, the first the reference)."""
     from sageserve.models.loader import load_tokenizer
 
+    git = report.git_state()
     for server in servers:
         server.probe()
     tokenizer, model_config = load_tokenizer(base.model_path, load_format=base.load_format)
@@ -85,7 +87,7 @@ def run_remote_validation(
     settings = _settings(cfg, base, res.model_source) | {
         "remote": {s.label: dataclasses.asdict(s.caps) for s in servers}
     }
-    rep = report.envelope(cfg.mode, settings, sections)
+    rep = report.envelope(cfg.mode, settings, sections, git)
     out.mkdir(parents=True, exist_ok=True)
     rep["plots"] = plots.draw_all(sections, plot_data, cfg.reference, out)
     report.write(rep, out)

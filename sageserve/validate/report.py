@@ -49,15 +49,24 @@ def git_state() -> dict[str, Any] | None:
         return None
 
 
-def envelope(mode: str, settings: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
-    """The report: metadata, settings, sections, and whether every verdict passed."""
+def envelope(
+    mode: str,
+    settings: dict[str, Any],
+    sections: dict[str, Any],
+    git: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The report: metadata, settings, sections, and whether every verdict passed.
+
+    git: `git_state()` taken when the run started, i.e. of the code that was loaded (files
+    edited while a long run goes on do not change what it measured).
+    """
     return {
         "tool": "sageserve validate",
         "mode": mode,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["sageserve", *sys.argv[1:]]),
         "machine": machine(),
-        "git": git_state(),
+        "git": git,
         "settings": settings,
         "sections": sections,
         "passed": all(s["verdict"]["status"] != "fail" for s in sections.values()),
