@@ -40,32 +40,36 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Load the model, start the engine thread, serve until interrupted.
 
-    Returns 2 (after a message naming the problem) for bad flags or an unusable model.
+    Returns 2 (after a message naming the problem) for bad flags or an unusable model, 1 when
+    the engine thread stopped on a fault, 0 after a clean shutdown.
     """
-    import uvicorn
-
-    from sageserve.server.app import build_app
+    from sageserve.server.serve import serve
 
     try:
         server_args, engine_loop = _load(args)
     except ValueError as err:
         print(f"sageserve: error: {err}", file=sys.stderr)
         return 2
-    app = build_app(engine_loop, server_args)
-    uvicorn.run(app, host=server_args.host, port=server_args.port, log_level=server_args.log_level)
-    return 0
+    return serve(engine_loop, server_args)
 
 
 def _load(args: argparse.Namespace) -> tuple[ServerArgs, EngineLoop]:
     from sageserve.engine.engine import Engine
     from sageserve.server.engine_loop import EngineLoop
+    from sageserve.server.limits import RequestLimits
 
     engine_config = engine_config_from_args(args)
     server_args = server_args_from_args(args)
     _setup_logging(server_args)
     start = time.monotonic()
     logger.info("loading %s ...", engine_config.model_path or DEFAULT_MODEL)
-    engine_loop = EngineLoop(Engine(engine_config), server_args.max_queued_requests)
+    engine = Engine(engine_config)
+    limits = RequestLimits.for_context(
+        engine.max_model_len,
+        max_prompt_chars=server_args.max_prompt_chars,
+        max_batch_size=server_args.max_batch_size,
+    )
+    engine_loop = EngineLoop(engine, server_args.max_queued_requests, limits)
     _log_ready(engine_loop.info, time.monotonic() - start)
     return server_args, engine_loop
 

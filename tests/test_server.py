@@ -380,8 +380,12 @@ def test_api_key(server: Server) -> None:
         got = httpx.post(f"{server.url}/generate", json=body, headers=headers)
         assert got.status_code == 401
         assert got.json()["error"]["type"] == "authentication_error"
-    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    for path in ("/v1/models", "/metrics", "/openapi.json", "/docs"):
+        assert httpx.get(f"{server.url}{path}").status_code == 401, path
+    assert server.client.get("/metrics").status_code == 200
     assert httpx.get(f"{server.url}/health").status_code == 200
+    lower_case_scheme = {"Authorization": f"bearer {API_KEY}"}
+    assert httpx.post(f"{server.url}/generate", json=body, headers=lower_case_scheme).is_success
     _assert_serving(server)
 
 
@@ -392,8 +396,17 @@ def test_unknown_route_is_openai_style_404(server: Server) -> None:
 
 # ---------------------------------------------------------------------------- fuzz
 
+# Lone UTF-16 surrogates (json.dumps writes them as \udxxx escapes), huge ints and strings.
+_surrogates = st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3)
+_huge = st.sampled_from(["x" * 200_000, "\u00e9" * 50_000]) | st.integers(2**64, 2**300)
 _garbage = st.recursive(
-    st.none() | st.booleans() | st.floats() | st.text(max_size=12) | st.integers(-(2**66), 2**66),
+    st.none()
+    | st.booleans()
+    | st.floats()
+    | st.text(max_size=12)
+    | st.integers(-(2**66), 2**66)
+    | _surrogates
+    | _huge,
     lambda inner: (
         st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
     ),
@@ -409,7 +422,7 @@ def _mostly(valid: st.SearchStrategy[Any], invalid: Any) -> st.SearchStrategy[An
 
 
 _count = _mostly(st.integers(0, 4), -1)
-_text = st.text(min_size=1, max_size=30)
+_text = _mostly(st.text(min_size=1, max_size=30), "a\ud800b")
 _ids = st.lists(st.integers(0, 49_151), min_size=1, max_size=12)
 _openai_sampling = {
     "temperature": _mostly(st.floats(0, 2) | st.just(0), -1),
@@ -480,7 +493,10 @@ _completion_body = _body(
     "max_tokens",
 )
 _message = st.fixed_dictionaries(
-    {"role": _mostly(st.sampled_from(["user", "system"]), "robot"), "content": st.text(max_size=20)}
+    {
+        "role": _mostly(st.sampled_from(["user", "system"]), "robot"),
+        "content": _mostly(st.text(max_size=20), "\udc00"),
+    }
 )
 _chat_body = _body(
     {"messages": st.lists(_message, min_size=1, max_size=3), "max_completion_tokens": _count},

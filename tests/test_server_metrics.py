@@ -37,7 +37,7 @@ class Server:
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
     def metrics(self) -> Samples:
-        """Every sample of /metrics (fetched without the API key), by name and labels."""
+        """Every sample of /metrics (without the API key: --metrics-public), by name and labels."""
         response = httpx.get(f"{self.url}/metrics", timeout=30)
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith("text/plain")
@@ -59,7 +59,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     flags = [
-        *("--api-key", API_KEY, "--max-total-tokens", "4096"),
+        *("--api-key", API_KEY, "--metrics-public", "--max-total-tokens", "4096"),
         *("--device", "cpu", "--dtype", "float32", "--context-length", "1024"),
     ]
     with launched(MODEL, flags, show_log=lambda: request.session.testsfailed > 0) as proc:

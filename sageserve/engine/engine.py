@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -27,6 +28,21 @@ from sageserve.models.loader import LoadedModel, load_model
 from sageserve.startup_phases import startup_phase
 
 logger = logging.getLogger(__name__)
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a text prompt, special tokens such as BOS added.
+
+    ValueError for text that is not valid Unicode (a lone UTF-16 surrogate, which a JSON
+    escape can carry): tokenizers raise a TypeError on it.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"the prompt is not valid text: a lone surrogate at character {err.start}"
+        ) from None
+    return list(tokenizer.encode(text))
 
 
 class Engine:
@@ -102,7 +118,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids, not text")
-            return list(self.tokenizer.encode(prompt))
+            return encode_prompt(self.tokenizer, prompt)
         return [int(t) for t in prompt]
 
     def add_request(
@@ -115,6 +131,7 @@ class Engine:
         params = params or SamplingParams()
         token_ids = self.tokenize(prompt)
         self._check_prompt(token_ids)
+        self._check_stop_token_ids(params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -140,6 +157,12 @@ class Engine:
                 f"the prompt has {len(token_ids)} tokens but the KV pool holds only "
                 f"{self.runner.pool_capacity_tokens}; raise --max-total-tokens"
             )
+
+    def _check_stop_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
     def _make_request(
         self,
@@ -192,8 +215,7 @@ class Engine:
         sched = self.scheduler.schedule()
         touched: list[Request] = []
         for req in sched.unservable:
-            logger.warning("request %s outgrew the whole KV pool; aborted", req.request_id)
-            self._finish(req, "abort")
+            self._finish_out_of_pool(req)
             touched.append(req)
         if sched.chunks:
             batch, plans = plan_step(sched.chunks, self.runner.page_size, self.device)
@@ -293,6 +315,19 @@ class Engine:
         if req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= self.max_model_len:
             return "length", None
         return None
+
+    def _finish_out_of_pool(self, req: Request) -> None:
+        """Alone on the KV pool, the request needs more room than the pool has: it ends
+        with finish reason "length" (capacity cut it short, as the context length would)
+        and a message naming the limit."""
+        pool = self.runner.pool_capacity_tokens
+        req.finish_message = (
+            f"the request reached {req.num_tokens} tokens and the KV cache pool holds "
+            f"{pool}: it cannot grow further; raise --max-total-tokens or "
+            "--mem-fraction-static, or lower --context-length"
+        )
+        logger.warning("request %s: %s", req.request_id, req.finish_message)
+        self._finish(req, "length")
 
     def _finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
         req.finish_reason = reason

@@ -47,6 +47,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    finish_message: str | None = None  # why, when the reason alone does not say
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     text: str = ""
@@ -144,6 +145,7 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None
     num_cached_tokens: int
     metrics: RequestMetrics
+    finish_message: str | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -168,4 +170,5 @@ class RequestOutput:
             prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs else None,
             num_cached_tokens=req.num_cached_tokens,
             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
+            finish_message=req.finish_message,
         )

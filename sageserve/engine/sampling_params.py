@@ -25,6 +25,13 @@ _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
 _PENALTY_LIMIT = 2.0
 
+# Every step of a request checks its new text against each stop string and holds back a
+# tail that could still become one, so their number and length bound the per-step cost
+# (100,000 stop strings stalled a stream for 7 s). OpenAI allows 4 stop strings.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+
 
 def _fail(field: str, value: Any, allowed: str, entry: bool = False) -> None:
     what = (
@@ -135,9 +142,16 @@ class SamplingParams:
             _fail("min_new_tokens", n, f"must be an integer in [0, {self.max_new_tokens}]")
 
     def _validate_stops(self) -> None:
+        if len(self.stop) > MAX_STOP_STRINGS:
+            _fail("stop", f"<{len(self.stop)} strings>", f"at most {MAX_STOP_STRINGS} strings")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            count = f"<{len(self.stop_token_ids)} ids>"
+            _fail("stop_token_ids", count, f"at most {MAX_STOP_TOKEN_IDS} ids")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 _fail("stop", s, "stop strings must be non-empty strings", entry=True)
+            if len(s) > MAX_STOP_STRING_CHARS:
+                _fail("stop", s[:20] + "...", f"at most {MAX_STOP_STRING_CHARS} characters", True)
         for i in self.stop_token_ids:
             if not _is_int(i) or i < 0:
                 _fail("stop_token_ids", i, "token ids must be integers >= 0", entry=True)

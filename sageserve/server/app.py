@@ -1,31 +1,36 @@
-"""The FastAPI app: routes of both APIs, API-key check, and every error as an OpenAI body."""
+"""The FastAPI app: routes of both APIs, the guards in front of them, every error as an
+OpenAI body.
+
+Middleware, outermost first: the API key (from the headers alone), the body read whole
+within its size and time limits, then JSON assumed for unlabelled bodies.
+"""
 
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from sageserve import __version__
 from sageserve.server import openai_api, sglang_api
+from sageserve.server.api_key import APIKeyCheck
 from sageserve.server.args import ServerArgs
-from sageserve.server.engine_loop import (
-    EngineLoop,
-    EngineStepError,
+from sageserve.server.engine_loop import EngineLoop
+from sageserve.server.errors import (
+    EngineDeadError,
     InvalidRequestError,
     QueueFullError,
+    RequestFailedError,
 )
 from sageserve.server.json_body import DefaultJSONBody
 from sageserve.server.metrics import CONTENT_TYPE_LATEST
-from sageserve.server.protocol import APIError
+from sageserve.server.protocol import APIError, error_response
+from sageserve.server.request_body import BoundedBody
 
 logger = logging.getLogger(__name__)
 
@@ -49,80 +54,76 @@ def build_app(engine_loop: EngineLoop, server_args: ServerArgs) -> FastAPI:
         engine_loop.stop()
 
     app = FastAPI(title="sageserve", version=__version__, lifespan=lifespan)
-    app.add_middleware(DefaultJSONBody)
+    _add_middleware(app, server_args)
     _add_error_handlers(app)
-    auth = [Depends(_api_key_check(server_args.api_key))] if server_args.api_key else []
-    app.include_router(sglang_api.build_router(engine_loop, server_args), dependencies=auth)
-    app.include_router(openai_api.build_router(engine_loop, server_args), dependencies=auth)
+    app.include_router(sglang_api.build_router(engine_loop, server_args))
+    app.include_router(openai_api.build_router(engine_loop, server_args))
 
     @app.get("/health")
     async def health() -> JSONResponse:
         """200 while the engine thread runs (open without an API key, for probes)."""
         if engine_loop.is_alive:
             return JSONResponse({"status": "ok"})
-        return _error(APIError(503, "the engine thread is not running", "server_error"))
+        reason = engine_loop.failure or "not running"
+        return error_response(APIError(503, f"the engine has stopped ({reason})", "server_error"))
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        """Prometheus metrics (open without an API key, like /health)."""
+        """Prometheus metrics (behind the API key unless --metrics-public)."""
         return Response(engine_loop.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
-# NOTE: module level, not inside _api_key_check: with `from __future__ import annotations`
-# FastAPI resolves the annotation below from this module's globals.
-_bearer = HTTPBearer(auto_error=False)
-
-
-def _api_key_check(api_key: str) -> Any:
-    async def check(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> None:
-        given = credentials.credentials if credentials else ""
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
-            what = "a wrong" if credentials else "no"
-            raise APIError(
-                401,
-                f"{what} API key was given: send 'Authorization: Bearer <key>'",
-                "authentication_error",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return check
-
-
-def _error(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body.model_dump(), status_code=err.status, headers=err.headers)
+def _add_middleware(app: FastAPI, server_args: ServerArgs) -> None:
+    # Starlette runs the middleware added last first.
+    app.add_middleware(DefaultJSONBody)
+    app.add_middleware(
+        BoundedBody, max_bytes=server_args.max_body_bytes, timeout_s=server_args.body_timeout
+    )
+    if server_args.api_key:
+        open_paths = frozenset({"/metrics"}) if server_args.metrics_public else frozenset()
+        app.add_middleware(APIKeyCheck, api_key=server_args.api_key, open_paths=open_paths)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, APIError)
-        return _error(err)
+        return error_response(err)
 
     async def invalid(request: Request, err: Exception) -> JSONResponse:
-        return _error(APIError(400, str(err), code="invalid_value"))
+        return error_response(APIError(400, str(err), code="invalid_value"))
 
     async def queue_full(request: Request, err: Exception) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
-        return _error(APIError(503, str(err), "server_error", code="queue_full", headers=headers))
+        error = APIError(503, str(err), "server_error", code="queue_full", headers=headers)
+        return error_response(error)
 
-    async def engine_failed(request: Request, err: Exception) -> JSONResponse:
-        return _error(APIError(500, str(err), "server_error", code="engine_error"))
+    async def request_failed(request: Request, err: Exception) -> JSONResponse:
+        return error_response(APIError(500, str(err), "server_error", code="engine_error"))
+
+    async def engine_dead(request: Request, err: Exception) -> JSONResponse:
+        return error_response(APIError(503, str(err), "server_error", code="engine_dead"))
 
     async def http_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, HTTPException)
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return _error(APIError(err.status_code, str(err.detail), kind, headers=err.headers))
+        return error_response(APIError(err.status_code, str(err.detail), kind, headers=err.headers))
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(InvalidRequestError, invalid)
     app.add_exception_handler(QueueFullError, queue_full)
-    app.add_exception_handler(EngineStepError, engine_failed)
+    app.add_exception_handler(RequestFailedError, request_failed)
+    app.add_exception_handler(EngineDeadError, engine_dead)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+
+async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+    """Any other fault: logged (by uvicorn, with its traceback), an OpenAI-style 500."""
+    message = f"internal server error ({type(err).__name__}); the server log has the details"
+    return error_response(APIError(500, message, "server_error", code="internal_error"))
 
 
 async def _validation_error(request: Request, err: Exception) -> JSONResponse:
@@ -145,7 +146,8 @@ async def _validation_error(request: Request, err: Exception) -> JSONResponse:
     more = len(err.errors()) - 1
     if more:
         message += f" (and {more} more problem{'s' if more > 1 else ''})"
-    return _error(APIError(400, message, param=loc[0] if loc else None, code="invalid_value"))
+    error = APIError(400, message, param=loc[0] if loc else None, code="invalid_value")
+    return error_response(error)
 
 
 def _field_path(loc: tuple[int | str, ...] | list[int | str]) -> list[str]:

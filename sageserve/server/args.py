@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from sageserve.models.default_model import DEFAULT_MODEL
+from sageserve.server.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BODY_BYTES
 
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error")
 
@@ -16,12 +17,21 @@ class ServerArgs:
 
     max_queued_requests: how many requests may wait for a running slot beyond
     --max-running-requests; past that, new requests get HTTP 503. None = unbounded.
+    max_prompt_chars: None = the context length x limits.CHARS_PER_TOKEN_BOUND.
+    Timeouts are in seconds.
     """
 
     host: str = "127.0.0.1"
     port: int = 30000
     api_key: str | None = None
+    metrics_public: bool = False
     max_queued_requests: int | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_prompt_chars: int | None = None
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    shutdown_timeout: float = 30.0
     log_level: str = "info"
     served_model_name: str = DEFAULT_MODEL
 
@@ -37,6 +47,13 @@ class ServerArgs:
             )
         if self.api_key == "":
             raise ValueError("api_key must not be empty; leave --api-key out to disable it")
+        for name in ("max_body_bytes", "max_prompt_chars", "max_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("header_timeout", "body_timeout", "shutdown_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +64,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer <key>' on every route but /health",
+        help="require 'Authorization: Bearer <key>' on every route but /health (and "
+        "/metrics with --metrics-public); the docs and /openapi.json need it too",
+    )
+    group.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve /metrics without the API key (for a Prometheus scraper)",
     )
     group.add_argument(
         "--max-queued-requests",
@@ -56,6 +79,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="most requests waiting beyond --max-running-requests; more get HTTP 503 "
         "(default: unbounded)",
     )
+    _add_limit_args(group)
     group.add_argument(
         "--log-level", default="info", choices=LOG_LEVEL_CHOICES, help="server log level"
     )
@@ -66,13 +90,62 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_limit_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body; larger ones get HTTP 413 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=None,
+        help="most characters in one text prompt (or one chat), checked before tokenizing "
+        "(default: 32 per token of context)",
+    )
+    group.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help="most sequences (prompts x n) one request may ask for (default: %(default)s)",
+    )
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a request's headers; then the connection is "
+        "closed (default: %(default)s)",
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a client has to send a request's body; then HTTP 408 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds requests in flight get to finish before they are aborted "
+        "(default: %(default)s)",
+    )
+
+
 def server_args_from_args(args: argparse.Namespace) -> ServerArgs:
     """Build ServerArgs; ValueError on bad values."""
     return ServerArgs(
         host=args.host,
         port=args.port,
         api_key=args.api_key,
+        metrics_public=args.metrics_public,
         max_queued_requests=args.max_queued_requests,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_chars=args.max_prompt_chars,
+        max_batch_size=args.max_batch_size,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level,
         served_model_name=args.served_model_name or args.model_path or DEFAULT_MODEL,
     )

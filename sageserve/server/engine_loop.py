@@ -11,6 +11,14 @@ commands (add, abort) through a `queue.Queue`; the thread hands each step's outp
 
 Requests submitted together (a batch, or OpenAI's `n`) share one OutputStream, so the HTTP
 layer can stream them interleaved.
+
+Text is tokenized (and chat templates applied) on a third thread with its own tokenizer, so
+a long prompt stalls neither the event loop nor the engine's steps.
+
+Failures stay with the request that caused them: a bad request is refused at admission, an
+internal fault while admitting it fails it alone (500), a failing step fails the requests
+in flight (500) and the loop goes on. Should the engine thread itself stop, every waiting
+request gets 503 at once, later ones too, and `on_death` is called so the server can exit.
 """
 
 from __future__ import annotations
@@ -23,33 +31,30 @@ import queue
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from sageserve.engine.engine import Engine
+from sageserve.engine.engine import Engine, encode_prompt
 from sageserve.engine.memory_usage import static_memory
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.stop import StopChecker
 from sageserve.models.default_model import DEFAULT_MODEL
+from sageserve.server.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestFailedError,
+)
+from sageserve.server.limits import RequestLimits
 from sageserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
-
-
-class InvalidRequestError(ValueError):
-    """The engine refused a request (empty or too long a prompt, a duplicate id, ...)."""
-
-
-class QueueFullError(RuntimeError):
-    """More requests are waiting than --max-queued-requests allows."""
-
-
-class EngineStepError(RuntimeError):
-    """An engine step raised; every request in flight was aborted (the server goes on)."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ class EngineStats:
 
 @dataclass
 class _Add:
-    prompts: list[Prompt]
+    prompts: list[list[int]]
     params: list[SamplingParams]
     request_ids: list[str]
     future: asyncio.Future[None]
@@ -186,17 +191,28 @@ class OutputStream:
 class EngineLoop:
     """Runs an Engine on a dedicated thread; submit, stream and abort from asyncio."""
 
-    def __init__(self, engine: Engine, max_queued_requests: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_queued_requests: int | None = None,
+        limits: RequestLimits | None = None,
+    ) -> None:
         self.max_queued_requests = max_queued_requests
         self.info = _engine_info(engine)
-        # NOTE: the event loop decodes token texts and applies chat templates with its own
-        # copy: a tokenizer object must not be shared with the engine thread.
+        self.limits = limits or RequestLimits.for_context(self.info.context_length)
+        # NOTE: a tokenizer object must not be shared between threads: the event loop
+        # decodes token texts with one copy, the tokenizer thread encodes with another.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self._encoder = copy.deepcopy(engine.tokenizer)
+        self._encoder_thread = ThreadPoolExecutor(1, thread_name_prefix="sageserve-tokenizer")
         self.stats = EngineStats()
         self.metrics = ServerMetrics(self.info, lambda: self.stats)
+        self.failure: str | None = None  # why the engine thread stopped, once it has
+        self.on_death: Callable[[], None] | None = None
         self._engine = engine
         self._commands: queue.Queue[Any] = queue.Queue()
         self._routes: dict[str, tuple[OutputStream, int]] = {}
+        self._pending_adds: set[asyncio.Future[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._max_batch = 0  # engine thread only
@@ -215,10 +231,31 @@ class EngineLoop:
         self._commands.put(_STOP)
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._encoder_thread.shutdown(wait=False, cancel_futures=True)
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.failure is None and self._thread is not None and self._thread.is_alive()
+
+    async def with_tokenizer(self, fn: Callable[[Any], T]) -> T:
+        """`fn(tokenizer)` on the tokenizer thread (encoding, chat templates)."""
+        if self._encoder is None:
+            raise InvalidRequestError("this model has no tokenizer: pass token ids, not text")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._encoder_thread, fn, self._encoder)
+
+    async def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Token ids of each prompt: text tokenized (BOS added) off the event loop.
+
+        Raises InvalidRequestError for a text longer than the limits allow.
+        """
+        texts = [p for p in prompts if isinstance(p, str)]
+        for text in texts:
+            self.limits.check_chars([text])
+        if not texts:
+            return [list(p) for p in prompts]  # type: ignore[arg-type]
+        encoded = iter(await self.with_tokenizer(lambda tok: _encode_all(tok, texts)))
+        return [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
 
     async def submit(
         self,
@@ -228,8 +265,13 @@ class EngineLoop:
     ) -> OutputStream:
         """Add requests atomically: all are accepted, or none (and the error is raised).
 
-        Raises InvalidRequestError (HTTP 400) or QueueFullError (HTTP 503).
+        Raises InvalidRequestError (HTTP 400), QueueFullError (503, retry later) or
+        EngineDeadError (503, the server is exiting).
         """
+        self._check_alive()
+        self._check_size(len(prompts))
+        token_ids = await self.encode(prompts)
+        self._check_alive()  # it may have died while the prompts were tokenized
         ids = [rid or uuid.uuid4().hex for rid in (request_ids or [None] * len(prompts))]
         self._check_ids(ids)
         stream = OutputStream(self, ids)
@@ -237,17 +279,41 @@ class EngineLoop:
         # the event loop before this coroutine resumes from the future below.
         self._routes.update({rid: (stream, i) for i, rid in enumerate(ids)})
         future = asyncio.get_running_loop().create_future()
-        self._commands.put(_Add(list(prompts), list(params), ids, future))
+        self._pending_adds.add(future)
+        self._commands.put(_Add(token_ids, list(params), ids, future))
         try:
             await future
-        except (InvalidRequestError, QueueFullError):
+        except (InvalidRequestError, QueueFullError, RequestFailedError, EngineDeadError):
             self.release(ids, [])  # the engine thread took none of them
             raise
         except BaseException:
             # The client left while waiting: the engine may hold them by now.
             self.release(ids, ids)
             raise
+        finally:
+            self._pending_adds.discard(future)
         return stream
+
+    def _check_alive(self) -> None:
+        if not self.is_alive:
+            raise EngineDeadError(
+                f"the engine has stopped ({self.failure or 'not running'}); "
+                "the server is shutting down"
+            )
+
+    def _check_size(self, size: int) -> None:
+        """A request that can never be admitted is a 400 naming the limit, not a 503."""
+        self.limits.check_batch(size)
+        if self.max_queued_requests is None:
+            return
+        capacity = self.info.max_running_requests + self.max_queued_requests
+        if size > capacity:
+            raise InvalidRequestError(
+                f"the request asks for {size} sequences (prompts x n); at most {capacity} can "
+                f"be in flight ({self.info.max_running_requests} running, "
+                f"{self.max_queued_requests} queued: --max-running-requests, "
+                "--max-queued-requests)"
+            )
 
     def _check_ids(self, ids: list[str]) -> None:
         if len(set(ids)) != len(ids):
@@ -306,6 +372,16 @@ class EngineLoop:
         for stream in streams:
             stream.put(error)
 
+    def _engine_died(self, reason: str) -> None:
+        """Fail every waiting request and every later one; tell the server to exit."""
+        self.failure = reason
+        error = EngineDeadError(f"the engine has stopped ({reason}); the server is shutting down")
+        for future in list(self._pending_adds):
+            _settle(future, error)
+        self._fail(list(self._routes), error)
+        if self.on_death is not None:
+            self.on_death()
+
     def _decode_token(self, token_id: int) -> str:
         """The text of one token on its own (for logprob entries; cached as token_text)."""
         return self.tokenizer.decode([token_id])
@@ -313,6 +389,15 @@ class EngineLoop:
     # ----------------------------------------------------------------- engine thread
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as err:
+            # NOTE: _apply and _step keep request failures to their requests; reaching here
+            # means the loop itself is broken: hand the failure to the event loop and stop.
+            logger.critical("the engine thread stopped", exc_info=True)
+            self._post(self._engine_died, f"{type(err).__name__}: {err}")
+
+    def _serve(self) -> None:
         logger.info("engine loop started")
         self._publish_stats()
         while True:
@@ -350,6 +435,12 @@ class EngineLoop:
             self._add(command)
         except (InvalidRequestError, QueueFullError) as err:
             self._post(_settle, command.future, err)
+        except Exception:
+            logger.exception("admitting request(s) %s failed", ", ".join(command.request_ids))
+            for rid in command.request_ids:
+                self._engine.abort(rid)
+            message = f"internal error while admitting request {command.request_ids[0]}"
+            self._post(_settle, command.future, RequestFailedError(message))
         else:
             self._post(_settle, command.future, None)
 
@@ -386,11 +477,14 @@ class EngineLoop:
             outputs = self._engine.step()
         except Exception:
             # NOTE: one failing step must not take the server down: log it with its
-            # traceback, fail the requests it may have touched, and keep serving.
-            logger.exception("engine step failed; aborting every request in flight")
-            ids = self._abort_all()
+            # traceback, fail the requests it may have touched, and keep serving. Which
+            # request broke a batched step is unknown, so all of them fail.
+            ids = list(self._engine.requests)
+            logger.exception("engine step failed; failing requests %s", ", ".join(ids))
+            self._abort_all()
             self.metrics.observe_failed(ids)
-            self._post(self._fail, ids, EngineStepError("the engine failed on this request"))
+            error = RequestFailedError("internal error in the engine step serving this request")
+            self._post(self._fail, ids, error)
             return
         self._max_batch = max(self._max_batch, len(outputs))
         self.metrics.observe(outputs)
@@ -430,6 +524,13 @@ def streamable_text(out: RequestOutput, stop: Sequence[str]) -> str:
     if out.finished or not stop:
         return out.text
     return out.text[: len(out.text) - StopChecker(stop).holdback(out.text)]
+
+
+def _encode_all(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    try:
+        return [encode_prompt(tokenizer, text) for text in texts]
+    except ValueError as err:
+        raise InvalidRequestError(str(err)) from err
 
 
 def _settle(future: asyncio.Future[None], error: Exception | None) -> None:

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import jinja2
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.server.args import ServerArgs
+from sageserve.server.disconnect import CLIENT_CLOSED_REQUEST, finals_unless_disconnected
 from sageserve.server.engine_loop import EngineLoop, OutputStream, Prompt, streamable_text
 from sageserve.server.protocol import (
     SSE_DONE,
@@ -89,7 +91,7 @@ class _OpenAI:
         )
         return ModelList(data=[card])
 
-    async def completions(self, body: CompletionRequest) -> Any:
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
         """OpenAI's legacy completions: a prompt or a list of them, `n` choices each."""
         self._check_model(body.model)
         prompts = body.prompts()
@@ -99,12 +101,12 @@ class _OpenAI:
         job = _job(body, prompts, fields)
         stream = await self.loop.submit(job.prompts, job.params)
         view = _CompletionView(self, job, body.logprobs)
-        return await self._respond(body, stream, job, view)
+        return await self._respond(body, request, stream, job, view)
 
-    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         """OpenAI's chat completions over the model's chat template."""
         self._check_model(body.model)
-        prompt = self._apply_chat_template(body)
+        prompt = await self._apply_chat_template(body)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens
         if max_tokens is None:
@@ -113,13 +115,16 @@ class _OpenAI:
         job = _job(body, [prompt], fields)
         stream = await self.loop.submit(job.prompts, job.params)
         view = _ChatView(self, job, top)
-        return await self._respond(body, stream, job, view)
+        return await self._respond(body, request, stream, job, view)
 
-    async def _respond(self, body: Any, stream: OutputStream, job: _Job, view: _View) -> Any:
+    async def _respond(
+        self, body: Any, request: Request, stream: OutputStream, job: _Job, view: _View
+    ) -> Any:
         if body.stream:
             return EventStreamResponse(self._events(stream, job, view, body.include_usage))
-        with closing(stream):
-            finals = await stream.finals()
+        finals = await finals_unless_disconnected(stream, request)
+        if finals is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         return view.response([view.choice(i, out) for i, out in enumerate(finals)], finals)
 
     async def _events(
@@ -151,19 +156,38 @@ class _OpenAI:
         # No limit given: the context length bounds the output anyway (the engine stops there).
         return self.loop.info.context_length if max_tokens is None else max_tokens
 
-    def _apply_chat_template(self, body: ChatCompletionRequest) -> list[int]:
+    async def _apply_chat_template(self, body: ChatCompletionRequest) -> list[int]:
+        """The chat's token ids, templated and tokenized off the event loop."""
         tokenizer = self.loop.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise bad_request("this model has no chat template; use /v1/completions", "messages")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        self.loop.limits.check_chars(_message_texts(messages), "the chat")
         try:
-            text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
+            return await self.loop.with_tokenizer(lambda tok: _chat_token_ids(tok, messages))
         except jinja2.TemplateError as err:
             message = f"the chat template rejected the messages: {err}"
             raise bad_request(message, "messages") from err
-        return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _chat_token_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _message_texts(messages: list[dict[str, Any]]) -> list[str]:
+    """Every string in the messages (contents, names, parts), for the character limit."""
+    texts: list[str] = []
+    stack: list[Any] = list(messages)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return texts
 
 
 def _job(body: Any, prompts: list[Prompt], fields: dict[str, Any]) -> _Job:

@@ -8,7 +8,7 @@ SamplingParams, once, not repeated here.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar, Literal
 
 from pydantic import (
@@ -20,9 +20,10 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
 from sageserve.engine.sampling_params import SamplingParams
+from sageserve.server.errors import EngineDeadError, RequestFailedError
 
 _REQUEST = ConfigDict(extra="forbid", strict=True)
 
@@ -75,6 +76,11 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def error_response(err: APIError) -> JSONResponse:
+    """The response that carries `err`: its status, headers and OpenAI-style body."""
+    return JSONResponse(err.body.model_dump(), status_code=err.status, headers=err.headers)
+
+
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
@@ -107,15 +113,34 @@ class EventStreamResponse(StreamingResponse):
 
     Starlette stops iterating when the client disconnects, but leaves the iterator to the
     garbage collector; closing it here runs its `finally` (which aborts the request) now.
+    A server-side failure after the stream has begun (its 200 is sent) ends it with an
+    event carrying the OpenAI-style error body, then [DONE].
     """
 
     media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        super().__init__(_ending_with_error_event(events))
 
     async def stream_response(self, send: Any) -> None:
         try:
             await super().stream_response(send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def _ending_with_error_event(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield event
+    except (RequestFailedError, EngineDeadError) as err:
+        dead = isinstance(err, EngineDeadError)
+        code = "engine_dead" if dead else "engine_error"
+        error = APIError(503 if dead else 500, str(err), "server_error", code=code)
+        yield sse(error.body)
+        yield SSE_DONE
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------- SGLang /generate
@@ -182,10 +207,14 @@ FinishType = Literal["stop", "length", "abort"]
 
 
 class FinishReason(_OmitNone):
-    omit_if_none = ("matched",)
+    """matched: the stop string or token id; message: why, when the type alone does not say
+    (e.g. "length" because the KV cache pool is full)."""
+
+    omit_if_none = ("matched", "message")
 
     type: FinishType
     matched: str | int | None = None
+    message: str | None = None
 
 
 # [logprob, token_id, text]; logprob is null at prompt position 0, text unless asked for.

@@ -11,12 +11,14 @@ from contextlib import closing
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
 from sageserve import __version__
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.server.args import ServerArgs
+from sageserve.server.disconnect import CLIENT_CLOSED_REQUEST, finals_unless_disconnected
 from sageserve.server.engine_loop import EngineLoop, OutputStream, streamable_text
 from sageserve.server.protocol import (
     SSE_DONE,
@@ -43,7 +45,7 @@ def build_router(engine_loop: EngineLoop, server_args: ServerArgs) -> APIRouter:
         "/generate",
         response_model=GenerateResponse | list[GenerateResponse],
     )
-    async def generate(body: GenerateRequest) -> Any:
+    async def generate(body: GenerateRequest, request: Request) -> Any:
         """SGLang's /generate: one prompt or a batch, optionally streamed."""
         prompts = body.prompts()
         params = _sampling_params(body, len(prompts))
@@ -51,8 +53,9 @@ def build_router(engine_loop: EngineLoop, server_args: ServerArgs) -> APIRouter:
         formatter = _Formatter(engine_loop, body, params)
         if body.stream:
             return EventStreamResponse(_events(stream, formatter, body.is_batch))
-        with closing(stream):
-            finals = await stream.finals()
+        finals = await finals_unless_disconnected(stream, request)
+        if finals is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         responses = [formatter.response(i, out) for i, out in enumerate(finals)]
         return responses if body.is_batch else responses[0]
 
@@ -210,7 +213,7 @@ class _Formatter:
 def _finish_reason(out: RequestOutput) -> FinishReason | None:
     if not out.finished:
         return None
-    reason = FinishReason(type=out.finish_reason)
+    reason = FinishReason(type=out.finish_reason, message=out.finish_message)
     if out.stop_reason is not None:
         reason.matched = out.stop_reason
     return reason

@@ -1,0 +1,46 @@
+"""Run the app under uvicorn until SIGINT/SIGTERM or until the engine thread stops.
+
+Shutdown is graceful and bounded: uvicorn stops accepting connections, requests in flight
+get --shutdown-timeout seconds to finish, the rest are cancelled (their engine requests
+aborted, pages freed), then the engine thread stops. A dead engine thread triggers the same
+shutdown, and the exit status says it (1).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from sageserve.server.app import build_app
+from sageserve.server.args import ServerArgs
+from sageserve.server.engine_loop import EngineLoop
+from sageserve.server.header_timeout import header_timeout_protocol
+
+logger = logging.getLogger(__name__)
+
+
+def uvicorn_server(engine_loop: EngineLoop, server_args: ServerArgs) -> uvicorn.Server:
+    """The uvicorn server for the app; it exits on its own if the engine thread stops."""
+    config = uvicorn.Config(
+        build_app(engine_loop, server_args),
+        host=server_args.host,
+        port=server_args.port,
+        log_level=server_args.log_level,
+        http=header_timeout_protocol(server_args.header_timeout),
+        timeout_graceful_shutdown=server_args.shutdown_timeout,
+    )
+    server = uvicorn.Server(config)
+
+    def exit_on_death() -> None:
+        logger.critical("the engine thread has stopped: shutting the server down")
+        server.should_exit = True
+
+    engine_loop.on_death = exit_on_death
+    return server
+
+
+def serve(engine_loop: EngineLoop, server_args: ServerArgs) -> int:
+    """Serve until asked to stop; 1 if the engine thread stopped on a fault, else 0."""
+    uvicorn_server(engine_loop, server_args).run()
+    return 1 if engine_loop.failure is not None else 0

@@ -1,0 +1,124 @@
+"""When the engine thread itself dies: waiting requests get 503 at once, /health says so, and
+the server exits with status 1 (in-process: the fault is injected into the engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from server_process import free_port
+
+from sageserve.config import CacheConfig, EngineConfig
+from sageserve.engine.engine import Engine
+from sageserve.models.loader import LoadedModel, load_model
+from sageserve.server.app import build_app
+from sageserve.server.args import ServerArgs
+from sageserve.server.engine_loop import EngineLoop
+from sageserve.server.serve import serve
+
+BODY = {"text": "Hello", "sampling_params": {"max_new_tokens": 4}}
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf) -> LoadedModel:
+    return load_model(str(smollm2_gguf), dtype="float32", device="cpu")
+
+
+def _engine(loaded: LoadedModel) -> Engine:
+    config = EngineConfig(
+        dtype="float32", device="cpu", context_length=256, cache=CacheConfig(max_total_tokens=512)
+    )
+    return Engine(config, loaded)
+
+
+def _break(engine: Engine) -> None:
+    """The next time the engine thread asks for work, it raises outside any request."""
+
+    def broken() -> bool:
+        raise RuntimeError("injected fault")
+
+    engine.has_unfinished_requests = broken  # type: ignore[method-assign]
+
+
+def _wait_healthy(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    pytest.fail("the in-process server did not become healthy")
+
+
+def test_a_dead_engine_thread_fails_its_requests_and_exits_1(smollm2: LoadedModel) -> None:
+    engine = _engine(smollm2)
+    loop = EngineLoop(engine)
+    args = ServerArgs(port=free_port(), log_level="warning")
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(code=serve(loop, args)))
+    thread.start()
+    url = f"http://127.0.0.1:{args.port}"
+    _wait_healthy(url)
+    assert httpx.post(f"{url}/generate", json=BODY, timeout=60).status_code == 200
+    _break(engine)
+    start = time.monotonic()
+    got = httpx.post(f"{url}/generate", json=BODY, timeout=60)
+    assert got.status_code == 503, got.text
+    assert got.json()["error"]["code"] == "engine_dead"
+    assert "injected fault" in got.json()["error"]["message"]
+    thread.join(timeout=30)
+    assert not thread.is_alive() and result["code"] == 1
+    assert time.monotonic() - start < 30
+    assert loop.failure is not None and not loop.is_alive
+
+
+def test_health_and_new_requests_say_the_engine_has_stopped(smollm2: LoadedModel) -> None:
+    loop = EngineLoop(_engine(smollm2))
+    loop.failure = "RuntimeError: injected fault"  # what _engine_died records
+    app = build_app(loop, ServerArgs())
+
+    async def ask() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/health"), await client.post("/generate", json=BODY)
+
+    health, generate = asyncio.run(ask())
+    assert health.status_code == 503 and "injected fault" in health.json()["error"]["message"]
+    assert generate.status_code == 503 and generate.json()["error"]["code"] == "engine_dead"
+
+
+def test_a_fault_admitting_one_request_fails_only_that_request(smollm2: LoadedModel) -> None:
+    engine = _engine(smollm2)
+    add_request = engine.add_request
+    poisoned = "poisoned prompt"
+
+    def faulty_add(prompt: Any, *args: Any, **kwargs: Any) -> str:
+        if list(prompt) == engine.tokenize(poisoned):
+            raise TypeError("injected fault while admitting")
+        return add_request(prompt, *args, **kwargs)
+
+    engine.add_request = faulty_add  # type: ignore[method-assign]
+    loop = EngineLoop(engine)
+    app = build_app(loop, ServerArgs())
+
+    async def ask() -> list[httpx.Response]:
+        loop.start()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            bad = {**BODY, "text": poisoned}
+            sent = [client.post("/generate", json=b) for b in (BODY, bad, BODY, BODY)]
+            responses = await asyncio.gather(*sent)
+            responses.append(await client.get("/health"))
+        loop.stop()
+        return responses
+
+    innocent, bad, *others, health = asyncio.run(ask())
+    assert bad.status_code == 500 and bad.json()["error"]["code"] == "engine_error"
+    assert all(r.status_code == 200 for r in (innocent, *others)), [r.text for r in others]
+    assert health.status_code == 200
+    assert engine.num_steps > 0 and not engine.has_unfinished_requests()
