@@ -122,3 +122,28 @@ def test_a_fault_admitting_one_request_fails_only_that_request(smollm2: LoadedMo
     assert all(r.status_code == 200 for r in (innocent, *others)), [r.text for r in others]
     assert health.status_code == 200
     assert engine.num_steps > 0 and not engine.has_unfinished_requests()
+
+
+def test_an_unexpected_fault_in_a_route_is_an_openai_style_500(smollm2: LoadedModel) -> None:
+    loop = EngineLoop(_engine(smollm2))
+
+    async def broken_submit(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("injected fault in a route")
+
+    loop.submit = broken_submit  # type: ignore[method-assign]
+    app = build_app(loop, ServerArgs())
+
+    async def ask() -> httpx.Response:
+        # The app re-raises the fault after answering (so uvicorn logs it): don't re-raise here.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/generate", json=BODY)
+
+    got = asyncio.run(ask())
+    assert got.status_code == 500 and got.headers["content-type"] == "application/json"
+    assert got.json()["error"] == {
+        "message": "internal server error (KeyError); the server log has the details",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
