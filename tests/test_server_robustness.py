@@ -60,9 +60,10 @@ class Server:
             time.sleep(0.05)
 
     def assert_healthy(self) -> None:
-        """A good request succeeds, /health is 200, and the pool returns whole."""
-        got = self.post("/generate", GOOD)
-        assert got.status_code == 200, got.text
+        """Concurrent good requests succeed, /health is 200, and the pool returns whole."""
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda _: self.post("/generate", GOOD), range(4)))
+        assert all(r.status_code == 200 for r in got), [r.text for r in got]
         assert self.client.get("/health").status_code == 200
         assert _pool_whole(self.wait_until(_pool_whole)), self.info()
 
