@@ -36,10 +36,15 @@ def _engine(loaded: LoadedModel) -> Engine:
 
 
 def _break(engine: Engine) -> None:
-    """The next time the engine thread asks for work, it raises outside any request."""
+    """Once the next request is admitted, the loop's own check for work raises: a fault
+    outside any request's handling. (Raising at once would race the thread's idle check
+    and could stop the server before the next request arrives.)"""
+    has_work = engine.has_unfinished_requests
 
     def broken() -> bool:
-        raise RuntimeError("injected fault")
+        if engine.requests:
+            raise RuntimeError("injected fault")
+        return has_work()
 
     engine.has_unfinished_requests = broken  # type: ignore[method-assign]
 
