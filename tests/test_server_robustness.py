@@ -167,7 +167,11 @@ def test_huge_prompt_token_ids_are_a_400(server: Server) -> None:
     ("path", "body"),
     [
         ("/generate", {**GOOD, "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+        # No max_tokens: chat's default is the rest of the context.
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True},
+        ),
         ("/v1/completions", {"prompt": "Hi", "max_tokens": 900, "ignore_eos": True}),
     ],
 )
