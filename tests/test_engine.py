@@ -189,6 +189,30 @@ def test_user_errors_are_value_errors(smollm2: LoadedModel) -> None:
         CacheConfig(kv_cache_dtype="int4")
 
 
+def test_logit_bias_is_checked_against_vocab_and_steers_greedy(smollm2: LoadedModel) -> None:
+    llm = make_llm(smollm2, max_total_tokens=256)
+    vocab = smollm2.config.vocab_size
+    prompt = random_prompts([12], seed=7)[0]
+    params = dict(temperature=0, max_new_tokens=6, ignore_eos=True, logprobs=1)
+    with pytest.raises(ValueError, match=rf"logit_bias \[{vocab}\] .*\[0, {vocab}\)"):
+        llm.generate([prompt], SamplingParams(**params, logit_bias={3: 1.0, vocab: -1.0}))
+    assert_pool_whole(llm)  # the refused request left nothing behind
+    plain = llm.generate([prompt], SamplingParams(**params))[0]
+    gen = torch.Generator().manual_seed(8)
+    target = next(
+        t
+        for t in torch.randint(100, vocab, (10,), generator=gen).tolist()
+        if t not in plain.token_ids
+    )
+    forced = llm.generate([prompt], SamplingParams(**params, logit_bias={str(target): 100}))[0]
+    assert forced.token_ids == [target] * 6
+    # Logprobs are the raw distribution's: the bias changed the pick, not its reported logprob.
+    assert forced.logprobs[0][target] < plain.logprobs[0][plain.token_ids[0]]
+    banned = llm.generate([prompt], SamplingParams(**params, logit_bias={plain.token_ids[0]: -100}))
+    assert banned[0].token_ids[0] != plain.token_ids[0]
+    assert_pool_whole(llm)
+
+
 def test_validate_engine_frees_its_pool_while_still_named(smollm2: LoadedModel) -> None:
     """`built_engine` frees the pool on exit though the caller's `as` name still holds the
     engine (on a GPU the next engine's pool is sized from the memory left)."""

@@ -86,6 +86,8 @@ ROW_PARAMS = [
     dict(temperature=0.0, repetition_penalty=1.3),
     dict(temperature=0.9, frequency_penalty=0.5, presence_penalty=-0.3, top_k=10, top_p=0.9),
     dict(temperature=1.0, logprobs=3),
+    dict(temperature=0.0, logit_bias={3: 4.0, 7: -100.0}),
+    dict(temperature=0.8, top_k=8, logit_bias={1: 2.5, 2: -1.5}),
 ]
 
 
@@ -179,10 +181,11 @@ def test_filters_combine_per_row_in_one_batch() -> None:
 
 
 def _processed_greedy_logits(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
-    from sageserve.engine.sampler import _apply_penalties, _apply_suppression
+    from sageserve.engine.sampler import _apply_logit_bias, _apply_penalties, _apply_suppression
 
     work = logits.clone()
     _apply_penalties(work, [row])
+    _apply_logit_bias(work, [row])
     _apply_suppression(work, [row])
     return work[0]
 
@@ -239,6 +242,103 @@ def test_suppression_masks_tokens() -> None:
     assert Sampler()(logits, rows).token_ids == [2, 1]
     ids = _draws([0.7, 0.2, 0.1], n=300, suppressed=[0])
     assert 0 not in ids.tolist()
+
+
+# --- logit bias -----------------------------------------------------------------------------
+
+
+def _ranked(logits: torch.Tensor) -> torch.Tensor:
+    """[N, vocab] -> [N, vocab] token ids of each row, best first."""
+    return logits.argsort(dim=-1, descending=True)
+
+
+def test_logit_bias_minus_100_bans_the_argmax_in_greedy_and_random_rows() -> None:
+    n = 300
+    logits = _logits(n, seed=20)
+    best, second = _ranked(logits)[:, 0].tolist(), _ranked(logits)[:, 1].tolist()
+    temps = [0.0 if i % 3 == 0 else 1.5 for i in range(n)]
+
+    def rows(bias: bool) -> list[SamplingRow]:
+        return [
+            _row(seed=i, temperature=t, logit_bias={best[i]: -100.0} if bias else None)
+            for i, t in enumerate(temps)
+        ]
+
+    free = Sampler()(logits, rows(bias=False)).token_ids
+    banned = Sampler()(logits, rows(bias=True)).token_ids
+    greedy = [i for i, t in enumerate(temps) if t == 0]
+    random = [i for i, t in enumerate(temps) if t > 0]
+    assert all(free[i] == best[i] and banned[i] == second[i] for i in greedy)
+    assert sum(free[i] == best[i] for i in random) > len(random) // 4  # the ban has a target
+    assert all(banned[i] != best[i] for i in random)
+
+
+def test_logit_bias_plus_100_forces_a_token() -> None:
+    n = 200
+    logits = _logits(n, seed=21)
+    # The worst token of each row: the hardest one to force.
+    targets = _ranked(logits)[:, -1].tolist()
+    params = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=2.0, top_p=0.9)]
+    rows = [
+        _row(seed=i, logit_bias={targets[i]: 100.0}, **params[i % len(params)]) for i in range(n)
+    ]
+    assert Sampler()(logits, rows).token_ids == targets
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_moderate_bias_scales_probabilities_by_exp_bias(temperature: float) -> None:
+    # Bias b multiplies a token's unnormalised probability by exp(b), before temperature:
+    # p_i ∝ (probs_i * exp(b_i)) ** (1 / T). Draws use fixed seeds (deterministic); the
+    # tolerance is _assert_frequencies' 5 binomial sigmas.
+    bias = {0: -1.0, 3: 1.5, 5: 0.7}
+    weights = [(p * math.exp(bias.get(i, 0.0))) ** (1 / temperature) for i, p in enumerate(PROBS)]
+    expected = [w / sum(weights) for w in weights]
+    ids = _draws(PROBS, n=4000, temperature=temperature, logit_bias=bias)
+    _assert_frequencies(ids, expected)
+    # The shift is large enough that the unbiased distribution fails the same check.
+    with pytest.raises(AssertionError):
+        _assert_frequencies(_draws(PROBS, n=4000, temperature=temperature), expected)
+
+
+def test_bias_after_penalties_and_before_suppression() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.5]])
+    row = _row(output=[0, 1], repetition_penalty=2.0, suppressed=[4], logit_bias={0: 3, 4: 100})
+    # token 0: 2 / 2 + 3 (the penalty does not scale the bias); 4 stays suppressed.
+    expected = torch.tensor([4.0, -4.0, 1.0, -1.0, float("-inf")])
+    torch.testing.assert_close(_processed_greedy_logits(logits, row), expected)
+
+
+def _random_bias(gen: torch.Generator, entries: int = 5) -> dict[int, float]:
+    """Random ids (repeats merge) with biases uniform in OpenAI's [-100, 100]."""
+    ids = torch.randint(0, VOCAB, (entries,), generator=gen).tolist()
+    values = torch.empty(entries).uniform_(-100, 100, generator=gen).tolist()
+    return dict(zip(ids, values, strict=True))
+
+
+def test_rows_without_bias_are_unchanged_and_input_and_logprobs_stay_raw() -> None:
+    n = 12
+    logits = _logits(n, seed=22)
+    before = logits.clone()
+    gen = torch.Generator().manual_seed(23)
+    biases = [_random_bias(gen) if i % 2 else None for i in range(n)]
+
+    def rows(with_bias: bool) -> list[SamplingRow]:
+        return [
+            _row(seed=i, temperature=(i % 3) * 0.6, logprobs=4, logit_bias=b if with_bias else None)
+            for i, b in enumerate(biases)
+        ]
+
+    biased = Sampler()(logits, rows(with_bias=True))
+    assert torch.equal(logits, before)
+    for i in range(0, n, 2):  # rows without bias: as if sampled alone
+        assert biased.token_ids[i] == Sampler()(logits[i : i + 1], [rows(True)[i]]).token_ids[0]
+    assert biased.token_ids != Sampler()(logits, rows(with_bias=False)).token_ids
+    raw = torch.log_softmax(logits, dim=-1)
+    lp, free = biased.logprobs, Sampler()(logits, rows(with_bias=False)).logprobs
+    ids = torch.tensor(biased.token_ids)
+    torch.testing.assert_close(lp.chosen, raw.gather(1, ids[:, None]).squeeze(1))
+    assert torch.equal(lp.top_ids, free.top_ids)
+    torch.testing.assert_close(lp.top_logprobs, free.top_logprobs)
 
 
 # --- logprobs -------------------------------------------------------------------------------

@@ -313,7 +313,7 @@ def _assert_serving(server: Server) -> None:
             "sampling_params",
             "integer",
         ),
-        ("/generate", {"text": "x", "sampling_params": {"bogus": 1}}, "sampling_params", "bogus"),
+        ("/generate", {"text": "x", "sampling_params": {"regex": "a"}}, "sampling_params", "regex"),
         ("/generate", {"text": ""}, None, "empty"),
         ("/generate", {"input_ids": []}, None, "empty"),
         ("/generate", {"input_ids": [1] * CONTEXT}, None, "context length"),
@@ -325,7 +325,8 @@ def _assert_serving(server: Server) -> None:
             "sampling_params",
             "logprobs",
         ),
-        ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, "model", "not served"),
+        ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of", "not supported"),
+        ("/v1/chat/completions", {"messages": CHAT, "tools": [{}]}, "tools", "tool calling"),
         ("/v1/completions", {"prompt": "x", "temperature": -1}, None, "temperature"),
         ("/v1/completions", {"prompt": ""}, "prompt", "empty"),
         ("/v1/completions", {"prompt": "x", "n": 0}, "n", "greater than or equal"),
@@ -380,7 +381,7 @@ def test_api_key(server: Server) -> None:
         got = httpx.post(f"{server.url}/generate", json=body, headers=headers)
         assert got.status_code == 401
         assert got.json()["error"]["type"] == "authentication_error"
-    for path in ("/v1/models", "/metrics", "/openapi.json", "/docs"):
+    for path in ("/v1/models", "/metrics", "/openapi.json", "/docs", "/health_generate"):
         assert httpx.get(f"{server.url}{path}").status_code == 401, path
     assert server.client.get("/metrics").status_code == 200
     assert httpx.get(f"{server.url}/health").status_code == 200
@@ -431,6 +432,11 @@ _openai_sampling = {
     "seed": _mostly(st.integers(0, 2**64 - 1), 2**64),
     "frequency_penalty": st.floats(-2, 2),
     "presence_penalty": st.floats(-2, 2),
+    "logit_bias": st.dictionaries(
+        _mostly(st.integers(0, 49_151).map(str), "x"),
+        _mostly(st.floats(-100, 100), 101),
+        max_size=3,
+    ),
 }
 _sglang_sampling = {
     **_openai_sampling,
@@ -441,6 +447,8 @@ _sglang_sampling = {
     "ignore_eos": st.booleans(),
     "repetition_penalty": st.floats(0.1, 2),
     "skip_special_tokens": st.booleans(),
+    "spaces_between_special_tokens": st.booleans(),
+    "n": _mostly(st.integers(1, 2), 0),
 }
 
 
@@ -485,11 +493,21 @@ _openai_common = {
     **_openai_sampling,
     "n": _mostly(st.integers(1, 3), 0),
     "stream": st.booleans(),
-    "model": _mostly(st.just(MODEL), "gpt-4"),
+    "model": st.sampled_from([MODEL, "default", "gpt-4"]),
+    "top_k": st.integers(-1, 60),
+    "min_p": st.floats(0, 1),
+    "repetition_penalty": _mostly(st.floats(0.1, 2), 0),
+    "min_tokens": _mostly(st.integers(0, 2), -1),
+    "best_of": _mostly(st.just(1), 2),
 }
 _completion_body = _body(
     {"prompt": _text | _ids | st.lists(_text, min_size=1, max_size=2), "max_tokens": _count},
-    {**_openai_common, "logprobs": _mostly(st.integers(0, 5), 21)},
+    {
+        **_openai_common,
+        "logprobs": _mostly(st.integers(0, 5), 21),
+        "echo": st.booleans(),
+        "prompt_logprobs": _mostly(st.integers(0, 3), 21),
+    },
     "max_tokens",
 )
 _message = st.fixed_dictionaries(

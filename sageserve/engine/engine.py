@@ -131,7 +131,7 @@ class Engine:
         params = params or SamplingParams()
         token_ids = self.tokenize(prompt)
         self._check_prompt(token_ids)
-        self._check_stop_token_ids(params)
+        self._check_param_token_ids(params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -158,11 +158,18 @@ class Engine:
                 f"{self.runner.pool_capacity_tokens}; raise --max-total-tokens"
             )
 
-    def _check_stop_token_ids(self, params: SamplingParams) -> None:
+    def _check_param_token_ids(self, params: SamplingParams) -> None:
+        """ValueError for token ids in ``params`` the model has no logit for (SamplingParams
+        checks them without knowing the model)."""
         vocab = self.model_config.vocab_size
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        fields = {
+            "stop_token_ids": params.stop_token_ids,
+            "logit_bias": [t for t, _ in params.logit_bias],
+        }
+        for name, ids in fields.items():
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} {bad[:5]} are outside the vocabulary [0, {vocab})")
 
     def _make_request(
         self,

@@ -2,14 +2,17 @@
 
 Order of operations for every row:
 
-    penalties -> suppression -> temperature -> top-k -> top-p -> min-p -> sample
+    penalties -> logit bias -> suppression -> temperature -> top-k -> top-p -> min-p -> sample
 
 * penalties: repetition (HF/vLLM: positive logits divided, negative multiplied, over prompt +
   output tokens), then frequency and presence (OpenAI: subtracted, over output tokens).
+* logit bias: ``SamplingParams.logit_bias`` added to its tokens' logits (OpenAI: -100 bans a
+  token, +100 all but forces it, in greedy rows too). After the penalties, so a penalty never
+  scales the bias; a suppressed token stays -inf whatever its bias.
 * suppression: ``SamplingRow.suppressed_token_ids`` set to -inf (EOS / stop ids while the
   request is below ``min_new_tokens``).
-* greedy rows (temperature 0) stop here: argmax of the penalised, suppressed logits (first
-  index on ties), no noise, generator untouched.
+* greedy rows (temperature 0) stop here: argmax of the penalised, biased, suppressed logits
+  (first index on ties), no noise, generator untouched.
 * random rows: logits / temperature; top-k keeps the k largest logits; top-p keeps the most
   likely tokens, in descending order, while the mass before them (renormalised after top-k)
   is below top_p; min-p keeps tokens whose probability is >= min_p * the best one's. Each
@@ -23,7 +26,9 @@ counter-based hash (splitmix64), and every operation is row-wise with tie-indepe
 filters. So a row's token depends only on its logits, params, history and generator, never on
 the other rows of the batch, and the same seed replays the same tokens.
 
-Logprobs come from the RAW logits (see ``logprobs.py``), not from the processed ones.
+Logprobs come from the RAW logits (see ``logprobs.py``), not from the processed ones: the
+penalties, the logit bias and the filters change which token is picked, never the logprobs
+reported for it.
 """
 
 from __future__ import annotations
@@ -70,14 +75,20 @@ class Sampler:
         """
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         work = logits.float()
-        if any(r.params.has_penalties or r.suppressed_token_ids for r in rows):
+        if any(_edits_in_place(r) for r in rows):
             work = work.clone()  # edited in place below; the caller's logits stay raw
         _apply_penalties(work, rows)
+        _apply_logit_bias(work, rows)
         _apply_suppression(work, rows)
         token_ids = _sample(work, rows)
         return SamplerOutput(
             token_ids=token_ids.tolist(), logprobs=_logprobs(logits, token_ids, rows)
         )
+
+
+def _edits_in_place(row: SamplingRow) -> bool:
+    """True when the row's logits are changed before sampling (so the input must be copied)."""
+    return bool(row.params.has_penalties or row.params.logit_bias or row.suppressed_token_ids)
 
 
 def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -228,6 +239,20 @@ def _token_counts(
     index = (rows.to(like.device, non_blocking=True), flat.to(like.device, non_blocking=True))
     ones = torch.ones(flat.numel(), dtype=torch.float32, device=like.device)
     return counts.index_put_(index, ones, accumulate=True)
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Add each row's ``logit_bias`` in place to logits [N, vocab]: one scatter over the
+    entries of the rows that have any, so rows without a bias cost nothing."""
+    entries = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias]
+    if not entries:
+        return
+    row_idx = torch.tensor([i for i, _, _ in entries], dtype=torch.long)
+    tok_idx = torch.tensor([t for _, t, _ in entries], dtype=torch.long)
+    assert int(tok_idx.max()) < logits.shape[1], "logit_bias id outside the vocabulary"
+    bias = torch.tensor([b for _, _, b in entries], dtype=logits.dtype)
+    index = (row_idx.to(logits.device), tok_idx.to(logits.device))
+    logits.index_put_(index, bias.to(logits.device), accumulate=True)
 
 
 def _apply_suppression(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

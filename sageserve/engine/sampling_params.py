@@ -9,6 +9,8 @@ penalties over output tokens only.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,16 @@ _PENALTY_LIMIT = 2.0
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+
+# Every step of a request builds and scatters one value per entry into its logits row (host
+# work on the engine thread, which serves the whole batch), so the count bounds what one
+# request can add to every step; banning or favouring a few words needs far fewer.
+MAX_LOGIT_BIAS_ENTRIES = 1024
+# OpenAI's range: -100 bans a token, +100 all but forces it.
+LOGIT_BIAS_LIMIT = 100.0
+# A key as OpenAI's JSON sends it ("50256"). Bounded so int() never parses a huge string
+# (CPython refuses over 4300 digits with a less helpful message).
+_TOKEN_ID_STRING = re.compile(r"-?[0-9]{1,20}")
 
 
 def _fail(field: str, value: Any, allowed: str, entry: bool = False) -> None:
@@ -57,6 +69,13 @@ class SamplingParams:
     ``logprobs`` / ``prompt_logprobs`` ask for the top-N (at most ``max_top_logprobs``)
     log-probabilities of the model's raw distribution per output / prompt token, plus the
     chosen token; 0 means the chosen token only and None turns them off.
+
+    ``logit_bias`` is OpenAI's parameter: a bias in [-100, 100] added to a token's logit
+    after the penalties (so it changes greedy requests too: -100 bans a token, +100 all but
+    forces it). Accepted as a dict ``{token_id: bias}`` whose keys may also be decimal strings
+    (``{"50256": -100}``, as OpenAI's JSON sends them) or as a sequence of ``(id, bias)``
+    pairs; stored as ``(id, bias)`` pairs sorted by id, at most ``MAX_LOGIT_BIAS_ENTRIES``.
+    Reported logprobs stay those of the raw distribution, unbiased.
     """
 
     temperature: float = 1.0
@@ -76,6 +95,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logprob_start_len: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         self._normalise_sequences()
@@ -84,6 +104,7 @@ class SamplingParams:
         self._validate_stops()
         self._validate_penalties()
         self._validate_logprobs()
+        self._validate_logit_bias()
 
     @property
     def greedy(self) -> bool:
@@ -117,6 +138,7 @@ class SamplingParams:
         if not isinstance(ids, list | tuple):
             _fail("stop_token_ids", ids, "must be a list of non-negative token ids")
         object.__setattr__(self, "stop_token_ids", tuple(ids))
+        object.__setattr__(self, "logit_bias", _logit_bias_pairs(self.logit_bias))
 
     def _validate_sampling(self) -> None:
         t = self.temperature
@@ -177,3 +199,45 @@ class SamplingParams:
                 _fail(name, v, f"must be None (off) or an integer in [0, {max_top_logprobs}]")
         if not _is_int(self.logprob_start_len) or self.logprob_start_len < 0:
             _fail("logprob_start_len", self.logprob_start_len, "must be an integer >= 0")
+
+    def _validate_logit_bias(self) -> None:
+        pairs = self.logit_bias
+        seen: set[int] = set()
+        for pair in pairs:
+            token_id, bias = pair
+            if not _is_int(token_id) or token_id < 0:
+                _fail("logit_bias", pair, "token ids must be integers >= 0", entry=True)
+            if not _is_real(bias) or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+                _fail("logit_bias", pair, "biases must be finite numbers in [-100, 100]", True)
+            # {5: 1, "5": 2} names one token twice; picking either bias would be a guess.
+            if token_id in seen:
+                _fail("logit_bias", token_id, "each token id may appear once", entry=True)
+            seen.add(token_id)
+        normalised = tuple(sorted((token_id, float(bias)) for token_id, bias in pairs))
+        object.__setattr__(self, "logit_bias", normalised)
+
+
+def _logit_bias_pairs(value: Any) -> tuple[tuple[Any, Any], ...]:
+    """``logit_bias`` as given -> (id, bias) pairs with string ids parsed; values unchecked."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        _fail("logit_bias", value, "must be a dict {token_id: bias} or a list of pairs")
+    if len(items) > MAX_LOGIT_BIAS_ENTRIES:
+        _fail("logit_bias", f"<{len(items)} entries>", f"at most {MAX_LOGIT_BIAS_ENTRIES} entries")
+    pairs = []
+    for item in items:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            _fail("logit_bias", item, "entries must be (token_id, bias) pairs", entry=True)
+        token_id, bias = item
+        if isinstance(token_id, str):
+            if not _TOKEN_ID_STRING.fullmatch(token_id):
+                allowed = "token ids must be integers >= 0 or strings of decimal digits"
+                _fail("logit_bias", token_id, allowed, entry=True)
+            token_id = int(token_id)
+        pairs.append((token_id, bias))
+    return tuple(pairs)

@@ -7,6 +7,7 @@ within its size and time limits, then JSON assumed for unlabelled bodies.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from sageserve import __version__
-from sageserve.server import openai_api, sglang_api
+from sageserve.engine.sampling_params import SamplingParams
+from sageserve.server import openai_api, sglang_api, tokenize_api
 from sageserve.server.api_key import APIKeyCheck
 from sageserve.server.args import ServerArgs
 from sageserve.server.engine_loop import EngineLoop
@@ -29,17 +31,23 @@ from sageserve.server.errors import (
 )
 from sageserve.server.json_body import DefaultJSONBody
 from sageserve.server.metrics import CONTENT_TYPE_LATEST
+from sageserve.server.model_files import ModelFiles
 from sageserve.server.protocol import APIError, error_response
 from sageserve.server.request_body import BoundedBody
+from sageserve.server.request_model import UNSUPPORTED_VALUE
 
 logger = logging.getLogger(__name__)
 
 # Seconds a client told "queue full" (503) should wait before retrying.
 RETRY_AFTER_S = 1
+# How long /health_generate waits for its token (SGLang waits 20 s).
+HEALTH_GENERATE_TIMEOUT_S = 20
 
 
 def build_app(engine_loop: EngineLoop, server_args: ServerArgs) -> FastAPI:
     """The server's app; its lifespan starts and stops the engine thread."""
+
+    model_files = ModelFiles(engine_loop.info.model_path, engine_loop.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,12 +60,14 @@ def build_app(engine_loop: EngineLoop, server_args: ServerArgs) -> FastAPI:
         )
         yield
         engine_loop.stop()
+        model_files.close()
 
     app = FastAPI(title="sageserve", version=__version__, lifespan=lifespan)
     _add_middleware(app, server_args)
     _add_error_handlers(app)
-    app.include_router(sglang_api.build_router(engine_loop, server_args))
+    app.include_router(sglang_api.build_router(engine_loop, server_args, model_files))
     app.include_router(openai_api.build_router(engine_loop, server_args))
+    app.include_router(tokenize_api.build_router(engine_loop))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -67,12 +77,34 @@ def build_app(engine_loop: EngineLoop, server_args: ServerArgs) -> FastAPI:
         reason = engine_loop.failure or "not running"
         return error_response(APIError(503, f"the engine has stopped ({reason})", "server_error"))
 
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        """200 once one token went through the engine (SGLang's deep probe); 503 otherwise.
+
+        Behind the API key: it costs a forward pass."""
+        await _generate_one_token(engine_loop)
+        return Response(status_code=200)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus metrics (behind the API key unless --metrics-public)."""
         return Response(engine_loop.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _generate_one_token(engine_loop: EngineLoop) -> None:
+    """One greedy token from a one-token prompt; an engine that cannot is a 503."""
+    token = getattr(engine_loop.tokenizer, "bos_token_id", None) or 1
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+    try:
+        async with asyncio.timeout(HEALTH_GENERATE_TIMEOUT_S):
+            stream = await engine_loop.submit([[token]], [params])
+            async with stream:  # aborts the request on a timeout
+                await stream.finals()
+    except TimeoutError as err:
+        message = f"the engine produced no token within {HEALTH_GENERATE_TIMEOUT_S} s"
+        raise APIError(503, message, "server_error", code="unhealthy") from err
 
 
 def _add_middleware(app: FastAPI, server_args: ServerArgs) -> None:
@@ -131,7 +163,10 @@ async def _validation_error(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, RequestValidationError)
     first = err.errors()[0]
     loc = _field_path(first.get("loc", ()))
-    if first.get("type") == "json_invalid":
+    if first.get("type") == UNSUPPORTED_VALUE:
+        loc.append(first["ctx"]["field"])  # raised by the model holding the field
+        message = f"{'.'.join(loc)}: {first.get('msg')}"
+    elif first.get("type") == "json_invalid":
         loc = []  # its loc is a character offset, not a field
         message = f"malformed JSON: {first.get('msg')}"
         ctx = first.get("ctx", {})

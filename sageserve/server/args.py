@@ -19,6 +19,7 @@ class ServerArgs:
     --max-running-requests; past that, new requests get HTTP 503. None = unbounded.
     max_prompt_chars: None = the context length x limits.CHARS_PER_TOKEN_BOUND.
     Timeouts are in seconds.
+    served_model_names: the names the OpenAI API accepts; the first is the one reported.
     """
 
     host: str = "127.0.0.1"
@@ -33,7 +34,12 @@ class ServerArgs:
     body_timeout: float = 60.0
     shutdown_timeout: float = 30.0
     log_level: str = "info"
-    served_model_name: str = DEFAULT_MODEL
+    served_model_names: tuple[str, ...] = (DEFAULT_MODEL,)
+
+    @property
+    def served_model_name(self) -> str:
+        """The name responses report."""
+        return self.served_model_names[0]
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -45,6 +51,8 @@ class ServerArgs:
                 f"log_level={self.log_level!r} is not valid; choose one of: "
                 + ", ".join(LOG_LEVEL_CHOICES)
             )
+        if not self.served_model_names or not all(self.served_model_names):
+            raise ValueError("served_model_names must hold at least one non-empty name")
         if self.api_key == "":
             raise ValueError("api_key must not be empty; leave --api-key out to disable it")
         for name in ("max_body_bytes", "max_prompt_chars", "max_batch_size"):
@@ -85,8 +93,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--served-model-name",
+        nargs="+",
         default=None,
-        help="the model name the OpenAI API reports and accepts; default: --model-path",
+        help="the model name(s) the OpenAI API accepts; responses report the first. With one "
+        "name, any `model` in a request is accepted (as in SGLang); default: --model-path",
     )
 
 
@@ -147,5 +157,5 @@ def server_args_from_args(args: argparse.Namespace) -> ServerArgs:
         body_timeout=args.body_timeout,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level,
-        served_model_name=args.served_model_name or args.model_path or DEFAULT_MODEL,
+        served_model_names=tuple(args.served_model_name or [args.model_path or DEFAULT_MODEL]),
     )

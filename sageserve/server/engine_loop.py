@@ -41,6 +41,7 @@ from sageserve.engine.memory_usage import static_memory
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.stop import StopChecker
+from sageserve.engine.token_bytes import TokenBytes
 from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.server.errors import (
     EngineDeadError,
@@ -217,6 +218,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._max_batch = 0  # engine thread only
         self.token_text = functools.lru_cache(maxsize=65536)(self._decode_token)
+        self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
 
     # ------------------------------------------------------------- event loop side
 

@@ -1,8 +1,8 @@
 """What travels on the wire: request and response models, the error body, SSE framing.
 
-Request models are strict (no "5" for 5, no true for 1) and forbid unknown fields, so an
-unsupported option is a 400 naming it rather than silently ignored. Ranges are checked by
-SamplingParams, once, not repeated here.
+Request models are strict about the fields they declare (no "5" for 5, no true for 1) and
+ignore unknown ones, except those that ask for something unsupported (see request_model).
+Ranges are checked by SamplingParams, once, not repeated here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any, ClassVar, Literal
 from pydantic import (
     AliasChoices,
     BaseModel,
-    ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
     model_serializer,
@@ -23,9 +22,9 @@ from pydantic import (
 from starlette.responses import JSONResponse, StreamingResponse
 
 from sageserve.engine.sampling_params import SamplingParams
+from sageserve.server.chat_messages import ChatMessage
 from sageserve.server.errors import EngineDeadError, RequestFailedError
-
-_REQUEST = ConfigDict(extra="forbid", strict=True)
+from sageserve.server.request_model import RequestModel
 
 
 class _OmitNone(BaseModel):
@@ -146,13 +145,17 @@ async def _ending_with_error_event(events: AsyncIterator[str]) -> AsyncIterator[
 # --------------------------------------------------------------------- SGLang /generate
 
 
-class GenerateSamplingParams(BaseModel):
-    """SGLang's `sampling_params`; null or absent fields take SamplingParams' defaults."""
+class GenerateSamplingParams(RequestModel):
+    """SGLang's `sampling_params`; null or absent fields take SamplingParams' defaults.
 
-    model_config = _REQUEST
+    n: parallel samples per prompt (SGLang's name); with a seed, sample j uses seed + j.
+    spaces_between_special_tokens: accepted; fast tokenizers (every model this server loads)
+    never insert such spaces, for either value, as in SGLang and vLLM.
+    """
 
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
+    n: int | None = Field(None, ge=1, le=64)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -161,16 +164,25 @@ class GenerateSamplingParams(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     seed: int | None = Field(None, validation_alias=AliasChoices("seed", "sampling_seed"))
 
+    def engine_fields(self) -> dict[str, Any]:
+        """The fields SamplingParams takes, nulls left out (n is the caller's to expand)."""
+        # Declared fields only: model_dump would include the ignored unknown ones too.
+        declared = set(type(self).model_fields) - {"n", "spaces_between_special_tokens"}
+        fields = self.model_dump(include=declared, exclude_none=True)
+        if isinstance(fields.get("stop"), str):
+            fields["stop"] = [fields["stop"]]
+        return fields
 
-class GenerateRequest(BaseModel):
+
+class GenerateRequest(RequestModel):
     """SGLang's /generate body: one prompt or a batch (a list of texts or of id lists)."""
-
-    model_config = _REQUEST
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
@@ -250,25 +262,20 @@ class GenerateResponse(_OmitNone):
     index: int | None = None  # set on a batch's stream chunks: which prompt this is
 
 
-class AbortRequest(BaseModel):
-    model_config = _REQUEST
-
+class AbortRequest(RequestModel):
     rid: str
 
 
 # ------------------------------------------------------------------- OpenAI requests
 
 
-class StreamOptions(BaseModel):
-    model_config = _REQUEST
-
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class _OpenAIRequest(BaseModel):
-    """Fields /v1/completions and /v1/chat/completions share."""
-
-    model_config = _REQUEST
+class _OpenAIRequest(RequestModel):
+    """Fields /v1/completions and /v1/chat/completions share, with the sampling extensions
+    of SGLang and vLLM (top_k, min_p, repetition_penalty, min_tokens, ...)."""
 
     model: str | None = None
     n: int = Field(1, ge=1, le=64)
@@ -278,10 +285,19 @@ class _OpenAIRequest(BaseModel):
     seed: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False  # generate through EOS
+    skip_special_tokens: bool | None = None
+    # Accepted; fast tokenizers never insert such spaces (see GenerateSamplingParams).
+    spaces_between_special_tokens: bool | None = None
     user: str | None = None  # accepted for compatibility; it changes nothing
-    ignore_eos: bool = False  # vLLM's and SGLang's extension: generate through EOS
 
     @model_validator(mode="after")
     def _usage_needs_stream(self) -> _OpenAIRequest:
@@ -293,11 +309,33 @@ class _OpenAIRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def sampling_fields(self) -> dict[str, Any]:
+        """SamplingParams' fields this body sets (its n, seed and lengths aside)."""
+        same = (
+            "temperature top_p top_k min_p frequency_penalty presence_penalty "
+            "repetition_penalty logit_bias stop_token_ids skip_special_tokens"
+        )
+        fields = {k: getattr(self, k) for k in same.split() if getattr(self, k) is not None}
+        if self.min_tokens is not None:
+            fields["min_new_tokens"] = self.min_tokens
+        if self.ignore_eos:
+            fields["ignore_eos"] = True
+        fields["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return fields
+
 
 class CompletionRequest(_OpenAIRequest):
+    """OpenAI's legacy completions, with vLLM's `prompt_logprobs` (top-N per prompt token).
+
+    echo: the choice's text (and logprobs) start with the prompt's; the first prompt token
+    has no logprob (null), as in OpenAI's and vLLM's responses.
+    """
+
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
+    echo: bool = False
+    prompt_logprobs: int | None = None
 
     def prompts(self) -> list[str | list[int]]:
         p: Any = self.prompt
@@ -306,20 +344,15 @@ class CompletionRequest(_OpenAIRequest):
         return list(p)
 
 
-class ChatMessage(BaseModel):
-    model_config = _REQUEST
-
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
-    name: str | None = None
-
-
 class ChatCompletionRequest(_OpenAIRequest):
+    """OpenAI's chat completions; `chat_template_kwargs` go to the template (SGLang, vLLM)."""
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
@@ -343,17 +376,32 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs; with echo, the first prompt token's entries are null."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: rank is 1 for the most likely token; null when the token is not among
+    the top-N asked for (the engine ranks only those)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+class CompletionChoice(_OmitNone):
+    omit_if_none = ("prompt_logprobs",)
+
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
+    # vLLM's: per prompt position {token id: PromptLogprob}; null at position 0.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

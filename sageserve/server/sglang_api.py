@@ -1,6 +1,7 @@
 """SGLang's native routes.
 
-/generate, /abort_request, /flush_cache, /get_model_info, /get_server_info.
+/generate, /abort_request, /flush_cache (vLLM: /reset_prefix_cache), /model_info and /server_info (also under their older
+names /get_model_info and /get_server_info).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sageserve.engine.sampling_params import SamplingParams
 from sageserve.server.args import ServerArgs
 from sageserve.server.disconnect import CLIENT_CLOSED_REQUEST, finals_unless_disconnected
 from sageserve.server.engine_loop import EngineLoop, OutputStream, streamable_text
+from sageserve.server.model_files import ModelFiles
 from sageserve.server.protocol import (
     SSE_DONE,
     AbortRequest,
@@ -37,7 +39,9 @@ from sageserve.server.protocol import (
 )
 
 
-def build_router(engine_loop: EngineLoop, server_args: ServerArgs) -> APIRouter:
+def build_router(
+    engine_loop: EngineLoop, server_args: ServerArgs, model_files: ModelFiles
+) -> APIRouter:
     """The SGLang-compatible routes over `engine_loop`."""
     router = APIRouter()
 
@@ -46,18 +50,23 @@ def build_router(engine_loop: EngineLoop, server_args: ServerArgs) -> APIRouter:
         response_model=GenerateResponse | list[GenerateResponse],
     )
     async def generate(body: GenerateRequest, request: Request) -> Any:
-        """SGLang's /generate: one prompt or a batch, optionally streamed."""
+        """SGLang's /generate: one prompt or a batch, `n` samples each, optionally streamed.
+
+        A batch, or n > 1, answers with a list: prompt i's samples at i * n ... i * n + n - 1.
+        """
         prompts = body.prompts()
-        params = _sampling_params(body, len(prompts))
-        stream = await engine_loop.submit(prompts, params, _request_ids(body, len(prompts)))
+        params, n = _sampling_params(body, len(prompts))
+        prompts = [p for p in prompts for _ in range(n)]
+        stream = await engine_loop.submit(prompts, params, _request_ids(body, len(prompts), n))
         formatter = _Formatter(engine_loop, body, params)
+        listed = body.is_batch or n > 1
         if body.stream:
-            return EventStreamResponse(_events(stream, formatter, body.is_batch))
+            return EventStreamResponse(_events(stream, formatter, listed))
         finals = await finals_unless_disconnected(stream, request)
         if finals is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         responses = [formatter.response(i, out) for i, out in enumerate(finals)]
-        return responses if body.is_batch else responses[0]
+        return responses if listed else responses[0]
 
     @router.post("/abort_request")
     async def abort_request(body: AbortRequest) -> dict[str, Any]:
@@ -67,26 +76,33 @@ def build_router(engine_loop: EngineLoop, server_args: ServerArgs) -> APIRouter:
         return {"rid": body.rid, "aborted": True}
 
     @router.api_route("/flush_cache", methods=["GET", "POST"])
+    @router.post("/reset_prefix_cache")  # vLLM's name
     async def flush_cache() -> dict[str, Any]:
         """Empty the prefix cache; 400 while requests are in flight (as SGLang)."""
         await engine_loop.flush_cache()
         return {"flushed": True}
 
+    @router.get("/model_info")
     @router.get("/get_model_info")
-    async def get_model_info() -> dict[str, Any]:
+    async def model_info() -> dict[str, Any]:
+        """The model: a path `--model-path` loads, a tokenizer directory, its sizes."""
         info = engine_loop.info
         return {
-            "model_path": info.model_path,
+            "model_path": model_files.model_path,
+            "tokenizer_path": model_files.tokenizer_path(),
             "model_source": info.model_source,
             "served_model_name": server_args.served_model_name,
             "is_generation": True,
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
             "context_length": info.context_length,
             "vocab_size": info.vocab_size,
             "dtype": info.dtype,
         }
 
+    @router.get("/server_info")
     @router.get("/get_server_info")
-    async def get_server_info() -> dict[str, Any]:
+    async def server_info() -> dict[str, Any]:
         """Engine settings (backend, KV dtype, pool), live counters and versions."""
         server = {k: v for k, v in asdict(server_args).items() if k != "api_key"}
         return {
@@ -100,22 +116,33 @@ def build_router(engine_loop: EngineLoop, server_args: ServerArgs) -> APIRouter:
     return router
 
 
-def _sampling_params(body: GenerateRequest, n: int) -> list[SamplingParams]:
-    if n == 0:
+def _sampling_params(body: GenerateRequest, num_prompts: int) -> tuple[list[SamplingParams], int]:
+    """Engine params for every sample (n per prompt; with a seed, sample j uses seed + j)."""
+    if num_prompts == 0:
         raise bad_request("the batch is empty: give at least one prompt", "text")
     given = body.sampling_params
-    if isinstance(given, list) and len(given) != n:
-        raise bad_request(f"got {len(given)} sampling_params for {n} prompts", "sampling_params")
-    per_prompt = given if isinstance(given, list) else [given] * n
+    if isinstance(given, list) and len(given) != num_prompts:
+        raise bad_request(
+            f"got {len(given)} sampling_params for {num_prompts} prompts", "sampling_params"
+        )
+    per_prompt = given if isinstance(given, list) else [given] * num_prompts
+    n = _one_n(per_prompt)
     logprobs = _logprob_fields(body)
-    return [_one_sampling_params(sp, logprobs) for sp in per_prompt]
+    params = []
+    for sp in per_prompt:
+        fields = sp.engine_fields()
+        seed = fields.pop("seed", None)
+        for j in range(n):
+            fields["seed"] = None if seed is None else seed + j
+            params.append(make_sampling_params("sampling_params", **fields, **logprobs))
+    return params, n
 
 
-def _one_sampling_params(sp: GenerateSamplingParams, logprobs: dict[str, Any]) -> SamplingParams:
-    fields = sp.model_dump(exclude_none=True)
-    if isinstance(fields.get("stop"), str):
-        fields["stop"] = [fields["stop"]]
-    return make_sampling_params("sampling_params", **fields, **logprobs)
+def _one_n(per_prompt: list[GenerateSamplingParams]) -> int:
+    ns = {sp.n or 1 for sp in per_prompt}
+    if len(ns) > 1:
+        raise bad_request("every prompt of a batch must ask for the same n", "sampling_params")
+    return ns.pop()
 
 
 def _logprob_fields(body: GenerateRequest) -> dict[str, Any]:
@@ -134,23 +161,26 @@ def _logprob_fields(body: GenerateRequest) -> dict[str, Any]:
     return fields
 
 
-def _request_ids(body: GenerateRequest, n: int) -> list[str | None]:
+def _request_ids(body: GenerateRequest, num_samples: int, n: int) -> list[str | None]:
     rid = body.rid
     if rid is None:
-        return [None] * n
-    if body.is_batch != isinstance(rid, list) or (isinstance(rid, list) and len(rid) != n):
+        return [None] * num_samples
+    if n > 1:
+        raise bad_request("rid cannot be combined with n > 1: each sample needs its own id", "rid")
+    if body.is_batch != isinstance(rid, list) or (
+        isinstance(rid, list) and len(rid) != num_samples
+    ):
         raise bad_request("rid must be one string per prompt: a list for a batch", "rid")
     return list(rid) if isinstance(rid, list) else [rid]
 
 
-async def _events(
-    stream: OutputStream, formatter: _Formatter, is_batch: bool
-) -> AsyncIterator[str]:
-    """SGLang's stream: cumulative text and meta_info per update, then [DONE]."""
+async def _events(stream: OutputStream, formatter: _Formatter, listed: bool) -> AsyncIterator[str]:
+    """SGLang's stream: cumulative text and meta_info per update, then [DONE]; the chunks of
+    a batch (or of n > 1) carry the index of their sample."""
     with closing(stream):
         async for index, out in stream:
             chunk = formatter.response(index, out)
-            if is_batch:
+            if listed:
                 chunk.index = index
             yield sse(chunk)
     yield SSE_DONE
