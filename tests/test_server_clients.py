@@ -119,6 +119,7 @@ def test_sdk_chat_accepts_parts_developer_tool_and_null_content(
         max_tokens=5,
         temperature=0,
         response_format={"type": "text"},
+        extra_body={"repetition_penalty": 1.4, "min_tokens": 5},
     )
     as_template = [
         {"role": "system", "content": "Answer briefly."},
@@ -127,7 +128,10 @@ def test_sdk_chat_accepts_parts_developer_tool_and_null_content(
         {"role": "tool", "tool_call_id": "call_1", "content": "4"},
     ]
     ids = llm.apply_chat_template(as_template)
-    want = llm.generate([ids], SamplingParams(temperature=0, max_new_tokens=5))[0]
+    params = SamplingParams(
+        temperature=0, max_new_tokens=5, min_new_tokens=5, repetition_penalty=1.4
+    )
+    want = llm.generate([ids], params)[0]
     assert got.usage.prompt_tokens == len(ids)
     assert got.choices[0].message.content == want.text
 

@@ -1,7 +1,7 @@
 """SGLang's native routes.
 
-/generate, /abort_request, /flush_cache (vLLM: /reset_prefix_cache), /model_info and /server_info (also under their older
-names /get_model_info and /get_server_info).
+/generate, /abort_request, /flush_cache (also as vLLM's /reset_prefix_cache), /model_info and
+/server_info (also under their older names /get_model_info and /get_server_info).
 """
 
 from __future__ import annotations
