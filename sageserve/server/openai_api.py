@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import closing
 from typing import Any
 
-import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from sageserve.server.args import ServerArgs
+from sageserve.server.chat_template import render_chat
 from sageserve.server.disconnect import CLIENT_CLOSED_REQUEST, finals_unless_disconnected
 from sageserve.server.engine_loop import EngineLoop, OutputStream, Prompt
 from sageserve.server.openai_views import ChatView, CompletionView, Job, Sent, View, usage
@@ -89,7 +89,7 @@ class _OpenAI:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         """OpenAI's chat completions over the model's chat template."""
         model = self._model_name(body.model)
-        prompt = await self._apply_chat_template(body)
+        prompt = await self._chat_token_ids(body)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens
         if max_tokens is None:
@@ -136,21 +136,13 @@ class _OpenAI:
         # No limit given: the context length bounds the output anyway (the engine stops there).
         return self.loop.info.context_length if max_tokens is None else max_tokens
 
-    async def _apply_chat_template(self, body: ChatCompletionRequest) -> list[int]:
-        """The chat's token ids, templated and tokenized off the event loop."""
-        tokenizer = self.loop.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise bad_request("this model has no chat template; use /v1/completions", "messages")
-        messages = [m.for_template() for m in body.messages]
-        self.loop.limits.check_chars(_message_texts(messages), "the chat")
-        kwargs = body.chat_template_kwargs or {}
-        try:
-            return await self.loop.with_tokenizer(
-                lambda tok: _chat_token_ids(tok, messages, kwargs)
-            )
-        except (jinja2.TemplateError, TypeError) as err:
-            message = f"the chat template rejected the messages: {err}"
-            raise bad_request(message, "messages") from err
+    async def _chat_token_ids(self, body: ChatCompletionRequest) -> list[int]:
+        """The chat's token ids: templated, then tokenized without adding special tokens
+        (the template wrote them)."""
+        text = await render_chat(self.loop, body.messages, True, body.chat_template_kwargs)
+        return await self.loop.with_tokenizer(
+            lambda tok: list(tok.encode(text, add_special_tokens=False))
+        )
 
 
 def _model_not_found(model: str, names: tuple[str, ...]) -> APIError:
@@ -162,30 +154,6 @@ def _model_not_found(model: str, names: tuple[str, ...]) -> APIError:
         param="model",
         code="model_not_found",
     )
-
-
-def _chat_token_ids(
-    tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any]
-) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False, **kwargs
-    )
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def _message_texts(messages: list[dict[str, Any]]) -> list[str]:
-    """Every string in the messages (contents, names, tool calls), for the character limit."""
-    texts: list[str] = []
-    stack: list[Any] = list(messages)
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            texts.append(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return texts
 
 
 def _completion_fields(body: CompletionRequest, max_new_tokens: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from fastapi import APIRouter
 from pydantic import Field, model_validator
 
 from sageserve.server.chat_messages import ChatMessage
+from sageserve.server.chat_template import render_chat
 from sageserve.server.engine_loop import EngineLoop
 from sageserve.server.protocol import bad_request
 from sageserve.server.request_model import RequestModel
@@ -105,17 +106,7 @@ async def _texts(body: TokenizeRequest, engine_loop: EngineLoop) -> list[str]:
         texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         engine_loop.limits.check_chars(texts)
         return texts
-    messages = [m.for_template() for m in body.messages or []]
-    engine_loop.limits.check_chars([m["content"] for m in messages], "the chat")
-    if not getattr(engine_loop.tokenizer, "chat_template", None):
-        raise bad_request("this model has no chat template; tokenize a prompt", "messages")
-    template = body.add_generation_prompt
-    text = await engine_loop.with_tokenizer(
-        lambda tok: tok.apply_chat_template(
-            messages, add_generation_prompt=template, tokenize=False
-        )
-    )
-    return [text]
+    return [await render_chat(engine_loop, body.messages or [], body.add_generation_prompt)]
 
 
 def _check_ids(rows: list[list[int]], vocab_size: int) -> None:
