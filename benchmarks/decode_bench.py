@@ -48,10 +48,10 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-
 from sageserve.attention.kernels import paged_decode as p16
 from sageserve.attention.kernels import sage_decode as sd
-from sageserve.attention.kernels.sage_decode import DecodeConfig
+
+from sageserve.attention.sage_attn.kernels.decode import DecodeConfig
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 BATCHES, CONTEXTS = (1, 16, 64), (1024, 4096, 8192, 16384, 32768)

@@ -298,9 +298,8 @@ def _runners(case, caches, table, causal: bool) -> dict:
     """name -> fn(out): this kernel (Q quantized inside, as in the Triton kernel), the Triton
     kernel (FP8 P·V), and SDPA's cuDNN back end."""
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from sageserve.attention.kernels import sage_attention as p8
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     seq = case.seq
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sageserve.attention.batch import SequenceSlice, build_forward_batch
 from sageserve.config import CacheConfig, EngineConfig
-from sageserve.engine.batch import SequenceSlice, build_forward_batch
 from sageserve.engine.llm import LLM
 
 

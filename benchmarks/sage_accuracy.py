@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from sageserve.config import CacheConfig, EngineConfig, SageConfig, SchedulerConfig
+from sageserve.attention.sage_attn.options import SageOptions
+from sageserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from sageserve.engine.engine import Engine
 from sageserve.models.default_model import DEFAULT_MODEL, resolve_model_path
 from sageserve.models.loader import LoadedModel, load_model
@@ -44,17 +45,17 @@ from sageserve.validate.teacher_forced import teacher_forced_logprobs
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """An attention configuration to measure: a backend and, for sage_attn, SageConfig fields.
+    """An attention configuration to measure: a backend and, for sage_attn, SageOptions fields.
 
-    The fields are named explicitly (not left to SageConfig's defaults, which may change) and
+    The fields are named explicitly (not left to SageOptions's defaults, which may change) and
     applied when the engine is built, so a variant naming a field this tree lacks fails alone.
     """
 
     backend: str
     sage_fields: tuple[tuple[str, object], ...] = ()
 
-    def sage_config(self) -> SageConfig:
-        return SageConfig(**dict(self.sage_fields))
+    def sage_config(self) -> SageOptions:
+        return SageOptions(**dict(self.sage_fields))
 
     def describe(self) -> str:
         if self.backend != "sage_attn":
@@ -111,7 +112,7 @@ def _engine_config(variant: Variant, args: argparse.Namespace) -> EngineConfig:
         device="cpu",
         dtype="float32",
         attention_backend=variant.backend,
-        sage=variant.sage_config() if variant.backend == "sage_attn" else SageConfig(),
+        attention_options=(variant.sage_config(),) if variant.backend == "sage_attn" else (),
         cache=CacheConfig(max_total_tokens=args.max_total_tokens),
         scheduler=SchedulerConfig(chunked_prefill_size=args.chunk_size),
     )

@@ -31,19 +31,19 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sageserve.attention.kernels.sage_attention import (
-    PrefillConfig,
-    padded_page_table,
-    sage_attention_paged,
-)
-from sageserve.attention.kernels.sage_decode import (
+from sageserve.attention.sage_attn.kernels.decode import (
     DecodeConfig,
     DecodeWorkspace,
     plan_splits,
     sage_decode_paged,
 )
-from sageserve.attention.kernels.sage_store import store_kv
-from sageserve.attention.sage_reference import (
+from sageserve.attention.sage_attn.kernels.prefill import (
+    PrefillConfig,
+    padded_page_table,
+    sage_attention_paged,
+)
+from sageserve.attention.sage_attn.kernels.store import store_kv
+from sageserve.attention.sage_attn.reference import (
     FP8_DTYPE,
     causal_mask,
     dequantize,

@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-
 from sageserve.attention.kernels import sage_store
-from sageserve.attention.kernels.sage_store import StoreConfig, default_config, store_kv
-from sageserve.attention.sage_reference import quantize_kv
+
+from sageserve.attention.sage_attn.kernels.store import StoreConfig, default_config, store_kv
+from sageserve.attention.sage_attn.reference import quantize_kv
 
 DIM, GROUP = 128, 4
 TOKENS, KV_HEADS, PAGES, PVS = (1, 16, 256, 1024, 16384), (8, 32), (16, 64), ("int8", "fp8")

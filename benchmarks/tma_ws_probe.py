@@ -30,13 +30,13 @@ import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sageserve.attention.kernels.sage_attention import (
+from sageserve.attention.sage_attn.kernels.prefill import (
     PrefillConfig,
     padded_page_table,
     sage_attention_paged,
 )
-from sageserve.attention.kernels.sage_store import store_kv
-from sageserve.attention.sage_reference import FP8_DTYPE, quantize_int8
+from sageserve.attention.sage_attn.kernels.store import store_kv
+from sageserve.attention.sage_attn.reference import FP8_DTYPE, quantize_int8
 
 TOKENS, HEADS, DIM, PAGE = 16384, 32, 128, 64
 MIN_SCALE = tl.constexpr(2.0**-24)

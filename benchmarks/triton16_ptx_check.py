@@ -21,10 +21,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     raise SystemExit("unset TRITON_INTERPRET: this compiles the kernels for the GPU")
 
 import triton
+from sageserve.attention.kernels import paged_decode, paged_prefill, paged_store
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from sageserve.attention.kernels import paged_decode, paged_prefill, paged_store
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"

@@ -183,7 +183,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _run_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sageserve.validate.args import default_out_dir, validate_config_from_args
+    from sageserve.output_dir import default_out_dir
+    from sageserve.validate.args import validate_config_from_args
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.attention_backend is not None:

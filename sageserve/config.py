@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sageserve.attention.flags import BackendFlags
+from sageserve.attention.registry import backend_entries, backend_entry
+
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 KV_CACHE_DTYPE_CHOICES = ("auto", "int8", "fp16", "bf16", "fp32")
@@ -72,36 +75,6 @@ class SchedulerConfig:
         _check_positive("max_queued_requests", self.max_queued_requests)
 
 
-SAGE_PV_CHOICES = ("fp8", "fp16")
-SAGE_IMPL_CHOICES = ("auto", "triton", "reference")
-
-
-@dataclass(frozen=True)
-class SageConfig:
-    """Options of the 8-bit `sage_attn` backend (ignored by the others).
-
-    pv: precision of the P·V product: "fp16" (P in FP16, V cached as INT8; the accurate
-        default) or "fp8" (P and the cached V in FP8 e4m3; what FP8 tensor cores need).
-    smooth_k: subtract the calibrated per-(layer, KV head) key mean before quantizing K.
-    balance_qk: scale Q's channels up and K's down by a calibrated vector before quantizing.
-    skip_layers: layers kept in exact 16-bit attention over a 16-bit cache (logged).
-    impl: "triton" kernels, the torch "reference", or "auto" (Triton on CUDA, the reference
-        elsewhere). Both compute the numerics of sage_reference.py.
-    """
-
-    pv: str = "fp16"
-    smooth_k: bool = True
-    balance_qk: bool = True
-    skip_layers: tuple[int, ...] = ()
-    impl: str = "auto"
-
-    def __post_init__(self) -> None:
-        _check_choice("sage_pv", self.pv, SAGE_PV_CHOICES)
-        _check_choice("sage_impl", self.impl, SAGE_IMPL_CHOICES)
-        if any(layer < 0 for layer in self.skip_layers):
-            raise ValueError(f"sage_skip_layers must be layer indices >= 0, got {self.skip_layers}")
-
-
 @dataclass(frozen=True)
 class CudaGraphConfig:
     """CUDA-graph decode (CUDA only; on CPU decode always runs eagerly).
@@ -131,7 +104,10 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    sage: SageConfig = field(default_factory=SageConfig)
+    # Options of any registered backend, at most one per backend: the chosen backend reads
+    # its own (`attention_flags`), its defaults when absent. Validation builds one engine per
+    # backend from one config, so the others' options ride along unread.
+    attention_options: tuple[BackendFlags, ...] = ()
     cuda_graph: CudaGraphConfig = field(default_factory=CudaGraphConfig)
 
     def __post_init__(self) -> None:
@@ -139,6 +115,25 @@ class EngineConfig:
         _check_choice("dtype", self.dtype, DTYPE_CHOICES)
         _check_choice("device", self.device, DEVICE_CHOICES)
         _check_positive("context_length", self.context_length)
+        self._check_attention()
+
+    def _check_attention(self) -> None:
+        """A bad backend name or options object fails here, before any weight is loaded."""
+        backend_entry(self.attention_backend)
+        known = {entry.flags_class for entry in backend_entries()}
+        kinds = [type(flags) for flags in self.attention_options]
+        for kind in kinds:
+            if kind not in known:
+                names = ", ".join(sorted(k.__name__ for k in known))
+                raise ValueError(f"attention_options: {kind.__name__} is not one of {names}")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("attention_options holds two options objects of one backend")
+
+    def attention_flags(self) -> BackendFlags:
+        """The chosen backend's options: those given, else the defaults of its class."""
+        flags_class = backend_entry(self.attention_backend).flags_class
+        given = [f for f in self.attention_options if type(f) is flags_class]
+        return given[0] if given else flags_class()
 
     def torch_device(self) -> torch.device:
         """The device "auto" resolves to: CUDA when available, else CPU."""

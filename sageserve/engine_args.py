@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from sageserve.attention.flags import BackendFlags
+from sageserve.attention.registry import backend_entries, backend_entry, backend_names
 from sageserve.config import (
     DEVICE_CHOICES,
     DTYPE_CHOICES,
     KV_CACHE_DTYPE_CHOICES,
     LOAD_FORMAT_CHOICES,
-    SAGE_IMPL_CHOICES,
-    SAGE_PV_CHOICES,
     CacheConfig,
     CudaGraphConfig,
     EngineConfig,
-    SageConfig,
     SchedulerConfig,
 )
-
-# Kept in sync with sageserve.attention.registry (tested); listed here so that parsing
-# arguments never imports torch.
-ATTENTION_BACKEND_CHOICES = ("sage_attn", "torch", "triton")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +24,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     _add_cache_args(parser.add_argument_group("KV cache"))
     _add_scheduler_args(parser.add_argument_group("scheduler"))
     _add_cuda_graph_args(parser.add_argument_group("CUDA graphs"))
-    _add_sage_args(parser.add_argument_group("sage_attn (8-bit attention)"))
+    for entry in backend_entries():
+        entry.flags_class.add_cli_flags(parser.add_argument_group(f"{entry.name} backend"))
 
 
 def _add_model_args(group: argparse._ArgumentGroup) -> None:
@@ -61,9 +57,8 @@ def _add_model_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--attention-backend",
         default="torch",
-        choices=ATTENTION_BACKEND_CHOICES,
-        help="torch = exact reference; triton = 16-bit Triton kernels (CUDA, fp16/bf16); "
-        "sage_attn = 8-bit attention and KV cache",
+        choices=backend_names(),
+        help="; ".join(f"{e.name} = {e.help}" for e in backend_entries()),
     )
     group.add_argument(
         "--context-length",
@@ -140,55 +135,41 @@ def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
     )
 
 
-def _add_sage_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--sage-pv",
-        default="fp16",
-        choices=SAGE_PV_CHOICES,
-        help="P·V precision: fp16 (V cached as INT8; accurate) or fp8 (P and the cached V in "
-        "FP8 e4m3)",
-    )
-    group.add_argument(
-        "--sage-disable-smooth-k",
-        action="store_true",
-        help="quantize keys without subtracting their calibrated mean",
-    )
-    group.add_argument(
-        "--sage-disable-qk-balance",
-        action="store_true",
-        help="quantize Q and K without the calibrated per-channel balance",
-    )
-    group.add_argument(
-        "--sage-impl",
-        default="auto",
-        choices=SAGE_IMPL_CHOICES,
-        help="auto = Triton kernels on CUDA, the torch reference elsewhere",
-    )
-    group.add_argument(
-        "--sage-skip-layers",
-        type=_layer_list,
-        default=(),
-        help="comma-separated layers kept in exact attention, e.g. 0,1",
-    )
+def backend_options_from_args(args: argparse.Namespace) -> tuple[BackendFlags, ...]:
+    """Every registered backend's options, as its flags parsed (one per options class: two
+    backends may share one)."""
+    classes = dict.fromkeys(entry.flags_class for entry in backend_entries())
+    return tuple(flags_class.from_cli_args(args) for flags_class in classes)
 
 
-def _layer_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer indices such as 0,1 -- got {text!r}"
-        ) from None
+def check_backend_flags_used(args: argparse.Namespace, backend: str) -> None:
+    """ValueError when flags of a backend other than `backend` were given: they would be
+    ignored, and what the user asked for would silently not happen."""
+    chosen = backend_entry(backend).flags_class
+    for entry in backend_entries():
+        flags = entry.flags_class.from_cli_args(args)
+        if entry.flags_class is not chosen and flags != entry.flags_class():
+            raise ValueError(
+                f"options of --attention-backend {entry.name} were given ({flags}), but the "
+                f"backend is {backend}"
+            )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """Build the EngineConfig; ValueError (naming the valid choices) on bad values."""
+    """Build the EngineConfig; ValueError (naming the valid choices) on bad values.
+
+    Without --attention-backend (validate, which builds one engine per --backends entry from
+    this config) the default backend is kept and every backend's options ride along; with
+    one, options given for another backend are an error.
+    """
+    if args.attention_backend is not None:
+        check_backend_flags_used(args, args.attention_backend)
     return EngineConfig(
         model_path=args.model_path,
         load_format=args.load_format,
         dtype=args.dtype,
         device=args.device,
-        attention_backend=args.attention_backend,
+        attention_backend=args.attention_backend or EngineConfig.attention_backend,
         context_length=args.context_length,
         seed=args.random_seed,
         cache=CacheConfig(
@@ -202,12 +183,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size,
         ),
-        sage=SageConfig(
-            pv=args.sage_pv,
-            smooth_k=not args.sage_disable_smooth_k,
-            balance_qk=not args.sage_disable_qk_balance,
-            skip_layers=args.sage_skip_layers,
-            impl=args.sage_impl,
-        ),
+        attention_options=backend_options_from_args(args),
         cuda_graph=CudaGraphConfig(disable=args.disable_cuda_graph, max_bs=args.cuda_graph_max_bs),
     )

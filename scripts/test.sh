@@ -7,4 +7,5 @@ bash scripts/setup.sh
 export OPENBLAS_NUM_THREADS=1
 ruff check sageserve tests benchmarks
 ruff format --check sageserve tests benchmarks
+lint-imports  # the layers of DESIGN.md (contracts in pyproject.toml)
 python -m pytest -n 2 -q tests "$@"

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from sageserve.attention.base import BackendOptions
+from sageserve.attention.batch import SequenceSlice, build_forward_batch
 from sageserve.attention.registry import backend_names, get_backend_class
-from sageserve.config import SageConfig
-from sageserve.engine.batch import SequenceSlice, build_forward_batch
+from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.models.config import ModelConfig
 
 
@@ -25,7 +25,7 @@ class Variant:
     """A backend with its options and how close each sequence's output must be."""
 
     name: str
-    sage: SageConfig | None = None
+    sage: SageOptions | None = None
     min_cosine: float = 1.0
     max_rel_l1: float = 0.0
     max_abs_rel: float = 2e-5  # for exact layers: max |error| / max |reference|
@@ -44,13 +44,13 @@ class Variant:
 # The FP8 P·V mode is looser: e4m3 V alone costs about 2% relative L1 (sage_reference.py).
 VARIANTS = [
     Variant("torch"),
-    Variant("sage_attn", SageConfig(), min_cosine=0.999, max_rel_l1=0.03),
-    Variant("sage_attn", SageConfig(smooth_k=False), min_cosine=0.999, max_rel_l1=0.03),
-    Variant("sage_attn", SageConfig(balance_qk=False), min_cosine=0.999, max_rel_l1=0.03),
-    Variant("sage_attn", SageConfig(pv="fp8"), min_cosine=0.998, max_rel_l1=0.05),
-    Variant("sage_attn", SageConfig(skip_layers=(1,)), min_cosine=0.999, max_rel_l1=0.03),
+    Variant("sage_attn", SageOptions(), min_cosine=0.999, max_rel_l1=0.03),
+    Variant("sage_attn", SageOptions(smooth_k=False), min_cosine=0.999, max_rel_l1=0.03),
+    Variant("sage_attn", SageOptions(balance_qk=False), min_cosine=0.999, max_rel_l1=0.03),
+    Variant("sage_attn", SageOptions(pv="fp8"), min_cosine=0.998, max_rel_l1=0.05),
+    Variant("sage_attn", SageOptions(skip_layers=(1,)), min_cosine=0.999, max_rel_l1=0.03),
     # The Triton kernels (through the interpreter on CPU).
-    Variant("sage_attn", SageConfig(impl="triton"), min_cosine=0.999, max_rel_l1=0.03),
+    Variant("sage_attn", SageOptions(impl="triton"), min_cosine=0.999, max_rel_l1=0.03),
     # The 16-bit Triton kernels, in fp32 through the interpreter on CPU: exact up to rounding.
     Variant("triton"),
 ]
@@ -63,11 +63,11 @@ GPU_VARIANTS = [
     Variant("torch", min_cosine=0.9999, max_rel_l1=0.01, dtype=_BF16, device="cuda"),
     Variant("triton", min_cosine=0.9999, max_rel_l1=0.01, dtype=_BF16, device="cuda"),
     Variant("triton", min_cosine=0.9999, max_rel_l1=0.01, dtype=_FP16, device="cuda"),
-    Variant("sage_attn", SageConfig(), 0.999, 0.03, dtype=_BF16, device="cuda"),
-    Variant("sage_attn", SageConfig(), 0.999, 0.03, dtype=_FP16, device="cuda"),
-    Variant("sage_attn", SageConfig(pv="fp8"), 0.998, 0.05, dtype=_BF16, device="cuda"),
-    Variant("sage_attn", SageConfig(smooth_k=False), 0.999, 0.03, dtype=_BF16, device="cuda"),
-    Variant("sage_attn", SageConfig(skip_layers=(1,)), 0.999, 0.03, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", SageOptions(), 0.999, 0.03, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", SageOptions(), 0.999, 0.03, dtype=_FP16, device="cuda"),
+    Variant("sage_attn", SageOptions(pv="fp8"), 0.998, 0.05, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", SageOptions(smooth_k=False), 0.999, 0.03, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", SageOptions(skip_layers=(1,)), 0.999, 0.03, dtype=_BF16, device="cuda"),
 ]
 
 # (num_q_heads, num_kv_heads, head_dim, page_size): GQA, MHA and MQA; pages of one key, of an
@@ -187,9 +187,9 @@ def _poison(kv_cache, page_size: int) -> None:
 
 
 def _make_backend(variant: Variant, config: ModelConfig):
-    extra = () if variant.sage is None else (("sage", variant.sage),)
-    options = BackendOptions("auto", variant.dtype, torch.device(variant.device), extra)
-    return get_backend_class(variant.name)(config, options)
+    flags = variant.sage
+    options = BackendOptions("auto", variant.dtype, torch.device(variant.device), flags)
+    return get_backend_class(variant.name)(config.attention_shape(), options)
 
 
 def test_every_registered_backend_is_covered() -> None:
@@ -247,7 +247,7 @@ def _check_backend(
     _check_step(results, seqs, MIXED_STEP, variant)
 
 
-def _calibration(seqs: list[Seq], sage: SageConfig, num_q_heads: int, gen: torch.Generator):
+def _calibration(seqs: list[Seq], sage: SageOptions, num_q_heads: int, gen: torch.Generator):
     """(k_mean, channel_scale), each [num_layers, Hkv, D] or None, as calibration would give.
 
     The mean is that of all keys plus noise (calibration sees other tokens); the balance
@@ -264,9 +264,3 @@ def _calibration(seqs: list[Seq], sage: SageConfig, num_q_heads: int, gen: torch
 def test_unknown_backend_lists_valid_names() -> None:
     with pytest.raises(ValueError, match=r"valid backends: .*torch"):
         get_backend_class("flash_magic")
-
-
-def test_cli_backend_choices_match_registry() -> None:
-    from sageserve.engine_args import ATTENTION_BACKEND_CHOICES
-
-    assert sorted(ATTENTION_BACKEND_CHOICES) == backend_names()

@@ -70,8 +70,8 @@ def test_validate_writes_an_untracked_folder_per_run(monkeypatch, tmp_path, caps
     folder per run, never into the committed reports/."""
     from datetime import UTC, datetime
 
+    from sageserve.output_dir import default_out_dir
     from sageserve.validate import pipeline
-    from sageserve.validate.args import default_out_dir
 
     written = []
 

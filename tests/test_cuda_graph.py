@@ -20,12 +20,13 @@ import torch
 from int8_flips import assert_logprob_rows_close, assert_outputs_match
 
 from sageserve.attention.base import BackendOptions
+from sageserve.attention.batch import ForwardBatch, SequenceSlice, build_forward_batch
 from sageserve.attention.graph_sizes import graph_batch_sizes, padded_batch_size
-from sageserve.attention.kernels.sage_attention import padded_page_table
-from sageserve.attention.kernels.sage_decode import DecodeWorkspace, sage_decode_paged
+from sageserve.attention.page_tables import padded_page_table
 from sageserve.attention.registry import get_backend_class
-from sageserve.config import CacheConfig, CudaGraphConfig, EngineConfig, SageConfig
-from sageserve.engine.batch import ForwardBatch, SequenceSlice, build_forward_batch
+from sageserve.attention.sage_attn.kernels.decode import DecodeWorkspace, sage_decode_paged
+from sageserve.attention.sage_attn.options import SageOptions
+from sageserve.config import CacheConfig, CudaGraphConfig, EngineConfig
 from sageserve.engine.cuda_graph import DecodeGraphRunner
 from sageserve.engine.engine import Engine
 from sageserve.engine.llm import LLM
@@ -37,7 +38,7 @@ from sageserve.models.loader import LoadedModel, build_model, init_dummy_weights
 CPU = torch.device("cpu")
 PAGE = 16
 # Backends whose decode can be captured, as (name, sage options).
-GRAPH_BACKENDS = [("triton", SageConfig()), ("sage_attn", SageConfig(impl="triton"))]
+GRAPH_BACKENDS = [("triton", SageOptions()), ("sage_attn", SageOptions(impl="triton"))]
 # Kernels on CPU tensors run only in Triton's interpreter (conftest sets it without a GPU).
 interpreted = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -62,10 +63,11 @@ def _tiny_model(dtype: torch.dtype, device: torch.device) -> LoadedModel:
     return LoadedModel(model.eval(), config, None, dtype, "tiny dummy model")
 
 
-def _engine_config(backend: str, sage: SageConfig, device: str, **graph) -> EngineConfig:
+def _engine_config(backend: str, sage: SageOptions, device: str, **graph) -> EngineConfig:
     dtype = "float32" if device == "cpu" else "float16"
     return EngineConfig(
-        dtype=dtype, device=device, attention_backend=backend, sage=sage,
+        dtype=dtype, device=device, attention_backend=backend,
+        attention_options=(sage,),
         cache=CacheConfig(page_size=PAGE, max_total_tokens=2048),
         cuda_graph=CudaGraphConfig(**graph),
     )  # fmt: skip
@@ -117,23 +119,23 @@ def test_8bit_decode_of_an_empty_context_is_zero(pv: str) -> None:
 # ----------------------------------------------------------- who supports graphs
 
 
-def _backend(name: str, sage: SageConfig | None = None):
-    options = BackendOptions("auto", torch.float32, CPU, (("sage", sage or SageConfig()),))
-    return get_backend_class(name)(_tiny_config(), options)
+def _backend(name: str, sage: SageOptions | None = None):
+    options = BackendOptions("auto", torch.float32, CPU, sage if name == "sage_attn" else None)
+    return get_backend_class(name)(_tiny_config().attention_shape(), options)
 
 
 @interpreted
 @pytest.mark.parametrize(
     ("name", "sage", "reason"),
     [
-        ("torch", SageConfig(), "exact reference, not a speed path"),
-        ("sage_attn", SageConfig(impl="reference"), "torch reference"),
-        ("sage_attn", SageConfig(impl="triton", skip_layers=(1,)), r"layers \[1\] exact"),
-        ("triton", SageConfig(), None),
-        ("sage_attn", SageConfig(impl="triton"), None),
+        ("torch", SageOptions(), "exact reference, not a speed path"),
+        ("sage_attn", SageOptions(impl="reference"), "torch reference"),
+        ("sage_attn", SageOptions(impl="triton", skip_layers=(1,)), r"layers \[1\] exact"),
+        ("triton", SageOptions(), None),
+        ("sage_attn", SageOptions(impl="triton"), None),
     ],
 )
-def test_cuda_graph_support(name: str, sage: SageConfig, reason: str | None) -> None:
+def test_cuda_graph_support(name: str, sage: SageOptions, reason: str | None) -> None:
     got = _backend(name, sage).cuda_graph_unsupported_reason()
     if reason is None:
         assert got is None
@@ -169,7 +171,7 @@ def test_flags_and_cpu_engine_without_graphs() -> None:
     with pytest.raises(ValueError, match="cuda_graph_max_bs must be >= 1"):
         CudaGraphConfig(max_bs=0)
     # On CPU graphs are never captured, asked for or not, and that is no error.
-    engine = Engine(_engine_config("triton", SageConfig(), "cpu"), _tiny_model(torch.float32, CPU))
+    engine = Engine(_engine_config("triton", SageOptions(), "cpu"), _tiny_model(torch.float32, CPU))
     assert engine.runner.graph_runner is None
 
 
@@ -254,7 +256,7 @@ def _backend_step(backend, cache, meta, q, k, v) -> list[torch.Tensor]:
 
 @interpreted
 @pytest.mark.parametrize(("name", "sage"), GRAPH_BACKENDS, ids=["triton", "sage_attn"])
-def test_backend_static_decode_equals_eager(name: str, sage: SageConfig) -> None:
+def test_backend_static_decode_equals_eager(name: str, sage: SageOptions) -> None:
     """Attention alone, bitwise: a decode step through the static metadata (padded rows
     carrying garbage q, k, v) gives the eager step's outputs and cache; padded rows give
     zeros and store nothing in the pool."""
@@ -318,7 +320,7 @@ def _check_static_path(runner, graphs, device, exact: bool, eight_bit: bool = Fa
 
 @interpreted
 @pytest.mark.parametrize(("backend", "sage"), GRAPH_BACKENDS, ids=["triton", "sage_attn"])
-def test_static_path_equals_eager_on_cpu(backend: str, sage: SageConfig) -> None:
+def test_static_path_equals_eager_on_cpu(backend: str, sage: SageOptions) -> None:
     """On CPU the linear layers round differently at another row count (MKL: 6 rows vs the
     8 of the padded batch differ by ~1e-6), so logits agree to 1e-5 here; attention alone
     is bitwise (test_backend_static_decode_equals_eager)."""
@@ -333,7 +335,7 @@ def test_static_path_equals_eager_on_cpu(backend: str, sage: SageConfig) -> None
 
 @interpreted
 def test_static_path_refuses_other_steps() -> None:
-    engine = Engine(_engine_config("triton", SageConfig(), "cpu"), _tiny_model(torch.float32, CPU))
+    engine = Engine(_engine_config("triton", SageOptions(), "cpu"), _tiny_model(torch.float32, CPU))
     runner = engine.runner
     graphs = DecodeGraphRunner(runner.model, runner.backend, runner.kv_cache, [1, 4], 64, False)
     table = tuple(range(1, 9))
@@ -353,7 +355,7 @@ def test_static_path_refuses_other_steps() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("backend", "sage"), GRAPH_BACKENDS, ids=["triton", "sage_attn"])
-def test_graph_replay_equals_eager_on_gpu(backend: str, sage: SageConfig) -> None:
+def test_graph_replay_equals_eager_on_gpu(backend: str, sage: SageOptions) -> None:
     """Replayed graphs give the eager path's logits and cache, bitwise."""
     cuda = torch.device("cuda")
     config = _engine_config(backend, dataclasses.replace(sage, impl="auto"), "cuda")
@@ -385,7 +387,7 @@ def test_engine_with_graphs_equals_eager_on_gpu(backend: str) -> None:
     outputs = {}
     for disable in (False, True):
         config = dataclasses.replace(
-            _engine_config(backend, SageConfig(), "cuda", disable=disable, max_bs=8),
+            _engine_config(backend, SageOptions(), "cuda", disable=disable, max_bs=8),
             scheduler=dataclasses.replace(EngineConfig().scheduler, chunked_prefill_size=96),
         )
         llm = LLM.from_engine_config(config, loaded)

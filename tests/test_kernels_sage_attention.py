@@ -8,15 +8,15 @@ import triton
 import triton.language as tl
 
 from sageserve.attention.base import BackendOptions
-from sageserve.attention.kernels.sage_attention import (
+from sageserve.attention.batch import SequenceSlice, build_forward_batch
+from sageserve.attention.page_tables import padded_page_table
+from sageserve.attention.sage_attn.backend import SageAttentionBackend
+from sageserve.attention.sage_attn.kernels.prefill import (
     PrefillConfig,
     _int8_to_fp16,
-    padded_page_table,
     sage_attention_paged,
 )
-from sageserve.attention.sage import SageAttentionBackend
-from sageserve.config import SageConfig
-from sageserve.engine.batch import SequenceSlice, build_forward_batch
+from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.models.config import ModelConfig
 
 # (prefix_len, query_len): fresh prefills, a chunk after a cached prefix, decodes.
@@ -62,8 +62,8 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
 def run_case(heads, kv_heads, dim, page_size, pv, device, launch, seed=0):
     gen = torch.Generator().manual_seed(seed)
     config = _config(heads, kv_heads, dim)
-    options = BackendOptions("auto", torch.float32, device, (("sage", SageConfig(pv=pv)),))
-    backend = SageAttentionBackend(config, options)
+    options = BackendOptions("auto", torch.float32, device, SageOptions(pv=pv))
+    backend = SageAttentionBackend(config.attention_shape(), options)
     balance = torch.rand(1, kv_heads, dim, generator=gen) + 0.5
     backend.set_calibration(torch.randn(1, kv_heads, dim, generator=gen), balance)
     num_pages = sum(-(-(p + n) // page_size) for p, n in STEP) + 1

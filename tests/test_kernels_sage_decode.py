@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from sageserve.attention.kernels import sage_decode
-from sageserve.attention.kernels.paged_common import decode_split_count
-from sageserve.attention.kernels.sage_attention import padded_page_table
-from sageserve.attention.kernels.sage_decode import (
+from sageserve.attention.page_tables import padded_page_table
+from sageserve.attention.sage_attn.kernels import decode as sage_decode
+from sageserve.attention.sage_attn.kernels.decode import (
     CPU_SMS,
     MAX_SPLITS,
     MIN_SPLIT_TOKENS,
@@ -20,13 +19,14 @@ from sageserve.attention.kernels.sage_decode import (
     plan_splits,
     sage_decode_paged,
 )
-from sageserve.attention.sage_reference import (
+from sageserve.attention.sage_attn.reference import (
     FP8_DTYPE,
     dequantize,
     quantize_kv,
     quantized_scores,
     sage_attention,
 )
+from sageserve.attention.triton_common import decode_split_count
 
 
 @dataclass

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from sageserve.attention.kernels.paged_common import interpreting
-from sageserve.attention.kernels.sage_store import StoreConfig, default_config, store_kv
-from sageserve.attention.sage_reference import quantize_kv
+from sageserve.attention.sage_attn.kernels.store import StoreConfig, default_config, store_kv
+from sageserve.attention.sage_attn.reference import quantize_kv
+from sageserve.attention.triton_common import interpreting
 
 LAYOUTS = ("prefill", "decode")
 

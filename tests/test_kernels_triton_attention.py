@@ -14,19 +14,22 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from sageserve.attention.base import BackendOptions
-from sageserve.attention.kernels.paged_common import decode_split_count
-from sageserve.attention.kernels.paged_decode import (
+from sageserve.attention.base import AttentionShape, BackendOptions
+from sageserve.attention.batch import SequenceSlice, build_forward_batch
+from sageserve.attention.triton_attn.backend import TritonBackend
+from sageserve.attention.triton_attn.kernels.decode import (
     MAX_SPLITS,
     num_decode_splits,
     paged_decode,
     plan_decode,
 )
-from sageserve.attention.kernels.paged_prefill import PrefillConfig, paged_prefill, plan_prefill
-from sageserve.attention.kernels.paged_store import store_kv
-from sageserve.attention.triton_attn import TritonBackend
-from sageserve.engine.batch import SequenceSlice, build_forward_batch
-from sageserve.models.config import ModelConfig
+from sageserve.attention.triton_attn.kernels.prefill import (
+    PrefillConfig,
+    paged_prefill,
+    plan_prefill,
+)
+from sageserve.attention.triton_attn.kernels.store import store_kv
+from sageserve.attention.triton_common import decode_split_count
 
 CPU = torch.device("cpu")
 # (prefix_len, query_len): fresh prefills, chunks after a cached prefix, one-row chunks.
@@ -272,13 +275,10 @@ def test_split_count_is_unchanged_by_the_shared_rule() -> None:
 # ---------------------------------------------------------------------------- backend
 
 
-def _config(heads: int, kv_heads: int, dim: int, layers: int = 1) -> ModelConfig:
-    return ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=64, hidden_size=heads * dim,
-        intermediate_size=64, num_layers=layers, num_q_heads=heads, num_kv_heads=kv_heads,
-        head_dim=dim, rope_theta=1e4, rope_scaling=None, rms_norm_eps=1e-5,
-        max_position_embeddings=8192, tie_word_embeddings=False, attention_bias=False,
-        bos_token_id=None, eos_token_ids=(),
+def _config(heads: int, kv_heads: int, dim: int, layers: int = 1) -> AttentionShape:
+    return AttentionShape(
+        num_layers=layers, num_q_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
+        max_position_embeddings=8192, vocab_size=64,
     )  # fmt: skip
 
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from sageserve.attention.base import BackendOptions
-from sageserve.attention.calibration import calibrate_qk, calibration_token_ids
-from sageserve.attention.sage import SageAttentionBackend
-from sageserve.attention.sage_reference import (
+from sageserve.attention.batch import SequenceSlice, build_forward_batch
+from sageserve.attention.sage_attn.backend import SageAttentionBackend
+from sageserve.attention.sage_attn.calibration import calibrate_qk, calibration_token_ids
+from sageserve.attention.sage_attn.options import SageOptions
+from sageserve.attention.sage_attn.reference import (
     dequantize,
     quantize_fp8,
     quantize_int8,
@@ -16,9 +18,7 @@ from sageserve.attention.sage_reference import (
     round_half_away,
     sage_attention,
 )
-from sageserve.attention.torch_native import TorchNativeBackend
-from sageserve.config import SageConfig
-from sageserve.engine.batch import SequenceSlice, build_forward_batch
+from sageserve.attention.torch_native.backend import TorchNativeBackend
 from sageserve.models.config import ModelConfig
 from sageserve.models.loader import LoadedModel, load_model
 
@@ -35,9 +35,9 @@ def _config(num_layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: in
     )  # fmt: skip
 
 
-def _backend(config: ModelConfig, sage: SageConfig | None = None, kv: str = "auto"):
-    options = BackendOptions(kv, torch.float32, CPU, (("sage", sage or SageConfig()),))
-    return SageAttentionBackend(config, options)
+def _backend(config: ModelConfig, sage: SageOptions | None = None, kv: str = "auto"):
+    options = BackendOptions(kv, torch.float32, CPU, sage or SageOptions())
+    return SageAttentionBackend(config.attention_shape(), options)
 
 
 def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_fp8_round_trip_within_e4m3_precision() -> None:
 @pytest.mark.parametrize(("pv", "v_dtype"), [("fp16", torch.int8), ("fp8", torch.float8_e4m3fn)])
 def test_cache_round_trip_stores_the_quantized_values(pv: str, v_dtype: torch.dtype) -> None:
     config = _config()
-    backend = _backend(config, SageConfig(pv=pv))
+    backend = _backend(config, SageOptions(pv=pv))
     backend.set_calibration(torch.randn(2, 2, 64), torch.rand(2, 2, 64) + 0.5)
     cache = backend.allocate(num_pages=10, page_size=16)
     assert cache.v.dtype == v_dtype
@@ -118,7 +118,7 @@ def test_cache_round_trip_stores_the_quantized_values(pv: str, v_dtype: torch.dt
 def test_8bit_cache_is_at_most_053x_and_holds_19x_tokens(head_dim: int) -> None:
     config = _config(num_layers=30, heads=9, kv_heads=3, head_dim=head_dim)
     sage = _backend(config).kv_cache_spec().bytes_per_token
-    fp16 = TorchNativeBackend(config, BackendOptions("fp16", torch.float32, CPU))
+    fp16 = TorchNativeBackend(config.attention_shape(), BackendOptions("fp16", torch.float32, CPU))
     sixteen = fp16.kv_cache_spec().bytes_per_token
     assert sage <= 0.53 * sixteen
     budget = 8 * 2**30  # the same memory budget for both pools
@@ -129,9 +129,9 @@ def test_unsupported_options_are_start_up_errors() -> None:
     with pytest.raises(ValueError, match="8 bits"):
         _backend(_config(), kv="fp16")
     with pytest.raises(ValueError, match=r"layers 0\.\.1"):
-        _backend(_config(), SageConfig(skip_layers=(5,)))
+        _backend(_config(), SageOptions(skip_layers=(5,)))
     with pytest.raises(ValueError, match="sage_pv"):
-        SageConfig(pv="int4")
+        SageOptions(pv="int4")
 
 
 # ------------------------------------------------------ bitwise repeatability
@@ -162,7 +162,7 @@ def _fresh_qkv(length: int, gen: torch.Generator):
 @pytest.mark.parametrize("pv", ["fp16", "fp8"])
 def test_prefix_hit_and_miss_are_bitwise_identical(pv: str) -> None:
     gen = torch.Generator().manual_seed(5)
-    backend = _backend(_config(num_layers=1), SageConfig(pv=pv))
+    backend = _backend(_config(num_layers=1), SageOptions(pv=pv))
     backend.set_calibration(
         torch.randn(1, 2, 64, generator=gen), torch.rand(1, 2, 64, generator=gen) + 0.5
     )
@@ -249,7 +249,7 @@ def test_real_activations_within_bounds_and_smoothing_helps(smollm2: LoadedModel
 def test_calibration_shift_equals_running_at_shifted_positions(smollm2: LoadedModel) -> None:
     """Calibration covers far positions by rotating the collected q/k: that must equal what
     the model computes when the same tokens sit at those positions (rotary is relative)."""
-    from sageserve.attention.calibration import _offset_rotations, _shifted
+    from sageserve.attention.sage_attn.calibration import _offset_rotations, _shifted
 
     ids = torch.tensor(smollm2.tokenizer.encode("A short calibration check, seven thousand on."))
     cos, sin = _offset_rotations(smollm2.model, len(ids))
@@ -280,8 +280,8 @@ def test_kernel_decode_step_replays_in_a_cuda_graph(pv: str) -> None:
     cuda = torch.device("cuda")
     gen = torch.Generator().manual_seed(12)
     config = _config(num_layers=1, heads=32, kv_heads=8, head_dim=128)
-    options = BackendOptions("auto", torch.bfloat16, cuda, (("sage", SageConfig(pv=pv)),))
-    backend = SageAttentionBackend(config, options)
+    options = BackendOptions("auto", torch.bfloat16, cuda, SageOptions(pv=pv))
+    backend = SageAttentionBackend(config.attention_shape(), options)
     backend.set_calibration(torch.randn(1, 8, 128, generator=gen), torch.rand(1, 8, 128) + 0.5)
     page, lens = 64, [300, 1000, 5, 2000]
     cache = backend.allocate(200, page)

@@ -6,10 +6,11 @@ import json
 
 import torch
 
+from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.registry import register_backend
-from sageserve.attention.torch_native import TorchNativeBackend, TorchNativeMetadata
+from sageserve.attention.torch_native.backend import TorchNativeBackend, TorchNativeMetadata
+from sageserve.attention.torch_native.options import TorchOptions
 from sageserve.cli import main
-from sageserve.engine.batch import ForwardBatch
 
 
 class PeekingBackend(TorchNativeBackend):
@@ -27,7 +28,7 @@ class PeekingBackend(TorchNativeBackend):
 
 
 def test_broken_backend_fails_the_report(tmp_path) -> None:
-    register_backend("torch_peek", f"{__name__}:PeekingBackend")
+    register_backend("torch_peek", f"{__name__}:PeekingBackend")(TorchOptions)
     argv = [
         "validate", "quick", "--backends", "torch,torch_peek", "--out", str(tmp_path),
         "--sections", "agreement,perplexity", "--short-len", "48", "--short-windows", "1",

@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from sageserve.attention.batch import ForwardBatch
+from sageserve.attention.flags import BackendFlags
 from sageserve.attention.static_metadata import StaticBuffers
-from sageserve.engine.batch import ForwardBatch
-from sageserve.models.config import ModelConfig
 
 KV_DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
@@ -45,9 +45,23 @@ class KVCacheSpec:
 
 
 @dataclass(frozen=True)
+class AttentionShape:
+    """What a backend knows of the model: plain values, read from the model's config by
+    the engine (attention imports no model code)."""
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
 class BackendOptions:
     """Launch-time choices a backend may read (resolved, no "auto").
 
+    flags: the backend's own options (its `flags_class`; None: that class's defaults).
     max_context: the longest sequence the engine serves (its context length; None: the
     model's limit). Decode split plans are made for it, from static quantities only.
     """
@@ -55,7 +69,7 @@ class BackendOptions:
     kv_cache_dtype: str
     model_dtype: torch.dtype
     device: torch.device
-    extra: tuple[tuple[str, Any], ...] = ()
+    flags: BackendFlags | None = None
     max_context: int | None = None
 
 
@@ -80,18 +94,33 @@ class AttentionBackend(ABC):
     """One attention implementation over its own paged KV cache."""
 
     name: ClassVar[str]
+    flags_class: ClassVar[type[BackendFlags]] = BackendFlags
 
-    def __init__(self, model_config: ModelConfig, options: BackendOptions) -> None:
-        reasons = self.unsupported_reasons(model_config, options)
+    def __init__(self, shape: AttentionShape, options: BackendOptions) -> None:
+        reasons = self.unsupported_reasons(shape, options)
         if reasons:
             raise ValueError(
                 f"attention backend {self.name!r} cannot run this model: " + "; ".join(reasons)
             )
-        self.model_config = model_config
+        self.shape = shape
         self.options = options
+        self.flags = self.flags_of(options)
 
     @classmethod
-    def unsupported_reasons(cls, model_config: ModelConfig, options: BackendOptions) -> list[str]:
+    def flags_of(cls, options: BackendOptions) -> Any:
+        """options.flags, or the defaults of `flags_class` when None; ValueError when they
+        belong to another backend."""
+        if options.flags is None:
+            return cls.flags_class()
+        if not isinstance(options.flags, cls.flags_class):
+            raise ValueError(
+                f"attention backend {cls.name!r} takes {cls.flags_class.__name__}, "
+                f"got {type(options.flags).__name__}"
+            )
+        return options.flags
+
+    @classmethod
+    def unsupported_reasons(cls, shape: AttentionShape, options: BackendOptions) -> list[str]:
         """Why this backend cannot serve this configuration; empty when it can."""
         return []
 

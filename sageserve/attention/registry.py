@@ -1,33 +1,90 @@
-"""Attention backends by name, imported lazily so a CPU machine never imports GPU kernels."""
+"""Attention backends by name.
+
+A backend package registers itself by decorating its options class (`BackendFlags`) with
+`register_backend`, naming the backend class as "module:Class". The class is imported on
+first use, so listing the backends or parsing their flags never imports a kernel.
+"""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sageserve.attention.base import AttentionBackend
+from sageserve.attention.flags import BackendFlags
 
-_BACKENDS: dict[str, str] = {
-    "torch": "sageserve.attention.torch_native:TorchNativeBackend",
-    "sage_attn": "sageserve.attention.sage:SageAttentionBackend",
-    "triton": "sageserve.attention.triton_attn:TritonBackend",
-}
+if TYPE_CHECKING:
+    from sageserve.attention.base import AttentionBackend
+
+# The packages that register the built-in backends when imported.
+BUILTIN_BACKEND_PACKAGES = (
+    "sageserve.attention.torch_native",
+    "sageserve.attention.triton_attn",
+    "sageserve.attention.sage_attn",
+)
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """One registered backend: its name, class path, options class and one-line help."""
+
+    name: str
+    target: str
+    flags_class: type[BackendFlags]
+    help: str
+
+    def backend_class(self) -> type[AttentionBackend]:
+        module_name, class_name = self.target.split(":")
+        return getattr(importlib.import_module(module_name), class_name)
+
+
+_REGISTRY: dict[str, BackendEntry] = {}
+
+
+def register_backend(
+    name: str, target: str, help: str = ""
+) -> Callable[[type[BackendFlags]], type[BackendFlags]]:
+    """Decorate a backend's options class to register the backend `name` = `target`
+    ("module:Class"). Registering a name twice with another target is an error."""
+
+    def register(flags_class: type[BackendFlags]) -> type[BackendFlags]:
+        entry = BackendEntry(name, target, flags_class, help)
+        known = _REGISTRY.get(name)
+        if known is not None and known != entry:
+            raise ValueError(f"attention backend {name!r} is already registered ({known.target})")
+        _REGISTRY[name] = entry
+        return flags_class
+
+    return register
+
+
+def _registry() -> dict[str, BackendEntry]:
+    for package in BUILTIN_BACKEND_PACKAGES:
+        importlib.import_module(package)
+    return _REGISTRY
 
 
 def backend_names() -> list[str]:
     """Every name `--attention-backend` accepts."""
-    return sorted(_BACKENDS)
+    return sorted(_registry())
+
+
+def backend_entries() -> list[BackendEntry]:
+    """Every registered backend, by name."""
+    return [_registry()[name] for name in backend_names()]
+
+
+def backend_entry(name: str) -> BackendEntry:
+    """The backend registered as `name`; ValueError listing the valid names otherwise."""
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(
+            f"unknown attention backend {name!r}; valid backends: {', '.join(backend_names())}"
+        )
+    return registry[name]
 
 
 def get_backend_class(name: str) -> type[AttentionBackend]:
     """The backend class registered as `name`; ValueError listing valid names otherwise."""
-    if name not in _BACKENDS:
-        raise ValueError(
-            f"unknown attention backend {name!r}; valid backends: {', '.join(backend_names())}"
-        )
-    module_name, class_name = _BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
-def register_backend(name: str, target: str) -> None:
-    """Register `module:Class` under `name` (tests use this for deliberately broken backends)."""
-    _BACKENDS[name] = target
+    return backend_entry(name).backend_class()

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from sageserve.engine.batch import ForwardBatch
+from sageserve.attention.batch import ForwardBatch
 
 # Views start at multiples of this many bytes: every dtype's view is aligned, and Triton
 # sees the same 16-byte pointer alignment as for separately allocated tensors (it compiles

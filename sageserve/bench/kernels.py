@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from sageserve.validate.args import DEFAULT_OUT_ROOT
+from sageserve.output_dir import DEFAULT_OUT_ROOT
 
 PREFILL_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", "sdpa_flash", "sdpa_cudnn",
                    "sageattn_1_0_6", "torch_sdpa")  # fmt: skip
@@ -43,8 +43,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CAUSAL_MODES = {"both": (True, False), "causal": (True,), "noncausal": (False,)}
 Q_HEADS = 32
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
-_KERNEL_MODULES = ("sageserve.attention.triton_attn", "sageserve.attention.kernels.paged_common",
-                   "sageserve.attention.kernels.sage_attention")  # fmt: skip
+_KERNEL_MODULES = ("sageserve.attention.triton_attn.backend", "sageserve.attention.triton_common",
+                   "sageserve.attention.sage_attn.kernels.prefill")  # fmt: skip
 
 
 def add_kernels_args(parser: argparse.ArgumentParser) -> None:

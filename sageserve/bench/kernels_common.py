@@ -12,10 +12,9 @@ import math
 
 import torch
 
-from sageserve.attention.base import AttentionBackend, BackendOptions
-from sageserve.config import SageConfig
-from sageserve.engine.batch import ForwardBatch, SequenceSlice, build_forward_batch
-from sageserve.models.config import ModelConfig
+from sageserve.attention.base import AttentionBackend, AttentionShape, BackendOptions
+from sageserve.attention.batch import ForwardBatch, SequenceSlice, build_forward_batch
+from sageserve.attention.sage_attn.options import SageOptions
 
 # Our kernels' variants: backend name and sage P·V precision.
 OUR_VARIANTS: dict[str, tuple[str, str | None]] = {
@@ -32,37 +31,34 @@ REFERENCE_CHUNK_BYTES = 1 << 30
 MIN_COSINE = 0.99
 
 
-def model_config(q_heads: int, kv_heads: int, head_dim: int) -> ModelConfig:
-    """A one-layer Llama-shaped model: the backends' only inputs about the model."""
-    return ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=128, hidden_size=q_heads * head_dim,
-        intermediate_size=128, num_layers=1, num_q_heads=q_heads, num_kv_heads=kv_heads,
-        head_dim=head_dim, rope_theta=5e5, rope_scaling=None, rms_norm_eps=1e-5,
-        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
-        attention_bias=False, bos_token_id=None, eos_token_ids=(),
+def model_config(q_heads: int, kv_heads: int, head_dim: int) -> AttentionShape:
+    """A one-layer model: the backends' only inputs about the model."""
+    return AttentionShape(
+        num_layers=1, num_q_heads=q_heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=MAX_POSITIONS, vocab_size=128,
     )  # fmt: skip
 
 
 def make_backend(
-    variant: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+    variant: str, cfg: AttentionShape, dtype: torch.dtype, device: torch.device
 ) -> AttentionBackend:
     """The backend serving `variant` (the Triton kernels forced on for sage, any device)."""
     from sageserve.attention.registry import get_backend_class
 
     name, pv = OUR_VARIANTS[variant]
-    extra = (("sage", SageConfig(pv=pv, impl="triton")),) if pv else ()
-    return get_backend_class(name)(cfg, BackendOptions("auto", dtype, device, extra))
+    flags = SageOptions(pv=pv, impl="triton") if pv else None
+    return get_backend_class(name)(cfg, BackendOptions("auto", dtype, device, flags))
 
 
 def backend_reasons(
-    variant: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+    variant: str, cfg: AttentionShape, dtype: torch.dtype, device: torch.device
 ) -> list[str]:
     """Why the backend of `variant` cannot run this shape and dtype here (empty: it can)."""
     from sageserve.attention.registry import get_backend_class
 
     name, pv = OUR_VARIANTS[variant]
-    extra = (("sage", SageConfig(pv=pv, impl="triton")),) if pv else ()
-    options = BackendOptions("auto", dtype, device, extra)
+    flags = SageOptions(pv=pv, impl="triton") if pv else None
+    options = BackendOptions("auto", dtype, device, flags)
     return get_backend_class(name).unsupported_reasons(cfg, options)
 
 
@@ -74,7 +70,7 @@ def calibrate(backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor) -> No
     """
     if not hasattr(backend, "set_calibration"):
         return
-    from sageserve.attention.calibration import QKCalibration
+    from sageserve.attention.sage_attn.calibration import QKCalibration
 
     k32, kv_heads = k.float(), k.shape[1]
     k_mean = k32.double().mean(dim=0).float()

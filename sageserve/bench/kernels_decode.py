@@ -146,14 +146,14 @@ def _decode_call(variant: DecodeVariant, meta) -> Callable[[], None]:
     """The decode part of the backend's forward for layer 0, writing variant.out."""
     cache, out, backend = variant.cache, variant.out, variant.backend
     if hasattr(meta, "kernel"):  # sage_attn: as its _forward_kernels calls the decode kernel
-        from sageserve.attention.kernels.sage_decode import sage_decode_paged
+        from sageserve.attention.sage_attn.kernels.decode import sage_decode_paged
 
         balance = backend.channel_scale[0] if backend.channel_scale is not None else None
         caches = (cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0])
         dec = meta.kernel.decode
         return lambda: sage_decode_paged(variant.q, balance, *caches, dec.page_table,
                                          dec.q_rows, dec.kv_len, out, dec.workspace)  # fmt: skip
-    from sageserve.attention import triton_attn
+    from sageserve.attention.triton_attn import backend as triton_attn
 
     return lambda: triton_attn.paged_decode(variant.q, cache.k[0], cache.v[0], meta.decode, out)
 
@@ -166,14 +166,14 @@ def _store(variant: DecodeVariant, k, v, table: tuple[int, ...], page_size: int)
     offsets = pos % page_size
     backend, cache = variant.backend, variant.cache
     if hasattr(cache, "k_scale"):
-        from sageserve.attention.kernels.sage_store import store_kv
+        from sageserve.attention.sage_attn.kernels.store import store_kv
 
         k_mean = backend.k_mean[0] if backend.k_mean is not None else None
         balance = backend.channel_scale[0] if backend.channel_scale is not None else None
         store_kv(k, v, k_mean, balance, pages, offsets, cache.k[0], cache.k_scale[0],
                  cache.v[0], cache.v_scale[0])  # fmt: skip
     else:
-        from sageserve.attention import triton_attn
+        from sageserve.attention.triton_attn import backend as triton_attn
 
         triton_attn.store_kv(k, v, pages * page_size + offsets, cache.k[0], cache.v[0])
 

@@ -211,9 +211,9 @@ def _sageattn_runner(data: PrefillData) -> Runner:
 def noncausal_support(variant: str) -> str | None:
     """None if our kernel for `variant` has a non-causal mode, else why not."""
     if OUR_VARIANTS[variant][0] == "sage_attn":
-        from sageserve.attention.kernels.sage_attention import sage_attention_paged as fn
+        from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged as fn
     else:
-        from sageserve.attention.kernels.paged_prefill import paged_prefill as fn
+        from sageserve.attention.triton_attn.kernels.prefill import paged_prefill as fn
     if "causal" in inspect.signature(fn).parameters:
         return None
     return (
@@ -225,8 +225,8 @@ def noncausal_support(variant: str) -> str | None:
 def _sage_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
     """sage_attn's kernel calls for layer 0, as its `_forward_kernels` makes them:
     (store, store + attention into `out`)."""
-    from sageserve.attention.kernels.sage_attention import sage_attention_paged
-    from sageserve.attention.kernels.sage_store import store_kv
+    from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
+    from sageserve.attention.sage_attn.kernels.store import store_kv
 
     k_mean = backend.k_mean[0] if backend.k_mean is not None else None
     balance = backend.channel_scale[0] if backend.channel_scale is not None else None
@@ -248,7 +248,7 @@ def _sage_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
 
 def _triton_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
     """The triton backend's kernel calls for layer 0, as its `forward` makes them."""
-    from sageserve.attention import triton_attn
+    from sageserve.attention.triton_attn import backend as triton_attn
 
     k_layer, v_layer = cache.k[0], cache.v[0]
     kwargs = {} if data.shape.causal else {"causal": False}

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from sageserve.attention.base import AttentionBackend, GraphMetadata, StepAttention
+from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.graph_sizes import graph_batch_sizes, padded_batch_size
 from sageserve.config import CudaGraphConfig
-from sageserve.engine.batch import ForwardBatch
 from sageserve.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)

@@ -90,10 +90,11 @@ class Engine:
             cache.kv_cache_dtype,
             self.loaded.dtype,
             self.device,
-            (("sage", self.config.sage),),
+            self.config.attention_flags(),
             max_context=self.max_model_len,
         )
-        backend = get_backend_class(self.config.attention_backend)(self.model_config, options)
+        backend_class = get_backend_class(self.config.attention_backend)
+        backend = backend_class(self.model_config.attention_shape(), options)
         self.runner = ModelRunner(self.loaded.model, backend, cache, self.device, self.tokenizer)
         self.runner.setup_cuda_graphs(
             self.config.cuda_graph, self.config.scheduler.max_running_requests, self.max_model_len

@@ -7,11 +7,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sageserve.attention.registry import backend_entry
 from sageserve.config import (
     CacheConfig,
     CudaGraphConfig,
     EngineConfig,
-    SageConfig,
     SchedulerConfig,
 )
 from sageserve.engine.engine import Engine
@@ -28,6 +28,9 @@ class LLM:
 
     >>> llm = LLM("smollm2-135m-instruct", attention_backend="torch", dtype="float32")
     >>> llm.generate(["The capital of France is"], SamplingParams(temperature=0))[0].text
+
+    attention_options: the backend's own options by field name, e.g. {"pv": "fp8"} for
+    sage_attn (`SageOptions`); an unknown name is a ValueError listing the valid ones.
     """
 
     def __init__(
@@ -47,10 +50,7 @@ class LLM:
         enable_prefix_cache: bool = True,
         chunked_prefill_size: int = 2048,
         max_running_requests: int = 256,
-        sage_pv: str = "fp16",
-        sage_smooth_k: bool = True,
-        sage_balance_qk: bool = True,
-        sage_skip_layers: tuple[int, ...] = (),
+        attention_options: dict[str, Any] | None = None,
         disable_cuda_graph: bool = False,
         cuda_graph_max_bs: int = 64,
     ) -> None:
@@ -73,11 +73,8 @@ class LLM:
                 max_running_requests=max_running_requests,
                 chunked_prefill_size=chunked_prefill_size,
             ),
-            sage=SageConfig(
-                pv=sage_pv,
-                smooth_k=sage_smooth_k,
-                balance_qk=sage_balance_qk,
-                skip_layers=sage_skip_layers,
+            attention_options=(
+                backend_entry(attention_backend).flags_class.from_kwargs(attention_options or {}),
             ),
             cuda_graph=CudaGraphConfig(disable=disable_cuda_graph, max_bs=cuda_graph_max_bs),
         )

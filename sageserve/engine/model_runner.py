@@ -7,8 +7,8 @@ import logging
 import torch
 
 from sageserve.attention.base import AttentionBackend, StepAttention
+from sageserve.attention.batch import ForwardBatch
 from sageserve.config import DEFAULT_CPU_KV_TOKENS, CacheConfig, CudaGraphConfig
-from sageserve.engine.batch import ForwardBatch
 from sageserve.engine.cuda_graph import DecodeGraphRunner, decode_graph_runner
 from sageserve.models.llama import LlamaForCausalLM
 from sageserve.startup_phases import startup_phase

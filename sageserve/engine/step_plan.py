@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sageserve.engine.batch import ForwardBatch, SequenceSlice, build_forward_batch
+from sageserve.attention.batch import ForwardBatch, SequenceSlice, build_forward_batch
 from sageserve.engine.scheduler import ScheduledChunk
 
 

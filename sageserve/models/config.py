@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sageserve.attention.base import AttentionShape
+
 # HF architecture name -> (model_type written back by to_hf_config, q/k/v biases).
 _ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "LlamaForCausalLM": ("llama", False),
@@ -50,6 +52,17 @@ class ModelConfig:
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         _check_rope_scaling(self.rope_scaling_dict)
+
+    def attention_shape(self) -> AttentionShape:
+        """What an attention backend is told about this model."""
+        return AttentionShape(
+            num_layers=self.num_layers,
+            num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+            vocab_size=self.vocab_size,
+        )
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from datetime import UTC, datetime
-from pathlib import Path
 
+from sageserve.output_dir import DEFAULT_OUT_ROOT
 from sageserve.validate.config import (
     CONTEXT_GROUPS,
     PRESETS,
@@ -75,17 +74,6 @@ def int_list(text: str) -> tuple[int, ...]:
 
 def name_list(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
-# Where a run writes when --out is not given: untracked (.gitignore), one folder per run, so a
-# user's run never overwrites the reports committed under reports/.
-DEFAULT_OUT_ROOT = "sageserve-reports"
-
-
-def default_out_dir(mode: str, now: datetime | None = None) -> Path:
-    """sageserve-reports/<UTC date>-<time>-<mode> under the current directory."""
-    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%d-%H%M%S")
-    return Path(DEFAULT_OUT_ROOT) / f"{stamp}-{mode}"
 
 
 def add_validate_args(p: argparse.ArgumentParser) -> None:

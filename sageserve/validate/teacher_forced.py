@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sageserve.engine.batch import SequenceSlice, build_forward_batch
+from sageserve.attention.batch import SequenceSlice, build_forward_batch
 from sageserve.engine.engine import Engine
 
 

@@ -27,14 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sageserve.attention.kernels.paged_common import (
+from sageserve.attention.page_tables import int32_on_device, padded_tables
+from sageserve.attention.triton_common import (
     LOG2E,
     check_paged_args,
     decode_split_count,
-    int32_on_device,
     key_offsets,
     online_softmax_step,
-    padded_tables,
     sm_count,
 )
 

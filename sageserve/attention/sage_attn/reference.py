@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import torch
 
+from sageserve.attention.sage_attn.kernels import PV_BLOCK
+
 INT8_MAX = 127.0
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
-PV_BLOCK = 64
 # Smallest scale kept: fp16's smallest subnormal, so a stored scale is never 0.
 MIN_SCALE = 2.0**-24
 PV_CHOICES = ("fp8", "fp16")

@@ -28,26 +28,32 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sageserve.attention.base import AttentionBackend, BackendOptions, GraphMetadata, KVCacheSpec
-from sageserve.attention.graph_sizes import padded_batch_size
-from sageserve.attention.kernels.paged_common import (
-    HEAD_DIMS,
-    KEY_ALIGN,
-    SUPPORTED_DTYPES,
-    interpreting,
+from sageserve.attention.base import (
+    AttentionBackend,
+    AttentionShape,
+    BackendOptions,
+    GraphMetadata,
+    KVCacheSpec,
 )
-from sageserve.attention.kernels.paged_decode import (
+from sageserve.attention.batch import ForwardBatch
+from sageserve.attention.graph_sizes import padded_batch_size
+from sageserve.attention.paged_cache import PagedKVCache, resolve_kv_dtype
+from sageserve.attention.static_metadata import StaticBuffers, table_width, write_decode_rows
+from sageserve.attention.triton_attn.kernels.decode import (
     DecodePlan,
     num_decode_splits,
     paged_decode,
     plan_decode,
 )
-from sageserve.attention.kernels.paged_prefill import PrefillPlan, paged_prefill, plan_prefill
-from sageserve.attention.kernels.paged_store import store_kv
-from sageserve.attention.static_metadata import StaticBuffers, table_width, write_decode_rows
-from sageserve.attention.torch_native import PagedKVCache, resolve_kv_dtype
-from sageserve.engine.batch import ForwardBatch
-from sageserve.models.config import ModelConfig
+from sageserve.attention.triton_attn.kernels.prefill import PrefillPlan, paged_prefill, plan_prefill
+from sageserve.attention.triton_attn.kernels.store import store_kv
+from sageserve.attention.triton_attn.options import TritonOptions
+from sageserve.attention.triton_common import (
+    HEAD_DIMS,
+    KEY_ALIGN,
+    SUPPORTED_DTYPES,
+    interpreting,
+)
 
 _INTERPRETER_DTYPES = (torch.float16, torch.float32)
 
@@ -92,27 +98,28 @@ class TritonBackend(AttentionBackend):
     """16-bit paged attention in Triton (see module docstring)."""
 
     name = "triton"
+    flags_class = TritonOptions
 
     @classmethod
-    def unsupported_reasons(cls, model_config: ModelConfig, options: BackendOptions) -> list[str]:
+    def unsupported_reasons(cls, shape: AttentionShape, options: BackendOptions) -> list[str]:
         try:
             kv_dtype = resolve_kv_dtype(options.kv_cache_dtype, options.model_dtype)
         except ValueError as err:
             return [str(err)]
         reasons = []
-        if model_config.head_dim not in HEAD_DIMS:
+        if shape.head_dim not in HEAD_DIMS:
             reasons.append(
-                f"head_dim {model_config.head_dim}: the triton kernels support "
+                f"head_dim {shape.head_dim}: the triton kernels support "
                 f"{', '.join(map(str, HEAD_DIMS))} (--attention-backend torch runs any)"
             )
         return reasons + _dtype_reasons(options.device, options.model_dtype, kv_dtype)
 
-    def __init__(self, model_config: ModelConfig, options: BackendOptions) -> None:
-        super().__init__(model_config, options)
+    def __init__(self, shape: AttentionShape, options: BackendOptions) -> None:
+        super().__init__(shape, options)
         self.kv_dtype = resolve_kv_dtype(options.kv_cache_dtype, options.model_dtype)
         # The longest context served: caps the decode split count (static, so CUDA-graph
         # safe); lowered to the pool's size once it is allocated.
-        self.max_context = options.max_context or model_config.max_position_embeddings
+        self.max_context = options.max_context or shape.max_position_embeddings
 
     def preferred_page_size(self) -> int:
         """128: the prefill kernel's 128-key blocks are then whole pages, read by TMA (one
@@ -121,7 +128,7 @@ class TritonBackend(AttentionBackend):
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """K and V in the cache dtype: 2 * layers * Hkv * D * element bytes per token."""
-        cfg = self.model_config
+        cfg = self.shape
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
         return KVCacheSpec(
@@ -130,7 +137,7 @@ class TritonBackend(AttentionBackend):
 
     def allocate(self, num_pages: int, page_size: int) -> PagedKVCache:
         """k, v: [layers, num_pages * page_size, Hkv, D] zeros (page 0 is the null page)."""
-        cfg = self.model_config
+        cfg = self.shape
         shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
         device = self.options.device
         limit = self.options.max_context or cfg.max_position_embeddings
@@ -157,18 +164,18 @@ class TritonBackend(AttentionBackend):
         seqs = [batch.seqs[i] for i in idx]
         return plan_prefill(
             [s.page_table for s in seqs], [starts[i] for i in idx], [s.query_len for s in seqs],
-            [s.kv_len for s in seqs], batch.page_size, self.model_config.head_dim,
+            [s.kv_len for s in seqs], batch.page_size, self.shape.head_dim,
             batch.input_ids.device,
         )  # fmt: skip
 
     def _decode_splits(self, rows: int, device: torch.device) -> int:
         """Split count for `rows` decodes: planned for the CUDA-graph batch size they pad to
         (eager steps too), so a step splits its keys alike replayed or eager."""
-        kv_heads = self.model_config.num_kv_heads
+        kv_heads = self.shape.num_kv_heads
         return num_decode_splits(padded_batch_size(rows), kv_heads, self.max_context, device)
 
     def _plan_decode(self, batch: ForwardBatch, idx: list[int], starts: list[int]) -> DecodePlan:
-        cfg, device = self.model_config, batch.input_ids.device
+        cfg, device = self.shape, batch.input_ids.device
         splits = self._decode_splits(len(idx), device)
         seqs = [batch.seqs[i] for i in idx]
         return plan_decode(
@@ -213,7 +220,7 @@ class TritonBackend(AttentionBackend):
         [bs, Hq, S, 2] fp32, S planned for bs rows. Every row starts as padding."""
         if max_context > self.max_context:
             raise ValueError(f"max_context {max_context} exceeds this pool's {self.max_context}")
-        cfg, device, bs = self.model_config, self.options.device, batch_size
+        cfg, device, bs = self.shape, self.options.device, batch_size
         page_size = kv_cache.page_size
         width = table_width(max_context, page_size, KEY_ALIGN)
         i32, i64 = torch.int32, torch.int64

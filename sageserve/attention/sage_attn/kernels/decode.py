@@ -42,15 +42,15 @@ import torch
 import triton
 import triton.language as tl
 
-from sageserve.attention.kernels.paged_common import decode_split_count, sm_count
-from sageserve.attention.kernels.sage_attention import (
+from sageserve.attention.sage_attn.kernels import PV_BLOCK
+from sageserve.attention.sage_attn.kernels.prefill import (
     KEY_ALIGN,
     LOG2E,
     _quantize_q,
     key_run,
     scaled_pv,
 )
-from sageserve.attention.sage_reference import PV_BLOCK
+from sageserve.attention.triton_common import decode_split_count, sm_count
 
 # Every split starts at a multiple of this many keys (what plan_splits guarantees).
 SPLIT_ALIGN = tl.constexpr(KEY_ALIGN)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sageserve.attention.kernels.paged_common import interpreting
+from sageserve.attention.triton_common import interpreting
 
 MIN_SCALE = tl.constexpr(2.0**-24)
 # Under the interpreter (CPU), pretend to have this many SMs: several tiles per program.

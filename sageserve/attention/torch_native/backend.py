@@ -15,25 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sageserve.attention.base import KV_DTYPES, AttentionBackend, BackendOptions, KVCacheSpec
-from sageserve.engine.batch import ForwardBatch, SequenceSlice
-from sageserve.models.config import ModelConfig
-
-
-@dataclass
-class PagedKVCache:
-    """K and V of every layer: [num_layers, num_pages * page_size, num_kv_heads, head_dim].
-
-    Token slot s = page * page_size + offset; page 0 is the null page.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    page_size: int
-
-    @property
-    def num_pages(self) -> int:
-        return self.k.shape[1] // self.page_size
+from sageserve.attention.base import AttentionBackend, AttentionShape, BackendOptions, KVCacheSpec
+from sageserve.attention.batch import ForwardBatch, SequenceSlice
+from sageserve.attention.paged_cache import PagedKVCache, resolve_kv_dtype
+from sageserve.attention.torch_native.options import TorchOptions
 
 
 @dataclass
@@ -62,19 +47,6 @@ class TorchNativeMetadata:
     decode: DecodeGroup | None
 
 
-def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """ "auto" stores K and V in the model's dtype; 8-bit choices belong to sage_attn."""
-    if kv_cache_dtype == "auto":
-        return model_dtype
-    if kv_cache_dtype not in KV_DTYPES:
-        raise ValueError(
-            f"kv_cache_dtype={kv_cache_dtype!r} is not supported by this backend; "
-            f"choose one of: auto, {', '.join(KV_DTYPES)} "
-            "(int8 needs --attention-backend sage_attn)"
-        )
-    return KV_DTYPES[kv_cache_dtype]
-
-
 # cuDNN's attention gave run-to-run differences on identical decode steps (H100, torch
 # 2.11, 2026-11-28; benchmarks/gpu_determinism_probe.py): the reference must be repeatable,
 # so on CUDA it is kept to the memory-efficient and math kernels.
@@ -91,9 +63,10 @@ class TorchNativeBackend(AttentionBackend):
     """Exact attention over a 16/32-bit paged cache (see module docstring)."""
 
     name = "torch"
+    flags_class = TorchOptions
 
     @classmethod
-    def unsupported_reasons(cls, model_config: ModelConfig, options: BackendOptions) -> list[str]:
+    def unsupported_reasons(cls, shape: AttentionShape, options: BackendOptions) -> list[str]:
         try:
             resolve_kv_dtype(options.kv_cache_dtype, options.model_dtype)
         except ValueError as err:
@@ -105,7 +78,7 @@ class TorchNativeBackend(AttentionBackend):
         return resolve_kv_dtype(self.options.kv_cache_dtype, self.options.model_dtype)
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        cfg = self.model_config
+        cfg = self.shape
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
         name = str(self.kv_dtype).removeprefix("torch.")
@@ -118,7 +91,7 @@ class TorchNativeBackend(AttentionBackend):
         )
 
     def allocate(self, num_pages: int, page_size: int) -> PagedKVCache:
-        cfg = self.model_config
+        cfg = self.shape
         shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
         device = self.options.device
         k = torch.zeros(shape, dtype=self.kv_dtype, device=device)

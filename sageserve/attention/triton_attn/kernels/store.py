@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sageserve.attention.kernels.paged_common import HEAD_DIMS, check_cache_dtype
+from sageserve.attention.triton_common import HEAD_DIMS, check_cache_dtype
 
 BLOCK_T = 16
 

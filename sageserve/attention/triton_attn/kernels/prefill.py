@@ -23,14 +23,13 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sageserve.attention.kernels.paged_common import (
+from sageserve.attention.page_tables import int32_on_device, padded_tables
+from sageserve.attention.triton_common import (
     KEY_ALIGN,
     LOG2E,
     check_paged_args,
-    int32_on_device,
     key_offsets,
     online_softmax_step,
-    padded_tables,
 )
 
 

@@ -1,9 +1,9 @@
 """`sage_attn`: SageAttention-style 8-bit attention over an 8-bit paged KV cache.
 
 Every phase is 8-bit: prefill, prefill after a cached prefix and decode all read the same
-8-bit cache and run the numerics of `sage_reference` (INT8 Q·Kᵀ with per-token scales and
-K smoothing, FP16 or FP8 P·V). On CPU, and until the Triton kernels land, attention runs
-through the reference itself, so the engine, server and validation all see 8-bit numerics
+8-bit cache and run the numerics of `reference.py` (INT8 Q·Kᵀ with per-token scales and
+K smoothing, FP16 or FP8 P·V). With `--sage-impl reference` (the default off CUDA) attention
+runs through the reference itself, so the engine, server and validation all see 8-bit numerics
 on any machine.
 
 Cache layout per 8-bit layer (page 0 is the null page):
@@ -33,19 +33,25 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from sageserve.attention.base import AttentionBackend, BackendOptions, GraphMetadata, KVCacheSpec
-from sageserve.attention.calibration import calibrate_qk, calibration_token_ids
+from sageserve.attention.base import (
+    AttentionBackend,
+    AttentionShape,
+    BackendOptions,
+    GraphMetadata,
+    KVCacheSpec,
+)
+from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.graph_sizes import padded_batch_size
-from sageserve.attention.sage_reference import FP8_DTYPE, quantize_kv, sage_attention
+from sageserve.attention.paged_cache import PagedKVCache
+from sageserve.attention.sage_attn.calibration import calibrate_qk, calibration_token_ids
+from sageserve.attention.sage_attn.options import SageOptions
+from sageserve.attention.sage_attn.reference import FP8_DTYPE, quantize_kv, sage_attention
 from sageserve.attention.static_metadata import StaticBuffers, table_width, write_decode_rows
-from sageserve.attention.torch_native import PagedKVCache, TorchNativeBackend
-from sageserve.config import SageConfig
-from sageserve.engine.batch import ForwardBatch
-from sageserve.models.config import ModelConfig
+from sageserve.attention.torch_native.backend import TorchNativeBackend
 from sageserve.startup_phases import startup_phase
 
 if TYPE_CHECKING:  # the kernels import triton, which the reference path does not need
-    from sageserve.attention.kernels.sage_decode import DecodeWorkspace
+    from sageserve.attention.sage_attn.kernels.decode import DecodeWorkspace
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +129,7 @@ class SageGraphMetadata(GraphMetadata):
     scratch_page: int
 
 
-def _sage_config(options: BackendOptions) -> SageConfig:
-    return dict(options.extra).get("sage", SageConfig())
-
-
-def _uses_kernels(sage: SageConfig, device: torch.device) -> bool:
+def _uses_kernels(sage: SageOptions, device: torch.device) -> bool:
     if sage.impl == "auto":
         return device.type == "cuda"
     return sage.impl == "triton"
@@ -137,9 +139,10 @@ class SageAttentionBackend(AttentionBackend):
     """8-bit attention in every phase (see module docstring)."""
 
     name = "sage_attn"
+    flags_class = SageOptions
 
     @classmethod
-    def unsupported_reasons(cls, model_config: ModelConfig, options: BackendOptions) -> list[str]:
+    def unsupported_reasons(cls, shape: AttentionShape, options: BackendOptions) -> list[str]:
         reasons = []
         if options.kv_cache_dtype not in SAGE_KV_DTYPES:
             reasons.append(
@@ -147,27 +150,27 @@ class SageAttentionBackend(AttentionBackend):
                 f"(choose one of: {', '.join(SAGE_KV_DTYPES)}); a 16-bit cache is served by "
                 "--attention-backend torch"
             )
-        sage = _sage_config(options)
+        sage = cls.flags_of(options)
         if _uses_kernels(sage, options.device):
-            dim = model_config.head_dim
+            dim = shape.head_dim
             if dim & (dim - 1) or dim < 16:
                 reasons.append(
                     f"head_dim {dim}: the Triton kernels need a power of two >= 16 "
                     "(--sage-impl reference runs any head_dim, slowly)"
                 )
-        bad = [i for i in sage.skip_layers if i >= model_config.num_layers]
+        bad = [i for i in sage.skip_layers if i >= shape.num_layers]
         if bad:
             reasons.append(
                 f"sage_skip_layers {bad} do not exist: the model has layers "
-                f"0..{model_config.num_layers - 1}"
+                f"0..{shape.num_layers - 1}"
             )
         return reasons
 
-    def __init__(self, model_config: ModelConfig, options: BackendOptions) -> None:
-        super().__init__(model_config, options)
-        self.sage = _sage_config(options)
+    def __init__(self, shape: AttentionShape, options: BackendOptions) -> None:
+        super().__init__(shape, options)
+        self.sage = self.flags
         skipped = sorted(set(self.sage.skip_layers))
-        self.sage_layers = [i for i in range(model_config.num_layers) if i not in skipped]
+        self.sage_layers = [i for i in range(shape.num_layers) if i not in skipped]
         self.slot_of = {layer: i for i, layer in enumerate(self.sage_layers)}
         self.slot_of |= {layer: i for i, layer in enumerate(skipped)}
         self.skipped = set(skipped)
@@ -175,7 +178,7 @@ class SageAttentionBackend(AttentionBackend):
         self.use_kernels = _uses_kernels(self.sage, options.device)
         # The longest context served: decode splits are planned for it (static, so eager
         # steps and CUDA-graph replays split alike); lowered to the pool's size in allocate.
-        self.max_context = options.max_context or model_config.max_position_embeddings
+        self.max_context = options.max_context or shape.max_position_embeddings
         self.k_mean: torch.Tensor | None = None
         self.channel_scale: torch.Tensor | None = None
         logger.info(
@@ -191,15 +194,15 @@ class SageAttentionBackend(AttentionBackend):
     def _exact_backend(self, num_layers: int) -> TorchNativeBackend | None:
         if num_layers == 0:
             return None
-        config = dataclasses.replace(self.model_config, num_layers=num_layers)
-        options = dataclasses.replace(self.options, kv_cache_dtype="auto")
+        config = dataclasses.replace(self.shape, num_layers=num_layers)
+        options = dataclasses.replace(self.options, kv_cache_dtype="auto", flags=None)
         return TorchNativeBackend(config, options)
 
     def prepare(self, model: torch.nn.Module, tokenizer: object | None) -> None:
-        """Calibrate the key mean and channel balance (sageserve/attention/calibration.py)."""
+        """Calibrate the key mean and channel balance (calibration.py)."""
         if not (self.sage.smooth_k or self.sage.balance_qk):
             return
-        ids = calibration_token_ids(tokenizer, self.model_config.vocab_size)
+        ids = calibration_token_ids(tokenizer, self.shape.vocab_size)
         with startup_phase(
             "calibrate", f"sage_attn key mean and Q/K balance over {len(ids)} tokens"
         ):
@@ -214,7 +217,7 @@ class SageAttentionBackend(AttentionBackend):
 
         Stored keys are (k - k_mean) / channel_scale; queries are multiplied by channel_scale.
         """
-        cfg = self.model_config
+        cfg = self.shape
         expected = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
         for name, tensor in (("k_mean", k_mean), ("channel_scale", channel_scale)):
             if tensor is not None and tuple(tensor.shape) != expected:
@@ -230,7 +233,7 @@ class SageAttentionBackend(AttentionBackend):
         return 64 if self.use_kernels else super().preferred_page_size()
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        cfg = self.model_config
+        cfg = self.shape
         per_layer_8bit = 2 * cfg.num_kv_heads * (cfg.head_dim + 2)  # codes + fp16 scale, K and V
         total = len(self.sage_layers) * per_layer_8bit
         if self.exact is not None:
@@ -240,7 +243,7 @@ class SageAttentionBackend(AttentionBackend):
 
     def allocate(self, num_pages: int, page_size: int) -> SageKVCache:
         """The pool's num_pages pages (page 0 the null page) plus the scratch page."""
-        cfg, device = self.model_config, self.options.device
+        cfg, device = self.shape, self.options.device
         layers, heads, dim = len(self.sage_layers), cfg.num_kv_heads, cfg.head_dim
         limit = self.options.max_context or cfg.max_position_embeddings
         self.max_context = min(limit, num_pages * page_size)
@@ -318,7 +321,7 @@ class SageAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """q: [n, Hq, D] -> [n, Hq, D] over the sequence's first kv_len cached keys."""
         i = self.slot_of[layer_id]
-        heads, dim, n = self.model_config.num_kv_heads, self.model_config.head_dim, seq.kv_len
+        heads, dim, n = self.shape.num_kv_heads, self.shape.head_dim, seq.kv_len
         k_codes = cache.k[i][seq.pages].transpose(1, 2).reshape(-1, heads, dim)[:n]
         k_scale = cache.k_scale[i][seq.pages].transpose(1, 2).reshape(-1, heads)[:n]
         v_codes = cache.v[i][seq.pages].permute(0, 3, 1, 2).reshape(-1, heads, dim)[:n]
@@ -349,9 +352,9 @@ class SageAttentionBackend(AttentionBackend):
         Prefill chunks go through the prefill kernel, single-row sequences (decodes)
         through the split-KV decode kernel; each writes its own rows of one output.
         """
-        from sageserve.attention.kernels.sage_attention import sage_attention_paged
-        from sageserve.attention.kernels.sage_decode import sage_decode_paged
-        from sageserve.attention.kernels.sage_store import store_kv
+        from sageserve.attention.sage_attn.kernels.decode import sage_decode_paged
+        from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
+        from sageserve.attention.sage_attn.kernels.store import store_kv
 
         i = self.slot_of[layer_id]
         k_mean = self.k_mean[layer_id] if self.k_mean is not None else None
@@ -374,10 +377,10 @@ class SageAttentionBackend(AttentionBackend):
         CUDA-graph batch size they pad to, and the page-table width of `max_context` (not
         the step's own width). Eager steps and graph replays thus cut a context into the
         same splits (the split length follows the planned width), bitwise the same output."""
-        from sageserve.attention.kernels.sage_attention import KEY_ALIGN
-        from sageserve.attention.kernels.sage_decode import DecodeWorkspace, plan_splits
+        from sageserve.attention.sage_attn.kernels.decode import DecodeWorkspace, plan_splits
+        from sageserve.attention.sage_attn.kernels.prefill import KEY_ALIGN
 
-        cfg, device = self.model_config, self.options.device
+        cfg, device = self.shape, self.options.device
         tokens = table_width(self.max_context, page_size, KEY_ALIGN) * page_size
         splits, _ = plan_splits(padded_batch_size(rows), cfg.num_kv_heads, tokens, device)
         return DecodeWorkspace.allocate(
@@ -405,7 +408,7 @@ class SageAttentionBackend(AttentionBackend):
         """Static tables (int32 page_table [bs, W], q_rows [bs] = 0..bs-1, kv_len [bs]; int64
         store_pages, store_offsets [bs]) and the decode workspace for bs rows. Every row
         starts as padding (its new token stored into kv_cache's scratch page)."""
-        from sageserve.attention.kernels.sage_attention import KEY_ALIGN
+        from sageserve.attention.sage_attn.kernels.prefill import KEY_ALIGN
 
         if max_context > self.max_context:
             raise ValueError(f"max_context {max_context} exceeds this pool's {self.max_context}")
@@ -454,7 +457,7 @@ def _kernel_metadata(
     """Split the step's sequences into prefill chunks and decodes (one query row: a decode,
     or a one-token chunk, which is the same computation) and build each kernel's inputs.
     workspace_for(rows): the decode workspace for that many decodes."""
-    from sageserve.attention.kernels.sage_attention import padded_page_table
+    from sageserve.attention.page_tables import padded_page_table
 
     device = batch.input_ids.device
     starts, start = [], 0

@@ -23,11 +23,12 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from sageserve.attention.sage_attn.kernels import PV_BLOCK
+
 # Page tables are read without masks (so the compiler sees each page's keys as contiguous
 # and vectorizes): rows are padded with the null page to a multiple of KEY_ALIGN tokens past
 # the longest sequence, as for the 16-bit kernels.
-from sageserve.attention.kernels.paged_common import KEY_ALIGN, padded_tables
-from sageserve.attention.sage_reference import PV_BLOCK
+from sageserve.attention.triton_common import KEY_ALIGN
 
 MIN_SCALE = tl.constexpr(2.0**-24)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -457,15 +458,6 @@ def key_run(page_size: int, block_n: int) -> int:
     """Keys of a block_n-aligned key block that are contiguous (and aligned) in the cache:
     a power-of-two page holds runs of min(page, block_n); other page sizes promise none."""
     return min(page_size, block_n) if page_size & (page_size - 1) == 0 else 1
-
-
-def padded_page_table(
-    tables: list[tuple[int, ...]], kv_lens: list[int], page_size: int, device: torch.device
-) -> torch.Tensor:
-    """[B, width] int32 on `device`: each sequence's pages, then the null page (0) up to a
-    width that covers max(kv_lens) rounded up to KEY_ALIGN tokens (see KEY_ALIGN)."""
-    table = padded_tables(tables, kv_lens, page_size)
-    return torch.from_numpy(table).to(device, non_blocking=True)
 
 
 def _check_args(q, k_cache, v_cache, balance, page_table, pv_fp8: bool, block_n: int) -> None:

@@ -1,0 +1,100 @@
+"""The `sage_attn` backend's registration, options and command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Self
+
+from sageserve.attention.flags import BackendFlags
+from sageserve.attention.registry import register_backend
+
+SAGE_PV_CHOICES = ("fp8", "fp16")
+SAGE_IMPL_CHOICES = ("auto", "triton", "reference")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+@register_backend(
+    "sage_attn",
+    "sageserve.attention.sage_attn.backend:SageAttentionBackend",
+    help="8-bit attention and KV cache",
+)
+@dataclass(frozen=True)
+class SageOptions(BackendFlags):
+    """Options of the 8-bit `sage_attn` backend.
+
+    pv: precision of the P·V product: "fp16" (P in FP16, V cached as INT8; the accurate
+        default) or "fp8" (P and the cached V in FP8 e4m3; what FP8 tensor cores need).
+    smooth_k: subtract the calibrated per-(layer, KV head) key mean before quantizing K.
+    balance_qk: scale Q's channels up and K's down by a calibrated vector before quantizing.
+    skip_layers: layers kept in exact 16-bit attention over a 16-bit cache (logged).
+    impl: "triton" kernels, the torch "reference", or "auto" (Triton on CUDA, the reference
+        elsewhere). Both compute the numerics of reference.py.
+    """
+
+    pv: str = "fp16"
+    smooth_k: bool = True
+    balance_qk: bool = True
+    skip_layers: tuple[int, ...] = ()
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("sage_pv", self.pv, SAGE_PV_CHOICES)
+        _check_choice("sage_impl", self.impl, SAGE_IMPL_CHOICES)
+        if any(layer < 0 for layer in self.skip_layers):
+            raise ValueError(f"sage_skip_layers must be layer indices >= 0, got {self.skip_layers}")
+
+    @classmethod
+    def add_cli_flags(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--sage-pv",
+            default="fp16",
+            choices=SAGE_PV_CHOICES,
+            help="P·V precision: fp16 (V cached as INT8; accurate) or fp8 (P and the cached V "
+            "in FP8 e4m3)",
+        )
+        group.add_argument(
+            "--sage-disable-smooth-k",
+            action="store_true",
+            help="quantize keys without subtracting their calibrated mean",
+        )
+        group.add_argument(
+            "--sage-disable-qk-balance",
+            action="store_true",
+            help="quantize Q and K without the calibrated per-channel balance",
+        )
+        group.add_argument(
+            "--sage-impl",
+            default="auto",
+            choices=SAGE_IMPL_CHOICES,
+            help="auto = Triton kernels on CUDA, the torch reference elsewhere",
+        )
+        group.add_argument(
+            "--sage-skip-layers",
+            type=_layer_list,
+            default=(),
+            help="comma-separated layers kept in exact attention, e.g. 0,1",
+        )
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> Self:
+        return cls(
+            pv=args.sage_pv,
+            smooth_k=not args.sage_disable_smooth_k,
+            balance_qk=not args.sage_disable_qk_balance,
+            skip_layers=args.sage_skip_layers,
+            impl=args.sage_impl,
+        )
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices such as 0,1 -- got {text!r}"
+        ) from None
