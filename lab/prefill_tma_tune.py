@@ -3,9 +3,9 @@ the gather path (page 16) and torch SDPA (flash, cuDNN), alternating, in one pro
 
 Attention time only (the stores are timed by `sageserve bench kernels`); causal and not;
 16k tokens x 32 heads (Hkv 32), head_dim 128, bf16; each variant's output is checked against
-the first variant of its kernel (cosine). Results: benchmarks/KERNEL_NOTES.md ("TMA").
+the first variant of its kernel (cosine). Results: lab/KERNEL_NOTES.md ("TMA").
 
-    python benchmarks/prefill_tma_tune.py --out results.json [--seqs 1024,4096,16384]
+    python lab/prefill_tma_tune.py --out results.json [--seqs 1024,4096,16384]
 """
 
 from __future__ import annotations
