@@ -13,16 +13,28 @@ import torch.nn.functional as F
 
 from sageserve.bench.kernels import add_kernels_args, config_from_args
 from sageserve.bench.kernels_common import reference_attention
+from sageserve.bench.kernels_store import (
+    StepInputs,
+    StoreShape,
+    StoreVariant,
+    build_variant,
+    check_variant,
+    make_inputs,
+)
+from sageserve.bench.kernels_timing import Timer
 from sageserve.cli import main as cli_main
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = ["--seq-lens", "64", "--total-tokens", "128"]
 # Tiny shapes: 2 sequences of 64 tokens, GQA 32/2 heads (the 8-bit store kernel runs one
-# interpreted program per token and KV head), 2 decodes over 100 cached tokens (7 pages).
+# interpreted program per token and KV head), 2 decodes over 100 cached tokens (2 pages), a
+# decode step's store of 16 tokens x 2 KV heads.
 SMOKE = [
     "bench", "kernels", "--device", DEVICE, "--variants", "sage_fp16pv,triton16,torch_sdpa",
     "--head-dims", "64", "--seq-lens", "64", "--total-tokens", "128", "--kv-heads", "2",
-    "--decode-batches", "2", "--decode-contexts", "100", "--repeats", "1", "--warmup", "0",
+    "--decode-batches", "2", "--decode-contexts", "100", "--store-variants",
+    "sage_fp16pv,triton16", "--store-tokens", "16", "--store-kv-heads", "2", "--repeats", "1",
+    "--warmup", "0",
 ]  # fmt: skip
 
 
@@ -36,6 +48,7 @@ def test_smoke_run(tmp_path: Path, capsys) -> None:
     check_header(result)
     check_prefill_rows(result["prefill"])
     check_decode_rows(result["decode"])
+    check_store_rows(result["store"], result["copy_bandwidth"]["gb_per_s"])
     markdown = out.with_suffix(".md").read_text()
     check_markdown(markdown)
     assert markdown in capsys.readouterr().out
@@ -48,6 +61,7 @@ def check_header(result: dict) -> None:
     assert result["device"]["name"] and result["date"]
     assert result["copy_bandwidth"]["gb_per_s"] > 0
     assert set(result["method"]["prefill_included"]) == {"sage_fp16pv", "triton16", "torch_sdpa"}
+    assert set(result["method"]["store_included"]) == {"sage_fp16pv", "triton16"}
 
 
 def check_prefill_rows(prefill: list[dict]) -> None:
@@ -82,10 +96,31 @@ def check_decode_rows(decode: list[dict]) -> None:
     assert rows["sage_fp16pv"]["speedup_vs_triton16"] > 0
 
 
+def check_store_rows(store: list[dict], copy_gb_per_s: float) -> None:
+    rows = {r["variant"]: r for r in store}
+    assert set(rows) == {"sage_fp16pv", "triton16"}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert (row["tokens"], row["kv_heads"], row["layout"]) == (16, 2, "decode")
+        assert row["checks"] == {"matches_reference": True, "matches_backend_forward": True}
+        assert row["us"] > 0 and row["samples_us"]
+        # The bound: the same bytes at the copy bandwidth, and the fraction of it reached.
+        assert row["gb_per_s"] == pytest.approx(row["bytes_moved"] / row["us"] / 1e3)
+        assert row["bound_us"] == pytest.approx(row["bytes_moved"] / copy_gb_per_s / 1e3)
+        assert row["copy_bandwidth_fraction"] == pytest.approx(row["bound_us"] / row["us"])
+    # 16 tokens x 2 KV heads x 128: K/V in (fp32 on CPU, bf16 on GPU), then per variant the
+    # cache entries out and the slot indices (8-bit: also the fp32 mean and balance).
+    kv_in = 2 * 16 * 2 * 128 * (4 if DEVICE == "cpu" else 2)
+    sage_out = 16 * 2 * 2 * (128 + 2) + 2 * 16 * 8 + 2 * 2 * 128 * 4
+    assert rows["sage_fp16pv"]["bytes_moved"] == kv_in + sage_out
+    assert rows["triton16"]["bytes_moved"] == 2 * kv_in + 16 * 8
+
+
 def check_markdown(markdown: str) -> None:
     assert "### Prefill, head_dim 64, causal" in markdown
     assert "| triton16 | n/s |" in markdown
     assert "### Decode" in markdown and "2 × 100" in markdown
+    assert "### KV store, head_dim 128" in markdown and "| 16 × 2 | decode |" in markdown
     assert "Problems: 0" in markdown
 
 
@@ -96,10 +131,17 @@ def check_markdown(markdown: str) -> None:
         (["--head-dims", "96"], "64,128"),
         (["--seq-lens", "0"], "positive integers"),
         (["--decode-variants", "sdpa_flash"], "triton16"),
+        (["--store-variants", "torch_sdpa"], "sage_fp8pv"),
+        (["--store-tokens", "16,-1"], "positive integers"),
         (["--kv-heads", "5"], "must divide 32"),
-        (["--device", "cpu", "--variants", "sdpa_flash", "--skip-decode", *TINY], "--variants"),
+        (
+            ["--device", "cpu", "--variants", "sdpa_flash", "--skip-decode", "--skip-store", *TINY],
+            "--variants",
+        ),
         (["--device", "cpu"], "--seq-lens 32768"),  # the GPU grid, refused on CPU
         (["--device", "cpu", "--skip-prefill", "--decode-contexts", "2000"], "contexts 2000"),
+        (["--device", "cpu", "--skip-prefill", "--skip-decode"], "--store-tokens 16384"),
+        (["--skip-prefill", "--skip-decode", "--skip-store"], "leave nothing to run"),
     ],
 )
 def test_bad_values_exit_2_naming_the_choices(flags, message, capsys) -> None:
@@ -133,3 +175,70 @@ def test_reference_attention_matches_sdpa(causal: bool) -> None:
         enable_gqa=True,
     ).transpose(0, 1)  # fmt: skip
     torch.testing.assert_close(reference_attention(q, k, v, causal), ref)
+
+
+def test_store_bytes_are_the_kernel_notes_figure() -> None:
+    """16k tokens x 32 KV heads in bf16: the 8-bit store moves the 405 MB of KERNEL_NOTES
+    ("sage_store v2": K/V read, codes and fp16 scales written, int64 pages and offsets read)
+    plus its fp32 key mean and balance; the 16-bit store writes K/V back in bf16."""
+    shape = StoreShape(16384, 32, 64, torch.bfloat16, seed=0)
+    values = 16384 * 32 * 128
+    sage = 2 * values * 2 + 2 * values + 2 * 16384 * 32 * 2 + 2 * 16384 * 8 + 2 * 32 * 128 * 4
+    assert shape.bytes_moved("sage_fp16pv") == shape.bytes_moved("sage_fp8pv") == sage
+    assert round(sage / 1e6) == 405
+    assert shape.bytes_moved("triton16") == 4 * values * 2 + 16384 * 8
+
+
+def test_store_steps_decode_and_prefill() -> None:
+    """A decode step: one token per sequence, each on its own page at some offset; a prefill
+    step: sequences of up to 1024 tokens from a page boundary. Sets use disjoint pages; the
+    inputs are random normal (not zeros), v a strided view of a fused QKV output."""
+    decode = make_inputs(StoreShape(16, 2, 64, torch.float32, seed=1), 2, torch.device("cpu"))
+    for step in decode.steps:
+        assert [s.query_len for s in step.seqs] == [1] * 16
+        assert all(len(s.page_table) == 1 and 0 <= s.prefix_len < 64 for s in step.seqs)
+    pages = [{s.page_table[0] for s in step.seqs} for step in decode.steps]
+    assert len(pages[0]) == len(pages[1]) == 16 and not pages[0] & pages[1]
+    assert decode.num_pages == 33 and 0 not in pages[0] | pages[1]
+    assert len({s.prefix_len for s in decode.steps[0].seqs}) > 1
+    prefill = make_inputs(StoreShape(2500, 2, 64, torch.float32, seed=1), 1, torch.device("cpu"))
+    (step,) = prefill.steps
+    assert [(s.prefix_len, s.query_len) for s in step.seqs] == [(0, 1024), (0, 1024), (0, 452)]
+    tables = [p for s in step.seqs for p in s.page_table]
+    assert sorted(tables) == list(range(1, 41)) and tables != sorted(tables)
+    assert prefill.num_pages == 41
+    assert step.k.shape == step.v.shape == (2500, 2, 128) and step.q.shape == (2500, 8, 128)
+    assert step.k.is_contiguous() and not step.v.is_contiguous()
+    assert all(float((t != 0).float().mean()) > 0.999 for t in (step.q, step.k, step.v))
+
+
+def _misplaced_store(variant: StoreVariant, step: StepInputs):
+    """The variant's store with every token written to the next token's slot."""
+    meta, caches = variant.metas[0], variant.layer_tensors()
+    if variant.eight_bit:
+        from sageserve.attention.sage_attn.kernels.store import store_kv
+
+        mean, balance = variant.backend.k_mean[0], variant.backend.channel_scale[0]
+        pages, offsets = meta.store_pages.roll(1), meta.store_offsets.roll(1)
+        return lambda: store_kv(step.k, step.v, mean, balance, pages, offsets, *caches)
+    from sageserve.attention.triton_attn.kernels.store import store_kv
+
+    return lambda: store_kv(step.k, step.v, meta.slot_mapping.roll(1), *caches)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["triton16", "sage_fp16pv"])
+def test_store_checks_catch_a_misplaced_store(variant: str) -> None:
+    """The store's checks (against the reference, against the backend's forward) pass for
+    the backend's own call and fail for one that writes the right values to wrong slots."""
+    device = torch.device(DEVICE)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    shape = StoreShape(8, 1, 16, dtype, seed=2)
+    inputs = make_inputs(shape, 1, device)
+    built = build_variant(variant, shape, inputs, device)
+    timer = Timer(device, warmup=0, repeats=1, sample_ms=1.0)
+    checks = check_variant(built, inputs.steps[0], timer)
+    assert checks == {"matches_reference": True, "matches_backend_forward": True}
+    built.calls[0] = _misplaced_store(built, inputs.steps[0])
+    checks = check_variant(built, inputs.steps[0], timer)
+    assert checks == {"matches_reference": False, "matches_backend_forward": False}

@@ -100,7 +100,7 @@ CPU_CONFIGS = [
     PrefillConfig(32, 16, 4, 2, split_mask=False),
     PrefillConfig(32, 32, 4, 1, split_mask=True, prefetch=True),
 ]
-# The default and the variants benchmarked against it (benchmarks/sage_kernels_bench.py).
+# The default and the variants it was timed against (lab/KERNEL_NOTES.md, "sage_attention v3").
 GPU_CONFIGS = [
     PrefillConfig(),  # the default
     PrefillConfig(fast_v_cvt=False),

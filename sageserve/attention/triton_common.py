@@ -1,7 +1,7 @@
-"""Pieces shared by the paged kernels (`paged_store`, `paged_prefill`, `paged_decode`; the
-split rule also by the 8-bit `sage_decode`).
+"""Triton pieces shared by the 16-bit kernels (`triton_attn/kernels`: store, prefill,
+decode) and, for the split rule and key alignment, the 8-bit ones (`sage_attn/kernels`).
 
-Cache layout: that of `torch_native.PagedKVCache`, one layer at a time:
+Cache layout: that of `paged_cache.PagedKVCache`, one layer at a time:
 
     k, v  [num_pages * page_size, Hkv, D]   fp16 / bf16 (fp32 only under the interpreter)
 

@@ -4,7 +4,9 @@ Prefill (`kernels_prefill.py`): our 8-bit kernels (FP16 and FP8 P·V) and 16-bit
 over the paged cache, K/V store included, against SDPA flash / cuDNN and SageAttention
 1.0.6; TOPS and accuracy against an fp64 reference. Decode (`kernels_decode.py`): our 8-bit
 against our 16-bit paged decode at Llama-3.1-8B shapes; µs, GB/s of K/V read, fraction of
-the measured copy bandwidth. Writes one JSON (every figure, samples, the machine, versions,
+the measured copy bandwidth. Store (`kernels_store.py`): our KV-cache stores alone, for
+decode and prefill steps; µs, GB/s of the bytes they move, and the time those bytes take at
+the copy bandwidth (the bound). Writes one JSON (every figure, samples, the machine, versions,
 date and command) and prints Markdown tables; exit 0, or 1 when a variant failed or a
 check did not hold (each listed under "problems"); bad flags exit 2.
 
@@ -35,6 +37,9 @@ from sageserve.output_dir import DEFAULT_OUT_ROOT
 PREFILL_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", "sdpa_flash", "sdpa_cudnn",
                    "sageattn_1_0_6", "torch_sdpa")  # fmt: skip
 DECODE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16")
+STORE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16")
+GPU_STORE_VARIANTS = STORE_CHOICES
+CPU_STORE_VARIANTS = ("sage_fp16pv", "triton16")  # the interpreter's fp8 casts are wrong
 GPU_VARIANTS = PREFILL_CHOICES[:6]
 CPU_VARIANTS = ("sage_fp16pv", "triton16", "torch_sdpa")
 OUR_KERNELS = ("sage_fp16pv", "sage_fp8pv", "triton16")
@@ -106,8 +111,22 @@ def add_kernels_args(parser: argparse.ArgumentParser) -> None:
         default=40.0,
         help="skip (and say so) decode shapes whose pools would need more device memory",
     )
+    add(
+        "--store-variants",
+        default=None,
+        help=f"KV store variants, of: {','.join(STORE_CHOICES)} (default: "
+        f"{','.join(GPU_STORE_VARIANTS)} on CUDA, {','.join(CPU_STORE_VARIANTS)} on CPU)",
+    )
+    add(
+        "--store-tokens",
+        default="1,16,256,1024,16384",
+        help="new tokens per store step (<= 256: a decode step, one token per sequence; "
+        "more: a prefill step)",
+    )
+    add("--store-kv-heads", default="8,32", help="KV heads of the store shapes (head_dim 128)")
     add("--skip-prefill", action="store_true")
     add("--skip-decode", action="store_true")
+    add("--skip-store", action="store_true")
     add("--warmup", type=int, default=2, help="untimed calls per variant before sampling")
     add("--repeats", type=int, default=5, help="timed samples per variant (median reported)")
     add("--sample-ms", type=float, default=20.0, help="target duration of one timed sample")
@@ -135,8 +154,12 @@ class KernelBenchConfig:
     decode_batches: tuple[int, ...]
     decode_contexts: tuple[int, ...]
     decode_mem_cap_gib: float
+    store_variants: tuple[str, ...]
+    store_tokens: tuple[int, ...]
+    store_kv_heads: tuple[int, ...]
     skip_prefill: bool
     skip_decode: bool
+    skip_store: bool
     warmup: int
     repeats: int
     sample_ms: float
@@ -145,6 +168,7 @@ class KernelBenchConfig:
     def __post_init__(self) -> None:
         _choices("--variants", self.variants, PREFILL_CHOICES)
         _choices("--decode-variants", self.decode_variants, DECODE_CHOICES)
+        _choices("--store-variants", self.store_variants, STORE_CHOICES)
         _choices("--head-dims", self.head_dims, HEAD_DIMS)
         if Q_HEADS % self.kv_heads:
             raise ValueError(f"--kv-heads must divide {Q_HEADS}: one of 1, 2, 4, 8, 16, 32")
@@ -156,8 +180,10 @@ class KernelBenchConfig:
                 raise ValueError(f"{flag} must be > 0, got {value}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.skip_prefill and self.skip_decode:
-            raise ValueError("--skip-prefill and --skip-decode together leave nothing to run")
+        if self.skip_prefill and self.skip_decode and self.skip_store:
+            raise ValueError(
+                "--skip-prefill, --skip-decode and --skip-store together leave nothing to run"
+            )
         if self.device == "cpu":
             _check_cpu_grid(self)
 
@@ -176,7 +202,8 @@ class KernelBenchConfig:
 CPU_MAX_TOKENS = 1024
 TINY_CPU_RUN = (
     "sageserve bench kernels --device cpu --head-dims 64 --seq-lens 64 --total-tokens 128 "
-    "--kv-heads 2 --decode-batches 2 --decode-contexts 100 --repeats 1 --warmup 0"
+    "--kv-heads 2 --decode-batches 2 --decode-contexts 100 --store-tokens 16 "
+    "--store-kv-heads 2 --repeats 1 --warmup 0"
 )
 
 
@@ -188,6 +215,8 @@ def _check_cpu_grid(cfg: KernelBenchConfig) -> None:
     if not cfg.skip_decode:
         sizes["--decode-contexts"] = max(cfg.decode_contexts)
         sizes["--decode-batches x contexts"] = max(cfg.decode_batches) * max(cfg.decode_contexts)
+    if not cfg.skip_store:
+        sizes["--store-tokens"] = max(cfg.store_tokens)
     too_big = [f"{flag} {n}" for flag, n in sizes.items() if n > CPU_MAX_TOKENS]
     if too_big:
         raise ValueError(
@@ -230,6 +259,7 @@ def config_from_args(args: argparse.Namespace) -> KernelBenchConfig:
         raise ValueError("--device cuda: no CUDA device here (use --device cpu)")
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
     default = GPU_VARIANTS if device == "cuda" else CPU_VARIANTS
+    default_store = GPU_STORE_VARIANTS if device == "cuda" else CPU_STORE_VARIANTS
     return KernelBenchConfig(
         device=device, dtype=dtype,
         variants=_names(args.variants) if args.variants is not None else default,
@@ -239,8 +269,13 @@ def config_from_args(args: argparse.Namespace) -> KernelBenchConfig:
         causal=args.causal, kv_heads=args.kv_heads, page_size=args.page_size,
         decode_batches=_ints("--decode-batches", args.decode_batches),
         decode_contexts=_ints("--decode-contexts", args.decode_contexts),
-        decode_mem_cap_gib=args.decode_mem_cap_gib, skip_prefill=args.skip_prefill,
-        skip_decode=args.skip_decode, warmup=args.warmup, repeats=args.repeats,
+        decode_mem_cap_gib=args.decode_mem_cap_gib,
+        store_variants=(_names(args.store_variants) if args.store_variants is not None
+                        else default_store),
+        store_tokens=_ints("--store-tokens", args.store_tokens),
+        store_kv_heads=_ints("--store-kv-heads", args.store_kv_heads),
+        skip_prefill=args.skip_prefill, skip_decode=args.skip_decode,
+        skip_store=args.skip_store, warmup=args.warmup, repeats=args.repeats,
         sample_ms=args.sample_ms, seed=args.seed,
     )  # fmt: skip
 
@@ -269,15 +304,17 @@ def prepare_device(cfg: KernelBenchConfig) -> None:
     a kernel module was already imported compiled.
     """
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    uses_triton = any(v in OUR_KERNELS for v in cfg.variants + cfg.decode_variants)
+    uses_triton = any(
+        v in OUR_KERNELS for v in cfg.variants + cfg.decode_variants + cfg.store_variants
+    )
     if cfg.device == "cuda" and interpret and uses_triton:
         raise ValueError("TRITON_INTERPRET=1 is set: unset it to time compiled kernels on CUDA")
     if cfg.device == "cpu" and uses_triton and not interpret:
         if any(name in sys.modules for name in _KERNEL_MODULES):
             raise ValueError(
                 "--device cpu runs our Triton kernels through the interpreter: set "
-                "TRITON_INTERPRET=1 before starting, or drop sage_*/triton16 from --variants "
-                "and --decode-variants"
+                "TRITON_INTERPRET=1 before starting, or drop sage_*/triton16 from --variants, "
+                "--decode-variants and --store-variants"
             )
         os.environ["TRITON_INTERPRET"] = "1"
 
@@ -290,15 +327,24 @@ def preflight(cfg: KernelBenchConfig) -> None:
             problems += [f"--variants {variant}: {r}" for r in _variant_reasons(variant, cfg)]
     if not cfg.skip_decode:
         for variant in cfg.decode_variants:
-            reasons = _our_reasons(variant, cfg, Q_HEADS // 4, (128,))
+            reasons = _our_reasons(variant, cfg, Q_HEADS, Q_HEADS // 4, (128,))
             problems += [f"--decode-variants {variant}: {r}" for r in reasons]
+    if not cfg.skip_store:
+        from sageserve.bench.kernels_store import GROUP, HEAD_DIM
+
+        for variant in cfg.store_variants:
+            reasons = []
+            for kv_heads in cfg.store_kv_heads:
+                reasons += _our_reasons(variant, cfg, GROUP * kv_heads, kv_heads, (HEAD_DIM,))
+            reasons = list(dict.fromkeys(reasons))
+            problems += [f"--store-variants {variant}: {r}" for r in reasons]
     if problems:
         raise ValueError("cannot run: " + "; ".join(problems) + " (drop them from that flag)")
 
 
 def _variant_reasons(variant: str, cfg: KernelBenchConfig) -> list[str]:
     if variant in OUR_KERNELS:
-        return _our_reasons(variant, cfg, cfg.kv_heads, cfg.head_dims)
+        return _our_reasons(variant, cfg, Q_HEADS, cfg.kv_heads, cfg.head_dims)
     if variant == "torch_sdpa":
         return []
     if cfg.device != "cuda":
@@ -312,14 +358,16 @@ def _variant_reasons(variant: str, cfg: KernelBenchConfig) -> list[str]:
     return _trial_reasons(variant, cfg)
 
 
-def _our_reasons(variant: str, cfg: KernelBenchConfig, kv_heads: int, dims) -> list[str]:
+def _our_reasons(
+    variant: str, cfg: KernelBenchConfig, q_heads: int, kv_heads: int, dims
+) -> list[str]:
     from sageserve.bench.kernels_common import backend_reasons, model_config
 
     reasons = []
     if variant == "sage_fp8pv" and cfg.device == "cpu":
         reasons.append("Triton's interpreter casts to fp8 wrongly (~13% of values): GPU only")
     for dim in dims:
-        config = model_config(Q_HEADS, kv_heads, dim)
+        config = model_config(q_heads, kv_heads, dim)
         reasons += backend_reasons(variant, config, cfg.torch_dtype, cfg.torch_device)
     return list(dict.fromkeys(reasons))
 
@@ -372,7 +420,7 @@ def _software() -> dict[str, Any]:
 
 
 def _method(cfg: KernelBenchConfig) -> dict[str, Any]:
-    from sageserve.bench import kernels_decode, kernels_prefill
+    from sageserve.bench import kernels_decode, kernels_prefill, kernels_store
 
     return {
         "timing": "CUDA events around `calls_per_sample` back-to-back calls after a device "
@@ -402,6 +450,25 @@ def _method(cfg: KernelBenchConfig) -> dict[str, Any]:
         },
         "decode_gb_per_s": "K and V bytes of the used pages (8-bit: INT8/FP8 codes + fp16 "
         "scales; 16-bit: K and V in the dtype) / time (CUDA-graph time on GPU); 1 GB = 1e9 B",
+        "store_included": {
+            v: kernels_store.INCLUDED["triton16" if v == "triton16" else "sage"]
+            for v in cfg.store_variants
+        },
+        "store_steps": f"<= {kernels_store.DECODE_MAX_TOKENS} tokens: a decode step (one new "
+        "token per sequence, each at a random offset of its own page), timed as CUDA-graph "
+        "replays on GPU with K/V in L2 (as the QKV projection leaves them); more: a prefill "
+        f"step (sequences of up to {kernels_store.PREFILL_SEQ} tokens from a page boundary, "
+        "pages shuffled), timed eagerly (launch included) over `rotation_sets` copies (>= "
+        f"{kernels_store.L2_FACTOR}x L2 of bytes moved); k contiguous, v a view of a fused "
+        f"QKV output ({kernels_store.GROUP} query heads per KV head), head_dim "
+        f"{kernels_store.HEAD_DIM}",
+        "store_bytes": "K and V read (dtype) + cache entries written (8-bit: INT8/FP8 codes "
+        "and fp16 scales; 16-bit: K and V in the dtype) + int64 slot indices read (8-bit: "
+        "page and offset) + the 8-bit store's fp32 key mean and balance [Hkv, D]; bound_us = "
+        "those bytes at the copy bandwidth",
+        "store_checks": "the poisoned cache equals the poison plus the reference at the "
+        "step's slots, bit for bit (8-bit: reference.quantize_kv; 16-bit: K/V in the "
+        "cache dtype); backend.forward for the same step writes the same bits",
     }
 
 
@@ -449,6 +516,19 @@ def _run_decode(cfg, timer, result, out) -> None:
             _after_shape(result, "decode", rows, out, progress_line)
 
 
+def _run_store(cfg, timer, result, out) -> None:
+    from sageserve.bench.kernels_report import progress_line
+    from sageserve.bench.kernels_store import bench_shape, finish_rows, make_shape
+
+    settings = {"page_size": cfg.page_size, "dtype": cfg.torch_dtype, "seed": cfg.seed}
+    for kv_heads in cfg.store_kv_heads:
+        for tokens in cfg.store_tokens:
+            rows = bench_shape(make_shape(tokens, kv_heads, settings), list(cfg.store_variants),
+                               timer, cfg.torch_device)  # fmt: skip
+            finish_rows(rows, result["copy_bandwidth"]["gb_per_s"])
+            _after_shape(result, "store", rows, out, progress_line)
+
+
 def _after_shape(result, part: str, rows: list[dict], out: Path, progress_line) -> None:
     """Record, print, save (a run cut short keeps what it measured), free the memory."""
     result[part] += rows
@@ -474,7 +554,7 @@ def run_benchmark(cfg: KernelBenchConfig, out: Path | None) -> tuple[dict[str, A
         "command": command_line(cfg, out), "process_argv": shlex.join(sys.argv),
         "machine": {"hostname": platform.node(), "platform": platform.platform()},
         "device": device, "software": _software(), "settings": asdict(cfg),
-        "method": _method(cfg), "complete": False, "prefill": [], "decode": [],
+        "method": _method(cfg), "complete": False, "prefill": [], "decode": [], "store": [],
     }  # fmt: skip
     timer = Timer(cfg.torch_device, cfg.warmup, cfg.repeats, cfg.sample_ms)
     with torch.inference_mode():
@@ -483,6 +563,8 @@ def run_benchmark(cfg: KernelBenchConfig, out: Path | None) -> tuple[dict[str, A
             _run_prefill(cfg, timer, result, out)
         if not cfg.skip_decode:
             _run_decode(cfg, timer, result, out)
+        if not cfg.skip_store:
+            _run_store(cfg, timer, result, out)
     result["problems"] = problems(result)
     result["complete"] = True
     result["wall_s"] = time.monotonic() - started

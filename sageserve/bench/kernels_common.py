@@ -1,4 +1,4 @@
-"""Pieces shared by the prefill and decode parts of `sageserve bench kernels`.
+"""Pieces shared by the prefill, decode and store parts of `sageserve bench kernels`.
 
 Our kernels are reached through the attention backends (`SageAttentionBackend`,
 `TritonBackend`) built for a one-layer model of the benchmark's shape: their caches come

@@ -153,7 +153,7 @@ def _decode_call(variant: DecodeVariant, meta) -> Callable[[], None]:
         dec = meta.kernel.decode
         return lambda: sage_decode_paged(variant.q, balance, *caches, dec.page_table,
                                          dec.q_rows, dec.kv_len, out, dec.workspace)  # fmt: skip
-    from sageserve.attention.triton_attn import backend as triton_attn
+    from sageserve.attention.triton_attn.backend import backend as triton_attn
 
     return lambda: triton_attn.paged_decode(variant.q, cache.k[0], cache.v[0], meta.decode, out)
 
@@ -173,7 +173,7 @@ def _store(variant: DecodeVariant, k, v, table: tuple[int, ...], page_size: int)
         store_kv(k, v, k_mean, balance, pages, offsets, cache.k[0], cache.k_scale[0],
                  cache.v[0], cache.v_scale[0])  # fmt: skip
     else:
-        from sageserve.attention.triton_attn import backend as triton_attn
+        from sageserve.attention.triton_attn.backend import backend as triton_attn
 
         triton_attn.store_kv(k, v, pages * page_size + offsets, cache.k[0], cache.v[0])
 

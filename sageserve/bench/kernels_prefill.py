@@ -213,7 +213,7 @@ def noncausal_support(variant: str) -> str | None:
     if OUR_VARIANTS[variant][0] == "sage_attn":
         from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged as fn
     else:
-        from sageserve.attention.triton_attn.kernels.prefill import paged_prefill as fn
+        from sageserve.attention.triton_attn.backend.kernels.prefill import paged_prefill as fn
     if "causal" in inspect.signature(fn).parameters:
         return None
     return (
@@ -248,7 +248,7 @@ def _sage_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
 
 def _triton_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
     """The triton backend's kernel calls for layer 0, as its `forward` makes them."""
-    from sageserve.attention.triton_attn import backend as triton_attn
+    from sageserve.attention.triton_attn.backend import backend as triton_attn
 
     k_layer, v_layer = cache.k[0], cache.v[0]
     kwargs = {} if data.shape.causal else {"causal": False}

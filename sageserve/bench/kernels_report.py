@@ -111,6 +111,40 @@ def _speedup_cell(row: dict[str, Any] | None) -> str:
     return f"{row['speedup_vs_triton16']:.2f}×"
 
 
+def _store_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    shapes = list(dict.fromkeys((r["tokens"], r["kv_heads"]) for r in rows))
+    cell = {(r["variant"], r["tokens"], r["kv_heads"]): r for r in rows}
+    header = ["tokens × KV heads", "step"]
+    for v in variants:
+        header += [f"{v} µs", "GB/s", "of copy", "bound µs"]
+    body = []
+    for t, h in shapes:
+        layout = next(r["layout"] for r in rows if (r["tokens"], r["kv_heads"]) == (t, h))
+        line = [f"{t} × {h}", layout]
+        for v in variants:
+            line += _store_cells(cell.get((v, t, h)))
+        body.append(line)
+    first = rows[0]
+    title = (
+        f"### KV store, head_dim {first['head_dim']}, page {first['page_size']}, "
+        f"{first['dtype']}: one layer's new K/V written into the cache"
+    )
+    return [title, "", *_table(header, body), ""]
+
+
+def _store_cells(row: dict[str, Any] | None) -> list[str]:
+    status = _status_cell(row)
+    if status:
+        return [status, "", "", ""]
+    frac = row.get("copy_bandwidth_fraction")
+    bound = row.get("bound_us")
+    return [f"{row['us']:.1f}", _number(row["gb_per_s"]), f"{frac:.0%}" if frac else "",
+            f"{bound:.1f}" if bound else ""]  # fmt: skip
+
+
 def format_markdown(result: dict[str, Any]) -> str:
     """Every table of the result, with the card, versions and method in a few lines."""
     dev, sw = result["device"], result["software"]
@@ -140,6 +174,14 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"graph on GPU). Copy bandwidth: {copy['gb_per_s']:.0f} GB/s (device copy, read + "
             "write). Speedup: triton16 time / 8-bit time.", "",
         ]  # fmt: skip
+    lines += _store_table(result.get("store", []))
+    if copy and result.get("store"):
+        lines += [
+            "Store: decode steps timed as CUDA-graph replays on GPU, prefill steps eagerly. "
+            "GB/s: bytes moved (K/V read, cache entries written, slot indices and the 8-bit "
+            "store's mean and balance read) / time; bound µs: those bytes at the copy "
+            f"bandwidth ({copy['gb_per_s']:.0f} GB/s).", "",
+        ]  # fmt: skip
     problems = result.get("problems", [])
     lines += [f"Problems: {len(problems)}", *(f"- {p}" for p in problems)]
     return "\n".join(lines) + "\n"
@@ -148,7 +190,7 @@ def format_markdown(result: dict[str, Any]) -> str:
 def problems(result: dict[str, Any]) -> list[str]:
     """Errors and failed checks, one line each (any makes the command exit 1)."""
     found = []
-    for part in ("prefill", "decode"):
+    for part in ("prefill", "decode", "store"):
         for row in result.get(part, []):
             where = _where(part, row)
             if row.get("status") == "error":
@@ -168,6 +210,8 @@ def _where(part: str, row: dict[str, Any]) -> str:
     if part == "prefill":
         kind = "causal" if row["causal"] else "non-causal"
         return f"prefill {row['variant']} D{row['head_dim']} seq {row['seq_len']} {kind}"
+    if part == "store":
+        return f"store {row['variant']} tokens {row['tokens']} KV heads {row['kv_heads']}"
     return f"decode {row['variant']} batch {row['batch']} context {row['context']}"
 
 
@@ -181,4 +225,7 @@ def progress_line(part: str, row: dict[str, Any]) -> str:
     cos = f"cos {acc['cosine']:.6f}" if acc else ""
     if part == "prefill":
         return f"{where}: {row['ms']:.3f} ms {row['tops']:.1f} TOPS {cos}"
+    if part == "store":
+        bound = f"bound {row['bound_us']:.1f} us"
+        return f"{where}: {row['us']:.1f} us {row['gb_per_s']:.0f} GB/s ({bound})"
     return f"{where}: {row['us']:.1f} us {row['gb_per_s']:.0f} GB/s {cos}"

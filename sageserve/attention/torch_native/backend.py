@@ -48,7 +48,7 @@ class TorchNativeMetadata:
 
 
 # cuDNN's attention gave run-to-run differences on identical decode steps (H100, torch
-# 2.11, 2026-11-28; benchmarks/gpu_determinism_probe.py): the reference must be repeatable,
+# 2.11, 2026-11-28; lab/gpu_determinism_probe.py): the reference must be repeatable,
 # so on CUDA it is kept to the memory-efficient and math kernels.
 _CUDA_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

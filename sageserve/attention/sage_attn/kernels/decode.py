@@ -9,13 +9,13 @@ cut into enough splits to fill the card even for a single sequence:
     program of a (sequence, KV head) to finish merges every split's partial (max, sum, acc)
     and writes the output rows (a sequence with one split writes them directly)
 
-Numerics are those of `sage_reference` (and of the prefill kernel): Q balanced and quantized
+Numerics are those of `reference.py` (and of the prefill kernel): Q balanced and quantized
 per row to INT8 with IEEE division, INT8 Q·Kᵀ in int32, online softmax in fp32 (log2 units),
 P·V in FP16 (P times the V scale, times INT8 V codes) or FP8 (P scaled per absolute block of
 PV_BLOCK keys relative to the block's largest V scale). Splits start at multiples of
 KEY_ALIGN tokens, so the FP8 blocks stay aligned with the reference's.
 
-Speed (v2, benchmarks/KERNEL_NOTES.md "sage_decode v2"): at 3 stages Triton 3.6's key loop
+Speed (v2, lab/KERNEL_NOTES.md "sage_decode v2"): at 3 stages Triton 3.6's key loop
 waits for all of a block's copies before its math and loads nothing during it; the default
 5 stages give two buffers, so block i+1's K/V copies are in flight while block i is
 computed (64 keys an iteration keep 4 programs per SM; more keys an iteration cost one).
@@ -82,7 +82,7 @@ class DecodeConfig:
     the fp16 scales as 4-byte pairs when pages allow (even page sizes). fast_v_cvt: INT8 V to
     fp16 without the I2F unit (compiled kernels only; ignored under the interpreter).
 
-    Default: the fastest measured on an H100 (benchmarks/KERNEL_NOTES.md, "sage_decode v2"):
+    Default: the fastest measured on an H100 (lab/KERNEL_NOTES.md, "sage_decode v2"):
     two buffers (5 stages) and the separate combine kernel: the fused merge was 1.7x slower
     at batch 1 (its last program merges 64 splits alone) and no faster at batch >= 16.
     """

@@ -1,17 +1,17 @@
 """8-bit attention over the 8-bit paged cache: prefill and prefill after a cached prefix.
 
-(Single-row sequences, i.e. decodes, go to the split-KV kernel in `sage_decode.py`; this
+(Single-row sequences, i.e. decodes, go to the split-KV kernel in `decode.py`; this
 kernel also computes them correctly, e.g. in tests.)
 
 One program per (block of BLOCK_M queries, query head, sequence), longest blocks first. The
-query block is quantized in registers exactly as `sage_reference.quantized_scores` does
+query block is quantized in registers exactly as `reference.quantized_scores` does
 (balance, per-row INT8 with IEEE division, half away from zero); keys are read as INT8 codes
 from their pages and Q·Kᵀ runs on INT8 tensor cores with int32 accumulation. The softmax is
 online (fp32, exp2); P·V is FP16 (P times the per-token V scale, times INT8 V codes) or FP8
 (P scaled per key block of 64 relative to the block's largest V scale, times FP8 V codes).
 The causal mask is aligned bottom-right: query i of a chunk of n sees keys
 0 .. kv_len - n + i; keys every row of a block sees run in a loop without mask work, the
-diagonal blocks in a second one. Tuning history and measurements: benchmarks/KERNEL_NOTES.md.
+diagonal blocks in a second one. Tuning history and measurements: lab/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def scaled_pv(p, v, v_scale, PV_FP8: tl.constexpr, FAST_CVT: tl.constexpr):
 
     FP16: P times each key's scale, rounded to fp16, times the INT8 codes. FP8: P scaled by
     the keys' scales relative to the block's largest and by 448, rounded to e4m3, times the
-    FP8 codes (`sage_reference`'s PV_BLOCK blocks). Shared by the prefill and decode kernels.
+    FP8 codes (`reference`'s PV_BLOCK blocks). Shared by the prefill and decode kernels.
     """
     if PV_FP8:
         block_max = tl.maximum(tl.max(v_scale, axis=0), MIN_SCALE)
@@ -327,7 +327,7 @@ def _sage_attention_kernel(
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    """Launch choices of the prefill kernel (tuned on an H100: benchmarks/KERNEL_NOTES.md).
+    """Launch choices of the prefill kernel (tuned on an H100: lab/KERNEL_NOTES.md).
 
     block_m query rows and block_n keys per tile; FP8 P·V needs block_n == PV_BLOCK.
     split_mask: run the keys every row sees without mask work, then the diagonal blocks.

@@ -1,6 +1,6 @@
 """Quantize new keys and values and write them into the 8-bit paged cache, in one pass.
 
-Numerics are those of `sage_reference.quantize_kv`: the key is smoothed and balanced,
+Numerics are those of `reference.quantize_kv`: the key is smoothed and balanced,
 ((k - mean) / c), then INT8 with a per-token, per-head scale rounded to fp16; the value is
 INT8 (pv="fp16") or FP8 e4m3 (pv="fp8") likewise. Every division is IEEE-rounded, so the
 codes equal the reference's bit for bit (`_divide` says how that is done cheaply).
@@ -40,7 +40,7 @@ CPU_SMS = 1
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Launch knobs of `store_kv` (benchmarks/store_bench.py sweeps them).
+    """Launch knobs of `store_kv` (swept in lab/KERNEL_NOTES.md, "sage_store v2").
 
     block_t: tokens per tile, a power of two; the run path needs page_size % block_t == 0.
     num_warps, maxnreg: per program (maxnreg caps registers: more programs per SM).

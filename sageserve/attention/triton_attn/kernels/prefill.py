@@ -54,7 +54,7 @@ class PrefillConfig:
 def prefill_config(head_dim: int, page_size: int) -> PrefillConfig:
     """Tile shapes: 128 query rows on two warpgroups (Hopper's wgmma takes 64 rows per
     warpgroup); 128 keys per step when a page holds them (one TMA box), else 64. Fastest
-    of the settings tried on an H100 at head_dim 128 (benchmarks/KERNEL_NOTES.md, "TMA");
+    of the settings tried on an H100 at head_dim 128 (lab/KERNEL_NOTES.md, "TMA");
     no spills at head_dim <= 128. The interpreter uses the same: its cost is per operation,
     so large tiles are also its fastest (and the tests run the GPU's tiling)."""
     if page_size % 128 == 0:

@@ -1,6 +1,6 @@
 """Write a step's new keys and values into one layer of the 16-bit paged cache.
 
-Layout: `paged_common` (that of `torch_native.PagedKVCache`). One program per block of
+Layout: that of `paged_cache.PagedKVCache` (see `triton_common`). One program per block of
 BLOCK_T tokens and one KV head: a [BLOCK_T, D] tile of K and of V, each row a contiguous,
 vectorized store at the token's slot. Negative slots are skipped (padding rows, e.g. of a
 CUDA-graph batch, may point nowhere).

@@ -3,7 +3,7 @@
 Runs the same prefill batch and the same decode batch twice through the model runner
 (dummy weights of a real architecture) and, if the logits differ, the suspects alone.
 
-    python benchmarks/gpu_determinism_probe.py
+    python lab/gpu_determinism_probe.py
 """
 
 from __future__ import annotations

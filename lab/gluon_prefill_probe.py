@@ -12,16 +12,20 @@ no cached prefix; causal or not. Same cache layout and numerics as
 token (fp16 scales), FP8 V per token; P scaled by the block's largest V scale and 448
 before its e4m3 rounding.
 
-    python benchmarks/gluon_prefill_probe.py --sass [--causal]  # no GPU: compile for sm_90
-    python benchmarks/gluon_prefill_probe.py --out probe.json     # GPU: check, then time
+    python lab/gluon_prefill_probe.py --sass [--causal]  # no GPU: compile for sm_90
+    python lab/gluon_prefill_probe.py --out probe.json     # GPU: check, then time
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,6 +43,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 ROWS, KEYS, HEAD_DIM = 64, 64, 128  # query rows and keys per block (= page), head dim
+TOKENS, HEADS = 16384, 32  # timed shapes: TOKENS // seq sequences of seq tokens
+DEV = torch.device("cuda")
 BLOCK_M, BLOCK_N, DIM = gl.constexpr(ROWS), gl.constexpr(KEYS), gl.constexpr(HEAD_DIM)
 STAGES = gl.constexpr(3)  # key blocks in shared memory (TMA runs two ahead)
 LOG2E = gl.constexpr(1.4426950408889634)
@@ -258,7 +264,6 @@ def gluon_prefill(q, k_cache, k_scale, v_cache, v_scale, page_table, seq_len, ou
 
 def sass_report(maxnreg: int | None = 168, causal: bool = False) -> int:
     """Compile for sm_90 without a GPU; print the wgmma waits and the register use."""
-    from decode_bench import _ptxas
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -286,19 +291,80 @@ def sass_report(maxnreg: int | None = 168, causal: bool = False) -> int:
     return 0
 
 
+def _ptxas(ptx: str) -> str:
+    """ptxas -v of the PTX: registers, spills, and any wgmma serialization warning."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(path), "-o", os.devnull],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    lines = [ln.split("info    : ")[-1] for ln in res.stderr.splitlines()]
+    keep = ("Used", "spill", "Performance Loss")
+    return " | ".join(ln for ln in lines if any(k in ln for k in keep))
+
+
+@dataclass
+class Case:
+    """One shape's bf16 inputs: q, k, v [TOKENS, HEADS, D] (`batch` sequences of `seq`)."""
+
+    seq: int
+    batch: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    starts: torch.Tensor  # [batch] int32: first row of each sequence
+    lens: torch.Tensor  # [batch] int32: seq
+
+
+def _case(seq: int, gen: torch.Generator) -> Case:
+    """Random normal q, v; k normal plus a per-(head, channel) bias, as real keys carry."""
+    batch, shape = TOKENS // seq, (TOKENS, HEADS, HEAD_DIM)
+    q = torch.randn(shape, generator=gen).to(DEV).bfloat16()
+    bias = 2 * torch.randn(1, HEADS, HEAD_DIM, generator=gen)
+    k = (torch.randn(shape, generator=gen) + bias).to(DEV).bfloat16()
+    v = torch.randn(shape, generator=gen).to(DEV).bfloat16()
+    starts = (torch.arange(batch) * seq).int().to(DEV)
+    lens = torch.full((batch,), seq, dtype=torch.int32, device=DEV)
+    return Case(seq, batch, q, k, v, starts, lens)
+
+
+def _fp8_caches(case: Case, gen: torch.Generator):
+    """The case's K/V in the 8-bit cache (INT8 K, FP8 V, page KEYS), pages shuffled:
+    ((k codes [P, H, page, D], k scales [P, H, page], v codes [P, H, D, page], v scales),
+    padded page table [batch, width] int32)."""
+    from sageserve.attention.sage_attn.kernels.prefill import padded_page_table
+    from sageserve.attention.sage_attn.kernels.store import store_kv
+    from sageserve.attention.sage_attn.reference import FP8_DTYPE
+
+    per_seq = case.seq // KEYS
+    num_pages = case.batch * per_seq + 1
+    order = (torch.randperm(num_pages - 1, generator=gen) + 1).view(case.batch, per_seq)
+    pos = torch.arange(case.seq)
+    pages, offsets = order[:, pos // KEYS].flatten(), (pos % KEYS).repeat(case.batch)
+    caches = (
+        torch.zeros(num_pages, HEADS, KEYS, HEAD_DIM, dtype=torch.int8, device=DEV),
+        torch.zeros(num_pages, HEADS, KEYS, dtype=torch.float16, device=DEV),
+        torch.zeros(num_pages, HEADS, HEAD_DIM, KEYS, dtype=FP8_DTYPE, device=DEV),
+        torch.zeros(num_pages, HEADS, KEYS, dtype=torch.float16, device=DEV),
+    )
+    k_mean = case.k[: case.seq].float().mean(0)
+    store_kv(case.k, case.v, k_mean, None, pages.to(DEV), offsets.to(DEV), *caches)
+    tables = [tuple(r) for r in order.tolist()]
+    return caches, padded_page_table(tables, [case.seq] * case.batch, KEYS, DEV)
+
+
 def _build(seq: int, gen: torch.Generator):
     """Inputs of one shape: (case, 8-bit caches with FP8 V at page 64, padded page table)."""
-    from prefill_tma_tune import Case
-
-    case = Case(seq, gen)
-    return case, *case.sage_caches(KEYS, "fp8")
+    case = _case(seq, gen)
+    return case, *_fp8_caches(case, gen)
 
 
 def _runners(case, caches, table, causal: bool) -> dict:
     """name -> fn(out): this kernel (Q quantized inside, as in the Triton kernel), the Triton
     kernel (FP8 P·V), and SDPA's cuDNN back end."""
     import torch.nn.functional as F
-    from sageserve.attention.kernels import sage_attention as p8
+    from sageserve.attention.sage_attn.kernels import prefill as p8
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     seq = case.seq

@@ -3,9 +3,9 @@ the gather path (page 16) and torch SDPA (flash, cuDNN), alternating, in one pro
 
 Attention time only (the stores are timed by `sageserve bench kernels`); causal and not;
 16k tokens x 32 heads (Hkv 32), head_dim 128, bf16; each variant's output is checked against
-the first variant of its kernel (cosine). Results: benchmarks/KERNEL_NOTES.md ("TMA").
+the first variant of its kernel (cosine). Results: lab/KERNEL_NOTES.md ("TMA").
 
-    python benchmarks/prefill_tma_tune.py --out results.json [--seqs 1024,4096,16384]
+    python lab/prefill_tma_tune.py --out results.json [--seqs 1024,4096,16384]
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from datetime import UTC, datetime
 import torch
 import torch.nn.functional as F
 import triton
-from sageserve.attention.kernels import paged_prefill as p16
-from sageserve.attention.kernels import sage_attention as p8
+from sageserve.attention.triton_attn.kernels import prefill as p16
+from sageserve.attention.sage_attn.kernels import prefill as p8
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sageserve.attention.sage_attn.kernels.store import store_kv as store8
 from sageserve.attention.sage_attn.reference import FP8_DTYPE
-from sageserve.attention.triton_attn.kernels.store import store_kv as store16
+from sageserve.attention.triton_attn.backend.kernels.store import store_kv as store16
 
 TOKENS, HEADS, DIM = 16384, 32, 128
 DEV = torch.device("cuda")

@@ -1,5 +1,5 @@
 """Probe: does TMA (tensor descriptors) and Triton's Hopper warp specialization speed up the
-8-bit prefill kernel? An experiment, not a backend (benchmarks/KERNEL_NOTES.md, "TMA probe").
+8-bit prefill kernel? An experiment, not a backend (lab/KERNEL_NOTES.md, "TMA probe").
 
 The kernel below reads K, V and their scales through host tensor descriptors, one page per
 key block (page size == BLOCK_N, so a block is one contiguous TMA box), and INT8 Q through a
@@ -13,7 +13,7 @@ SDPA (flash, cuDNN). Attention time only (Q quantization and the store are not c
 any variant; the default kernel quantizes Q inside). Outputs checked against the default
 kernel's.
 
-    python benchmarks/tma_ws_probe.py --out results.json
+    python lab/tma_ws_probe.py --out results.json
 """
 
 from __future__ import annotations

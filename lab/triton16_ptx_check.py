@@ -1,6 +1,6 @@
 """Compile the 16-bit `triton` backend's kernels for sm_90 without a GPU and summarize the PTX.
 
-Run with TRITON_INTERPRET unset: `python benchmarks/triton16_ptx_check.py [--dump DIR]`.
+Run with TRITON_INTERPRET unset: `python lab/triton16_ptx_check.py [--dump DIR]`.
 Per kernel it counts what decides speed on Hopper: wgmma / mma.sync for the dots, cp.async
 (pipelined, vectorized global-to-shared copies), vector loads, 1-2-byte scalar loads (a
 sign that K/V rows did not vectorize), `.local` (spills), and ptxas's registers and spill
@@ -21,7 +21,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     raise SystemExit("unset TRITON_INTERPRET: this compiles the kernels for the GPU")
 
 import triton
-from sageserve.attention.kernels import paged_decode, paged_prefill, paged_store
+from sageserve.attention.triton_attn.kernels import decode as paged_decode
+from sageserve.attention.triton_attn.kernels import prefill as paged_prefill
+from sageserve.attention.triton_attn.kernels import store as paged_store
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -58,7 +60,7 @@ def _kernels(dtype: str) -> dict[str, tuple]:
         **dict.fromkeys(["block_seq_ptr", "block_row_ptr"], "*i32"),
         "stride_qt": q_stride, "stride_qh": ("i32", 128), "stride_ot": ("i32", 32 * 128),
         "stride_oh": ("i32", 128), "stride_table": ("i32", 520), "qk_scale": "fp32",
-        **geometry, "BLOCK_M": 128, "BLOCK_N": 64,
+        **geometry, "BLOCK_M": 128, "BLOCK_N": 64, "TMA": False,  # the gather path (page 16)
     }  # fmt: skip
     split = {
         **dict.fromkeys(["q_ptr", "k_ptr", "v_ptr"], p),
