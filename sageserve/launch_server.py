@@ -17,7 +17,8 @@ from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.server.args import ServerArgs, add_server_args, server_args_from_args
 
 if TYPE_CHECKING:
-    from sageserve.server.engine_loop import EngineInfo, EngineLoop
+    from sageserve.engine.info import EngineInfo
+    from sageserve.server.engine_loop import EngineLoop
 
 logger = logging.getLogger("sageserve.launch_server")
 

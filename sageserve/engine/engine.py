@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,9 +14,12 @@ import torch
 from sageserve.attention.base import BackendOptions
 from sageserve.attention.registry import get_backend_class
 from sageserve.config import EngineConfig
+from sageserve.engine.batch import ForwardBatch
 from sageserve.engine.block_manager import BlockManager
 from sageserve.engine.detokenizer import IncrementalDetokenizer
+from sageserve.engine.info import EngineInfo, EngineStats
 from sageserve.engine.logprobs import compute_logprobs, to_dicts
+from sageserve.engine.memory_usage import static_memory
 from sageserve.engine.model_runner import ModelRunner
 from sageserve.engine.request import Request, RequestOutput
 from sageserve.engine.sampler import Sampler, SamplingRow
@@ -23,11 +27,15 @@ from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.scheduler import Scheduler
 from sageserve.engine.step_plan import ChunkPlan, plan_step
 from sageserve.engine.stop import StopChecker
+from sageserve.engine.teacher_forced import borrowed_pages, check_scorable, forward_chunks
 from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.startup_phases import startup_phase
 
 logger = logging.getLogger(__name__)
+
+# Sees a logits matrix [rows, vocab] the model computed (see Engine.logits_hook).
+LogitsHook = Callable[[torch.Tensor], None]
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
@@ -48,7 +56,9 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 class Engine:
     """Owns the model runner, the scheduler and every request; not thread-safe.
 
-    Drive it with `add_request` / `abort` / `step` from one thread.
+    Drive it with `add_request` / `abort` / `step` from one thread. What it is: `info`;
+    how it is doing: `stats()`; scoring without requests: `teacher_forced_logprobs`;
+    every logits matrix it computes: `logits_hook`.
     """
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
@@ -63,6 +73,9 @@ class Engine:
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
+        self._max_batch_seen = 0
+        self._logits_hooks: list[LogitsHook] = []
+        self._info = self._describe()
 
     def _load_model(self) -> LoadedModel:
         config = self.config
@@ -85,23 +98,25 @@ class Engine:
         return asked or limit
 
     def _init_runner(self) -> None:
-        cache = self.config.cache
+        config = self.config
+        cache = config.cache
         options = BackendOptions(
             cache.kv_cache_dtype,
             self.loaded.dtype,
             self.device,
-            (("sage", self.config.sage),),
+            (("sage", config.sage),),
             max_context=self.max_model_len,
         )
-        backend = get_backend_class(self.config.attention_backend)(self.model_config, options)
-        self.runner = ModelRunner(self.loaded.model, backend, cache, self.device, self.tokenizer)
-        self.runner.setup_cuda_graphs(
-            self.config.cuda_graph, self.config.scheduler.max_running_requests, self.max_model_len
+        backend = get_backend_class(config.attention_backend)(self.model_config, options)
+        runner = ModelRunner(self.loaded.model, backend, cache, self.device, self.tokenizer)
+        runner.setup_cuda_graphs(
+            config.cuda_graph, config.scheduler.max_running_requests, self.max_model_len
         )
+        self.runner = runner
         self.block_manager = BlockManager(
-            self.runner.num_pages, self.runner.page_size, cache.enable_prefix_cache
+            runner.num_pages, runner.page_size, cache.enable_prefix_cache
         )
-        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
         logger.info(
             "engine ready: model=%s dtype=%s device=%s attention=%s context=%d",
             self.loaded.source,
@@ -110,6 +125,107 @@ class Engine:
             backend.name,
             self.max_model_len,
         )
+
+    def _describe(self) -> EngineInfo:
+        runner, config = self.runner, self.config
+        return EngineInfo(
+            model_path=config.model_path or DEFAULT_MODEL,
+            model_source=self.loaded.source,
+            attention_backend=runner.backend.name,
+            kv_cache_dtype=runner.kv_spec.dtype_name,
+            dtype=str(self.loaded.dtype).removeprefix("torch."),
+            device=str(self.device),
+            page_size=runner.page_size,
+            pool_capacity_tokens=runner.pool_capacity_tokens,
+            context_length=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
+            max_running_requests=config.scheduler.max_running_requests,
+            chunked_prefill_size=config.scheduler.chunked_prefill_size,
+            enable_prefix_cache=config.cache.enable_prefix_cache,
+            memory=static_memory(runner),
+        )
+
+    # ------------------------------------------------------------------ the face
+
+    @property
+    def info(self) -> EngineInfo:
+        """What does not change while the engine lives (model, backend, pool, memory)."""
+        return self._info
+
+    def stats(self) -> EngineStats:
+        """The counters now: requests running and waiting, pages free and cached, steps."""
+        self._check_open()
+        scheduler, blocks = self.scheduler, self.block_manager
+        return EngineStats(
+            num_steps=self.num_steps,
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            max_batch_seen=self._max_batch_seen,
+            num_free_pages=blocks.num_free_pages,
+            num_usable_pages=blocks.num_usable_pages,
+            num_cached_pages=blocks.num_cached_pages,
+            num_preemptions=scheduler.num_preemptions,
+        )
+
+    def request_ids(self) -> list[str]:
+        """Ids of the requests in flight (waiting or running), in the order they were added."""
+        return list(self.requests)
+
+    def flush_prefix_cache(self) -> None:
+        """Drop every prefix-cache entry no request holds; pages in use keep working."""
+        self._check_open()
+        self.block_manager.reset_prefix_cache()
+
+    @contextmanager
+    def logits_hook(self, hook: LogitsHook) -> Iterator[None]:
+        """Within the block, `hook(logits)` sees every logits matrix the model computes, in
+        order: each step's ([rows the step asked for, vocab] float32: sampled positions and
+        prompt-logprob positions) and each chunk of `teacher_forced_logprobs`. The hook must
+        not change the tensor; an exception it raises ends the step or the scoring."""
+        self._logits_hooks.append(hook)
+        try:
+            yield
+        finally:
+            self._logits_hooks.remove(hook)
+
+    def teacher_forced_logprobs(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """log_softmax of the model's next-token logits at positions 0 .. n-2.
+
+        token_ids: n >= 2 token ids. Returns [n - 1, vocab] float32 on the CPU; row i scores
+        token i + 1 given tokens 0 .. i. Tokens are fed in chunks of `chunked_prefill_size`,
+        each after the cached prefix of the earlier ones, through the serving path (runner,
+        backend, paged KV cache), as the scheduler would. The engine must be idle
+        (RuntimeError otherwise); pages are borrowed from the pool and given back (also on
+        error), never entered in the prefix cache. ValueError for ids that cannot be scored.
+        """
+        self._check_open()
+        if self.has_unfinished_requests():
+            raise RuntimeError("teacher forcing needs an idle engine: requests are in flight")
+        blocks = self.block_manager
+        check_scorable(token_ids, self.max_model_len, self.model_config.vocab_size, blocks)
+        inputs = [int(t) for t in token_ids[:-1]]  # the last token is only a target
+        chunk_size = self.config.scheduler.chunked_prefill_size
+        with borrowed_pages(blocks, len(inputs)) as pages:
+            return forward_chunks(
+                self._forward,
+                inputs,
+                pages,
+                chunk_size,
+                blocks,
+                self.device,
+                self.model_config.vocab_size,
+            )
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """The runner's logits for `batch` ([rows asked for, vocab]), shown to every hook."""
+        logits = self.runner.forward(batch)
+        for hook in self._logits_hooks:
+            hook(logits)
+        return logits
+
+    def _check_open(self) -> None:
+        if self.runner is None:
+            raise RuntimeError("this engine was closed")
 
     # ----------------------------------------------------------------- requests
 
@@ -207,7 +323,8 @@ class Engine:
 
     def close(self) -> None:
         """Free the KV pool and the attention backend now, whoever still holds this Engine
-        (the weights stay with their LoadedModel). Any later step raises."""
+        (the weights stay with their LoadedModel). Any later step, scoring or `stats()` raises;
+        `info` stays readable."""
         self.runner = None
         self.block_manager = None
         self.scheduler = None
@@ -217,8 +334,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns an output for every request that progressed."""
-        if self.runner is None:
-            raise RuntimeError("this engine was closed")
+        self._check_open()
         sched = self.scheduler.schedule()
         touched: list[Request] = []
         for req in sched.unservable:
@@ -226,10 +342,11 @@ class Engine:
             touched.append(req)
         if sched.chunks:
             batch, plans = plan_step(sched.chunks, self.runner.page_size, self.device)
-            logits = self.runner.forward(batch)
+            logits = self._forward(batch)
             touched.extend(self._process(plans, logits))
             self.num_steps += 1
         outputs = [RequestOutput.from_request(req) for req in touched]
+        self._max_batch_seen = max(self._max_batch_seen, len(outputs))
         for req in touched:
             if req.is_finished:
                 self.requests.pop(req.request_id, None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +208,7 @@ def run_local(cfg: ValidateConfig, base: EngineConfig) -> LocalResults:
                 memory.PeakMemory(base.torch_device()) as peak,
                 built_engine(base, backend, loaded) as engine,
             ):
-                res.memory[label] = memory.static_memory(engine)
+                res.memory[label] = asdict(engine.info.memory)
                 _backend_phase(cfg, engine, label, store, res)
             res.memory[label]["peak"] = peak.to_dict()
     if cfg.runs("throughput"):
