@@ -107,7 +107,7 @@ def _backend_phase(
     """Every per-backend section on one engine."""
     plan, s, is_ref = res.plan, cfg.sizes, label == cfg.reference
     if cfg.runs("determinism") and s.determinism_runs:
-        _check_determinism_fills_a_page(len(plan.det_prompt), engine.block_manager.page_size)
+        _check_determinism_fills_a_page(len(plan.det_prompt), engine.info.page_size)
     bar = tqdm(total=_phase_units(cfg, plan), desc=f"validate {label}", file=sys.stderr)
     with bar:
         if cfg.runs("logprobs"):
