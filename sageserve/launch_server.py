@@ -66,7 +66,7 @@ def _load(args: argparse.Namespace) -> tuple[ServerArgs, EngineLoop]:
     logger.info("loading %s ...", engine_config.model_path or DEFAULT_MODEL)
     engine = Engine(engine_config)
     limits = RequestLimits.for_context(
-        engine.max_model_len,
+        engine.info.context_length,
         max_prompt_chars=server_args.max_prompt_chars,
         max_batch_size=server_args.max_batch_size,
     )

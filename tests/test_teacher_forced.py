@@ -60,7 +60,7 @@ def test_matches_transformers_and_frees_the_pool(engine, tokens, smollm2_gguf) -
     assert ppl_ours == pytest.approx(perplexity(target_logprobs(theirs, targets)), rel=1e-3)
     stats = engine.stats()
     assert stats.num_free_pages == stats.num_usable_pages and stats.num_cached_pages == 0
-    engine.block_manager.check_invariants()  # the borrowed pages left no trace
+    engine._block_manager.check_invariants()  # the borrowed pages left no trace
 
 
 def test_pages_are_freed_on_error(engine, tokens) -> None:
