@@ -2,7 +2,7 @@
 
 SmolLM2-135M (fp32), the Britannica article cut into `--windows` windows of `--window-len`
 tokens, each scored independently through the engine's own runner, backend and paged KV
-cache (`sageserve.validate.teacher_forced`), in chunks of `--chunk-size` tokens. Every
+cache (`Engine.teacher_forced_logprobs`), in chunks of `--chunk-size` tokens. Every
 variant is compared with the reference (`--reference`, exact `torch` attention) on the same
 tokens; the reference's log-probabilities are kept on disk between engines.
 
@@ -40,7 +40,6 @@ from sageserve.validate.metrics import (
     agreement_stats,
     compare_logprobs,
 )
-from sageserve.validate.teacher_forced import teacher_forced_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +128,7 @@ def _scored(
     try:
         for i, ids in enumerate(token_windows):
             start = time.perf_counter()
-            logprobs = teacher_forced_logprobs(engine, ids)
+            logprobs = engine.teacher_forced_logprobs(ids)
             print(f"  {name}: window {i} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
             yield i, logprobs
     finally:

@@ -364,8 +364,9 @@ def _runners(case, caches, table, causal: bool) -> dict:
     """name -> fn(out): this kernel (Q quantized inside, as in the Triton kernel), the Triton
     kernel (FP8 P·V), and SDPA's cuDNN back end."""
     import torch.nn.functional as F
-    from sageserve.attention.sage_attn.kernels import prefill as p8
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sageserve.attention.sage_attn.kernels import prefill as p8
 
     seq = case.seq
 

@@ -30,7 +30,8 @@ def main() -> None:
         context_length=8192,
         cache=CacheConfig(max_total_tokens=65536),
     )
-    runner = LLM.from_engine_config(config).engine.runner
+    # The runner itself, on hand-built batches: this probe studies the engine's internals.
+    runner = LLM.from_engine_config(config).engine._runner
     gen = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, 128000, (512,), generator=gen).tolist() for _ in range(4)]
     seqs = [SequenceSlice(tuple(range(1 + 33 * i, 34 + 33 * i)), 0, 512) for i in range(4)]

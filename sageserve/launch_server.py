@@ -17,7 +17,8 @@ from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.server.args import ServerArgs, add_server_args, server_args_from_args
 
 if TYPE_CHECKING:
-    from sageserve.server.engine_loop import EngineInfo, EngineLoop
+    from sageserve.engine.info import EngineInfo
+    from sageserve.server.engine_loop import EngineLoop
 
 logger = logging.getLogger("sageserve.launch_server")
 
@@ -65,7 +66,7 @@ def _load(args: argparse.Namespace) -> tuple[ServerArgs, EngineLoop]:
     logger.info("loading %s ...", engine_config.model_path or DEFAULT_MODEL)
     engine = Engine(engine_config)
     limits = RequestLimits.for_context(
-        engine.max_model_len,
+        engine.info.context_length,
         max_prompt_chars=server_args.max_prompt_chars,
         max_batch_size=server_args.max_batch_size,
     )

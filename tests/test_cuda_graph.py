@@ -172,7 +172,7 @@ def test_flags_and_cpu_engine_without_graphs() -> None:
         CudaGraphConfig(max_bs=0)
     # On CPU graphs are never captured, asked for or not, and that is no error.
     engine = Engine(_engine_config("triton", SageOptions(), "cpu"), _tiny_model(torch.float32, CPU))
-    assert engine.runner.graph_runner is None
+    assert engine._runner.graph_runner is None
 
 
 # ------------------------------------------------- the static path, eagerly, on CPU
@@ -325,7 +325,7 @@ def test_static_path_equals_eager_on_cpu(backend: str, sage: SageOptions) -> Non
     8 of the padded batch differ by ~1e-6), so logits agree to 1e-5 here; attention alone
     is bitwise (test_backend_static_decode_equals_eager)."""
     engine = Engine(_engine_config(backend, sage, "cpu"), _tiny_model(torch.float32, CPU))
-    runner = engine.runner
+    runner = engine._runner
     graphs = DecodeGraphRunner(
         runner.model, runner.backend, runner.kv_cache, [1, 4, 8], GRAPH_CONTEXT, capture=False
     )
@@ -336,7 +336,7 @@ def test_static_path_equals_eager_on_cpu(backend: str, sage: SageOptions) -> Non
 @interpreted
 def test_static_path_refuses_other_steps() -> None:
     engine = Engine(_engine_config("triton", SageOptions(), "cpu"), _tiny_model(torch.float32, CPU))
-    runner = engine.runner
+    runner = engine._runner
     graphs = DecodeGraphRunner(runner.model, runner.backend, runner.kv_cache, [1, 4], 64, False)
     table = tuple(range(1, 9))
     prefill = build_forward_batch([SequenceSlice(table, 0, 2)], [[1, 2]], [1], PAGE, CPU)
@@ -360,7 +360,7 @@ def test_graph_replay_equals_eager_on_gpu(backend: str, sage: SageOptions) -> No
     cuda = torch.device("cuda")
     config = _engine_config(backend, dataclasses.replace(sage, impl="auto"), "cuda")
     engine = Engine(config, _tiny_model(torch.float16, cuda))
-    runner = engine.runner
+    runner = engine._runner
     assert runner.graph_runner is not None and runner.graph_runner.batch_sizes[-1] == 64
     graphs = DecodeGraphRunner(
         runner.model, runner.backend, runner.kv_cache, [1, 4, 8], GRAPH_CONTEXT
@@ -391,7 +391,7 @@ def test_engine_with_graphs_equals_eager_on_gpu(backend: str) -> None:
             scheduler=dataclasses.replace(EngineConfig().scheduler, chunked_prefill_size=96),
         )
         llm = LLM.from_engine_config(config, loaded)
-        graphs = llm.engine.runner.graph_runner
+        graphs = llm.engine._runner.graph_runner
         assert (graphs is None) == disable
         outputs[disable] = llm.generate(prompts, params)
         if graphs is not None:

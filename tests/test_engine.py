@@ -49,9 +49,9 @@ def random_prompts(lengths: list[int], seed: int, vocab: int = 49152) -> list[li
 
 
 def assert_pool_whole(llm: LLM) -> None:
-    bm = llm.engine.block_manager
+    stats = llm.engine.stats()
     assert not llm.engine.has_unfinished_requests()
-    assert bm.num_free_pages == bm.num_usable_pages
+    assert stats.num_free_pages == stats.num_usable_pages
 
 
 BACKENDS = ["torch", "sage_attn"]
@@ -96,7 +96,7 @@ def test_preemption_under_tiny_pool_gives_same_outputs(smollm2: LoadedModel, bac
     big = make_llm(smollm2, backend=backend).generate(prompts, params)
     tiny_llm = make_llm(smollm2, backend=backend, max_total_tokens=160, chunked_prefill_size=32)
     tiny = tiny_llm.generate(prompts, params)
-    assert tiny_llm.engine.scheduler.num_preemptions > 0
+    assert tiny_llm.engine.stats().num_preemptions > 0
     for t, b in zip(tiny, big, strict=True):
         assert_outputs_match(t, b, exact=backend == "torch", top_n=2)
     assert_pool_whole(tiny_llm)
@@ -121,7 +121,8 @@ def test_abort_frees_pages(smollm2: LoadedModel) -> None:
     ids = [engine.add_request(p, GREEDY) for p in random_prompts([50, 60], seed=5)]
     engine.step()
     engine.step()
-    assert engine.block_manager.num_free_pages < engine.block_manager.num_usable_pages
+    stats = engine.stats()
+    assert stats.num_free_pages < stats.num_usable_pages
     final = engine.abort(ids[0])
     assert final is not None and final.finished and final.finish_reason == "abort"
     assert engine.abort("no-such-request") is None
@@ -225,7 +226,7 @@ def test_validate_engine_frees_its_pool_while_still_named(smollm2: LoadedModel) 
     with built_engine(base, "torch", smollm2) as engine:
         engine.add_request([5, 6, 7], GREEDY)
         engine.step()
-        pool = weakref.ref(engine.runner.kv_cache)
+        pool = weakref.ref(engine._runner.kv_cache)  # the pool itself: what close() frees
     gc.collect()
     assert pool() is None
     with pytest.raises(RuntimeError, match="closed"):

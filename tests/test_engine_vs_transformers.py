@@ -15,20 +15,6 @@ PROMPT_LEN = 256
 DECODE_STEPS = 16
 
 
-def _captured_logits(llm: LLM) -> list[torch.Tensor]:
-    """Make the runner record every logits matrix it returns."""
-    captured: list[torch.Tensor] = []
-    forward = llm.engine.runner.forward
-
-    def recording_forward(batch):
-        logits = forward(batch)
-        captured.append(logits.clone())
-        return logits
-
-    llm.engine.runner.forward = recording_forward
-    return captured
-
-
 @pytest.mark.slow
 def test_smollm2_engine_matches_transformers(smollm2_gguf) -> None:
     loaded = load_model(str(smollm2_gguf), dtype="float32", device="cpu")
@@ -39,12 +25,13 @@ def test_smollm2_engine_matches_transformers(smollm2_gguf) -> None:
         scheduler=SchedulerConfig(chunked_prefill_size=100),  # 256 tokens -> 3 chunks
     )
     llm = LLM.from_engine_config(config, loaded)
-    captured = _captured_logits(llm)
+    captured: list[torch.Tensor] = []
     prompt = torch.randint(100, 49152, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0))
     params = SamplingParams(
         temperature=0, max_new_tokens=DECODE_STEPS + 1, ignore_eos=True, prompt_logprobs=0
     )
-    out = llm.generate([prompt.tolist()], params)[0]
+    with llm.engine.logits_hook(lambda logits: captured.append(logits.clone())):
+        out = llm.generate([prompt.tolist()], params)[0]
     ours = torch.cat(captured).log_softmax(-1)  # positions 0 .. 255 + 16 decode steps
 
     hf = AutoModelForCausalLM.from_pretrained(

@@ -13,10 +13,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-from sageserve.attention.base import AttentionShape, BackendOptions
-from sageserve.attention.batch import SequenceSlice, build_forward_batch
-from sageserve.attention.triton_attn.backend import TritonBackend
 from sageserve.attention.triton_attn.backend.kernels.decode import (
     MAX_SPLITS,
     num_decode_splits,
@@ -29,6 +25,10 @@ from sageserve.attention.triton_attn.backend.kernels.prefill import (
     plan_prefill,
 )
 from sageserve.attention.triton_attn.backend.kernels.store import store_kv
+
+from sageserve.attention.base import AttentionShape, BackendOptions
+from sageserve.attention.batch import SequenceSlice, build_forward_batch
+from sageserve.attention.triton_attn.backend import TritonBackend
 from sageserve.attention.triton_common import decode_split_count
 
 CPU = torch.device("cpu")

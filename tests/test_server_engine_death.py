@@ -42,7 +42,7 @@ def _break(engine: Engine) -> None:
     has_work = engine.has_unfinished_requests
 
     def broken() -> bool:
-        if engine.requests:
+        if engine.request_ids():
             raise RuntimeError("injected fault")
         return has_work()
 
@@ -126,7 +126,7 @@ def test_a_fault_admitting_one_request_fails_only_that_request(smollm2: LoadedMo
     assert bad.status_code == 500 and bad.json()["error"]["code"] == "engine_error"
     assert all(r.status_code == 200 for r in (innocent, *others)), [r.text for r in others]
     assert health.status_code == 200
-    assert engine.num_steps > 0 and not engine.has_unfinished_requests()
+    assert engine.stats().num_steps > 0 and not engine.has_unfinished_requests()
 
 
 def test_an_unexpected_fault_in_a_route_is_an_openai_style_500(smollm2: LoadedModel) -> None:

@@ -1,4 +1,4 @@
-"""Teacher-forced log-probabilities through the engine (torch backend) vs transformers."""
+"""`Engine.teacher_forced_logprobs` (torch backend) vs transformers, and its page borrowing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from sageserve.engine.engine import Engine
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.validate.metrics import perplexity, target_logprobs
-from sageserve.validate.teacher_forced import teacher_forced_logprobs
 
 NUM_TOKENS = 100
 CHUNK = 32  # 99 inputs -> chunks of 32, 32, 32, 3: three of them after a cached prefix
@@ -51,7 +50,7 @@ def _hf_logprobs(smollm2_gguf, tokens: list[int]) -> torch.Tensor:
 
 # NOTE: one test, so that pytest-xdist loads transformers' model in one worker only.
 def test_matches_transformers_and_frees_the_pool(engine, tokens, smollm2_gguf) -> None:
-    ours = teacher_forced_logprobs(engine, tokens)
+    ours = engine.teacher_forced_logprobs(tokens)
     theirs = _hf_logprobs(smollm2_gguf, tokens)
     assert ours.shape == (NUM_TOKENS - 1, 49152) and ours.dtype == torch.float32
     assert ours.device.type == "cpu"
@@ -59,34 +58,42 @@ def test_matches_transformers_and_frees_the_pool(engine, tokens, smollm2_gguf) -
     targets = torch.tensor(tokens[1:])
     ppl_ours = perplexity(target_logprobs(ours, targets))
     assert ppl_ours == pytest.approx(perplexity(target_logprobs(theirs, targets)), rel=1e-3)
-    bm = engine.block_manager
-    assert bm.num_free_pages == bm.num_usable_pages
-    bm.check_invariants()
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_usable_pages and stats.num_cached_pages == 0
+    engine._block_manager.check_invariants()  # the borrowed pages left no trace
 
 
-def test_pages_are_freed_on_error(engine, tokens, monkeypatch) -> None:
-    def failing_forward(batch):
-        raise RuntimeError("boom")
+def test_pages_are_freed_on_error(engine, tokens) -> None:
+    calls = []
 
-    monkeypatch.setattr(engine.runner, "forward", failing_forward)
-    with pytest.raises(RuntimeError, match="boom"):
-        teacher_forced_logprobs(engine, tokens)
-    assert engine.block_manager.num_free_pages == engine.block_manager.num_usable_pages
+    def failing_hook(logits: torch.Tensor) -> None:
+        calls.append(logits.shape)
+        if len(calls) == 2:  # the second chunk, with the first one's pages in the cache
+            raise RuntimeError("boom")
+
+    with engine.logits_hook(failing_hook), pytest.raises(RuntimeError, match="boom"):
+        engine.teacher_forced_logprobs(tokens)
+    assert calls == [(CHUNK, 49152)] * 2
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_usable_pages
 
 
 def test_rejects_what_cannot_be_scored(engine) -> None:
     with pytest.raises(ValueError, match="at least 2 tokens"):
-        teacher_forced_logprobs(engine, [5])
+        engine.teacher_forced_logprobs([5])
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        teacher_forced_logprobs(engine, [5, 49152])
+        engine.teacher_forced_logprobs([5, 49152])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.teacher_forced_logprobs([-1, 5])
     with pytest.raises(ValueError, match="max-total-tokens"):
-        teacher_forced_logprobs(engine, [5] * 300)  # the pool holds 256 tokens
+        engine.teacher_forced_logprobs([5] * 300)  # the pool holds 256 tokens
 
 
 def test_refuses_a_busy_engine(engine) -> None:
     request_id = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=1))
     try:
-        with pytest.raises(AssertionError, match="idle"):
-            teacher_forced_logprobs(engine, [5, 6, 7])
+        with pytest.raises(RuntimeError, match="idle"):
+            engine.teacher_forced_logprobs([5, 6, 7])
     finally:
         engine.abort(request_id)
+    assert engine.teacher_forced_logprobs([5, 6, 7]).shape == (2, 49152)  # idle again

@@ -87,7 +87,6 @@ def test_remote_report_torch_vs_sage(servers, tmp_path: Path) -> None:
 def test_remote_reference_scores_equal_local_engine(servers, tmp_path: Path) -> None:
     """The reference server's exact target log-probs are the local torch engine's."""
     from sageserve import LLM
-    from sageserve.validate.teacher_forced import teacher_forced_logprobs
 
     ref, _ = servers
     _, rep = _validate(f"{ref.url},{ref.url}", tmp_path, "--sections", "perplexity")
@@ -99,7 +98,7 @@ def test_remote_reference_scores_equal_local_engine(servers, tmp_path: Path) -> 
     lps = []
     for offset in window["token_offsets"]:
         tokens = ids[offset : offset + window["window_tokens"]]
-        rows = teacher_forced_logprobs(llm.engine, tokens)
+        rows = llm.engine.teacher_forced_logprobs(tokens)
         lps.append(rows.gather(1, torch.tensor(tokens[1:]).unsqueeze(1)).squeeze(1).double())
     local_ppl = math.exp(-torch.cat(lps).mean().item())
     remote_ppl = window["backends"][ref.url]["perplexity"]

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 # The packages that register the built-in backends when imported.
 BUILTIN_BACKEND_PACKAGES = (
-    "sageserve.attention.torch_native",
-    "sageserve.attention.triton_attn",
+    "sageserve.attention.torch_native.backend",
+    "sageserve.attention.triton_attn.backend",
     "sageserve.attention.sage_attn",
 )
 

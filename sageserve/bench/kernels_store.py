@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from sageserve.attention.batch import SequenceSlice, build_forward_batch
 from sageserve.bench.kernels_common import (
     MAX_POSITIONS,
     OUR_VARIANTS,
@@ -45,7 +46,6 @@ from sageserve.bench.kernels_common import (
 )
 from sageserve.bench.kernels_prefill import error_fields
 from sageserve.bench.kernels_timing import MAX_ITERS, Timed, Timer, capture_graph
-from sageserve.attention.batch import SequenceSlice, build_forward_batch
 
 HEAD_DIM = 128
 GROUP = 4  # query heads per KV head in the fused QKV output (Llama-3.1-8B)
@@ -257,7 +257,7 @@ def _store_call(variant: StoreVariant, step: StepInputs, meta) -> Callable[[], N
         caches = variant.layer_tensors()
         pages, offsets = meta.store_pages, meta.store_offsets
         return lambda: store_kv(k, v, k_mean, balance, pages, offsets, *caches)
-    from sageserve.attention import triton_attn
+    from sageserve.attention.triton_attn import backend as triton_attn
 
     k_layer, v_layer = variant.layer_tensors()
     return lambda: triton_attn.store_kv(k, v, meta.slot_mapping, k_layer, v_layer)

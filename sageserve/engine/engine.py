@@ -5,17 +5,21 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from sageserve.attention.base import BackendOptions
+from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.registry import get_backend_class
 from sageserve.config import EngineConfig
 from sageserve.engine.block_manager import BlockManager
 from sageserve.engine.detokenizer import IncrementalDetokenizer
+from sageserve.engine.info import EngineInfo, EngineStats
 from sageserve.engine.logprobs import compute_logprobs, to_dicts
+from sageserve.engine.memory_usage import static_memory
 from sageserve.engine.model_runner import ModelRunner
 from sageserve.engine.request import Request, RequestOutput
 from sageserve.engine.sampler import Sampler, SamplingRow
@@ -23,11 +27,15 @@ from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.scheduler import Scheduler
 from sageserve.engine.step_plan import ChunkPlan, plan_step
 from sageserve.engine.stop import StopChecker
+from sageserve.engine.teacher_forced import borrowed_pages, check_scorable, forward_chunks
 from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.startup_phases import startup_phase
 
 logger = logging.getLogger(__name__)
+
+# Sees a logits matrix [rows, vocab] the model computed (see Engine.logits_hook).
+LogitsHook = Callable[[torch.Tensor], None]
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
@@ -48,36 +56,41 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 class Engine:
     """Owns the model runner, the scheduler and every request; not thread-safe.
 
-    Drive it with `add_request` / `abort` / `step` from one thread.
+    Drive it with `add_request` / `abort` / `step` from one thread. What it is: `info`;
+    how it is doing: `stats()`; scoring without requests: `teacher_forced_logprobs`;
+    every logits matrix it computes: `logits_hook`.
     """
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
-        self.config = config
-        self.device = config.torch_device()
-        self.loaded = loaded or self._load_model()
-        self.model_config = self.loaded.config
-        self.tokenizer = self.loaded.tokenizer
-        self.max_model_len = self._resolve_context_length()
+        self._config = config
+        self._device = config.torch_device()
+        self._loaded = loaded or self._load_model()
+        self._model_config = self._loaded.config
+        self._tokenizer = self._loaded.tokenizer
+        self._max_model_len = self._resolve_context_length()
         self._init_runner()
-        self.sampler = Sampler()
+        self._sampler = Sampler()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
-        self.requests: dict[str, Request] = {}
-        self.num_steps = 0
+        self._requests: dict[str, Request] = {}
+        self._num_steps = 0
+        self._max_batch_seen = 0
+        self._logits_hooks: list[LogitsHook] = []
+        self._info = self._describe()
 
     def _load_model(self) -> LoadedModel:
-        config = self.config
-        with startup_phase("load", f"{config.model_path or DEFAULT_MODEL} on {self.device}"):
+        config = self._config
+        with startup_phase("load", f"{config.model_path or DEFAULT_MODEL} on {self._device}"):
             return load_model(
                 config.model_path,
                 load_format=config.load_format,
                 dtype=config.dtype,
-                device=self.device,
+                device=self._device,
                 seed=config.seed,
             )
 
     def _resolve_context_length(self) -> int:
-        limit = self.model_config.max_position_embeddings
-        asked = self.config.context_length
+        limit = self._model_config.max_position_embeddings
+        asked = self._config.context_length
         if asked is not None and asked > limit:
             raise ValueError(
                 f"context_length={asked} exceeds the model's max_position_embeddings={limit}"
@@ -85,41 +98,149 @@ class Engine:
         return asked or limit
 
     def _init_runner(self) -> None:
-        cache = self.config.cache
+        config = self._config
+        cache = config.cache
         options = BackendOptions(
             cache.kv_cache_dtype,
-            self.loaded.dtype,
-            self.device,
-            self.config.attention_flags(),
-            max_context=self.max_model_len,
+            self._loaded.dtype,
+            self._device,
+            config.attention_flags(),
+            max_context=self._max_model_len,
         )
-        backend_class = get_backend_class(self.config.attention_backend)
-        backend = backend_class(self.model_config.attention_shape(), options)
-        self.runner = ModelRunner(self.loaded.model, backend, cache, self.device, self.tokenizer)
-        self.runner.setup_cuda_graphs(
-            self.config.cuda_graph, self.config.scheduler.max_running_requests, self.max_model_len
+        backend_class = get_backend_class(config.attention_backend)
+        backend = backend_class(self._model_config.attention_shape(), options)
+        runner = ModelRunner(self._loaded.model, backend, cache, self._device, self._tokenizer)
+        runner.setup_cuda_graphs(
+            config.cuda_graph, config.scheduler.max_running_requests, self._max_model_len
         )
-        self.block_manager = BlockManager(
-            self.runner.num_pages, self.runner.page_size, cache.enable_prefix_cache
+        self._runner = runner
+        self._block_manager = BlockManager(
+            runner.num_pages, runner.page_size, cache.enable_prefix_cache
         )
-        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
+        self._scheduler = Scheduler(config.scheduler, self._block_manager)
         logger.info(
             "engine ready: model=%s dtype=%s device=%s attention=%s context=%d",
-            self.loaded.source,
-            str(self.loaded.dtype).removeprefix("torch."),
-            self.device,
+            self._loaded.source,
+            str(self._loaded.dtype).removeprefix("torch."),
+            self._device,
             backend.name,
-            self.max_model_len,
+            self._max_model_len,
         )
+
+    def _describe(self) -> EngineInfo:
+        runner, config = self._runner, self._config
+        return EngineInfo(
+            model_path=config.model_path or DEFAULT_MODEL,
+            model_source=self._loaded.source,
+            attention_backend=runner.backend.name,
+            kv_cache_dtype=runner.kv_spec.dtype_name,
+            dtype=str(self._loaded.dtype).removeprefix("torch."),
+            device=str(self._device),
+            page_size=runner.page_size,
+            pool_capacity_tokens=runner.pool_capacity_tokens,
+            context_length=self._max_model_len,
+            vocab_size=self._model_config.vocab_size,
+            max_running_requests=config.scheduler.max_running_requests,
+            chunked_prefill_size=config.scheduler.chunked_prefill_size,
+            enable_prefix_cache=config.cache.enable_prefix_cache,
+            memory=static_memory(runner),
+        )
+
+    # ------------------------------------------------------------------ the face
+
+    @property
+    def info(self) -> EngineInfo:
+        """What does not change while the engine lives (model, backend, pool, memory)."""
+        return self._info
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (a Hugging Face one, or GGUF's); None when it has none."""
+        return self._tokenizer
+
+    def stats(self) -> EngineStats:
+        """The counters now: requests running and waiting, pages free and cached, steps."""
+        self._check_open()
+        scheduler, blocks = self._scheduler, self._block_manager
+        return EngineStats(
+            num_steps=self._num_steps,
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            max_batch_seen=self._max_batch_seen,
+            num_free_pages=blocks.num_free_pages,
+            num_usable_pages=blocks.num_usable_pages,
+            num_cached_pages=blocks.num_cached_pages,
+            num_preemptions=scheduler.num_preemptions,
+        )
+
+    def request_ids(self) -> list[str]:
+        """Ids of the requests in flight (waiting or running), in the order they were added."""
+        return list(self._requests)
+
+    def flush_prefix_cache(self) -> None:
+        """Drop every prefix-cache entry no request holds; pages in use keep working."""
+        self._check_open()
+        self._block_manager.reset_prefix_cache()
+
+    @contextmanager
+    def logits_hook(self, hook: LogitsHook) -> Iterator[None]:
+        """Within the block, `hook(logits)` sees every logits matrix the model computes, in
+        order: each step's ([rows the step asked for, vocab] float32: sampled positions and
+        prompt-logprob positions) and each chunk of `teacher_forced_logprobs`. The hook must
+        not change the tensor; an exception it raises ends the step or the scoring."""
+        self._logits_hooks.append(hook)
+        try:
+            yield
+        finally:
+            self._logits_hooks.remove(hook)
+
+    def teacher_forced_logprobs(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """log_softmax of the model's next-token logits at positions 0 .. n-2.
+
+        token_ids: n >= 2 token ids. Returns [n - 1, vocab] float32 on the CPU; row i scores
+        token i + 1 given tokens 0 .. i. Tokens are fed in chunks of `chunked_prefill_size`,
+        each after the cached prefix of the earlier ones, through the serving path (runner,
+        backend, paged KV cache), as the scheduler would. The engine must be idle
+        (RuntimeError otherwise); pages are borrowed from the pool and given back (also on
+        error), never entered in the prefix cache. ValueError for ids that cannot be scored.
+        """
+        self._check_open()
+        if self.has_unfinished_requests():
+            raise RuntimeError("teacher forcing needs an idle engine: requests are in flight")
+        blocks = self._block_manager
+        check_scorable(token_ids, self._max_model_len, self._model_config.vocab_size, blocks)
+        inputs = [int(t) for t in token_ids[:-1]]  # the last token is only a target
+        chunk_size = self._config.scheduler.chunked_prefill_size
+        with borrowed_pages(blocks, len(inputs)) as pages:
+            return forward_chunks(
+                self._forward,
+                inputs,
+                pages,
+                chunk_size,
+                blocks,
+                self._device,
+                self._model_config.vocab_size,
+            )
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """The runner's logits for `batch` ([rows asked for, vocab]), shown to every hook."""
+        logits = self._runner.forward(batch)
+        for hook in self._logits_hooks:
+            hook(logits)
+        return logits
+
+    def _check_open(self) -> None:
+        if self._runner is None:
+            raise RuntimeError("this engine was closed")
 
     # ----------------------------------------------------------------- requests
 
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a text prompt (special tokens such as BOS added), or the ids given."""
         if isinstance(prompt, str):
-            if self.tokenizer is None:
+            if self._tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids, not text")
-            return encode_prompt(self.tokenizer, prompt)
+            return encode_prompt(self._tokenizer, prompt)
         return [int(t) for t in prompt]
 
     def add_request(
@@ -134,35 +255,35 @@ class Engine:
         self._check_prompt(token_ids)
         self._check_param_token_ids(params)
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self.requests:
+        if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = self._make_request(request_id, prompt, token_ids, params)
-        self.requests[request_id] = req
-        self.scheduler.add_request(req)
+        self._requests[request_id] = req
+        self._scheduler.add_request(req)
         return request_id
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.model_config.vocab_size
+        vocab = self._model_config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
+        if len(token_ids) >= self._max_model_len:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens; the context length is "
-                f"{self.max_model_len}, which must leave room for at least one new token"
+                f"{self._max_model_len}, which must leave room for at least one new token"
             )
-        if len(token_ids) + 1 > self.runner.pool_capacity_tokens:
+        if len(token_ids) + 1 > self._runner.pool_capacity_tokens:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens but the KV pool holds only "
-                f"{self.runner.pool_capacity_tokens}; raise --max-total-tokens"
+                f"{self._runner.pool_capacity_tokens}; raise --max-total-tokens"
             )
 
     def _check_param_token_ids(self, params: SamplingParams) -> None:
         """ValueError for token ids in ``params`` the model has no logit for (SamplingParams
         checks them without knowing the model)."""
-        vocab = self.model_config.vocab_size
+        vocab = self._model_config.vocab_size
         fields = {
             "stop_token_ids": params.stop_token_ids,
             "logit_bias": [t for t, _ in params.logit_bias],
@@ -183,8 +304,8 @@ class Engine:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
         detok = None
-        if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        if self._tokenizer is not None:
+            detok = IncrementalDetokenizer(self._tokenizer, token_ids, params.skip_special_tokens)
         return Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
@@ -197,49 +318,50 @@ class Engine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its pages; returns its final output, None if unknown."""
-        req = self.requests.pop(request_id, None)
+        req = self._requests.pop(request_id, None)
         if req is None:
             return None
         self._finish(req, "abort")
         return RequestOutput.from_request(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self._scheduler.num_unfinished > 0
 
     def close(self) -> None:
         """Free the KV pool and the attention backend now, whoever still holds this Engine
-        (the weights stay with their LoadedModel). Any later step raises."""
-        self.runner = None
-        self.block_manager = None
-        self.scheduler = None
-        self.requests.clear()
+        (the weights stay with their LoadedModel). Any later step, scoring or `stats()` raises;
+        `info` stays readable."""
+        self._runner = None
+        self._block_manager = None
+        self._scheduler = None
+        self._requests.clear()
 
     # --------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns an output for every request that progressed."""
-        if self.runner is None:
-            raise RuntimeError("this engine was closed")
-        sched = self.scheduler.schedule()
+        self._check_open()
+        sched = self._scheduler.schedule()
         touched: list[Request] = []
         for req in sched.unservable:
             self._finish_out_of_pool(req)
             touched.append(req)
         if sched.chunks:
-            batch, plans = plan_step(sched.chunks, self.runner.page_size, self.device)
-            logits = self.runner.forward(batch)
+            batch, plans = plan_step(sched.chunks, self._runner.page_size, self._device)
+            logits = self._forward(batch)
             touched.extend(self._process(plans, logits))
-            self.num_steps += 1
+            self._num_steps += 1
         outputs = [RequestOutput.from_request(req) for req in touched]
+        self._max_batch_seen = max(self._max_batch_seen, len(outputs))
         for req in touched:
             if req.is_finished:
-                self.requests.pop(req.request_id, None)
+                self._requests.pop(req.request_id, None)
         return outputs
 
     def _process(self, plans: list[ChunkPlan], logits: torch.Tensor) -> list[Request]:
         self._record_prompt_logprobs(plans, logits)
         for plan in plans:
-            self.scheduler.on_chunk_computed(plan.chunk)
+            self._scheduler.on_chunk_computed(plan.chunk)
         sampling = [p for p in plans if p.sample_row is not None]
         if sampling:
             self._sample(sampling, logits)
@@ -267,7 +389,7 @@ class Engine:
     def _sample(self, plans: list[ChunkPlan], logits: torch.Tensor) -> None:
         reqs = [p.chunk.request for p in plans]
         rows_t = torch.tensor([p.sample_row for p in plans], device=logits.device)
-        out = self.sampler(logits[rows_t], [self._sampling_row(r) for r in reqs])
+        out = self._sampler(logits[rows_t], [self._sampling_row(r) for r in reqs])
         top_ns = [r.params.logprobs or 0 for r in reqs]
         lp_dicts = to_dicts(out.logprobs, out.token_ids, top_ns) if out.logprobs else None
         now = time.monotonic()
@@ -291,7 +413,7 @@ class Engine:
         )
 
     def _eos_ids(self, req: Request) -> tuple[int, ...]:
-        return () if req.params.ignore_eos else self.model_config.eos_token_ids
+        return () if req.params.ignore_eos else self._model_config.eos_token_ids
 
     # ------------------------------------------------------------ finishing
 
@@ -320,7 +442,7 @@ class Engine:
                 cut, matched = match
                 req.text = req.text[:cut]
                 return "stop", matched
-        if req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= self.max_model_len:
+        if req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= self._max_model_len:
             return "length", None
         return None
 
@@ -328,7 +450,7 @@ class Engine:
         """Alone on the KV pool, the request needs more room than the pool has: it ends
         with finish reason "length" (capacity cut it short, as the context length would)
         and a message naming the limit."""
-        pool = self.runner.pool_capacity_tokens
+        pool = self._runner.pool_capacity_tokens
         req.finish_message = (
             f"the request reached {req.num_tokens} tokens and the KV cache pool holds "
             f"{pool}: it cannot grow further; raise --max-total-tokens or "
@@ -341,4 +463,4 @@ class Engine:
         req.finish_reason = reason
         req.stop_reason = stop_reason
         req.finished_time = time.monotonic()
-        self.scheduler.finish(req)
+        self._scheduler.finish(req)

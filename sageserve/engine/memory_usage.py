@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sageserve.engine.info import MemoryUsage
+
 if TYPE_CHECKING:
-    from sageserve.engine.engine import Engine
+    from sageserve.engine.model_runner import ModelRunner
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -20,17 +22,17 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def static_memory(engine: Engine) -> dict[str, Any]:
-    """What the engine allocated: weights, KV cache per token and pool (all measured)."""
-    model = engine.runner.model
+def static_memory(runner: ModelRunner) -> MemoryUsage:
+    """What the runner allocated: weights, KV cache per token and pool (all measured)."""
+    model = runner.model
     weights = sum(tensor_bytes(p) for p in model.parameters())
     weights += sum(tensor_bytes(b) for b in model.buffers())
-    spec = engine.runner.kv_spec
-    return {
-        "weights_bytes": weights,
-        "kv_bytes_per_token": spec.bytes_per_token,
-        "kv_dtype": spec.dtype_name,
-        "pool_capacity_tokens": engine.runner.pool_capacity_tokens,
-        "pool_bytes": tensor_bytes(engine.runner.kv_cache),
-        "tokens_per_gib": 2**30 // spec.bytes_per_token,
-    }
+    spec = runner.kv_spec
+    return MemoryUsage(
+        weights_bytes=weights,
+        kv_bytes_per_token=spec.bytes_per_token,
+        kv_dtype=spec.dtype_name,
+        pool_capacity_tokens=runner.pool_capacity_tokens,
+        pool_bytes=tensor_bytes(runner.kv_cache),
+        tokens_per_gib=2**30 // spec.bytes_per_token,
+    )

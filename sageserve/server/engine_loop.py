@@ -37,12 +37,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sageserve.engine.engine import Engine, encode_prompt
-from sageserve.engine.memory_usage import static_memory
+from sageserve.engine.info import EngineStats
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.stop import StopChecker
 from sageserve.engine.token_bytes import TokenBytes
-from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.server.errors import (
     EngineDeadError,
     InvalidRequestError,
@@ -56,43 +55,6 @@ logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What does not change while serving; read once, before the thread starts."""
-
-    model_path: str  # as given (a short name, a directory or a file)
-    model_source: str  # what was loaded: file name, format, stored tensor types
-    attention_backend: str
-    kv_cache_dtype: str
-    dtype: str
-    device: str
-    page_size: int
-    pool_capacity_tokens: int
-    context_length: int
-    vocab_size: int
-    max_running_requests: int
-    chunked_prefill_size: int
-    enable_prefix_cache: bool
-    memory: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot the engine thread publishes after every iteration (for /get_server_info).
-
-    max_batch_seen: the most requests one step has computed (prefill chunks and decodes).
-    """
-
-    num_steps: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    max_batch_seen: int = 0
-    num_free_pages: int = 0
-    num_usable_pages: int = 0
-    num_cached_pages: int = 0
-    num_preemptions: int = 0
 
 
 @dataclass
@@ -199,14 +161,16 @@ class EngineLoop:
         limits: RequestLimits | None = None,
     ) -> None:
         self.max_queued_requests = max_queued_requests
-        self.info = _engine_info(engine)
+        self.info = engine.info
         self.limits = limits or RequestLimits.for_context(self.info.context_length)
         # NOTE: a tokenizer object must not be shared between threads: the event loop
         # decodes token texts with one copy, the tokenizer thread encodes with another.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self._encoder = copy.deepcopy(engine.tokenizer)
         self._encoder_thread = ThreadPoolExecutor(1, thread_name_prefix="sageserve-tokenizer")
-        self.stats = EngineStats()
+        # The engine's latest snapshot, published by the engine thread after every iteration
+        # (for /get_server_info and the metrics' gauges); taken here before the thread starts.
+        self.stats: EngineStats = engine.stats()
         self.metrics = ServerMetrics(self.info, lambda: self.stats)
         self.failure: str | None = None  # why the engine thread stopped, once it has
         self.on_death: Callable[[], None] | None = None
@@ -216,7 +180,6 @@ class EngineLoop:
         self._pending_adds: set[asyncio.Future[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._max_batch = 0  # engine thread only
         self.token_text = functools.lru_cache(maxsize=65536)(self._decode_token)
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
 
@@ -449,7 +412,7 @@ class EngineLoop:
     def _add(self, command: _Add) -> None:
         limit = self.max_queued_requests
         if limit is not None:
-            in_flight = self._engine.scheduler.num_unfinished + len(command.prompts)
+            in_flight = self._engine.stats().num_unfinished + len(command.prompts)
             if in_flight > self.info.max_running_requests + limit:
                 raise QueueFullError(
                     f"too many requests in flight (at most {self.info.max_running_requests} "
@@ -471,7 +434,7 @@ class EngineLoop:
             return InvalidRequestError(
                 "requests are in flight; the prefix cache is flushed only when the server is idle"
             )
-        self._engine.block_manager.reset_prefix_cache()
+        self._engine.flush_prefix_cache()
         return None
 
     def _step(self) -> None:
@@ -481,36 +444,24 @@ class EngineLoop:
             # NOTE: one failing step must not take the server down: log it with its
             # traceback, fail the requests it may have touched, and keep serving. Which
             # request broke a batched step is unknown, so all of them fail.
-            ids = list(self._engine.requests)
+            ids = self._engine.request_ids()
             logger.exception("engine step failed; failing requests %s", ", ".join(ids))
             self._abort_all()
             self.metrics.observe_failed(ids)
             error = RequestFailedError("internal error in the engine step serving this request")
             self._post(self._fail, ids, error)
             return
-        self._max_batch = max(self._max_batch, len(outputs))
         self.metrics.observe(outputs)
         self._post(self._dispatch, outputs)
 
     def _abort_all(self) -> list[str]:
-        ids = list(self._engine.requests)
+        ids = self._engine.request_ids()
         for rid in ids:
             self._engine.abort(rid)
         return ids
 
     def _publish_stats(self) -> None:
-        scheduler = self._engine.scheduler
-        blocks = self._engine.block_manager
-        self.stats = EngineStats(
-            num_steps=self._engine.num_steps,
-            num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
-            max_batch_seen=self._max_batch,
-            num_free_pages=blocks.num_free_pages,
-            num_usable_pages=blocks.num_usable_pages,
-            num_cached_pages=blocks.num_cached_pages,
-            num_preemptions=scheduler.num_preemptions,
-        )
+        self.stats = self._engine.stats()
 
     def _post(self, callback: Any, *args: Any) -> None:
         assert self._loop is not None, "EngineLoop.start() was not called"
@@ -542,24 +493,3 @@ def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
-
-
-def _engine_info(engine: Engine) -> EngineInfo:
-    runner = engine.runner
-    config = engine.config
-    return EngineInfo(
-        model_path=engine.config.model_path or DEFAULT_MODEL,
-        model_source=engine.loaded.source,
-        attention_backend=runner.backend.name,
-        kv_cache_dtype=runner.kv_spec.dtype_name,
-        dtype=str(engine.loaded.dtype).removeprefix("torch."),
-        device=str(engine.device),
-        page_size=runner.page_size,
-        pool_capacity_tokens=runner.pool_capacity_tokens,
-        context_length=engine.max_model_len,
-        vocab_size=engine.model_config.vocab_size,
-        max_running_requests=config.scheduler.max_running_requests,
-        chunked_prefill_size=config.scheduler.chunked_prefill_size,
-        enable_prefix_cache=config.cache.enable_prefix_cache,
-        memory=static_memory(engine),
-    )

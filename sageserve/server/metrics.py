@@ -23,8 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
+    from sageserve.engine.info import EngineInfo, EngineStats
     from sageserve.engine.request import RequestOutput
-    from sageserve.server.engine_loop import EngineInfo, EngineStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
 

@@ -1,7 +1,7 @@
 """Section 2: logit agreement with the reference, teacher-forced on identical tokens.
 
 Per context group (short / medium / long windows of the text) each backend scores the same
-windows through `teacher_forced_logprobs`; its full next-token distributions are compared
+windows through `Engine.teacher_forced_logprobs`; its full next-token distributions are compared
 with the reference backend's (KL, |Δ logprob| of the actual token, top-1 agreement).
 
 The prefix-cache case goes through the engine's normal request path instead: a long prefix
@@ -21,7 +21,6 @@ from sageserve.engine.engine import Engine
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.validate.logits_tap import LogitsTap
 from sageserve.validate.metrics import TokenComparison, compare_logprobs, target_logprobs
-from sageserve.validate.teacher_forced import teacher_forced_logprobs
 from sageserve.validate.workload import generate
 
 PREFIX_GROUP = "prefix_cache_hit"
@@ -75,7 +74,7 @@ def score_window(
     engine: Engine, window: Window, store: ReferenceStore, is_reference: bool, out: BackendScores
 ) -> None:
     """Score one window; save it (reference) or compare it with the saved reference."""
-    lp = teacher_forced_logprobs(engine, window.token_ids)
+    lp = engine.teacher_forced_logprobs(window.token_ids)
     out.target_lp[window.key] = target_logprobs(lp, window.targets).float()
     if is_reference:
         store.save(window.key, lp)
@@ -93,7 +92,7 @@ def prefix_hit_logprobs(
     cache; the second request asks for prompt logprobs from the suffix only, which lets the
     scheduler take everything before it from the cache.
     """
-    engine.block_manager.reset_prefix_cache()
+    engine.flush_prefix_cache()
     generate(engine, [prefix], SamplingParams(temperature=0, max_new_tokens=1))
     params = SamplingParams(max_new_tokens=0, prompt_logprobs=0, logprob_start_len=len(prefix))
     with LogitsTap(engine) as tap:
@@ -117,7 +116,7 @@ def score_prefix_hit(
     """Compare the cache-hit path's suffix distributions with the reference's from scratch."""
     rows, cached = prefix_hit_logprobs(engine, prefix, suffix)
     if is_reference:
-        tf = teacher_forced_logprobs(engine, prefix + suffix)[len(prefix) - 1 :]
+        tf = engine.teacher_forced_logprobs(prefix + suffix)[len(prefix) - 1 :]
         store.save(PREFIX_GROUP, tf)
     ref = store.load(PREFIX_GROUP)
     out.comparisons[PREFIX_GROUP] = [compare_logprobs(ref, rows, torch.tensor(suffix))]

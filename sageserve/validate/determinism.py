@@ -69,7 +69,7 @@ def compare_outputs(a: GreedyOutput, b: GreedyOutput) -> Difference:
 
 
 def _cold(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
-    engine.block_manager.reset_prefix_cache()
+    engine.flush_prefix_cache()
     return generate(engine, prompts, params)
 
 

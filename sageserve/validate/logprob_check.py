@@ -18,7 +18,6 @@ import torch
 
 from sageserve.engine.engine import Engine
 from sageserve.engine.sampling_params import SamplingParams
-from sageserve.validate.teacher_forced import teacher_forced_logprobs
 from sageserve.validate.workload import generate
 
 TOP_N = 5
@@ -99,7 +98,7 @@ def check_prompt(
     _check_prompt_positions(out.prompt_logprobs, prompt, found)
     _check_output_positions(out.logprobs, out.token_ids, found)
     full = prompt + out.token_ids
-    tf = teacher_forced_logprobs(engine, full)  # row i scores token i + 1
+    tf = engine.teacher_forced_logprobs(full)  # row i scores token i + 1
     for j in range(1, len(prompt)):
         entry = out.prompt_logprobs[j] if out.prompt_logprobs else None
         gap = _compare_rows(entry, tf[j - 1], f"prompt position {j}", tols[0], found)

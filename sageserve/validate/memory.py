@@ -1,5 +1,8 @@
 """Section 6: memory -- weights, KV bytes per token, pool capacity, and the measured peak.
 
+The first three are the engine's own account (`Engine.info.memory`); this module measures
+the peak.
+
 The peak is torch.cuda.max_memory_allocated on CUDA; on CPU it is the process's resident set
 size, sampled every few milliseconds by a thread for the duration of one backend's phase
 (`PeakMemory`), because the process-wide high-water mark would mix the backends.
@@ -14,10 +17,6 @@ from types import TracebackType
 from typing import Any
 
 import torch
-
-from sageserve.engine.memory_usage import static_memory, tensor_bytes
-
-__all__ = ["PeakMemory", "rss_bytes", "static_memory", "tensor_bytes"]
 
 _STATUS = Path("/proc/self/status")
 _SAMPLE_S = 0.005

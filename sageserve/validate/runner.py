@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ def _backend_phase(
     """Every per-backend section on one engine."""
     plan, s, is_ref = res.plan, cfg.sizes, label == cfg.reference
     if cfg.runs("determinism") and s.determinism_runs:
-        _check_determinism_fills_a_page(len(plan.det_prompt), engine.block_manager.page_size)
+        _check_determinism_fills_a_page(len(plan.det_prompt), engine.info.page_size)
     bar = tqdm(total=_phase_units(cfg, plan), desc=f"validate {label}", file=sys.stderr)
     with bar:
         if cfg.runs("logprobs"):
@@ -208,7 +208,7 @@ def run_local(cfg: ValidateConfig, base: EngineConfig) -> LocalResults:
                 memory.PeakMemory(base.torch_device()) as peak,
                 built_engine(base, backend, loaded) as engine,
             ):
-                res.memory[label] = memory.static_memory(engine)
+                res.memory[label] = asdict(engine.info.memory)
                 _backend_phase(cfg, engine, label, store, res)
             res.memory[label]["peak"] = peak.to_dict()
     if cfg.runs("throughput"):
