@@ -19,13 +19,13 @@ from datetime import UTC, datetime
 import torch
 import torch.nn.functional as F
 import triton
-from sageserve.attention.triton_attn.backend.kernels import prefill as p16
-from sageserve.attention.triton_attn.backend.kernels.store import store_kv as store16
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sageserve.attention.sage_attn.kernels import prefill as p8
 from sageserve.attention.sage_attn.kernels.store import store_kv as store8
 from sageserve.attention.sage_attn.reference import FP8_DTYPE
+from sageserve.attention.triton_attn.kernels import prefill as p16
+from sageserve.attention.triton_attn.kernels.store import store_kv as store16
 
 TOKENS, HEADS, DIM = 16384, 32, 128
 DEV = torch.device("cuda")

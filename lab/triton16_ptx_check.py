@@ -21,11 +21,12 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     raise SystemExit("unset TRITON_INTERPRET: this compiles the kernels for the GPU")
 
 import triton
-from sageserve.attention.triton_attn.backend.kernels import decode as paged_decode
-from sageserve.attention.triton_attn.backend.kernels import prefill as paged_prefill
-from sageserve.attention.triton_attn.backend.kernels import store as paged_store
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from sageserve.attention.triton_attn.kernels import decode as paged_decode
+from sageserve.attention.triton_attn.kernels import prefill as paged_prefill
+from sageserve.attention.triton_attn.kernels import store as paged_store
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"

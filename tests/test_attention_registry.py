@@ -7,11 +7,11 @@ import argparse
 
 import pytest
 import torch
-from sageserve.attention.triton_attn.backend.options import TritonOptions
 
 from sageserve.attention.base import AttentionShape, BackendOptions
 from sageserve.attention.registry import backend_names, get_backend_class, register_backend
 from sageserve.attention.sage_attn.options import SageOptions
+from sageserve.attention.triton_attn.options import TritonOptions
 from sageserve.config import EngineConfig
 from sageserve.engine.llm import LLM
 from sageserve.engine_args import add_engine_args, engine_config_from_args

@@ -221,7 +221,7 @@ def _misplaced_store(variant: StoreVariant, step: StepInputs):
         mean, balance = variant.backend.k_mean[0], variant.backend.channel_scale[0]
         pages, offsets = meta.store_pages.roll(1), meta.store_offsets.roll(1)
         return lambda: store_kv(step.k, step.v, mean, balance, pages, offsets, *caches)
-    from sageserve.attention.triton_attn.backend.kernels.store import store_kv
+    from sageserve.attention.triton_attn.kernels.store import store_kv
 
     return lambda: store_kv(step.k, step.v, meta.slot_mapping.roll(1), *caches)
 

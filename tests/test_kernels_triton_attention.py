@@ -13,22 +13,22 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from sageserve.attention.triton_attn.backend.kernels.decode import (
+
+from sageserve.attention.base import AttentionShape, BackendOptions
+from sageserve.attention.batch import SequenceSlice, build_forward_batch
+from sageserve.attention.triton_attn.backend import TritonBackend
+from sageserve.attention.triton_attn.kernels.decode import (
     MAX_SPLITS,
     num_decode_splits,
     paged_decode,
     plan_decode,
 )
-from sageserve.attention.triton_attn.backend.kernels.prefill import (
+from sageserve.attention.triton_attn.kernels.prefill import (
     PrefillConfig,
     paged_prefill,
     plan_prefill,
 )
-from sageserve.attention.triton_attn.backend.kernels.store import store_kv
-
-from sageserve.attention.base import AttentionShape, BackendOptions
-from sageserve.attention.batch import SequenceSlice, build_forward_batch
-from sageserve.attention.triton_attn.backend import TritonBackend
+from sageserve.attention.triton_attn.kernels.store import store_kv
 from sageserve.attention.triton_common import decode_split_count
 
 CPU = torch.device("cpu")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import torch
-from sageserve.attention.torch_native.backend.options import TorchOptions
 
 from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.registry import register_backend
 from sageserve.attention.torch_native.backend import TorchNativeBackend, TorchNativeMetadata
+from sageserve.attention.torch_native.options import TorchOptions
 from sageserve.cli import main
 
 

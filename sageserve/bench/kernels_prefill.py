@@ -213,7 +213,7 @@ def noncausal_support(variant: str) -> str | None:
     if OUR_VARIANTS[variant][0] == "sage_attn":
         from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged as fn
     else:
-        from sageserve.attention.triton_attn.backend.kernels.prefill import paged_prefill as fn
+        from sageserve.attention.triton_attn.kernels.prefill import paged_prefill as fn
     if "causal" in inspect.signature(fn).parameters:
         return None
     return (

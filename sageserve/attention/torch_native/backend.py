@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sageserve.attention.base import AttentionBackend, AttentionShape, BackendOptions, KVCacheSpec
 from sageserve.attention.batch import ForwardBatch, SequenceSlice
 from sageserve.attention.paged_cache import PagedKVCache, resolve_kv_dtype
-from sageserve.attention.torch_native.backend.options import TorchOptions
+from sageserve.attention.torch_native.options import TorchOptions
 
 
 @dataclass

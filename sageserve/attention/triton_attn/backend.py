@@ -39,19 +39,19 @@ from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.graph_sizes import padded_batch_size
 from sageserve.attention.paged_cache import PagedKVCache, resolve_kv_dtype
 from sageserve.attention.static_metadata import StaticBuffers, table_width, write_decode_rows
-from sageserve.attention.triton_attn.backend.kernels.decode import (
+from sageserve.attention.triton_attn.kernels.decode import (
     DecodePlan,
     num_decode_splits,
     paged_decode,
     plan_decode,
 )
-from sageserve.attention.triton_attn.backend.kernels.prefill import (
+from sageserve.attention.triton_attn.kernels.prefill import (
     PrefillPlan,
     paged_prefill,
     plan_prefill,
 )
-from sageserve.attention.triton_attn.backend.kernels.store import store_kv
-from sageserve.attention.triton_attn.backend.options import TritonOptions
+from sageserve.attention.triton_attn.kernels.store import store_kv
+from sageserve.attention.triton_attn.options import TritonOptions
 from sageserve.attention.triton_common import (
     HEAD_DIMS,
     KEY_ALIGN,
