@@ -181,7 +181,7 @@ def test_store_bytes_are_the_kernel_notes_figure() -> None:
     """16k tokens x 32 KV heads in bf16: the 8-bit store moves the 405 MB of KERNEL_NOTES
     ("sage_store v2": K/V read, codes and fp16 scales written, int64 pages and offsets read)
     plus its fp32 key mean and balance; the 16-bit store writes K/V back in bf16."""
-    shape = StoreShape(16384, 32, 64, torch.bfloat16, seed=0)
+    shape = StoreShape(16384, 32, page_size=64, dtype=torch.bfloat16, seed=0)
     values = 16384 * 32 * 128
     sage = 2 * values * 2 + 2 * values + 2 * 16384 * 32 * 2 + 2 * 16384 * 8 + 2 * 32 * 128 * 4
     assert shape.bytes_moved("sage_fp16pv") == shape.bytes_moved("sage_fp8pv") == sage
@@ -193,7 +193,9 @@ def test_store_steps_decode_and_prefill() -> None:
     """A decode step: one token per sequence, each on its own page at some offset; a prefill
     step: sequences of up to 1024 tokens from a page boundary. Sets use disjoint pages; the
     inputs are random normal (not zeros), v a strided view of a fused QKV output."""
-    decode = make_inputs(StoreShape(16, 2, 64, torch.float32, seed=1), 2, torch.device("cpu"))
+    decode = make_inputs(
+        StoreShape(16, 2, page_size=64, dtype=torch.float32, seed=1), 2, torch.device("cpu")
+    )
     for step in decode.steps:
         assert [s.query_len for s in step.seqs] == [1] * 16
         assert all(len(s.page_table) == 1 and 0 <= s.prefix_len < 64 for s in step.seqs)
@@ -201,7 +203,9 @@ def test_store_steps_decode_and_prefill() -> None:
     assert len(pages[0]) == len(pages[1]) == 16 and not pages[0] & pages[1]
     assert decode.num_pages == 33 and 0 not in pages[0] | pages[1]
     assert len({s.prefix_len for s in decode.steps[0].seqs}) > 1
-    prefill = make_inputs(StoreShape(2500, 2, 64, torch.float32, seed=1), 1, torch.device("cpu"))
+    prefill = make_inputs(
+        StoreShape(2500, 2, page_size=64, dtype=torch.float32, seed=1), 1, torch.device("cpu")
+    )
     (step,) = prefill.steps
     assert [(s.prefix_len, s.query_len) for s in step.seqs] == [(0, 1024), (0, 1024), (0, 452)]
     tables = [p for s in step.seqs for p in s.page_table]
@@ -233,7 +237,7 @@ def test_store_checks_catch_a_misplaced_store(variant: str) -> None:
     the backend's own call and fail for one that writes the right values to wrong slots."""
     device = torch.device(DEVICE)
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    shape = StoreShape(8, 1, 16, dtype, seed=2)
+    shape = StoreShape(8, 1, page_size=16, dtype=dtype, seed=2)
     inputs = make_inputs(shape, 1, device)
     built = build_variant(variant, shape, inputs, device)
     timer = Timer(device, warmup=0, repeats=1, sample_ms=1.0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,7 @@ def test_bad_flags_exit_2(argv: list[str], message: str, capsys) -> None:
         (["--model-path", "/no/such/model"], "does not exist"),
         (["--temperature", "-1"], "temperature"),
         (["--page-size", "0"], "page_size must be >= 1"),
+        (["--sage-pv", "fp8"], "options of --attention-backend sage_attn were given"),
     ],
 )
 def test_bad_values_exit_2(argv: list[str], message: str, capsys) -> None:
@@ -88,3 +91,17 @@ def test_validate_writes_an_untracked_folder_per_run(monkeypatch, tmp_path, caps
     assert "/sageserve-reports/" in (Path(__file__).parents[1] / ".gitignore").read_text()
     noon = datetime(2026, 12, 3, 12, 0, 5, tzinfo=UTC)
     assert str(default_out_dir("full", noon)) == "sageserve-reports/2026-12-03-120005-full"
+
+
+def test_python_m_sageserve_is_the_sageserve_command() -> None:
+    """`python -m sageserve` parses and fails as the console script does (exit 2, message)."""
+    bad = ["generate", "--prompt", "hi", "--attention-backend", "flash9"]
+    run = subprocess.run([sys.executable, "-m", "sageserve", *bad], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "invalid choice: 'flash9'" in run.stderr
+    assert all(name in run.stderr.split("choose from")[1] for name in ("sage_attn", "torch"))
+    helped = subprocess.run(
+        [sys.executable, "-m", "sageserve", "generate", "--help"], capture_output=True, text=True
+    )
+    assert helped.returncode == 0
+    assert "--sage-pv" in helped.stdout and "sage_attn = 8-bit attention" in helped.stdout

@@ -303,7 +303,7 @@ def test_unsupported_configurations_name_the_valid_choices(monkeypatch) -> None:
 
 def run_backend_step(backend, cache, spans, tables, page_size, kv_heads, gen, device):
     """One step of layer 0 over (prefix, new) spans whose prefixes are already cached."""
-    cfg = backend.model_config
+    cfg = backend.shape
     slices = [SequenceSlice(t, p, n) for t, (p, n) in zip(tables, spans, strict=True)]
     ids = [[1] * n for _, n in spans]
     batch = build_forward_batch(slices, ids, [], page_size, device)

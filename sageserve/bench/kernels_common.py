@@ -9,6 +9,7 @@ region, as a serving step builds them once for every layer).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +30,15 @@ MAX_POSITIONS = 131072
 REFERENCE_CHUNK_BYTES = 1 << 30
 # Sanity bar for every variant (8-bit variants included) against the fp64 reference.
 MIN_COSINE = 0.99
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasuredShape:
+    """What every measured shape names besides its sizes: page size, input dtype, seed."""
+
+    page_size: int
+    dtype: torch.dtype
+    seed: int
 
 
 def model_config(q_heads: int, kv_heads: int, head_dim: int) -> AttentionShape:

@@ -16,7 +16,6 @@ L2_FACTOR x the L2 size in all, and consecutive calls cycle through them.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from sageserve.bench.kernels_common import (
     MAX_POSITIONS,
     MIN_COSINE,
     OUR_VARIANTS,
+    MeasuredShape,
     accuracy,
     calibrate,
     forward_batch,
@@ -39,7 +39,7 @@ from sageserve.bench.kernels_common import (
     shuffled_tables,
 )
 from sageserve.bench.kernels_prefill import error_fields
-from sageserve.bench.kernels_timing import MAX_ITERS, Timed, Timer, capture_graph
+from sageserve.bench.kernels_timing import Timed, Timer, eager_and_graph
 
 DECODE_VARIANTS = ("sage_fp16pv", "sage_fp8pv", "triton16")
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3.1-8B
@@ -58,14 +58,11 @@ INCLUDED = {
 
 
 @dataclass(frozen=True)
-class DecodeShape:
+class DecodeShape(MeasuredShape):
     """One decode measurement's shape."""
 
     batch: int
     context: int
-    page_size: int
-    dtype: torch.dtype
-    seed: int
 
     @property
     def used_tokens(self) -> int:
@@ -99,8 +96,10 @@ class DecodeVariant:
 
 
 def make_shape(batch: int, context: int, settings: dict[str, Any]) -> DecodeShape:
-    return DecodeShape(batch, context, settings["page_size"], settings["dtype"],
-                       shape_seed(settings["seed"], 2, batch, context))  # fmt: skip
+    seed = shape_seed(settings["seed"], 2, batch, context)
+    return DecodeShape(
+        batch, context, page_size=settings["page_size"], dtype=settings["dtype"], seed=seed
+    )
 
 
 def rotation_sets(shape: DecodeShape, variants: list[str], device: torch.device) -> int:
@@ -153,9 +152,9 @@ def _decode_call(variant: DecodeVariant, meta) -> Callable[[], None]:
         dec = meta.kernel.decode
         return lambda: sage_decode_paged(variant.q, balance, *caches, dec.page_table,
                                          dec.q_rows, dec.kv_len, out, dec.workspace)  # fmt: skip
-    from sageserve.attention.triton_attn.backend import backend as triton_attn
+    from sageserve.attention.triton_attn.kernels.decode import paged_decode
 
-    return lambda: triton_attn.paged_decode(variant.q, cache.k[0], cache.v[0], meta.decode, out)
+    return lambda: paged_decode(variant.q, cache.k[0], cache.v[0], meta.decode, out)
 
 
 def _store(variant: DecodeVariant, k, v, table: tuple[int, ...], page_size: int) -> None:
@@ -173,9 +172,9 @@ def _store(variant: DecodeVariant, k, v, table: tuple[int, ...], page_size: int)
         store_kv(k, v, k_mean, balance, pages, offsets, cache.k[0], cache.k_scale[0],
                  cache.v[0], cache.v_scale[0])  # fmt: skip
     else:
-        from sageserve.attention.triton_attn.backend import backend as triton_attn
+        from sageserve.attention.triton_attn.kernels.store import store_kv
 
-        triton_attn.store_kv(k, v, pages * page_size + offsets, cache.k[0], cache.v[0])
+        store_kv(k, v, pages * page_size + offsets, cache.k[0], cache.v[0])
 
 
 @dataclass
@@ -233,30 +232,6 @@ def _splits(meta) -> int:
     if hasattr(meta, "kernel"):
         return meta.kernel.decode.workspace.num_splits
     return meta.decode.num_splits
-
-
-def _timed_entries(name: str, variant: DecodeVariant, timer: Timer):
-    """Eager calls cycling the sets; on CUDA also a graph of such calls.
-
-    Returns (entries, graph capture error or None): a failed capture keeps the eager figure.
-    """
-    for call in variant.calls:  # every set compiled and warm before any capture
-        call()
-    cycle = itertools.cycle(variant.calls)
-    eager = Timed(lambda: next(cycle)())
-    timer.plan(eager)
-    entries = {f"{name}:eager": eager}
-    if not timer.cuda:
-        return entries, None
-    n = min(MAX_ITERS, eager.iters)
-    try:
-        graph = capture_graph([variant.calls[i % len(variant.calls)] for i in range(n)],
-                              timer.device)  # fmt: skip
-    except Exception as err:  # reported in the row ("graph_error") and the exit code
-        return entries, f"{type(err).__name__}: {err}"[:2000]
-    entries[f"{name}:graph"] = Timed(graph.replay, per_call=n)
-    timer.plan(entries[f"{name}:graph"])
-    return entries, None
 
 
 def bench_shape(
@@ -319,7 +294,7 @@ def _first_runs(built, filled, ref, timer, rows) -> dict[str, Timed]:
     for name, variant in built.items():
         try:
             rows[name] |= _check(variant, filled, ref, timer)
-            timed, graph_error = _timed_entries(name, variant, timer)
+            timed, graph_error = eager_and_graph(name, variant.calls, timer, graph=True)
             entries |= timed
             if graph_error:
                 rows[name]["graph_error"] = graph_error

@@ -248,17 +248,18 @@ def _sage_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
 
 def _triton_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
     """The triton backend's kernel calls for layer 0, as its `forward` makes them."""
-    from sageserve.attention.triton_attn.backend import backend as triton_attn
+    from sageserve.attention.triton_attn.kernels.prefill import paged_prefill
+    from sageserve.attention.triton_attn.kernels.store import store_kv
 
     k_layer, v_layer = cache.k[0], cache.v[0]
     kwargs = {} if data.shape.causal else {"causal": False}
 
     def store() -> None:
-        triton_attn.store_kv(data.k, data.v, meta.slot_mapping, k_layer, v_layer)
+        store_kv(data.k, data.v, meta.slot_mapping, k_layer, v_layer)
 
     def full() -> torch.Tensor:
         store()
-        triton_attn.paged_prefill(data.q, k_layer, v_layer, meta.prefill, out, **kwargs)
+        paged_prefill(data.q, k_layer, v_layer, meta.prefill, out, **kwargs)
         return out
 
     return store, full

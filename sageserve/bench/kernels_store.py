@@ -38,6 +38,7 @@ from sageserve.attention.batch import SequenceSlice, build_forward_batch
 from sageserve.bench.kernels_common import (
     MAX_POSITIONS,
     OUR_VARIANTS,
+    MeasuredShape,
     calibrate,
     keys_with_bias,
     make_backend,
@@ -45,7 +46,7 @@ from sageserve.bench.kernels_common import (
     shape_seed,
 )
 from sageserve.bench.kernels_prefill import error_fields
-from sageserve.bench.kernels_timing import MAX_ITERS, Timed, Timer, capture_graph
+from sageserve.bench.kernels_timing import Timed, Timer, eager_and_graph
 
 HEAD_DIM = 128
 GROUP = 4  # query heads per KV head in the fused QKV output (Llama-3.1-8B)
@@ -68,14 +69,11 @@ INCLUDED = {
 
 
 @dataclass(frozen=True)
-class StoreShape:
+class StoreShape(MeasuredShape):
     """One store measurement's shape."""
 
     tokens: int
     kv_heads: int
-    page_size: int
-    dtype: torch.dtype
-    seed: int
 
     @property
     def layout(self) -> str:
@@ -143,8 +141,10 @@ class StoreVariant:
 
 def make_shape(tokens: int, kv_heads: int, settings: dict[str, Any]) -> StoreShape:
     """settings: page_size, dtype, seed."""
-    return StoreShape(tokens, kv_heads, settings["page_size"], settings["dtype"],
-                      shape_seed(settings["seed"], 3, tokens, kv_heads))  # fmt: skip
+    seed = shape_seed(settings["seed"], 3, tokens, kv_heads)
+    return StoreShape(
+        tokens, kv_heads, page_size=settings["page_size"], dtype=settings["dtype"], seed=seed
+    )
 
 
 def rotation_sets(shape: StoreShape, variants: list[str], device: torch.device) -> int:
@@ -257,10 +257,10 @@ def _store_call(variant: StoreVariant, step: StepInputs, meta) -> Callable[[], N
         caches = variant.layer_tensors()
         pages, offsets = meta.store_pages, meta.store_offsets
         return lambda: store_kv(k, v, k_mean, balance, pages, offsets, *caches)
-    from sageserve.attention.triton_attn import backend as triton_attn
+    from sageserve.attention.triton_attn.kernels.store import store_kv
 
     k_layer, v_layer = variant.layer_tensors()
-    return lambda: triton_attn.store_kv(k, v, meta.slot_mapping, k_layer, v_layer)
+    return lambda: store_kv(k, v, meta.slot_mapping, k_layer, v_layer)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -329,30 +329,6 @@ def check_variant(variant: StoreVariant, step: StepInputs, timer: Timer) -> dict
 # ---------------------------------------------------------------------------- one shape
 
 
-def _timed_entries(variant: StoreVariant, decode: bool, timer: Timer):
-    """Eager calls cycling the sets; for a decode step on CUDA also a graph of such calls.
-
-    Returns (entries, graph capture error or None): a failed capture keeps the eager figure.
-    """
-    for call in variant.calls:  # every set warm (and compiled) before timing or capture
-        call()
-    cycle = itertools.cycle(variant.calls)
-    eager = Timed(lambda: next(cycle)())
-    timer.plan(eager)
-    entries = {f"{variant.name}:eager": eager}
-    if not (timer.cuda and decode):
-        return entries, None
-    n = min(MAX_ITERS, eager.iters)
-    try:
-        graph = capture_graph([variant.calls[i % len(variant.calls)] for i in range(n)],
-                              timer.device)  # fmt: skip
-    except Exception as err:  # reported in the row ("graph_error") and the exit code
-        return entries, f"{type(err).__name__}: {err}"[:2000]
-    entries[f"{variant.name}:graph"] = Timed(graph.replay, per_call=n)
-    timer.plan(entries[f"{variant.name}:graph"])
-    return entries, None
-
-
 def bench_shape(
     shape: StoreShape, variants: list[str], timer: Timer, device: torch.device
 ) -> list[dict[str, Any]]:
@@ -371,7 +347,9 @@ def bench_shape(
         try:
             variant = build_variant(name, shape, inputs, device)
             rows[name]["checks"] = check_variant(variant, inputs.steps[0], timer)
-            timed, graph_error = _timed_entries(variant, shape.layout == "decode", timer)
+            timed, graph_error = eager_and_graph(
+                variant.name, variant.calls, timer, graph=shape.layout == "decode"
+            )
             entries |= timed
             if graph_error:
                 rows[name]["graph_error"] = graph_error

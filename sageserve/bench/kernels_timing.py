@@ -8,6 +8,7 @@ round-robin (A B C A B C ...), so a clock or thermal drift hits all of them alik
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -109,6 +110,32 @@ def capture_graph(calls: list[Callable[[], object]], device: torch.device) -> to
         for call in calls:
             call()
     return graph
+
+
+def eager_and_graph(
+    name: str, calls: list[Callable[[], object]], timer: Timer, graph: bool
+) -> tuple[dict[str, Timed], str | None]:
+    """`name`:eager cycling `calls` (every one run once first: compiled and warm before any
+    timing or capture) and, when `graph` and on CUDA, `name`:graph replaying as many calls.
+
+    Returns (entries, graph capture error or None): a failed capture keeps the eager figure.
+    """
+    for call in calls:
+        call()
+    cycle = itertools.cycle(calls)
+    eager = Timed(lambda: next(cycle)())
+    timer.plan(eager)
+    entries = {f"{name}:eager": eager}
+    if not (timer.cuda and graph):
+        return entries, None
+    n = min(MAX_ITERS, eager.iters)
+    try:
+        replay = capture_graph([calls[i % len(calls)] for i in range(n)], timer.device)
+    except Exception as err:  # reported in the row ("graph_error") and the exit code
+        return entries, f"{type(err).__name__}: {err}"[:2000]
+    entries[f"{name}:graph"] = Timed(replay.replay, per_call=n)
+    timer.plan(entries[f"{name}:graph"])
+    return entries, None
 
 
 def copy_bandwidth(timer: Timer, num_bytes: int) -> dict[str, float]:
