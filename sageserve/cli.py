@@ -81,7 +81,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from sageserve.bench.kernels import add_kernels_args
     from sageserve.bench.serving import add_serving_args
 
-    p = sub.add_parser("bench", help="benchmarks: a running server, or the attention kernels")
+    p = sub.add_parser(
+        "bench", help="benchmarks: a running server, the engine offline, or the attention kernels"
+    )
     kinds = p.add_subparsers(dest="bench", required=True)
     serving = kinds.add_parser(
         "serving",
@@ -97,6 +99,32 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     add_kernels_args(kernels)
     kernels.set_defaults(func=_run_bench_kernels)
+    _add_bench_offline(kinds)
+
+
+def _add_bench_offline(kinds: argparse._SubParsersAction) -> None:
+    from sageserve.bench.offline import add_offline_args
+
+    offline = kinds.add_parser(
+        "offline",
+        help="the engine over a grid of batch x input x output per backend, no HTTP: "
+        "prefill s, TTFT, decode tok/s and its memory-bandwidth bound (exit 1 if a point "
+        "could not run)",
+        conflict_handler="resolve",
+    )
+    add_offline_args(offline)
+    offline.add_argument("--log-level", default="warning", choices=("debug", "info", "warning"))
+    add_engine_args(offline)
+    # one engine per entry of --backends, as validate builds them
+    offline.add_argument("--attention-backend", default=None, help=argparse.SUPPRESS)
+    offline.set_defaults(func=_run_bench_offline)
+
+
+def _run_bench_offline(args: argparse.Namespace) -> int:
+    from sageserve.bench.offline import run
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    return run(args)
 
 
 def _run_bench(args: argparse.Namespace) -> int:

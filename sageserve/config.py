@@ -109,6 +109,9 @@ class EngineConfig:
     # backend from one config, so the others' options ride along unread.
     attention_options: tuple[BackendFlags, ...] = ()
     cuda_graph: CudaGraphConfig = field(default_factory=CudaGraphConfig)
+    # On CUDA, RMSNorm (+ residual add), rotary and SiLU-mul run as fused Triton kernels
+    # (sageserve/layers/fused); False keeps the torch ops. CPU always uses the torch ops.
+    fused_layers: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("load_format", self.load_format, LOAD_FORMAT_CHOICES)

@@ -133,6 +133,12 @@ def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
         help="largest decode batch replayed from a CUDA graph (capped by "
         "--max-running-requests); larger ones run eagerly",
     )
+    group.add_argument(
+        "--disable-fused-layers",
+        action="store_true",
+        help="run RMSNorm, rotary and SiLU-mul as separate torch ops instead of fused Triton "
+        "kernels (CUDA; CPU always uses the torch ops)",
+    )
 
 
 def backend_options_from_args(args: argparse.Namespace) -> tuple[BackendFlags, ...]:
@@ -185,4 +191,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         ),
         attention_options=backend_options_from_args(args),
         cuda_graph=CudaGraphConfig(disable=args.disable_cuda_graph, max_bs=args.cuda_graph_max_bs),
+        fused_layers=not args.disable_fused_layers,
     )

@@ -42,12 +42,14 @@ class DenseCausalContext:
 
 
 @torch.no_grad()
-def ours_prefill_then_decode(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    """Log-softmax [len(ids), vocab]: a PROMPT_LEN prefill, then one-token decode steps."""
+def ours_prefill_then_decode(
+    model: LlamaForCausalLM, ids: torch.Tensor, prompt_len: int = PROMPT_LEN
+) -> torch.Tensor:
+    """Log-softmax [len(ids), vocab]: a prompt_len prefill, then one-token decode steps."""
     attn = DenseCausalContext(model.config.num_layers)
-    hidden = model(ids[:PROMPT_LEN], torch.arange(PROMPT_LEN), attn)
+    hidden = model(ids[:prompt_len], torch.arange(prompt_len), attn)
     outputs = [model.compute_logits(hidden)]
-    for pos in range(PROMPT_LEN, ids.shape[0]):
+    for pos in range(prompt_len, ids.shape[0]):
         hidden = model(ids[pos : pos + 1], torch.tensor([pos]), attn)
         outputs.append(model.compute_logits(hidden))
     return torch.cat(outputs).log_softmax(-1)
@@ -64,11 +66,16 @@ def random_ids(vocab_size: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab_size, (PROMPT_LEN + DECODE_STEPS,), generator=generator)
 
 
-def assert_matches_reference(model: LlamaForCausalLM, hf_model: torch.nn.Module) -> None:
-    ids = random_ids(model.config.vocab_size)
-    ours = ours_prefill_then_decode(model, ids)
+def assert_matches_reference(
+    model: LlamaForCausalLM,
+    hf_model: torch.nn.Module,
+    prompt_len: int = PROMPT_LEN,
+    decode_steps: int = DECODE_STEPS,
+) -> None:
+    ids = random_ids(model.config.vocab_size)[: prompt_len + decode_steps]
+    ours = ours_prefill_then_decode(model, ids, prompt_len)
     ref = reference_logprobs(hf_model, ids)
-    assert ours.shape == ref.shape == (PROMPT_LEN + DECODE_STEPS, model.config.vocab_size)
+    assert ours.shape == ref.shape == (prompt_len + decode_steps, model.config.vocab_size)
     # The comparison is meaningless if the distributions are flat.
     assert ref.max(-1).values.mean() > ref.mean() + 1.0
     assert (ours - ref).abs().max().item() <= TOLERANCE
@@ -177,3 +184,20 @@ def test_tiny_mistral_matches_transformers() -> None:
     )
     hf_model = transformers.MistralForCausalLM(hf_config).eval()
     assert_matches_reference(ours_from_hf(hf_model), hf_model)
+
+
+def test_tiny_llama31_with_fused_triton_layers_matches_transformers() -> None:
+    """The fused RMSNorm, rotary and SiLU-mul kernels (Triton's interpreter on CPU) in a
+    whole model: prefill, then decode steps, against transformers. A short prompt: the
+    interpreter runs one program per token and layer."""
+    torch.manual_seed(3)
+    hf_config = transformers.LlamaConfig(
+        **_tiny_kwargs(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING),
+        architectures=["LlamaForCausalLM"],
+    )
+    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+    model = ours_from_hf(hf_model)
+    model.use_triton_layers(True)
+    fused = [m for m in model.modules() if getattr(m, "use_triton", False)]
+    assert len(fused) == 2 * 2 + 1 + 2 + 1  # norms, final norm, MLPs, rotary
+    assert_matches_reference(model, hf_model, prompt_len=17, decode_steps=4)

@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.metadata
-import json
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -32,7 +29,13 @@ from typing import Any
 
 import torch
 
-from sageserve.output_dir import DEFAULT_OUT_ROOT
+from sageserve.bench.run_record import (
+    default_out,
+    device_info,
+    settings_command,
+    software,
+    write_json,
+)
 
 PREFILL_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", "sdpa_flash", "sdpa_cudnn",
                    "sageattn_1_0_6", "torch_sdpa")  # fmt: skip
@@ -282,16 +285,7 @@ def config_from_args(args: argparse.Namespace) -> KernelBenchConfig:
 
 def command_line(cfg: KernelBenchConfig, out: Path) -> str:
     """The command that repeats this run, every setting explicit."""
-    words = ["sageserve", "bench", "kernels"]
-    for name, value in asdict(cfg).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            words += [flag] if value else []
-        elif isinstance(value, tuple):
-            words += [flag, ",".join(map(str, value))]
-        else:
-            words += [flag, str(value)]
-    return shlex.join([*words, "--out", str(out)])
+    return settings_command(["sageserve", "bench", "kernels"], cfg, out)
 
 
 # ---------------------------------------------------------------------------- preflight
@@ -394,31 +388,6 @@ def _trial_reasons(variant: str, cfg: KernelBenchConfig) -> list[str]:
 # ---------------------------------------------------------------------------- the result
 
 
-def _device_info(cfg: KernelBenchConfig) -> dict[str, Any]:
-    if cfg.device != "cuda":
-        return {"name": "cpu", "processor": platform.processor() or platform.machine(),
-                "cpu_count": os.cpu_count()}  # fmt: skip
-    props = torch.cuda.get_device_properties(cfg.torch_device)
-    return {
-        "name": props.name, "capability": f"{props.major}.{props.minor}",
-        "sm_count": props.multi_processor_count, "memory_bytes": props.total_memory,
-        "l2_bytes": getattr(props, "L2_cache_size", None),
-    }  # fmt: skip
-
-
-def _software() -> dict[str, Any]:
-    import triton
-
-    try:
-        sage = importlib.metadata.version("sageattention")
-    except importlib.metadata.PackageNotFoundError:
-        sage = "not installed"
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
-            "sageattention": sage}  # fmt: skip
-
-
 def _method(cfg: KernelBenchConfig) -> dict[str, Any]:
     from sageserve.bench import kernels_decode, kernels_prefill, kernels_store
 
@@ -472,19 +441,6 @@ def _method(cfg: KernelBenchConfig) -> dict[str, Any]:
     }
 
 
-def default_out(device: dict[str, Any], stamp: str) -> Path:
-    """Untracked, one file per run (results to keep are written with --out)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-")
-    return Path(DEFAULT_OUT_ROOT) / f"kernels-{slug}-{stamp}.json"
-
-
-def _write(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)  # a reader never sees half a file
-
-
 # ---------------------------------------------------------------------------- running
 
 
@@ -534,7 +490,7 @@ def _after_shape(result, part: str, rows: list[dict], out: Path, progress_line) 
     result[part] += rows
     for row in rows:
         print(progress_line(part, row), flush=True)
-    _write(result, out)
+    write_json(result, out)
     gc.collect()  # the shape's runners, caches and graphs, before the next shape allocates
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -547,13 +503,13 @@ def run_benchmark(cfg: KernelBenchConfig, out: Path | None) -> tuple[dict[str, A
 
     started = time.monotonic()
     now = datetime.datetime.now(datetime.UTC)
-    device = _device_info(cfg)
-    out = out or default_out(device, now.strftime("%Y-%m-%d-%H%M%S"))
+    device = device_info(cfg.torch_device)
+    out = out or default_out("kernels", device, now.strftime("%Y-%m-%d-%H%M%S"))
     result: dict[str, Any] = {
         "benchmark": "sageserve bench kernels", "date": now.isoformat(timespec="seconds"),
         "command": command_line(cfg, out), "process_argv": shlex.join(sys.argv),
         "machine": {"hostname": platform.node(), "platform": platform.platform()},
-        "device": device, "software": _software(), "settings": asdict(cfg),
+        "device": device, "software": software(), "settings": asdict(cfg),
         "method": _method(cfg), "complete": False, "prefill": [], "decode": [], "store": [],
     }  # fmt: skip
     timer = Timer(cfg.torch_device, cfg.warmup, cfg.repeats, cfg.sample_ms)
@@ -568,7 +524,7 @@ def run_benchmark(cfg: KernelBenchConfig, out: Path | None) -> tuple[dict[str, A
     result["problems"] = problems(result)
     result["complete"] = True
     result["wall_s"] = time.monotonic() - started
-    _write(result, out)
+    write_json(result, out)
     return result, out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import uuid
@@ -100,6 +101,7 @@ class Engine:
     def _init_runner(self) -> None:
         config = self._config
         cache = config.cache
+        self._loaded.model.use_triton_layers(self._fused_layers)
         options = BackendOptions(
             cache.kv_cache_dtype,
             self._loaded.dtype,
@@ -119,13 +121,20 @@ class Engine:
         )
         self._scheduler = Scheduler(config.scheduler, self._block_manager)
         logger.info(
-            "engine ready: model=%s dtype=%s device=%s attention=%s context=%d",
+            "engine ready: model=%s dtype=%s device=%s attention=%s context=%d fused_layers=%s",
             self._loaded.source,
             str(self._loaded.dtype).removeprefix("torch."),
             self._device,
             backend.name,
             self._max_model_len,
+            self._fused_layers,
         )
+
+    @property
+    def _fused_layers(self) -> bool:
+        """Fused Triton layer kernels: on CUDA unless disabled (the interpreter is too slow
+        for whole models on CPU)."""
+        return self._config.fused_layers and self._device.type == "cuda"
 
     def _describe(self) -> EngineInfo:
         runner, config = self._runner, self._config
@@ -143,6 +152,7 @@ class Engine:
             max_running_requests=config.scheduler.max_running_requests,
             chunked_prefill_size=config.scheduler.chunked_prefill_size,
             enable_prefix_cache=config.cache.enable_prefix_cache,
+            fused_layers=self._fused_layers,
             memory=static_memory(runner),
         )
 
@@ -328,13 +338,23 @@ class Engine:
         return self._scheduler.num_unfinished > 0
 
     def close(self) -> None:
-        """Free the KV pool and the attention backend now, whoever still holds this Engine
-        (the weights stay with their LoadedModel). Any later step, scoring or `stats()` raises;
-        `info` stays readable."""
+        """Free the KV pool, the CUDA graphs and the attention backend now, whoever still
+        holds this Engine (the weights stay with their LoadedModel), and hand the memory back
+        to the device, so that the next engine's pool is sized from it. Any later step,
+        scoring or `stats()` raises; `info` stays readable."""
         self._runner = None
         self._block_manager = None
         self._scheduler = None
         self._requests.clear()
+        gc.collect()  # graphs and backends can sit in reference cycles
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # --------------------------------------------------------------------- step
 

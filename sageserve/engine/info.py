@@ -14,6 +14,9 @@ class MemoryUsage:
     """What the engine allocated, measured from its tensors (bytes)."""
 
     weights_bytes: int  # parameters and buffers of the model
+    # What one forward step reads of them whatever its batch: every parameter but an untied
+    # input embedding table, of which a step looks up only its tokens' rows.
+    step_weight_bytes: int
     kv_bytes_per_token: int  # over all layers, scales included
     kv_dtype: str
     pool_capacity_tokens: int  # tokens the KV pool holds (the null page excluded)
@@ -38,6 +41,7 @@ class EngineInfo:
     max_running_requests: int
     chunked_prefill_size: int
     enable_prefix_cache: bool
+    fused_layers: bool  # RMSNorm, rotary and SiLU-mul as fused Triton kernels
     memory: MemoryUsage
 
 

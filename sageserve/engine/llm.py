@@ -53,6 +53,7 @@ class LLM:
         attention_options: dict[str, Any] | None = None,
         disable_cuda_graph: bool = False,
         cuda_graph_max_bs: int = 64,
+        disable_fused_layers: bool = False,
     ) -> None:
         config = EngineConfig(
             model_path=model,
@@ -77,6 +78,7 @@ class LLM:
                 backend_entry(attention_backend).flags_class.from_kwargs(attention_options or {}),
             ),
             cuda_graph=CudaGraphConfig(disable=disable_cuda_graph, max_bs=cuda_graph_max_bs),
+            fused_layers=not disable_fused_layers,
         )
         self.engine = Engine(config)
 

@@ -11,6 +11,7 @@ from sageserve.engine.info import MemoryUsage
 
 if TYPE_CHECKING:
     from sageserve.engine.model_runner import ModelRunner
+    from sageserve.models.llama import LlamaForCausalLM
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -22,6 +23,14 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def step_weight_bytes(model: LlamaForCausalLM) -> int:
+    """Parameter bytes one forward step reads: all but an untied input embedding table."""
+    total = sum(tensor_bytes(p) for p in model.parameters())
+    if model.config.tie_word_embeddings:
+        return total  # the LM head reads the whole table
+    return total - tensor_bytes(model.model.embed_tokens.weight)
+
+
 def static_memory(runner: ModelRunner) -> MemoryUsage:
     """What the runner allocated: weights, KV cache per token and pool (all measured)."""
     model = runner.model
@@ -30,6 +39,7 @@ def static_memory(runner: ModelRunner) -> MemoryUsage:
     spec = runner.kv_spec
     return MemoryUsage(
         weights_bytes=weights,
+        step_weight_bytes=step_weight_bytes(model),
         kv_bytes_per_token=spec.bytes_per_token,
         kv_dtype=spec.dtype_name,
         pool_capacity_tokens=runner.pool_capacity_tokens,

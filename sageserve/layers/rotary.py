@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from sageserve.layers.fused.rotary import rotary_qk
 
 
 def inverse_frequencies(
@@ -52,6 +55,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.max_positions = head_dim, max_positions
         self.theta, self.scaling = theta, scaling
         self.register_buffer("cos_sin", torch.empty(max_positions, head_dim), persistent=False)
+        self.use_triton = False  # rotate in one fused kernel per layer (layers/fused)
         self.reset_tables()
 
     @torch.no_grad()
@@ -68,6 +72,29 @@ class RotaryEmbedding(nn.Module):
         """positions [T] -> (cos, sin), each [T, 1, head_dim // 2], broadcastable over heads."""
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
         return cos, sin
+
+    def at(self, positions: torch.Tensor) -> Rotation:
+        """The rotation of one step's tokens, positions [T], applied by every layer."""
+        if self.use_triton:
+            return Rotation(positions, self.cos_sin)
+        return Rotation(positions, self.cos_sin, *self.lookup(positions))
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """Rotates a step's q [T, Hq, D] and k [T, Hkv, D]: by cos/sin [T, 1, D/2] gathered once
+    per step (torch ops), or, when they are None, by the fused kernel, which reads the
+    table rows of `positions` itself."""
+
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is None:
+            return rotary_qk(q, k, self.positions, self.cos_sin)
+        return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

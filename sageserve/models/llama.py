@@ -14,9 +14,10 @@ from torch import nn
 
 from sageserve.attention.context import AttentionContext
 from sageserve.layers.activation import silu_and_mul
+from sageserve.layers.fused.silu_mul import silu_mul
 from sageserve.layers.linear import MergedLinear
 from sageserve.layers.rmsnorm import RMSNorm
-from sageserve.layers.rotary import RotaryEmbedding, apply_rotary
+from sageserve.layers.rotary import RotaryEmbedding, Rotation
 from sageserve.models.config import ModelConfig
 
 # HF projection name -> (our fused module name, shard index).
@@ -45,14 +46,14 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
         self.splits = [config.q_size, config.kv_size, config.kv_size]
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionContext
-    ) -> torch.Tensor:
-        """x [T, hidden], cos/sin [T, 1, D/2] -> [T, hidden]."""
+    def forward(self, x: torch.Tensor, rotation: Rotation, attn: AttentionContext) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]."""
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
-        q = apply_rotary(q.view(tokens, self.num_q_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = rotation(
+            q.view(tokens, self.num_q_heads, self.head_dim),
+            k.view(tokens, self.num_kv_heads, self.head_dim),
+        )
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         out = attn.attend(self.layer_id, q, k, v)
         return self.o_proj(out.reshape(tokens, -1))
@@ -64,10 +65,13 @@ class LlamaMLP(nn.Module):
         inter = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [inter, inter], bias=False)
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
+        self.use_triton = False  # silu(gate) * up in one fused kernel (layers/fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> down(silu(gate(x)) * up(x)) [T, hidden]."""
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        activation = silu_mul if self.use_triton else silu_and_mul
+        return self.down_proj(activation(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -82,14 +86,13 @@ class LlamaDecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotation: Rotation,
         attn: AttentionContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm block on [T, hidden]. Returns (mlp output, residual stream before it);
         the next layer's norm adds them, saving one add per layer."""
         x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, attn)
+        x = self.self_attn(x, rotation, attn)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -111,10 +114,10 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionContext
     ) -> torch.Tensor:
         """input_ids, positions [T] -> final-normed hidden states [T, hidden]."""
-        cos, sin = self.rotary_emb.lookup(positions)
+        rotation = self.rotary_emb.at(positions)
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, attn)
+            x, residual = layer(x, residual, rotation, attn)
         return self.norm(x, residual)[0]
 
 
@@ -134,6 +137,13 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] int64 (absolute position within each token's sequence)
         -> hidden [T, hidden]. Each layer i calls attn.attend(i, q, k, v)."""
         return self.model(input_ids, positions, attn)
+
+    def use_triton_layers(self, enabled: bool) -> None:
+        """Run RMSNorm (+ residual add), rotary and SiLU-mul as fused Triton kernels
+        (layers/fused; CUDA, or Triton's interpreter) or as torch ops (the default)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm | LlamaMLP | RotaryEmbedding):
+                module.use_triton = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from sageserve.bench.offline_measure import summarize
 from sageserve.validate import determinism, mmlu, throughput, verdicts
 from sageserve.validate.agreement import PREFIX_GROUP
 from sageserve.validate.config import CONTEXT_GROUPS, ValidateConfig
@@ -115,7 +116,7 @@ def mmlu_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any]:
 
 def throughput_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any]:
     summary = {
-        label: {key: throughput.summarize(runs) for key, runs in per_case.items()}
+        label: {key: summarize(runs) for key, runs in per_case.items()}
         for label, per_case in res.throughput.items()
     }
     ups = throughput.speedups(summary, cfg.reference)

@@ -67,18 +67,6 @@ def run_case(engine: Engine, case: Case, text: TextSource, offset: int) -> dict[
     }
 
 
-def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
-    """Median, min and max of each figure over rounds."""
-    return {
-        name: {
-            "median": statistics.median(r[name] for r in runs),
-            "min": min(r[name] for r in runs),
-            "max": max(r[name] for r in runs),
-        }
-        for name in runs[0]
-    } | {"rounds": len(runs)}
-
-
 def speedups(summary: dict[str, dict[str, Any]], reference: str) -> dict[str, dict[str, float]]:
     """Per backend and case: median decode tok/s and total tok/s over the reference's."""
     out: dict[str, dict[str, float]] = {}

@@ -6,12 +6,9 @@ real prose, and a run is reproducible from the report's token offsets.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-
-import torch
 
 from sageserve.config import EngineConfig
 from sageserve.engine.engine import Engine
@@ -61,14 +58,8 @@ def built_engine(
     config = replace(base, attention_backend=backend)
     if prefix_cache is not None:
         config = replace(config, cache=replace(config.cache, enable_prefix_cache=prefix_cache))
-    engine = Engine(config, loaded)
-    try:
+    with Engine(config, loaded) as engine:
         yield engine
-    finally:
-        engine.close()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def generate(

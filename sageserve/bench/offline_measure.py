@@ -1,0 +1,121 @@
+"""One point of `sageserve bench offline`: a batch of equal requests through the engine,
+timed step by step, and the memory-bandwidth bound of its decode steps.
+
+A point (batch B, input I, output O) runs in two passes on an idle engine whose prefix
+cache was emptied. Timestamps are the engine's own (`RequestMetrics`, time.monotonic),
+taken after each step's tokens reached the host.
+
+1. Prefill: B greedy requests of I random token ids, one output token each, queued at once.
+   prefill_s: queueing -> the last request's first token (every prompt prefilled, in
+   chunks of --chunked-prefill-size); ttft_s: the median request's queueing -> first token.
+2. Decode: the same prompts again, O tokens each (EOS ignored). Their pages are in the
+   prefix cache, so every request's first token comes within a step or two and the batch
+   then decodes together (with one pass, chunked prefill would stagger the requests and a
+   large batch would never decode whole). decode_tok_s: the sum over requests of
+   (O - 1) / (finish - first token); decode_step_ms: B / decode_tok_s.
+- bound: a decode step must read the weights once (`MemoryUsage.step_weight_bytes`) and the
+  K/V of every sequence; at the mean context I + O/2 that is
+  bytes = step_weight_bytes + B * (I + O/2) * kv_bytes_per_token, and at the device's
+  measured copy bandwidth it cannot take less than bytes / bandwidth:
+  bound_tok_s = B * bandwidth / bytes. fraction = decode_tok_s / bound_tok_s.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sageserve.engine.engine import Engine
+from sageserve.engine.info import MemoryUsage
+from sageserve.engine.request import RequestOutput
+from sageserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """B requests of I prompt tokens, each generating O tokens."""
+
+    batch: int
+    input_len: int
+    output_len: int
+
+    @property
+    def key(self) -> str:
+        return f"b{self.batch}-in{self.input_len}-out{self.output_len}"
+
+    def tokens_needed(self) -> int:
+        """KV pool tokens the point holds at its end (every request at full length)."""
+        return self.batch * (self.input_len + self.output_len)
+
+
+def decode_bound(point: GridPoint, memory: MemoryUsage, copy_gb_per_s: float) -> dict[str, float]:
+    """The decode bound of a point (see the module docstring): bytes per step, the
+    fastest step those bytes allow at the copy bandwidth, and the tokens/s that gives."""
+    mean_context = point.input_len + point.output_len / 2
+    kv_bytes = point.batch * mean_context * memory.kv_bytes_per_token
+    step_bytes = memory.step_weight_bytes + kv_bytes
+    min_step_s = step_bytes / (copy_gb_per_s * 1e9)
+    return {
+        "step_bytes": step_bytes,
+        "weight_bytes": float(memory.step_weight_bytes),
+        "kv_bytes": kv_bytes,
+        "min_step_ms": min_step_s * 1e3,
+        "bound_tok_s": point.batch / min_step_s,
+    }
+
+
+def random_prompts(point: GridPoint, vocab: int, generator: torch.Generator) -> list[list[int]]:
+    """B prompts of I token ids drawn uniformly from the vocabulary (never all equal)."""
+    ids = torch.randint(0, vocab, (point.batch, point.input_len), generator=generator)
+    return ids.tolist()
+
+
+def run_point(engine: Engine, point: GridPoint, generator: torch.Generator) -> dict[str, float]:
+    """Both passes of `point` on an idle engine; its figures (module docstring)."""
+    engine.flush_prefix_cache()
+    prompts = random_prompts(point, engine.info.vocab_size, generator)
+    start = time.monotonic()
+    prefilled = _generate(engine, prompts, 1)
+    firsts = [out.metrics.first_token_time - start for out in prefilled]
+    decoded = _generate(engine, prompts, point.output_len)
+    rates = [(point.output_len - 1) / (out.metrics.finished_time - out.metrics.first_token_time)
+             for out in decoded]  # fmt: skip
+    decode_tok_s = sum(rates)
+    return {
+        "prefill_s": max(firsts),
+        "ttft_s": statistics.median(firsts),
+        "decode_tok_s": decode_tok_s,
+        "decode_step_ms": point.batch / decode_tok_s * 1e3,
+        "decode_cached_tokens": float(min(out.num_cached_tokens for out in decoded)),
+    }
+
+
+def _generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[RequestOutput]:
+    """Every prompt's finished output (exactly `new_tokens` greedy tokens), in order."""
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    ids = [engine.add_request(prompt, params) for prompt in prompts]
+    finished: dict[str, RequestOutput] = {}
+    while len(finished) < len(ids):
+        if not engine.has_unfinished_requests():
+            raise RuntimeError("the engine went idle before the point's requests finished")
+        finished |= {out.request_id: out for out in engine.step() if out.finished}
+    outputs = [finished[i] for i in ids]
+    if any(len(out.token_ids) != new_tokens for out in outputs):
+        raise RuntimeError(f"a request did not make exactly {new_tokens} tokens")
+    return outputs
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Median, min and max of every figure over the rounds."""
+    return {
+        name: {
+            "median": statistics.median(r[name] for r in runs),
+            "min": min(r[name] for r in runs),
+            "max": max(r[name] for r in runs),
+        }
+        for name in runs[0]
+    } | {"rounds": len(runs)}

@@ -1,0 +1,133 @@
+"""`sageserve bench offline`: its bound arithmetic on a known case, the weight bytes it
+counts, and a whole run on CPU (tiny grid, default model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sageserve.bench.offline import OfflineBenchConfig
+from sageserve.bench.offline_measure import GridPoint, decode_bound
+from sageserve.cli import main
+from sageserve.engine.info import MemoryUsage
+from sageserve.engine.memory_usage import step_weight_bytes
+from sageserve.models.config import ModelConfig
+from sageserve.models.llama import LlamaForCausalLM
+
+
+def llama8b_memory(kv_bytes_per_token: int) -> MemoryUsage:
+    weights = 16_060_522_496  # Llama-3.1-8B in bf16, embedding table included
+    return MemoryUsage(
+        weights_bytes=weights,
+        step_weight_bytes=weights - 128256 * 4096 * 2,  # the untied input embedding
+        kv_bytes_per_token=kv_bytes_per_token,
+        kv_dtype="bfloat16",
+        pool_capacity_tokens=1 << 20,
+        pool_bytes=0,
+        tokens_per_gib=0,
+    )
+
+
+def test_decode_bound_of_llama8b_at_64_by_8k() -> None:
+    # 32 layers x 8 KV heads x 128 dims x (K, V) x 2 bytes = 131072 bytes per token.
+    memory = llama8b_memory(131072)
+    bound = decode_bound(GridPoint(64, 8192, 128), memory, copy_gb_per_s=4250.0)
+    # By hand: weights 16_060_522_496 - 1_050_673_152 = 15_009_849_344 bytes; KV at the mean
+    # context 8192 + 64 = 8256 tokens: 64 * 8256 * 131072 = 69_256_347_648 bytes.
+    assert bound["weight_bytes"] == 15_009_849_344
+    assert bound["kv_bytes"] == 69_256_347_648
+    assert bound["step_bytes"] == 84_266_196_992
+    assert bound["min_step_ms"] == pytest.approx(84_266_196_992 / 4250e9 * 1e3)
+    assert bound["bound_tok_s"] == pytest.approx(64 / (84_266_196_992 / 4250e9))
+    assert 3227 < bound["bound_tok_s"] < 3228
+
+
+def test_decode_bound_of_one_stream_is_the_weight_read() -> None:
+    bound = decode_bound(GridPoint(1, 1, 2), llama8b_memory(131072), copy_gb_per_s=4250.0)
+    # 2 tokens of KV next to 15 GB of weights: 283.15 tok/s
+    assert bound["bound_tok_s"] == pytest.approx(4250e9 / (15_009_849_344 + 2 * 131072))
+
+
+def tiny_config(tied: bool) -> ModelConfig:
+    return ModelConfig.from_hf_config({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": tied,
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_step_weight_bytes_leave_out_only_an_untied_embedding(tied: bool) -> None:
+    model = LlamaForCausalLM(tiny_config(tied))
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    table = 100 * 32 * 4
+    assert step_weight_bytes(model) == (total if tied else total - table)
+
+
+def test_config_names_the_valid_backends() -> None:
+    with pytest.raises(ValueError, match="choose from"):
+        OfflineBenchConfig(("flash",), (True,), (1,), (8,), (4,), 1, 0)
+    with pytest.raises(ValueError, match="output-lens"):
+        OfflineBenchConfig(("torch",), (True,), (1,), (8,), (1,), 1, 0)
+
+
+def test_bad_flag_exits_2(capsys) -> None:
+    assert main(["bench", "offline", "--backends", "nope", "--device", "cpu"]) == 2
+    assert "choose from" in capsys.readouterr().err
+
+
+def test_offline_run_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--device", "cpu", "--backends", "torch", "--batch-sizes",
+            "1,3", "--input-lens", "7", "--output-lens", "4", "--rounds", "2", "--out",
+            str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] and not result["problems"]
+    assert set(result["rows"]) == {"torch/b1-in7-out4", "torch/b3-in7-out4"}
+    row = result["rows"]["torch/b3-in7-out4"]
+    assert len(row["runs"]) == 2 and row["summary"]["rounds"] == 2
+    run = row["runs"][0]
+    assert 0 < run["ttft_s"] <= run["prefill_s"]
+    assert run["decode_step_ms"] == pytest.approx(3 / run["decode_tok_s"] * 1e3)
+    # the decode pass found the prompts' whole pages (16 tokens on CPU) in the prefix cache
+    assert run["decode_cached_tokens"] == 0  # 7 tokens: no whole page
+    assert (
+        0
+        < row["fraction_of_bound"]
+        == pytest.approx(row["summary"]["decode_tok_s"]["median"] / row["bound"]["bound_tok_s"])
+    )
+    assert result["copy_bandwidth"]["gb_per_s"] > 0
+    assert "| torch | 3 | 7 | 4 |" in out.with_suffix(".md").read_text()
+
+
+def test_offline_decode_pass_hits_the_prefix_cache(tmp_path: Path) -> None:
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--device", "cpu", "--backends", "torch", "--batch-sizes", "2",
+            "--input-lens", "37", "--output-lens", "3", "--rounds", "1", "--page-size", "16",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    run = json.loads(out.read_text())["rows"]["torch/b2-in37-out3"]["runs"][0]
+    assert run["decode_cached_tokens"] == 32
+
+
+def test_offline_needs_the_prefix_cache() -> None:
+    argv = ["bench", "offline", "--device", "cpu", "--backends", "torch", "--batch-sizes", "1",
+            "--input-lens", "5", "--output-lens", "2", "--disable-prefix-cache"]  # fmt: skip
+    assert main(argv) == 2
+
+
+def test_offline_point_that_does_not_fit_is_a_problem(tmp_path: Path) -> None:
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--device", "cpu", "--backends", "torch", "--batch-sizes", "2",
+            "--input-lens", "5,40", "--output-lens", "3", "--rounds", "1",
+            "--max-total-tokens", "64", "--page-size", "16", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"torch/b2-in5-out3"}
+    assert result["problems"] == [
+        "torch/b2-in40-out3 skipped: needs 86 KV tokens, the pool holds 64"
+    ]
