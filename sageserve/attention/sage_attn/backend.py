@@ -220,7 +220,9 @@ class SageAttentionBackend(AttentionBackend):
         if self.use_kernels:
             kernel = kernel_metadata(batch, lambda rows: self._decode_workspace(rows, page_size))
         slots = batch.slot_mapping
-        seqs = reference_seqs(batch)
+        # Only the reference path reads the per-sequence pages: building them costs one
+        # host-to-device copy per sequence per step.
+        seqs = reference_seqs(batch) if kernel is None else []
         return SageMetadata(slots // page_size, slots % page_size, seqs, exact, kernel)
 
     def forward(

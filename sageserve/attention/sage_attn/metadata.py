@@ -61,7 +61,7 @@ class KernelMetadata:
 class SageMetadata:
     store_pages: torch.Tensor  # [num_tokens] page of each new token
     store_offsets: torch.Tensor  # [num_tokens] offset inside that page
-    seqs: list[SageSeq]
+    seqs: list[SageSeq]  # the reference path's; empty when the kernels run
     exact: object | None  # the torch backend's metadata, when some layers are exact
     kernel: KernelMetadata | None  # set when the Triton kernels run
 
