@@ -117,6 +117,14 @@ def _add_scheduler_args(group: argparse._ArgumentGroup) -> None:
         default=2048,
         help="token budget of one step; longer prompts are prefilled in chunks",
     )
+    group.add_argument(
+        "--max-prefill-tokens-while-decoding",
+        type=int,
+        default=None,
+        help="prefill tokens a step may compute while other requests decode (they wait for "
+        "the whole step: a cap bounds their inter-token latency, at a cost in throughput and "
+        "TTFT); default: no cap beyond --chunked-prefill-size",
+    )
 
 
 def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
@@ -188,6 +196,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(
             max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size,
+            max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
         ),
         attention_options=backend_options_from_args(args),
         cuda_graph=CudaGraphConfig(disable=args.disable_cuda_graph, max_bs=args.cuda_graph_max_bs),

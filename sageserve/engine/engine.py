@@ -151,6 +151,7 @@ class Engine:
             vocab_size=self._model_config.vocab_size,
             max_running_requests=config.scheduler.max_running_requests,
             chunked_prefill_size=config.scheduler.chunked_prefill_size,
+            max_prefill_tokens_while_decoding=config.scheduler.max_prefill_tokens_while_decoding,
             enable_prefix_cache=config.cache.enable_prefix_cache,
             fused_layers=self._fused_layers,
             memory=static_memory(runner),

@@ -40,6 +40,7 @@ class EngineInfo:
     vocab_size: int
     max_running_requests: int
     chunked_prefill_size: int
+    max_prefill_tokens_while_decoding: int | None
     enable_prefix_cache: bool
     fused_layers: bool  # RMSNorm, rotary and SiLU-mul as fused Triton kernels
     memory: MemoryUsage

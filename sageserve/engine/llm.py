@@ -49,6 +49,7 @@ class LLM:
         mem_fraction_static: float = 0.85,
         enable_prefix_cache: bool = True,
         chunked_prefill_size: int = 2048,
+        max_prefill_tokens_while_decoding: int | None = None,
         max_running_requests: int = 256,
         attention_options: dict[str, Any] | None = None,
         disable_cuda_graph: bool = False,
@@ -73,6 +74,7 @@ class LLM:
             scheduler=SchedulerConfig(
                 max_running_requests=max_running_requests,
                 chunked_prefill_size=chunked_prefill_size,
+                max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding,
             ),
             attention_options=(
                 backend_entry(attention_backend).flags_class.from_kwargs(attention_options or {}),

@@ -3,7 +3,10 @@
 Every request is treated alike: it has `num_tokens` token ids of which
 `num_computed_tokens` already have K/V in the cache; a step computes the next chunk of the
 rest. A prefill chunk and a decode token differ only in chunk length, so one step mixes
-both freely under one token budget (`chunked_prefill_size`).
+both under one token budget (`chunked_prefill_size`). While some request decodes, the
+prefill chunks of a step can be held to `max_prefill_tokens_while_decoding` in all (off by
+default): a decode step that also prefills takes about as long as its prefill tokens, and
+every decoding request waits for it (its inter-token latency).
 
 Order: running requests first, in admission order; then waiting requests, first come
 first served. When pages run out, the most recently admitted running request is preempted
@@ -45,6 +48,34 @@ class SchedulerOutput:
         return sum(c.num_new_tokens for c in self.chunks)
 
 
+def _is_decoding(req: Request) -> bool:
+    """True for a request past its prompt with one token to compute: a decode."""
+    return req.num_output_tokens > 0 and req.num_uncomputed_tokens == 1
+
+
+class _StepBudget:
+    """Tokens a step may still compute: `total` (decodes and prefills), `prefill` (prefill
+    chunks only; below total while some request decodes)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = self.prefill = total
+
+    @property
+    def prefill_left(self) -> int:
+        return min(self.total, self.prefill)
+
+    def grant(self, req: Request) -> int:
+        """Tokens req may compute now: one for a decode, else a prefill chunk (maybe 0)."""
+        if _is_decoding(req):
+            return 1
+        return min(req.num_uncomputed_tokens, self.prefill_left)
+
+    def spend(self, req: Request, n: int) -> None:
+        self.total -= n
+        if not _is_decoding(req):
+            self.prefill = max(self.prefill - n, 0)
+
+
 class Scheduler:
     """Owns the waiting queue, the running set and every page they hold."""
 
@@ -65,21 +96,27 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks (see module docstring)."""
         out = SchedulerOutput([], [], [])
-        budget = self._schedule_running(out, self.config.chunked_prefill_size)
+        budget = _StepBudget(self.config.chunked_prefill_size)
+        cap = self.config.max_prefill_tokens_while_decoding
+        if cap is not None and any(_is_decoding(req) for req in self.running):
+            budget.prefill = min(budget.total, cap)
+        self._schedule_running(out, budget)
         if not out.preempted:
             self._schedule_waiting(out, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: _StepBudget) -> None:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget.total > 0:
             req = self.running[i]
-            n = min(req.num_uncomputed_tokens, budget)
+            n = budget.grant(req)
+            if n == 0:  # a prefill, and the step's prefill tokens are spent
+                i += 1
+                continue
             if self._make_room(req, req.num_computed_tokens + n, out):
                 out.chunks.append(ScheduledChunk(req, n))
-                budget -= n
+                budget.spend(req, n)
                 i += 1
-        return budget
 
     def _make_room(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
         """Grow req's page table to hold num_tokens, preempting from the tail if needed.
@@ -98,12 +135,16 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: _StepBudget) -> None:
+        while (
+            self.waiting
+            and budget.prefill_left > 0
+            and len(self.running) < self.config.max_running_requests
+        ):
             req = self.waiting[0]
             if not req.page_table:
                 self._match_prefix(req)
-            n = min(req.num_uncomputed_tokens, budget)
+            n = budget.grant(req)
             num_tokens = req.num_computed_tokens + n
             if not self._grow(req, num_tokens):
                 self._release(req)
@@ -116,7 +157,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, n))
-            budget -= n
+            budget.spend(req, n)
 
     def _match_prefix(self, req: Request) -> None:
         pages = self.block_manager.match_prefix(req.token_ids, req.max_cacheable_prefix)
