@@ -3,6 +3,9 @@
 # alternated (A, B, A, B), each loaded by `sageserve bench serving`. Results JSON per run.
 #
 #   bash benchmarks/serving_ab.sh OUT_DIR ROUNDS "BENCH FLAGS" "SERVER FLAGS A" "SERVER FLAGS B" ...
+#
+# FRESH_TRITON_CACHE=1 gives every server an empty Triton kernel cache (TRITON_CACHE_DIR),
+# as on a new machine: otherwise a server finds the kernels an earlier one compiled.
 set -u
 out=$1; rounds=$2; bench=$3; shift 3
 mkdir -p "$out"
@@ -11,6 +14,7 @@ for round in $(seq 1 "$rounds"); do
   i=0
   for flags in "$@"; do
     i=$((i + 1))
+    if [ "${FRESH_TRITON_CACHE:-0}" = 1 ]; then export TRITON_CACHE_DIR=$(mktemp -d); fi
     python3 -m sageserve.launch_server --port $port $flags > "$out/server-$i-r$round.log" 2>&1 &
     pid=$!
     for _ in $(seq 1 240); do

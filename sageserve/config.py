@@ -120,6 +120,9 @@ class EngineConfig:
     # On CUDA, RMSNorm (+ residual add), rotary and SiLU-mul run as fused Triton kernels
     # (sageserve/layers/fused); False keeps the torch ops. CPU always uses the torch ops.
     fused_layers: bool = True
+    # On CUDA, run a few requests of every step kind before the engine is ready, so that
+    # the first users do not wait for kernels to compile (sageserve/engine/warmup.py).
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("load_format", self.load_format, LOAD_FORMAT_CHOICES)

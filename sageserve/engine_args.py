@@ -142,6 +142,12 @@ def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
         "--max-running-requests); larger ones run eagerly",
     )
     group.add_argument(
+        "--skip-warmup",
+        action="store_true",
+        help="start serving without the warm-up requests that compile the kernels first "
+        "(CUDA; the first requests then wait for compilation)",
+    )
+    group.add_argument(
         "--disable-fused-layers",
         action="store_true",
         help="run RMSNorm, rotary and SiLU-mul as separate torch ops instead of fused Triton "
@@ -201,4 +207,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_options=backend_options_from_args(args),
         cuda_graph=CudaGraphConfig(disable=args.disable_cuda_graph, max_bs=args.cuda_graph_max_bs),
         fused_layers=not args.disable_fused_layers,
+        warmup=not args.skip_warmup,
     )

@@ -13,6 +13,7 @@ from sageserve.engine.engine import Engine
 from sageserve.engine.memory_usage import tensor_bytes
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
+from sageserve.engine.warmup import warmup_batches
 from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.models.loader import LoadedModel, load_model
 
@@ -192,3 +193,33 @@ def test_a_closed_engine_refuses_work_but_keeps_its_info(loaded: LoadedModel) ->
     with pytest.raises(RuntimeError, match="closed"):
         engine.teacher_forced_logprobs([5, 6, 7])
     assert engine.info == info and engine.request_ids() == []
+
+
+def test_warm_up_leaves_the_engine_as_it_found_it(loaded: LoadedModel) -> None:
+    """The CUDA warm-up (engine/warmup.py), run here on CPU: its batches fit the pool and
+    context, and afterwards the pool is whole, the prefix cache empty, the counters zero, and
+    a request's tokens are those of an engine that never warmed up."""
+    prompts, params = random_prompts([9, 40], seed=5), greedy(6)
+    cold = make_engine(loaded)
+    ids = [cold.add_request(p, params) for p in prompts]
+    finals = drain(cold)
+    want = [finals[i].token_ids for i in ids]
+    engine = make_engine(loaded)
+    # pool 256 tokens: a 4 x 200-token batch and a 261-token prompt do not fit
+    assert [[len(p) for p in b] for b in warmup_batches(engine)] == [[1, 7, 16], [33]]
+    engine._warm_up()
+    stats = engine.stats()
+    assert (stats.num_steps, stats.max_batch_seen, stats.num_cached_pages) == (0, 0, 0)
+    assert stats.num_free_pages == stats.num_usable_pages and not engine.request_ids()
+    ids = [engine.add_request(p, params) for p in prompts]
+    finals = drain(engine)
+    assert [finals[i].token_ids for i in ids] == want
+
+
+def test_warm_up_batches_grow_with_the_pool(loaded: LoadedModel) -> None:
+    config = dataclasses.replace(
+        make_engine(loaded)._config, cache=CacheConfig(page_size=PAGE, max_total_tokens=4096)
+    )
+    engine = Engine(config, loaded)
+    lengths = [[len(p) for p in b] for b in warmup_batches(engine)]
+    assert lengths == [[1, 7, 16], [2 * CHUNK + 5], [33]]  # context 512 bounds the mixed batch

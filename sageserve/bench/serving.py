@@ -34,6 +34,7 @@ PERCENTILES = (50, 90, 99)
 # tokenizers put at either end of the vocabulary.
 ID_LOW = 100
 IDLE_WAIT_S = 10.0
+FIRST_TTFTS = 8
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,8 @@ def summarize(records: list[RequestRecord], elapsed_s: float) -> dict[str, Any]:
         "generated_tokens": tokens,
         "output_token_throughput_per_s": tokens / elapsed_s if elapsed_s > 0 else 0.0,
         "ttft_s": _distribution([r.ttft for r in done if r.ttft is not None]),
+        # the first requests sent, in sending order: do they wait for kernels to compile?
+        "first_ttfts_s": [r.ttft for r in sorted(records, key=lambda r: r.start)[:FIRST_TTFTS]],
         "itl_s": _distribution([x for r in done for x in r.itls]),
         "e2e_latency_s": _distribution([r.end - r.start for r in done]),
     }
@@ -257,6 +260,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"request throughput: {summary['request_throughput_per_s']:.2f} req/s",
             f"generated-token throughput: {summary['output_token_throughput_per_s']:.1f} tok/s",
             f"TTFT: {_format_ms(summary['ttft_s'])}",
+            "first TTFTs: " + " ".join(f"{t * 1e3:.0f}ms" for t in summary["first_ttfts_s"] if t),
             f"ITL:  {_format_ms(summary['itl_s'])}",
             f"e2e:  {_format_ms(summary['e2e_latency_s'])}",
             *(f"error: {e}" for e in summary["error_examples"]),

@@ -29,6 +29,7 @@ from sageserve.engine.scheduler import Scheduler
 from sageserve.engine.step_plan import ChunkPlan, plan_step
 from sageserve.engine.stop import StopChecker
 from sageserve.engine.teacher_forced import borrowed_pages, check_scorable, forward_chunks
+from sageserve.engine.warmup import warm_up
 from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.startup_phases import startup_phase
@@ -77,6 +78,17 @@ class Engine:
         self._max_batch_seen = 0
         self._logits_hooks: list[LogitsHook] = []
         self._info = self._describe()
+        if config.warmup and self._device.type == "cuda":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile kernels and pick GEMMs before the first request (see warmup.py); on CPU
+        nothing compiles, so it is skipped there."""
+        with startup_phase("warm-up", "the step kinds of the first requests"):
+            count = warm_up(self)
+        logger.info("warm-up: %d requests run, prefix cache flushed", count)
+        self._num_steps = 0
+        self._max_batch_seen = 0
 
     def _load_model(self) -> LoadedModel:
         config = self._config

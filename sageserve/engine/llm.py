@@ -55,6 +55,7 @@ class LLM:
         disable_cuda_graph: bool = False,
         cuda_graph_max_bs: int = 64,
         disable_fused_layers: bool = False,
+        skip_warmup: bool = False,
     ) -> None:
         config = EngineConfig(
             model_path=model,
@@ -81,6 +82,7 @@ class LLM:
             ),
             cuda_graph=CudaGraphConfig(disable=disable_cuda_graph, max_bs=cuda_graph_max_bs),
             fused_layers=not disable_fused_layers,
+            warmup=not skip_warmup,
         )
         self.engine = Engine(config)
 

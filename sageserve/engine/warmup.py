@@ -1,0 +1,59 @@
+"""Warm-up before serving: run the kinds of steps the first requests would run, so that
+Triton compiles its kernel variants and cuBLAS picks its GEMMs before the first user waits.
+
+Triton compiles a kernel for each new specialization of its integer arguments (1, multiples
+of 16, anything else) and constexprs; the steps below cover them for every step kind the
+scheduler makes: a prefill of several sequences of mixed lengths (1, 7, 16, 200 tokens),
+decode steps of that batch, a prompt longer than two chunks (chunked prefill over a cached
+prefix), and a prefix-cache hit. Prompts are random token ids from a fixed seed, greedy,
+with their own seed, so the engine's seed stream is untouched; the prefix cache is
+flushed afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from sageserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from sageserve.engine.engine import Engine
+
+MIXED_LENGTHS = (1, 7, 16, 200)
+NEW_TOKENS = 3
+CACHE_HIT_EXTRA = 17
+
+
+def warmup_batches(engine: Engine) -> list[list[list[int]]]:
+    """Batches of prompts, queued one batch at a time; lengths fit the context and pool."""
+    info = engine.info
+    longest = min(info.context_length, info.pool_capacity_tokens) - NEW_TOKENS
+    generator = torch.Generator().manual_seed(0)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(0, info.vocab_size, (n,), generator=generator).tolist()
+
+    mixed = [prompt(n) for n in MIXED_LENGTHS if n * len(MIXED_LENGTHS) <= longest]
+    batches = [mixed]
+    long_len = 2 * info.chunked_prefill_size + 5
+    if long_len <= longest:
+        batches.append([prompt(long_len)])
+    if mixed and len(mixed[-1]) + CACHE_HIT_EXTRA <= longest:
+        batches.append([mixed[-1] + prompt(CACHE_HIT_EXTRA)])
+    return [batch for batch in batches if batch]
+
+
+def warm_up(engine: Engine) -> int:
+    """Run the warm-up batches to completion; returns the number of requests run."""
+    params = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, ignore_eos=True, seed=0)
+    count = 0
+    for batch in warmup_batches(engine):
+        for prompt in batch:
+            engine.add_request(prompt, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        count += len(batch)
+    engine.flush_prefix_cache()
+    return count
