@@ -56,11 +56,16 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         conflict_handler="resolve",
     )
     add_validate_args(p)
+    _add_engine_args_per_backend(p)
+    p.set_defaults(func=_run_validate)
+
+
+def _add_engine_args_per_backend(p: argparse.ArgumentParser) -> None:
+    """--log-level and the engine flags, for a command that builds one engine per entry of
+    its --backends (validate, bench offline): a single backend flag would mislead."""
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning"))
     add_engine_args(p)
-    # validate builds one engine per entry of --backends; a single backend flag would mislead.
     p.add_argument("--attention-backend", default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=_run_validate)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -113,10 +118,7 @@ def _add_bench_offline(kinds: argparse._SubParsersAction) -> None:
         conflict_handler="resolve",
     )
     add_offline_args(offline)
-    offline.add_argument("--log-level", default="warning", choices=("debug", "info", "warning"))
-    add_engine_args(offline)
-    # one engine per entry of --backends, as validate builds them
-    offline.add_argument("--attention-backend", default=None, help=argparse.SUPPRESS)
+    _add_engine_args_per_backend(offline)
     offline.set_defaults(func=_run_bench_offline)
 
 

@@ -50,7 +50,6 @@ HEAD_DIMS = (64, 128)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CAUSAL_MODES = {"both": (True, False), "causal": (True,), "noncausal": (False,)}
 Q_HEADS = 32
-COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 _KERNEL_MODULES = ("sageserve.attention.triton_attn.backend", "sageserve.attention.triton_common",
                    "sageserve.attention.sage_attn.kernels.prefill")  # fmt: skip
 
@@ -499,7 +498,7 @@ def _after_shape(result, part: str, rows: list[dict], out: Path, progress_line) 
 def run_benchmark(cfg: KernelBenchConfig, out: Path | None) -> tuple[dict[str, Any], Path]:
     """The whole run; the result is written to `out` after every shape and at the end."""
     from sageserve.bench.kernels_report import problems
-    from sageserve.bench.kernels_timing import Timer, copy_bandwidth
+    from sageserve.bench.kernels_timing import COPY_BYTES, Timer, copy_bandwidth
 
     started = time.monotonic()
     now = datetime.datetime.now(datetime.UTC)

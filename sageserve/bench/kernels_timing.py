@@ -19,6 +19,8 @@ import torch
 
 # Calls per sample are capped: tiny CPU shapes would otherwise ask for thousands.
 MAX_ITERS = 2000
+# Bytes of the buffer `copy_bandwidth` copies, per device type.
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 
 
 @dataclass

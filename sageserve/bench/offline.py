@@ -41,8 +41,6 @@ from sageserve.engine.info import MemoryUsage
 from sageserve.engine_args import engine_config_from_args
 from sageserve.models.loader import LoadedModel, load_model
 
-COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
-
 
 @dataclass(frozen=True)
 class OfflineBenchConfig:
@@ -135,7 +133,7 @@ def run_benchmark(
     cfg: OfflineBenchConfig, base: EngineConfig, out: Path | None
 ) -> tuple[dict[str, Any], Path]:
     """The whole run; the result is written to `out` after every engine and at the end."""
-    from sageserve.bench.kernels_timing import Timer, copy_bandwidth
+    from sageserve.bench.kernels_timing import COPY_BYTES, Timer, copy_bandwidth
 
     if not base.cache.enable_prefix_cache:
         raise ValueError("bench offline needs the prefix cache (drop --disable-prefix-cache): "
