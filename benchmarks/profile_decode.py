@@ -39,12 +39,19 @@ def _prefilled(engine: Engine, batch: int, input_len: int, steps: int) -> None:
     """B requests queued and stepped until each has produced its first token."""
     generator = torch.Generator().manual_seed(batch * 7919 + input_len)
     ids = torch.randint(0, engine.info.vocab_size, (batch, input_len), generator=generator)
-    params = SamplingParams(temperature=0, max_new_tokens=steps + 64, ignore_eos=True)
+    # Long enough that the first request still decodes when the last one's prefill ends
+    # (chunks of chunked_prefill_size tokens) and through the warm and profiled steps.
+    prefill_steps = -(-batch * input_len // engine.info.chunked_prefill_size)
+    new_tokens = prefill_steps + 2 * steps + 64
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
     waiting = {engine.add_request(prompt, params) for prompt in ids.tolist()}
     while waiting:
         for out in engine.step():
             if out.metrics.first_token_time is not None:
                 waiting.discard(out.request_id)
+    running = engine.stats().num_running
+    if running != batch:
+        raise RuntimeError(f"{running} of {batch} requests decode: the point is not measured")
 
 
 def _kernel_intervals(prof: profile) -> list[tuple[float, float, str]]:
@@ -120,10 +127,12 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--disable-fused-layers", action="store_true")
+    parser.add_argument("--disable-overlap-schedule", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     base = EngineConfig(model_path=args.model_path, load_format="dummy",
-                        fused_layers=not args.disable_fused_layers)  # fmt: skip
+                        fused_layers=not args.disable_fused_layers,
+                        overlap_schedule=not args.disable_overlap_schedule)  # fmt: skip
     loaded = load_model(base.model_path, load_format="dummy", device=base.torch_device())
     result = {"command": shlex.join(["python", *sys.argv]),
               "date": datetime.now(UTC).isoformat(), "device": device_info(base.torch_device()),

@@ -123,6 +123,9 @@ class EngineConfig:
     # On CUDA, run a few requests of every step kind before the engine is ready, so that
     # the first users do not wait for kernels to compile (sageserve/engine/warmup.py).
     warmup: bool = True
+    # Queue each step on the device before reading back the previous one's tokens, so the
+    # host prepares step N+1 while the device runs step N (sageserve/engine/engine.py).
+    overlap_schedule: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("load_format", self.load_format, LOAD_FORMAT_CHOICES)

@@ -153,6 +153,12 @@ def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
         help="run RMSNorm, rotary and SiLU-mul as separate torch ops instead of fused Triton "
         "kernels (CUDA; CPU always uses the torch ops)",
     )
+    group.add_argument(
+        "--disable-overlap-schedule",
+        action="store_true",
+        help="read each step's sampled tokens back before preparing the next step, instead "
+        "of preparing step N+1 while the device runs step N",
+    )
 
 
 def backend_options_from_args(args: argparse.Namespace) -> tuple[BackendFlags, ...]:
@@ -208,4 +214,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cuda_graph=CudaGraphConfig(disable=args.disable_cuda_graph, max_bs=args.cuda_graph_max_bs),
         fused_layers=not args.disable_fused_layers,
         warmup=not args.skip_warmup,
+        overlap_schedule=not args.disable_overlap_schedule,
     )

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sageserve.bench.offline import OfflineBenchConfig
+from sageserve.bench.offline import OfflineBenchConfig, engine_name
 from sageserve.bench.offline_measure import GridPoint, decode_bound
 from sageserve.cli import main
+from sageserve.config import EngineConfig
 from sageserve.engine.info import MemoryUsage
 from sageserve.engine.memory_usage import step_weight_bytes
 from sageserve.models.config import ModelConfig
@@ -69,9 +70,21 @@ def test_step_weight_bytes_leave_out_only_an_untied_embedding(tied: bool) -> Non
 
 def test_config_names_the_valid_backends() -> None:
     with pytest.raises(ValueError, match="choose from"):
-        OfflineBenchConfig(("flash",), (True,), (1,), (8,), (4,), 1, 0)
+        OfflineBenchConfig(("flash",), (True,), (True,), (1,), (8,), (4,), 1, 0)
     with pytest.raises(ValueError, match="output-lens"):
-        OfflineBenchConfig(("torch",), (True,), (1,), (8,), (1,), 1, 0)
+        OfflineBenchConfig(("torch",), (True,), (True,), (1,), (8,), (1,), 1, 0)
+
+
+def test_engines_cover_every_switch() -> None:
+    cfg = OfflineBenchConfig(("torch",), (True, False), (True, False), (1,), (8,), (4,), 1, 0)
+    engines = cfg.engines()
+    assert engines == [("torch", f, o) for f in (True, False) for o in (True, False)]
+    configs = [EngineConfig(fused_layers=f, overlap_schedule=o) for _, f, o in engines]
+    assert [engine_name(c) for c in configs] == [
+        "torch", "torch+no-overlap", "torch+unfused", "torch+unfused+no-overlap"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="--overlap takes"):
+        OfflineBenchConfig(("torch",), (True,), (True, True), (1,), (8,), (4,), 1, 0)
 
 
 def test_bad_flag_exits_2(capsys) -> None:

@@ -400,3 +400,63 @@ def test_engine_with_graphs_equals_eager_on_gpu(backend: str) -> None:
     for with_graphs, eager in zip(outputs[False], outputs[True], strict=True):
         exact = backend == "triton"
         assert_outputs_match(with_graphs, eager, exact=exact, top_n=3, exact_tol=1e-5)
+
+
+def _serving_and_plain(backend: str) -> dict[str, EngineConfig]:
+    """The serving path (overlap, fused layers, graphs up to 8) and variants of it."""
+    serving = dataclasses.replace(
+        _engine_config(backend, SageOptions(), "cuda", max_bs=8),
+        scheduler=dataclasses.replace(EngineConfig().scheduler, chunked_prefill_size=96),
+    )
+    no_overlap = dataclasses.replace(serving, overlap_schedule=False)
+    plain = dataclasses.replace(
+        no_overlap, fused_layers=False, cuda_graph=CudaGraphConfig(disable=True)
+    )
+    return {"serving": serving, "no_overlap": no_overlap, "plain": plain}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "sage_attn"])
+def test_overlap_and_fusion_follow_the_plain_eager_path_on_gpu(backend: str) -> None:
+    """Greedy requests through the serving path (overlap schedule, fused layers, CUDA
+    graphs) against each step read back at once: bitwise on triton when only the overlap
+    differs (the same steps run in the same batches); against the plain path (torch layer
+    ops, eager) up to a near-tie, since fused RMSNorm and SiLU-mul round within two last
+    places of the torch ops. Stop tokens end requests at the same token."""
+    loaded = _tiny_model(torch.float16, torch.device("cuda"))
+    lengths = [3, 17, 64, 100, 129, 250, 31, 7, 80, 45]
+    gen = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lengths]
+    counts = (20, 5, 12, 30, 7, 16, 25, 9, 14, 3)
+    params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True, logprobs=3)
+              for n in counts]  # fmt: skip
+    configs = _serving_and_plain(backend)
+    outputs = {}
+    for name, config in configs.items():
+        with LLM.from_engine_config(config, loaded).engine as engine:
+            outputs[name] = _generate_all(engine, prompts, params)
+    exact = backend == "triton"
+    for a, b in zip(outputs["serving"], outputs["no_overlap"], strict=True):
+        assert_outputs_match(a, b, exact=exact, top_n=3, exact_tol=1e-5)
+    for a, b in zip(outputs["serving"], outputs["plain"], strict=True):
+        assert_outputs_match(a, b, exact=False, top_n=3)
+    stops = [SamplingParams(temperature=0, max_new_tokens=30, stop_token_ids=[out.token_ids[2]])
+             for out in outputs["serving"] if len(out.token_ids) > 2]  # fmt: skip
+    stopped = {}
+    for name in ("serving", "no_overlap"):
+        with LLM.from_engine_config(configs[name], loaded).engine as engine:
+            stopped[name] = _generate_all(engine, prompts[: len(stops)], stops)
+    for a, b, p in zip(stopped["serving"], stopped["no_overlap"], stops, strict=True):
+        assert a.finish_reason == "stop" and a.token_ids[-1] in p.stop_token_ids
+        if exact:
+            assert a.token_ids == b.token_ids and b.finish_reason == "stop"
+
+
+def _generate_all(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> list:
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    done = {}
+    while engine.has_unfinished_requests():
+        done |= {out.request_id: out for out in engine.step() if out.finished}
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_usable_pages
+    return [done[i] for i in ids]

@@ -48,6 +48,7 @@ class OfflineBenchConfig:
 
     backends: tuple[str, ...]
     fused_layers: tuple[bool, ...]
+    overlap: tuple[bool, ...]
     batch_sizes: tuple[int, ...]
     input_lens: tuple[int, ...]
     output_lens: tuple[int, ...]
@@ -65,14 +66,16 @@ class OfflineBenchConfig:
         if not self.output_lens or min(self.output_lens) < 2:
             raise ValueError(f"--output-lens must be >= 2 (one prefill token, then decode steps), "
                              f"got {self.output_lens}")  # fmt: skip
-        if not self.fused_layers or len(set(self.fused_layers)) != len(self.fused_layers):
-            raise ValueError("--fused-layers takes on, off, or on,off")
+        for flag, switches in (("--fused-layers", self.fused_layers), ("--overlap", self.overlap)):
+            if not switches or len(set(switches)) != len(switches):
+                raise ValueError(f"{flag} takes on, off, or on,off")
         if self.rounds < 1:
             raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
 
-    def engines(self) -> list[tuple[str, bool]]:
-        """(backend, fused layers) of every engine of a round, in build order."""
-        return list(itertools.product(self.backends, self.fused_layers))
+    def engines(self) -> list[tuple[str, bool, bool]]:
+        """(backend, fused layers, overlap schedule) of every engine of a round, in build
+        order."""
+        return list(itertools.product(self.backends, self.fused_layers, self.overlap))
 
     def points(self) -> list[GridPoint]:
         sizes = itertools.product(self.batch_sizes, self.input_lens, self.output_lens)
@@ -87,6 +90,8 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
         "(default: triton,sage_attn on CUDA, torch on CPU)")  # fmt: skip
     add("--fused-layers", default="on",
         help="on, off, or on,off (each backend with and without fused layer kernels)")  # fmt: skip
+    add("--overlap", default="on",
+        help="on, off, or on,off (each backend with and without the overlap schedule)")  # fmt: skip
     add("--batch-sizes", default="1,64", help="requests decoded together")
     add("--input-lens", default="512,8192", help="prompt tokens per request")
     add("--output-lens", default="128", help="generated tokens per request (>= 2)")
@@ -121,6 +126,7 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> OfflineB
     return OfflineBenchConfig(
         backends=_words(args.backends or default),
         fused_layers=_switches("--fused-layers", args.fused_layers),
+        overlap=_switches("--overlap", args.overlap),
         batch_sizes=_ints("--batch-sizes", args.batch_sizes),
         input_lens=_ints("--input-lens", args.input_lens),
         output_lens=_ints("--output-lens", args.output_lens),
@@ -148,8 +154,10 @@ def run_benchmark(
                         device=device, seed=base.seed)  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.seed)
     for round_index in range(cfg.rounds):
-        for backend, fused in cfg.engines():
-            config = replace(base, attention_backend=backend, fused_layers=fused)
+        for backend, fused, overlap in cfg.engines():
+            config = replace(
+                base, attention_backend=backend, fused_layers=fused, overlap_schedule=overlap
+            )
             _run_engine(cfg, config, loaded, generator, result, round_index)
             write_json(result, out)
     _finish_rows(result)
@@ -188,7 +196,7 @@ def _run_engine(
     round_index: int,
 ) -> None:
     """Build one engine, warm it, time every point that fits it once."""
-    name = engine_name(config.attention_backend, config.fused_layers)
+    name = engine_name(config)
     build_start = time.monotonic()
     with Engine(config, loaded) as engine:
         result["engines"].setdefault(name, {"info": asdict(engine.info), "build_s": []})
@@ -201,8 +209,11 @@ def _run_engine(
             print(_progress(row, round_index), flush=True)
 
 
-def engine_name(backend: str, fused_layers: bool) -> str:
-    return backend if fused_layers else f"{backend}+unfused"
+def engine_name(config: EngineConfig) -> str:
+    """The backend, then what differs from the defaults: "+unfused", "+no-overlap"."""
+    name = config.attention_backend
+    name += "" if config.fused_layers else "+unfused"
+    return name + ("" if config.overlap_schedule else "+no-overlap")
 
 
 def _fits(

@@ -19,13 +19,14 @@ from sageserve.config import EngineConfig
 from sageserve.engine.block_manager import BlockManager
 from sageserve.engine.detokenizer import IncrementalDetokenizer
 from sageserve.engine.info import EngineInfo, EngineStats
-from sageserve.engine.logprobs import compute_logprobs, to_dicts
+from sageserve.engine.launched_step import LaunchedStep, StepValues
+from sageserve.engine.logprobs import TokenLogprobs, compute_logprobs, to_dicts
 from sageserve.engine.memory_usage import static_memory
 from sageserve.engine.model_runner import ModelRunner
 from sageserve.engine.request import Request, RequestOutput
-from sageserve.engine.sampler import Sampler, SamplingRow
+from sageserve.engine.sampler import SampledTokens, Sampler, SamplingRow
 from sageserve.engine.sampling_params import SamplingParams
-from sageserve.engine.scheduler import Scheduler
+from sageserve.engine.scheduler import ScheduledChunk, Scheduler
 from sageserve.engine.step_plan import ChunkPlan, plan_step
 from sageserve.engine.stop import StopChecker
 from sageserve.engine.teacher_forced import borrowed_pages, check_scorable, forward_chunks
@@ -55,6 +56,17 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
+def _upload(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """[len(values)] int64 on device, copied without waiting for the device's queue."""
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _prompt_targets(plan: ChunkPlan) -> list[int]:
+    """The prompt tokens that plan's prompt logprob rows score (position j scores j + 1)."""
+    token_ids = plan.chunk.request.token_ids
+    return [token_ids[j + 1] for j in plan.prompt_positions]
+
+
 class Engine:
     """Owns the model runner, the scheduler and every request; not thread-safe.
 
@@ -77,6 +89,7 @@ class Engine:
         self._num_steps = 0
         self._max_batch_seen = 0
         self._logits_hooks: list[LogitsHook] = []
+        self._in_flight: LaunchedStep | None = None  # queued, not yet read back (overlap)
         self._info = self._describe()
         if config.warmup and self._device.type == "cuda":
             self._warm_up()
@@ -133,13 +146,15 @@ class Engine:
         )
         self._scheduler = Scheduler(config.scheduler, self._block_manager)
         logger.info(
-            "engine ready: model=%s dtype=%s device=%s attention=%s context=%d fused_layers=%s",
+            "engine ready: model=%s dtype=%s device=%s attention=%s context=%d fused_layers=%s "
+            "overlap_schedule=%s",
             self._loaded.source,
             str(self._loaded.dtype).removeprefix("torch."),
             self._device,
             backend.name,
             self._max_model_len,
             self._fused_layers,
+            config.overlap_schedule,
         )
 
     @property
@@ -166,6 +181,7 @@ class Engine:
             max_prefill_tokens_while_decoding=config.scheduler.max_prefill_tokens_while_decoding,
             enable_prefix_cache=config.cache.enable_prefix_cache,
             fused_layers=self._fused_layers,
+            overlap_schedule=config.overlap_schedule,
             memory=static_memory(runner),
         )
 
@@ -337,6 +353,7 @@ class Engine:
             prompt=prompt if isinstance(prompt, str) else None,
             detokenizer=detok,
             stop_checker=StopChecker(params.stop) if params.stop else None,
+            token_limit=self._max_model_len,
         )
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -356,6 +373,7 @@ class Engine:
         to the device, so that the next engine's pool is sized from it. Any later step,
         scoring or `stats()` raises; `info` stays readable."""
         self._runner = None
+        self._in_flight = None
         self._block_manager = None
         self._scheduler = None
         self._requests.clear()
@@ -372,61 +390,119 @@ class Engine:
     # --------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns an output for every request that progressed."""
+        """Run one scheduler step; returns an output for every request that progressed.
+
+        With the overlap schedule (the default) the step is queued on the device, then the
+        step queued by the previous call is read back: the host plans and launches step N+1
+        while the device computes step N, and a sampled token reaches the outputs one call
+        after its step. A request that ends on a token read back this way may be in the
+        step just queued: its result there is dropped and no token is emitted for it.
+        Without overlap each step is read back at once.
+        """
         self._check_open()
-        sched = self._scheduler.schedule()
         touched: list[Request] = []
-        for req in sched.unservable:
-            self._finish_out_of_pool(req)
-            touched.append(req)
-        if sched.chunks:
-            batch, plans = plan_step(sched.chunks, self._runner.page_size, self._device)
-            logits = self._forward(batch)
-            touched.extend(self._process(plans, logits))
-            self._num_steps += 1
-        outputs = [RequestOutput.from_request(req) for req in touched]
-        self._max_batch_seen = max(self._max_batch_seen, len(outputs))
-        for req in touched:
+        if self._in_flight is not None and self._in_flight.needs_values_before_next:
+            touched += self._read_back_in_flight()
+        sched = self._scheduler.schedule()
+        launched = self._launch(sched.chunks) if sched.chunks else None
+        touched += self._read_back_in_flight()
+        self._in_flight = launched
+        if not self._config.overlap_schedule:
+            touched += self._read_back_in_flight()
+        # After the read-back: a token read there may have ended the request already.
+        touched += [self._finish_out_of_pool(req) for req in sched.unservable]
+        if not self.has_unfinished_requests():
+            self._in_flight = None  # every request in it has finished
+        return self._outputs(touched)
+
+    def _outputs(self, touched: list[Request]) -> list[RequestOutput]:
+        unique = list({id(req): req for req in touched}.values())
+        for req in unique:
             if req.is_finished:
                 self._requests.pop(req.request_id, None)
-        return outputs
+        return [RequestOutput.from_request(req) for req in unique]
 
-    def _process(self, plans: list[ChunkPlan], logits: torch.Tensor) -> list[Request]:
-        self._record_prompt_logprobs(plans, logits)
+    def _launch(self, chunks: list[ScheduledChunk]) -> LaunchedStep:
+        """Queue the step's forward pass, prompt logprobs and sampling on the device and
+        account its chunks as computed; nothing waits for the device."""
+        batch, plans = plan_step(chunks, self._runner.page_size, self._device)
+        self._fill_pending_inputs(batch, plans)
+        logits = self._forward(batch)
+        prompt_plans = [p for p in plans if p.prompt_rows]
+        prompt_logprobs = [self._prompt_logprobs(p, logits) for p in prompt_plans]
+        sampling = [p for p in plans if p.sample_row is not None]
+        sampled = self._sample(sampling, logits) if sampling else None
         for plan in plans:
             self._scheduler.on_chunk_computed(plan.chunk)
-        sampling = [p for p in plans if p.sample_row is not None]
-        if sampling:
-            self._sample(sampling, logits)
-        for plan in plans:
+        for plan in sampling:
+            plan.chunk.request.num_pending_tokens += 1
+        self._num_steps += 1
+        self._max_batch_seen = max(self._max_batch_seen, len(plans))
+        requests = [p.chunk.request for p in sampling]
+        return LaunchedStep(plans, requests, sampled, prompt_plans, prompt_logprobs)
+
+    def _fill_pending_inputs(self, batch: ForwardBatch, plans: list[ChunkPlan]) -> None:
+        """Copy, on the device, the tokens the step in flight sampled into the inputs that
+        wait for them (see ChunkPlan.pending_input)."""
+        pairs = [
+            (plan.pending_input, self._in_flight.row_of(plan.chunk.request))
+            for plan in plans
+            if plan.pending_input is not None
+        ]
+        if not pairs:
+            return
+        slots, rows = zip(*pairs, strict=True)
+        device = batch.input_ids.device
+        batch.input_ids[_upload(slots, device)] = self._in_flight.token_ids[_upload(rows, device)]
+
+    def _prompt_logprobs(self, plan: ChunkPlan, logits: torch.Tensor) -> TokenLogprobs:
+        req = plan.chunk.request
+        targets = _upload(_prompt_targets(plan), logits.device)
+        rows = _upload(plan.prompt_rows, logits.device)
+        return compute_logprobs(logits[rows], targets, req.params.prompt_logprobs or 0)
+
+    def _sample(self, plans: list[ChunkPlan], logits: torch.Tensor) -> SampledTokens:
+        rows = [self._sampling_row(p.chunk.request) for p in plans]
+        sample_rows = _upload([p.sample_row for p in plans], logits.device)
+        return self._sampler.sample(logits[sample_rows], rows)
+
+    def _read_back_in_flight(self) -> list[Request]:
+        """Wait for the step in flight and apply its results; returns its requests that
+        were still running when it was read back."""
+        step, self._in_flight = self._in_flight, None
+        if step is None:
+            return []
+        alive = [p.chunk.request for p in step.plans if not p.chunk.request.is_finished]
+        values = step.read_back()
+        for plan, lp in zip(step.prompt_plans, values.prompt_logprobs, strict=True):
+            self._record_prompt_logprobs(plan, lp)
+        self._take_tokens(step.sampled, values)
+        for plan in step.plans:
             req = plan.chunk.request
-            if plan.reaches_end and req.params.max_new_tokens == 0:
+            if plan.reaches_end and req.params.max_new_tokens == 0 and not req.is_finished:
                 self._finish(req, "length")
-        return [plan.chunk.request for plan in plans]
+        return alive
 
-    def _record_prompt_logprobs(self, plans: list[ChunkPlan], logits: torch.Tensor) -> None:
-        for plan in plans:
-            if not plan.prompt_rows:
-                continue
-            req = plan.chunk.request
-            targets = [req.token_ids[j + 1] for j in plan.prompt_positions]
-            top_n = req.params.prompt_logprobs or 0
-            rows = torch.tensor(plan.prompt_rows, device=logits.device)
-            target_t = torch.tensor(targets, device=logits.device)
-            lp = compute_logprobs(logits[rows], target_t, top_n)
-            for j, d in zip(
-                plan.prompt_positions, to_dicts(lp, targets, [top_n] * len(targets)), strict=True
-            ):
-                req.prompt_logprobs[j + 1] = d
+    def _record_prompt_logprobs(self, plan: ChunkPlan, lp: TokenLogprobs) -> None:
+        req = plan.chunk.request
+        if req.is_finished:
+            return
+        targets = _prompt_targets(plan)
+        top_n = req.params.prompt_logprobs or 0
+        dicts = to_dicts(lp, targets, [top_n] * len(targets))
+        for j, d in zip(plan.prompt_positions, dicts, strict=True):
+            req.prompt_logprobs[j + 1] = d
 
-    def _sample(self, plans: list[ChunkPlan], logits: torch.Tensor) -> None:
-        reqs = [p.chunk.request for p in plans]
-        rows_t = torch.tensor([p.sample_row for p in plans], device=logits.device)
-        out = self._sampler(logits[rows_t], [self._sampling_row(r) for r in reqs])
+    def _take_tokens(self, reqs: list[Request], values: StepValues) -> None:
+        """Append each request's sampled token (with its logprobs), then check stops."""
         top_ns = [r.params.logprobs or 0 for r in reqs]
-        lp_dicts = to_dicts(out.logprobs, out.token_ids, top_ns) if out.logprobs else None
+        lp = values.logprobs
+        lp_dicts = to_dicts(lp, values.token_ids, top_ns) if lp is not None else None
         now = time.monotonic()
-        for i, (req, token) in enumerate(zip(reqs, out.token_ids, strict=True)):
+        for i, (req, token) in enumerate(zip(reqs, values.token_ids, strict=True)):
+            req.num_pending_tokens -= 1
+            if req.is_finished:  # aborted, or ended by its previous token: dropped
+                continue
             if req.first_token_time is None:
                 req.first_token_time = now
             if lp_dicts is not None and req.params.logprobs is not None:
@@ -452,6 +528,9 @@ class Engine:
 
     def _append_token(self, req: Request, token: int) -> None:
         req.token_ids.append(token)
+        if req.num_computed_tokens >= len(req.token_ids):
+            # The step in flight already stored this token's K/V: its page may now be full.
+            self._scheduler.cache_known_pages(req)
         delta = req.detokenizer.append(token) if req.detokenizer else ""
         req.text += delta
         reason = self._stop_reason(req, token, len(delta))
@@ -467,7 +546,8 @@ class Engine:
         self, req: Request, token: int, delta_len: int
     ) -> tuple[str, str | int | None] | None:
         params = req.params
-        if req.num_output_tokens >= params.min_new_tokens:
+        # Counts of known tokens: a token of the step in flight may be pending already.
+        if len(req.token_ids) - req.num_prompt_tokens >= params.min_new_tokens:
             if token in params.stop_token_ids or token in self._eos_ids(req):
                 return "stop", token
             match = req.stop_checker.find(req.text, delta_len) if req.stop_checker else None
@@ -475,14 +555,16 @@ class Engine:
                 cut, matched = match
                 req.text = req.text[:cut]
                 return "stop", matched
-        if req.num_output_tokens >= params.max_new_tokens or req.num_tokens >= self._max_model_len:
+        if len(req.token_ids) >= req.token_limit:
             return "length", None
         return None
 
-    def _finish_out_of_pool(self, req: Request) -> None:
+    def _finish_out_of_pool(self, req: Request) -> Request:
         """Alone on the KV pool, the request needs more room than the pool has: it ends
         with finish reason "length" (capacity cut it short, as the context length would)
-        and a message naming the limit."""
+        and a message naming the limit. Returns req (left alone if it already ended)."""
+        if req.is_finished:
+            return req
         pool = self._runner.pool_capacity_tokens
         req.finish_message = (
             f"the request reached {req.num_tokens} tokens and the KV cache pool holds "
@@ -491,6 +573,7 @@ class Engine:
         )
         logger.warning("request %s: %s", req.request_id, req.finish_message)
         self._finish(req, "length")
+        return req
 
     def _finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
         req.finish_reason = reason

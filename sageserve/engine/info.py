@@ -43,6 +43,7 @@ class EngineInfo:
     max_prefill_tokens_while_decoding: int | None
     enable_prefix_cache: bool
     fused_layers: bool  # RMSNorm, rotary and SiLU-mul as fused Triton kernels
+    overlap_schedule: bool  # step N+1 prepared while the device runs step N
     memory: MemoryUsage
 
 

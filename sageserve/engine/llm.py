@@ -56,6 +56,7 @@ class LLM:
         cuda_graph_max_bs: int = 64,
         disable_fused_layers: bool = False,
         skip_warmup: bool = False,
+        disable_overlap_schedule: bool = False,
     ) -> None:
         config = EngineConfig(
             model_path=model,
@@ -83,6 +84,7 @@ class LLM:
             cuda_graph=CudaGraphConfig(disable=disable_cuda_graph, max_bs=cuda_graph_max_bs),
             fused_layers=not disable_fused_layers,
             warmup=not skip_warmup,
+            overlap_schedule=not disable_overlap_schedule,
         )
         self.engine = Engine(config)
 

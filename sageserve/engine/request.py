@@ -24,12 +24,16 @@ class Request:
     """One sequence being generated.
 
     ```
-    token_ids:  | prompt | generated |
-                0   num_computed_tokens          num_tokens
-                    (K/V in the cache)   (still to be fed to the model)
+    tokens:  | prompt | generated | pending |
+             0   num_computed_tokens          num_tokens
+                 (K/V in the cache)   (still to be fed to the model)
     ```
-    After a preemption, num_computed_tokens drops to 0 and the pages are released: the
-    request is recomputed from its token ids (prefix-cache hits make that cheap).
+    token_ids holds the tokens whose values the host knows. With the overlap schedule, the
+    token a queued step sampled is still on the device: it counts in num_tokens (the
+    scheduler plans the next step with it) as one of num_pending_tokens, and joins
+    token_ids when the step is read back. After a preemption, num_computed_tokens drops to 0
+    and the pages are released: the request is recomputed from its tokens (prefix-cache hits
+    make that cheap).
     """
 
     request_id: str
@@ -40,8 +44,12 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None
     stop_checker: StopChecker | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    # The request ends with finish reason "length" at this many tokens: the prompt plus
+    # max_new_tokens, or fewer when the context length is shorter (None: no context cap).
+    token_limit: int | None = None
 
     token_ids: list[int] = field(init=False)
+    num_pending_tokens: int = 0
     num_computed_tokens: int = 0
     page_table: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
@@ -58,6 +66,8 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        prompt_and_output = len(self.prompt_token_ids) + self.params.max_new_tokens
+        self.token_limit = min(self.token_limit or prompt_and_output, prompt_and_output)
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)
 
@@ -67,15 +77,24 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens of the sequence, pending ones included (the scheduler's view)."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
+        """Generated tokens whose values are known (pending ones excluded)."""
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:
+        """Tokens generated so far, pending ones included."""
         return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """True when the pending token is the last one the request can have: nothing is
+        left to compute, its step's read-back ends the request."""
+        return self.num_pending_tokens > 0 and self.num_tokens >= self.token_limit
 
     @property
     def num_uncomputed_tokens(self) -> int:

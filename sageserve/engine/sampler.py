@@ -64,14 +64,32 @@ class SamplerOutput:
     logprobs: TokenLogprobs | None
 
 
+@dataclass
+class SampledTokens:
+    """What `Sampler.sample` leaves on the logits' device: token_ids [N] int64, and the
+    logprobs as in SamplerOutput."""
+
+    token_ids: torch.Tensor
+    logprobs: TokenLogprobs | None
+
+
 class Sampler:
     """Stateless: all per-request state arrives in the ``SamplingRow``s."""
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """Sample one token per row.
+        """Sample one token per row and read the tokens back to the host.
 
         logits: [N, vocab] float logits, CPU or CUDA; not modified.
         rows: N rows, row i describing ``logits[i]``.
+        """
+        sampled = self.sample(logits, rows)
+        return SamplerOutput(sampled.token_ids.tolist(), sampled.logprobs)
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
+        """`__call__` without the read-back: nothing here waits for the device.
+
+        logits: [N, vocab] float logits, CPU or CUDA; not modified. Returns [N] token ids
+        (and logprobs) on the logits' device.
         """
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         work = logits.float()
@@ -81,9 +99,7 @@ class Sampler:
         _apply_logit_bias(work, rows)
         _apply_suppression(work, rows)
         token_ids = _sample(work, rows)
-        return SamplerOutput(
-            token_ids=token_ids.tolist(), logprobs=_logprobs(logits, token_ids, rows)
-        )
+        return SampledTokens(token_ids, _logprobs(logits, token_ids, rows))
 
 
 def _edits_in_place(row: SamplingRow) -> bool:

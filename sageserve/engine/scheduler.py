@@ -109,8 +109,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget.total > 0:
             req = self.running[i]
-            n = budget.grant(req)
-            if n == 0:  # a prefill, and the step's prefill tokens are spent
+            n = 0 if req.awaits_last_token else budget.grant(req)
+            if n == 0:  # nothing to compute, or a prefill and the step's prefill is spent
                 i += 1
                 continue
             if self._make_room(req, req.num_computed_tokens + n, out):
@@ -191,10 +191,17 @@ class Scheduler:
         req.num_computed_tokens = 0
 
     def on_chunk_computed(self, chunk: ScheduledChunk) -> None:
-        """Account a computed chunk and offer its full pages to the prefix cache."""
+        """Account a computed (or queued) chunk and offer its full pages to the prefix
+        cache."""
         req = chunk.request
         req.num_computed_tokens += chunk.num_new_tokens
-        self.block_manager.cache_full_pages(req.token_ids, req.page_table, req.num_computed_tokens)
+        self.cache_known_pages(req)
+
+    def cache_known_pages(self, req: Request) -> None:
+        """Offer req's full computed pages to the prefix cache, as far as the values of
+        their tokens are known (a page holding a pending token waits for its read-back)."""
+        known = min(req.num_computed_tokens, len(req.token_ids))
+        self.block_manager.cache_full_pages(req.token_ids, req.page_table, known)
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request and free its pages."""
