@@ -122,6 +122,25 @@ def test_request_ids_in_flight_and_abort(loaded: LoadedModel) -> None:
     assert engine.request_ids() == []
 
 
+def test_only_streamed_requests_report_every_step(loaded: LoadedModel) -> None:
+    engine = make_engine(loaded)
+    streamed, final_only = random_prompts([9, 14], seed=13)
+    ids = [engine.add_request(streamed, greedy(5)),
+           engine.add_request(final_only, greedy(5), stream=False)]  # fmt: skip
+    seen: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert [len(out.token_ids) for out in seen[ids[0]]] == [1, 2, 3, 4, 5]
+    assert [(len(out.token_ids), out.finished) for out in seen[ids[1]]] == [(5, True)]
+    assert seen[ids[1]][0].token_ids == drain_one(make_engine(loaded), final_only).token_ids
+
+
+def drain_one(engine: Engine, prompt: list[int]) -> RequestOutput:
+    engine.add_request(prompt, greedy(5))
+    return next(iter(drain(engine).values()))
+
+
 def test_flush_prefix_cache_forgets_idle_pages_keeps_used_ones(loaded: LoadedModel) -> None:
     engine = make_engine(loaded)
     shared, other = random_prompts([50, 37], seed=13)

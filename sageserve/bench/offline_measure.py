@@ -97,7 +97,7 @@ def run_point(engine: Engine, point: GridPoint, generator: torch.Generator) -> d
 def _generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[RequestOutput]:
     """Every prompt's finished output (exactly `new_tokens` greedy tokens), in order."""
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
-    ids = [engine.add_request(prompt, params) for prompt in prompts]
+    ids = [engine.add_request(prompt, params, stream=False) for prompt in prompts]
     finished: dict[str, RequestOutput] = {}
     while len(finished) < len(ids):
         if not engine.has_unfinished_requests():

@@ -287,8 +287,14 @@ class Engine:
         prompt: str | Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        stream: bool = True,
     ) -> str:
-        """Queue a request; returns its id. ValueError for prompts that cannot be served."""
+        """Queue a request; returns its id. ValueError for prompts that cannot be served.
+
+        stream: `step` returns the request's output at every step that advances it; False
+        returns only its final output (the output of a long batch is then not rebuilt for
+        each of its requests at every step).
+        """
         params = params or SamplingParams()
         token_ids = self.tokenize(prompt)
         self._check_prompt(token_ids)
@@ -297,6 +303,7 @@ class Engine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = self._make_request(request_id, prompt, token_ids, params)
+        req.stream = stream
         self._requests[request_id] = req
         self._scheduler.add_request(req)
         return request_id
@@ -390,7 +397,8 @@ class Engine:
     # --------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns an output for every request that progressed.
+        """Run one scheduler step; returns an output for every request that progressed
+        (only the final one for a request added with stream=False).
 
         With the overlap schedule (the default) the step is queued on the device, then the
         step queued by the previous call is read back: the host plans and launches step N+1
@@ -416,11 +424,12 @@ class Engine:
         return self._outputs(touched)
 
     def _outputs(self, touched: list[Request]) -> list[RequestOutput]:
+        """Outputs of the touched requests that stream or finished (each once)."""
         unique = list({id(req): req for req in touched}.values())
         for req in unique:
             if req.is_finished:
                 self._requests.pop(req.request_id, None)
-        return [RequestOutput.from_request(req) for req in unique]
+        return [RequestOutput.from_request(r) for r in unique if r.stream or r.is_finished]
 
     def _launch(self, chunks: list[ScheduledChunk]) -> LaunchedStep:
         """Queue the step's forward pass, prompt logprobs and sampling on the device and

@@ -113,7 +113,8 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
         ids = [
-            self.engine.add_request(p, sp) for p, sp in zip(prompt_list, params_list, strict=True)
+            self.engine.add_request(p, sp, stream=False)
+            for p, sp in zip(prompt_list, params_list, strict=True)
         ]
         return self._run(ids, use_tqdm)
 

@@ -47,6 +47,9 @@ class Request:
     # The request ends with finish reason "length" at this many tokens: the prompt plus
     # max_new_tokens, or fewer when the context length is shorter (None: no context cap).
     token_limit: int | None = None
+    # True: an output at every step that advances the request (a streaming consumer, or
+    # metrics that follow each token); False: only the final output.
+    stream: bool = True
 
     token_ids: list[int] = field(init=False)
     num_pending_tokens: int = 0

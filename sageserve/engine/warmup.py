@@ -51,7 +51,7 @@ def warm_up(engine: Engine) -> int:
     count = 0
     for batch in warmup_batches(engine):
         for prompt in batch:
-            engine.add_request(prompt, params)
+            engine.add_request(prompt, params, stream=False)
         while engine.has_unfinished_requests():
             engine.step()
         count += len(batch)

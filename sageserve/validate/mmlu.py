@@ -74,7 +74,7 @@ def _score_letters(
     for qi, prompt in enumerate(prompts):
         params = SamplingParams(max_new_tokens=0, prompt_logprobs=0, logprob_start_len=len(prompt))
         for li in which:
-            ids.append(engine.add_request([*prompt, letters[li]], params))
+            ids.append(engine.add_request([*prompt, letters[li]], params, stream=False))
             where.append((qi, li, len(prompt)))
     for (qi, li, n), res in zip(where, drain(engine, ids), strict=True):
         out[qi, li] = res.prompt_logprobs[n][letters[li]]

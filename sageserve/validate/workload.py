@@ -69,7 +69,8 @@ def generate(
 ) -> list[RequestOutput]:
     """Every prompt's finished output, in order, all queued at once (one continuous batch)."""
     params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-    ids = [engine.add_request(list(p), sp) for p, sp in zip(prompts, params_list, strict=True)]
+    pairs = zip(prompts, params_list, strict=True)
+    ids = [engine.add_request(list(p), sp, stream=False) for p, sp in pairs]
     return drain(engine, ids)
 
 
