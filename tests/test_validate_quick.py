@@ -88,6 +88,19 @@ def _sage_numbers_are_measured(report) -> None:
     assert det["cache_miss_vs_hit"]["cached_tokens"][1] == 32
 
 
+def _each_backend_is_judged_by_its_precision(report_dir, report) -> None:
+    profiles = report["settings"]["verdict_profiles"]
+    assert {k: v["profile"] for k, v in profiles.items()} == {
+        "torch": "16bit", "sage_attn": "8bit", "torch#2": "16bit"
+    }  # fmt: skip
+    checks = report["sections"]["agreement"]["verdict"]["checks"]
+    sage_share = [c for c in checks if c["name"].startswith("sage_attn short: share")]
+    assert sage_share[0]["passed"] is None  # shown, not judged
+    assert any(c["name"] == "sage_attn short: mean KL, upper CI" for c in checks)
+    md = (report_dir / "report.md").read_text()
+    assert "| sage_attn | sage_attn | 8bit | its own |" in md
+
+
 def _torch_perplexity_matches_transformers(report, smollm2_gguf) -> None:
     res = report["sections"]["perplexity"]["results"]
     tok = tokenizer_from_gguf(GGUFReader(smollm2_gguf))
@@ -111,4 +124,5 @@ def test_validate_quick_end_to_end(report_dir, report, smollm2_gguf) -> None:
     _writes_every_output(report_dir, report)
     _a_backend_against_itself_agrees_exactly(report)
     _sage_numbers_are_measured(report)
+    _each_backend_is_judged_by_its_precision(report_dir, report)
     _torch_perplexity_matches_transformers(report, smollm2_gguf)

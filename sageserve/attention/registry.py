@@ -27,12 +27,15 @@ BUILTIN_BACKEND_PACKAGES = (
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """One registered backend: its name, class path, options class and one-line help."""
+    """One registered backend: its name, class path, options class, one-line help, and the
+    precision its attention computes in (8 for 8-bit attention, 16 for the model's own
+    16/32-bit floats: validate judges each by its own bars)."""
 
     name: str
     target: str
     flags_class: type[BackendFlags]
     help: str
+    attention_bits: int = 16
 
     def backend_class(self) -> type[AttentionBackend]:
         module_name, class_name = self.target.split(":")
@@ -43,13 +46,15 @@ _REGISTRY: dict[str, BackendEntry] = {}
 
 
 def register_backend(
-    name: str, target: str, help: str = ""
+    name: str, target: str, help: str = "", attention_bits: int = 16
 ) -> Callable[[type[BackendFlags]], type[BackendFlags]]:
     """Decorate a backend's options class to register the backend `name` = `target`
     ("module:Class"). Registering a name twice with another target is an error."""
+    if attention_bits not in (8, 16):
+        raise ValueError(f"attention_bits must be 8 or 16, got {attention_bits}")
 
     def register(flags_class: type[BackendFlags]) -> type[BackendFlags]:
-        entry = BackendEntry(name, target, flags_class, help)
+        entry = BackendEntry(name, target, flags_class, help, attention_bits)
         known = _REGISTRY.get(name)
         if known is not None and known != entry:
             raise ValueError(f"attention backend {name!r} is already registered ({known.target})")

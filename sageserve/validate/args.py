@@ -9,6 +9,7 @@ from sageserve.output_dir import DEFAULT_OUT_ROOT
 from sageserve.validate.config import (
     CONTEXT_GROUPS,
     PRESETS,
+    PROFILE_CHOICES,
     REPORT_SECTIONS,
     Thresholds,
     ValidateConfig,
@@ -57,6 +58,15 @@ _THRESHOLD_FLAGS: dict[str, tuple[str, str]] = {
     "--max-mmlu-flip-rate": ("max_mmlu_flip_rate", "answer-flip rate limit (default: none)"),
     "--min-decode-speedup": ("min_decode_speedup", "decode speedup floor (default: none)"),
     "--max-kv-bytes-ratio": ("max_kv_bytes_ratio", "KV bytes/token vs reference (default: none)"),
+    "--min-top1": ("min_top1", "8-bit profile: top-1 agreement floor (default 0.98)"),
+    "--cross-path-tol-8bit": (
+        "cross_path_tol_8bit",
+        "8-bit profile: decoded vs teacher-forced |Δ logprob| limit (default 0.75)",
+    ),
+    "--mcnemar-alpha": (
+        "mcnemar_alpha",
+        "8-bit profile: MMLU flips fail below this McNemar p (default 0.05)",
+    ),
 }
 
 
@@ -125,6 +135,14 @@ def add_validate_args(p: argparse.ArgumentParser) -> None:
     for flag, (_, kind, help_text) in _SIZE_FLAGS.items():
         sizes.add_argument(flag, type=kind or int_list, default=None, help=help_text)
     limits = p.add_argument_group("thresholds of the verdicts")
+    limits.add_argument(
+        "--verdict-profile",
+        choices=PROFILE_CHOICES,
+        default="auto",
+        help="bars the backends are judged by: auto (each its own: 16-bit backends by "
+        "SGLang's per-token rule, 8-bit ones by quantized-attention bars), or one forced on "
+        "all (labelled where it is not the backend's own)",
+    )
     for flag, (_, help_text) in _THRESHOLD_FLAGS.items():
         limits.add_argument(flag, type=float, default=None, help=help_text)
 
@@ -163,4 +181,5 @@ def validate_config_from_args(
         sections=tuple(args.sections),
         confidence=args.confidence,
         seed=args.seed,
+        verdict_profile=args.verdict_profile,
     )

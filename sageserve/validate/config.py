@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 CONTEXT_GROUPS = ("short", "medium", "long")
+# --verdict-profile: each backend's own (auto), or one forced on all (profiles.py).
+PROFILE_CHOICES = ("auto", "16bit", "8bit")
 REPORT_SECTIONS = (
     "logprobs",
     "agreement",
@@ -95,6 +97,12 @@ class Thresholds:
     max_mmlu_flip_rate: float | None = None
     min_decode_speedup: float | None = None
     max_kv_bytes_ratio: float | None = None
+    # The 8-bit profile's own bars (profiles.py).
+    min_top1: float = 0.98
+    mcnemar_alpha: float = 0.05
+    # 8-bit profile: |Δ logprob| allowed between a decode step and teacher forcing. They take
+    # other GEMM shapes, where INT8 codes flip (measured max 0.38: tests/int8_flips.py).
+    cross_path_tol_8bit: float = 0.75
 
     def __post_init__(self) -> None:
         if not 0 < self.logprob_delta_quantile <= 1:
@@ -104,6 +112,18 @@ class Thresholds:
         for name in ("logprob_delta", "mean_kl", "ppl_delta_rel", "consistency_tol"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.cross_path_tol_8bit <= 0:
+            raise ValueError(f"cross_path_tol_8bit must be > 0, got {self.cross_path_tol_8bit}")
+        for name in ("min_top1", "mcnemar_alpha"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+
+    def logprob_tols(self, profile: str) -> tuple[float, float]:
+        """(prompt, output) tolerances of returned logprobs against teacher forcing: prompt
+        positions take the same path (exact); output positions are decoded, within
+        logprob_delta (16-bit profile) or cross_path_tol_8bit (8-bit)."""
+        output = self.cross_path_tol_8bit if profile == "8bit" else self.logprob_delta
+        return self.consistency_tol, output
 
 
 @dataclass(frozen=True)
@@ -121,8 +141,14 @@ class ValidateConfig:
     sections: tuple[str, ...] = REPORT_SECTIONS
     confidence: float = 0.95
     seed: int = 0
+    verdict_profile: str = "auto"  # profiles.PROFILE_CHOICES
 
     def __post_init__(self) -> None:
+        if self.verdict_profile not in PROFILE_CHOICES:
+            raise ValueError(
+                f"--verdict-profile {self.verdict_profile!r}: choose from "
+                f"{', '.join(PROFILE_CHOICES)}"
+            )
         if len(self.backends) < 1:
             raise ValueError("--backends needs at least one backend")
         unknown = [s for s in self.sections if s not in REPORT_SECTIONS]

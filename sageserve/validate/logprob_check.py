@@ -4,7 +4,7 @@ Checked per position, for output tokens (`logprobs=N`) and prompt tokens
 (`prompt_logprobs=N`): the chosen token is present, the top-N are sorted descending, every
 value is finite and <= 0, a greedy token is the top-1, and the values equal the
 teacher-forced ones computed from scratch (prompt tokens exactly, output tokens -- computed by
-the decode path -- within the |Δ logprob| threshold).
+the decode path -- within the |Δ logprob| threshold of the backend's verdict profile).
 """
 
 from __future__ import annotations

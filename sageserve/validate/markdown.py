@@ -144,11 +144,13 @@ def _mmlu(r: dict[str, Any]) -> str:
             x.get("flip_rate"),
             x.get("flip_rate_ci"),
             x.get("mean_option_kl"),
+            x.get("mcnemar_p"),
         ]
         for lb, x in r["backends"].items()
     ]
     note = f"{r['questions']} questions, {r['subjects']} subjects ({r['per_subject']} per subject)."
-    head = ["backend", "questions", "accuracy", "95% CI", "flip rate", "flip 95% CI", "option KL"]
+    head = ["backend", "questions", "accuracy", "95% CI", "flip rate", "flip 95% CI", "option KL",
+            "McNemar p"]  # fmt: skip
     return note + "\n\n" + table(head, rows)
 
 
@@ -266,6 +268,19 @@ _RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+def _profiles(settings: dict[str, Any]) -> str:
+    """Which bars judged each backend, and the thresholds they used."""
+    choices = settings.get("verdict_profiles") or {}
+    rows = [[label, c["backend"], c["profile"], c["note"] or "its own", c["rules"]]
+            for label, c in choices.items()]  # fmt: skip
+    limits = ", ".join(f"{k} {v}" for k, v in settings["thresholds"].items() if v is not None)
+    head = ["backend", "attention", "profile", "chosen", "rules"]
+    return (
+        f"Verdict profiles (`--verdict-profile {settings.get('verdict_profile', 'auto')}`):"
+        f"\n\n{table(head, rows)}\n\nThresholds: {limits}."
+    )
+
+
 def render(report: dict[str, Any]) -> str:
     """The whole report as Markdown."""
     st = report["settings"]
@@ -279,6 +294,7 @@ def render(report: dict[str, Any]) -> str:
             ["section", "verdict"],
             [[n, _STATUS[s["verdict"]["status"]]] for n, s in report["sections"].items()],
         ),
+        _profiles(st),
     ]
     for name, section in report["sections"].items():
         parts.append(f"## {name}")

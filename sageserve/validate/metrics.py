@@ -209,6 +209,21 @@ def proportion_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[flo
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """McNemar's exact test: two-sided p-value that paired outcomes changed by chance.
+
+    only_first / only_second: the discordant pairs (e.g. questions only the reference /
+    only the tested backend answered correctly). Under no change each discordant pair goes
+    either way with probability 1/2, so the smaller count is binomial(n, 1/2); p = 2 x its
+    lower tail, at most 1. No discordant pair: p = 1.
+    """
+    if only_first < 0 or only_second < 0:
+        raise ValueError(f"counts must be >= 0, got {only_first}, {only_second}")
+    n, k = only_first + only_second, min(only_first, only_second)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def ppl_delta_ci(
     ref_lp: torch.Tensor,
     test_lp: torch.Tensor,

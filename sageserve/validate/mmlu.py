@@ -19,7 +19,7 @@ import torch
 from sageserve.engine.engine import Engine
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.validate.data import MMLUQuestion
-from sageserve.validate.metrics import kl_divergence, proportion_ci
+from sageserve.validate.metrics import kl_divergence, mcnemar_p, proportion_ci
 from sageserve.validate.workload import drain
 
 LETTERS = "ABCD"
@@ -86,7 +86,8 @@ def mmlu_results(
     reference: str,
     confidence: float,
 ) -> dict[str, dict[str, Any]]:
-    """Per backend: accuracy (Wilson CI); against the reference: flip rate and option KL."""
+    """Per backend: accuracy (Wilson CI); against the reference: flip rate, option KL, and
+    McNemar's exact test on the questions only one of the two answered correctly."""
     answers = torch.tensor([q.answer for q in questions])
     n = len(questions)
     ref_pred = scores[reference].argmax(dim=1)
@@ -102,11 +103,16 @@ def mmlu_results(
         }
         if label != reference:
             flips = int((pred != ref_pred).sum())
+            ref_only = int(((ref_pred == answers) & (pred != answers)).sum())
+            test_only = int(((ref_pred != answers) & (pred == answers)).sum())
             row |= {
                 "flips": flips,
                 "flip_rate": flips / n,
                 "flip_rate_ci": list(proportion_ci(flips, n, confidence)),
                 "mean_option_kl": kl_divergence(ref_opts, s.log_softmax(dim=1)).mean().item(),
+                "reference_only_correct": ref_only,
+                "only_correct_here": test_only,
+                "mcnemar_p": mcnemar_p(ref_only, test_only),
             }
         out[label] = row
     return out

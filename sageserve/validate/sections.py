@@ -17,6 +17,7 @@ from sageserve.validate.agreement import PREFIX_GROUP
 from sageserve.validate.config import CONTEXT_GROUPS, ValidateConfig
 from sageserve.validate.metrics import TokenComparison, agreement_stats
 from sageserve.validate.perplexity import perplexity_results
+from sageserve.validate.profiles import ProfileChoice
 from sageserve.validate.runner import LocalResults
 from sageserve.validate.verdicts import Verdict
 
@@ -37,7 +38,9 @@ def not_run(reason: str) -> dict[str, Any]:
     return _section(Verdict("not_run", reason=reason), {}, "")
 
 
-def agreement_section(cfg: ValidateConfig, res: LocalResults, plots: PlotData) -> dict[str, Any]:
+def agreement_section(
+    cfg: ValidateConfig, res: LocalResults, plots: PlotData, profiles: dict[str, ProfileChoice]
+) -> dict[str, Any]:
     th = cfg.thresholds
     per_backend: dict[str, dict[str, Any]] = {}
     for label, scores in res.scores.items():
@@ -61,7 +64,7 @@ def agreement_section(cfg: ValidateConfig, res: LocalResults, plots: PlotData) -
         "request path after its prefix was served once (prefix cache), against the "
         "reference's from-scratch teacher forcing"
     )
-    return _section(verdicts.agreement_verdict(per_backend, th), results, method)
+    return _section(verdicts.agreement_verdict(per_backend, th, profiles), results, method)
 
 
 def _windows(res: LocalResults) -> list[dict[str, Any]]:
@@ -83,7 +86,9 @@ def _windows(res: LocalResults) -> list[dict[str, Any]]:
     return rows
 
 
-def perplexity_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any]:
+def perplexity_section(
+    cfg: ValidateConfig, res: LocalResults, profiles: dict[str, ProfileChoice]
+) -> dict[str, Any]:
     group = cfg.sizes.ppl_group
     keys = [w.key for w in res.plan.windows if w.group == group]
     if not keys:
@@ -98,10 +103,13 @@ def perplexity_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any]
         "token_offsets": [w.offset for w in windows],
     }
     method = "exp(-mean log p) over the windows' next tokens; delta CI: paired bootstrap"
-    return _section(verdicts.perplexity_verdict(per_backend, cfg.thresholds), results, method)
+    verdict = verdicts.perplexity_verdict(per_backend, cfg.thresholds, profiles)
+    return _section(verdict, results, method)
 
 
-def mmlu_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any]:
+def mmlu_section(
+    cfg: ValidateConfig, res: LocalResults, profiles: dict[str, ProfileChoice]
+) -> dict[str, Any]:
     qs = res.plan.questions
     per_backend = mmlu.mmlu_results(res.mmlu, qs, cfg.reference, cfg.confidence)
     results = {
@@ -110,8 +118,11 @@ def mmlu_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any]:
         "subjects": len({q.subject for q in qs}),
         "per_subject": cfg.sizes.mmlu_per_subject,
     }
-    method = "zero-shot prompt; choice = argmax logprob of ' A'..' D'; Wilson 95% CIs"
-    return _section(verdicts.mmlu_verdict(per_backend, cfg.thresholds), results, method)
+    method = (
+        "zero-shot prompt; choice = argmax logprob of ' A'..' D'; Wilson 95% CIs; "
+        "McNemar's exact test on the questions only one side answered correctly"
+    )
+    return _section(verdicts.mmlu_verdict(per_backend, cfg.thresholds, profiles), results, method)
 
 
 def throughput_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any]:
@@ -149,18 +160,25 @@ def determinism_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any
 
 def logprobs_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any]:
     results = {"backends": res.logprobs, "top_n": 5, "api": "offline (logprobs, prompt_logprobs)"}
-    method = "shape, order, range and teacher-forced equality of every returned position"
+    method = (
+        "shape, order, range and teacher-forced equality of every returned position: prompt "
+        "positions within consistency_tol, decoded ones within logprob_delta (16-bit profile) "
+        "or cross_path_tol_8bit (8-bit profile)"
+    )
     return _section(verdicts.logprobs_verdict(res.logprobs), results, method)
 
 
-def local_sections(cfg: ValidateConfig, res: LocalResults) -> tuple[dict[str, Any], PlotData]:
-    """Every section of the report, in REPORT_SECTIONS order, and the plots' data."""
+def local_sections(
+    cfg: ValidateConfig, res: LocalResults, profiles: dict[str, ProfileChoice]
+) -> tuple[dict[str, Any], PlotData]:
+    """Every section of the report, in REPORT_SECTIONS order, and the plots' data; the
+    verdicts judge each backend label by its profile."""
     plots = PlotData()
     build = {
         "logprobs": lambda: logprobs_section(cfg, res),
-        "agreement": lambda: agreement_section(cfg, res, plots),
-        "perplexity": lambda: perplexity_section(cfg, res),
-        "mmlu": lambda: mmlu_section(cfg, res),
+        "agreement": lambda: agreement_section(cfg, res, plots, profiles),
+        "perplexity": lambda: perplexity_section(cfg, res, profiles),
+        "mmlu": lambda: mmlu_section(cfg, res, profiles),
         "throughput": lambda: throughput_section(cfg, res),
         "memory": lambda: memory_section(cfg, res),
         "determinism": lambda: determinism_section(cfg, res),

@@ -1,7 +1,10 @@
 """Pass/fail verdicts per section, against the thresholds of `Thresholds`.
 
-A section whose figures have no threshold set gets status "info"; one that did not run gets
-"not_run" or "unsupported" with the reason. The run passes when no verdict is "fail".
+The agreement, perplexity and MMLU verdicts judge each backend by its profile (profiles.py:
+16-bit backends by SGLang's per-token rule, 8-bit ones by bars fit for quantized attention);
+a check's name carries the profile's note when it is not the backend's own. A section whose
+figures have no threshold set gets status "info"; one that did not run gets "not_run" or
+"unsupported" with the reason. The run passes when no verdict is "fail".
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sageserve.validate.config import Thresholds
+from sageserve.validate.profiles import ProfileChoice
 
 
 @dataclass(frozen=True)
@@ -49,58 +53,96 @@ def logprobs_verdict(per_backend: dict[str, dict[str, Any]]) -> Verdict:
     return from_checks(checks)
 
 
-def agreement_verdict(per_backend: dict[str, dict[str, dict[str, Any]]], th: Thresholds) -> Verdict:
-    """Every compared backend and group: the |Δ logprob| quantile and the mean KL."""
+def agreement_verdict(
+    per_backend: dict[str, dict[str, dict[str, Any]]],
+    th: Thresholds,
+    profiles: dict[str, ProfileChoice],
+) -> Verdict:
+    """Every compared backend and group, by its profile (module docstring)."""
     checks = []
-    share = f">= {th.logprob_delta_quantile:g}"
     for label, groups in per_backend.items():
+        choice = profiles[label]
         for group, s in groups.items():
-            frac = s["frac_within_logprob_delta"]
-            checks.append(
-                Check(
-                    f"{label} {group}: share |Δ logprob| < {th.logprob_delta:g}",
-                    frac,
-                    share,
-                    frac >= th.logprob_delta_quantile,
-                )
-            )
-            checks.append(
-                Check(
-                    f"{label} {group}: mean KL",
-                    s["mean_kl"],
-                    f"< {th.mean_kl:g}",
-                    s["mean_kl"] < th.mean_kl,
-                )
-            )
+            name = f"{label} {group}"
+            if choice.profile == "8bit":
+                checks += _agreement_8bit(name, s, th, choice.note)
+            else:
+                checks += _agreement_16bit(name, s, th, choice.note)
     return from_checks(checks)
 
 
-def perplexity_verdict(per_backend: dict[str, dict[str, Any]], th: Thresholds) -> Verdict:
-    checks = [
-        Check(
-            f"{label}: |Δ perplexity| (relative)",
-            abs(r["delta_rel"]),
-            f"< {th.ppl_delta_rel:g}",
-            abs(r["delta_rel"]) < th.ppl_delta_rel,
-        )
-        for label, r in per_backend.items()
-        if "delta_rel" in r
+def _share_check(name: str, s: dict[str, Any], th: Thresholds, judged: bool, note: str) -> Check:
+    frac = s["frac_within_logprob_delta"]
+    limit = f">= {th.logprob_delta_quantile:g}" if judged else "shown (not judged for 8-bit)"
+    return Check(
+        f"{name}: share |Δ logprob| < {th.logprob_delta:g}{note}",
+        frac,
+        limit,
+        frac >= th.logprob_delta_quantile if judged else None,
+    )
+
+
+def _agreement_16bit(name: str, s: dict[str, Any], th: Thresholds, note: str) -> list[Check]:
+    kl = s["mean_kl"]
+    return [
+        _share_check(name, s, th, True, note),
+        Check(f"{name}: mean KL{note}", kl, f"< {th.mean_kl:g}", kl < th.mean_kl),
     ]
+
+
+def _agreement_8bit(name: str, s: dict[str, Any], th: Thresholds, note: str) -> list[Check]:
+    kl_high = s["mean_kl_ci"][1]
+    top1 = s["top1_agreement"]
+    return [
+        _share_check(name, s, th, False, note),
+        Check(f"{name}: mean KL, upper CI{note}", kl_high, f"< {th.mean_kl:g}",
+              kl_high < th.mean_kl),
+        Check(f"{name}: top-1 agreement{note}", top1, f">= {th.min_top1:g}",
+              top1 >= th.min_top1),
+    ]  # fmt: skip
+
+
+def perplexity_verdict(
+    per_backend: dict[str, dict[str, Any]], th: Thresholds, profiles: dict[str, ProfileChoice]
+) -> Verdict:
+    """16-bit: |Δ perplexity| < limit; 8-bit: both ends of its CI within ±limit."""
+    checks = []
+    for label, r in per_backend.items():
+        if "delta_rel" not in r:
+            continue
+        choice = profiles[label]
+        if choice.profile == "8bit":
+            worst = max(abs(end) for end in r["delta_rel_ci"])
+            name = f"{label}: |Δ perplexity| (relative), farther CI end{choice.note}"
+        else:
+            worst = abs(r["delta_rel"])
+            name = f"{label}: |Δ perplexity| (relative){choice.note}"
+        checks.append(Check(name, worst, f"< {th.ppl_delta_rel:g}", worst < th.ppl_delta_rel))
     return from_checks(checks)
 
 
-def mmlu_verdict(per_backend: dict[str, dict[str, Any]], th: Thresholds) -> Verdict:
+def mmlu_verdict(
+    per_backend: dict[str, dict[str, Any]], th: Thresholds, profiles: dict[str, ProfileChoice]
+) -> Verdict:
+    """The answer-flip rate against its limit when set; for 8-bit also McNemar's test."""
     limit = th.max_mmlu_flip_rate
-    checks = [
-        Check(
-            f"{label}: answer-flip rate",
+    checks = []
+    for label, r in per_backend.items():
+        if "flip_rate" not in r:
+            continue
+        choice = profiles[label]
+        checks.append(Check(
+            f"{label}: answer-flip rate{choice.note}",
             r["flip_rate"],
             "no threshold" if limit is None else f"<= {limit:g}",
             None if limit is None else r["flip_rate"] <= limit,
-        )
-        for label, r in per_backend.items()
-        if "flip_rate" in r
-    ]
+        ))  # fmt: skip
+        if choice.profile == "8bit":
+            p = r["mcnemar_p"]
+            checks.append(Check(
+                f"{label}: McNemar p, correct answers vs the reference{choice.note}",
+                p, f">= {th.mcnemar_alpha:g} (no significant change)", p >= th.mcnemar_alpha,
+            ))  # fmt: skip
     return from_checks(checks)
 
 

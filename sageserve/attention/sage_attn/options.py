@@ -22,6 +22,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     "sage_attn",
     "sageserve.attention.sage_attn.backend:SageAttentionBackend",
     help="8-bit attention and KV cache",
+    attention_bits=8,
 )
 @dataclass(frozen=True)
 class SageOptions(BackendFlags):

@@ -1,0 +1,199 @@
+"""Where the 8-bit path's error comes from: per source and per layer (issue 18, item 1).
+
+Every variant is teacher-forced through the engine on the same Britannica windows and
+compared with exact attention (the torch backend): mean KL(exact || variant) per token and
+top-1 agreement, at each window length (default 512 and 8192 tokens, SmolLM2's context).
+
+Variants:
+- `sage_attn` as served, and with one of its choices changed: FP8 P·V, no K smoothing, no
+  Q/K channel balance.
+- Fake quantization (a backend registered here): exact attention over Q, K and V passed
+  through sage's own quantize/dequantize (reference.py: per-token INT8, fp16 K/V scales, the
+  calibrated key mean and channel balance), for one source at a time (q, k, v) and all three;
+  then all three in one layer at a time (`layer_<i>`). What it leaves out is the rounding of
+  P to fp16 before P·V, which the served `sage_attn` row includes: the two "all sources"
+  rows agree when that rounding is negligible.
+
+    PYTHONPATH=. python benchmarks/sage_error_ablation.py --lengths 512,8192 --windows 4,1 \
+        --out benchmarks/results/sage_error_ablation-cpu-<date>.json
+
+One JSON (device, versions, date, command, per-variant figures); progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+
+import torch
+
+from sageserve.attention.registry import register_backend
+from sageserve.attention.sage_attn.calibration import calibrate_qk, calibration_token_ids
+from sageserve.attention.sage_attn.options import SageOptions
+from sageserve.attention.sage_attn.reference import balance_q, dequantize, quantize_int8
+from sageserve.attention.torch_native.backend import TorchNativeBackend
+from sageserve.attention.torch_native.options import TorchOptions
+from sageserve.bench.run_record import device_info, software
+from sageserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from sageserve.engine.engine import Engine
+from sageserve.models.loader import LoadedModel, load_model
+from sageserve.validate.data import britannica_text
+from sageserve.validate.metrics import kl_divergence, top1_matches
+
+SOURCES = ("q", "k", "v")
+# What the fake-quantizing backend quantizes, set before each engine is built.
+FAKE_QUANT: dict[str, frozenset] = {"sources": frozenset(SOURCES), "layers": frozenset()}
+_CALIBRATED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+class FakeQuantBackend(TorchNativeBackend):
+    """Exact attention over fake-quantized Q, K, V in the layers and sources of FAKE_QUANT."""
+
+    name = "sage_fakequant"
+
+    def __init__(self, shape, options) -> None:
+        super().__init__(shape, options)
+        self.sources = FAKE_QUANT["sources"]
+        self.layers = FAKE_QUANT["layers"]
+        self.k_mean = self.channel_scale = None
+
+    def prepare(self, model: torch.nn.Module, tokenizer: object | None) -> None:
+        """The key mean and channel balance, calibrated as sage_attn calibrates them (once
+        per model: every fake-quantizing engine of the run shares them)."""
+        if id(model) not in _CALIBRATED:
+            ids = calibration_token_ids(tokenizer, self.shape.vocab_size)
+            stats = calibrate_qk(model, ids)
+            _CALIBRATED[id(model)] = (stats.k_mean, stats.channel_scale(smoothed=True))
+        self.k_mean, self.channel_scale = _CALIBRATED[id(model)]
+
+    def forward(self, layer_id, q, k, v, kv_cache, meta):
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]; quantization error, exact math."""
+        if layer_id in self.layers:
+            c, mean = self.channel_scale[layer_id], self.k_mean[layer_id]
+            if "q" in self.sources:
+                q = _fake_q(q, c)
+            if "k" in self.sources:
+                k = _fake_k(k, mean, c)
+            if "v" in self.sources:
+                v = dequantize(*quantize_int8(v, torch.float16)).to(v.dtype)
+        return super().forward(layer_id, q, k, v, kv_cache, meta)
+
+
+def _fake_q(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Q balanced, INT8 per token and head (fp32 scale), unbalanced again."""
+    group = q.shape[1] // c.shape[0]
+    balanced = balance_q(q, c)
+    return (dequantize(*quantize_int8(balanced)) / c.repeat_interleave(group, dim=0)).to(q.dtype)
+
+
+def _fake_k(k: torch.Tensor, mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """K smoothed and balanced, INT8 with fp16 scales, then back (the mean's q·mean term is
+    the same for every key, so softmax does not see it)."""
+    stored = (k.float() - mean) / c
+    return (dequantize(*quantize_int8(stored, torch.float16)) * c + mean).to(k.dtype)
+
+
+def _engine(loaded: LoadedModel, backend: str, options, chunk: int) -> Engine:
+    config = EngineConfig(
+        device="cpu", dtype="float32", attention_backend=backend, attention_options=(options,),
+        cache=CacheConfig(max_total_tokens=8192 + 64),
+        scheduler=SchedulerConfig(chunked_prefill_size=chunk),
+    )  # fmt: skip
+    return Engine(config, loaded)
+
+
+def _windows(loaded: LoadedModel, lengths: list[int], counts: list[int]) -> dict[int, list]:
+    """Distinct spans of the Britannica text: counts[i] windows of lengths[i] tokens."""
+    ids = loaded.tokenizer.encode(britannica_text(), add_special_tokens=False)
+    out, offset = {}, 0
+    for length, count in zip(lengths, counts, strict=True):
+        out[length] = []
+        for _ in range(count):
+            if offset + length > len(ids):
+                raise ValueError(f"the text has {len(ids)} tokens: too few for these windows")
+            out[length].append(ids[offset : offset + length])
+            offset += length
+    return out
+
+
+def _score(engine: Engine, windows: dict[int, list]) -> dict[int, list[torch.Tensor]]:
+    return {n: [engine.teacher_forced_logprobs(w) for w in ws] for n, ws in windows.items()}
+
+
+def _compare(ref: dict, test: dict) -> dict[str, dict[str, float]]:
+    out = {}
+    for n in ref:
+        kl = torch.cat([kl_divergence(r, t) for r, t in zip(ref[n], test[n], strict=True)])
+        top1 = torch.cat([top1_matches(r, t) for r, t in zip(ref[n], test[n], strict=True)])
+        out[str(n)] = {"mean_kl": kl.mean().item(), "top1": top1.double().mean().item(),
+                       "tokens": kl.numel()}  # fmt: skip
+    return out
+
+
+def _variants(num_layers: int, per_layer: bool) -> list[tuple[str, str, object]]:
+    """(name, backend, options) of every variant, in run order."""
+    out = [
+        ("sage_attn", "sage_attn", SageOptions(impl="reference")),
+        ("sage_attn pv=fp8", "sage_attn", SageOptions(impl="reference", pv="fp8")),
+        ("sage_attn no smoothing", "sage_attn", SageOptions(impl="reference", smooth_k=False)),
+        ("sage_attn no balance", "sage_attn", SageOptions(impl="reference", balance_qk=False)),
+        ("fake q,k,v", "sage_fakequant", frozenset(SOURCES)),
+    ]
+    out += [(f"fake {s}", "sage_fakequant", frozenset(s)) for s in SOURCES]
+    if per_layer:
+        out += [(f"layer_{i}", "sage_fakequant", i) for i in range(num_layers)]
+    return out
+
+
+def _run_variant(loaded, backend, spec, chunk, windows) -> dict:
+    options = TorchOptions()
+    if backend == "sage_attn":
+        options = spec
+    else:
+        layers = range(loaded.config.num_layers) if isinstance(spec, frozenset) else [spec]
+        FAKE_QUANT["layers"] = frozenset(layers)
+        FAKE_QUANT["sources"] = spec if isinstance(spec, frozenset) else frozenset(SOURCES)
+    with _engine(loaded, backend, options, chunk) as engine:
+        return _score(engine, windows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", default="512,8192")
+    parser.add_argument("--windows", default="4,1", help="windows per length")
+    parser.add_argument("--chunk", type=int, default=2048, help="--chunked-prefill-size")
+    parser.add_argument("--no-per-layer", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    register_backend("sage_fakequant", f"{__name__}:FakeQuantBackend")(TorchOptions)
+    torch.manual_seed(0)
+    loaded = load_model(None, dtype="float32", device="cpu")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    windows = _windows(loaded, lengths, [int(x) for x in args.windows.split(",")])
+    result = {
+        "benchmark": "sage error ablation (issue 18)",
+        "command": shlex.join(["python", *sys.argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": device_info(torch.device("cpu")), "software": software(),
+        "model": loaded.source, "text": "Britannica (validate's), consecutive spans",
+        "lengths": lengths, "windows": {str(n): len(ws) for n, ws in windows.items()},
+        "variants": {},
+    }  # fmt: skip
+    with _engine(loaded, "torch", TorchOptions(), args.chunk) as engine:
+        reference = _score(engine, windows)
+    for name, backend, spec in _variants(loaded.config.num_layers, not args.no_per_layer):
+        start = time.monotonic()
+        scored = _run_variant(loaded, backend, spec, args.chunk, windows)
+        result["variants"][name] = _compare(reference, scored)
+        print(f"{name}: {result['variants'][name]} ({time.monotonic() - start:.0f} s)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
