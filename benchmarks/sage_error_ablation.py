@@ -12,7 +12,9 @@ Variants:
   calibrated key mean and channel balance), for one source at a time (q, k, v) and all three;
   then all three in one layer at a time (`layer_<i>`). What it leaves out is the rounding of
   P to fp16 before P·V, which the served `sage_attn` row includes: the two "all sources"
-  rows agree when that rounding is negligible.
+  rows agree when that rounding is negligible. Candidates for a smaller error, in the same
+  emulation: no channel balance; an orthonormal Hadamard rotation of Q and K along head_dim
+  before INT8 (q·k unchanged, outlier channels spread over all), with and without balance.
 
     PYTHONPATH=. python benchmarks/sage_error_ablation.py --lengths 512,8192 --windows 4,1 \
         --out benchmarks/results/sage_error_ablation-cpu-<date>.json
@@ -46,7 +48,9 @@ from sageserve.validate.metrics import kl_divergence, top1_matches
 
 SOURCES = ("q", "k", "v")
 # What the fake-quantizing backend quantizes, set before each engine is built.
-FAKE_QUANT: dict[str, frozenset] = {"sources": frozenset(SOURCES), "layers": frozenset()}
+FAKE_QUANT: dict[str, object] = {
+    "sources": frozenset(SOURCES), "layers": frozenset(), "rotate": False, "balance": True,
+}  # fmt: skip
 _CALIBRATED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -59,6 +63,8 @@ class FakeQuantBackend(TorchNativeBackend):
         super().__init__(shape, options)
         self.sources = FAKE_QUANT["sources"]
         self.layers = FAKE_QUANT["layers"]
+        self.rotation = _hadamard(shape.head_dim) if FAKE_QUANT["rotate"] else None
+        self.balance = FAKE_QUANT["balance"]
         self.k_mean = self.channel_scale = None
 
     def prepare(self, model: torch.nn.Module, tokenizer: object | None) -> None:
@@ -74,27 +80,47 @@ class FakeQuantBackend(TorchNativeBackend):
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]; quantization error, exact math."""
         if layer_id in self.layers:
             c, mean = self.channel_scale[layer_id], self.k_mean[layer_id]
+            if not self.balance:
+                c = torch.ones_like(c)
             if "q" in self.sources:
-                q = _fake_q(q, c)
+                q = _fake_q(q, c, self.rotation)
             if "k" in self.sources:
-                k = _fake_k(k, mean, c)
+                k = _fake_k(k, mean, c, self.rotation)
             if "v" in self.sources:
                 v = dequantize(*quantize_int8(v, torch.float16)).to(v.dtype)
         return super().forward(layer_id, q, k, v, kv_cache, meta)
 
 
-def _fake_q(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Q balanced, INT8 per token and head (fp32 scale), unbalanced again."""
+def _hadamard(n: int) -> torch.Tensor:
+    """[n, n] orthonormal Hadamard matrix (Sylvester; n a power of two): H Hᵀ = I."""
+    if n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).float()
+
+
+def _rotated_int8(x: torch.Tensor, rotation, scale_dtype: torch.dtype) -> torch.Tensor:
+    """x [T, H, D] through INT8 (per token and head), in the rotated basis when given:
+    (quant(x R)) Rᵀ, so that q·k is unchanged by the rotation itself."""
+    if rotation is None:
+        return dequantize(*quantize_int8(x, scale_dtype))
+    return dequantize(*quantize_int8(x @ rotation, scale_dtype)) @ rotation.T
+
+
+def _fake_q(q: torch.Tensor, c: torch.Tensor, rotation) -> torch.Tensor:
+    """Q balanced (and rotated), INT8 per token and head (fp32 scale), undone again."""
     group = q.shape[1] // c.shape[0]
-    balanced = balance_q(q, c)
-    return (dequantize(*quantize_int8(balanced)) / c.repeat_interleave(group, dim=0)).to(q.dtype)
+    fake = _rotated_int8(balance_q(q, c), rotation, torch.float32)
+    return (fake / c.repeat_interleave(group, dim=0)).to(q.dtype)
 
 
-def _fake_k(k: torch.Tensor, mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """K smoothed and balanced, INT8 with fp16 scales, then back (the mean's q·mean term is
-    the same for every key, so softmax does not see it)."""
+def _fake_k(k: torch.Tensor, mean: torch.Tensor, c: torch.Tensor, rotation) -> torch.Tensor:
+    """K smoothed and balanced (and rotated), INT8 with fp16 scales, then back (the mean's
+    q·mean term is the same for every key, so softmax does not see it)."""
     stored = (k.float() - mean) / c
-    return (dequantize(*quantize_int8(stored, torch.float16)) * c + mean).to(k.dtype)
+    return (_rotated_int8(stored, rotation, torch.float16) * c + mean).to(k.dtype)
 
 
 def _engine(loaded: LoadedModel, backend: str, options, chunk: int) -> Engine:
@@ -144,6 +170,8 @@ def _variants(num_layers: int, per_layer: bool) -> list[tuple[str, str, object]]
         ("fake q,k,v", "sage_fakequant", frozenset(SOURCES)),
     ]
     out += [(f"fake {s}", "sage_fakequant", frozenset(s)) for s in SOURCES]
+    for candidate in ("no balance", "hadamard", "hadamard, no balance"):
+        out.append((f"fake q,k,v {candidate}", "sage_fakequant", candidate))
     if per_layer:
         out += [(f"layer_{i}", "sage_fakequant", i) for i in range(num_layers)]
     return out
@@ -154,9 +182,11 @@ def _run_variant(loaded, backend, spec, chunk, windows) -> dict:
     if backend == "sage_attn":
         options = spec
     else:
-        layers = range(loaded.config.num_layers) if isinstance(spec, frozenset) else [spec]
-        FAKE_QUANT["layers"] = frozenset(layers)
+        every = range(loaded.config.num_layers)
+        FAKE_QUANT["layers"] = frozenset([spec] if isinstance(spec, int) else every)
         FAKE_QUANT["sources"] = spec if isinstance(spec, frozenset) else frozenset(SOURCES)
+        FAKE_QUANT["rotate"] = isinstance(spec, str) and "hadamard" in spec
+        FAKE_QUANT["balance"] = not (isinstance(spec, str) and "no balance" in spec)
     with _engine(loaded, backend, options, chunk) as engine:
         return _score(engine, windows)
 

@@ -28,9 +28,14 @@ def _fmt(v: Any, spec: str = ".4g") -> str:
     return str(v)
 
 
+def _cell(text: str) -> str:
+    """A table cell: a | inside it (as in |Δ logprob|) would end the cell."""
+    return text.replace("|", "\\|")
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(_fmt(c)) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
