@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--windows", default="4,1", help="windows per length")
     parser.add_argument("--chunk", type=int, default=2048, help="--chunked-prefill-size")
     parser.add_argument("--no-per-layer", action="store_true")
+    parser.add_argument("--only", default="", help="run only variants whose name has this")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     register_backend("sage_fakequant", f"{__name__}:FakeQuantBackend")(TorchOptions)
@@ -215,7 +216,8 @@ def main() -> None:
     }  # fmt: skip
     with _engine(loaded, "torch", TorchOptions(), args.chunk) as engine:
         reference = _score(engine, windows)
-    for name, backend, spec in _variants(loaded.config.num_layers, not args.no_per_layer):
+    variants = _variants(loaded.config.num_layers, not args.no_per_layer)
+    for name, backend, spec in [v for v in variants if args.only in v[0]]:
         start = time.monotonic()
         scored = _run_variant(loaded, backend, spec, args.chunk, windows)
         result["variants"][name] = _compare(reference, scored)
