@@ -69,7 +69,7 @@ VARIANTS: dict[str, Variant] = {
     "sage-fp8-nosmooth": Variant("sage_attn", (("pv", "fp8"), ("smooth_k", False))),
     "sage-fp16": Variant("sage_attn", (("pv", "fp16"), ("smooth_k", True))),
     "sage-fp16-nosmooth": Variant("sage_attn", (("pv", "fp16"), ("smooth_k", False))),
-    "sage-fp16-nobalance": Variant("sage_attn", (("pv", "fp16"), ("balance_qk", False))),
+    "sage-fp16-balance": Variant("sage_attn", (("pv", "fp16"), ("balance_qk", True))),
 }
 DEFAULT_VARIANTS = ("sage-fp8", "sage-fp8-nosmooth", "sage-fp16", "sage-fp16-nosmooth")
 

@@ -5,8 +5,10 @@ compared with exact attention (the torch backend): mean KL(exact || variant) per
 top-1 agreement, at each window length (default 512 and 8192 tokens, SmolLM2's context).
 
 Variants:
-- `sage_attn` as served, and with one of its choices changed: FP8 P·V, no K smoothing, no
-  Q/K channel balance.
+- `sage_attn` as served (Hadamard rotation of Q and K, K smoothing; reference numerics),
+  and with one or two of its choices changed: FP8 P·V, no K smoothing, with the Q/K channel
+  balance, no rotation, no rotation but the balance (the default before the rotation); and
+  with `--sage-calibrate` at its default budget (its plan kept in --plan-file).
 - Fake quantization (a backend registered here): exact attention over Q, K and V passed
   through sage's own quantize/dequantize (reference.py: per-token INT8, fp16 K/V scales, the
   calibrated key mean and channel balance), for one source at a time (q, k, v) and all three;
@@ -47,6 +49,8 @@ from sageserve.validate.data import britannica_text
 from sageserve.validate.metrics import kl_divergence, top1_matches
 
 SOURCES = ("q", "k", "v")
+# Where the --sage-calibrate variant keeps its plan (read back when it exists; --plan-file).
+PLAN_FILE = {"path": "sage_layer_plan.json"}
 # What the fake-quantizing backend quantizes, set before each engine is built.
 FAKE_QUANT: dict[str, object] = {
     "sources": frozenset(SOURCES), "layers": frozenset(), "rotate": False, "balance": True,
@@ -166,7 +170,18 @@ def _variants(num_layers: int, per_layer: bool) -> list[tuple[str, str, object]]
         ("sage_attn", "sage_attn", SageOptions(impl="reference")),
         ("sage_attn pv=fp8", "sage_attn", SageOptions(impl="reference", pv="fp8")),
         ("sage_attn no smoothing", "sage_attn", SageOptions(impl="reference", smooth_k=False)),
-        ("sage_attn no balance", "sage_attn", SageOptions(impl="reference", balance_qk=False)),
+        ("sage_attn with balance", "sage_attn", SageOptions(impl="reference", balance_qk=True)),
+        ("sage_attn no rotation", "sage_attn", SageOptions(impl="reference", rotate_qk=False)),
+        (
+            "sage_attn no rotation, with balance",
+            "sage_attn",
+            SageOptions(impl="reference", rotate_qk=False, balance_qk=True),
+        ),
+        (
+            "sage_attn --sage-calibrate",
+            "sage_attn",
+            SageOptions(impl="reference", calibrate=True, calibration_file=PLAN_FILE["path"]),
+        ),
         ("fake q,k,v", "sage_fakequant", frozenset(SOURCES)),
     ]
     out += [(f"fake {s}", "sage_fakequant", frozenset(s)) for s in SOURCES]
@@ -191,15 +206,29 @@ def _run_variant(loaded, backend, spec, chunk, windows) -> dict:
         return _score(engine, windows)
 
 
+def _selected(name: str, only: str) -> bool:
+    """Whether variant `name` is among --only's comma-separated names (all when empty)."""
+    if not only:
+        return True
+    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="512,8192")
     parser.add_argument("--windows", default="4,1", help="windows per length")
     parser.add_argument("--chunk", type=int, default=2048, help="--chunked-prefill-size")
     parser.add_argument("--no-per-layer", action="store_true")
-    parser.add_argument("--only", default="", help="run only variants whose name has this")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated variant names to run (a trailing * matches a prefix: layer_*)",
+    )
+    parser.add_argument("--plan-file", default=PLAN_FILE["path"], help="--sage-calibrate's plan")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    PLAN_FILE["path"] = args.plan_file
     register_backend("sage_fakequant", f"{__name__}:FakeQuantBackend")(TorchOptions)
     torch.manual_seed(0)
     loaded = load_model(None, dtype="float32", device="cpu")
@@ -217,7 +246,7 @@ def main() -> None:
     with _engine(loaded, "torch", TorchOptions(), args.chunk) as engine:
         reference = _score(engine, windows)
     variants = _variants(loaded.config.num_layers, not args.no_per_layer)
-    for name, backend, spec in [v for v in variants if args.only in v[0]]:
+    for name, backend, spec in [v for v in variants if _selected(v[0], args.only)]:
         start = time.monotonic()
         scored = _run_variant(loaded, backend, spec, args.chunk, windows)
         result["variants"][name] = _compare(reference, scored)

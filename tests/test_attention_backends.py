@@ -17,6 +17,7 @@ from sageserve.attention.base import BackendOptions
 from sageserve.attention.batch import SequenceSlice, build_forward_batch
 from sageserve.attention.registry import backend_names, get_backend_class
 from sageserve.attention.sage_attn.options import SageOptions
+from sageserve.attention.sage_attn.rotation import hadamard_rotate
 from sageserve.models.config import ModelConfig
 
 
@@ -46,11 +47,14 @@ VARIANTS = [
     Variant("torch"),
     Variant("sage_attn", SageOptions(), min_cosine=0.999, max_rel_l1=0.03),
     Variant("sage_attn", SageOptions(smooth_k=False), min_cosine=0.999, max_rel_l1=0.03),
-    Variant("sage_attn", SageOptions(balance_qk=False), min_cosine=0.999, max_rel_l1=0.03),
+    Variant("sage_attn", SageOptions(balance_qk=True), min_cosine=0.999, max_rel_l1=0.03),
+    Variant("sage_attn", SageOptions(rotate_qk=False), min_cosine=0.999, max_rel_l1=0.03),
+    Variant("sage_attn", SageOptions(rotate_qk=False, balance_qk=True), 0.999, 0.03),
     Variant("sage_attn", SageOptions(pv="fp8"), min_cosine=0.998, max_rel_l1=0.05),
     Variant("sage_attn", SageOptions(skip_layers=(1,)), min_cosine=0.999, max_rel_l1=0.03),
     # The Triton kernels (through the interpreter on CPU).
     Variant("sage_attn", SageOptions(impl="triton"), min_cosine=0.999, max_rel_l1=0.03),
+    Variant("sage_attn", SageOptions(impl="triton", rotate_qk=False), 0.999, 0.03),
     # The 16-bit Triton kernels, in fp32 through the interpreter on CPU: exact up to rounding.
     Variant("triton"),
 ]
@@ -67,6 +71,7 @@ GPU_VARIANTS = [
     Variant("sage_attn", SageOptions(), 0.999, 0.03, dtype=_FP16, device="cuda"),
     Variant("sage_attn", SageOptions(pv="fp8"), 0.998, 0.05, dtype=_BF16, device="cuda"),
     Variant("sage_attn", SageOptions(smooth_k=False), 0.999, 0.03, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", SageOptions(rotate_qk=False), 0.999, 0.03, dtype=_BF16, device="cuda"),
     Variant("sage_attn", SageOptions(skip_layers=(1,)), 0.999, 0.03, dtype=_BF16, device="cuda"),
 ]
 
@@ -251,12 +256,18 @@ def _calibration(seqs: list[Seq], sage: SageOptions, num_q_heads: int, gen: torc
     """(k_mean, channel_scale), each [num_layers, Hkv, D] or None, as calibration would give.
 
     The mean is that of all keys plus noise (calibration sees other tokens); the balance
-    compares the keys' channel ranges with those of fresh queries.
+    compares the keys' channel ranges with those of fresh queries. Both are of the rotated
+    keys and queries when the rotation is on, as calibration takes them.
     """
     keys = torch.cat([s.k for s in seqs], dim=1)  # [L, T, Hkv, D]
-    k_mean = keys.mean(dim=1) + 0.1 * torch.randn(keys.mean(dim=1).shape, generator=gen)
+    head_dim = keys.shape[-1]
+    if sage.rotate_qk:
+        keys = hadamard_rotate(keys)
+    noise = 0.1 * (head_dim**0.5 if sage.rotate_qk else 1.0)
+    k_mean = keys.mean(dim=1) + noise * torch.randn(keys.mean(dim=1).shape, generator=gen)
     k_absmax = (keys - k_mean[:, None] if sage.smooth_k else keys).abs().amax(dim=1)
-    q_absmax = 4.0 * torch.ones_like(k_absmax)  # max |N(0, 1)| over a few hundred draws
+    # max |N(0, 1)| over a few hundred draws; a rotated query's entries are N(0, D)
+    q_absmax = 4.0 * (head_dim**0.5 if sage.rotate_qk else 1.0) * torch.ones_like(k_absmax)
     balance = (k_absmax / q_absmax).sqrt()
     return (k_mean if sage.smooth_k else None), (balance if sage.balance_qk else None)
 

@@ -222,9 +222,11 @@ def _misplaced_store(variant: StoreVariant, step: StepInputs):
     if variant.eight_bit:
         from sageserve.attention.sage_attn.kernels.store import store_kv
 
-        mean, balance = variant.backend.k_mean[0], variant.backend.channel_scale[0]
+        backend = variant.backend
+        c = backend.layer_constants(0)
         pages, offsets = meta.store_pages.roll(1), meta.store_offsets.roll(1)
-        return lambda: store_kv(step.k, step.v, mean, balance, pages, offsets, *caches)
+        k = backend.rotate(step.k)
+        return lambda: store_kv(k, step.v, c.k_mean, c.balance, pages, offsets, *caches)
     from sageserve.attention.triton_attn.kernels.store import store_kv
 
     return lambda: store_kv(step.k, step.v, meta.slot_mapping.roll(1), *caches)

@@ -7,7 +7,7 @@ import pytest
 
 from sageserve.cli import main
 from sageserve.validate.config import Thresholds
-from sageserve.validate.metrics import mcnemar_p
+from sageserve.validate.metrics import mcnemar_p, proportion_ci
 from sageserve.validate.profiles import choose_profiles
 from sageserve.validate.verdicts import agreement_verdict, mmlu_verdict, perplexity_verdict
 
@@ -41,9 +41,12 @@ def test_each_backend_gets_its_own_profile_unless_forced() -> None:
         choose_profiles({"torch": "torch"}, "4bit")
 
 
-def agreement_stats(share: float, kl: float, kl_high: float, top1: float) -> dict:
+def agreement_stats(
+    share: float, kl: float, kl_high: float, top1: float, top1_high: float | None = None
+) -> dict:
+    top1_high = top1 + 0.004 if top1_high is None else top1_high  # ~1000 tokens' interval
     return {"frac_within_logprob_delta": share, "mean_kl": kl, "mean_kl_ci": [0.0, kl_high],
-            "top1_agreement": top1}  # fmt: skip
+            "top1_agreement": top1, "top1_ci": [top1 - 0.004, top1_high]}  # fmt: skip
 
 
 def statuses(verdict) -> list[bool | None]:
@@ -65,6 +68,14 @@ def test_an_8bit_backend_is_judged_on_the_distribution_not_per_token() -> None:
     assert agreement_verdict(wide, TH, own).status == "fail"
     flipped = {"sage_attn": {"short": agreement_stats(0.82, 9e-4, 1.1e-3, 0.975)}}
     assert agreement_verdict(flipped, TH, own).status == "fail"
+    # 62 of 64 tokens (two near-tie flips): 96.9%, Wilson interval [0.89, 0.99]: not
+    # significantly below 98%, so it passes; 56 of 64 (87.5%, [0.77, 0.94]) fails.
+    low, high = proportion_ci(62, 64)
+    short = {"sage_attn": {"hit": agreement_stats(0.9, 3e-4, 4e-4, 62 / 64, high)}}
+    assert agreement_verdict(short, TH, own).status == "pass" and low < 0.9 < 0.98 < high
+    low, high = proportion_ci(56, 64)
+    worse = {"sage_attn": {"hit": agreement_stats(0.9, 3e-4, 4e-4, 56 / 64, high)}}
+    assert agreement_verdict(worse, TH, own).status == "fail" and high < 0.98
 
 
 def test_a_16bit_backend_keeps_the_per_token_rule() -> None:

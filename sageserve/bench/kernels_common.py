@@ -73,15 +73,19 @@ def backend_reasons(
 
 
 def calibrate(backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor) -> None:
-    """Set the sage backend's key mean and Q/K channel balance from these tokens, the way
-    sageserve calibrates on 512 tokens (`attention/calibration.py`); other backends: no-op.
+    """Set the sage backend's key mean and Q/K channel balance from these tokens (of the
+    rotated q and k when its rotation is on), the way sageserve calibrates on 512 tokens
+    (`attention/calibration.py`); other backends: no-op.
 
     q: [T, Hq, D]; k: [T, Hkv, D] (the first tokens of the benchmark's data).
     """
     if not hasattr(backend, "set_calibration"):
         return
     from sageserve.attention.sage_attn.calibration import QKCalibration
+    from sageserve.attention.sage_attn.rotation import hadamard_rotate
 
+    if backend.sage.rotate_qk:  # statistics of what the quantizers see
+        q, k = hadamard_rotate(q), hadamard_rotate(k)
     k32, kv_heads = k.float(), k.shape[1]
     k_mean = k32.double().mean(dim=0).float()
     grouped = q.float().abs().view(q.shape[0], kv_heads, -1, q.shape[-1])
@@ -91,7 +95,8 @@ def calibrate(backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor) -> No
         k_absmax_raw=k32.abs().amax(dim=0)[None],
         q_absmax=grouped.amax(dim=(0, 2))[None],
     )
-    backend.set_calibration(stats.k_mean, stats.channel_scale(smoothed=True))
+    balance = stats.channel_scale(smoothed=True) if backend.sage.balance_qk else None
+    backend.set_calibration(stats.k_mean, balance)
 
 
 def shuffled_tables(

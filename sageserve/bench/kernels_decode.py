@@ -147,11 +147,13 @@ def _decode_call(variant: DecodeVariant, meta) -> Callable[[], None]:
     if hasattr(meta, "kernel"):  # sage_attn: as its _forward_kernels calls the decode kernel
         from sageserve.attention.sage_attn.kernels.decode import sage_decode_paged
 
-        balance = backend.channel_scale[0] if backend.channel_scale is not None else None
+        c = backend.layer_constants(0)
         caches = (cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0])
         dec = meta.kernel.decode
-        return lambda: sage_decode_paged(variant.q, balance, *caches, dec.page_table,
-                                         dec.q_rows, dec.kv_len, out, dec.workspace)  # fmt: skip
+        # The query's Hadamard rotation, when on, is part of the cost.
+        return lambda: sage_decode_paged(backend.rotate(variant.q), c.balance, *caches,
+                                         dec.page_table, dec.q_rows, dec.kv_len, out,
+                                         dec.workspace, sm_scale=c.sm_scale)  # fmt: skip
     from sageserve.attention.triton_attn.kernels.decode import paged_decode
 
     return lambda: paged_decode(variant.q, cache.k[0], cache.v[0], meta.decode, out)
@@ -167,10 +169,9 @@ def _store(variant: DecodeVariant, k, v, table: tuple[int, ...], page_size: int)
     if hasattr(cache, "k_scale"):
         from sageserve.attention.sage_attn.kernels.store import store_kv
 
-        k_mean = backend.k_mean[0] if backend.k_mean is not None else None
-        balance = backend.channel_scale[0] if backend.channel_scale is not None else None
-        store_kv(k, v, k_mean, balance, pages, offsets, cache.k[0], cache.k_scale[0],
-                 cache.v[0], cache.v_scale[0])  # fmt: skip
+        c = backend.layer_constants(0)
+        store_kv(backend.rotate(k), v, c.k_mean, c.balance, pages, offsets, cache.k[0],
+                 cache.k_scale[0], cache.v[0], cache.v_scale[0])  # fmt: skip
     else:
         from sageserve.attention.triton_attn.kernels.store import store_kv
 

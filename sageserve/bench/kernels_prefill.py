@@ -228,19 +228,20 @@ def _sage_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
     from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
     from sageserve.attention.sage_attn.kernels.store import store_kv
 
-    k_mean = backend.k_mean[0] if backend.k_mean is not None else None
-    balance = backend.channel_scale[0] if backend.channel_scale is not None else None
+    c = backend.layer_constants(0)
     caches = (cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0])
     pre = meta.kernel.prefill
     kwargs = {} if data.shape.causal else {"causal": False}
 
     def store() -> None:
-        store_kv(data.k, data.v, k_mean, balance, meta.store_pages, meta.store_offsets, *caches)
+        k = backend.rotate(data.k)  # the Hadamard rotation, when on, is part of the cost
+        store_kv(k, data.v, c.k_mean, c.balance, meta.store_pages, meta.store_offsets, *caches)
 
     def full() -> torch.Tensor:
         store()
-        sage_attention_paged(data.q, balance, *caches, pre.page_table, pre.q_start, pre.q_len,
-                             pre.kv_len, pre.max_q_len, out=out, **kwargs)  # fmt: skip
+        sage_attention_paged(backend.rotate(data.q), c.balance, *caches, pre.page_table,
+                             pre.q_start, pre.q_len, pre.kv_len, pre.max_q_len,
+                             sm_scale=c.sm_scale, out=out, **kwargs)  # fmt: skip
         return out
 
     return store, full

@@ -252,11 +252,12 @@ def _store_call(variant: StoreVariant, step: StepInputs, meta) -> Callable[[], N
     if variant.eight_bit:
         from sageserve.attention.sage_attn.kernels.store import store_kv
 
-        k_mean = backend.k_mean[0] if backend.k_mean is not None else None
-        balance = backend.channel_scale[0] if backend.channel_scale is not None else None
+        c = backend.layer_constants(0)
         caches = variant.layer_tensors()
         pages, offsets = meta.store_pages, meta.store_offsets
-        return lambda: store_kv(k, v, k_mean, balance, pages, offsets, *caches)
+        # The keys' Hadamard rotation, when on, is part of the cost (as in the backend).
+        return lambda: store_kv(backend.rotate(k), v, c.k_mean, c.balance, pages, offsets,
+                                *caches)  # fmt: skip
     from sageserve.attention.triton_attn.kernels.store import store_kv
 
     k_layer, v_layer = variant.layer_tensors()
@@ -292,12 +293,13 @@ def _expected(variant: StoreVariant, step: StepInputs, meta) -> list[torch.Tenso
     bits = [_bits(t) for t in expected]
     if variant.eight_bit:
         from sageserve.attention.sage_attn.reference import quantize_kv
+        from sageserve.attention.sage_attn.rotation import hadamard_rotate
 
         backend = variant.backend
-        k_mean = backend.k_mean[0] if backend.k_mean is not None else None
-        balance = backend.channel_scale[0] if backend.channel_scale is not None else None
-        k_codes, k_scale, v_codes, v_scale = quantize_kv(step.k, step.v, k_mean,
-                                                         backend.sage.pv, balance)  # fmt: skip
+        c = backend.layer_constants(0)
+        k = hadamard_rotate(step.k) if backend.sage.rotate_qk else step.k
+        k_codes, k_scale, v_codes, v_scale = quantize_kv(k, step.v, c.k_mean, backend.sage.pv,
+                                                         c.balance)  # fmt: skip
         p, o = meta.store_pages, meta.store_offsets
         bits[0][p, :, o] = _bits(k_codes)  # [P, Hkv, page, D] at (page, offset): [T, Hkv, D]
         bits[1][p, :, o] = _bits(k_scale.half())  # [P, Hkv, page]: [T, Hkv]

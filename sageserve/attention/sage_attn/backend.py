@@ -2,12 +2,13 @@
 
 Every phase is 8-bit: prefill, prefill after a cached prefix and decode all read the same
 8-bit cache and run the numerics of `reference.py` (INT8 Q·Kᵀ with per-token scales and
-K smoothing, FP16 or FP8 P·V). With `--sage-impl reference` (the default off CUDA) attention
-runs through the reference itself, so the engine, server and validation all see 8-bit numerics
-on any machine.
+K smoothing, FP16 or FP8 P·V), on queries and keys rotated by a Hadamard matrix first
+(`rotation.py`; `--sage-disable-qk-rotation` turns it off). With `--sage-impl reference`
+(the default off CUDA) attention runs through the reference itself, so the engine, server
+and validation all see 8-bit numerics on any machine.
 
 Cache layout per 8-bit layer (page 0 is the null page):
-    k        [num_pages, Hkv, page_size, D] int8           (smoothed keys, K-major)
+    k        [num_pages, Hkv, page_size, D] int8           (rotated, smoothed keys; K-major)
     k_scale  [num_pages, Hkv, page_size]    fp16
     v        [num_pages, Hkv, D, page_size] int8 or fp8    (transposed: P·V reduces over tokens)
     v_scale  [num_pages, Hkv, page_size]    fp16
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,6 +45,10 @@ from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.graph_sizes import padded_batch_size
 from sageserve.attention.paged_cache import PagedKVCache
 from sageserve.attention.sage_attn.calibration import calibrate_qk, calibration_token_ids
+from sageserve.attention.sage_attn.layer_precision import (
+    LayerPrecisionPlan,
+    plan_layer_precision,
+)
 from sageserve.attention.sage_attn.metadata import (
     DecodeRows,
     KernelMetadata,
@@ -54,6 +61,7 @@ from sageserve.attention.sage_attn.metadata import (
 )
 from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.attention.sage_attn.reference import FP8_DTYPE, quantize_kv, sage_attention
+from sageserve.attention.sage_attn.rotation import hadamard_rotate, rotated_sm_scale
 from sageserve.attention.static_metadata import StaticBuffers, table_width, write_decode_rows
 from sageserve.attention.torch_native.backend import TorchNativeBackend
 from sageserve.startup_phases import startup_phase
@@ -80,6 +88,19 @@ class SageKVCache:
     exact: PagedKVCache | None
     page_size: int
     scratch_page: int
+
+
+@dataclass(frozen=True)
+class LayerConstants:
+    """What one 8-bit layer's kernels take besides q, k, v and the cache.
+
+    k_mean, balance: [Hkv, D] fp32 or None (off); sm_scale: the softmax scale for the
+    (rotated, when the rotation is on) queries and keys.
+    """
+
+    k_mean: torch.Tensor | None
+    balance: torch.Tensor | None
+    sm_scale: float
 
 
 def _uses_kernels(sage: SageOptions, device: torch.device) -> bool:
@@ -111,6 +132,12 @@ class SageAttentionBackend(AttentionBackend):
                     f"head_dim {dim}: the Triton kernels need a power of two >= 16 "
                     "(--sage-impl reference runs any head_dim, slowly)"
                 )
+        dim = shape.head_dim
+        if sage.rotate_qk and (dim & (dim - 1) or dim < 2):
+            reasons.append(
+                f"head_dim {dim}: the Hadamard rotation of Q and K needs a power of two "
+                "(--sage-disable-qk-rotation turns it off)"
+            )
         bad = [i for i in sage.skip_layers if i >= shape.num_layers]
         if bad:
             reasons.append(
@@ -122,27 +149,36 @@ class SageAttentionBackend(AttentionBackend):
     def __init__(self, shape: AttentionShape, options: BackendOptions) -> None:
         super().__init__(shape, options)
         self.sage = self.flags
-        skipped = sorted(set(self.sage.skip_layers))
-        self.sage_layers = [i for i in range(shape.num_layers) if i not in skipped]
-        self.slot_of = {layer: i for i, layer in enumerate(self.sage_layers)}
-        self.slot_of |= {layer: i for i, layer in enumerate(skipped)}
-        self.skipped = set(skipped)
-        self.exact = self._exact_backend(len(skipped))
+        self._set_exact_layers(self.sage.skip_layers)
         self.use_kernels = _uses_kernels(self.sage, options.device)
         # The longest context served: decode splits are planned for it (static, so eager
         # steps and CUDA-graph replays split alike); lowered to the pool's size in allocate.
         self.max_context = options.max_context or shape.max_position_embeddings
         self.k_mean: torch.Tensor | None = None
         self.channel_scale: torch.Tensor | None = None
+        self.layer_plan: LayerPrecisionPlan | None = None  # set by --sage-calibrate
+        self.sm_scale = shape.head_dim**-0.5
+        if self.sage.rotate_qk:
+            self.sm_scale = rotated_sm_scale(self.sm_scale, shape.head_dim)
         logger.info(
-            "sage_attn: INT8 QK (per-token scales, K smoothing %s, channel balance %s), %s PV, "
-            "8-bit KV cache, %s; layers kept exact: %s",
+            "sage_attn: INT8 QK (per-token scales, Hadamard rotation %s, K smoothing %s, "
+            "channel balance %s), %s PV, 8-bit KV cache, %s; layers kept exact: %s",
+            "on" if self.sage.rotate_qk else "off",
             "on" if self.sage.smooth_k else "off",
             "on" if self.sage.balance_qk else "off",
             self.sage.pv.upper(),
             "Triton kernels" if self.use_kernels else "torch reference",
-            skipped or "none",
+            sorted(self.skipped) or "none",
         )
+
+    def _set_exact_layers(self, layers: Iterable[int]) -> None:
+        """Keep `layers` in exact attention over a model-dtype cache, the rest in 8 bits."""
+        exact = sorted(set(layers))
+        self.sage_layers = [i for i in range(self.shape.num_layers) if i not in exact]
+        self.slot_of = {layer: i for i, layer in enumerate(self.sage_layers)}
+        self.slot_of |= {layer: i for i, layer in enumerate(exact)}
+        self.skipped = set(exact)
+        self.exact = self._exact_backend(len(exact))
 
     def _exact_backend(self, num_layers: int) -> TorchNativeBackend | None:
         if num_layers == 0:
@@ -152,23 +188,78 @@ class SageAttentionBackend(AttentionBackend):
         return TorchNativeBackend(config, options)
 
     def prepare(self, model: torch.nn.Module, tokenizer: object | None) -> None:
-        """Calibrate the key mean and channel balance (calibration.py)."""
-        if not (self.sage.smooth_k or self.sage.balance_qk):
-            return
+        """Calibrate the key mean and channel balance (calibration.py), then, with
+        --sage-calibrate, choose the layers kept exact (layer_precision.py)."""
         ids = calibration_token_ids(tokenizer, self.shape.vocab_size)
-        with startup_phase(
-            "calibrate", f"sage_attn key mean and Q/K balance over {len(ids)} tokens"
-        ):
-            stats = calibrate_qk(model, ids)
-        self.set_calibration(
-            stats.k_mean if self.sage.smooth_k else None,
-            stats.channel_scale(self.sage.smooth_k) if self.sage.balance_qk else None,
+        if self.sage.smooth_k or self.sage.balance_qk:
+            with startup_phase(
+                "calibrate", f"sage_attn key mean and Q/K balance over {len(ids)} tokens"
+            ):
+                stats = calibrate_qk(model, ids, hadamard=self.sage.rotate_qk)
+            self.set_calibration(
+                stats.k_mean if self.sage.smooth_k else None,
+                stats.channel_scale(self.sage.smooth_k) if self.sage.balance_qk else None,
+            )
+        if self.sage.calibrate:
+            with startup_phase("calibrate", "sage_attn layers kept exact (--sage-calibrate)"):
+                plan = self._layer_precision_plan(model, ids)
+            self._apply_plan(plan)
+
+    def _layer_precision_plan(self, model: torch.nn.Module, ids: list[int]) -> LayerPrecisionPlan:
+        """Read from --sage-calibration-file when it exists, else measured (and written)."""
+        path = Path(self.sage.calibration_file) if self.sage.calibration_file else None
+        key = self._plan_key(len(ids))
+        if path is not None and path.exists():
+            logger.info("sage_attn: layer precision plan read from %s", path)
+            return LayerPrecisionPlan.load(path, key)
+        candidates = [i for i in range(self.shape.num_layers) if i not in self.sage.skip_layers]
+        plan = plan_layer_precision(
+            model, ids, self.attend_sequence_8bit, candidates, self.sage.kl_budget, key
         )
+        if path is not None:
+            plan.save(path)
+            logger.info("sage_attn: layer precision plan written to %s", path)
+        return plan
+
+    def _plan_key(self, tokens: int) -> dict:
+        """What a saved plan must have been made for: model shape, numerics, budget."""
+        sage, shape = self.sage, self.shape
+        numerics = ("pv", "smooth_k", "balance_qk", "rotate_qk", "skip_layers", "kl_budget")
+        options = {name: getattr(sage, name) for name in numerics}
+        options["skip_layers"] = sorted(sage.skip_layers)
+        return {"shape": dataclasses.asdict(shape), "sage": options, "tokens": tokens}
+
+    def _apply_plan(self, plan: LayerPrecisionPlan) -> None:
+        before = self.kv_cache_spec().bytes_per_token
+        self._set_exact_layers(set(self.sage.skip_layers) | set(plan.exact_layers))
+        after = self.kv_cache_spec().bytes_per_token
+        logger.info(
+            "sage_attn --sage-calibrate: layers %s kept exact (%d of %d); KL on the "
+            "calibration text %.2e with every layer in 8 bits, %.2e now (budget %.1e); "
+            "KV cache %d -> %d bytes per token (%+.0f%%)",
+            list(plan.exact_layers) or "none", len(plan.exact_layers), len(plan.kl_per_layer),
+            plan.kl_all_8bit, plan.kl_planned, plan.budget, before, after,
+            100 * (after / before - 1),
+        )  # fmt: skip
+        self.layer_plan = plan
+
+    def attend_sequence_8bit(
+        self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """The 8-bit numerics (reference.py) of one whole sequence, without a cache.
+
+        q: [T, Hq, D]; k, v: [T, Hkv, D] (post-rotary) -> [T, Hq, D] fp32, causal."""
+        c = self.layer_constants(layer_id)
+        if self.sage.rotate_qk:
+            q, k = hadamard_rotate(q), hadamard_rotate(k)
+        parts = quantize_kv(k, v, c.k_mean, self.sage.pv, c.balance)
+        return sage_attention(q, *parts, self.sage.pv, sm_scale=c.sm_scale, channel_scale=c.balance)
 
     def set_calibration(self, k_mean: torch.Tensor | None, channel_scale: torch.Tensor | None):
         """Each [num_layers, num_kv_heads, head_dim] or None (off).
 
-        Stored keys are (k - k_mean) / channel_scale; queries are multiplied by channel_scale.
+        Stored keys are (k - k_mean) / channel_scale; queries are multiplied by channel_scale
+        (k and q rotated first when the rotation is on: both are of the rotated basis then).
         """
         cfg = self.shape
         expected = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
@@ -192,6 +283,9 @@ class SageAttentionBackend(AttentionBackend):
         if self.exact is not None:
             total += self.exact.kv_cache_spec().bytes_per_token
         name = "int8 K + " + ("fp8" if self.sage.pv == "fp8" else "int8") + " V, fp16 scales"
+        if self.skipped:
+            dtype = str(self.options.model_dtype).removeprefix("torch.")
+            name += f"; layers {sorted(self.skipped)} exact in {dtype}"
         return KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, name, total)
 
     def allocate(self, num_pages: int, page_size: int) -> SageKVCache:
@@ -234,19 +328,40 @@ class SageAttentionBackend(AttentionBackend):
         kv_cache: SageKVCache,
         meta: SageMetadata,
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] with 8-bit numerics."""
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] (q's dtype) with 8-bit numerics."""
         i = self.slot_of[layer_id]
         if layer_id in self.skipped:
             return self.exact.forward(i, q, k, v, kv_cache.exact, meta.exact)
-        if meta.kernel is not None:
-            return self._forward_kernels(layer_id, q, k, v, kv_cache, meta)
-        self._store(i, k, v, kv_cache, meta, layer_id)
         out = torch.empty_like(q)
+        q, k = self.rotate(q), self.rotate(k)
+        if meta.kernel is not None:
+            return self._forward_kernels(layer_id, q, k, v, kv_cache, meta, out)
+        self._store(i, k, v, kv_cache, meta, layer_id)
         for seq in meta.seqs:
             out[seq.q_start : seq.q_end] = self._attend(
                 layer_id, q[seq.q_start : seq.q_end], seq, kv_cache
             )
         return out
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, D] queries or keys -> x H in fp32 with the rotation on, else x itself.
+
+        The Triton kernel and the torch transform give the same bits (`rotation.py`)."""
+        if not self.sage.rotate_qk:
+            return x
+        if self.use_kernels:
+            from sageserve.attention.sage_attn.kernels.rotate import rotate_rows
+
+            return rotate_rows(x)
+        return hadamard_rotate(x)
+
+    def layer_constants(self, layer_id: int) -> LayerConstants:
+        """The key mean, channel balance and softmax scale of 8-bit layer `layer_id`."""
+        return LayerConstants(
+            self.k_mean[layer_id] if self.k_mean is not None else None,
+            self.channel_scale[layer_id] if self.channel_scale is not None else None,
+            self.sm_scale,
+        )
 
     def _store(
         self,
@@ -257,9 +372,8 @@ class SageAttentionBackend(AttentionBackend):
         meta: SageMetadata,
         layer_id: int,
     ) -> None:
-        k_mean = self.k_mean[layer_id] if self.k_mean is not None else None
-        balance = self.channel_scale[layer_id] if self.channel_scale is not None else None
-        k_codes, k_scale, v_codes, v_scale = quantize_kv(k, v, k_mean, self.sage.pv, balance)
+        c = self.layer_constants(layer_id)
+        k_codes, k_scale, v_codes, v_scale = quantize_kv(k, v, c.k_mean, self.sage.pv, c.balance)
         pages, offsets = meta.store_pages, meta.store_offsets
         cache.k[i][pages, :, offsets] = k_codes
         cache.k_scale[i][pages, :, offsets] = k_scale.half()
@@ -269,24 +383,25 @@ class SageAttentionBackend(AttentionBackend):
     def _attend(
         self, layer_id: int, q: torch.Tensor, seq: SageSeq, cache: SageKVCache
     ) -> torch.Tensor:
-        """q: [n, Hq, D] -> [n, Hq, D] over the sequence's first kv_len cached keys."""
+        """q: [n, Hq, D] (rotated when the rotation is on) -> [n, Hq, D] fp32 over the
+        sequence's first kv_len cached keys."""
         i = self.slot_of[layer_id]
         heads, dim, n = self.shape.num_kv_heads, self.shape.head_dim, seq.kv_len
         k_codes = cache.k[i][seq.pages].transpose(1, 2).reshape(-1, heads, dim)[:n]
         k_scale = cache.k_scale[i][seq.pages].transpose(1, 2).reshape(-1, heads)[:n]
         v_codes = cache.v[i][seq.pages].permute(0, 3, 1, 2).reshape(-1, heads, dim)[:n]
         v_scale = cache.v_scale[i][seq.pages].transpose(1, 2).reshape(-1, heads)[:n]
-        balance = self.channel_scale[layer_id] if self.channel_scale is not None else None
-        out = sage_attention(
+        c = self.layer_constants(layer_id)
+        return sage_attention(
             q,
             k_codes,
             k_scale.float(),
             v_codes,
             v_scale.float(),
             self.sage.pv,
-            channel_scale=balance,
+            sm_scale=c.sm_scale,
+            channel_scale=c.balance,
         )
-        return out.to(q.dtype)
 
     def _forward_kernels(
         self,
@@ -296,30 +411,31 @@ class SageAttentionBackend(AttentionBackend):
         v: torch.Tensor,
         cache: SageKVCache,
         meta: SageMetadata,
+        out: torch.Tensor,
     ) -> torch.Tensor:
-        """The Triton path: fused quantize-and-store, then paged 8-bit attention.
+        """The Triton path: fused quantize-and-store, then paged 8-bit attention into out.
 
-        Prefill chunks go through the prefill kernel, single-row sequences (decodes)
-        through the split-KV decode kernel; each writes its own rows of one output.
+        q: [T, Hq, D], k, v: [T, Hkv, D] (q and k rotated when the rotation is on); out:
+        [T, Hq, D]. Prefill chunks go through the prefill kernel, single-row sequences
+        (decodes) through the split-KV decode kernel; each writes its own rows of out.
         """
         from sageserve.attention.sage_attn.kernels.decode import sage_decode_paged
         from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
         from sageserve.attention.sage_attn.kernels.store import store_kv
 
         i = self.slot_of[layer_id]
-        k_mean = self.k_mean[layer_id] if self.k_mean is not None else None
-        balance = self.channel_scale[layer_id] if self.channel_scale is not None else None
-        store_kv(k, v, k_mean, balance, meta.store_pages, meta.store_offsets,
+        c = self.layer_constants(layer_id)
+        store_kv(k, v, c.k_mean, c.balance, meta.store_pages, meta.store_offsets,
                  cache.k[i], cache.k_scale[i], cache.v[i], cache.v_scale[i])  # fmt: skip
-        out = torch.empty_like(q)
         caches = (cache.k[i], cache.k_scale[i], cache.v[i], cache.v_scale[i])
         pre, dec = meta.kernel.prefill, meta.kernel.decode
         if pre is not None:
-            sage_attention_paged(q, balance, *caches, pre.page_table, pre.q_start, pre.q_len,
-                                 pre.kv_len, pre.max_q_len, out=out)  # fmt: skip
+            sage_attention_paged(q, c.balance, *caches, pre.page_table, pre.q_start,
+                                 pre.q_len, pre.kv_len, pre.max_q_len, sm_scale=c.sm_scale,
+                                 out=out)  # fmt: skip
         if dec is not None:
-            sage_decode_paged(q, balance, *caches, dec.page_table, dec.q_rows, dec.kv_len, out,
-                              dec.workspace)  # fmt: skip
+            sage_decode_paged(q, c.balance, *caches, dec.page_table, dec.q_rows, dec.kv_len,
+                              out, dec.workspace, sm_scale=c.sm_scale)  # fmt: skip
         return out
 
     def _decode_workspace(self, rows: int, page_size: int) -> DecodeWorkspace:

@@ -18,6 +18,9 @@ rotating the collected q and k further, since a shift of every position rotates 
 pair by a fixed angle). Measured on SmolLM2 at 8k positions, statistics from positions
 0..511 alone gave a mean KL of 5.0e-3 (1.1e-3 without the balance).
 
+With the Hadamard rotation on (`rotation.py`), every statistic is taken of the rotated
+queries and keys, which is what the quantizers then see.
+
 Both come from the post-rotary keys and queries over a fixed calibration text (bundled, so
 every machine computes the same vector), or over seeded random token ids for a model
 without a tokenizer.
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sageserve.attention.sage_attn.rotation import hadamard_rotate
 from sageserve.layers.rotary import RotaryEmbedding, apply_rotary
 
 CALIBRATION_TEXT = Path(__file__).with_name("calibration_text.txt")
@@ -53,6 +57,14 @@ class QKCalibration:
         return (k_absmax.clamp_min(1e-6) / self.q_absmax.clamp_min(1e-6)).sqrt()
 
 
+def exact_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One sequence, causal. q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] (SDPA)."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+    )
+    return out.transpose(0, 1)
+
+
 class QKStatsCollector:
     """An AttentionContext for one sequence: exact causal attention, recording q and k."""
 
@@ -67,22 +79,16 @@ class QKStatsCollector:
         tokens, kv_heads = k.shape[0], k.shape[1]
         self.keys[layer_id] = k.float().clone()
         self.queries[layer_id] = q.float().view(tokens, kv_heads, -1, q.shape[-1]).clone()
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            is_causal=True,
-            enable_gqa=True,
-        )
-        return out.transpose(0, 1)
+        return exact_causal_attention(q, k, v)
 
-    def result(self, cos: torch.Tensor, sin: torch.Tensor) -> QKCalibration:
+    def result(self, cos: torch.Tensor, sin: torch.Tensor, hadamard: bool) -> QKCalibration:
         """Statistics over the collected tokens shifted by each offset.
 
-        cos, sin: [O, D/2], the rotation of each position offset.
+        cos, sin: [O, D/2], the rotation of each position offset; hadamard: of the
+        Hadamard-rotated queries and keys.
         """
         layers = sorted(self.keys)
-        stats = [_layer_stats(self.queries[i], self.keys[i], cos, sin) for i in layers]
+        stats = [_layer_stats(self.queries[i], self.keys[i], cos, sin, hadamard) for i in layers]
         return QKCalibration(*(torch.stack(parts) for parts in zip(*stats, strict=True)))
 
 
@@ -93,15 +99,16 @@ def _shifted(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 
 def _layer_stats(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hadamard: bool
 ) -> tuple[torch.Tensor, ...]:
     """(k_mean, k_absmax, k_absmax_raw, q_absmax), each [Hkv, D], for one layer.
 
     q: [T, Hkv, group, D]; k: [T, Hkv, D], post-rotary at positions 0..T-1.
     """
-    keys = _shifted(k, cos, sin).flatten(0, 1)  # [O * T, Hkv, D]
+    rotate = hadamard_rotate if hadamard else torch.Tensor.float
+    keys = rotate(_shifted(k, cos, sin).flatten(0, 1))  # [O * T, Hkv, D]
     k_mean = keys.double().mean(dim=0).float()
-    q_absmax = _shifted(q, cos, sin).abs().amax(dim=(0, 1, 3))
+    q_absmax = rotate(_shifted(q, cos, sin)).abs().amax(dim=(0, 1, 3))
     return (
         k_mean,
         (keys - k_mean).abs().amax(dim=0),
@@ -120,14 +127,17 @@ def calibration_token_ids(tokenizer, vocab_size: int) -> list[int]:
 
 
 @torch.inference_mode()
-def calibrate_qk(model: torch.nn.Module, token_ids: list[int]) -> QKCalibration:
-    """Post-rotary Q and K statistics of `model` over one sequence of token ids."""
+def calibrate_qk(
+    model: torch.nn.Module, token_ids: list[int], hadamard: bool = False
+) -> QKCalibration:
+    """Post-rotary Q and K statistics of `model` over one sequence of token ids, of the
+    Hadamard-rotated queries and keys when `hadamard`."""
     device = next(model.parameters()).device
     collector = QKStatsCollector()
     ids = torch.tensor(token_ids, dtype=torch.int64, device=device)
     model(ids, torch.arange(len(token_ids), device=device), collector)
     cos, sin = _offset_rotations(model, len(token_ids))
-    return collector.result(cos, sin)
+    return collector.result(cos, sin, hadamard)
 
 
 def _offset_rotations(model: torch.nn.Module, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,9 @@ from sageserve.attention.registry import register_backend
 
 SAGE_PV_CHOICES = ("fp8", "fp16")
 SAGE_IMPL_CHOICES = ("auto", "triton", "reference")
+# Mean KL per token on the calibration text; validate's texts land a little above what
+# calibration measures (BENCHMARKS.md, issue 18), and the target there is 2.5e-4.
+DEFAULT_KL_BUDGET = 2e-4
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -31,23 +34,39 @@ class SageOptions(BackendFlags):
     pv: precision of the P·V product: "fp16" (P in FP16, V cached as INT8; the accurate
         default) or "fp8" (P and the cached V in FP8 e4m3; what FP8 tensor cores need).
     smooth_k: subtract the calibrated per-(layer, KV head) key mean before quantizing K.
-    balance_qk: scale Q's channels up and K's down by a calibrated vector before quantizing.
+    balance_qk: scale Q's channels up and K's down by a calibrated vector before quantizing
+        (off by default: once Q and K are rotated it no longer lowers the error, measured).
+    rotate_qk: rotate Q and K by a Hadamard matrix along head_dim before quantizing
+        (`rotation.py`; q·k unchanged, outlier channels spread over all of head_dim).
     skip_layers: layers kept in exact 16-bit attention over a 16-bit cache (logged).
+    calibrate: at start-up, keep the fewest further layers exact that bring the KL against
+        exact attention on the calibration text under kl_budget (`layer_precision.py`).
+    kl_budget: that budget, in nats per token (mean KL(exact || served)).
+    calibration_file: a JSON plan to read (when it exists) or to write, instead of
+        measuring at every start-up; needs calibrate.
     impl: "triton" kernels, the torch "reference", or "auto" (Triton on CUDA, the reference
         elsewhere). Both compute the numerics of reference.py.
     """
 
     pv: str = "fp16"
     smooth_k: bool = True
-    balance_qk: bool = True
+    balance_qk: bool = False
+    rotate_qk: bool = True
     skip_layers: tuple[int, ...] = ()
     impl: str = "auto"
+    calibrate: bool = False
+    kl_budget: float = DEFAULT_KL_BUDGET
+    calibration_file: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("sage_pv", self.pv, SAGE_PV_CHOICES)
         _check_choice("sage_impl", self.impl, SAGE_IMPL_CHOICES)
         if any(layer < 0 for layer in self.skip_layers):
             raise ValueError(f"sage_skip_layers must be layer indices >= 0, got {self.skip_layers}")
+        if not self.kl_budget > 0:
+            raise ValueError(f"sage_kl_budget must be > 0, got {self.kl_budget}")
+        if self.calibration_file and not self.calibrate:
+            raise ValueError("sage_calibration_file needs --sage-calibrate")
 
     @classmethod
     def add_cli_flags(cls, group: argparse._ArgumentGroup) -> None:
@@ -64,9 +83,32 @@ class SageOptions(BackendFlags):
             help="quantize keys without subtracting their calibrated mean",
         )
         group.add_argument(
-            "--sage-disable-qk-balance",
+            "--sage-qk-balance",
             action="store_true",
-            help="quantize Q and K without the calibrated per-channel balance",
+            help="scale Q's channels up and K's down by a calibrated vector before quantizing "
+            "(no gain once Q and K are rotated)",
+        )
+        group.add_argument(
+            "--sage-disable-qk-rotation",
+            action="store_true",
+            help="quantize Q and K without the Hadamard rotation along head_dim",
+        )
+        group.add_argument(
+            "--sage-calibrate",
+            action="store_true",
+            help="at start-up, keep the fewest layers in exact attention that bring the KL "
+            "against exact attention on calibration text under --sage-kl-budget (logged)",
+        )
+        group.add_argument(
+            "--sage-kl-budget",
+            type=float,
+            default=DEFAULT_KL_BUDGET,
+            help=f"mean KL per token --sage-calibrate aims under (default {DEFAULT_KL_BUDGET})",
+        )
+        group.add_argument(
+            "--sage-calibration-file",
+            default=None,
+            help="JSON plan of --sage-calibrate: read when it exists, else measured and written",
         )
         group.add_argument(
             "--sage-impl",
@@ -86,9 +128,13 @@ class SageOptions(BackendFlags):
         return cls(
             pv=args.sage_pv,
             smooth_k=not args.sage_disable_smooth_k,
-            balance_qk=not args.sage_disable_qk_balance,
+            balance_qk=args.sage_qk_balance,
+            rotate_qk=not args.sage_disable_qk_rotation,
             skip_layers=args.sage_skip_layers,
             impl=args.sage_impl,
+            calibrate=args.sage_calibrate,
+            kl_budget=args.sage_kl_budget,
+            calibration_file=args.sage_calibration_file,
         )
 
 

@@ -1,0 +1,130 @@
+"""The Hadamard rotation of Q and K (`rotation.py`, `kernels/rotate.py`), on CPU."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from sageserve.attention.base import AttentionShape, BackendOptions
+from sageserve.attention.sage_attn.backend import SageAttentionBackend
+from sageserve.attention.sage_attn.kernels.rotate import rotate_rows
+from sageserve.attention.sage_attn.options import SageOptions
+from sageserve.attention.sage_attn.reference import quantize_kv, sage_attention
+from sageserve.attention.sage_attn.rotation import (
+    hadamard_matrix,
+    hadamard_rotate,
+    rotated_sm_scale,
+)
+
+
+@pytest.mark.parametrize("dim", [2, 16, 64, 128])
+def test_hadamard_matrix_is_orthogonal_up_to_dim(dim: int) -> None:
+    h = hadamard_matrix(dim)
+    assert set(h.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(h @ h.T, dim * torch.eye(dim, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dim", [16, 64, 128])
+def test_rotation_keeps_every_product_in_fp64(dim: int) -> None:
+    gen = torch.Generator().manual_seed(dim)
+    q = torch.randn(7, 3, dim, generator=gen, dtype=torch.float64) * 5
+    k = torch.randn(200, 3, dim, generator=gen, dtype=torch.float64) * 5 + 2
+    rq, rk = hadamard_rotate(q), hadamard_rotate(k)
+    assert rq.dtype == torch.float64
+    torch.testing.assert_close(rq, q @ hadamard_matrix(dim), rtol=0, atol=1e-12)
+    dots = torch.einsum("qhd,khd->hqk", q, k)
+    rotated = torch.einsum("qhd,khd->hqk", rq, rk) / dim
+    assert (rotated - dots).abs().max() <= 1e-12 * dots.abs().max()
+
+
+def test_rotation_spreads_an_outlier_channel() -> None:
+    x = torch.randn(333, 2, 64, generator=torch.Generator().manual_seed(1))
+    x[..., 5] *= 40  # one spiky channel, as post-rotary keys have
+    before = x.abs().amax(-1) / x.abs().mean(-1)
+    after = (r := hadamard_rotate(x)).abs().amax(-1) / r.abs().mean(-1)
+    assert after.median() < 0.25 * before.median()
+
+
+def test_rotation_of_rows_does_not_depend_on_the_batch() -> None:
+    x = torch.randn(333, 4, 64, generator=torch.Generator().manual_seed(2))
+    whole = hadamard_rotate(x)
+    assert torch.equal(hadamard_rotate(x[200:207]), whole[200:207])
+    assert torch.equal(hadamard_rotate(x[:1]), whole[:1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("tokens", "dim"), [(1, 64), (7, 128), (200, 16), (333, 64)])
+def test_triton_rotation_equals_the_torch_transform_bitwise(
+    tokens: int, dim: int, dtype: torch.dtype
+) -> None:
+    """Strided views (q and k of one fused QKV row), rows that do not fill the last block."""
+    gen = torch.Generator().manual_seed(tokens * dim)
+    qkv = (torch.randn(tokens, 10, dim, generator=gen) * 3).to(dtype)
+    for view in (qkv[:, :6], qkv[:, 6:8]):
+        out = torch.full(view.shape, float("nan"))
+        rotate_rows(view, out=out)
+        assert torch.equal(out, hadamard_rotate(view))
+        assert torch.equal(rotate_rows(view), out)
+
+
+def test_triton_rotation_rejects_a_bad_output() -> None:
+    x = torch.randn(3, 2, 64)
+    with pytest.raises(ValueError, match="fp32"):
+        rotate_rows(x, out=torch.empty(3, 2, 64, dtype=torch.float16))
+    with pytest.raises(ValueError, match="power-of-two"):
+        rotate_rows(torch.randn(3, 2, 48))
+
+
+def test_rotated_attention_matches_unrotated_math() -> None:
+    """The reference over rotated q and k (softmax scale / D) is the same attention: closer to
+    exact than without rotation on keys with an outlier channel."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(200, 4, 64, generator=gen)
+    k = torch.randn(200, 2, 64, generator=gen)
+    k[..., 9] = k[..., 9] * 8 + 20  # an outlier channel with a large mean, as real keys have
+    v = torch.randn(200, 2, 64, generator=gen)
+    exact = _exact(q, k, v)
+    plain = sage_attention(q, *quantize_kv(k, v, None, "fp16"))
+    rq, rk = hadamard_rotate(q), hadamard_rotate(k)
+    scale = rotated_sm_scale(64**-0.5, 64)
+    rotated = sage_attention(rq, *quantize_kv(rk, v, None, "fp16"), sm_scale=scale)
+    assert _rel_l1(rotated, exact) < 0.02
+    assert _rel_l1(rotated, exact) < 0.7 * _rel_l1(plain, exact)
+
+
+def _exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), k) / q.shape[-1] ** 0.5
+    allowed = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril()
+    return torch.einsum("hqk,khd->qhd", s.masked_fill(~allowed, -torch.inf).softmax(-1), v)
+
+
+def _rel_l1(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).abs().sum() / ref.abs().sum()).item()
+
+
+def _shape(head_dim: int) -> AttentionShape:
+    return AttentionShape(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=head_dim,
+                          vocab_size=64, max_position_embeddings=4096)  # fmt: skip
+
+
+def test_rotation_needs_a_power_of_two_head_dim() -> None:
+    """The reference runs any head_dim, the rotation only powers of two: a start-up error
+    that names the flag turning it off."""
+    options = BackendOptions("auto", torch.float32, torch.device("cpu"), SageOptions())
+    with pytest.raises(ValueError, match="--sage-disable-qk-rotation"):
+        SageAttentionBackend(_shape(48), options)
+    off = BackendOptions("auto", torch.float32, torch.device("cpu"), SageOptions(rotate_qk=False))
+    assert SageAttentionBackend(_shape(48), off).sm_scale == 48**-0.5
+    assert SageAttentionBackend(_shape(64), options).sm_scale == 64**-0.5 / 64
+
+
+def test_rotation_flag() -> None:
+    parser = argparse.ArgumentParser()
+    SageOptions.add_cli_flags(parser.add_argument_group())
+    off = parser.parse_args(["--sage-disable-qk-rotation"])
+    assert not SageOptions.from_cli_args(off).rotate_qk
+    assert SageOptions.from_cli_args(parser.parse_args([])).rotate_qk
