@@ -11,9 +11,10 @@ from sageserve.attention.registry import register_backend
 
 SAGE_PV_CHOICES = ("fp8", "fp16")
 SAGE_IMPL_CHOICES = ("auto", "triton", "reference")
-# Mean KL per token on the calibration text; validate's texts land a little above what
-# calibration measures (BENCHMARKS.md, issue 18), and the target there is 2.5e-4.
-DEFAULT_KL_BUDGET = 2e-4
+# Mean KL per token on the calibration text. Prose elsewhere lands higher: SmolLM2's
+# Britannica windows measured 1.3x the calibration text's KL, and at a budget of 2e-4 gave
+# 2.7e-4 at 512 tokens, over issue 18's 2.5e-4 target (BENCHMARKS.md).
+DEFAULT_KL_BUDGET = 1.5e-4
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
