@@ -1,6 +1,7 @@
 """Where the 8-bit path's error comes from: per source and per layer (issue 18, item 1).
 
-Every variant is teacher-forced through the engine on the same Britannica windows and
+Every variant is teacher-forced through the engine on the same windows (of validate's
+Britannica text, or with `--text pydoc` of Python's documentation topics) and
 compared with exact attention (the torch backend): mean KL(exact || variant) per token and
 top-1 agreement, at each window length (default 512 and 8192 tokens, SmolLM2's context).
 
@@ -39,6 +40,7 @@ from sageserve.attention.registry import register_backend
 from sageserve.attention.sage_attn.calibration import calibrate_qk, calibration_token_ids
 from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.attention.sage_attn.reference import balance_q, dequantize, quantize_int8
+from sageserve.attention.sage_attn.rotation import hadamard_matrix
 from sageserve.attention.torch_native.backend import TorchNativeBackend
 from sageserve.attention.torch_native.options import TorchOptions
 from sageserve.bench.run_record import device_info, software
@@ -46,9 +48,19 @@ from sageserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from sageserve.engine.engine import Engine
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.validate.data import britannica_text
-from sageserve.validate.metrics import kl_divergence, top1_matches
+from sageserve.validate.metrics import (
+    kl_divergence,
+    perplexity,
+    ppl_delta_ci,
+    target_logprobs,
+    top1_matches,
+)
 
 SOURCES = ("q", "k", "v")
+TEXTS = {
+    "britannica": "Britannica (validate's)",
+    "pydoc": "pydoc_data.topics (Python's documentation topics, sorted by key)",
+}
 # Where the --sage-calibrate variant keeps its plan (read back when it exists; --plan-file).
 PLAN_FILE = {"path": "sage_layer_plan.json"}
 # What the fake-quantizing backend quantizes, set before each engine is built.
@@ -97,12 +109,7 @@ class FakeQuantBackend(TorchNativeBackend):
 
 def _hadamard(n: int) -> torch.Tensor:
     """[n, n] orthonormal Hadamard matrix (Sylvester; n a power of two): H Hᵀ = I."""
-    if n & (n - 1):
-        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / n**0.5).float()
+    return (hadamard_matrix(n) / n**0.5).float()
 
 
 def _rotated_int8(x: torch.Tensor, rotation, scale_dtype: torch.dtype) -> torch.Tensor:
@@ -136,9 +143,21 @@ def _engine(loaded: LoadedModel, backend: str, options, chunk: int) -> Engine:
     return Engine(config, loaded)
 
 
-def _windows(loaded: LoadedModel, lengths: list[int], counts: list[int]) -> dict[int, list]:
-    """Distinct spans of the Britannica text: counts[i] windows of lengths[i] tokens."""
-    ids = loaded.tokenizer.encode(britannica_text(), add_special_tokens=False)
+def _text(name: str) -> str:
+    """validate's Britannica article, or Python's own documentation topics (technical
+    English prose used nowhere else in the project; always installed)."""
+    if name == "britannica":
+        return britannica_text()
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def _windows(
+    loaded: LoadedModel, text: str, lengths: list[int], counts: list[int]
+) -> dict[int, list]:
+    """Distinct spans of the text: counts[i] windows of lengths[i] tokens."""
+    ids = loaded.tokenizer.encode(_text(text), add_special_tokens=False)
     out, offset = {}, 0
     for length, count in zip(lengths, counts, strict=True):
         out[length] = []
@@ -154,13 +173,22 @@ def _score(engine: Engine, windows: dict[int, list]) -> dict[int, list[torch.Ten
     return {n: [engine.teacher_forced_logprobs(w) for w in ws] for n, ws in windows.items()}
 
 
-def _compare(ref: dict, test: dict) -> dict[str, dict[str, float]]:
+def _compare(ref: dict, test: dict, windows: dict) -> dict[str, dict[str, float]]:
+    """Per length: mean KL, top-1 agreement, and the perplexity change with its paired
+    bootstrap 95% interval (validate's `ppl_delta_ci`)."""
     out = {}
     for n in ref:
-        kl = torch.cat([kl_divergence(r, t) for r, t in zip(ref[n], test[n], strict=True)])
-        top1 = torch.cat([top1_matches(r, t) for r, t in zip(ref[n], test[n], strict=True)])
+        pairs = list(zip(ref[n], test[n], strict=True))
+        kl = torch.cat([kl_divergence(r, t) for r, t in pairs])
+        top1 = torch.cat([top1_matches(r, t) for r, t in pairs])
+        targets = [torch.tensor(w[1:]) for w in windows[n]]
+        both = list(zip(pairs, targets, strict=True))
+        ref_lp = torch.cat([target_logprobs(r, y) for (r, _), y in both])
+        test_lp = torch.cat([target_logprobs(t, y) for (_, t), y in both])
         out[str(n)] = {"mean_kl": kl.mean().item(), "top1": top1.double().mean().item(),
-                       "tokens": kl.numel()}  # fmt: skip
+                       "tokens": kl.numel(),
+                       "ppl_delta_rel": perplexity(test_lp) / perplexity(ref_lp) - 1,
+                       "ppl_delta_ci": list(ppl_delta_ci(ref_lp, test_lp))}  # fmt: skip
     return out
 
 
@@ -173,7 +201,7 @@ def _variants(num_layers: int, per_layer: bool) -> list[tuple[str, str, object]]
         ("sage_attn with balance", "sage_attn", SageOptions(impl="reference", balance_qk=True)),
         ("sage_attn no rotation", "sage_attn", SageOptions(impl="reference", rotate_qk=False)),
         (
-            "sage_attn no rotation, with balance",
+            "sage_attn no rotation + balance",
             "sage_attn",
             SageOptions(impl="reference", rotate_qk=False, balance_qk=True),
         ),
@@ -182,11 +210,11 @@ def _variants(num_layers: int, per_layer: bool) -> list[tuple[str, str, object]]
             "sage_attn",
             SageOptions(impl="reference", calibrate=True, calibration_file=PLAN_FILE["path"]),
         ),
-        ("fake q,k,v", "sage_fakequant", frozenset(SOURCES)),
+        ("fake qkv", "sage_fakequant", frozenset(SOURCES)),
     ]
     out += [(f"fake {s}", "sage_fakequant", frozenset(s)) for s in SOURCES]
-    for candidate in ("no balance", "hadamard", "hadamard, no balance"):
-        out.append((f"fake q,k,v {candidate}", "sage_fakequant", candidate))
+    for candidate in ("no balance", "hadamard", "hadamard no balance"):
+        out.append((f"fake qkv {candidate}", "sage_fakequant", candidate))
     if per_layer:
         out += [(f"layer_{i}", "sage_fakequant", i) for i in range(num_layers)]
     return out
@@ -223,8 +251,10 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated variant names to run (a trailing * matches a prefix: layer_*)",
+        help="comma-separated variant names to run (a trailing * matches a prefix: layer_*; "
+        "names hold no commas)",
     )
+    parser.add_argument("--text", choices=sorted(TEXTS), default="britannica")
     parser.add_argument("--plan-file", default=PLAN_FILE["path"], help="--sage-calibrate's plan")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -233,13 +263,13 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = load_model(None, dtype="float32", device="cpu")
     lengths = [int(x) for x in args.lengths.split(",")]
-    windows = _windows(loaded, lengths, [int(x) for x in args.windows.split(",")])
+    windows = _windows(loaded, args.text, lengths, [int(x) for x in args.windows.split(",")])
     result = {
         "benchmark": "sage error ablation (issue 18)",
         "command": shlex.join(["python", *sys.argv]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device_info(torch.device("cpu")), "software": software(),
-        "model": loaded.source, "text": "Britannica (validate's), consecutive spans",
+        "model": loaded.source, "text": f"{TEXTS[args.text]}, consecutive spans",
         "lengths": lengths, "windows": {str(n): len(ws) for n, ws in windows.items()},
         "variants": {},
     }  # fmt: skip
@@ -249,7 +279,7 @@ def main() -> None:
     for name, backend, spec in [v for v in variants if _selected(v[0], args.only)]:
         start = time.monotonic()
         scored = _run_variant(loaded, backend, spec, args.chunk, windows)
-        result["variants"][name] = _compare(reference, scored)
+        result["variants"][name] = _compare(reference, scored, windows)
         print(f"{name}: {result['variants'][name]} ({time.monotonic() - start:.0f} s)",
               file=sys.stderr, flush=True)  # fmt: skip
         with open(args.out, "w") as f:

@@ -87,9 +87,11 @@ def run_case(heads, kv_heads, dim, page_size, pv, device, launch, seed=0):
         v = torch.randn(tokens, kv_heads, dim, generator=gen).to(device)
         ref = backend.forward(0, q, k, v, cache, meta)
     out = torch.full_like(q, float("nan"))  # every row must be written
+    c = backend.layer_constants(0)  # the queries rotated as the backend's forward does
     sage_attention_paged(
-        q, backend.channel_scale[0], cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0],
-        *_step_tensors(slices, page_size, device), config=launch, out=out,
+        backend.rotate(q), c.balance, cache.k[0], cache.k_scale[0], cache.v[0],
+        cache.v_scale[0], *_step_tensors(slices, page_size, device), sm_scale=c.sm_scale,
+        config=launch, out=out,
     )  # fmt: skip
     return out, ref
 

@@ -4,7 +4,7 @@ A few channels of post-rotary queries and keys carry most of their range; per-to
 then spends its 255 codes on those outliers and rounds every other channel coarsely. An
 orthogonal transform R leaves every product unchanged, (q R)·(k R) = q·k, while a Hadamard
 matrix spreads each outlier over all D channels (FlashAttention-3 does this before FP8).
-Measured on SmolLM2 (BENCHMARKS.md, issue 18): it cuts the 8-bit path's mean KL 2.2-2.4×.
+Measured on SmolLM2 (BENCHMARKS.md, issue 18): it cuts the 8-bit path's mean KL 2.3-2.6×.
 
 Here R is the unnormalized Sylvester matrix H (entries ±1, H Hᵀ = D·I), so the product of
 rotated vectors is D·(q·k): the softmax scale absorbs it as an exact power of two
