@@ -248,3 +248,31 @@ def test_store_checks_catch_a_misplaced_store(variant: str) -> None:
     built.calls[0] = _misplaced_store(built, inputs.steps[0])
     checks = check_variant(built, inputs.steps[0], timer)
     assert checks == {"matches_reference": False, "matches_backend_forward": False}
+
+
+def test_no_rotation_variants_price_the_rotation() -> None:
+    """`_norot` variants build the same sage kernels with the Q/K rotation off, are
+    accepted in every part, and say so in the method they record."""
+    from sageserve.bench import kernels_decode, kernels_prefill, kernels_store
+    from sageserve.bench.kernels import DECODE_CHOICES, PREFILL_CHOICES, STORE_CHOICES
+    from sageserve.bench.kernels_common import make_backend, model_config
+
+    cfg = model_config(4, 2, 64)
+    for pv in ("fp16", "fp8"):
+        rotated = make_backend(f"sage_{pv}pv", cfg, torch.float32, torch.device("cpu"))
+        plain = make_backend(f"sage_{pv}pv_norot", cfg, torch.float32, torch.device("cpu"))
+        assert rotated.sage.rotate_qk and not plain.sage.rotate_qk
+        assert rotated.sage.pv == plain.sage.pv == pv
+        variant = f"sage_{pv}pv_norot"
+        assert {variant} <= set(PREFILL_CHOICES) & set(DECODE_CHOICES) & set(STORE_CHOICES)
+        assert "no Q/K rotation" in kernels_prefill.INCLUDED[variant]
+        assert "Hadamard rotation of K" in kernels_prefill.INCLUDED[f"sage_{pv}pv"]
+    assert (
+        "_norot" in kernels_decode.INCLUDED["sage"] and "_norot" in kernels_store.INCLUDED["sage"]
+    )
+    parser = argparse.ArgumentParser()
+    add_kernels_args(parser)
+    norot = "sage_fp16pv_norot"
+    args = [*SMOKE[2:], "--variants", norot, "--decode-variants", norot, "--store-variants", norot]
+    config = config_from_args(parser.parse_args(args))
+    assert config.variants == config.decode_variants == config.store_variants == (norot,)

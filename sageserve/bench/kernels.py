@@ -37,15 +37,16 @@ from sageserve.bench.run_record import (
     write_json,
 )
 
+NO_ROTATION = ("sage_fp16pv_norot", "sage_fp8pv_norot")  # opt-in: the rotation's price
 PREFILL_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", "sdpa_flash", "sdpa_cudnn",
-                   "sageattn_1_0_6", "torch_sdpa")  # fmt: skip
-DECODE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16")
-STORE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16")
-GPU_STORE_VARIANTS = STORE_CHOICES
+                   "sageattn_1_0_6", "torch_sdpa", *NO_ROTATION)  # fmt: skip
+DECODE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", *NO_ROTATION)
+STORE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", *NO_ROTATION)
+GPU_STORE_VARIANTS = ("sage_fp16pv", "sage_fp8pv", "triton16")
 CPU_STORE_VARIANTS = ("sage_fp16pv", "triton16")  # the interpreter's fp8 casts are wrong
 GPU_VARIANTS = PREFILL_CHOICES[:6]
 CPU_VARIANTS = ("sage_fp16pv", "triton16", "torch_sdpa")
-OUR_KERNELS = ("sage_fp16pv", "sage_fp8pv", "triton16")
+OUR_KERNELS = ("sage_fp16pv", "sage_fp8pv", "triton16", *NO_ROTATION)
 HEAD_DIMS = (64, 128)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CAUSAL_MODES = {"both": (True, False), "causal": (True,), "noncausal": (False,)}
@@ -357,7 +358,7 @@ def _our_reasons(
     from sageserve.bench.kernels_common import backend_reasons, model_config
 
     reasons = []
-    if variant == "sage_fp8pv" and cfg.device == "cpu":
+    if variant.startswith("sage_fp8pv") and cfg.device == "cpu":
         reasons.append("Triton's interpreter casts to fp8 wrongly (~13% of values): GPU only")
     for dim in dims:
         config = model_config(q_heads, kv_heads, dim)

@@ -17,11 +17,14 @@ from sageserve.attention.base import AttentionBackend, AttentionShape, BackendOp
 from sageserve.attention.batch import ForwardBatch, SequenceSlice, build_forward_batch
 from sageserve.attention.sage_attn.options import SageOptions
 
-# Our kernels' variants: backend name and sage P·V precision.
-OUR_VARIANTS: dict[str, tuple[str, str | None]] = {
-    "sage_fp16pv": ("sage_attn", "fp16"),
-    "sage_fp8pv": ("sage_attn", "fp8"),
-    "triton16": ("triton", None),
+# Our kernels' variants: backend name, sage P·V precision and whether sage rotates Q and K
+# (the `_norot` variants price the Hadamard rotation against the same kernels without it).
+OUR_VARIANTS: dict[str, tuple[str, str | None, bool]] = {
+    "sage_fp16pv": ("sage_attn", "fp16", True),
+    "sage_fp8pv": ("sage_attn", "fp8", True),
+    "sage_fp16pv_norot": ("sage_attn", "fp16", False),
+    "sage_fp8pv_norot": ("sage_attn", "fp8", False),
+    "triton16": ("triton", None, False),
 }
 # Model positions of the benchmark's model (Llama-3.1-8B): caps the triton16 decode splits
 # as in a server whose pool holds more tokens than that.
@@ -55,9 +58,8 @@ def make_backend(
     """The backend serving `variant` (the Triton kernels forced on for sage, any device)."""
     from sageserve.attention.registry import get_backend_class
 
-    name, pv = OUR_VARIANTS[variant]
-    flags = SageOptions(pv=pv, impl="triton") if pv else None
-    return get_backend_class(name)(cfg, BackendOptions("auto", dtype, device, flags))
+    name = OUR_VARIANTS[variant][0]
+    return get_backend_class(name)(cfg, BackendOptions("auto", dtype, device, _flags(variant)))
 
 
 def backend_reasons(
@@ -66,10 +68,14 @@ def backend_reasons(
     """Why the backend of `variant` cannot run this shape and dtype here (empty: it can)."""
     from sageserve.attention.registry import get_backend_class
 
-    name, pv = OUR_VARIANTS[variant]
-    flags = SageOptions(pv=pv, impl="triton") if pv else None
-    options = BackendOptions("auto", dtype, device, flags)
-    return get_backend_class(name).unsupported_reasons(cfg, options)
+    options = BackendOptions("auto", dtype, device, _flags(variant))
+    return get_backend_class(OUR_VARIANTS[variant][0]).unsupported_reasons(cfg, options)
+
+
+def _flags(variant: str) -> SageOptions | None:
+    """The sage options of `variant` (the Triton kernels forced on); None for triton16."""
+    _, pv, rotate = OUR_VARIANTS[variant]
+    return SageOptions(pv=pv, impl="triton", rotate_qk=rotate) if pv else None
 
 
 def calibrate(backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor) -> None:

@@ -41,7 +41,7 @@ from sageserve.bench.kernels_common import (
 from sageserve.bench.kernels_prefill import error_fields
 from sageserve.bench.kernels_timing import Timed, Timer, eager_and_graph
 
-DECODE_VARIANTS = ("sage_fp16pv", "sage_fp8pv", "triton16")
+DECODE_VARIANTS = ("sage_fp16pv", "sage_fp8pv", "triton16", "sage_fp16pv_norot", "sage_fp8pv_norot")
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3.1-8B
 L2_FACTOR = 4
 MAX_SETS = 128
@@ -49,7 +49,8 @@ CALIBRATION_TOKENS = 512
 INCLUDED = {
     "sage": "sage_decode_paged (split-KV kernel + combine kernel) exactly as sage_attn's "
     "forward calls it for decode rows, with page table and DecodeWorkspace from "
-    "build_metadata; excludes the store of the step's new token",
+    "build_metadata, after the query's Hadamard rotation (its own kernel; none in the "
+    "_norot variants); excludes the store of the step's new token",
     "triton16": "paged_decode (split-KV kernel + merge kernel) exactly as the triton "
     "backend's forward calls it, with the DecodePlan from build_metadata (split count from "
     f"num_decode_splits with max_context {MAX_POSITIONS}, as in a server whose pool exceeds "

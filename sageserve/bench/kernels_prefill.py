@@ -37,6 +37,8 @@ from sageserve.bench.kernels_timing import Timed, Timer
 PREFILL_VARIANTS = (
     "sage_fp16pv",
     "sage_fp8pv",
+    "sage_fp16pv_norot",
+    "sage_fp8pv_norot",
     "triton16",
     "sdpa_flash",
     "sdpa_cudnn",
@@ -54,23 +56,31 @@ _OURS = (
     "outside the timed region). Non-causal: the same two kernel calls with causal=False "
     "(not a serving path)."
 )
+_SAGE_STORE = (
+    "{rot}the fused quantize-and-store kernel (K minus the calibrated mean, INT8 "
+    "per token; V {v} per token; fp16 scales) into the 8-bit paged cache"
+)
+_SAGE_ATTN = (
+    "{rot}the 8-bit paged prefill kernel (Q quantized to INT8 inside it, INT8 Q·Kᵀ, {pv} P·V)"
+)
+_ROTATED = "the Hadamard rotation of {x} along head_dim (its own kernel), then "
+
+
+def _sage_included(pv: str, rotate: bool) -> str:
+    v = "INT8" if pv == "FP16" else "FP8 e4m3"
+    return _OURS.format(
+        backend="sage_attn",
+        pv=f" ({pv} P·V{'' if rotate else ', no Q/K rotation'})",
+        store=_SAGE_STORE.format(rot=_ROTATED.format(x="K") if rotate else "", v=v),
+        attn=_SAGE_ATTN.format(rot=_ROTATED.format(x="Q") if rotate else "", pv=pv),
+    )
+
+
 INCLUDED = {
-    "sage_fp16pv": _OURS.format(
-        backend="sage_attn",
-        pv=" (FP16 P·V)",
-        store="the fused quantize-and-store kernel (K minus the calibrated mean, divided by "
-        "the channel balance, INT8 per token; V INT8 per token; fp16 scales) into the 8-bit "
-        "paged cache",
-        attn="the 8-bit paged prefill kernel (Q balanced and quantized to "
-        "INT8 inside it, INT8 Q·Kᵀ, FP16 P·V)",
-    ),
-    "sage_fp8pv": _OURS.format(
-        backend="sage_attn",
-        pv=" (FP8 P·V)",
-        store="the fused quantize-and-store kernel (INT8 K as for FP16 P·V, FP8 e4m3 V per "
-        "token) into the 8-bit paged cache",
-        attn="the 8-bit paged prefill kernel (INT8 Q·Kᵀ, FP8 P·V)",
-    ),
+    "sage_fp16pv": _sage_included("FP16", rotate=True),
+    "sage_fp8pv": _sage_included("FP8", rotate=True),
+    "sage_fp16pv_norot": _sage_included("FP16", rotate=False),
+    "sage_fp8pv_norot": _sage_included("FP8", rotate=False),
     "triton16": _OURS.format(
         backend="triton",
         pv="",

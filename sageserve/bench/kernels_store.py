@@ -59,10 +59,10 @@ INDEX_BYTES = 8  # slot indices are int64
 SCALE_BYTES = 2  # fp16 scales of the 8-bit cache
 POISON_CODE = 77  # what 1-byte cache entries hold before a checked call (floats: NaN)
 INCLUDED = {
-    "sage": "sage_store.store_kv exactly as sage_attn's forward calls it (one launch: K minus "
-    "the calibrated mean, divided by the channel balance, INT8 per token and head; V INT8 "
-    "(FP16 P·V) or FP8 e4m3 (FP8 P·V) per token and head; fp16 scales), at the store pages "
-    "and offsets of build_metadata",
+    "sage": "the keys' Hadamard rotation (its own kernel; none in the _norot variants), then "
+    "sage_store.store_kv exactly as sage_attn's forward calls it (one launch: K minus "
+    "the calibrated mean, INT8 per token and head; V INT8 (FP16 P·V) or FP8 e4m3 (FP8 P·V) "
+    "per token and head; fp16 scales), at the store pages and offsets of build_metadata",
     "triton16": "paged_store.store_kv exactly as the triton backend's forward calls it (K "
     "and V cast to the cache dtype at the slot mapping of build_metadata)",
 }
