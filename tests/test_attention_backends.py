@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tiny_models import tiny_llama_config
 
 from sageserve.attention.base import BackendOptions
 from sageserve.attention.batch import SequenceSlice, build_forward_batch
@@ -85,24 +86,8 @@ MIXED_STEP = [(0, 1), (0, 7), (0, 200), (0, 333), (120, 80), (332, 1), (7, 1), (
 
 
 def _model_config(num_q_heads: int, num_kv_heads: int, head_dim: int) -> ModelConfig:
-    return ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=32,
-        hidden_size=num_q_heads * head_dim,
-        intermediate_size=64,
-        num_layers=2,
-        num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        bos_token_id=None,
-        eos_token_ids=(),
-    )
+    return tiny_llama_config(num_q_heads, num_kv_heads, head_dim, vocab_size=32,
+                             intermediate_size=64, max_position_embeddings=4096)  # fmt: skip
 
 
 @dataclass

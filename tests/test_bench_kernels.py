@@ -225,8 +225,9 @@ def _misplaced_store(variant: StoreVariant, step: StepInputs):
         backend = variant.backend
         c = backend.layer_constants(0)
         pages, offsets = meta.store_pages.roll(1), meta.store_offsets.roll(1)
-        k = backend.rotate(step.k)
-        return lambda: store_kv(k, step.v, c.k_mean, c.balance, pages, offsets, *caches)
+        rotate = backend.sage.rotate_qk
+        return lambda: store_kv(step.k, step.v, c.k_mean, c.balance, pages, offsets, *caches,
+                                rotate=rotate)  # fmt: skip
     from sageserve.attention.triton_attn.kernels.store import store_kv
 
     return lambda: store_kv(step.k, step.v, meta.slot_mapping.roll(1), *caches)
@@ -266,7 +267,7 @@ def test_no_rotation_variants_price_the_rotation() -> None:
         variant = f"sage_{pv}pv_norot"
         assert {variant} <= set(PREFILL_CHOICES) & set(DECODE_CHOICES) & set(STORE_CHOICES)
         assert "no Q/K rotation" in kernels_prefill.INCLUDED[variant]
-        assert "Hadamard rotation of K" in kernels_prefill.INCLUDED[f"sage_{pv}pv"]
+        assert "Hadamard matrix" in kernels_prefill.INCLUDED[f"sage_{pv}pv"]
     assert (
         "_norot" in kernels_decode.INCLUDED["sage"] and "_norot" in kernels_store.INCLUDED["sage"]
     )

@@ -18,6 +18,7 @@ import re
 import pytest
 import torch
 from int8_flips import assert_logprob_rows_close, assert_outputs_match
+from tiny_models import tiny_llama_config
 
 from sageserve.attention.base import BackendOptions
 from sageserve.attention.batch import ForwardBatch, SequenceSlice, build_forward_batch
@@ -47,13 +48,7 @@ interpreted = pytest.mark.skipif(
 
 
 def _tiny_config() -> ModelConfig:
-    return ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=512, hidden_size=256,
-        intermediate_size=256, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=64,
-        rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5,
-        max_position_embeddings=1024, tie_word_embeddings=False,
-        attention_bias=False, bos_token_id=None, eos_token_ids=(),
-    )  # fmt: skip
+    return tiny_llama_config(vocab_size=512)
 
 
 def _tiny_model(dtype: torch.dtype, device: torch.device) -> LoadedModel:

@@ -6,6 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from tiny_models import tiny_llama_config
 
 from sageserve.attention.base import BackendOptions
 from sageserve.attention.batch import SequenceSlice, build_forward_batch
@@ -24,13 +25,8 @@ STEP = [(0, 1), (0, 7), (0, 200), (120, 80), (332, 1), (16, 17), (0, 33)]
 
 
 def _config(heads: int, kv_heads: int, dim: int) -> ModelConfig:
-    return ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=64, hidden_size=heads * dim,
-        intermediate_size=64, num_layers=1, num_q_heads=heads, num_kv_heads=kv_heads,
-        head_dim=dim, rope_theta=1e4, rope_scaling=None, rms_norm_eps=1e-5,
-        max_position_embeddings=4096, tie_word_embeddings=False, attention_bias=False,
-        bos_token_id=None, eos_token_ids=(),
-    )  # fmt: skip
+    return tiny_llama_config(heads, kv_heads, dim, vocab_size=64, intermediate_size=64,
+                             num_layers=1, max_position_embeddings=4096)  # fmt: skip
 
 
 def _step_tensors(slices, page_size, device):
@@ -87,11 +83,11 @@ def run_case(heads, kv_heads, dim, page_size, pv, device, launch, seed=0):
         v = torch.randn(tokens, kv_heads, dim, generator=gen).to(device)
         ref = backend.forward(0, q, k, v, cache, meta)
     out = torch.full_like(q, float("nan"))  # every row must be written
-    c = backend.layer_constants(0)  # the queries rotated as the backend's forward does
+    c = backend.layer_constants(0)  # the queries rotated in the kernel, as served
     sage_attention_paged(
-        backend.rotate(q), c.balance, cache.k[0], cache.k_scale[0], cache.v[0],
-        cache.v_scale[0], *_step_tensors(slices, page_size, device), sm_scale=c.sm_scale,
-        config=launch, out=out,
+        q, c.balance, cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0],
+        *_step_tensors(slices, page_size, device), sm_scale=c.sm_scale, config=launch,
+        out=out, rotate=backend.sage.rotate_qk,
     )  # fmt: skip
     return out, ref
 

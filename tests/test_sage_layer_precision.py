@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llama_config
 
 from sageserve.attention.base import BackendOptions
 from sageserve.attention.sage_attn.backend import SageAttentionBackend
@@ -21,13 +22,7 @@ BROKEN_LAYER = 2
 
 
 def _config() -> ModelConfig:
-    return ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=256, hidden_size=256,
-        intermediate_size=256, num_layers=4, num_q_heads=4, num_kv_heads=2, head_dim=64,
-        rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5,
-        max_position_embeddings=1024, tie_word_embeddings=False,
-        attention_bias=False, bos_token_id=None, eos_token_ids=(),
-    )  # fmt: skip
+    return tiny_llama_config(num_layers=4)
 
 
 @pytest.fixture(scope="module")

@@ -161,3 +161,24 @@ def test_rotation_kernel_compiles_for_hopper() -> None:
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("compiled") == 3
+
+
+@pytest.mark.parametrize("hadamard", [True, False])
+def test_calibration_query_maxima_do_not_depend_on_the_offset_chunks(hadamard: bool) -> None:
+    """The query maxima over 20 rotary offsets (not a multiple of the chunk), taken chunk
+    by chunk to bound memory, equal those over all offsets at once."""
+    from sageserve.attention.sage_attn.calibration import (
+        QUERY_OFFSET_CHUNK,
+        _layer_stats,
+        _shifted,
+    )
+
+    gen = torch.Generator().manual_seed(20)
+    q = torch.randn(33, 2, 3, 64, generator=gen) * 4  # [T, Hkv, group, D]
+    k = torch.randn(33, 2, 64, generator=gen) + 1
+    angles = torch.rand(20, 32, generator=gen) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    assert cos.shape[0] % QUERY_OFFSET_CHUNK
+    shifted = _shifted(q, cos, sin)
+    expected = (hadamard_rotate(shifted) if hadamard else shifted).abs().amax(dim=(0, 1, 3))
+    assert torch.equal(_layer_stats(q, k, cos, sin, hadamard)[3], expected)

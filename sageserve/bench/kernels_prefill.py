@@ -57,13 +57,13 @@ _OURS = (
     "(not a serving path)."
 )
 _SAGE_STORE = (
-    "{rot}the fused quantize-and-store kernel (K minus the calibrated mean, INT8 "
+    "the fused quantize-and-store kernel (K {rot}minus the calibrated mean, INT8 "
     "per token; V {v} per token; fp16 scales) into the 8-bit paged cache"
 )
 _SAGE_ATTN = (
-    "{rot}the 8-bit paged prefill kernel (Q quantized to INT8 inside it, INT8 Q·Kᵀ, {pv} P·V)"
+    "the 8-bit paged prefill kernel (Q {rot}quantized to INT8 inside it, INT8 Q·Kᵀ, {pv} P·V)"
 )
-_ROTATED = "the Hadamard rotation of {x} along head_dim (its own kernel), then "
+_ROTATED = "rotated by the Hadamard matrix in registers, "
 
 
 def _sage_included(pv: str, rotate: bool) -> str:
@@ -71,8 +71,8 @@ def _sage_included(pv: str, rotate: bool) -> str:
     return _OURS.format(
         backend="sage_attn",
         pv=f" ({pv} P·V{'' if rotate else ', no Q/K rotation'})",
-        store=_SAGE_STORE.format(rot=_ROTATED.format(x="K") if rotate else "", v=v),
-        attn=_SAGE_ATTN.format(rot=_ROTATED.format(x="Q") if rotate else "", pv=pv),
+        store=_SAGE_STORE.format(rot=_ROTATED if rotate else "", v=v),
+        attn=_SAGE_ATTN.format(rot=_ROTATED if rotate else "", pv=pv),
     )
 
 
@@ -241,17 +241,18 @@ def _sage_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
     c = backend.layer_constants(0)
     caches = (cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0])
     pre = meta.kernel.prefill
-    kwargs = {} if data.shape.causal else {"causal": False}
+    # The Hadamard rotation of q and k, when on, is fused into the kernels (as served).
+    kwargs = {"rotate": backend.sage.rotate_qk} | ({} if data.shape.causal else {"causal": False})
 
     def store() -> None:
-        k = backend.rotate(data.k)  # the Hadamard rotation, when on, is part of the cost
-        store_kv(k, data.v, c.k_mean, c.balance, meta.store_pages, meta.store_offsets, *caches)
+        store_kv(data.k, data.v, c.k_mean, c.balance, meta.store_pages, meta.store_offsets,
+                 *caches, rotate=backend.sage.rotate_qk)  # fmt: skip
 
     def full() -> torch.Tensor:
         store()
-        sage_attention_paged(backend.rotate(data.q), c.balance, *caches, pre.page_table,
-                             pre.q_start, pre.q_len, pre.kv_len, pre.max_q_len,
-                             sm_scale=c.sm_scale, out=out, **kwargs)  # fmt: skip
+        sage_attention_paged(data.q, c.balance, *caches, pre.page_table, pre.q_start,
+                             pre.q_len, pre.kv_len, pre.max_q_len, sm_scale=c.sm_scale,
+                             out=out, **kwargs)  # fmt: skip
         return out
 
     return store, full

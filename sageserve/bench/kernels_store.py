@@ -59,8 +59,8 @@ INDEX_BYTES = 8  # slot indices are int64
 SCALE_BYTES = 2  # fp16 scales of the 8-bit cache
 POISON_CODE = 77  # what 1-byte cache entries hold before a checked call (floats: NaN)
 INCLUDED = {
-    "sage": "the keys' Hadamard rotation (its own kernel; none in the _norot variants), then "
-    "sage_store.store_kv exactly as sage_attn's forward calls it (one launch: K minus "
+    "sage": "sage_store.store_kv exactly as sage_attn's forward calls it (one launch: K "
+    "rotated by the Hadamard matrix in registers (not in the _norot variants), minus "
     "the calibrated mean, INT8 per token and head; V INT8 (FP16 P·V) or FP8 e4m3 (FP8 P·V) "
     "per token and head; fp16 scales), at the store pages and offsets of build_metadata",
     "triton16": "paged_store.store_kv exactly as the triton backend's forward calls it (K "
@@ -255,9 +255,9 @@ def _store_call(variant: StoreVariant, step: StepInputs, meta) -> Callable[[], N
         c = backend.layer_constants(0)
         caches = variant.layer_tensors()
         pages, offsets = meta.store_pages, meta.store_offsets
-        # The keys' Hadamard rotation, when on, is part of the cost (as in the backend).
-        return lambda: store_kv(backend.rotate(k), v, c.k_mean, c.balance, pages, offsets,
-                                *caches)  # fmt: skip
+        # The keys' Hadamard rotation, when on, is fused into the store (as served).
+        return lambda: store_kv(k, v, c.k_mean, c.balance, pages, offsets, *caches,
+                                rotate=backend.sage.rotate_qk)  # fmt: skip
     from sageserve.attention.triton_attn.kernels.store import store_kv
 
     k_layer, v_layer = variant.layer_tensors()

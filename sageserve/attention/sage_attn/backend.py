@@ -124,15 +124,12 @@ class SageAttentionBackend(AttentionBackend):
                 f"(choose one of: {', '.join(SAGE_KV_DTYPES)}); a 16-bit cache is served by "
                 "--attention-backend torch"
             )
-        sage = cls.flags_of(options)
-        if _uses_kernels(sage, options.device):
-            dim = shape.head_dim
-            if dim & (dim - 1) or dim < 16:
-                reasons.append(
-                    f"head_dim {dim}: the Triton kernels need a power of two >= 16 "
-                    "(--sage-impl reference runs any head_dim, slowly)"
-                )
-        dim = shape.head_dim
+        sage, dim = cls.flags_of(options), shape.head_dim
+        if _uses_kernels(sage, options.device) and (dim & (dim - 1) or dim < 16):
+            reasons.append(
+                f"head_dim {dim}: the Triton kernels need a power of two >= 16 "
+                "(--sage-impl reference runs any head_dim, slowly)"
+            )
         if sage.rotate_qk and (dim & (dim - 1) or dim < 2):
             reasons.append(
                 f"head_dim {dim}: the Hadamard rotation of Q and K needs a power of two "
@@ -249,11 +246,25 @@ class SageAttentionBackend(AttentionBackend):
         """The 8-bit numerics (reference.py) of one whole sequence, without a cache.
 
         q: [T, Hq, D]; k, v: [T, Hkv, D] (post-rotary) -> [T, Hq, D] fp32, causal."""
+        q, k = self.rotate(q), self.rotate(k)
+        return self._reference_attention(layer_id, q, *self._quantize(layer_id, k, v))
+
+    def _quantize(
+        self, layer_id: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v: [T, Hkv, D] (k rotated when the rotation is on) -> the reference's codes
+        and scales: k codes [T, Hkv, D] int8, k scale [T, Hkv] fp32, v likewise."""
         c = self.layer_constants(layer_id)
-        if self.sage.rotate_qk:
-            q, k = hadamard_rotate(q), hadamard_rotate(k)
-        parts = quantize_kv(k, v, c.k_mean, self.sage.pv, c.balance)
-        return sage_attention(q, *parts, self.sage.pv, sm_scale=c.sm_scale, channel_scale=c.balance)
+        return quantize_kv(k, v, c.k_mean, self.sage.pv, c.balance)
+
+    def _reference_attention(
+        self, layer_id: int, q: torch.Tensor, *codes_and_scales: torch.Tensor
+    ) -> torch.Tensor:
+        """q: [n, Hq, D] (rotated when the rotation is on) over `_quantize`'s four tensors
+        for the keys 0..N-1 -> [n, Hq, D] fp32, causal bottom-right."""
+        c = self.layer_constants(layer_id)
+        return sage_attention(q, *codes_and_scales, self.sage.pv, sm_scale=c.sm_scale,
+                              channel_scale=c.balance)  # fmt: skip
 
     def set_calibration(self, k_mean: torch.Tensor | None, channel_scale: torch.Tensor | None):
         """Each [num_layers, num_kv_heads, head_dim] or None (off).
@@ -333,9 +344,9 @@ class SageAttentionBackend(AttentionBackend):
         if layer_id in self.skipped:
             return self.exact.forward(i, q, k, v, kv_cache.exact, meta.exact)
         out = torch.empty_like(q)
-        q, k = self.rotate(q), self.rotate(k)
-        if meta.kernel is not None:
+        if meta.kernel is not None:  # the kernels rotate q and k as they load them
             return self._forward_kernels(layer_id, q, k, v, kv_cache, meta, out)
+        q, k = self.rotate(q), self.rotate(k)
         self._store(i, k, v, kv_cache, meta, layer_id)
         for seq in meta.seqs:
             out[seq.q_start : seq.q_end] = self._attend(
@@ -346,14 +357,9 @@ class SageAttentionBackend(AttentionBackend):
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H, D] queries or keys -> x H in fp32 with the rotation on, else x itself.
 
-        The Triton kernel and the torch transform give the same bits (`rotation.py`)."""
-        if not self.sage.rotate_qk:
-            return x
-        if self.use_kernels:
-            from sageserve.attention.sage_attn.kernels.rotate import rotate_rows
-
-            return rotate_rows(x)
-        return hadamard_rotate(x)
+        The torch path's transform; the Triton kernels apply the same one (the same bits,
+        `kernels/rotate.py`) to the tiles they load."""
+        return hadamard_rotate(x) if self.sage.rotate_qk else x
 
     def layer_constants(self, layer_id: int) -> LayerConstants:
         """The key mean, channel balance and softmax scale of 8-bit layer `layer_id`."""
@@ -372,8 +378,7 @@ class SageAttentionBackend(AttentionBackend):
         meta: SageMetadata,
         layer_id: int,
     ) -> None:
-        c = self.layer_constants(layer_id)
-        k_codes, k_scale, v_codes, v_scale = quantize_kv(k, v, c.k_mean, self.sage.pv, c.balance)
+        k_codes, k_scale, v_codes, v_scale = self._quantize(layer_id, k, v)
         pages, offsets = meta.store_pages, meta.store_offsets
         cache.k[i][pages, :, offsets] = k_codes
         cache.k_scale[i][pages, :, offsets] = k_scale.half()
@@ -391,17 +396,8 @@ class SageAttentionBackend(AttentionBackend):
         k_scale = cache.k_scale[i][seq.pages].transpose(1, 2).reshape(-1, heads)[:n]
         v_codes = cache.v[i][seq.pages].permute(0, 3, 1, 2).reshape(-1, heads, dim)[:n]
         v_scale = cache.v_scale[i][seq.pages].transpose(1, 2).reshape(-1, heads)[:n]
-        c = self.layer_constants(layer_id)
-        return sage_attention(
-            q,
-            k_codes,
-            k_scale.float(),
-            v_codes,
-            v_scale.float(),
-            self.sage.pv,
-            sm_scale=c.sm_scale,
-            channel_scale=c.balance,
-        )
+        return self._reference_attention(layer_id, q, k_codes, k_scale.float(), v_codes,
+                                         v_scale.float())  # fmt: skip
 
     def _forward_kernels(
         self,
@@ -415,9 +411,10 @@ class SageAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """The Triton path: fused quantize-and-store, then paged 8-bit attention into out.
 
-        q: [T, Hq, D], k, v: [T, Hkv, D] (q and k rotated when the rotation is on); out:
-        [T, Hq, D]. Prefill chunks go through the prefill kernel, single-row sequences
-        (decodes) through the split-KV decode kernel; each writes its own rows of out.
+        q: [T, Hq, D], k, v: [T, Hkv, D] (unrotated: with the rotation on, the kernels rotate
+        q and k as they load them); out: [T, Hq, D]. Prefill chunks go through the prefill
+        kernel, single-row sequences (decodes) through the split-KV decode kernel; each
+        writes its own rows of out.
         """
         from sageserve.attention.sage_attn.kernels.decode import sage_decode_paged
         from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
@@ -425,17 +422,18 @@ class SageAttentionBackend(AttentionBackend):
 
         i = self.slot_of[layer_id]
         c = self.layer_constants(layer_id)
-        store_kv(k, v, c.k_mean, c.balance, meta.store_pages, meta.store_offsets,
-                 cache.k[i], cache.k_scale[i], cache.v[i], cache.v_scale[i])  # fmt: skip
+        rotate = self.sage.rotate_qk
         caches = (cache.k[i], cache.k_scale[i], cache.v[i], cache.v_scale[i])
+        store_kv(k, v, c.k_mean, c.balance, meta.store_pages, meta.store_offsets, *caches,
+                 rotate=rotate)  # fmt: skip
         pre, dec = meta.kernel.prefill, meta.kernel.decode
         if pre is not None:
             sage_attention_paged(q, c.balance, *caches, pre.page_table, pre.q_start,
                                  pre.q_len, pre.kv_len, pre.max_q_len, sm_scale=c.sm_scale,
-                                 out=out)  # fmt: skip
+                                 out=out, rotate=rotate)  # fmt: skip
         if dec is not None:
             sage_decode_paged(q, c.balance, *caches, dec.page_table, dec.q_rows, dec.kv_len,
-                              out, dec.workspace, sm_scale=c.sm_scale)  # fmt: skip
+                              out, dec.workspace, sm_scale=c.sm_scale, rotate=rotate)  # fmt: skip
         return out
 
     def _decode_workspace(self, rows: int, page_size: int) -> DecodeWorkspace:

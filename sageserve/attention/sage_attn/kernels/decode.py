@@ -50,6 +50,7 @@ from sageserve.attention.sage_attn.kernels.prefill import (
     key_run,
     scaled_pv,
 )
+from sageserve.attention.sage_attn.kernels.rotate import hadamard_rows
 from sageserve.attention.triton_common import decode_split_count, sm_count
 
 # Every split starts at a multiple of this many keys (what plan_splits guarantees).
@@ -272,9 +273,12 @@ def _sage_decode_split_kernel(
     head_dim: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
     RUN: tl.constexpr, WIDE: tl.constexpr, PACKED: tl.constexpr, HAS_BALANCE: tl.constexpr,
     PV_FP8: tl.constexpr, FAST_CVT: tl.constexpr, FUSED: tl.constexpr,
-    GROUP_P2: tl.constexpr, MERGE_S: tl.constexpr,
+    GROUP_P2: tl.constexpr, MERGE_S: tl.constexpr, ROTATE: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, KV head, split): the group's query heads over the split's keys."""
+    """One (sequence, KV head, split): the group's query heads over the split's keys.
+
+    ROTATE: the group's query rows are rotated (`hadamard_rows`, STAGES = log2 D) after
+    their load, in every split (a [BLOCK_H, D] tile: cheaper than a pass through memory)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -290,6 +294,8 @@ def _sage_decode_split_kernel(
         q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + d[None, :],
         mask=h_ok[:, None], other=0.0,
     ).to(tl.float32)  # fmt: skip
+    if ROTATE:
+        q = hadamard_rows(q, BLOCK_H, head_dim, STAGES)
     if HAS_BALANCE:
         q = q * tl.load(balance_ptr + kv_head * head_dim + d)[None, :]
     span = _split_span(kv_len, num_splits)
@@ -444,6 +450,7 @@ def sage_decode_paged(
     workspace: DecodeWorkspace,
     sm_scale: float | None = None,
     config: DecodeConfig = DEFAULT_CONFIG,
+    rotate: bool = False,
 ) -> None:
     """8-bit attention of one query token per sequence over its cached keys, into `out`.
 
@@ -453,7 +460,9 @@ def sage_decode_paged(
     page_table: [B, pages] int32 from `padded_page_table`; q_rows, kv_len: [B] int32
     (kv_len counts the new token, already stored). out: [T, Hq, D]; rows q_rows are written,
     others untouched. workspace: from `DecodeWorkspace.allocate` for this B and these heads.
-    config: launch knobs (`DecodeConfig`).
+    config: launch knobs (`DecodeConfig`). rotate: q is given unrotated and the kernel
+    applies the Hadamard rotation (the bits of `rotation.hadamard_rotate`); sm_scale is then
+    the rotated basis's.
     """
     batch = page_table.shape[0]
     _, q_heads, dim = q.shape
@@ -483,7 +492,7 @@ def sage_decode_paged(
         PACKED=config.packed_scales and _pairs_aligned(run, k_scale, v_scale),
         HAS_BALANCE=balance is not None, PV_FP8=pv_fp8,
         FAST_CVT=config.fast_v_cvt and q.is_cuda, FUSED=config.fused_combine,
-        GROUP_P2=group_p2,
+        GROUP_P2=group_p2, ROTATE=rotate, STAGES=dim.bit_length() - 1,
         MERGE_S=min(triton.next_power_of_2(splits), max(1, MERGE_ELEMENTS // (group_p2 * dim))),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip

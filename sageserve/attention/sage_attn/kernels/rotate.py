@@ -1,10 +1,14 @@
-"""The Hadamard rotation of queries or keys (`rotation.py`) as one Triton launch.
+"""The Hadamard rotation of queries or keys (`rotation.py`) in Triton.
 
-Each program rotates BLOCK_ROWS (token, head) rows: it loads them as a [BLOCK_ROWS, D] tile
-in their own dtype, runs the fast Walsh-Hadamard transform in registers in fp32, with the
-stages, pairing and operand order of `rotation.hadamard_rotate` (so the bits are the same),
-and writes fp32 rows. Inputs may be strided views (q and k straight out of the fused QKV
-projection); only the last dimension must be contiguous.
+`hadamard_rows` is the transform of one [ROWS, D] tile in registers: the store, prefill and
+decode kernels apply it to the K and Q tiles they load (`rotate=True`), so the rotated rows
+never pass through memory. `rotate_rows` runs it alone, one launch over [T, H, D] rows (the
+tests check the transform's bits with it). Each of its programs rotates BLOCK_ROWS (token,
+head) rows: it loads them as a [BLOCK_ROWS, D] tile in their own dtype, runs the fast
+Walsh-Hadamard transform in registers in fp32, with the stages, pairing and operand order of
+`rotation.hadamard_rotate` (so the bits are the same), and writes fp32 rows. Inputs may be
+strided views (q and k straight out of the fused QKV projection); only the last dimension
+must be contiguous.
 """
 
 from __future__ import annotations

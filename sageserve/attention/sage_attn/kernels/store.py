@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sageserve.attention.sage_attn.kernels.rotate import hadamard_rows
 from sageserve.attention.triton_common import interpreting
 
 MIN_SCALE = tl.constexpr(2.0**-24)
@@ -209,13 +210,15 @@ def _store_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     num_kv_heads: tl.constexpr, page_size: tl.constexpr, head_dim: tl.constexpr,
     BLOCK_T: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_BALANCE: tl.constexpr,
-    V_FP8: tl.constexpr, RUNS: tl.constexpr, FAST_DIV: tl.constexpr,
+    V_FP8: tl.constexpr, RUNS: tl.constexpr, FAST_DIV: tl.constexpr, ROTATE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     """One program per (KV head, tiles_per_program tiles of BLOCK_T tokens), heads fastest.
 
     The next tile's K and V are loaded before the current one is quantized, so each program
     keeps a tile of reads in flight while it computes. RUNS (constexpr: page_size % BLOCK_T
-    == 0) compiles the run path beside the scattered one.
+    == 0) compiles the run path beside the scattered one. ROTATE: each K tile is rotated
+    (`hadamard_rows`, STAGES = log2 D) in registers before the mean is subtracted.
     """
     pid = tl.program_id(0)
     h = pid % num_kv_heads
@@ -238,6 +241,8 @@ def _store_kv_kernel(
         k_next, v_next = _load_tile(k_ptr, v_ptr, tile + 1, last, h, num_tokens,
                                     stride_kt, stride_kh, stride_vt, stride_vh,
                                     head_dim, BLOCK_T)  # fmt: skip
+        if ROTATE:
+            k = hadamard_rows(k, BLOCK_T, head_dim, STAGES)
         if HAS_MEAN:
             k = k - mean
         if HAS_BALANCE:
@@ -306,6 +311,7 @@ def store_kv(
     v_cache: torch.Tensor,
     v_scale: torch.Tensor,
     config: StoreConfig | None = None,
+    rotate: bool = False,
 ) -> None:
     """Write T new tokens of one layer into the 8-bit cache.
 
@@ -314,7 +320,9 @@ def store_kv(
     slot, such as a CUDA-graph batch's padding rows in the scratch page, leave it undefined).
     k_cache: [P, Hkv, page, D] int8; v_cache: [P, Hkv, D, page] int8 or float8_e4m3fn;
     k_scale, v_scale: [P, Hkv, page] fp16. All contiguous, on one device.
-    config: launch knobs, default `default_config(page)`.
+    config: launch knobs, default `default_config(page)`. rotate: k is given unrotated and
+    the kernel applies the Hadamard rotation first (the bits of `rotation.hadamard_rotate`;
+    k_mean and balance are then of the rotated basis).
     One launch, no host sync, no allocation: safe to capture in a CUDA graph.
     """
     tokens, heads, dim = k.shape
@@ -337,7 +345,8 @@ def store_kv(
         num_kv_heads=heads, page_size=page_size, head_dim=dim, BLOCK_T=block_t,
         HAS_MEAN=k_mean is not None, HAS_BALANCE=balance is not None,
         V_FP8=v_cache.dtype == torch.float8_e4m3fn, RUNS=page_size % block_t == 0,
-        FAST_DIV=fast_div, num_warps=config.num_warps, maxnreg=config.maxnreg,
+        FAST_DIV=fast_div, ROTATE=rotate, STAGES=dim.bit_length() - 1,
+        num_warps=config.num_warps, maxnreg=config.maxnreg,
         enable_fp_fusion=False,  # no contraction of x·r into a later add: keep IEEE steps
     )  # fmt: skip
 

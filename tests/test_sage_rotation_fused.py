@@ -1,0 +1,138 @@
+"""The Hadamard rotation fused into the 8-bit kernels (`rotate=True`) gives the same bits as
+rotating first (`rotation.hadamard_rotate`) and running the kernels on the rotated rows:
+the store's codes and scales, the prefill's and the decode's outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from sageserve.attention.page_tables import padded_page_table
+from sageserve.attention.sage_attn.kernels.decode import DecodeWorkspace, sage_decode_paged
+from sageserve.attention.sage_attn.kernels.prefill import PrefillConfig, sage_attention_paged
+from sageserve.attention.sage_attn.kernels.store import store_kv
+from sageserve.attention.sage_attn.rotation import hadamard_rotate, rotated_sm_scale
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+Q_HEADS, KV_HEADS, PAGE = 4, 2, 16
+LENGTHS = (7, 1, 200)  # none a multiple of the page or of a tile
+# Small tiles under the interpreter (CPU); the default launch when compiled.
+CPU_PREFILL = PrefillConfig(32, 32, 4, 2)
+
+
+@dataclass
+class Step:
+    """One step of len(LENGTHS) sequences, each all new tokens on shuffled pages."""
+
+    q: torch.Tensor  # [T, Hq, D], unrotated
+    k: torch.Tensor  # [T, Hkv, D], unrotated
+    v: torch.Tensor
+    k_mean: torch.Tensor  # [Hkv, D], of the rotated basis
+    pages: torch.Tensor  # [T] where each token is stored
+    offsets: torch.Tensor
+    table: torch.Tensor  # [B, width] int32
+    num_pages: int
+
+
+def make_step(dim: int, dtype: torch.dtype, device: str, seed: int) -> Step:
+    gen = torch.Generator().manual_seed(seed)
+    counts = [-(-n // PAGE) for n in LENGTHS]
+    num_pages = sum(counts) + 1
+    order = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    tables, pages, offsets = [], [], []
+    for n, count in zip(LENGTHS, counts, strict=True):
+        table, order = order[:count], order[count:]
+        pos = torch.arange(n)
+        pages.append(torch.tensor(table)[pos // PAGE])
+        offsets.append(pos % PAGE)
+        tables.append(tuple(table))
+    tokens = sum(LENGTHS)
+    bias = 3 * torch.randn(1, KV_HEADS, dim, generator=gen)  # keys have a channel bias
+
+    def rand(heads: int) -> torch.Tensor:
+        return (torch.randn(tokens, heads, dim, generator=gen) * 2).to(dtype).to(device)
+
+    k = (torch.randn(tokens, KV_HEADS, dim, generator=gen) + bias).to(dtype).to(device)
+    k_mean = hadamard_rotate(k.float()).mean(dim=0)
+    return Step(
+        rand(Q_HEADS), k, rand(KV_HEADS), k_mean, torch.cat(pages).to(device),
+        torch.cat(offsets).to(device), padded_page_table(tables, list(LENGTHS), PAGE, device),
+        num_pages,
+    )  # fmt: skip
+
+
+def stored(step: Step, pv: str, rotate: bool) -> tuple[torch.Tensor, ...]:
+    """(k codes, k scales, v codes, v scales) after storing the step's keys and values,
+    rotated in the kernel (rotate) or by torch beforehand; unwritten slots poisoned."""
+    dim, device = step.k.shape[-1], step.k.device
+    shape = (step.num_pages, KV_HEADS, PAGE)
+    v_dtype = torch.float8_e4m3fn if pv == "fp8" else torch.int8
+    caches = (
+        torch.full((*shape, dim), 77, dtype=torch.int8, device=device),
+        torch.full(shape, float("nan"), dtype=torch.float16, device=device),
+        torch.full((*shape[:2], dim, PAGE), 77, dtype=torch.int8, device=device).to(v_dtype),
+        torch.full(shape, float("nan"), dtype=torch.float16, device=device),
+    )
+    k = step.k if rotate else hadamard_rotate(step.k)
+    store_kv(k, step.v, step.k_mean, None, step.pages, step.offsets, *caches, rotate=rotate)
+    return caches
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A view that torch.equal compares bit for bit (NaN poison included, fp8 too)."""
+    return t.view(torch.int8) if t.element_size() == 1 else t.view(torch.int16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("dim", "dtype", "pv"), [(64, torch.bfloat16, "fp16"),
+                                                  (128, torch.float32, "fp16"),
+                                                  (64, torch.float16, "fp8")])  # fmt: skip
+def test_fused_rotation_equals_rotating_first(
+    device: str, dim: int, dtype: torch.dtype, pv: str
+) -> None:
+    if pv == "fp8" and device == "cpu":
+        pytest.skip("Triton's interpreter casts to fp8 wrongly: GPU only")
+    step = make_step(dim, dtype, device, seed=dim + len(pv))
+    fused, first = stored(step, pv, rotate=True), stored(step, pv, rotate=False)
+    for a, b in zip(fused, first, strict=True):
+        assert torch.equal(_bits(a), _bits(b))
+    rotated_q = hadamard_rotate(step.q)
+    assert torch.equal(prefill(step, fused, step.q, True), prefill(step, fused, rotated_q, False))
+    assert torch.equal(decode(step, fused, step.q, True), decode(step, fused, rotated_q, False))
+
+
+def _lengths(step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_start and kv_len, [B] int32."""
+    lens = torch.tensor(LENGTHS, dtype=torch.int32)
+    starts = torch.cumsum(lens, 0) - lens
+    return starts.int().to(step.q.device), lens.to(step.q.device)
+
+
+def prefill(step: Step, caches, q: torch.Tensor, rotate: bool) -> torch.Tensor:
+    """Every sequence's causal attention over its own keys: [T, Hq, D] in the step's q
+    dtype, NaN-poisoned first (every row must be written)."""
+    out = torch.full_like(step.q, float("nan"))
+    starts, lens = _lengths(step)
+    config = CPU_PREFILL if q.device.type == "cpu" else None
+    sm_scale = rotated_sm_scale(q.shape[-1] ** -0.5, q.shape[-1])
+    sage_attention_paged(q, None, *caches, step.table, starts, lens, lens, max(LENGTHS),
+                         sm_scale=sm_scale, config=config, out=out, rotate=rotate)  # fmt: skip
+    assert not out.isnan().any()
+    return out
+
+
+def decode(step: Step, caches, q: torch.Tensor, rotate: bool) -> torch.Tensor:
+    """Each sequence's last token as a decode over all its keys: [B, Hq, D]."""
+    starts, lens = _lengths(step)
+    rows = (starts + lens - 1).int()
+    out = torch.full_like(step.q, float("nan"))
+    dim = q.shape[-1]
+    workspace = DecodeWorkspace.allocate(len(LENGTHS), Q_HEADS, KV_HEADS, dim,
+                                         step.table.shape[1] * PAGE, q.device)  # fmt: skip
+    sage_decode_paged(q, None, *caches, step.table, rows, lens, out, workspace,
+                      sm_scale=rotated_sm_scale(dim**-0.5, dim), rotate=rotate)  # fmt: skip
+    out = out[rows.long()]
+    assert not out.isnan().any()
+    return out
