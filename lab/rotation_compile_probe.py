@@ -1,0 +1,130 @@
+"""What the fused Hadamard rotation adds to the sm_90 code of the 8-bit kernels, offline.
+
+Compiles the prefill (as served: TMA key blocks, the default PrefillConfig) and the store
+(the default StoreConfig for 64-token pages) for GPUTarget("cuda", 90) with ROTATE off and
+on, no GPU needed, and prints per variant: layout conversions in the TTGIR (and how many sit
+inside a loop), shared memory, registers and spills (ptxas -v, the ptxas Triton ships).
+
+    TRITON_INTERPRET=0 python lab/rotation_compile_probe.py [--head-dim 128]
+
+Findings (2026-12-05, Triton 3.6) are in BENCHMARKS.md, "The rotation's kernel cost".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+
+from sageserve.attention.sage_attn.kernels.prefill import (
+    PrefillConfig,
+    _sage_attention_kernel,
+    cache_descriptors,
+    key_run,
+)
+from sageserve.attention.sage_attn.kernels.store import _store_kv_kernel, default_config
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+PAGE = 64
+
+
+def prefill_source(dim: int, rotate: bool) -> tuple[ASTSource, dict]:
+    """The served prefill launch (bf16 q, FP16 P·V, no balance) as an ASTSource."""
+    config = PrefillConfig()
+    k = torch.empty(4, 8, PAGE, dim, dtype=torch.int8)
+    scales = torch.empty(4, 8, PAGE, dtype=torch.float16)
+    v = torch.empty(4, 8, dim, PAGE, dtype=torch.int8)
+    descs = [mangle_type(d) for d in cache_descriptors(k, scales, v, scales, config.block_n)]
+    pointers = {"q_ptr": "*bf16", "balance_ptr": "*fp16", "out_ptr": "*bf16"}
+    caches = dict(
+        zip(("k_cache_ptr", "k_scale_ptr", "v_cache_ptr", "v_scale_ptr"), descs, strict=True)
+    )
+    ints = {n: "*i32" for n in ("page_table_ptr", "q_start_ptr", "q_len_ptr", "kv_len_ptr")}
+    strides = {n: "i32" for n in ("stride_qt", "stride_qh", "stride_ot", "stride_oh",
+                                  "stride_table")}  # fmt: skip
+    constants = dict(
+        num_kv_heads=8, group=4, page_size=PAGE, head_dim=dim, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, KEY_RUN=key_run(PAGE, config.block_n),
+        SPLIT_MASK=config.split_mask, PREFETCH=False, WIDE=False, CAUSAL=True,
+        HAS_BALANCE=False, PV_FP8=False, FAST_CVT=True, TMA=True, ROTATE=rotate,
+        STAGES=dim.bit_length() - 1,
+    )  # fmt: skip
+    signature = pointers | caches | ints | strides | {"sm_scale": "fp32"}
+    signature |= {name: "constexpr" for name in constants}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
+               "maxnreg": config.maxnreg}  # fmt: skip
+    return ASTSource(_sage_attention_kernel, signature, constexprs=constants), options
+
+
+def store_source(dim: int, rotate: bool) -> tuple[ASTSource, dict]:
+    """The served store launch (bf16 k and v, INT8 V, a key mean) as an ASTSource."""
+    config = default_config(PAGE)
+    signature = {"k_ptr": "*bf16", "v_ptr": "*bf16", "mean_ptr": "*fp32", "balance_ptr": "*fp16",
+                 "pages_ptr": "*i64", "offsets_ptr": "*i64", "k_cache_ptr": "*i8",
+                 "k_scale_ptr": "*fp16", "v_cache_ptr": "*i8", "v_scale_ptr": "*fp16",
+                 "num_tokens": "i32", "tiles_per_program": "i32", "stride_kt": "i32",
+                 "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32"}  # fmt: skip
+    constants = dict(num_kv_heads=8, page_size=PAGE, head_dim=dim, BLOCK_T=config.block_t,
+                     HAS_MEAN=True, HAS_BALANCE=False, V_FP8=False, RUNS=True, FAST_DIV=True,
+                     ROTATE=rotate, STAGES=dim.bit_length() - 1)  # fmt: skip
+    signature |= {name: "constexpr" for name in constants}
+    options = {"num_warps": config.num_warps, "maxnreg": config.maxnreg,
+               "enable_fp_fusion": False}  # fmt: skip
+    return ASTSource(_store_kv_kernel, signature, constexprs=constants), options
+
+
+def conversions(ttgir: str) -> tuple[int, int]:
+    """(layout conversions, of which inside an scf.for body), counted by indentation."""
+    total = inside = 0
+    loops: list[int] = []  # indentation of the open scf.for ops
+    for line in ttgir.splitlines():
+        indent = len(line) - len(line.lstrip())
+        while loops and indent <= loops[-1] and line.strip().startswith("}"):
+            loops.pop()
+        if "scf.for" in line:
+            loops.append(indent)
+        if "ttg.convert_layout" in line:
+            total += 1
+            inside += bool(loops)
+    return total, inside
+
+
+def ptxas_stats(ptx: str) -> str:
+    """ptxas -v's registers and spill lines for the kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", path, "-o", path + ".cubin"],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    found = re.findall(r"(\d+) bytes spill stores|Used (\d+) registers", done.stderr)
+    spills = next((s for s, _ in found if s), "0")
+    registers = next((r for _, r in found if r), "?")
+    return f"{registers} registers, {spills} bytes spilled"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dim", type=int, default=128)
+    dim = parser.parse_args().head_dim
+    for name, make in (("prefill", prefill_source), ("store", store_source)):
+        for rotate in (False, True):
+            source, options = make(dim, rotate)
+            compiled = triton.compile(source, target=TARGET, options=options)
+            total, inside = conversions(compiled.asm["ttgir"])
+            print(f"{name:8} head_dim {dim} rotate={rotate!s:5}: {total} layout conversions "
+                  f"({inside} in loops), {compiled.metadata.shared} B shared, "
+                  f"{ptxas_stats(compiled.asm['ptx'])}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
