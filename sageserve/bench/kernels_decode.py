@@ -41,7 +41,6 @@ from sageserve.bench.kernels_common import (
 from sageserve.bench.kernels_prefill import error_fields
 from sageserve.bench.kernels_timing import Timed, Timer, eager_and_graph
 
-DECODE_VARIANTS = ("sage_fp16pv", "sage_fp8pv", "triton16", "sage_fp16pv_norot", "sage_fp8pv_norot")
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3.1-8B
 L2_FACTOR = 4
 MAX_SETS = 128

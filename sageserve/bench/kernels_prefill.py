@@ -34,17 +34,6 @@ from sageserve.bench.kernels_common import (
 )
 from sageserve.bench.kernels_timing import Timed, Timer
 
-PREFILL_VARIANTS = (
-    "sage_fp16pv",
-    "sage_fp8pv",
-    "sage_fp16pv_norot",
-    "sage_fp8pv_norot",
-    "triton16",
-    "sdpa_flash",
-    "sdpa_cudnn",
-    "sageattn_1_0_6",
-    "torch_sdpa",
-)
 SDPA_VARIANTS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                  "torch_sdpa": "MATH"}  # fmt: skip
 # Calibration tokens, as sageserve's calibration pass uses (attention/calibration.py).
