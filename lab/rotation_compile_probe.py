@@ -1,9 +1,10 @@
 """What the fused Hadamard rotation adds to the sm_90 code of the 8-bit kernels, offline.
 
 Compiles the prefill (as served: TMA key blocks, the default PrefillConfig) and the store
-(the default StoreConfig for 64-token pages) for GPUTarget("cuda", 90) with ROTATE off and
-on, no GPU needed, and prints per variant: layout conversions in the TTGIR (and how many sit
-inside a loop), shared memory, registers and spills (ptxas -v, the ptxas Triton ships).
+(the default StoreConfig for 64-token pages) for GPUTarget("cuda", 90) with ROTATE off, the
+butterfly and the tensor-core product (`HadamardKernel`), no GPU needed, and prints per
+variant: layout conversions in the TTGIR (and how many sit inside a loop), shared memory,
+registers and spills (ptxas -v, the ptxas Triton ships).
 
     TRITON_INTERPRET=0 python lab/rotation_compile_probe.py [--head-dim 128]
 
@@ -30,6 +31,7 @@ from sageserve.attention.sage_attn.kernels.prefill import (
     cache_descriptors,
     key_run,
 )
+from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel
 from sageserve.attention.sage_attn.kernels.store import _store_kv_kernel, default_config
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -37,7 +39,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxa
 PAGE = 64
 
 
-def prefill_source(dim: int, rotate: bool) -> tuple[ASTSource, dict]:
+def prefill_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
     """The served prefill launch (bf16 q, FP16 P·V, no balance) as an ASTSource."""
     config = PrefillConfig()
     k = torch.empty(4, 8, PAGE, dim, dtype=torch.int8)
@@ -55,7 +57,7 @@ def prefill_source(dim: int, rotate: bool) -> tuple[ASTSource, dict]:
         num_kv_heads=8, group=4, page_size=PAGE, head_dim=dim, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, KEY_RUN=key_run(PAGE, config.block_n),
         SPLIT_MASK=config.split_mask, PREFETCH=False, WIDE=False, CAUSAL=True,
-        HAS_BALANCE=False, PV_FP8=False, FAST_CVT=True, TMA=True, ROTATE=rotate,
+        HAS_BALANCE=False, PV_FP8=False, FAST_CVT=True, TMA=True, ROTATE=int(rotate),
         STAGES=dim.bit_length() - 1,
     )  # fmt: skip
     signature = pointers | caches | ints | strides | {"sm_scale": "fp32"}
@@ -65,7 +67,7 @@ def prefill_source(dim: int, rotate: bool) -> tuple[ASTSource, dict]:
     return ASTSource(_sage_attention_kernel, signature, constexprs=constants), options
 
 
-def store_source(dim: int, rotate: bool) -> tuple[ASTSource, dict]:
+def store_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
     """The served store launch (bf16 k and v, INT8 V, a key mean) as an ASTSource."""
     config = default_config(PAGE)
     signature = {"k_ptr": "*bf16", "v_ptr": "*bf16", "mean_ptr": "*fp32", "balance_ptr": "*fp16",
@@ -75,7 +77,7 @@ def store_source(dim: int, rotate: bool) -> tuple[ASTSource, dict]:
                  "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32"}  # fmt: skip
     constants = dict(num_kv_heads=8, page_size=PAGE, head_dim=dim, BLOCK_T=config.block_t,
                      HAS_MEAN=True, HAS_BALANCE=False, V_FP8=False, RUNS=True, FAST_DIV=True,
-                     ROTATE=rotate, STAGES=dim.bit_length() - 1)  # fmt: skip
+                     ROTATE=int(rotate), STAGES=dim.bit_length() - 1)  # fmt: skip
     signature |= {name: "constexpr" for name in constants}
     options = {"num_warps": config.num_warps, "maxnreg": config.maxnreg,
                "enable_fp_fusion": False}  # fmt: skip
@@ -117,11 +119,11 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     dim = parser.parse_args().head_dim
     for name, make in (("prefill", prefill_source), ("store", store_source)):
-        for rotate in (False, True):
+        for rotate in HadamardKernel:
             source, options = make(dim, rotate)
             compiled = triton.compile(source, target=TARGET, options=options)
             total, inside = conversions(compiled.asm["ttgir"])
-            print(f"{name:8} head_dim {dim} rotate={rotate!s:5}: {total} layout conversions "
+            print(f"{name:8} head_dim {dim} {rotate.name:11}: {total} layout conversions "
                   f"({inside} in loops), {compiled.metadata.shared} B shared, "
                   f"{ptxas_stats(compiled.asm['ptx'])}")  # fmt: skip
 

@@ -43,6 +43,7 @@ class Variant:
         return name if self.device == "cpu" else f"{name}-{self.device}-{self.dtype}"
 
 
+_TC_CPU = SageOptions(impl="triton", rotation_kernel="tensor_core")  # fp16 only, interpreted
 # The FP8 P·V mode is looser: e4m3 V alone costs about 2% relative L1 (sage_reference.py).
 VARIANTS = [
     Variant("torch"),
@@ -56,6 +57,7 @@ VARIANTS = [
     # The Triton kernels (through the interpreter on CPU).
     Variant("sage_attn", SageOptions(impl="triton"), min_cosine=0.999, max_rel_l1=0.03),
     Variant("sage_attn", SageOptions(impl="triton", rotate_qk=False), 0.999, 0.03),
+    Variant("sage_attn", _TC_CPU, 0.999, 0.03, dtype=torch.float16),
     # The 16-bit Triton kernels, in fp32 through the interpreter on CPU: exact up to rounding.
     Variant("triton"),
 ]
@@ -64,6 +66,7 @@ VARIANTS = [
 # dtype before the fp64 reference sees them, so the bounds measure the kernels alone: 16-bit
 # P and output rounding (about 0.3% relative L1) for the exact-math backends.
 _BF16, _FP16 = torch.bfloat16, torch.float16
+_TENSOR_CORE = SageOptions(rotation_kernel="tensor_core")
 GPU_VARIANTS = [
     Variant("torch", min_cosine=0.9999, max_rel_l1=0.01, dtype=_BF16, device="cuda"),
     Variant("triton", min_cosine=0.9999, max_rel_l1=0.01, dtype=_BF16, device="cuda"),
@@ -73,6 +76,8 @@ GPU_VARIANTS = [
     Variant("sage_attn", SageOptions(pv="fp8"), 0.998, 0.05, dtype=_BF16, device="cuda"),
     Variant("sage_attn", SageOptions(smooth_k=False), 0.999, 0.03, dtype=_BF16, device="cuda"),
     Variant("sage_attn", SageOptions(rotate_qk=False), 0.999, 0.03, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", _TENSOR_CORE, 0.999, 0.03, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", _TENSOR_CORE, 0.999, 0.03, dtype=_FP16, device="cuda"),
     Variant("sage_attn", SageOptions(skip_layers=(1,)), 0.999, 0.03, dtype=_BF16, device="cuda"),
 ]
 

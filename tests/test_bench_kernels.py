@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel
 from sageserve.bench.kernels import add_kernels_args, config_from_args
 from sageserve.bench.kernels_common import reference_attention
 from sageserve.bench.kernels_store import (
@@ -225,21 +226,23 @@ def _misplaced_store(variant: StoreVariant, step: StepInputs):
         backend = variant.backend
         c = backend.layer_constants(0)
         pages, offsets = meta.store_pages.roll(1), meta.store_offsets.roll(1)
-        rotate = backend.sage.rotate_qk
         return lambda: store_kv(step.k, step.v, c.k_mean, c.balance, pages, offsets, *caches,
-                                rotate=rotate)  # fmt: skip
+                                rotation=backend.rotation)  # fmt: skip
     from sageserve.attention.triton_attn.kernels.store import store_kv
 
     return lambda: store_kv(step.k, step.v, meta.slot_mapping.roll(1), *caches)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["triton16", "sage_fp16pv"])
+@pytest.mark.parametrize("variant", ["triton16", "sage_fp16pv", "sage_fp16pv_tcrot"])
 def test_store_checks_catch_a_misplaced_store(variant: str) -> None:
     """The store's checks (against the reference, against the backend's forward) pass for
-    the backend's own call and fail for one that writes the right values to wrong slots."""
+    the backend's own call and fail for one that writes the right values to wrong slots
+    (the tensor-core rotation's check allows code flips, not misplaced rows)."""
     device = torch.device(DEVICE)
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    if variant.endswith("_tcrot") and DEVICE == "cpu":
+        dtype = torch.float16  # the interpreter multiplies fp16 tiles only
     shape = StoreShape(8, 1, page_size=16, dtype=dtype, seed=2)
     inputs = make_inputs(shape, 1, device)
     built = build_variant(variant, shape, inputs, device)
@@ -252,8 +255,9 @@ def test_store_checks_catch_a_misplaced_store(variant: str) -> None:
 
 
 def test_no_rotation_variants_price_the_rotation() -> None:
-    """`_norot` variants build the same sage kernels with the Q/K rotation off, are
-    accepted in every part, and say so in the method they record."""
+    """`_norot` variants build the same sage kernels with the Q/K rotation off, `_tcrot` ones
+    with the tensor-core rotation; all are accepted in every part and say so in the method
+    they record."""
     from sageserve.bench import kernels_decode, kernels_prefill, kernels_store
     from sageserve.bench.kernels import DECODE_CHOICES, PREFILL_CHOICES, STORE_CHOICES
     from sageserve.bench.kernels_common import make_backend, model_config
@@ -265,12 +269,17 @@ def test_no_rotation_variants_price_the_rotation() -> None:
         assert rotated.sage.rotate_qk and not plain.sage.rotate_qk
         assert rotated.sage.pv == plain.sage.pv == pv
         variant = f"sage_{pv}pv_norot"
-        assert {variant} <= set(PREFILL_CHOICES) & set(DECODE_CHOICES) & set(STORE_CHOICES)
+        accepted = set(PREFILL_CHOICES) & set(DECODE_CHOICES) & set(STORE_CHOICES)
+        assert {variant, f"sage_{pv}pv_tcrot"} <= accepted
         assert "no Q/K rotation" in kernels_prefill.INCLUDED[variant]
         assert "Hadamard matrix" in kernels_prefill.INCLUDED[f"sage_{pv}pv"]
-    assert (
-        "_norot" in kernels_decode.INCLUDED["sage"] and "_norot" in kernels_store.INCLUDED["sage"]
-    )
+        product = make_backend(f"sage_{pv}pv_tcrot", cfg, torch.float16, torch.device("cpu"))
+        assert product.rotation == HadamardKernel.TENSOR_CORE
+        assert rotated.rotation == HadamardKernel.BUTTERFLY
+        assert plain.rotation == HadamardKernel.OFF
+        assert "tensor-core" in kernels_prefill.INCLUDED[f"sage_{pv}pv_tcrot"]
+    for part in (kernels_decode, kernels_store):
+        assert "_norot" in part.INCLUDED["sage"] and "_tcrot" in part.INCLUDED["sage"]
     parser = argparse.ArgumentParser()
     add_kernels_args(parser)
     norot = "sage_fp16pv_norot"

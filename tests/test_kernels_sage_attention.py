@@ -87,7 +87,7 @@ def run_case(heads, kv_heads, dim, page_size, pv, device, launch, seed=0):
     sage_attention_paged(
         q, c.balance, cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0],
         *_step_tensors(slices, page_size, device), sm_scale=c.sm_scale, config=launch,
-        out=out, rotate=backend.sage.rotate_qk,
+        out=out, rotation=backend.rotation,
     )  # fmt: skip
     return out, ref
 

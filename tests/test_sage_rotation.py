@@ -12,7 +12,7 @@ import torch
 
 from sageserve.attention.base import AttentionShape, BackendOptions
 from sageserve.attention.sage_attn.backend import SageAttentionBackend
-from sageserve.attention.sage_attn.kernels.rotate import rotate_rows
+from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel, rotate_rows
 from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.attention.sage_attn.reference import quantize_kv, sage_attention
 from sageserve.attention.sage_attn.rotation import (
@@ -72,12 +72,35 @@ def test_triton_rotation_equals_the_torch_transform_bitwise(
         assert torch.equal(rotate_rows(view), out)
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+)
+@pytest.mark.parametrize(("tokens", "dim"), [(1, 64), (7, 128), (200, 16), (333, 64)])
+def test_tensor_core_rotation_equals_the_exact_product(
+    tokens: int, dim: int, dtype: torch.dtype
+) -> None:
+    """x H by one 16-bit product with the ±1 matrix: exact products summed in fp32, so
+    within fp32 rounding of the fp64 product (the butterfly's bits are not promised)."""
+    device = "cuda" if dtype == torch.bfloat16 else "cpu"
+    gen = torch.Generator().manual_seed(tokens + dim)
+    qkv = (torch.randn(tokens, 10, dim, generator=gen) * 3).to(dtype).to(device)
+    qkv[:, :, 5] *= 40  # an outlier channel, as post-rotary keys have
+    for view in (qkv[:, :6], qkv[:, 6:8]):
+        out = torch.full(view.shape, float("nan"), device=device)
+        rotate_rows(view, out=out, rotation=HadamardKernel.TENSOR_CORE)
+        exact = view.double() @ hadamard_matrix(dim).to(device)
+        scale = exact.abs().amax(dim=-1, keepdim=True)
+        assert ((out.double() - exact).abs() <= 1e-6 * scale).all()
+
+
 def test_triton_rotation_rejects_a_bad_output() -> None:
     x = torch.randn(3, 2, 64)
     with pytest.raises(ValueError, match="fp32"):
         rotate_rows(x, out=torch.empty(3, 2, 64, dtype=torch.float16))
     with pytest.raises(ValueError, match="power-of-two"):
         rotate_rows(torch.randn(3, 2, 48))
+    with pytest.raises(ValueError, match="needs a rotation"):
+        rotate_rows(x, rotation=HadamardKernel.OFF)
 
 
 def test_rotated_attention_matches_unrotated_math() -> None:
@@ -133,6 +156,37 @@ def test_rotation_flag() -> None:
     assert SageOptions.from_cli_args(parser.parse_args([])).rotate_qk
 
 
+def test_rotation_kernel_flag_and_what_it_needs() -> None:
+    """--sage-rotation-kernel picks how the kernels rotate; tensor_core is refused at start-up,
+    naming the way out, where it cannot run: the torch reference, the rotation off, fp32."""
+    parser = argparse.ArgumentParser()
+    SageOptions.add_cli_flags(parser.add_argument_group())
+    assert SageOptions.from_cli_args(parser.parse_args([])).rotation_kernel == "butterfly"
+    chosen = parser.parse_args(["--sage-rotation-kernel", "tensor_core"])
+    assert SageOptions.from_cli_args(chosen).rotation_kernel == "tensor_core"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sage-rotation-kernel", "fwht"])
+    with pytest.raises(ValueError, match="butterfly, tensor_core"):
+        SageOptions(rotation_kernel="fwht")
+    cpu = torch.device("cpu")
+    refused = [
+        (torch.float16, SageOptions(rotation_kernel="tensor_core", impl="reference")),
+        (torch.float16, SageOptions(rotation_kernel="tensor_core", impl="triton", rotate_qk=False)),
+        (torch.float32, SageOptions(rotation_kernel="tensor_core", impl="triton")),
+    ]
+    for dtype, sage in refused:
+        reasons = SageAttentionBackend.unsupported_reasons(
+            _shape(64), BackendOptions("auto", dtype, cpu, sage)
+        )
+        assert any("--sage-rotation-kernel" in r for r in reasons), (dtype, sage)
+    served = BackendOptions("auto", torch.float16, cpu,
+                            SageOptions(rotation_kernel="tensor_core", impl="triton"))  # fmt: skip
+    assert not SageAttentionBackend.unsupported_reasons(_shape(64), served)
+    assert SageAttentionBackend(_shape(64), served).rotation == HadamardKernel.TENSOR_CORE
+    off = BackendOptions("auto", torch.float32, cpu, SageOptions(rotate_qk=False))
+    assert SageAttentionBackend(_shape(64), off).rotation == HadamardKernel.OFF
+
+
 _COMPILE_FOR_HOPPER = """
 import sys
 import triton
@@ -140,15 +194,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from sageserve.attention.sage_attn.kernels.rotate import _rotate_kernel
 
-for dim, dtype in ((64, "*bf16"), (128, "*fp16"), (128, "*fp32")):
+# (head_dim, dtype, HadamardKernel): the butterfly in every dtype, the tensor-core product
+for dim, dtype, rotate in ((64, "*bf16", 1), (128, "*fp16", 1), (128, "*fp32", 1),
+                           (128, "*bf16", 2), (64, "*fp16", 2)):
     signature = {"x_ptr": dtype, "out_ptr": "*fp32", "num_rows": "i32", "stride_t": "i32",
                  "stride_h": "i32", "heads": "constexpr", "D": "constexpr",
-                 "STAGES": "constexpr", "BLOCK": "constexpr"}
-    constants = {"heads": 8, "D": dim, "STAGES": dim.bit_length() - 1, "BLOCK": 16}
+                 "STAGES": "constexpr", "BLOCK": "constexpr", "ROTATE": "constexpr"}
+    constants = {"heads": 8, "D": dim, "STAGES": dim.bit_length() - 1, "BLOCK": 16,
+                 "ROTATE": rotate}
     compiled = triton.compile(ASTSource(_rotate_kernel, signature, constexprs=constants),
                               target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"], (dim, dtype)
-    print("compiled", dim, dtype)
+    print("compiled", dim, dtype, rotate)
 """
 
 
@@ -160,7 +217,7 @@ def test_rotation_kernel_compiles_for_hopper() -> None:
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("compiled") == 3
+    assert done.stdout.count("compiled") == 5
 
 
 @pytest.mark.parametrize("hadamard", [True, False])

@@ -37,16 +37,18 @@ from sageserve.bench.run_record import (
     write_json,
 )
 
-NO_ROTATION = ("sage_fp16pv_norot", "sage_fp8pv_norot")  # opt-in: the rotation's price
+# Opt-in: the rotation's price (off), and its tensor-core product against the butterfly.
+ROTATION_VARIANTS = ("sage_fp16pv_norot", "sage_fp8pv_norot", "sage_fp16pv_tcrot",
+                     "sage_fp8pv_tcrot")  # fmt: skip
 PREFILL_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", "sdpa_flash", "sdpa_cudnn",
-                   "sageattn_1_0_6", "torch_sdpa", *NO_ROTATION)  # fmt: skip
-DECODE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", *NO_ROTATION)
-STORE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", *NO_ROTATION)
+                   "sageattn_1_0_6", "torch_sdpa", *ROTATION_VARIANTS)  # fmt: skip
+DECODE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", *ROTATION_VARIANTS)
+STORE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", *ROTATION_VARIANTS)
 GPU_STORE_VARIANTS = ("sage_fp16pv", "sage_fp8pv", "triton16")
 CPU_STORE_VARIANTS = ("sage_fp16pv", "triton16")  # the interpreter's fp8 casts are wrong
 GPU_VARIANTS = PREFILL_CHOICES[:6]
 CPU_VARIANTS = ("sage_fp16pv", "triton16", "torch_sdpa")
-OUR_KERNELS = ("sage_fp16pv", "sage_fp8pv", "triton16", *NO_ROTATION)
+OUR_KERNELS = ("sage_fp16pv", "sage_fp8pv", "triton16", *ROTATION_VARIANTS)
 HEAD_DIMS = (64, 128)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CAUSAL_MODES = {"both": (True, False), "causal": (True,), "noncausal": (False,)}

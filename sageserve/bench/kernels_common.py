@@ -17,14 +17,18 @@ from sageserve.attention.base import AttentionBackend, AttentionShape, BackendOp
 from sageserve.attention.batch import ForwardBatch, SequenceSlice, build_forward_batch
 from sageserve.attention.sage_attn.options import SageOptions
 
-# Our kernels' variants: backend name, sage P·V precision and whether sage rotates Q and K
-# (the `_norot` variants price the Hadamard rotation against the same kernels without it).
-OUR_VARIANTS: dict[str, tuple[str, str | None, bool]] = {
-    "sage_fp16pv": ("sage_attn", "fp16", True),
-    "sage_fp8pv": ("sage_attn", "fp8", True),
-    "sage_fp16pv_norot": ("sage_attn", "fp16", False),
-    "sage_fp8pv_norot": ("sage_attn", "fp8", False),
-    "triton16": ("triton", None, False),
+# Our kernels' variants: backend name, sage P·V precision and how sage rotates Q and K
+# (`--sage-rotation-kernel`, or "off"). The `_norot` variants price the Hadamard rotation
+# against the same kernels without it; the `_tcrot` ones rotate by a tensor-core product
+# instead of the served butterfly.
+OUR_VARIANTS: dict[str, tuple[str, str | None, str]] = {
+    "sage_fp16pv": ("sage_attn", "fp16", "butterfly"),
+    "sage_fp8pv": ("sage_attn", "fp8", "butterfly"),
+    "sage_fp16pv_norot": ("sage_attn", "fp16", "off"),
+    "sage_fp8pv_norot": ("sage_attn", "fp8", "off"),
+    "sage_fp16pv_tcrot": ("sage_attn", "fp16", "tensor_core"),
+    "sage_fp8pv_tcrot": ("sage_attn", "fp8", "tensor_core"),
+    "triton16": ("triton", None, "off"),
 }
 # Model positions of the benchmark's model (Llama-3.1-8B): caps the triton16 decode splits
 # as in a server whose pool holds more tokens than that.
@@ -74,8 +78,12 @@ def backend_reasons(
 
 def _flags(variant: str) -> SageOptions | None:
     """The sage options of `variant` (the Triton kernels forced on); None for triton16."""
-    _, pv, rotate = OUR_VARIANTS[variant]
-    return SageOptions(pv=pv, impl="triton", rotate_qk=rotate) if pv else None
+    _, pv, rotation = OUR_VARIANTS[variant]
+    if pv is None:
+        return None
+    if rotation == "off":
+        return SageOptions(pv=pv, impl="triton", rotate_qk=False)
+    return SageOptions(pv=pv, impl="triton", rotation_kernel=rotation)
 
 
 def calibrate(backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor) -> None:

@@ -49,7 +49,8 @@ INCLUDED = {
     "sage": "sage_decode_paged (split-KV kernel + combine kernel) exactly as sage_attn's "
     "forward calls it for decode rows, with page table and DecodeWorkspace from "
     "build_metadata, the query's Hadamard rotation fused into it (none in the _norot "
-    "variants); excludes the store of the step's new token",
+    "variants; a tensor-core product in the _tcrot ones, else the butterfly); excludes the "
+    "store of the step's new token",
     "triton16": "paged_decode (split-KV kernel + merge kernel) exactly as the triton "
     "backend's forward calls it, with the DecodePlan from build_metadata (split count from "
     f"num_decode_splits with max_context {MAX_POSITIONS}, as in a server whose pool exceeds "
@@ -151,10 +152,10 @@ def _decode_call(variant: DecodeVariant, meta) -> Callable[[], None]:
         caches = (cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0])
         dec = meta.kernel.decode
         # The query's Hadamard rotation, when on, is fused into the kernel (as served).
-        rotate = backend.sage.rotate_qk
+        rotation = backend.rotation
         return lambda: sage_decode_paged(variant.q, c.balance, *caches, dec.page_table,
                                          dec.q_rows, dec.kv_len, out, dec.workspace,
-                                         sm_scale=c.sm_scale, rotate=rotate)  # fmt: skip
+                                         sm_scale=c.sm_scale, rotation=rotation)  # fmt: skip
     from sageserve.attention.triton_attn.kernels.decode import paged_decode
 
     return lambda: paged_decode(variant.q, cache.k[0], cache.v[0], meta.decode, out)
@@ -172,7 +173,7 @@ def _store(variant: DecodeVariant, k, v, table: tuple[int, ...], page_size: int)
 
         c = backend.layer_constants(0)
         store_kv(k, v, c.k_mean, c.balance, pages, offsets, cache.k[0], cache.k_scale[0],
-                 cache.v[0], cache.v_scale[0], rotate=backend.sage.rotate_qk)  # fmt: skip
+                 cache.v[0], cache.v_scale[0], rotation=backend.rotation)  # fmt: skip
     else:
         from sageserve.attention.triton_attn.kernels.store import store_kv
 

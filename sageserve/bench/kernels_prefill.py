@@ -52,24 +52,30 @@ _SAGE_STORE = (
 _SAGE_ATTN = (
     "the 8-bit paged prefill kernel (Q {rot}quantized to INT8 inside it, INT8 Q·Kᵀ, {pv} P·V)"
 )
-_ROTATED = "rotated by the Hadamard matrix in registers, "
+_ROTATED = {
+    "off": "",
+    "butterfly": "rotated by the Hadamard matrix in registers (fp32 butterfly), ",
+    "tensor_core": "rotated by the Hadamard matrix in registers (one tensor-core product), ",
+}
 
 
-def _sage_included(pv: str, rotate: bool) -> str:
+def _sage_included(pv: str, rotation: str) -> str:
     v = "INT8" if pv == "FP16" else "FP8 e4m3"
     return _OURS.format(
         backend="sage_attn",
-        pv=f" ({pv} P·V{'' if rotate else ', no Q/K rotation'})",
-        store=_SAGE_STORE.format(rot=_ROTATED if rotate else "", v=v),
-        attn=_SAGE_ATTN.format(rot=_ROTATED if rotate else "", pv=pv),
+        pv=f" ({pv} P·V{', no Q/K rotation' if rotation == 'off' else ''})",
+        store=_SAGE_STORE.format(rot=_ROTATED[rotation], v=v),
+        attn=_SAGE_ATTN.format(rot=_ROTATED[rotation], pv=pv),
     )
 
 
 INCLUDED = {
-    "sage_fp16pv": _sage_included("FP16", rotate=True),
-    "sage_fp8pv": _sage_included("FP8", rotate=True),
-    "sage_fp16pv_norot": _sage_included("FP16", rotate=False),
-    "sage_fp8pv_norot": _sage_included("FP8", rotate=False),
+    "sage_fp16pv": _sage_included("FP16", "butterfly"),
+    "sage_fp8pv": _sage_included("FP8", "butterfly"),
+    "sage_fp16pv_norot": _sage_included("FP16", "off"),
+    "sage_fp8pv_norot": _sage_included("FP8", "off"),
+    "sage_fp16pv_tcrot": _sage_included("FP16", "tensor_core"),
+    "sage_fp8pv_tcrot": _sage_included("FP8", "tensor_core"),
     "triton16": _OURS.format(
         backend="triton",
         pv="",
@@ -231,11 +237,12 @@ def _sage_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
     caches = (cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0])
     pre = meta.kernel.prefill
     # The Hadamard rotation of q and k, when on, is fused into the kernels (as served).
-    kwargs = {"rotate": backend.sage.rotate_qk} | ({} if data.shape.causal else {"causal": False})
+    rotation = backend.rotation
+    kwargs = {"rotation": rotation} | ({} if data.shape.causal else {"causal": False})
 
     def store() -> None:
         store_kv(data.k, data.v, c.k_mean, c.balance, meta.store_pages, meta.store_offsets,
-                 *caches, rotate=backend.sage.rotate_qk)  # fmt: skip
+                 *caches, rotation=rotation)  # fmt: skip
 
     def full() -> torch.Tensor:
         store()

@@ -45,6 +45,7 @@ from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.graph_sizes import padded_batch_size
 from sageserve.attention.paged_cache import PagedKVCache
 from sageserve.attention.sage_attn.calibration import calibrate_qk, calibration_token_ids
+from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel, check_rotation
 from sageserve.attention.sage_attn.layer_precision import (
     LayerPrecisionPlan,
     plan_layer_precision,
@@ -109,6 +110,25 @@ def _uses_kernels(sage: SageOptions, device: torch.device) -> bool:
     return sage.impl == "triton"
 
 
+def _rotation(sage: SageOptions) -> HadamardKernel:
+    """How the kernels rotate Q and K tiles, from --sage-rotation-kernel."""
+    return HadamardKernel[sage.rotation_kernel.upper()] if sage.rotate_qk else HadamardKernel.OFF
+
+
+def _rotation_kernel_reasons(sage: SageOptions, options: BackendOptions, dim: int) -> list[str]:
+    """Why --sage-rotation-kernel tensor_core cannot serve these options (none for butterfly)."""
+    if sage.rotation_kernel == "butterfly":
+        return []
+    if not sage.rotate_qk or not _uses_kernels(sage, options.device):
+        return ["--sage-rotation-kernel tensor_core needs the rotation on and the Triton "
+                "kernels (--sage-impl triton, or auto on CUDA)"]  # fmt: skip
+    try:
+        check_rotation(HadamardKernel.TENSOR_CORE, options.model_dtype, dim)
+    except ValueError as err:
+        return [f"--sage-rotation-kernel tensor_core: {err} (--sage-rotation-kernel butterfly)"]
+    return []
+
+
 class SageAttentionBackend(AttentionBackend):
     """8-bit attention in every phase (see module docstring)."""
 
@@ -135,6 +155,7 @@ class SageAttentionBackend(AttentionBackend):
                 f"head_dim {dim}: the Hadamard rotation of Q and K needs a power of two "
                 "(--sage-disable-qk-rotation turns it off)"
             )
+        reasons += _rotation_kernel_reasons(sage, options, dim)
         bad = [i for i in sage.skip_layers if i >= shape.num_layers]
         if bad:
             reasons.append(
@@ -148,6 +169,7 @@ class SageAttentionBackend(AttentionBackend):
         self.sage = self.flags
         self._set_exact_layers(self.sage.skip_layers)
         self.use_kernels = _uses_kernels(self.sage, options.device)
+        self.rotation = _rotation(self.sage)  # how the kernels rotate the tiles they load
         # The longest context served: decode splits are planned for it (static, so eager
         # steps and CUDA-graph replays split alike); lowered to the pool's size in allocate.
         self.max_context = options.max_context or shape.max_position_embeddings
@@ -160,13 +182,18 @@ class SageAttentionBackend(AttentionBackend):
         logger.info(
             "sage_attn: INT8 QK (per-token scales, Hadamard rotation %s, K smoothing %s, "
             "channel balance %s), %s PV, 8-bit KV cache, %s; layers kept exact: %s",
-            "on" if self.sage.rotate_qk else "off",
+            self._rotation_label(),
             "on" if self.sage.smooth_k else "off",
             "on" if self.sage.balance_qk else "off",
             self.sage.pv.upper(),
             "Triton kernels" if self.use_kernels else "torch reference",
             sorted(self.skipped) or "none",
         )
+
+    def _rotation_label(self) -> str:
+        if not self.sage.rotate_qk:
+            return "off"
+        return f"on, {self.sage.rotation_kernel} kernel" if self.use_kernels else "on"
 
     def _set_exact_layers(self, layers: Iterable[int]) -> None:
         """Keep `layers` in exact attention over a model-dtype cache, the rest in 8 bits."""
@@ -422,18 +449,19 @@ class SageAttentionBackend(AttentionBackend):
 
         i = self.slot_of[layer_id]
         c = self.layer_constants(layer_id)
-        rotate = self.sage.rotate_qk
+        rotation = self.rotation
         caches = (cache.k[i], cache.k_scale[i], cache.v[i], cache.v_scale[i])
         store_kv(k, v, c.k_mean, c.balance, meta.store_pages, meta.store_offsets, *caches,
-                 rotate=rotate)  # fmt: skip
+                 rotation=rotation)  # fmt: skip
         pre, dec = meta.kernel.prefill, meta.kernel.decode
         if pre is not None:
             sage_attention_paged(q, c.balance, *caches, pre.page_table, pre.q_start,
                                  pre.q_len, pre.kv_len, pre.max_q_len, sm_scale=c.sm_scale,
-                                 out=out, rotate=rotate)  # fmt: skip
+                                 out=out, rotation=rotation)  # fmt: skip
         if dec is not None:
             sage_decode_paged(q, c.balance, *caches, dec.page_table, dec.q_rows, dec.kv_len,
-                              out, dec.workspace, sm_scale=c.sm_scale, rotate=rotate)  # fmt: skip
+                              out, dec.workspace, sm_scale=c.sm_scale,
+                              rotation=rotation)  # fmt: skip
         return out
 
     def _decode_workspace(self, rows: int, page_size: int) -> DecodeWorkspace:

@@ -11,6 +11,7 @@ from sageserve.attention.registry import register_backend
 
 SAGE_PV_CHOICES = ("fp8", "fp16")
 SAGE_IMPL_CHOICES = ("auto", "triton", "reference")
+SAGE_ROTATION_KERNEL_CHOICES = ("butterfly", "tensor_core")
 # Mean KL per token on the calibration text. Prose elsewhere lands higher: SmolLM2's
 # Britannica windows measured 1.3x the calibration text's KL, and at a budget of 2e-4 gave
 # 2.7e-4 at 512 tokens, over issue 18's 2.5e-4 target (BENCHMARKS.md).
@@ -39,6 +40,10 @@ class SageOptions(BackendFlags):
         (off by default: once Q and K are rotated it no longer lowers the error, measured).
     rotate_qk: rotate Q and K by a Hadamard matrix along head_dim before quantizing
         (`rotation.py`; q·k unchanged, outlier channels spread over all of head_dim).
+    rotation_kernel: how the Triton kernels apply that rotation to the tiles they load
+        (`kernels/rotate.py`): "butterfly" (the fp32 fast Walsh-Hadamard transform, the
+        reference's bits) or "tensor_core" (one 16-bit product with the ±1 matrix; fp16/bf16
+        models, equal to the butterfly up to the order of fp32 additions).
     skip_layers: layers kept in exact 16-bit attention over a 16-bit cache (logged).
     calibrate: at start-up, keep the fewest further layers exact that bring the KL against
         exact attention on the calibration text under kl_budget (`layer_precision.py`).
@@ -53,6 +58,7 @@ class SageOptions(BackendFlags):
     smooth_k: bool = True
     balance_qk: bool = False
     rotate_qk: bool = True
+    rotation_kernel: str = "butterfly"
     skip_layers: tuple[int, ...] = ()
     impl: str = "auto"
     calibrate: bool = False
@@ -62,6 +68,7 @@ class SageOptions(BackendFlags):
     def __post_init__(self) -> None:
         _check_choice("sage_pv", self.pv, SAGE_PV_CHOICES)
         _check_choice("sage_impl", self.impl, SAGE_IMPL_CHOICES)
+        _check_choice("sage_rotation_kernel", self.rotation_kernel, SAGE_ROTATION_KERNEL_CHOICES)
         if any(layer < 0 for layer in self.skip_layers):
             raise ValueError(f"sage_skip_layers must be layer indices >= 0, got {self.skip_layers}")
         if not self.kl_budget > 0:
@@ -93,6 +100,13 @@ class SageOptions(BackendFlags):
             "--sage-disable-qk-rotation",
             action="store_true",
             help="quantize Q and K without the Hadamard rotation along head_dim",
+        )
+        group.add_argument(
+            "--sage-rotation-kernel",
+            default="butterfly",
+            choices=SAGE_ROTATION_KERNEL_CHOICES,
+            help="how the Triton kernels rotate Q and K tiles: butterfly (fp32 fast "
+            "Walsh-Hadamard transform) or tensor_core (one fp16/bf16 product with the ±1 matrix)",
         )
         group.add_argument(
             "--sage-calibrate",
@@ -131,6 +145,7 @@ class SageOptions(BackendFlags):
             smooth_k=not args.sage_disable_smooth_k,
             balance_qk=args.sage_qk_balance,
             rotate_qk=not args.sage_disable_qk_rotation,
+            rotation_kernel=args.sage_rotation_kernel,
             skip_layers=args.sage_skip_layers,
             impl=args.sage_impl,
             calibrate=args.sage_calibrate,

@@ -50,7 +50,11 @@ from sageserve.attention.sage_attn.kernels.prefill import (
     key_run,
     scaled_pv,
 )
-from sageserve.attention.sage_attn.kernels.rotate import hadamard_rows
+from sageserve.attention.sage_attn.kernels.rotate import (
+    HadamardKernel,
+    check_rotation,
+    hadamard_tile,
+)
 from sageserve.attention.triton_common import decode_split_count, sm_count
 
 # Every split starts at a multiple of this many keys (what plan_splits guarantees).
@@ -277,8 +281,9 @@ def _sage_decode_split_kernel(
 ):  # fmt: skip
     """One (sequence, KV head, split): the group's query heads over the split's keys.
 
-    ROTATE: the group's query rows are rotated (`hadamard_rows`, STAGES = log2 D) after
-    their load, in every split (a [BLOCK_H, D] tile: cheaper than a pass through memory)."""
+    ROTATE (a `HadamardKernel`): the group's query rows are rotated (`hadamard_tile`,
+    STAGES = log2 D) after their load, in every split (a [BLOCK_H, D] tile: cheaper than a
+    pass through memory)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -293,9 +298,8 @@ def _sage_decode_split_kernel(
     q = tl.load(
         q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + d[None, :],
         mask=h_ok[:, None], other=0.0,
-    ).to(tl.float32)  # fmt: skip
-    if ROTATE:
-        q = hadamard_rows(q, BLOCK_H, head_dim, STAGES)
+    )  # fmt: skip
+    q = hadamard_tile(q, BLOCK_H, head_dim, STAGES, ROTATE)
     if HAS_BALANCE:
         q = q * tl.load(balance_ptr + kv_head * head_dim + d)[None, :]
     span = _split_span(kv_len, num_splits)
@@ -450,7 +454,7 @@ def sage_decode_paged(
     workspace: DecodeWorkspace,
     sm_scale: float | None = None,
     config: DecodeConfig = DEFAULT_CONFIG,
-    rotate: bool = False,
+    rotation: HadamardKernel = HadamardKernel.OFF,
 ) -> None:
     """8-bit attention of one query token per sequence over its cached keys, into `out`.
 
@@ -460,15 +464,16 @@ def sage_decode_paged(
     page_table: [B, pages] int32 from `padded_page_table`; q_rows, kv_len: [B] int32
     (kv_len counts the new token, already stored). out: [T, Hq, D]; rows q_rows are written,
     others untouched. workspace: from `DecodeWorkspace.allocate` for this B and these heads.
-    config: launch knobs (`DecodeConfig`). rotate: q is given unrotated and the kernel
-    applies the Hadamard rotation (the bits of `rotation.hadamard_rotate`); sm_scale is then
-    the rotated basis's.
+    config: launch knobs (`DecodeConfig`). rotation: unless OFF, q is given unrotated and
+    the kernel applies the Hadamard rotation, this way (`kernels/rotate.py`); sm_scale is
+    then the rotated basis's.
     """
     batch = page_table.shape[0]
     _, q_heads, dim = q.shape
     kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     pv_fp8 = v_cache.dtype == torch.float8_e4m3fn
     _check_decode_args(q, k_cache, balance, page_table, q_rows, kv_len, out, workspace)
+    check_rotation(rotation, q.dtype, dim)
     if pv_fp8 and config.block_n % PV_BLOCK:
         raise ValueError(f"FP8 P·V scales P per {PV_BLOCK} keys: block_n must be a multiple")
     if batch == 0:
@@ -492,7 +497,7 @@ def sage_decode_paged(
         PACKED=config.packed_scales and _pairs_aligned(run, k_scale, v_scale),
         HAS_BALANCE=balance is not None, PV_FP8=pv_fp8,
         FAST_CVT=config.fast_v_cvt and q.is_cuda, FUSED=config.fused_combine,
-        GROUP_P2=group_p2, ROTATE=rotate, STAGES=dim.bit_length() - 1,
+        GROUP_P2=group_p2, ROTATE=int(rotation), STAGES=dim.bit_length() - 1,
         MERGE_S=min(triton.next_power_of_2(splits), max(1, MERGE_ELEMENTS // (group_p2 * dim))),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip

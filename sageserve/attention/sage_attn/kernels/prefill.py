@@ -24,7 +24,11 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sageserve.attention.sage_attn.kernels import PV_BLOCK
-from sageserve.attention.sage_attn.kernels.rotate import hadamard_rows
+from sageserve.attention.sage_attn.kernels.rotate import (
+    HadamardKernel,
+    check_rotation,
+    hadamard_tile,
+)
 
 # Page tables are read without masks (so the compiler sees each page's keys as contiguous
 # and vectorizes): rows are padded with the null page to a multiple of KEY_ALIGN tokens past
@@ -269,9 +273,10 @@ def _sage_attention_kernel(
 ):  # fmt: skip
     """One program per (block of BLOCK_M query rows, query head, sequence).
 
-    ROTATE: the query tile is rotated (`hadamard_rows`, STAGES = log2 D) right after its
-    load, before the balance and the INT8 codes: once per tile, so its cost is spread over
-    the whole key loop, and the rotated queries never travel through memory.
+    ROTATE (a `HadamardKernel`): the query tile is rotated (`hadamard_tile`, STAGES =
+    log2 D) right after its load, before the balance and the INT8 codes: once per tile, so
+    its cost is spread over the whole key loop, and the rotated queries never travel through
+    memory.
 
     TMA: the cache arguments are tensor descriptors (`cache_descriptors`), read a page-aligned
     key block at a time; otherwise pointers, read by per-key gathers.
@@ -297,9 +302,8 @@ def _sage_attention_kernel(
     q = tl.load(
         q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :],
         mask=row_ok[:, None], other=0.0,
-    ).to(tl.float32)  # fmt: skip
-    if ROTATE:
-        q = hadamard_rows(q, BLOCK_M, head_dim, STAGES)
+    )  # fmt: skip
+    q = hadamard_tile(q, BLOCK_M, head_dim, STAGES, ROTATE)
     if HAS_BALANCE:
         q = q * tl.load(balance_ptr + kv_head * head_dim + d)[None, :]
     q_codes, q_scale = _quantize_q(q, 127.0)
@@ -383,7 +387,7 @@ def sage_attention_paged(
     config: PrefillConfig | None = None,
     out: torch.Tensor | None = None,
     causal: bool = True,
-    rotate: bool = False,
+    rotation: HadamardKernel = HadamardKernel.OFF,
 ) -> torch.Tensor:
     """8-bit attention of every sequence's query chunk over its cached keys.
 
@@ -395,8 +399,8 @@ def sage_attention_paged(
     max_q_len: the largest q_len (host int, sizes the grid). config: None = PrefillConfig().
     out: [T, Hq, D] to write into (rows of other sequences untouched); None: a new tensor.
     causal: False lets every query see all kv_len keys (for benchmarks).
-    rotate: q is given unrotated and the kernel applies the Hadamard rotation to it (the
-    same bits as `rotation.hadamard_rotate`); sm_scale is then the rotated basis's.
+    rotation: unless OFF, q is given unrotated and the kernel applies the Hadamard rotation
+    to it, this way (`kernels/rotate.py`); sm_scale is then the rotated basis's.
     Returns out, in q's dtype when allocated here.
     """
     config = config or PrefillConfig()
@@ -404,6 +408,7 @@ def sage_attention_paged(
     kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     pv_fp8 = v_cache.dtype == torch.float8_e4m3fn
     _check_args(q, k_cache, v_cache, balance, page_table, pv_fp8, config.block_n)
+    check_rotation(rotation, q.dtype, dim)
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.stride(2) != 1:
@@ -426,7 +431,7 @@ def sage_attention_paged(
         SPLIT_MASK=config.split_mask, PREFETCH=config.prefetch, WIDE=_needs_int64(k_cache),
         CAUSAL=causal, FAST_CVT=config.fast_v_cvt and q.is_cuda,
         HAS_BALANCE=balance is not None, PV_FP8=pv_fp8, TMA=tma,
-        ROTATE=rotate, STAGES=dim.bit_length() - 1,
+        ROTATE=int(rotation), STAGES=dim.bit_length() - 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
         maxnreg=config.maxnreg if dim <= 128 else None,
     )  # fmt: skip

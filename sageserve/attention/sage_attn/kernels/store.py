@@ -31,7 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from sageserve.attention.sage_attn.kernels.rotate import hadamard_rows
+from sageserve.attention.sage_attn.kernels.rotate import (
+    HadamardKernel,
+    check_rotation,
+    hadamard_tile,
+)
 from sageserve.attention.triton_common import interpreting
 
 MIN_SCALE = tl.constexpr(2.0**-24)
@@ -217,8 +221,9 @@ def _store_kv_kernel(
 
     The next tile's K and V are loaded before the current one is quantized, so each program
     keeps a tile of reads in flight while it computes. RUNS (constexpr: page_size % BLOCK_T
-    == 0) compiles the run path beside the scattered one. ROTATE: each K tile is rotated
-    (`hadamard_rows`, STAGES = log2 D) in registers before the mean is subtracted.
+    == 0) compiles the run path beside the scattered one. ROTATE (a `HadamardKernel`): each
+    K tile is rotated (`hadamard_tile`, STAGES = log2 D) in registers before the mean is
+    subtracted.
     """
     pid = tl.program_id(0)
     h = pid % num_kv_heads
@@ -236,13 +241,11 @@ def _store_kv_kernel(
                                 stride_kt, stride_kh, stride_vt, stride_vh,
                                 head_dim, BLOCK_T)  # fmt: skip
     for tile in range(first, last):
-        k = k_next.to(tl.float32)
+        k = hadamard_tile(k_next, BLOCK_T, head_dim, STAGES, ROTATE)
         v = v_next.to(tl.float32)
         k_next, v_next = _load_tile(k_ptr, v_ptr, tile + 1, last, h, num_tokens,
                                     stride_kt, stride_kh, stride_vt, stride_vh,
                                     head_dim, BLOCK_T)  # fmt: skip
-        if ROTATE:
-            k = hadamard_rows(k, BLOCK_T, head_dim, STAGES)
         if HAS_MEAN:
             k = k - mean
         if HAS_BALANCE:
@@ -311,7 +314,7 @@ def store_kv(
     v_cache: torch.Tensor,
     v_scale: torch.Tensor,
     config: StoreConfig | None = None,
-    rotate: bool = False,
+    rotation: HadamardKernel = HadamardKernel.OFF,
 ) -> None:
     """Write T new tokens of one layer into the 8-bit cache.
 
@@ -320,15 +323,16 @@ def store_kv(
     slot, such as a CUDA-graph batch's padding rows in the scratch page, leave it undefined).
     k_cache: [P, Hkv, page, D] int8; v_cache: [P, Hkv, D, page] int8 or float8_e4m3fn;
     k_scale, v_scale: [P, Hkv, page] fp16. All contiguous, on one device.
-    config: launch knobs, default `default_config(page)`. rotate: k is given unrotated and
-    the kernel applies the Hadamard rotation first (the bits of `rotation.hadamard_rotate`;
-    k_mean and balance are then of the rotated basis).
+    config: launch knobs, default `default_config(page)`. rotation: unless OFF, k is given
+    unrotated and the kernel applies the Hadamard rotation first, this way
+    (`kernels/rotate.py`; k_mean and balance are then of the rotated basis).
     One launch, no host sync, no allocation: safe to capture in a CUDA graph.
     """
     tokens, heads, dim = k.shape
     config = config or default_config(k_cache.shape[2])
     _check_store_args(k, v, k_cache, v_cache, k_scale, v_scale, k_mean, balance, pages, offsets)
     _check_config(config)
+    check_rotation(rotation, k.dtype, dim)
     if tokens == 0:
         return
     block_t, page_size = config.block_t, k_cache.shape[2]
@@ -345,7 +349,7 @@ def store_kv(
         num_kv_heads=heads, page_size=page_size, head_dim=dim, BLOCK_T=block_t,
         HAS_MEAN=k_mean is not None, HAS_BALANCE=balance is not None,
         V_FP8=v_cache.dtype == torch.float8_e4m3fn, RUNS=page_size % block_t == 0,
-        FAST_DIV=fast_div, ROTATE=rotate, STAGES=dim.bit_length() - 1,
+        FAST_DIV=fast_div, ROTATE=int(rotation), STAGES=dim.bit_length() - 1,
         num_warps=config.num_warps, maxnreg=config.maxnreg,
         enable_fp_fusion=False,  # no contraction of x·r into a later add: keep IEEE steps
     )  # fmt: skip
