@@ -1,10 +1,11 @@
 """What the fused Hadamard rotation adds to the sm_90 code of the 8-bit kernels, offline.
 
-Compiles the prefill (as served: TMA key blocks, the default PrefillConfig) and the store
-(the default StoreConfig for 64-token pages) for GPUTarget("cuda", 90) with ROTATE off, the
-butterfly and the tensor-core product (`HadamardKernel`), no GPU needed, and prints per
-variant: layout conversions in the TTGIR (and how many sit inside a loop), shared memory,
-registers and spills (ptxas -v, the ptxas Triton ships).
+Compiles the prefill (as served: TMA key blocks, the default PrefillConfig), the store
+(the default StoreConfig for 64-token pages) and the decode split kernel (DecodeConfig)
+for GPUTarget("cuda", 90) with ROTATE off, the butterfly and the tensor-core product
+(`HadamardKernel`), no GPU needed, and prints per variant: layout conversions in the TTGIR
+(and how many sit inside a loop), shared memory, registers and spills (ptxas -v, the ptxas
+Triton ships).
 
     TRITON_INTERPRET=0 python lab/rotation_compile_probe.py [--head-dim 128]
 
@@ -25,6 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import mangle_type
 
+from sageserve.attention.sage_attn.kernels.decode import DecodeConfig, _sage_decode_split_kernel
 from sageserve.attention.sage_attn.kernels.prefill import (
     PrefillConfig,
     _sage_attention_kernel,
@@ -84,6 +86,27 @@ def store_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
     return ASTSource(_store_kv_kernel, signature, constexprs=constants), options
 
 
+def decode_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
+    """The served decode split kernel (bf16 q, FP16 P·V, GQA group 4, no balance)."""
+    config = DecodeConfig()
+    signature = {"q_ptr": "*bf16", "balance_ptr": "*fp16", "k_cache_ptr": "*i8",
+                 "k_scale_ptr": "*fp16", "v_cache_ptr": "*i8", "v_scale_ptr": "*fp16",
+                 "page_table_ptr": "*i32", "q_row_ptr": "*i32", "kv_len_ptr": "*i32",
+                 "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "counter_ptr": "*i32",
+                 "out_ptr": "*bf16", "stride_qt": "i32", "stride_qh": "i32", "stride_ot": "i32",
+                 "stride_oh": "i32", "stride_table": "i32", "num_splits": "i32",
+                 "sm_scale": "fp32"}  # fmt: skip
+    constants = dict(num_kv_heads=8, group=4, page_size=PAGE, head_dim=dim, BLOCK_H=16,
+                     BLOCK_N=config.block_n, SUB_N=config.sub_n,
+                     RUN=key_run(PAGE, config.sub_n), WIDE=False, PACKED=True,
+                     HAS_BALANCE=False, PV_FP8=False, FAST_CVT=True,
+                     FUSED=config.fused_combine, GROUP_P2=4, MERGE_S=8, ROTATE=int(rotate),
+                     STAGES=dim.bit_length() - 1)  # fmt: skip
+    signature |= {name: "constexpr" for name in constants}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return ASTSource(_sage_decode_split_kernel, signature, constexprs=constants), options
+
+
 def conversions(ttgir: str) -> tuple[int, int]:
     """(layout conversions, of which inside an scf.for body), counted by indentation."""
     total = inside = 0
@@ -118,7 +141,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, default=128)
     dim = parser.parse_args().head_dim
-    for name, make in (("prefill", prefill_source), ("store", store_source)):
+    kernels = (("prefill", prefill_source), ("store", store_source), ("decode", decode_source))
+    for name, make in kernels:
         for rotate in HadamardKernel:
             source, options = make(dim, rotate)
             compiled = triton.compile(source, target=TARGET, options=options)

@@ -299,7 +299,7 @@ def _sage_decode_split_kernel(
         q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + d[None, :],
         mask=h_ok[:, None], other=0.0,
     )  # fmt: skip
-    q = hadamard_tile(q, BLOCK_H, head_dim, STAGES, ROTATE)
+    q = hadamard_tile(q, BLOCK_H, head_dim, STAGES, ROTATE, False)
     if HAS_BALANCE:
         q = q * tl.load(balance_ptr + kv_head * head_dim + d)[None, :]
     span = _split_span(kv_len, num_splits)

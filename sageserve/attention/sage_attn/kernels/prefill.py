@@ -303,7 +303,7 @@ def _sage_attention_kernel(
         q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :],
         mask=row_ok[:, None], other=0.0,
     )  # fmt: skip
-    q = hadamard_tile(q, BLOCK_M, head_dim, STAGES, ROTATE)
+    q = hadamard_tile(q, BLOCK_M, head_dim, STAGES, ROTATE, True)
     if HAS_BALANCE:
         q = q * tl.load(balance_ptr + kv_head * head_dim + d)[None, :]
     q_codes, q_scale = _quantize_q(q, 127.0)

@@ -84,10 +84,18 @@ def sylvester_matrix(D: tl.constexpr, dtype: tl.constexpr):
 
 @triton.jit
 def hadamard_tile(x, ROWS: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr,
-                  ROTATE: tl.constexpr):  # fmt: skip
+                  ROTATE: tl.constexpr, AS_B: tl.constexpr):  # fmt: skip
     """x: [ROWS, D] as loaded (its own dtype) -> [ROWS, D] fp32: x H by the way ROTATE
-    (a `HadamardKernel` value) names, or x itself when it is OFF."""
-    if ROTATE == 2:
+    (a `HadamardKernel` value) names, or x itself when it is OFF.
+
+    AS_B: the tensor-core product is taken as (H xᵀ)ᵀ (H symmetric), x its B operand. For
+    a result that becomes the A operand of a later product (the prefill's Q codes), the
+    compiler then stages it in shared memory once, where x H out of an accumulator is
+    converted to the operand layout at every key block; the store and decode compile
+    leaner the direct way (lab/rotation_compile_probe.py, BENCHMARKS.md)."""
+    if ROTATE == 2 and AS_B:
+        y = tl.trans(tl.dot(sylvester_matrix(D, x.dtype), tl.trans(x)))
+    elif ROTATE == 2:
         y = tl.dot(x, sylvester_matrix(D, x.dtype))
     elif ROTATE == 1:
         y = hadamard_rows(x.to(tl.float32), ROWS, D, STAGES)
@@ -109,7 +117,7 @@ def _rotate_kernel(
     src = x_ptr + (token * stride_t + head * stride_h)[:, None] + d
     x = tl.load(src, mask=live, other=0.0)
     dst = out_ptr + rows.to(tl.int64)[:, None] * D + d
-    tl.store(dst, hadamard_tile(x, BLOCK, D, STAGES, ROTATE), mask=live)
+    tl.store(dst, hadamard_tile(x, BLOCK, D, STAGES, ROTATE, False), mask=live)
 
 
 def rotate_rows(

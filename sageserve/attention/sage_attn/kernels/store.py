@@ -241,7 +241,7 @@ def _store_kv_kernel(
                                 stride_kt, stride_kh, stride_vt, stride_vh,
                                 head_dim, BLOCK_T)  # fmt: skip
     for tile in range(first, last):
-        k = hadamard_tile(k_next, BLOCK_T, head_dim, STAGES, ROTATE)
+        k = hadamard_tile(k_next, BLOCK_T, head_dim, STAGES, ROTATE, False)
         v = v_next.to(tl.float32)
         k_next, v_next = _load_tile(k_ptr, v_ptr, tile + 1, last, h, num_tokens,
                                     stride_kt, stride_kh, stride_vt, stride_vh,
