@@ -38,8 +38,14 @@ from sageserve.models.loader import LoadedModel, build_model, init_dummy_weights
 
 CPU = torch.device("cpu")
 PAGE = 16
-# Backends whose decode can be captured, as (name, sage options).
-GRAPH_BACKENDS = [("triton", SageOptions()), ("sage_attn", SageOptions(impl="triton"))]
+# Backends whose decode can be captured, as (name, sage options): sage_attn also with a
+# layer kept exact (through the triton backend's kernels and graph metadata).
+GRAPH_BACKENDS = [
+    ("triton", SageOptions()),
+    ("sage_attn", SageOptions(impl="triton")),
+    ("sage_attn", SageOptions(impl="triton", skip_layers=(1,))),
+]
+GRAPH_IDS = ["triton", "sage_attn", "sage_attn-exact-layer-1"]
 # Kernels on CPU tensors run only in Triton's interpreter (conftest sets it without a GPU).
 interpreted = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -125,7 +131,7 @@ def _backend(name: str, sage: SageOptions | None = None):
     [
         ("torch", SageOptions(), "exact reference, not a speed path"),
         ("sage_attn", SageOptions(impl="reference"), "torch reference"),
-        ("sage_attn", SageOptions(impl="triton", skip_layers=(1,)), r"layers \[1\] exact"),
+        ("sage_attn", SageOptions(impl="triton", skip_layers=(1,)), None),
         ("triton", SageOptions(), None),
         ("sage_attn", SageOptions(impl="triton"), None),
     ],
@@ -136,6 +142,22 @@ def test_cuda_graph_support(name: str, sage: SageOptions, reason: str | None) ->
         assert got is None
     else:
         assert got is not None and re.search(reason, got), got
+
+
+@interpreted
+def test_exact_layers_go_through_triton_where_it_serves() -> None:
+    """sage_attn's exact layers run on the triton backend beside its own kernels (graphs
+    stay on); where triton cannot serve the dtype (bf16 in the interpreter, fp32 on CUDA),
+    on the torch backend, and the graph refusal names both reasons."""
+    exact_one = SageOptions(impl="triton", skip_layers=(1,))
+    assert _backend("sage_attn", exact_one).exact.name == "triton"
+    assert _backend("sage_attn", SageOptions(skip_layers=(1,))).exact.name == "torch"
+    options = BackendOptions("auto", torch.bfloat16, CPU, exact_one)
+    bf16 = get_backend_class("sage_attn")(_tiny_config().attention_shape(), options)
+    assert bf16.exact.name == "torch"
+    reason = bf16.cuda_graph_unsupported_reason()
+    assert "layers [1] exact through the torch backend" in reason
+    assert "bfloat16" in reason and "not a speed path" in reason
 
 
 @interpreted
@@ -250,7 +272,7 @@ def _backend_step(backend, cache, meta, q, k, v) -> list[torch.Tensor]:
 
 
 @interpreted
-@pytest.mark.parametrize(("name", "sage"), GRAPH_BACKENDS, ids=["triton", "sage_attn"])
+@pytest.mark.parametrize(("name", "sage"), GRAPH_BACKENDS, ids=GRAPH_IDS)
 def test_backend_static_decode_equals_eager(name: str, sage: SageOptions) -> None:
     """Attention alone, bitwise: a decode step through the static metadata (padded rows
     carrying garbage q, k, v) gives the eager step's outputs and cache; padded rows give
@@ -314,7 +336,7 @@ def _check_static_path(runner, graphs, device, exact: bool, eight_bit: bool = Fa
 
 
 @interpreted
-@pytest.mark.parametrize(("backend", "sage"), GRAPH_BACKENDS, ids=["triton", "sage_attn"])
+@pytest.mark.parametrize(("backend", "sage"), GRAPH_BACKENDS, ids=GRAPH_IDS)
 def test_static_path_equals_eager_on_cpu(backend: str, sage: SageOptions) -> None:
     """On CPU the linear layers round differently at another row count (MKL: 6 rows vs the
     8 of the padded batch differ by ~1e-6), so logits agree to 1e-5 here; attention alone
@@ -349,7 +371,7 @@ def test_static_path_refuses_other_steps() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("backend", "sage"), GRAPH_BACKENDS, ids=["triton", "sage_attn"])
+@pytest.mark.parametrize(("backend", "sage"), GRAPH_BACKENDS, ids=GRAPH_IDS)
 def test_graph_replay_equals_eager_on_gpu(backend: str, sage: SageOptions) -> None:
     """Replayed graphs give the eager path's logits and cache, bitwise."""
     cuda = torch.device("cuda")

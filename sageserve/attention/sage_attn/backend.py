@@ -14,13 +14,15 @@ Cache layout per 8-bit layer (page 0 is the null page):
     v_scale  [num_pages, Hkv, page_size]    fp16
 plus one scratch page past the pool (index num_pages, never in a page table) where the
 padded rows of a CUDA-graph decode store their K/V (the quantizing store has no skip).
-Layers named in `--sage-skip-layers` keep exact attention over a cache in the model dtype.
+Layers named in `--sage-skip-layers` (or chosen by `--sage-calibrate`) keep exact attention
+over a cache in the model dtype: through the 16-bit `triton` backend where the Triton kernels
+run and it serves the dtype (so graphs stay on), else through the `torch` backend (logged).
 
-CUDA graphs (Triton kernels, no exact layers): decode is captured per padded batch size
-over static metadata (`graph_metadata`), filled per step in one host-to-device copy
-(`graph_update`); padded rows have kv_len 0 (output 0) and store into the scratch page. The
-decode splits are planned from static quantities in eager steps too (the padded batch
-size, `max_context`), so both paths cut the keys into the same splits.
+CUDA graphs (Triton kernels; exact layers, if any, through triton): decode is captured per
+padded batch size over static metadata (`graph_metadata`), filled per step in one
+host-to-device copy (`graph_update`); padded rows have kv_len 0 (output 0) and store into
+the scratch page. The decode splits are planned from static quantities in eager steps too
+(the padded batch size, `max_context`), so both paths cut the keys into the same splits.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from sageserve.attention.sage_attn.reference import FP8_DTYPE, quantize_kv, sage
 from sageserve.attention.sage_attn.rotation import hadamard_rotate, rotated_sm_scale
 from sageserve.attention.static_metadata import StaticBuffers, table_width, write_decode_rows
 from sageserve.attention.torch_native.backend import TorchNativeBackend
+from sageserve.attention.triton_attn.backend import TritonBackend
 from sageserve.startup_phases import startup_phase
 
 if TYPE_CHECKING:  # the kernels import triton, which the reference path does not need
@@ -167,8 +170,8 @@ class SageAttentionBackend(AttentionBackend):
     def __init__(self, shape: AttentionShape, options: BackendOptions) -> None:
         super().__init__(shape, options)
         self.sage = self.flags
-        self._set_exact_layers(self.sage.skip_layers)
         self.use_kernels = _uses_kernels(self.sage, options.device)
+        self._set_exact_layers(self.sage.skip_layers)
         self.rotation = _rotation(self.sage)  # how the kernels rotate the tiles they load
         # The longest context served: decode splits are planned for it (static, so eager
         # steps and CUDA-graph replays split alike); lowered to the pool's size in allocate.
@@ -187,7 +190,7 @@ class SageAttentionBackend(AttentionBackend):
             "on" if self.sage.balance_qk else "off",
             self.sage.pv.upper(),
             "Triton kernels" if self.use_kernels else "torch reference",
-            sorted(self.skipped) or "none",
+            self._exact_label(),
         )
 
     def _rotation_label(self) -> str:
@@ -204,12 +207,25 @@ class SageAttentionBackend(AttentionBackend):
         self.skipped = set(exact)
         self.exact = self._exact_backend(len(exact))
 
-    def _exact_backend(self, num_layers: int) -> TorchNativeBackend | None:
+    def _exact_backend(self, num_layers: int) -> AttentionBackend | None:
+        """The backend of the layers kept exact: the 16-bit triton kernels beside ours
+        (CUDA-graph safe) where they serve this shape and dtype, else the torch backend."""
         if num_layers == 0:
             return None
+        args = self._exact_args(num_layers)
+        if self.use_kernels and not TritonBackend.unsupported_reasons(*args):
+            return TritonBackend(*args)
+        return TorchNativeBackend(*args)
+
+    def _exact_args(self, num_layers: int) -> tuple[AttentionShape, BackendOptions]:
+        """The exact layers' backend's shape and options: a model-dtype cache."""
         config = dataclasses.replace(self.shape, num_layers=num_layers)
-        options = dataclasses.replace(self.options, kv_cache_dtype="auto", flags=None)
-        return TorchNativeBackend(config, options)
+        return config, dataclasses.replace(self.options, kv_cache_dtype="auto", flags=None)
+
+    def _exact_label(self) -> str:
+        if self.exact is None:
+            return "none"
+        return f"{sorted(self.skipped)} (through the {self.exact.name} backend)"
 
     def prepare(self, model: torch.nn.Module, tokenizer: object | None) -> None:
         """Calibrate the key mean and channel balance (calibration.py), then, with
@@ -260,10 +276,10 @@ class SageAttentionBackend(AttentionBackend):
         logger.info(
             "sage_attn --sage-calibrate: layers %s kept exact (%d of %d); KL on the "
             "calibration text %.2e with every layer in 8 bits, %.2e now (budget %.1e); "
-            "KV cache %d -> %d bytes per token (%+.0f%%)",
+            "KV cache %d -> %d bytes per token (%+.0f%%); all exact layers: %s",
             list(plan.exact_layers) or "none", len(plan.exact_layers), len(plan.kl_per_layer),
             plan.kl_all_8bit, plan.kl_planned, plan.budget, before, after,
-            100 * (after / before - 1),
+            100 * (after / before - 1), self._exact_label(),
         )  # fmt: skip
         self.layer_plan = plan
 
@@ -487,10 +503,13 @@ class SageAttentionBackend(AttentionBackend):
                 "sage_attn runs its torch reference here (--sage-impl reference, or no CUDA), "
                 "which is not CUDA-graph safe"
             )
-        if self.exact is not None:
+        reason = self.exact.cuda_graph_unsupported_reason() if self.exact else None
+        if reason is not None:
             return (
-                f"sage_attn keeps layers {sorted(self.skipped)} exact (--sage-skip-layers) "
-                "through the torch backend, which is not CUDA-graph safe"
+                f"sage_attn keeps layers {sorted(self.skipped)} exact through the "
+                f"{self.exact.name} backend (the triton kernels do not serve this model: "
+                f"{'; '.join(TritonBackend.unsupported_reasons(*self._exact_args(1)))}), and "
+                f"it is not CUDA-graph safe: {reason}"
             )
         return None
 
@@ -498,8 +517,9 @@ class SageAttentionBackend(AttentionBackend):
         self, kv_cache: SageKVCache, batch_size: int, max_context: int
     ) -> SageGraphMetadata:
         """Static tables (int32 page_table [bs, W], q_rows [bs] = 0..bs-1, kv_len [bs]; int64
-        store_pages, store_offsets [bs]) and the decode workspace for bs rows. Every row
-        starts as padding (its new token stored into kv_cache's scratch page)."""
+        store_pages, store_offsets [bs]) and the decode workspace for bs rows, plus the exact
+        layers' backend's own. Every row starts as padding (its new token stored into
+        kv_cache's scratch page)."""
         from sageserve.attention.sage_attn.kernels.prefill import KEY_ALIGN
 
         if max_context > self.max_context:
@@ -514,10 +534,14 @@ class SageAttentionBackend(AttentionBackend):
         view = buffers.device
         decode = DecodeRows(view["page_table"], view["q_rows"], view["kv_len"],
                             self._decode_workspace(bs, page_size))  # fmt: skip
-        meta = SageMetadata(view["store_pages"], view["store_offsets"], [], None,
+        exact = None
+        if self.exact is not None:
+            exact = self.exact.graph_metadata(kv_cache.exact, bs, max_context)
+        meta = SageMetadata(view["store_pages"], view["store_offsets"], [],
+                            exact.meta if exact else None,
                             KernelMetadata(prefill=None, decode=decode))  # fmt: skip
         graph_meta = SageGraphMetadata(
-            bs, max_context, page_size, meta, buffers, kv_cache.scratch_page
+            bs, max_context, page_size, meta, buffers, kv_cache.scratch_page, exact
         )
         write_padding(graph_meta, 0)
         buffers.upload()
@@ -532,3 +556,5 @@ class SageAttentionBackend(AttentionBackend):
         host["store_pages"][:n], host["store_offsets"][:n] = np.divmod(slots, batch.page_size)
         write_padding(graph_meta, n)
         graph_meta.buffers.upload()
+        if graph_meta.exact is not None:
+            self.exact.graph_update(graph_meta.exact, batch)

@@ -62,15 +62,17 @@ class SageMetadata:
     store_pages: torch.Tensor  # [num_tokens] page of each new token
     store_offsets: torch.Tensor  # [num_tokens] offset inside that page
     seqs: list[SageSeq]  # the reference path's; empty when the kernels run
-    exact: object | None  # the torch backend's metadata, when some layers are exact
+    exact: object | None  # the exact layers' backend's metadata, when some layers are exact
     kernel: KernelMetadata | None  # set when the Triton kernels run
 
 
 @dataclass
 class SageGraphMetadata(GraphMetadata):
-    """GraphMetadata plus the cache's scratch page, where padded rows store their K/V."""
+    """GraphMetadata plus the cache's scratch page, where padded rows store their K/V, and
+    the exact layers' backend's own static metadata (None without exact layers)."""
 
     scratch_page: int
+    exact: GraphMetadata | None = None
 
 
 def reference_seqs(batch: ForwardBatch) -> list[SageSeq]:
