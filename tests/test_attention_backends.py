@@ -57,6 +57,8 @@ VARIANTS = [
     # The Triton kernels (through the interpreter on CPU).
     Variant("sage_attn", SageOptions(impl="triton"), min_cosine=0.999, max_rel_l1=0.03),
     Variant("sage_attn", SageOptions(impl="triton", rotate_qk=False), 0.999, 0.03),
+    # Layer 1 exact through the triton backend's kernels, beside the 8-bit ones.
+    Variant("sage_attn", SageOptions(impl="triton", skip_layers=(1,)), 0.999, 0.03),
     Variant("sage_attn", _TC_CPU, 0.999, 0.03, dtype=torch.float16),
     # The 16-bit Triton kernels, in fp32 through the interpreter on CPU: exact up to rounding.
     Variant("triton"),
