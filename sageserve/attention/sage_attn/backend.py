@@ -70,7 +70,7 @@ from sageserve.attention.torch_native.backend import TorchNativeBackend
 from sageserve.attention.triton_attn.backend import TritonBackend
 from sageserve.startup_phases import startup_phase
 
-if TYPE_CHECKING:  # the kernels import triton, which the reference path does not need
+if TYPE_CHECKING:  # the kernel modules load where used (the reference path needs none of them)
     from sageserve.attention.sage_attn.kernels.decode import DecodeWorkspace
 
 logger = logging.getLogger(__name__)
