@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import triton
 
 from sageserve.attention.sage_attn.kernels.store import StoreConfig, default_config, store_kv
 from sageserve.attention.sage_attn.reference import quantize_kv
@@ -192,6 +193,8 @@ def test_store_layouts_and_tails(layout, tokens, heads, dim, page_size) -> None:
         StoreConfig(block_t=32, tiles_per_program=2),
         StoreConfig(block_t=64, tiles_per_program=1),
         StoreConfig(block_t=8, tiles_per_program=5),
+        StoreConfig(block_t=1, tiles_per_program=7, num_warps=1),
+        StoreConfig(block_t=4, tiles_per_program=2, num_warps=2),
     ],
     ids=lambda c: f"bt{c.block_t}x{c.tiles_per_program}",
 )
@@ -305,6 +308,19 @@ def test_default_config_runs_whole_pages() -> None:
     for page_size in (16, 32, 64, 128):
         assert page_size % default_config(page_size).block_t == 0
     assert default_config(7).block_t == 16
+
+
+@pytest.mark.parametrize(
+    ("rows", "sms", "min_block_t", "block_t"),
+    [(64 * 8, 132, 1, 4), (8, 132, 1, 1), (64 * 8, 132, 16, 16), (300 * 8, 132, 1, 32),
+     (32 * 132, 132, 1, 32), (32 * 132 - 1, 132, 1, 32), (4 * 132 + 1, 132, 1, 8)],
+)  # fmt: skip
+def test_default_config_spreads_small_launches(rows, sms, min_block_t, block_t) -> None:
+    # Decode-sized launches: tiles just large enough to give every SM rows.
+    config = default_config(64, rows, sms, min_block_t)
+    assert config.block_t == block_t
+    if block_t < 32:
+        assert triton.cdiv(rows, block_t) <= sms or block_t == min_block_t
 
 
 def test_no_tokens_is_a_no_op() -> None:

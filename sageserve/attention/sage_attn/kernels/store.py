@@ -65,14 +65,28 @@ class StoreConfig:
     fast_div: bool | None = None
 
 
-def default_config(page_size: int) -> StoreConfig:
+def default_config(
+    page_size: int, rows: int | None = None, sms: int = 1, min_block_t: int = 1
+) -> StoreConfig:
     """The library's choice, predicted from the sm_90 compile (KERNEL_NOTES "sage_store v2"):
     32-token tiles when pages hold whole tiles (16 KB of K/V per tile; capped at 128
     registers, no spills), else 16 (8 KB, 127 registers). Either way two 8-warp programs
-    fill an SM's registers, so programs_per_sm=2 makes the grid one wave."""
+    fill an SM's registers, so programs_per_sm=2 makes the grid one wave.
+
+    rows: tokens × KV heads of the launch, sms: the device's SMs. A launch with fewer rows
+    than one such tile per SM (a decode step) gets tiles just large enough to spread its
+    rows over every SM (at least min_block_t: 16 for the tensor-core rotation): at 64
+    tokens × 8 heads, 32-token tiles made 16 programs, each storing 4096 V bytes one by one
+    to 32 different pages, while 116 SMs idled.
+    """
     if page_size % 32 == 0:
-        return StoreConfig(block_t=32, num_warps=8, maxnreg=128)
-    return StoreConfig(block_t=16, num_warps=8)
+        full = StoreConfig(block_t=32, num_warps=8, maxnreg=128)
+    else:
+        full = StoreConfig(block_t=16, num_warps=8)
+    if rows is None or rows >= full.block_t * sms:
+        return full
+    block_t = max(min_block_t, triton.next_power_of_2(triton.cdiv(rows, sms)))
+    return StoreConfig(block_t=block_t, num_warps=1 if block_t <= 2 else 2 if block_t <= 8 else 4)
 
 
 @triton.jit
@@ -323,13 +337,16 @@ def store_kv(
     slot, such as a CUDA-graph batch's padding rows in the scratch page, leave it undefined).
     k_cache: [P, Hkv, page, D] int8; v_cache: [P, Hkv, D, page] int8 or float8_e4m3fn;
     k_scale, v_scale: [P, Hkv, page] fp16. All contiguous, on one device.
-    config: launch knobs, default `default_config(page)`. rotation: unless OFF, k is given
-    unrotated and the kernel applies the Hadamard rotation first, this way
-    (`kernels/rotate.py`; k_mean and balance are then of the rotated basis).
+    config: launch knobs, default `default_config` for this page size and launch size.
+    rotation: unless OFF, k is given unrotated and the kernel applies the Hadamard rotation
+    first, this way (`kernels/rotate.py`; k_mean and balance are then of the rotated basis).
     One launch, no host sync, no allocation: safe to capture in a CUDA graph.
     """
     tokens, heads, dim = k.shape
-    config = config or default_config(k_cache.shape[2])
+    min_block_t = 16 if rotation == HadamardKernel.TENSOR_CORE else 1
+    config = config or default_config(
+        k_cache.shape[2], tokens * heads, _sm_count(k.device), min_block_t
+    )
     _check_store_args(k, v, k_cache, v_cache, k_scale, v_scale, k_mean, balance, pages, offsets)
     _check_config(config)
     check_rotation(rotation, k.dtype, dim)

@@ -1,0 +1,132 @@
+"""Two latencies issue 16 misses, on one CUDA GPU with dummy weights of a real architecture.
+
+1. **First request after warm-up.** Through HTTP the first request's TTFT was ~7x a steady
+   one even with the warm-up. Here, without HTTP: an engine (warm-up on) gets prompts one at
+   a time, each alone; prints each request's TTFT (add_request to its first token) so the
+   first of each length can be compared with the next ones.
+2. **A prefill arriving while a batch decodes.** B requests decode; one new prompt arrives.
+   Each `step()` call is timed (synchronized), before, during and after the prompt's
+   prefill, and the mixed step is profiled (GPU busy vs wall, kernels): is it GPU work
+   (the prefill's FLOPs) or host work (an eager step's launches)?
+
+    PYTHONPATH=. python lab/step_latency_probe.py --backend triton --out probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sageserve.config import EngineConfig
+from sageserve.engine.engine import Engine
+from sageserve.engine.sampling_params import SamplingParams
+from sageserve.models.loader import load_model
+
+FIRST_LENGTHS = (1024, 1024, 1024, 700, 700, 3000, 3000, 37, 37)
+
+
+def _prompt(engine: Engine, n: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, engine.info.vocab_size, (n,), generator=generator).tolist()
+
+
+def first_requests(engine: Engine) -> list[dict]:
+    """TTFT of prompts sent one at a time to an idle engine, in FIRST_LENGTHS order."""
+    params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
+    rows = []
+    for i, n in enumerate(FIRST_LENGTHS):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        request_id = engine.add_request(_prompt(engine, n, 1000 + i), params)
+        ttft = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == request_id and ttft is None and out.token_ids:
+                    ttft = time.perf_counter() - start
+        rows.append({"input_len": n, "ttft_ms": 1e3 * ttft})
+        print(f"first-requests: {n:5d} tokens, TTFT {1e3 * ttft:7.1f} ms", flush=True)
+    engine.flush_prefix_cache()
+    return rows
+
+
+def _timed_step(engine: Engine) -> tuple[float, int]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.step()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start), engine.stats().num_running
+
+
+def mixed_steps(engine: Engine, batch: int, input_len: int, new_len: int) -> dict:
+    """Step times around one new prompt's prefill while `batch` requests decode."""
+    params = SamplingParams(temperature=0, max_new_tokens=4096, ignore_eos=True)
+    waiting = {engine.add_request(_prompt(engine, input_len, i), params) for i in range(batch)}
+    while waiting:
+        for out in engine.step():
+            if out.metrics.first_token_time is not None:
+                waiting.discard(out.request_id)
+    for _ in range(8):
+        engine.step()
+    decode = [_timed_step(engine)[0] for _ in range(10)]
+    engine.add_request(_prompt(engine, new_len, 99), params)
+    around = [_timed_step(engine) for _ in range(6)]
+    engine.add_request(_prompt(engine, new_len, 98), params)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        profiled_ms, _ = _timed_step(engine)
+        profiled_ms2, _ = _timed_step(engine)
+    for request_id in engine.request_ids():
+        engine.abort(request_id)
+    return {
+        "batch": batch, "input_len": input_len, "new_prompt_len": new_len,
+        "decode_step_ms": decode, "steps_after_arrival": around,
+        "profiled_steps_ms": [profiled_ms, profiled_ms2], **_gpu_busy(prof),
+    }  # fmt: skip
+
+
+def _gpu_busy(prof: profile) -> dict:
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, end = 0.0, float("-inf")
+    totals: dict[str, float] = {}
+    for start, stop, name in kernels:
+        totals[name[:80]] = totals.get(name[:80], 0.0) + stop - start
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:20]
+    return {"gpu_busy_ms": busy / 1e3, "kernels": len(kernels),
+            "window_ms": (kernels[-1][1] - kernels[0][0]) / 1e3 if kernels else 0.0,
+            "top_kernels_ms": [(name, us / 1e3) for name, us in top]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path", default="llama-3.1-8b")
+    parser.add_argument("--backend", default="triton")
+    parser.add_argument("--batch", type=int, default=31)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--new-len", type=int, default=1024)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    config = EngineConfig(model_path=args.model_path, load_format="dummy")
+    loaded = load_model(config.model_path, load_format="dummy", device=config.torch_device())
+    result = {"backend": args.backend}
+    with Engine(replace(config, attention_backend=args.backend), loaded) as engine:
+        result["first_requests"] = first_requests(engine)
+        result["mixed"] = mixed_steps(engine, args.batch, args.input_len, args.new_len)
+    print(json.dumps(result["mixed"], indent=1))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
