@@ -15,7 +15,10 @@
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import time
 from dataclasses import replace
 
@@ -80,9 +83,16 @@ def mixed_steps(engine: Engine, batch: int, input_len: int, new_len: int) -> dic
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         profiled_ms, _ = _timed_step(engine)
         profiled_ms2, _ = _timed_step(engine)
+    engine.add_request(_prompt(engine, new_len, 97), params)
+    host = cProfile.Profile()
+    host.enable()
+    host_ms = [_timed_step(engine)[0] for _ in range(2)]
+    host.disable()
     for request_id in engine.request_ids():
         engine.abort(request_id)
-    return {
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(25)
+    return {"host_profiled_steps_ms": host_ms, "host_top": text.getvalue(),
         "batch": batch, "input_len": input_len, "new_prompt_len": new_len,
         "decode_step_ms": decode, "steps_after_arrival": around,
         "profiled_steps_ms": [profiled_ms, profiled_ms2], **_gpu_busy(prof),
@@ -123,7 +133,8 @@ def main() -> None:
     with Engine(replace(config, attention_backend=args.backend), loaded) as engine:
         result["first_requests"] = first_requests(engine)
         result["mixed"] = mixed_steps(engine, args.batch, args.input_len, args.new_len)
-    print(json.dumps(result["mixed"], indent=1))
+    print(json.dumps({k: v for k, v in result["mixed"].items() if k != "host_top"}, indent=1))
+    print(result["mixed"]["host_top"][:6000])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -224,8 +224,10 @@ def test_warm_up_leaves_the_engine_as_it_found_it(loaded: LoadedModel) -> None:
     finals = drain(cold)
     want = [finals[i].token_ids for i in ids]
     engine = make_engine(loaded)
-    # pool 256 tokens: a 4 x 200-token batch and a 261-token prompt do not fit
-    assert [[len(p) for p in b] for b in warmup_batches(engine)] == [[1, 7, 16], [33]]
+    # pool 256 tokens: a 4 x 200-token batch and a 261-token prompt do not fit; then single
+    # prompts of 64 tokens up to one chunk (128)
+    lengths = [[len(p) for p in b] for b in warmup_batches(engine)]
+    assert lengths == [[1, 7, 16], [33], [64], [128]]
     engine._warm_up()
     stats = engine.stats()
     assert (stats.num_steps, stats.max_batch_seen, stats.num_cached_pages) == (0, 0, 0)
@@ -241,4 +243,5 @@ def test_warm_up_batches_grow_with_the_pool(loaded: LoadedModel) -> None:
     )
     engine = Engine(config, loaded)
     lengths = [[len(p) for p in b] for b in warmup_batches(engine)]
-    assert lengths == [[1, 7, 16], [2 * CHUNK + 5], [33]]  # context 512 bounds the mixed batch
+    # context 512 bounds the mixed batch
+    assert lengths == [[1, 7, 16], [2 * CHUNK + 5], [33], [64], [CHUNK]]

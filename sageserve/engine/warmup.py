@@ -5,7 +5,11 @@ Triton compiles a kernel for each new specialization of its integer arguments (1
 of 16, anything else) and constexprs; the steps below cover them for every step kind the
 scheduler makes: a prefill of several sequences of mixed lengths (1, 7, 16, 200 tokens),
 decode steps of that batch, a prompt longer than two chunks (chunked prefill over a cached
-prefix), and a prefix-cache hit. Prompts are random token ids from a fixed seed, greedy,
+prefix), and a prefix-cache hit. Then single prompts of 64, 128, ... tokens up to one chunk,
+each alone in its step: cuBLAS chooses a GEMM kernel by the number of rows (the step's
+tokens), and CUDA loads a kernel's module the first time it runs (lazy loading, the
+default), so a prompt length the warm-up never ran could pay that on a user's request.
+Prompts are random token ids from a fixed seed, greedy,
 with their own seed, so the engine's seed stream is untouched; the prefix cache is
 flushed afterwards.
 """
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
 MIXED_LENGTHS = (1, 7, 16, 200)
 NEW_TOKENS = 3
 CACHE_HIT_EXTRA = 17
+FIRST_ALONE_LENGTH = 64  # the mixed batch covers shorter steps
 
 
 def warmup_batches(engine: Engine) -> list[list[list[int]]]:
@@ -42,7 +47,17 @@ def warmup_batches(engine: Engine) -> list[list[list[int]]]:
         batches.append([prompt(long_len)])
     if mixed and len(mixed[-1]) + CACHE_HIT_EXTRA <= longest:
         batches.append([mixed[-1] + prompt(CACHE_HIT_EXTRA)])
+    batches += [[prompt(n)] for n in _gemm_row_counts(min(info.chunked_prefill_size, longest))]
     return [batch for batch in batches if batch]
+
+
+def _gemm_row_counts(limit: int) -> list[int]:
+    """Powers of two from FIRST_ALONE_LENGTH up to `limit` tokens."""
+    counts, n = [], FIRST_ALONE_LENGTH
+    while n <= limit:
+        counts.append(n)
+        n *= 2
+    return counts
 
 
 def warm_up(engine: Engine) -> int:
