@@ -102,7 +102,7 @@ def perplexity_section(
         "window_tokens": len(windows[0].token_ids),
         "token_offsets": [w.offset for w in windows],
     }
-    method = "exp(-mean log p) over the windows' next tokens; delta CI: paired bootstrap"
+    method = "exp(-mean log p) over the windows' next tokens; delta CI: paired block bootstrap"
     verdict = verdicts.perplexity_verdict(per_backend, cfg.thresholds, profiles)
     return _section(verdict, results, method)
 
