@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sageserve.attention.page_tables import padded_page_table
-from sageserve.attention.sage_attn.code_flips import codes_within_flips
+from sageserve.attention.sage_attn.code_flips import codes_within_flips, signed_bits
 from sageserve.attention.sage_attn.kernels.decode import DecodeWorkspace, sage_decode_paged
 from sageserve.attention.sage_attn.kernels.prefill import PrefillConfig, sage_attention_paged
 from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel, check_rotation
@@ -85,11 +85,6 @@ def stored(step: Step, pv: str, rotation: HadamardKernel) -> tuple[torch.Tensor,
     return caches
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """A view that torch.equal compares bit for bit (NaN poison included, fp8 too)."""
-    return t.view(torch.int8) if t.element_size() == 1 else t.view(torch.int16)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("dim", "dtype", "pv"), [(64, torch.bfloat16, "fp16"),
                                                   (128, torch.float32, "fp16"),
@@ -102,7 +97,7 @@ def test_fused_rotation_equals_rotating_first(
     step = make_step(dim, dtype, device, seed=dim + len(pv))
     fused, first = stored(step, pv, BUTTERFLY), stored(step, pv, OFF)
     for a, b in zip(fused, first, strict=True):
-        assert torch.equal(_bits(a), _bits(b))
+        assert torch.equal(signed_bits(a), signed_bits(b))
     rotated_q = hadamard_rotate(step.q)
     for attend in (prefill, decode):
         assert torch.equal(
@@ -164,9 +159,9 @@ def test_tensor_core_rotation_equals_rotating_first_up_to_code_flips(
     step = make_step(dim, dtype, device, seed=3 * dim + len(pv))
     product, first = stored(step, pv, TENSOR_CORE), stored(step, pv, OFF)
     for a, b in zip(product[:2], first[:2], strict=True):  # K codes and scales
-        assert codes_within_flips(_bits(a), _bits(b))
+        assert codes_within_flips(signed_bits(a), signed_bits(b))
     for a, b in zip(product[2:], first[2:], strict=True):  # V is never rotated
-        assert torch.equal(_bits(a), _bits(b))
+        assert torch.equal(signed_bits(a), signed_bits(b))
     rotated_q = hadamard_rotate(step.q)
     for attend in (prefill, decode):
         got = attend(step, first, step.q, TENSOR_CORE).float()

@@ -318,20 +318,15 @@ def _matches_reference(
 ) -> bool:
     """Bit for bit, except the K codes and scales of the tensor-core rotation: its sums run
     in another order than the reference's butterfly, so a code may flip (`code_flips.py`)."""
-    from sageserve.attention.sage_attn.code_flips import codes_within_flips
+    from sageserve.attention.sage_attn.code_flips import codes_within_flips, signed_bits
     from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel
 
     if getattr(variant.backend, "rotation", None) != HadamardKernel.TENSOR_CORE:
         return _same_bits(got, want)
     keys = zip(got[:2], want[:2], strict=True)
-    return all(codes_within_flips(_signed(x), _signed(y)) for x, y in keys) and _same_bits(
+    return all(codes_within_flips(signed_bits(x), signed_bits(y)) for x, y in keys) and _same_bits(
         got[2:], want[2:]
     )
-
-
-def _signed(t: torch.Tensor) -> torch.Tensor:
-    """int8 codes, or fp16 scales as int16: one step apart is one integer apart."""
-    return t.view(torch.int8 if t.element_size() == 1 else torch.int16)
 
 
 def check_variant(variant: StoreVariant, step: StepInputs, timer: Timer) -> dict[str, bool]:

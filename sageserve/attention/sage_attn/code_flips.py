@@ -16,6 +16,12 @@ import torch
 MAX_FLIP_SHARE = 1e-3
 
 
+def signed_bits(t: torch.Tensor) -> torch.Tensor:
+    """int8 codes (INT8 or FP8) or fp16 scales as a same-width signed integer view: one step
+    apart is one integer apart, and torch.equal compares bit for bit (NaN poison included)."""
+    return t.view(torch.int8 if t.element_size() == 1 else torch.int16)
+
+
 def codes_within_flips(
     got: torch.Tensor, want: torch.Tensor, max_share: float = MAX_FLIP_SHARE
 ) -> bool:
