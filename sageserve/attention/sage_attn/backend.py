@@ -65,7 +65,12 @@ from sageserve.attention.sage_attn.metadata import (
 from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.attention.sage_attn.reference import FP8_DTYPE, quantize_kv, sage_attention
 from sageserve.attention.sage_attn.rotation import hadamard_rotate, rotated_sm_scale
-from sageserve.attention.static_metadata import StaticBuffers, table_width, write_decode_rows
+from sageserve.attention.static_metadata import (
+    PATCHES_PER_ROW,
+    StaticBuffers,
+    table_width,
+    write_decode_rows,
+)
 from sageserve.attention.torch_native.backend import TorchNativeBackend
 from sageserve.attention.triton_attn.backend import TritonBackend
 from sageserve.startup_phases import startup_phase
@@ -529,6 +534,7 @@ class SageAttentionBackend(AttentionBackend):
         buffers = StaticBuffers(
             {"page_table": ((bs, width), i32), "q_rows": ((bs,), i32), "kv_len": ((bs,), i32),
              "store_pages": ((bs,), i64), "store_offsets": ((bs,), i64)}, self.options.device,
+            patched="page_table", patch_capacity=PATCHES_PER_ROW * bs,
         )  # fmt: skip
         buffers.host["q_rows"][:] = np.arange(bs)
         view = buffers.device

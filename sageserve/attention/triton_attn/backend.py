@@ -38,7 +38,12 @@ from sageserve.attention.base import (
 from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.graph_sizes import padded_batch_size
 from sageserve.attention.paged_cache import PagedKVCache, resolve_kv_dtype
-from sageserve.attention.static_metadata import StaticBuffers, table_width, write_decode_rows
+from sageserve.attention.static_metadata import (
+    PATCHES_PER_ROW,
+    StaticBuffers,
+    table_width,
+    write_decode_rows,
+)
 from sageserve.attention.triton_attn.kernels.decode import (
     DecodePlan,
     num_decode_splits,
@@ -230,7 +235,8 @@ class TritonBackend(AttentionBackend):
         i32, i64 = torch.int32, torch.int64
         buffers = StaticBuffers(
             {"page_table": ((bs, width), i32), "q_row": ((bs,), i32), "kv_len": ((bs,), i32),
-             "slot": ((bs,), i64)}, device,
+             "slot": ((bs,), i64)}, device, patched="page_table",
+            patch_capacity=PATCHES_PER_ROW * bs,
         )  # fmt: skip
         buffers.host["q_row"][:] = np.arange(bs)
         buffers.host["slot"][:] = -1
