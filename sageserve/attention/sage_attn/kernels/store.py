@@ -221,7 +221,10 @@ def _load_tile(
     return k, v
 
 
-@triton.jit
+# Token counts vary with every prompt: specializing on them (1, multiples of 16, other)
+# would compile a variant on a user's request that the warm-up did not happen to make (a
+# first 700-token prompt took 820 ms on an H200, its steady TTFT 33 ms).
+@triton.jit(do_not_specialize=["num_tokens", "tiles_per_program"])
 def _store_kv_kernel(
     k_ptr, v_ptr, mean_ptr, balance_ptr, pages_ptr, offsets_ptr,
     k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr, num_tokens, tiles_per_program,
