@@ -19,12 +19,16 @@ import cProfile
 import io
 import json
 import pstats
+import shlex
+import sys
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from sageserve.bench.run_record import device_info, software
 from sageserve.config import EngineConfig
 from sageserve.engine.engine import Engine
 from sageserve.engine.sampling_params import SamplingParams
@@ -129,7 +133,9 @@ def main() -> None:
     args = parser.parse_args()
     config = EngineConfig(model_path=args.model_path, load_format="dummy")
     loaded = load_model(config.model_path, load_format="dummy", device=config.torch_device())
-    result = {"backend": args.backend}
+    result = {"command": shlex.join(["python", *sys.argv]),
+              "date": datetime.now(UTC).isoformat(), "device": device_info(config.torch_device()),
+              "software": software(), "backend": args.backend}  # fmt: skip
     with Engine(replace(config, attention_backend=args.backend), loaded) as engine:
         result["first_requests"] = first_requests(engine)
         result["mixed"] = mixed_steps(engine, args.batch, args.input_len, args.new_len)

@@ -319,6 +319,7 @@ def test_default_config_spreads_small_launches(rows, sms, min_block_t, block_t) 
     # Decode-sized launches: tiles just large enough to give every SM rows.
     config = default_config(64, rows, sms, min_block_t)
     assert config.block_t == block_t
+    assert (config == default_config(64)) == (block_t == 32)  # full tiles: one config
     if block_t < 32:
         assert triton.cdiv(rows, block_t) <= sms or block_t == min_block_t
 

@@ -86,6 +86,8 @@ def default_config(
     if rows is None or rows >= full.block_t * sms:
         return full
     block_t = max(min_block_t, triton.next_power_of_2(triton.cdiv(rows, sms)))
+    if block_t >= full.block_t:
+        return full
     return StoreConfig(block_t=block_t, num_warps=1 if block_t <= 2 else 2 if block_t <= 8 else 4)
 
 
