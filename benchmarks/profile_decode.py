@@ -3,10 +3,10 @@
 For each backend and batch size: queue B greedy requests of --input-len random tokens, step
 until every one has its first token, then record --steps decode steps under the torch
 profiler (CUDA kernels and host ops). Reports per step: wall time, GPU busy time (the union
-of kernel intervals) and idle time between kernels (split into launch gaps of up to LAUNCH_GAP_US and
-longer waits for the host), the busy fraction of the window, kernel
-launches, and the kernels that take the most GPU time; plus the host functions that take the
-most time in the same steps (cProfile). One JSON with the device, versions, date and command.
+of kernel intervals) and idle time between kernels (split into launch gaps of up to
+LAUNCH_GAP_US and longer waits for the host), the busy fraction of the window, kernel
+launches, and the kernels that take the most GPU time; plus the host functions that take
+the most time in the same steps (cProfile). One JSON with the device, versions, date and command.
 
     python benchmarks/profile_decode.py --backends triton,sage_attn --batch-sizes 1,64 \
         --out profile.json
