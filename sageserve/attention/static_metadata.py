@@ -54,12 +54,12 @@ class StaticBuffers:
         if table is not None:
             if table[1] != torch.int32 or patch_capacity < 1:
                 raise ValueError("a patched table is int32, with a patch capacity >= 1")
-            # The table comes last, with one spare entry that unused patches write into.
             specs |= {"_patch_index": ((patch_capacity,), torch.int64),
                       "_patch_value": ((patch_capacity,), torch.int32)}  # fmt: skip
         spans, total = self._layout(specs)
         self._bulk_bytes = total
         if table is not None:
+            # The table comes last, with one spare entry that unused patches write into.
             table_bytes = (math.prod(table[0]) + 1) * 4
             spans["_table"] = (total, table_bytes)
             total += -(-table_bytes // _ALIGN) * _ALIGN

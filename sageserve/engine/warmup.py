@@ -9,9 +9,8 @@ prefix), and a prefix-cache hit. Then single prompts of 64, 128, ... tokens up t
 each alone in its step: cuBLAS chooses a GEMM kernel by the number of rows (the step's
 tokens), and CUDA loads a kernel's module the first time it runs (lazy loading, the
 default), so a prompt length the warm-up never ran could pay that on a user's request.
-Prompts are random token ids from a fixed seed, greedy,
-with their own seed, so the engine's seed stream is untouched; the prefix cache is
-flushed afterwards.
+Prompts are random token ids from a fixed seed, greedy, with their own seed, so the engine's
+seed stream is untouched; the prefix cache is flushed afterwards.
 """
 
 from __future__ import annotations
