@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.profile_decode import _busy_us, _kernel_intervals, _top_kernels
 from sageserve.bench.run_record import device_info, software
 from sageserve.config import EngineConfig
 from sageserve.engine.engine import Engine
@@ -99,27 +100,18 @@ def mixed_steps(engine: Engine, batch: int, input_len: int, new_len: int) -> dic
     return {"host_profiled_steps_ms": host_ms, "host_top": text.getvalue(),
         "batch": batch, "input_len": input_len, "new_prompt_len": new_len,
         "decode_step_ms": decode, "steps_after_arrival": around,
-        "profiled_steps_ms": [profiled_ms, profiled_ms2], **_gpu_busy(prof),
+        "profiled_steps_ms": [profiled_ms, profiled_ms2], **_gpu_busy(prof, steps=2),
     }  # fmt: skip
 
 
-def _gpu_busy(prof: profile) -> dict:
-    kernels = sorted(
-        (e.time_range.start, e.time_range.end, e.name)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    )
-    busy, end = 0.0, float("-inf")
-    totals: dict[str, float] = {}
-    for start, stop, name in kernels:
-        totals[name[:80]] = totals.get(name[:80], 0.0) + stop - start
-        if stop > end:
-            busy += stop - max(start, end)
-            end = stop
-    top = sorted(totals.items(), key=lambda kv: -kv[1])[:20]
-    return {"gpu_busy_ms": busy / 1e3, "kernels": len(kernels),
-            "window_ms": (kernels[-1][1] - kernels[0][0]) / 1e3 if kernels else 0.0,
-            "top_kernels_ms": [(name, us / 1e3) for name, us in top]}  # fmt: skip
+def _gpu_busy(prof: profile, steps: int) -> dict:
+    """GPU busy time, kernel count and top kernels of the profiled steps (profile_decode's
+    own arithmetic)."""
+    intervals = _kernel_intervals(prof)
+    window_us = intervals[-1][1] - intervals[0][0] if intervals else 0.0
+    return {"gpu_busy_ms": _busy_us(intervals) / 1e3, "kernels": len(intervals),
+            "window_ms": window_us / 1e3,
+            "top_kernels": _top_kernels(intervals, steps, 20)}  # fmt: skip
 
 
 def main() -> None:
