@@ -87,16 +87,21 @@ class SchedulerConfig:
 class CudaGraphConfig:
     """CUDA-graph decode (CUDA only; on CPU decode always runs eagerly).
 
-    disable: run every decode step eagerly. max_bs: the largest decode batch replayed from
-    a graph (capped by max_running_requests); graphs are captured for 1, 2, 4, 8, 16, 24,
+    disable: run every step eagerly. max_bs: the largest decode batch replayed from a
+    graph (capped by max_running_requests); graphs are captured for 1, 2, 4, 8, 16, 24,
     ... up to it (sageserve/attention/graph_sizes.py), larger batches run eagerly.
+    piecewise_max_tokens: the longest other step (prefill, or prefill mixed with decodes)
+    replayed in pieces around eager attention (sageserve/engine/piecewise_graph.py); 0
+    turns piecewise graphs off, longer steps run eagerly.
     """
 
     disable: bool = False
     max_bs: int = 64
+    piecewise_max_tokens: int = 512
 
     def __post_init__(self) -> None:
         _check_positive("cuda_graph_max_bs", self.max_bs)
+        _check_positive("piecewise_cuda_graph_max_tokens", self.piecewise_max_tokens, 0)
 
 
 @dataclass(frozen=True)

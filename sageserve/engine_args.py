@@ -131,8 +131,8 @@ def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--disable-cuda-graph",
         action="store_true",
-        help="run every decode step eagerly (CUDA graphs are captured on CUDA only, and only "
-        "for the triton and sage_attn kernels)",
+        help="run every step eagerly (CUDA graphs are captured on CUDA only; whole decode "
+        "steps only for the triton and sage_attn kernels)",
     )
     group.add_argument(
         "--cuda-graph-max-bs",
@@ -140,6 +140,14 @@ def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
         default=64,
         help="largest decode batch replayed from a CUDA graph (capped by "
         "--max-running-requests); larger ones run eagerly",
+    )
+    group.add_argument(
+        "--piecewise-cuda-graph-max-tokens",
+        type=int,
+        default=512,
+        help="longest step with prefill replayed from piecewise CUDA graphs (every layer's "
+        "projections and MLP captured, attention eager between them; token counts 16, 32, "
+        "64, then multiples of 64); longer ones run eagerly; 0 turns them off",
     )
     group.add_argument(
         "--skip-warmup",
@@ -211,7 +219,11 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
         ),
         attention_options=backend_options_from_args(args),
-        cuda_graph=CudaGraphConfig(disable=args.disable_cuda_graph, max_bs=args.cuda_graph_max_bs),
+        cuda_graph=CudaGraphConfig(
+            disable=args.disable_cuda_graph,
+            max_bs=args.cuda_graph_max_bs,
+            piecewise_max_tokens=args.piecewise_cuda_graph_max_tokens,
+        ),
         fused_layers=not args.disable_fused_layers,
         warmup=not args.skip_warmup,
         overlap_schedule=not args.disable_overlap_schedule,

@@ -17,6 +17,7 @@ import re
 
 import pytest
 import torch
+from cache_snapshots import assert_same_pool, assert_written_only, restore, snapshot
 from int8_flips import assert_logprob_rows_close, assert_outputs_match
 from tiny_models import tiny_llama_config
 
@@ -195,47 +196,6 @@ def test_flags_and_cpu_engine_without_graphs() -> None:
 # ------------------------------------------------- the static path, eagerly, on CPU
 
 
-def _token_rows(cache) -> list[torch.Tensor]:
-    """Every pool tensor of a cache as [layers, slots, values of one token] (the sage
-    scratch page left out): a token's K, V and scales, one row per slot."""
-    if not hasattr(cache, "scratch_page"):
-        return [t.view(t.shape[0], t.shape[1], -1) for t in (cache.k, cache.v)]
-    pool = cache.scratch_page
-    k = cache.k[:, :pool].permute(0, 1, 3, 2, 4)  # [L, P, page, H, D]
-    v = cache.v[:, :pool].permute(0, 1, 4, 2, 3)  # V pages are [H, D, page]
-    scales = [s[:, :pool].permute(0, 1, 3, 2) for s in (cache.k_scale, cache.v_scale)]
-    return [t.reshape(t.shape[0], t.shape[1] * t.shape[2], -1) for t in (k, v, *scales)]
-
-
-def _tensor_fields(cache) -> list[str]:
-    return [name for name, value in vars(cache).items() if isinstance(value, torch.Tensor)]
-
-
-def _snapshot(cache):
-    """A copy of the cache (a dataclass of tensors)."""
-    return dataclasses.replace(
-        cache, **{n: getattr(cache, n).clone() for n in _tensor_fields(cache)}
-    )
-
-
-def _restore(cache, saved) -> None:
-    for name in _tensor_fields(cache):
-        getattr(cache, name).copy_(getattr(saved, name))
-
-
-def _assert_same_pool(cache, want) -> None:
-    for now, then in zip(_token_rows(cache), _token_rows(want), strict=True):
-        assert torch.equal(now, then)
-
-
-def _assert_written_only(cache, before, slots: list[int]) -> None:
-    """Slots other than `slots` hold what they held before (nothing else was written)."""
-    for now, then in zip(_token_rows(cache), _token_rows(before), strict=True):
-        keep = torch.ones(now.shape[1], dtype=torch.bool, device=now.device)
-        keep[slots] = False
-        assert torch.equal(now[:, keep], then[:, keep])
-
-
 def _new_slots(batch: ForwardBatch) -> list[int]:
     return batch.slot_mapping.tolist()
 
@@ -293,16 +253,16 @@ def test_backend_static_decode_equals_eager(name: str, sage: SageOptions) -> Non
         batch = _decode_batch(tables, lengths, rows, gen, CPU)
         n, bs = len(rows), padded_batch_size(len(rows))
         q, k, v = (torch.randn(bs, h, 64, generator=gen) for h in (4, 2, 2))
-        before = _snapshot(cache)
+        before = snapshot(cache)
         eager = _backend_step(backend, cache, backend.build_metadata(batch), q[:n], k[:n], v[:n])
-        after_eager = _snapshot(cache)
-        _restore(cache, before)
+        after_eager = snapshot(cache)
+        restore(cache, before)
         backend.graph_update(graph_metas[bs], batch)
         static = _backend_step(backend, cache, graph_metas[bs].meta, q, k, v)
         for out_static, out_eager in zip(static, eager, strict=True):
             assert torch.equal(out_static[:n], out_eager), rows
             assert torch.equal(out_static[n:], torch.zeros_like(out_static[n:])), rows
-        _assert_same_pool(cache, after_eager)
+        assert_same_pool(cache, after_eager)
         for i in rows:
             lengths[i] += 1
 
@@ -319,16 +279,16 @@ def _check_static_path(runner, graphs, device, exact: bool, eight_bit: bool = Fa
     runner.forward_eager(build_forward_batch(seqs, ids, [], PAGE, device))
     for rows in STEPS:
         batch = _decode_batch(tables, lengths, rows, gen, device)
-        before = _snapshot(runner.kv_cache)
+        before = snapshot(runner.kv_cache)
         eager = runner.forward_eager(batch)
-        after_eager = _snapshot(runner.kv_cache)
-        _restore(runner.kv_cache, before)
+        after_eager = snapshot(runner.kv_cache)
+        restore(runner.kv_cache, before)
         static = graphs.run(batch)
         assert torch.isfinite(static).all()
-        _assert_written_only(runner.kv_cache, before, _new_slots(batch))
+        assert_written_only(runner.kv_cache, before, _new_slots(batch))
         if exact:
             assert torch.equal(static, eager), (rows, (static - eager).abs().max())
-            _assert_same_pool(runner.kv_cache, after_eager)
+            assert_same_pool(runner.kv_cache, after_eager)
         else:
             assert_logprob_rows_close(static, eager, exact_atol=None if eight_bit else 1e-5)
         for i in rows:
@@ -391,7 +351,8 @@ def test_graph_replay_equals_eager_on_gpu(backend: str, sage: SageOptions) -> No
 def test_engine_with_graphs_equals_eager_on_gpu(backend: str) -> None:
     """A mixed workload (chunked prefills beside decodes, decode batches from 10 down to 1:
     eager above the largest graph, padded to 8, 4, 2 and exact at 1): greedy tokens
-    identical and logprobs equal with and without CUDA graphs."""
+    identical and logprobs equal with and without decode graphs (steps with prefill run
+    eagerly on both sides here: test_piecewise_graph.py covers their graphs)."""
     cuda = torch.device("cuda")
     loaded = _tiny_model(torch.float16, cuda)
     lengths = [3, 17, 64, 100, 129, 250, 31, 7, 80, 45]
@@ -404,7 +365,9 @@ def test_engine_with_graphs_equals_eager_on_gpu(backend: str) -> None:
     outputs = {}
     for disable in (False, True):
         config = dataclasses.replace(
-            _engine_config(backend, SageOptions(), "cuda", disable=disable, max_bs=8),
+            _engine_config(
+                backend, SageOptions(), "cuda", disable=disable, max_bs=8, piecewise_max_tokens=0
+            ),
             scheduler=dataclasses.replace(EngineConfig().scheduler, chunked_prefill_size=96),
         )
         llm = LLM.from_engine_config(config, loaded)

@@ -1,4 +1,7 @@
-"""Decode batch sizes that CUDA graphs are captured for, and the rule that pads a batch to one.
+"""Sizes that CUDA graphs are captured for, and the rules that pad a step to one.
+
+Decode graphs are captured per batch size (one token per sequence); piecewise graphs, for
+steps with prefill, per token count (`padded_token_count`).
 
 A decode step of n sequences replays the graph captured for `padded_batch_size(n)` rows.
 The split-KV decode kernels choose their split count from the batch size, and a different
@@ -32,3 +35,29 @@ def graph_batch_sizes(limit: int) -> list[int]:
         sizes.append(size)
         size = padded_batch_size(size + 1)
     return sizes
+
+
+# Piecewise graphs: powers of two up to this many tokens, multiples of it beyond.
+_TOKEN_STEP = 64
+_FIRST_TOKEN_COUNT = 16
+
+
+def padded_token_count(num_tokens: int) -> int:
+    """The smallest piecewise-graph token count >= num_tokens: 16, 32, 64, then multiples of
+    64. Padding rows cost the GEMMs little while they are bound by reading the weights (a
+    few hundred rows on current GPUs) and at most 1/5 of the rows beyond 256 tokens."""
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    if num_tokens <= _TOKEN_STEP:
+        return max(_FIRST_TOKEN_COUNT, 1 << (num_tokens - 1).bit_length())
+    return -(-num_tokens // _TOKEN_STEP) * _TOKEN_STEP
+
+
+def piecewise_token_counts(limit: int) -> list[int]:
+    """Every piecewise-graph token count <= limit, ascending: what is captured for `limit`."""
+    counts: list[int] = []
+    count = _FIRST_TOKEN_COUNT
+    while count <= limit:
+        counts.append(count)
+        count = padded_token_count(count + 1)
+    return counts

@@ -54,6 +54,7 @@ class LLM:
         attention_options: dict[str, Any] | None = None,
         disable_cuda_graph: bool = False,
         cuda_graph_max_bs: int = 64,
+        piecewise_cuda_graph_max_tokens: int = 512,
         disable_fused_layers: bool = False,
         skip_warmup: bool = False,
         disable_overlap_schedule: bool = False,
@@ -81,7 +82,11 @@ class LLM:
             attention_options=(
                 backend_entry(attention_backend).flags_class.from_kwargs(attention_options or {}),
             ),
-            cuda_graph=CudaGraphConfig(disable=disable_cuda_graph, max_bs=cuda_graph_max_bs),
+            cuda_graph=CudaGraphConfig(
+                disable=disable_cuda_graph,
+                max_bs=cuda_graph_max_bs,
+                piecewise_max_tokens=piecewise_cuda_graph_max_tokens,
+            ),
             fused_layers=not disable_fused_layers,
             warmup=not skip_warmup,
             overlap_schedule=not disable_overlap_schedule,

@@ -10,6 +10,7 @@ from sageserve.attention.base import AttentionBackend, StepAttention
 from sageserve.attention.batch import ForwardBatch
 from sageserve.config import DEFAULT_CPU_KV_TOKENS, CacheConfig, CudaGraphConfig
 from sageserve.engine.cuda_graph import DecodeGraphRunner, decode_graph_runner
+from sageserve.engine.piecewise_graph import PiecewiseGraphRunner, piecewise_graph_runner
 from sageserve.models.llama import LlamaForCausalLM
 from sageserve.startup_phases import startup_phase
 
@@ -45,8 +46,9 @@ def pool_num_pages(
 class ModelRunner:
     """Runs a ForwardBatch through the model and returns the logits it asked for.
 
-    Decode-only steps replay a CUDA graph once `setup_cuda_graphs` captured them (CUDA);
-    every other step runs eagerly.
+    Once `setup_cuda_graphs` captured them (CUDA): decode-only steps replay a whole-step
+    graph, other steps of up to `piecewise_max_tokens` tokens replay piecewise graphs
+    around eager attention; every other step runs eagerly.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class ModelRunner:
         with startup_phase("allocate", "KV cache pool"):
             self.kv_cache = backend.allocate(self.num_pages, self.page_size)
         self.graph_runner: DecodeGraphRunner | None = None
+        self.piecewise_runner: PiecewiseGraphRunner | None = None
         self._log_pool()
 
     @property
@@ -90,17 +93,24 @@ class ModelRunner:
         self, config: CudaGraphConfig, max_running_requests: int, max_context: int
     ) -> None:
         """Capture decode graphs for contexts up to max_context tokens (capped by the pool),
-        unless on CPU, disabled or unsupported by the backend (logged)."""
+        unless on CPU, disabled or unsupported by the backend (logged); then the piecewise
+        graphs of other steps, unless on CPU or disabled."""
         max_context = min(max_context, self.pool_capacity_tokens)
         self.graph_runner = decode_graph_runner(
             self.model, self.backend, self.kv_cache, config, max_running_requests, max_context
         )
+        if self.device.type == "cuda" and not config.disable:
+            self.piecewise_runner = piecewise_graph_runner(
+                self.model, self.backend, self.kv_cache, config.piecewise_max_tokens
+            )
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits of the tokens in batch.logits_indices: [num_logits, vocab] float32."""
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.run(batch)
+        if self.piecewise_runner is not None and self.piecewise_runner.can_run(batch):
+            return self.piecewise_runner.run(batch)
         return self.forward_eager(batch)
 
     @torch.inference_mode()
