@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,10 +80,15 @@ class _Boundary:
     attention over the first n rows when not capturing (capture=False), or is None while
     warming up for a capture (no attention: the pieces never contain it)."""
 
-    def __init__(self, buffers: StaticQKV, size: int, at_attention: Any = None) -> None:
+    def __init__(
+        self, buffers: StaticQKV, size: int, at_attention: Callable[[int], None] | None = None
+    ) -> None:
         self.buffers, self.size, self.at_attention = buffers, size, at_attention
 
-    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def attend(
+        self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """q: [size, Hq, D]; k, v: [size, Hkv, D] -> the static output [size, Hq, D]."""
         b, size = self.buffers, self.size
         b.q[:size].copy_(q)
         b.k[:size].copy_(k)
