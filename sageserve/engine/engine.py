@@ -16,6 +16,7 @@ from sageserve.attention.base import BackendOptions
 from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.registry import get_backend_class
 from sageserve.config import EngineConfig
+from sageserve.engine.admission import check_param_token_ids, check_prompt, encode_prompt
 from sageserve.engine.block_manager import BlockManager
 from sageserve.engine.detokenizer import IncrementalDetokenizer
 from sageserve.engine.info import EngineInfo, EngineStats
@@ -39,21 +40,6 @@ logger = logging.getLogger(__name__)
 
 # Sees a logits matrix [rows, vocab] the model computed (see Engine.logits_hook).
 LogitsHook = Callable[[torch.Tensor], None]
-
-
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a text prompt, special tokens such as BOS added.
-
-    ValueError for text that is not valid Unicode (a lone UTF-16 surrogate, which a JSON
-    escape can carry): tokenizers raise a TypeError on it.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(
-            f"the prompt is not valid text: a lone surrogate at character {err.start}"
-        ) from None
-    return list(tokenizer.encode(text))
 
 
 def _upload(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -297,8 +283,9 @@ class Engine:
         """
         params = params or SamplingParams()
         token_ids = self.tokenize(prompt)
-        self._check_prompt(token_ids)
-        self._check_param_token_ids(params)
+        check_prompt(token_ids, self._model_config.vocab_size, self._max_model_len,
+                     self._runner.pool_capacity_tokens)  # fmt: skip
+        check_param_token_ids(params, self._model_config.vocab_size)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -307,37 +294,6 @@ class Engine:
         self._requests[request_id] = req
         self._scheduler.add_request(req)
         return request_id
-
-    def _check_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        vocab = self._model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if len(token_ids) >= self._max_model_len:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens; the context length is "
-                f"{self._max_model_len}, which must leave room for at least one new token"
-            )
-        if len(token_ids) + 1 > self._runner.pool_capacity_tokens:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens but the KV pool holds only "
-                f"{self._runner.pool_capacity_tokens}; raise --max-total-tokens"
-            )
-
-    def _check_param_token_ids(self, params: SamplingParams) -> None:
-        """ValueError for token ids in ``params`` the model has no logit for (SamplingParams
-        checks them without knowing the model)."""
-        vocab = self._model_config.vocab_size
-        fields = {
-            "stop_token_ids": params.stop_token_ids,
-            "logit_bias": [t for t, _ in params.logit_bias],
-        }
-        for name, ids in fields.items():
-            bad = [t for t in ids if t >= vocab]
-            if bad:
-                raise ValueError(f"{name} {bad[:5]} are outside the vocabulary [0, {vocab})")
 
     def _make_request(
         self,

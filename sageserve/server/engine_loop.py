@@ -36,7 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sageserve.engine.engine import Engine, encode_prompt
+from sageserve.engine.admission import encode_prompt
+from sageserve.engine.engine import Engine
 from sageserve.engine.info import EngineStats
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
