@@ -64,11 +64,13 @@ class SchedulerConfig:
     `chunked_prefill_size` is the token budget of one step: decode tokens and prefill
     chunks together never exceed it, and longer prompts are split across steps.
     `max_prefill_tokens_while_decoding` caps the prefill tokens of a step in which some
-    request decodes (None: no cap beyond chunked_prefill_size): the decoding requests wait
-    for the whole step, so a large prefill chunk stalls them (inter-token latency). Off by
-    default: on an H200 a cap of 512 cut ITL p99 from 57 to 45 ms but cost 23% of the
-    throughput and raised TTFT, because every step that mixes prefill into decoding runs
-    eagerly (BENCHMARKS.md, issue 16).
+    request decodes: the decoding requests wait for the whole step, so a large prefill chunk
+    stalls them (inter-token latency). None (the default) lets the engine choose: with
+    piecewise CUDA graphs, the largest graph's tokens less the largest decode graph's batch
+    (512 - 64 = 448 by default), so that a step with prefill and up to that many decodes is
+    one piecewise replay (`scheduler.prefill_cap_while_decoding`); otherwise no cap. 0: no
+    cap. On an H100 at 32 clients (1024-token prompts), the cap of 448 took ITL p99 from
+    52.9 to 23.0 ms for 5% of the throughput (BENCHMARKS.md, issue 16).
     """
 
     max_running_requests: int = 256
@@ -79,7 +81,9 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         _check_positive("max_running_requests", self.max_running_requests)
         _check_positive("chunked_prefill_size", self.chunked_prefill_size)
-        _check_positive("max_prefill_tokens_while_decoding", self.max_prefill_tokens_while_decoding)
+        _check_positive(
+            "max_prefill_tokens_while_decoding", self.max_prefill_tokens_while_decoding, 0
+        )
         _check_positive("max_queued_requests", self.max_queued_requests)
 
 

@@ -123,7 +123,9 @@ def _add_scheduler_args(group: argparse._ArgumentGroup) -> None:
         default=None,
         help="prefill tokens a step may compute while other requests decode (they wait for "
         "the whole step: a cap bounds their inter-token latency, at a cost in throughput and "
-        "TTFT); default: no cap beyond --chunked-prefill-size",
+        "TTFT); 0: no cap beyond --chunked-prefill-size; default: with piecewise CUDA graphs, "
+        "--piecewise-cuda-graph-max-tokens less --cuda-graph-max-bs (448), so such a step "
+        "is one graph replay; otherwise no cap",
     )
 
 

@@ -13,7 +13,7 @@ from sageserve.engine.engine import Engine
 from sageserve.engine.memory_usage import tensor_bytes
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
-from sageserve.engine.warmup import warmup_batches
+from sageserve.engine.warmup import prompts_beside_decodes, warmup_batches
 from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.models.loader import LoadedModel, load_model
 
@@ -235,6 +235,40 @@ def test_warm_up_leaves_the_engine_as_it_found_it(loaded: LoadedModel) -> None:
     ids = [engine.add_request(p, params) for p in prompts]
     finals = drain(engine)
     assert [finals[i].token_ids for i in ids] == want
+
+
+def test_warm_up_runs_capped_chunks_beside_decodes(loaded: LoadedModel) -> None:
+    """With a prefill cap while decoding, the warm-up makes the steps that cap makes: a
+    chunk of `cap` tokens over a cached prefix beside 1, 7 and 16 decoding requests; the
+    engine is whole afterwards. Without a cap (CPU's default) it makes none."""
+    assert prompts_beside_decodes(make_engine(loaded)) == []
+    base = make_engine(loaded)._config
+    config = dataclasses.replace(
+        base, cache=CacheConfig(page_size=PAGE, max_total_tokens=4096),
+        scheduler=dataclasses.replace(base.scheduler, max_running_requests=32,
+                                      max_prefill_tokens_while_decoding=40),
+    )  # fmt: skip
+    engine = Engine(config, loaded)
+    plans = prompts_beside_decodes(engine)
+    assert [(len(d), len(late)) for d, late in plans] == [(1, 97), (7, 97), (16, 97)]
+    seen = []
+    schedule = engine._scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        decodes = sum(c.request.num_computed_tokens >= c.request.num_prompt_tokens
+                      for c in out.chunks)  # fmt: skip
+        chunks = [(c.request.num_computed_tokens, c.num_new_tokens) for c in out.chunks
+                  if c.num_new_tokens > 1]  # fmt: skip
+        seen.append((decodes, chunks))
+        return out
+
+    engine._scheduler.schedule = recording_schedule
+    engine._warm_up()
+    for count in (1, 7, 16):
+        assert (count, [(40, 40)]) in seen, seen
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_usable_pages and not engine.request_ids()
 
 
 def test_warm_up_batches_grow_with_the_pool(loaded: LoadedModel) -> None:

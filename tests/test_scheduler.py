@@ -12,7 +12,7 @@ from sageserve.config import SchedulerConfig
 from sageserve.engine.block_manager import BlockManager
 from sageserve.engine.request import Request, RequestStatus
 from sageserve.engine.sampling_params import SamplingParams
-from sageserve.engine.scheduler import Scheduler
+from sageserve.engine.scheduler import Scheduler, prefill_cap_while_decoding
 
 PAGE = 16
 
@@ -102,3 +102,20 @@ def test_no_cap_by_default() -> None:
     decoding(sched, "d", 9)
     sched.add_request(request("new", 1000))
     assert chunk_sizes(sched) == {"d": 1, "new": 699}
+
+
+def test_prefill_cap_while_decoding_resolves_the_default() -> None:
+    """None: room beside the largest decode graph's batch in the largest piecewise graph (at
+    least half of it), no cap without piecewise graphs; a value given is kept (0: none)."""
+    assert prefill_cap_while_decoding(None, 512, 64) == 448
+    assert prefill_cap_while_decoding(None, 64, 64) == 32
+    assert prefill_cap_while_decoding(None, None, 64) == 0
+    assert prefill_cap_while_decoding(0, 512, 64) == 0
+    assert prefill_cap_while_decoding(100, None, 64) == 100
+
+
+def test_a_zero_cap_is_no_cap() -> None:
+    sched = scheduler(total=700, while_decoding=0)
+    decoding(sched, "d", 20)
+    sched.add_request(request("p", 1000))
+    assert chunk_sizes(sched) == {"d": 1, "p": 699}

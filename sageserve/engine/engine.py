@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -15,7 +16,7 @@ import torch
 from sageserve.attention.base import BackendOptions
 from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.registry import get_backend_class
-from sageserve.config import EngineConfig
+from sageserve.config import EngineConfig, SchedulerConfig
 from sageserve.engine.admission import check_param_token_ids, check_prompt, encode_prompt
 from sageserve.engine.block_manager import BlockManager
 from sageserve.engine.detokenizer import IncrementalDetokenizer
@@ -27,7 +28,7 @@ from sageserve.engine.model_runner import ModelRunner
 from sageserve.engine.request import Request, RequestOutput
 from sageserve.engine.sampler import SampledTokens, Sampler, SamplingRow
 from sageserve.engine.sampling_params import SamplingParams
-from sageserve.engine.scheduler import ScheduledChunk, Scheduler
+from sageserve.engine.scheduler import ScheduledChunk, Scheduler, prefill_cap_while_decoding
 from sageserve.engine.step_plan import ChunkPlan, plan_step
 from sageserve.engine.stop import StopChecker
 from sageserve.engine.teacher_forced import borrowed_pages, check_scorable, forward_chunks
@@ -130,7 +131,7 @@ class Engine:
         self._block_manager = BlockManager(
             runner.num_pages, runner.page_size, cache.enable_prefix_cache
         )
-        self._scheduler = Scheduler(config.scheduler, self._block_manager)
+        self._scheduler = Scheduler(self._scheduler_config(runner), self._block_manager)
         logger.info(
             "engine ready: model=%s dtype=%s device=%s attention=%s context=%d fused_layers=%s "
             "overlap_schedule=%s",
@@ -142,6 +143,19 @@ class Engine:
             self._fused_layers,
             config.overlap_schedule,
         )
+
+    def _scheduler_config(self, runner: ModelRunner) -> SchedulerConfig:
+        """The config's scheduler limits with the prefill cap while decoding resolved (0:
+        none; see SchedulerConfig), logged."""
+        config = self._config
+        pieces = runner.piecewise_runner
+        cap = prefill_cap_while_decoding(
+            config.scheduler.max_prefill_tokens_while_decoding,
+            pieces.token_counts[-1] if pieces is not None else None,
+            config.cuda_graph.max_bs,
+        )
+        logger.info("prefill tokens of a step with decodes: %s", cap or "no cap")
+        return dataclasses.replace(config.scheduler, max_prefill_tokens_while_decoding=cap)
 
     @property
     def _fused_layers(self) -> bool:
@@ -164,7 +178,9 @@ class Engine:
             vocab_size=self._model_config.vocab_size,
             max_running_requests=config.scheduler.max_running_requests,
             chunked_prefill_size=config.scheduler.chunked_prefill_size,
-            max_prefill_tokens_while_decoding=config.scheduler.max_prefill_tokens_while_decoding,
+            max_prefill_tokens_while_decoding=(
+                self._scheduler.config.max_prefill_tokens_while_decoding or None
+            ),
             enable_prefix_cache=config.cache.enable_prefix_cache,
             fused_layers=self._fused_layers,
             overlap_schedule=config.overlap_schedule,

@@ -170,15 +170,21 @@ class PiecewiseGraphRunner:
         return step.hidden
 
     def _capture_all(self) -> None:
-        """Capture every token count, largest first, into one memory pool."""
+        """Capture every token count, largest first, into one memory pool, all on one side
+        stream (cuBLAS keeps a workspace per stream), then replay every graph once: a
+        graph's first launch uploads it, which a user's step should not wait for."""
         pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
         for size in reversed(self.token_counts):
             step = self.steps[size]
-            self._warm_up(step)
-            self._capture(step, pool)
+            self._warm_up(step, stream)
+            self._capture(step, pool, stream)
+        for step in self.steps.values():
+            for graph in step.graphs:
+                graph.replay()
         torch.cuda.synchronize(self.device)
 
-    def _capture(self, step: PiecewiseStep, pool: Any) -> None:
+    def _capture(self, step: PiecewiseStep, pool: Any, stream: torch.cuda.Stream) -> None:
         """One graph per piece: `_Boundary` ends the current capture at every attention call."""
 
         def begin() -> None:
@@ -190,7 +196,6 @@ class PiecewiseGraphRunner:
             step.layer_ids.append(layer_id)
             begin()
 
-        stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             begin()
@@ -201,10 +206,9 @@ class PiecewiseGraphRunner:
                 step.graphs[-1].capture_end()
         torch.cuda.current_stream(self.device).wait_stream(stream)
 
-    def _warm_up(self, step: PiecewiseStep) -> None:
-        # On a side stream, as torch's capture recipe does: compiles the pieces' Triton
+    def _warm_up(self, step: PiecewiseStep, stream: torch.cuda.Stream) -> None:
+        # On the side stream, as torch's capture recipe does: compiles the pieces' Triton
         # kernels and sets up cuBLAS for this row count, none of which may happen in a capture.
-        stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(WARMUP_RUNS):

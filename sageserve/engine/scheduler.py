@@ -4,9 +4,10 @@ Every request is treated alike: it has `num_tokens` token ids of which
 `num_computed_tokens` already have K/V in the cache; a step computes the next chunk of the
 rest. A prefill chunk and a decode token differ only in chunk length, so one step mixes
 both under one token budget (`chunked_prefill_size`). While some request decodes, the
-prefill chunks of a step can be held to `max_prefill_tokens_while_decoding` in all (off by
-default): a decode step that also prefills takes about as long as its prefill tokens, and
-every decoding request waits for it (its inter-token latency).
+prefill chunks of a step are held to `max_prefill_tokens_while_decoding` in all (0 or None
+here: no cap; the engine resolves the config's default with `prefill_cap_while_decoding`):
+a decode step that also prefills takes about as long as its prefill tokens, and every
+decoding request waits for it (its inter-token latency).
 
 Order: running requests first, in admission order; then waiting requests, first come
 first served. When pages run out, the most recently admitted running request is preempted
@@ -21,6 +22,20 @@ from dataclasses import dataclass
 from sageserve.config import SchedulerConfig
 from sageserve.engine.block_manager import BlockManager
 from sageserve.engine.request import Request, RequestStatus
+
+
+def prefill_cap_while_decoding(
+    asked: int | None, largest_piecewise_tokens: int | None, largest_decode_batch: int
+) -> int:
+    """The prefill tokens a step that decodes may hold (0: no cap), from the config's value:
+    asked when given (0 included); by default, when piecewise graphs run steps of up to
+    largest_piecewise_tokens, what leaves room for largest_decode_batch decodes beside it
+    (the step stays one replay), else no cap."""
+    if asked is not None:
+        return asked
+    if largest_piecewise_tokens is None:
+        return 0
+    return max(largest_piecewise_tokens - largest_decode_batch, largest_piecewise_tokens // 2)
 
 
 @dataclass(frozen=True)
@@ -98,7 +113,7 @@ class Scheduler:
         out = SchedulerOutput([], [], [])
         budget = _StepBudget(self.config.chunked_prefill_size)
         cap = self.config.max_prefill_tokens_while_decoding
-        if cap is not None and any(_is_decoding(req) for req in self.running):
+        if cap and any(_is_decoding(req) for req in self.running):
             budget.prefill = min(budget.total, cap)
         self._schedule_running(out, budget)
         if not out.preempted:

@@ -5,10 +5,12 @@ Triton compiles a kernel for each new specialization of its integer arguments (1
 of 16, anything else) and constexprs; the steps below cover them for every step kind the
 scheduler makes: a prefill of several sequences of mixed lengths (1, 7, 16, 200 tokens),
 decode steps of that batch, a prompt longer than two chunks (chunked prefill over a cached
-prefix), and a prefix-cache hit. Then single prompts of 64, 128, ... tokens up to one chunk,
-each alone in its step: cuBLAS chooses a GEMM kernel by the number of rows (the step's
-tokens), and CUDA loads a kernel's module the first time it runs (lazy loading, the
-default), so a prompt length the warm-up never ran could pay that on a user's request.
+prefix), and a prefix-cache hit; with a prefill cap while decoding, a prompt of two capped
+chunks and a rest arriving while 1, 7 and 16 requests decode (chunks over a cached prefix
+beside decode rows: the steps that cap makes). Then single prompts of 64, 128, ... tokens up
+to one chunk, each alone in its step: cuBLAS chooses a GEMM kernel by the number of rows
+(the step's tokens), and CUDA loads a kernel's module the first time it runs (lazy loading,
+the default), so a prompt length the warm-up never ran could pay that on a user's request.
 Prompts are random token ids from a fixed seed, greedy, with their own seed, so the engine's
 seed stream is untouched; the prefix cache is flushed afterwards.
 """
@@ -28,6 +30,7 @@ MIXED_LENGTHS = (1, 7, 16, 200)
 NEW_TOKENS = 3
 CACHE_HIT_EXTRA = 17
 FIRST_ALONE_LENGTH = 64  # the mixed batch covers shorter steps
+DECODING_COUNTS = (1, 7, 16)  # decode rows beside a capped chunk: one, odd, a multiple of 16
 
 
 def warmup_batches(engine: Engine) -> list[list[list[int]]]:
@@ -69,5 +72,39 @@ def warm_up(engine: Engine) -> int:
         while engine.has_unfinished_requests():
             engine.step()
         count += len(batch)
+    for decoders, late in prompts_beside_decodes(engine):
+        count += _prefill_beside_decodes(engine, decoders, late)
     engine.flush_prefix_cache()
     return count
+
+
+def prompts_beside_decodes(engine: Engine) -> list[tuple[list[list[int]], list[int]]]:
+    """(prompts that decode, a prompt arriving while they do) for 1, 7 and 16 decoding
+    requests; the late prompt spans two capped chunks and a short rest. Empty without a
+    prefill cap while decoding, or when the pool or context cannot hold them."""
+    info = engine.info
+    cap = info.max_prefill_tokens_while_decoding
+    late_len = 2 * (cap or 0) + CACHE_HIT_EXTRA
+    room = min(info.context_length, info.pool_capacity_tokens) - NEW_TOKENS
+    if not cap or late_len > room or late_len + 16 * 2 * NEW_TOKENS > info.pool_capacity_tokens:
+        return []
+    generator = torch.Generator().manual_seed(1)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(0, info.vocab_size, (n,), generator=generator).tolist()
+
+    return [([prompt(NEW_TOKENS) for _ in range(n)], prompt(late_len)) for n in DECODING_COUNTS]
+
+
+def _prefill_beside_decodes(engine: Engine, decoders: list[list[int]], late: list[int]) -> int:
+    """Start the decoders, queue the late prompt once they decode, run to completion. The
+    decoders generate until the late prompt's chunks are done."""
+    steps = -(-len(late) // engine.info.max_prefill_tokens_while_decoding) + NEW_TOKENS
+    params = SamplingParams(temperature=0, max_new_tokens=steps, ignore_eos=True, seed=0)
+    for prompt in decoders:
+        engine.add_request(prompt, params, stream=False)
+    engine.step()
+    engine.add_request(late, params, stream=False)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return len(decoders) + 1
