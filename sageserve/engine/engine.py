@@ -32,7 +32,7 @@ from sageserve.engine.scheduler import ScheduledChunk, Scheduler, prefill_cap_wh
 from sageserve.engine.step_plan import ChunkPlan, plan_step
 from sageserve.engine.stop import StopChecker
 from sageserve.engine.teacher_forced import borrowed_pages, check_scorable, forward_chunks
-from sageserve.engine.warmup import warm_up
+from sageserve.engine.warmup import warm_up, warm_up_thread
 from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.startup_phases import startup_phase
@@ -87,6 +87,17 @@ class Engine:
         with startup_phase("warm-up", "the step kinds of the first requests"):
             count = warm_up(self)
         logger.info("warm-up: %d requests run, prefix cache flushed", count)
+        self._num_steps = 0
+        self._max_batch_seen = 0
+
+    def warm_up_thread(self) -> None:
+        """On CUDA, with the warm-up on: run one short request on the calling thread (the
+        thread that will serve, when it is not the one that built the engine), counters
+        reset after; see warmup.warm_up_thread. Nothing otherwise."""
+        if not (self._config.warmup and self._device.type == "cuda"):
+            return
+        with startup_phase("warm-up", "the serving thread"):
+            warm_up_thread(self)
         self._num_steps = 0
         self._max_batch_seen = 0
 

@@ -108,3 +108,22 @@ def _prefill_beside_decodes(engine: Engine, decoders: list[list[int]], late: lis
     while engine.has_unfinished_requests():
         engine.step()
     return len(decoders) + 1
+
+
+THREAD_PROMPT_LENGTH = 8
+
+
+def warm_up_thread(engine: Engine) -> None:
+    """One short greedy request (a prefill and a decode step) on the calling thread.
+
+    Libraries keep per-thread state that the first call on a thread creates: PyTorch keeps
+    a cuBLAS handle per thread, for instance, and the logits GEMM runs outside the graphs.
+    The server's engine thread is not the one that ran `warm_up`, so it runs this before
+    the server reports ready."""
+    prompt = torch.randint(0, engine.info.vocab_size, (THREAD_PROMPT_LENGTH,),
+                           generator=torch.Generator().manual_seed(2)).tolist()  # fmt: skip
+    params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True, seed=0)
+    engine.add_request(prompt, params, stream=False)
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.flush_prefix_cache()

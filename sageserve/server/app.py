@@ -71,9 +71,12 @@ def build_app(engine_loop: EngineLoop, server_args: ServerArgs) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 while the engine thread runs (open without an API key, for probes)."""
-        if engine_loop.is_alive:
+        """200 while the engine thread serves (open without an API key, for probes); 503
+        while it warms up or once it has stopped."""
+        if engine_loop.is_ready:
             return JSONResponse({"status": "ok"})
+        if engine_loop.is_alive:
+            return error_response(APIError(503, "the engine is warming up", "server_error"))
         reason = engine_loop.failure or "not running"
         return error_response(APIError(503, f"the engine has stopped ({reason})", "server_error"))
 

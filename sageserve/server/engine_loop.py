@@ -186,6 +186,7 @@ class EngineLoop:
         self._pending_adds: set[asyncio.Future[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()  # set once the engine thread has warmed up
         self.token_text = functools.lru_cache(maxsize=65536)(self._decode_token)
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
 
@@ -209,6 +210,11 @@ class EngineLoop:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._encoder_thread.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def is_ready(self) -> bool:
+        """True once the engine thread has warmed up and serves (until it stops)."""
+        return self.is_alive and self._ready.is_set()
 
     @property
     def is_alive(self) -> bool:
@@ -375,6 +381,8 @@ class EngineLoop:
             self._post(self._engine_died, f"{type(err).__name__}: {err}")
 
     def _serve(self) -> None:
+        self._engine.warm_up_thread()
+        self._ready.set()
         logger.info("engine loop started")
         self._publish_stats()
         while True:
