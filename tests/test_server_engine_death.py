@@ -1,5 +1,8 @@
-"""When the engine thread itself dies: waiting requests get 503 at once, /health says so, and
-the server exits with status 1 (in-process: the fault is injected into the engine)."""
+"""The engine thread's life: until it has warmed up /health says so (on CUDA it runs one
+short request first: per-thread library state such as PyTorch's cuBLAS handles is created on
+a thread's first use; here, on CPU, a test hook holds it back); when it dies, waiting
+requests get 503 at once, /health says so, and the server exits with status 1 (in-process:
+the fault is injected into the engine)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from server_process import free_port
 
 from sageserve.config import CacheConfig, EngineConfig
 from sageserve.engine.engine import Engine
+from sageserve.engine.sampling_params import SamplingParams
+from sageserve.engine.warmup import warm_up_thread
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.server.app import build_app
 from sageserve.server.args import ServerArgs
@@ -152,3 +157,60 @@ def test_an_unexpected_fault_in_a_route_is_an_openai_style_500(smollm2: LoadedMo
         "param": None,
         "code": "internal_error",
     }
+
+
+def test_health_is_503_until_the_engine_thread_has_warmed_up(smollm2: LoadedModel) -> None:
+    """/health says the engine is warming up; a request sent meanwhile waits and succeeds;
+    then /health is 200."""
+    engine = _engine(smollm2)
+    release, entered = threading.Event(), threading.Event()
+
+    def held_warm_up() -> None:
+        entered.set()
+        assert release.wait(timeout=30)
+
+    engine.warm_up_thread = held_warm_up  # type: ignore[method-assign]
+    loop = EngineLoop(engine)
+    app = build_app(loop, ServerArgs())
+
+    async def ask() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        loop.start()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert await asyncio.to_thread(entered.wait, 30)
+            warming = await client.get("/health")
+            sent = asyncio.ensure_future(client.post("/generate", json=BODY))
+            await asyncio.sleep(0.2)
+            assert not sent.done()
+            release.set()
+            generated = await sent
+            ready = await client.get("/health")
+        loop.stop()
+        return warming, generated, ready
+
+    warming, generated, ready = asyncio.run(ask())
+    assert warming.status_code == 503, warming.text
+    assert warming.json()["error"]["message"] == "the engine is warming up"
+    assert generated.status_code == 200 and generated.json()["text"]
+    assert ready.status_code == 200
+
+
+def test_the_thread_warm_up_leaves_the_engine_as_it_found_it(smollm2: LoadedModel) -> None:
+    """warmup.warm_up_thread (run on CUDA only; here called directly): pool whole, prefix
+    cache empty, and a request's tokens those of an engine that never ran it."""
+    prompt = [100 + i for i in range(20)]
+    params = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
+    outputs = []
+    for warm in (False, True):
+        engine = _engine(smollm2)
+        if warm:
+            warm_up_thread(engine)
+            stats = engine.stats()
+            assert stats.num_free_pages == stats.num_usable_pages
+            assert stats.num_cached_pages == 0 and not engine.request_ids()
+        engine.add_request(prompt, SamplingParams(**params), request_id="r")
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outputs.append(out.token_ids)
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 5

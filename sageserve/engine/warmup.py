@@ -17,6 +17,7 @@ seed stream is untouched; the prefix cache is flushed afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,10 +38,7 @@ def warmup_batches(engine: Engine) -> list[list[list[int]]]:
     """Batches of prompts, queued one batch at a time; lengths fit the context and pool."""
     info = engine.info
     longest = min(info.context_length, info.pool_capacity_tokens) - NEW_TOKENS
-    generator = torch.Generator().manual_seed(0)
-
-    def prompt(n: int) -> list[int]:
-        return torch.randint(0, info.vocab_size, (n,), generator=generator).tolist()
+    prompt = _prompt_maker(info.vocab_size, seed=0)
 
     mixed = [prompt(n) for n in MIXED_LENGTHS if n * len(MIXED_LENGTHS) <= longest]
     batches = [mixed]
@@ -69,8 +67,7 @@ def warm_up(engine: Engine) -> int:
     for batch in warmup_batches(engine):
         for prompt in batch:
             engine.add_request(prompt, params, stream=False)
-        while engine.has_unfinished_requests():
-            engine.step()
+        _run_to_completion(engine)
         count += len(batch)
     for decoders, late in prompts_beside_decodes(engine):
         count += _prefill_beside_decodes(engine, decoders, late)
@@ -88,10 +85,7 @@ def prompts_beside_decodes(engine: Engine) -> list[tuple[list[list[int]], list[i
     room = min(info.context_length, info.pool_capacity_tokens) - NEW_TOKENS
     if not cap or late_len > room or late_len + 16 * 2 * NEW_TOKENS > info.pool_capacity_tokens:
         return []
-    generator = torch.Generator().manual_seed(1)
-
-    def prompt(n: int) -> list[int]:
-        return torch.randint(0, info.vocab_size, (n,), generator=generator).tolist()
+    prompt = _prompt_maker(info.vocab_size, seed=1)
 
     return [([prompt(NEW_TOKENS) for _ in range(n)], prompt(late_len)) for n in DECODING_COUNTS]
 
@@ -105,8 +99,7 @@ def _prefill_beside_decodes(engine: Engine, decoders: list[list[int]], late: lis
         engine.add_request(prompt, params, stream=False)
     engine.step()
     engine.add_request(late, params, stream=False)
-    while engine.has_unfinished_requests():
-        engine.step()
+    _run_to_completion(engine)
     return len(decoders) + 1
 
 
@@ -120,10 +113,19 @@ def warm_up_thread(engine: Engine) -> None:
     a cuBLAS handle per thread, for instance, and the logits GEMM runs outside the graphs.
     The server's engine thread is not the one that ran `warm_up`, so it runs this before
     the server reports ready."""
-    prompt = torch.randint(0, engine.info.vocab_size, (THREAD_PROMPT_LENGTH,),
-                           generator=torch.Generator().manual_seed(2)).tolist()  # fmt: skip
+    prompt = _prompt_maker(engine.info.vocab_size, seed=2)(THREAD_PROMPT_LENGTH)
     params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True, seed=0)
     engine.add_request(prompt, params, stream=False)
+    _run_to_completion(engine)
+    engine.flush_prefix_cache()
+
+
+def _prompt_maker(vocab_size: int, seed: int) -> Callable[[int], list[int]]:
+    """n -> n random token ids, from a generator of its own (the engine's seeds untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda n: torch.randint(0, vocab_size, (n,), generator=generator).tolist()
+
+
+def _run_to_completion(engine: Engine) -> None:
     while engine.has_unfinished_requests():
         engine.step()
-    engine.flush_prefix_cache()
