@@ -22,15 +22,29 @@ def padded_tables(tables: list[tuple[int, ...]], kv_lens: list[int], page_size: 
     return out
 
 
+# Each array starts at a multiple of this many int32s (16 bytes) in the shared buffer.
+ALIGN_ELEMENTS = 4
+
+
 def int32_on_device(
     parts: list[np.ndarray | list[int]], device: torch.device
 ) -> list[torch.Tensor]:
-    """Several int32 arrays in one host-to-device copy: views of one buffer, shapes kept."""
-    arrays = [np.asarray(part, dtype=np.int32) for part in parts]
-    buf = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
-    buf = buf.to(device, non_blocking=True)
-    views = torch.split(buf, [a.size for a in arrays])
-    return [view.view(a.shape) for view, a in zip(views, arrays, strict=True)]
+    """Several int32 arrays in one host-to-device copy: views of one buffer, shapes kept.
+
+    Every view starts 16-byte aligned. Triton specializes a pointer argument on whether it
+    is: packed back to back, a view's alignment would follow the lengths before it (the
+    step's batch), and a batch the warm-up never made would compile a kernel variant while
+    serving."""
+    arrays = [np.asarray(part, dtype=np.int32).ravel() for part in parts]
+    slots = [-(-max(a.size, 1) // ALIGN_ELEMENTS) * ALIGN_ELEMENTS for a in arrays]
+    host = np.zeros(sum(slots), dtype=np.int32)
+    starts = np.cumsum([0, *slots[:-1]])
+    for start, a in zip(starts, arrays, strict=True):
+        host[start : start + a.size] = a
+    buf = torch.from_numpy(host).to(device, non_blocking=True)
+    views = [buf[start : start + a.size] for start, a in zip(starts, arrays, strict=True)]
+    shapes = [np.shape(part) for part in parts]
+    return [view.view(shape) for view, shape in zip(views, shapes, strict=True)]
 
 
 def padded_page_table(

@@ -44,7 +44,7 @@ PROGRAMS_PER_SM = 4
 CPU_SMS = 8
 # No split shorter than this many keys of the longest possible context (static cap).
 MIN_SPLIT_KEYS = 256
-# The merge holds all of a row's splits in one tile.
+# The merge holds all of a row's splits in one tile of this many rows.
 MAX_SPLITS = 64
 
 
@@ -111,20 +111,22 @@ def plan_decode(
     )
 
 
-@triton.jit
+# The page table's width and the split count change with the step's batch (the split count
+# with the batch size, the width with its longest sequence): specializing on them (1,
+# divisible by 16, or not) would compile new variants while serving, after the warm-up.
+@triton.jit(do_not_specialize=["stride_table", "num_splits"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, q_row_ptr, kv_len_ptr, acc_ptr, ml_ptr,
-    stride_qt, stride_qh, stride_table, qk_scale,
+    stride_qt, stride_qh, stride_table, qk_scale, num_splits,
     num_kv_heads: tl.constexpr, group: tl.constexpr, page_size: tl.constexpr,
     head_dim: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split): the group's query heads over the split's keys."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     kv_len = tl.load(kv_len_ptr + seq)
-    span = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    span = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * span
     end = tl.minimum(kv_len, start + span)
     h = tl.arange(0, BLOCK_H)
@@ -149,26 +151,31 @@ def _decode_split_kernel(
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
-    part = (seq * (num_kv_heads * group) + heads) * NUM_SPLITS + split
+    part = (seq * (num_kv_heads * group) + heads) * num_splits + split
     tl.store(acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=h_ok[:, None])
     tl.store(ml_ptr + part * 2, m_i, mask=h_ok)
     tl.store(ml_ptr + part * 2 + 1, l_i, mask=h_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
-    out_ptr, acc_ptr, ml_ptr, q_row_ptr, stride_ot, stride_oh,
-    num_q_heads: tl.constexpr, head_dim: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    out_ptr, acc_ptr, ml_ptr, q_row_ptr, stride_ot, stride_oh, num_splits,
+    num_q_heads: tl.constexpr, head_dim: tl.constexpr, SPLITS_TILE: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, query head): weigh each split by exp2(its max - the max), normalize."""
+    """One (sequence, query head): weigh each split by exp2(its max - the max), normalize.
+
+    The num_splits partials sit in a SPLITS_TILE-row tile (one compiled variant for every
+    split count); rows past num_splits weigh nothing, like empty splits."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    part = (seq * num_q_heads + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
-    m = tl.load(ml_ptr + part * 2)
-    l = tl.load(ml_ptr + part * 2 + 1)  # noqa: E741
+    split = tl.arange(0, SPLITS_TILE)
+    used = split < num_splits
+    part = (seq * num_q_heads + head) * num_splits + split
+    m = tl.load(ml_ptr + part * 2, mask=used, other=float("-inf"))
+    l = tl.load(ml_ptr + part * 2 + 1, mask=used, other=0.0)  # noqa: E741
     weight = tl.exp2(m - tl.max(m, axis=0))  # empty splits: exp2(-inf) = 0
     d = tl.arange(0, head_dim)
-    acc = tl.load(acc_ptr + part[:, None] * head_dim + d[None, :])
+    acc = tl.load(acc_ptr + part[:, None] * head_dim + d[None, :], mask=used[:, None], other=0.0)
     num = tl.sum(acc * weight[:, None], axis=0)
     den = tl.sum(l * weight, axis=0)
     # An empty context (kv_len 0: a padded CUDA-graph row) gives 0 rather than NaN.
@@ -203,13 +210,13 @@ def paged_decode(
     scale = (dim**-0.5 if sm_scale is None else sm_scale) * LOG2E
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, plan.page_table, plan.q_row, plan.kv_len, plan.acc, plan.ml,
-        q.stride(0), q.stride(1), plan.page_table.stride(0), scale,
+        q.stride(0), q.stride(1), plan.page_table.stride(0), scale, splits,
         num_kv_heads=kv_heads, group=group, page_size=plan.page_size, head_dim=dim,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        NUM_SPLITS=splits, num_warps=4, num_stages=3,
+        num_warps=4, num_stages=3,
     )  # fmt: skip
     _decode_merge_kernel[(batch, q_heads)](
-        out, plan.acc, plan.ml, plan.q_row, out.stride(0), out.stride(1),
-        num_q_heads=q_heads, head_dim=dim, NUM_SPLITS=splits, num_warps=4,
+        out, plan.acc, plan.ml, plan.q_row, out.stride(0), out.stride(1), splits,
+        num_q_heads=q_heads, head_dim=dim, SPLITS_TILE=MAX_SPLITS, num_warps=4,
     )  # fmt: skip
     return out

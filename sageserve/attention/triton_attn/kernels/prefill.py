@@ -140,7 +140,9 @@ def _attend_key_block(
     return online_softmax_step(s, v, m_i, l_i, acc)
 
 
-@triton.jit
+# The page table's width (its row stride) changes with the step's longest sequence:
+# specializing on it would compile new variants while serving, after the warm-up.
+@triton.jit(do_not_specialize=["stride_table"])
 def _paged_prefill_kernel(
     q_ptr, out_ptr, k_ptr, v_ptr,
     table_ptr, q_start_ptr, q_len_ptr, kv_len_ptr, block_seq_ptr, block_row_ptr,
