@@ -64,7 +64,7 @@ def _load(args: argparse.Namespace) -> tuple[ServerArgs, EngineLoop]:
     _setup_logging(server_args)
     start = time.monotonic()
     logger.info("loading %s ...", engine_config.model_path or DEFAULT_MODEL)
-    engine = Engine(engine_config)
+    engine = Engine(engine_config, warm_up_now=False)  # the engine thread warms it up
     limits = RequestLimits.for_context(
         engine.info.context_length,
         max_prompt_chars=server_args.max_prompt_chars,

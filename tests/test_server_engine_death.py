@@ -1,6 +1,7 @@
-"""The engine thread's life: until it has warmed up /health says so (on CUDA it runs one
-short request first: per-thread library state such as PyTorch's cuBLAS handles is created on
-a thread's first use; here, on CPU, a test hook holds it back); when it dies, waiting
+"""The engine thread's life: until it has warmed up /health says so (on CUDA it runs the
+engine's warm-up first, on the thread that will serve: per-thread library state such as
+PyTorch's cuBLAS handles is created on a thread's first use; here, on CPU, a test hook holds
+it back); when it dies, waiting
 requests get 503 at once, /health says so, and the server exits with status 1 (in-process:
 the fault is injected into the engine)."""
 
@@ -17,8 +18,6 @@ from server_process import free_port
 
 from sageserve.config import CacheConfig, EngineConfig
 from sageserve.engine.engine import Engine
-from sageserve.engine.sampling_params import SamplingParams
-from sageserve.engine.warmup import warm_up_thread
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.server.app import build_app
 from sageserve.server.args import ServerArgs
@@ -33,11 +32,11 @@ def smollm2(smollm2_gguf) -> LoadedModel:
     return load_model(str(smollm2_gguf), dtype="float32", device="cpu")
 
 
-def _engine(loaded: LoadedModel) -> Engine:
+def _engine(loaded: LoadedModel, warm_up_now: bool = True) -> Engine:
     config = EngineConfig(
         dtype="float32", device="cpu", context_length=256, cache=CacheConfig(max_total_tokens=512)
     )
-    return Engine(config, loaded)
+    return Engine(config, loaded, warm_up_now)
 
 
 def _break(engine: Engine) -> None:
@@ -169,7 +168,7 @@ def test_health_is_503_until_the_engine_thread_has_warmed_up(smollm2: LoadedMode
         entered.set()
         assert release.wait(timeout=30)
 
-    engine.warm_up_thread = held_warm_up  # type: ignore[method-assign]
+    engine.warm_up = held_warm_up  # type: ignore[method-assign]
     loop = EngineLoop(engine)
     app = build_app(loop, ServerArgs())
 
@@ -195,22 +194,30 @@ def test_health_is_503_until_the_engine_thread_has_warmed_up(smollm2: LoadedMode
     assert ready.status_code == 200
 
 
-def test_the_thread_warm_up_leaves_the_engine_as_it_found_it(smollm2: LoadedModel) -> None:
-    """warmup.warm_up_thread (run on CUDA only; here called directly): pool whole, prefix
-    cache empty, and a request's tokens those of an engine that never ran it."""
-    prompt = [100 + i for i in range(20)]
-    params = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
-    outputs = []
-    for warm in (False, True):
-        engine = _engine(smollm2)
-        if warm:
-            warm_up_thread(engine)
-            stats = engine.stats()
-            assert stats.num_free_pages == stats.num_usable_pages
-            assert stats.num_cached_pages == 0 and not engine.request_ids()
-        engine.add_request(prompt, SamplingParams(**params), request_id="r")
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    outputs.append(out.token_ids)
-    assert outputs[0] == outputs[1] and len(outputs[0]) == 5
+def test_the_warm_up_runs_on_the_engine_thread(
+    smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine built with warm_up_now=False leaves the warm-up to its owner; the server's
+    engine thread runs it, once, before it serves (per-thread library state, such as
+    PyTorch's cuBLAS handle, is then the serving thread's). Built by default, the engine
+    warms up in its constructor."""
+    threads: list[str] = []
+    monkeypatch.setattr(Engine, "warm_up", lambda self: threads.append(_thread_name()))
+    _engine(smollm2)
+    assert threads == [_thread_name()]
+    threads.clear()
+    loop = EngineLoop(_engine(smollm2, warm_up_now=False))
+    assert threads == []
+
+    async def start_and_wait() -> bool:
+        loop.start()
+        ready = await asyncio.to_thread(loop._ready.wait, 30)
+        loop.stop()
+        return ready
+
+    assert asyncio.run(start_and_wait())
+    assert threads == ["sageserve-engine"]
+
+
+def _thread_name() -> str:
+    return threading.current_thread().name

@@ -32,7 +32,7 @@ from sageserve.engine.scheduler import ScheduledChunk, Scheduler, prefill_cap_wh
 from sageserve.engine.step_plan import ChunkPlan, plan_step
 from sageserve.engine.stop import StopChecker
 from sageserve.engine.teacher_forced import borrowed_pages, check_scorable, forward_chunks
-from sageserve.engine.warmup import warm_up, warm_up_thread
+from sageserve.engine.warmup import warm_up
 from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.startup_phases import startup_phase
@@ -62,7 +62,11 @@ class Engine:
     every logits matrix it computes: `logits_hook`.
     """
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel | None = None, warm_up_now: bool = True
+    ) -> None:
+        """warm_up_now: False leaves `warm_up` to the caller, to run on the thread that will
+        drive the engine (the server's engine thread)."""
         self._config = config
         self._device = config.torch_device()
         self._loaded = loaded or self._load_model()
@@ -78,7 +82,19 @@ class Engine:
         self._logits_hooks: list[LogitsHook] = []
         self._in_flight: LaunchedStep | None = None  # queued, not yet read back (overlap)
         self._info = self._describe()
-        if config.warmup and self._device.type == "cuda":
+        if warm_up_now:
+            self.warm_up()
+
+    @property
+    def warms_up(self) -> bool:
+        """Whether `warm_up` does anything: on CUDA with `EngineConfig.warmup` on."""
+        return self._config.warmup and self._device.type == "cuda"
+
+    def warm_up(self) -> None:
+        """On CUDA with the warm-up on (`EngineConfig.warmup`), run it on the calling thread:
+        kernels compile, cuBLAS picks its GEMMs and libraries create their per-thread state
+        (PyTorch's cuBLAS handle) before the first request. On CPU nothing compiles: no-op."""
+        if self.warms_up:
             self._warm_up()
 
     def _warm_up(self) -> None:
@@ -87,17 +103,6 @@ class Engine:
         with startup_phase("warm-up", "the step kinds of the first requests"):
             count = warm_up(self)
         logger.info("warm-up: %d requests run, prefix cache flushed", count)
-        self._num_steps = 0
-        self._max_batch_seen = 0
-
-    def warm_up_thread(self) -> None:
-        """On CUDA, with the warm-up on: run one short request on the calling thread (the
-        thread that will serve, when it is not the one that built the engine), counters
-        reset after; see warmup.warm_up_thread. Nothing otherwise."""
-        if not (self._config.warmup and self._device.type == "cuda"):
-            return
-        with startup_phase("warm-up", "the serving thread"):
-            warm_up_thread(self)
         self._num_steps = 0
         self._max_batch_seen = 0
 

@@ -12,7 +12,12 @@ to one chunk, each alone in its step: cuBLAS chooses a GEMM kernel by the number
 (the step's tokens), and CUDA loads a kernel's module the first time it runs (lazy loading,
 the default), so a prompt length the warm-up never ran could pay that on a user's request.
 Prompts are random token ids from a fixed seed, greedy, with their own seed, so the engine's
-seed stream is untouched; the prefix cache is flushed afterwards.
+seed stream is untouched; they stream (an output every step, as for a server's requests);
+the prefix cache is flushed afterwards.
+
+It runs on the thread that will drive the engine: libraries keep per-thread state that a
+thread's first call creates (PyTorch's cuBLAS handle, for one), so the server's engine
+thread runs it (`Engine(..., warm_up_now=False)`, then `Engine.warm_up` on that thread).
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def warm_up(engine: Engine) -> int:
     count = 0
     for batch in warmup_batches(engine):
         for prompt in batch:
-            engine.add_request(prompt, params, stream=False)
+            engine.add_request(prompt, params, stream=True)
         _run_to_completion(engine)
         count += len(batch)
     for decoders, late in prompts_beside_decodes(engine):
@@ -96,28 +101,11 @@ def _prefill_beside_decodes(engine: Engine, decoders: list[list[int]], late: lis
     steps = -(-len(late) // engine.info.max_prefill_tokens_while_decoding) + NEW_TOKENS
     params = SamplingParams(temperature=0, max_new_tokens=steps, ignore_eos=True, seed=0)
     for prompt in decoders:
-        engine.add_request(prompt, params, stream=False)
+        engine.add_request(prompt, params, stream=True)
     engine.step()
-    engine.add_request(late, params, stream=False)
+    engine.add_request(late, params, stream=True)
     _run_to_completion(engine)
     return len(decoders) + 1
-
-
-THREAD_PROMPT_LENGTH = 8
-
-
-def warm_up_thread(engine: Engine) -> None:
-    """One short greedy request (a prefill and a decode step) on the calling thread.
-
-    Libraries keep per-thread state that the first call on a thread creates: PyTorch keeps
-    a cuBLAS handle per thread, for instance, and the logits GEMM runs outside the graphs.
-    The server's engine thread is not the one that ran `warm_up`, so it runs this before
-    the server reports ready."""
-    prompt = _prompt_maker(engine.info.vocab_size, seed=2)(THREAD_PROMPT_LENGTH)
-    params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True, seed=0)
-    engine.add_request(prompt, params, stream=False)
-    _run_to_completion(engine)
-    engine.flush_prefix_cache()
 
 
 def _prompt_maker(vocab_size: int, seed: int) -> Callable[[int], list[int]]:

@@ -8,6 +8,7 @@ within its size and time limits, then JSON assumed for unlabelled bodies.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +36,8 @@ from sageserve.server.model_files import ModelFiles
 from sageserve.server.protocol import APIError, error_response
 from sageserve.server.request_body import BoundedBody
 from sageserve.server.request_model import UNSUPPORTED_VALUE
+from sageserve.server.route_warmup import warm_up_routes
+from sageserve.startup_phases import startup_phase
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +47,27 @@ RETRY_AFTER_S = 1
 HEALTH_GENERATE_TIMEOUT_S = 20
 
 
-def build_app(engine_loop: EngineLoop, server_args: ServerArgs) -> FastAPI:
-    """The server's app; its lifespan starts and stops the engine thread."""
+def build_app(
+    engine_loop: EngineLoop, server_args: ServerArgs, warm_up_routes: bool | None = None
+) -> FastAPI:
+    """The server's app; its lifespan starts and stops the engine thread.
+
+    warm_up_routes: send the route warm-up's requests (route_warmup.py) once the engine
+    thread is ready, before /health answers 200; None: when the engine warms up (CUDA)."""
 
     model_files = ModelFiles(engine_loop.info.model_path, engine_loop.tokenizer)
+    if warm_up_routes is None:
+        warm_up_routes = engine_loop.warms_up
+    routes_ready = asyncio.Event()
+    if not warm_up_routes:
+        routes_ready.set()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine_loop.start()
+        task = None
+        if warm_up_routes:
+            task = asyncio.create_task(_warm_up_routes(app, engine_loop, server_args, routes_ready))
         logger.info(
             "serving %s on http://%s:%d",
             server_args.served_model_name,
@@ -59,6 +75,8 @@ def build_app(engine_loop: EngineLoop, server_args: ServerArgs) -> FastAPI:
             server_args.port,
         )
         yield
+        if task is not None:
+            task.cancel()
         engine_loop.stop()
         model_files.close()
 
@@ -73,7 +91,7 @@ def build_app(engine_loop: EngineLoop, server_args: ServerArgs) -> FastAPI:
     async def health() -> JSONResponse:
         """200 while the engine thread serves (open without an API key, for probes); 503
         while it warms up or once it has stopped."""
-        if engine_loop.is_ready:
+        if engine_loop.is_ready and routes_ready.is_set():
             return JSONResponse({"status": "ok"})
         if engine_loop.is_alive:
             return error_response(APIError(503, "the engine is warming up", "server_error"))
@@ -94,6 +112,36 @@ def build_app(engine_loop: EngineLoop, server_args: ServerArgs) -> FastAPI:
         return Response(engine_loop.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _warm_up_routes(
+    app: FastAPI, engine_loop: EngineLoop, server_args: ServerArgs, done: asyncio.Event
+) -> None:
+    """Once the engine thread is ready: the route warm-up, then `done`. A failure stops the
+    server (exit status 1): one that cannot answer its own requests must not say ready."""
+    if not await engine_loop.wait_ready():
+        return
+    try:
+        with startup_phase("warm-up", "the HTTP routes"):
+            name = server_args.served_model_name
+            count = await warm_up_routes(app, engine_loop, name, server_args.api_key)
+    except Exception as err:
+        logger.critical("the route warm-up failed", exc_info=True)
+        engine_loop.stop_serving(f"the route warm-up failed: {err}")
+        return
+    logger.info("warm-up: %d requests through the HTTP routes", count)
+    _freeze_startup_heap()
+    done.set()
+
+
+def _freeze_startup_heap() -> None:
+    """Collect the startup's garbage, then move every surviving object (model, tokenizer,
+    graphs' Python state) to the permanent generation: a later full collection then skips
+    them, so its pause stays short while serving (vLLM freezes its heap after startup too)."""
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    logger.info("startup heap frozen: %d objects left out of garbage collection", frozen)
 
 
 async def _generate_one_token(engine_loop: EngineLoop) -> None:

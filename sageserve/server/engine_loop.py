@@ -217,6 +217,24 @@ class EngineLoop:
         return self.is_alive and self._ready.is_set()
 
     @property
+    def warms_up(self) -> bool:
+        """Whether the engine thread runs the warm-up before it serves (CUDA, warm-up on)."""
+        return self._engine.warms_up
+
+    async def wait_ready(self, poll_s: float = 0.05) -> bool:
+        """Wait until the engine thread serves (True) or has stopped (False)."""
+        while not self._ready.is_set():
+            if self.failure is not None or (self._thread and not self._thread.is_alive()):
+                return False
+            await asyncio.sleep(poll_s)
+        return self.is_alive
+
+    def stop_serving(self, reason: str) -> None:
+        """Fail every request, now and later, and tell the server to exit (event loop side):
+        what an engine-thread fault does, for a fault found outside it."""
+        self._engine_died(reason)
+
+    @property
     def is_alive(self) -> bool:
         return self.failure is None and self._thread is not None and self._thread.is_alive()
 
@@ -381,7 +399,7 @@ class EngineLoop:
             self._post(self._engine_died, f"{type(err).__name__}: {err}")
 
     def _serve(self) -> None:
-        self._engine.warm_up_thread()
+        self._engine.warm_up()
         self._ready.set()
         logger.info("engine loop started")
         self._publish_stats()

@@ -78,6 +78,7 @@ class _OpenAI:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         """OpenAI's legacy completions: a prompt or a list of them, `n` choices each."""
         model = self._model_name(body.model)
+        self._require_tokenizer("/v1/completions")
         prompts = body.prompts()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise bad_request("the prompt is empty: give at least one character or token", "prompt")
@@ -89,6 +90,7 @@ class _OpenAI:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         """OpenAI's chat completions over the model's chat template."""
         model = self._model_name(body.model)
+        self._require_tokenizer("/v1/chat/completions")
         prompt = await self._chat_token_ids(body)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens
@@ -131,6 +133,15 @@ class _OpenAI:
         if len(self.names) > 1 and model is not None:
             raise _model_not_found(model, self.names)
         return self.names[0]
+
+    def _require_tokenizer(self, route: str) -> None:
+        """400 on a model without a tokenizer (dummy weights from a bare config): the OpenAI
+        routes answer with text, which such a model cannot write."""
+        if self.loop.tokenizer is None:
+            raise bad_request(
+                f"this model has no tokenizer: {route} answers with text; send token ids to "
+                "/generate (input_ids) instead"
+            )
 
     def _max_tokens(self, max_tokens: int | None) -> int:
         # No limit given: the context length bounds the output anyway (the engine stops there).

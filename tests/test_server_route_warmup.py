@@ -1,0 +1,155 @@
+"""The route warm-up (server/route_warmup.py): on CUDA, once the engine thread is ready, the
+server sends short streamed requests through its own routes before /health answers 200; a
+failing one stops the server. Here on CPU, where it is off by default, it is switched on."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from server_process import free_port
+from tiny_models import tiny_llama_config
+
+from sageserve.config import CacheConfig, EngineConfig
+from sageserve.engine.engine import Engine
+from sageserve.models.loader import LoadedModel, build_model, init_dummy_weights, load_model
+from sageserve.server import app as app_module
+from sageserve.server import route_warmup
+from sageserve.server.app import build_app
+from sageserve.server.args import ServerArgs
+from sageserve.server.engine_loop import EngineLoop
+from sageserve.server.serve import serve
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf) -> LoadedModel:
+    return load_model(str(smollm2_gguf), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizerless() -> LoadedModel:
+    """Dummy weights from a bare config: no tokenizer (as `--load-format dummy` on a config)."""
+    config = tiny_llama_config(vocab_size=512)
+    model = build_model(config, torch.float32, torch.device("cpu"))
+    init_dummy_weights(model, seed=0)
+    return LoadedModel(model.eval(), config, None, torch.float32, "tiny dummy model")
+
+
+def _loop(loaded: LoadedModel) -> EngineLoop:
+    config = EngineConfig(
+        dtype="float32", device="cpu", context_length=256, cache=CacheConfig(max_total_tokens=512)
+    )
+    return EngineLoop(Engine(config, loaded))
+
+
+def test_the_warm_up_requests_cover_both_apis_and_leave_the_engine_whole(
+    smollm2: LoadedModel,
+) -> None:
+    """/generate, /v1/completions and (SmolLM2 has a chat template) /v1/chat/completions all
+    answer a complete stream, through the API key check; afterwards no request is left, the
+    pool is whole and the prefix cache empty."""
+    loop = _loop(smollm2)
+    args = ServerArgs(api_key="sk-test")
+    app = build_app(loop, args, warm_up_routes=False)
+    paths = [path for path, _ in route_warmup.warmup_requests(loop, args.served_model_name)]
+    assert paths == ["/generate", "/v1/completions", "/v1/chat/completions"]
+
+    async def run() -> int:
+        loop.start()
+        assert await loop.wait_ready()
+        count = await route_warmup.warm_up_routes(app, loop, args.served_model_name, "sk-test")
+        loop.stop()
+        return count
+
+    assert asyncio.run(run()) == 3
+    stats = loop._engine.stats()
+    assert stats.num_steps >= 3 * route_warmup.NEW_TOKENS
+    assert stats.num_free_pages == stats.num_usable_pages and stats.num_cached_pages == 0
+    assert not loop._engine.has_unfinished_requests()
+
+
+def test_health_is_503_until_the_route_warm_up_is_done(
+    smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the engine thread ready but the route warm-up held back, /health says the engine
+    is warming up; once it is done, 200."""
+    release, entered = threading.Event(), threading.Event()
+    real = route_warmup.warm_up_routes
+
+    async def held(*args: Any) -> int:
+        entered.set()
+        await asyncio.to_thread(release.wait, 30)
+        return await real(*args)
+
+    monkeypatch.setattr(app_module, "warm_up_routes", held)
+    loop = _loop(smollm2)
+    app = build_app(loop, ServerArgs(), warm_up_routes=True)
+
+    async def ask() -> tuple[int, int]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                assert await asyncio.to_thread(entered.wait, 30)
+                warming = (await client.get("/health")).status_code
+                release.set()
+                for _ in range(300):
+                    ready = (await client.get("/health")).status_code
+                    if ready == 200:
+                        break
+                    await asyncio.sleep(0.1)
+        return warming, ready
+
+    assert asyncio.run(ask()) == (503, 200)
+
+
+def test_a_failing_warm_up_request_stops_the_server(
+    smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm-up request answered with an error: the server does not report ready, it exits
+    with status 1, and the failure names the route."""
+    bad = [("/generate", {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": -1}})]
+    monkeypatch.setattr(route_warmup, "warmup_requests", lambda *args: bad)
+    monkeypatch.setattr(EngineLoop, "warms_up", property(lambda self: True))
+    loop = _loop(smollm2)
+    args = ServerArgs(port=free_port(), log_level="warning")
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(code=serve(loop, args)))
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and result["code"] == 1
+    assert loop.failure is not None and "/generate" in loop.failure and "HTTP 400" in loop.failure
+
+
+def test_a_model_without_a_tokenizer_warms_up_generate_only(tokenizerless: LoadedModel) -> None:
+    """Without a tokenizer the OpenAI routes answer 400 naming /generate (they write text;
+    before, a streamed completion with logprobs failed mid-stream), /generate serves token
+    ids, and the warm-up sends only /generate."""
+    loop = _loop(tokenizerless)
+    app = build_app(loop, ServerArgs(), warm_up_routes=False)
+    body = {"prompt": [5, 6, 7], "max_tokens": 2, "logprobs": 1, "stream": True}
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    ids = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2}}
+
+    async def run() -> tuple[int, list[httpx.Response]]:
+        loop.start()
+        assert await loop.wait_ready()
+        count = await route_warmup.warm_up_routes(app, loop, "tiny", None)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            got = [await client.post("/v1/completions", json=body),
+                   await client.post("/v1/chat/completions", json=chat),
+                   await client.post("/generate", json=ids)]  # fmt: skip
+        loop.stop()
+        return count, got
+
+    count, (completion, chat_reply, generated) = asyncio.run(run())
+    assert count == 1
+    for reply, route in ((completion, "/v1/completions"), (chat_reply, "/v1/chat/completions")):
+        assert reply.status_code == 400, reply.text
+        message = reply.json()["error"]["message"]
+        assert "no tokenizer" in message and route in message and "/generate" in message
+    assert generated.status_code == 200 and len(generated.json()["output_ids"]) == 2
