@@ -333,7 +333,7 @@ def _fp8_caches(case: Case, gen: torch.Generator):
     """The case's K/V in the 8-bit cache (INT8 K, FP8 V, page KEYS), pages shuffled:
     ((k codes [P, H, page, D], k scales [P, H, page], v codes [P, H, D, page], v scales),
     padded page table [batch, width] int32)."""
-    from sageserve.attention.sage_attn.kernels.prefill import padded_page_table
+    from sageserve.attention.page_tables import padded_page_table
     from sageserve.attention.sage_attn.kernels.store import store_kv
     from sageserve.attention.sage_attn.reference import FP8_DTYPE
 
