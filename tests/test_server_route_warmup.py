@@ -76,7 +76,7 @@ def test_health_is_503_until_the_route_warm_up_is_done(
     smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the engine thread ready but the route warm-up held back, /health says the engine
-    is warming up; once it is done, 200."""
+    is warming up; once it is done (and the startup heap frozen), 200."""
     release, entered = threading.Event(), threading.Event()
     real = route_warmup.warm_up_routes
 
@@ -86,6 +86,8 @@ def test_health_is_503_until_the_route_warm_up_is_done(
         return await real(*args)
 
     monkeypatch.setattr(app_module, "warm_up_routes", held)
+    frozen: list[bool] = []  # the real freeze would keep this test process's cycles forever
+    monkeypatch.setattr(app_module, "_freeze_startup_heap", lambda: frozen.append(True))
     loop = _loop(smollm2)
     app = build_app(loop, ServerArgs(), warm_up_routes=True)
 
@@ -104,6 +106,7 @@ def test_health_is_503_until_the_route_warm_up_is_done(
         return warming, ready
 
     assert asyncio.run(ask()) == (503, 200)
+    assert frozen == [True]  # after the warm-up, before ready
 
 
 def test_a_failing_warm_up_request_stops_the_server(
