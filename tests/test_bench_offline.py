@@ -11,7 +11,7 @@ import pytest
 from sageserve.bench.offline import OfflineBenchConfig, engine_name
 from sageserve.bench.offline_measure import GridPoint, decode_bound
 from sageserve.cli import main
-from sageserve.config import EngineConfig
+from sageserve.config import EngineConfig, SchedulerConfig
 from sageserve.engine.info import MemoryUsage
 from sageserve.engine.memory_usage import step_weight_bytes
 from sageserve.models.config import ModelConfig
@@ -76,15 +76,53 @@ def test_config_names_the_valid_backends() -> None:
 
 
 def test_engines_cover_every_switch() -> None:
-    cfg = OfflineBenchConfig(("torch",), (True, False), (True, False), (1,), (8,), (4,), 1, 0)
+    cfg = OfflineBenchConfig(("torch",), (True, False), (True, False), (1,), (8,), (4,), 1, 0,
+                             prefill_cap=(True, False))  # fmt: skip
     engines = cfg.engines()
-    assert engines == [("torch", f, o) for f in (True, False) for o in (True, False)]
-    configs = [EngineConfig(fused_layers=f, overlap_schedule=o) for _, f, o in engines]
+    assert engines == [("torch", f, o, c) for f in (True, False) for o in (True, False)
+                       for c in (True, False)]  # fmt: skip
+    configs = [
+        EngineConfig(fused_layers=f, overlap_schedule=o,
+                     scheduler=SchedulerConfig(max_prefill_tokens_while_decoding=None if c else 0))
+        for _, f, o, c in engines
+    ]  # fmt: skip
     assert [engine_name(c) for c in configs] == [
-        "torch", "torch+no-overlap", "torch+unfused", "torch+unfused+no-overlap"
+        "torch", "torch+no-cap", "torch+no-overlap", "torch+no-overlap+no-cap",
+        "torch+unfused", "torch+unfused+no-cap", "torch+unfused+no-overlap",
+        "torch+unfused+no-overlap+no-cap",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="--overlap takes"):
         OfflineBenchConfig(("torch",), (True,), (True, True), (1,), (8,), (4,), 1, 0)
+    with pytest.raises(ValueError, match="--prefill-cap takes"):
+        OfflineBenchConfig(("torch",), (True,), (True,), (1,), (8,), (4,), 1, 0, prefill_cap=())
+
+
+def test_whole_batch_pass_with_and_without_the_cap(tmp_path: Path) -> None:
+    """--whole-batch times each point as LLM.generate runs it, for each --prefill-cap engine
+    (here a cap of 8 tokens, so the late prompts prefill beside the first ones' decodes)."""
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--device", "cpu", "--backends", "torch", "--batch-sizes", "3",
+            "--input-lens", "20", "--output-lens", "4", "--rounds", "1", "--whole-batch",
+            "--prefill-cap", "on,off", "--max-prefill-tokens-while-decoding", "8",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"torch/b3-in20-out4", "torch+no-cap/b3-in20-out4"}
+    caps = {name: e["info"]["max_prefill_tokens_while_decoding"]
+            for name, e in result["engines"].items()}  # fmt: skip
+    assert caps == {"torch": 8, "torch+no-cap": None}
+    for row in result["rows"].values():
+        run = row["runs"][0]
+        assert run["generate_tok_s"] == pytest.approx(3 * 4 / run["generate_s"])
+        assert run["generate_s"] > 0 and run["decode_tok_s"] > 0
+    assert "| torch+no-cap | 3 | 20 | 4 |" in out.with_suffix(".md").read_text()
+
+
+def test_prefill_cap_on_needs_a_cap(capsys) -> None:
+    argv = ["bench", "offline", "--device", "cpu", "--backends", "torch",
+            "--max-prefill-tokens-while-decoding", "0"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--prefill-cap on" in capsys.readouterr().err
 
 
 def test_bad_flag_exits_2(capsys) -> None:

@@ -1,7 +1,9 @@
 """`sageserve bench offline`: the engine's speed over a grid of batch x input x output, per
 attention backend, without HTTP (SGLang's `bench_one_batch` plays this part).
 
-An engine is a backend with the fused layer kernels on (its name) or off (name+unfused).
+An engine is a backend with the fused layer kernels on (its name) or off (name+unfused),
+the overlap schedule on or off (+no-overlap), and the prefill cap while decoding at the
+engine's default or off (+no-cap; it matters to the whole-batch pass, `--whole-batch`).
 The weights load once; each round builds every engine in turn (A, B, A, B ...),
 warms it (one untimed pass of every batch x input length, two output tokens, so Triton's
 prefill kernels are compiled before timing; decode graphs were captured at build), then
@@ -54,6 +56,8 @@ class OfflineBenchConfig:
     output_lens: tuple[int, ...]
     rounds: int
     seed: int
+    prefill_cap: tuple[bool, ...] = (True,)
+    whole_batch: bool = False
 
     def __post_init__(self) -> None:
         bad = [b for b in self.backends if b not in backend_names()]
@@ -66,16 +70,20 @@ class OfflineBenchConfig:
         if not self.output_lens or min(self.output_lens) < 2:
             raise ValueError(f"--output-lens must be >= 2 (one prefill token, then decode steps), "
                              f"got {self.output_lens}")  # fmt: skip
-        for flag, switches in (("--fused-layers", self.fused_layers), ("--overlap", self.overlap)):
-            if not switches or len(set(switches)) != len(switches):
+        switches = (("--fused-layers", self.fused_layers), ("--overlap", self.overlap),
+                    ("--prefill-cap", self.prefill_cap))  # fmt: skip
+        for flag, values in switches:
+            if not values or len(set(values)) != len(values):
                 raise ValueError(f"{flag} takes on, off, or on,off")
         if self.rounds < 1:
             raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
 
-    def engines(self) -> list[tuple[str, bool, bool]]:
-        """(backend, fused layers, overlap schedule) of every engine of a round, in build
-        order."""
-        return list(itertools.product(self.backends, self.fused_layers, self.overlap))
+    def engines(self) -> list[tuple[str, bool, bool, bool]]:
+        """(backend, fused layers, overlap schedule, prefill cap) of every engine of a round,
+        in build order."""
+        return list(
+            itertools.product(self.backends, self.fused_layers, self.overlap, self.prefill_cap)
+        )
 
     def points(self) -> list[GridPoint]:
         sizes = itertools.product(self.batch_sizes, self.input_lens, self.output_lens)
@@ -92,6 +100,12 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
         help="on, off, or on,off (each backend with and without fused layer kernels)")  # fmt: skip
     add("--overlap", default="on",
         help="on, off, or on,off (each backend with and without the overlap schedule)")  # fmt: skip
+    add("--prefill-cap", default="on",
+        help="on, off, or on,off: the prefill cap while decoding at the engine's default "
+        "(or --max-prefill-tokens-while-decoding), or off")  # fmt: skip
+    add("--whole-batch", action="store_true",
+        help="also time each point as LLM.generate runs it: fresh prompts queued at once, "
+        "decoding beside the rest's prefill (generate_s, generate_tok_s)")  # fmt: skip
     add("--batch-sizes", default="1,64", help="requests decoded together")
     add("--input-lens", default="512,8192", help="prompt tokens per request")
     add("--output-lens", default="128", help="generated tokens per request (>= 2)")
@@ -132,6 +146,8 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> OfflineB
         output_lens=_ints("--output-lens", args.output_lens),
         rounds=args.rounds,
         seed=args.bench_seed,
+        prefill_cap=_switches("--prefill-cap", args.prefill_cap),
+        whole_batch=args.whole_batch,
     )
 
 
@@ -144,6 +160,9 @@ def run_benchmark(
     if not base.cache.enable_prefix_cache:
         raise ValueError("bench offline needs the prefix cache (drop --disable-prefix-cache): "
                          "its decode pass reuses the pages of its prefill pass")  # fmt: skip
+    if True in cfg.prefill_cap and base.scheduler.max_prefill_tokens_while_decoding == 0:
+        raise ValueError("--prefill-cap on with --max-prefill-tokens-while-decoding 0: "
+                         "give the cap a size, or use --prefill-cap off")  # fmt: skip
     started = time.monotonic()
     now = datetime.datetime.now(datetime.UTC)
     device = base.torch_device()
@@ -154,10 +173,12 @@ def run_benchmark(
                         device=device, seed=base.seed)  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.seed)
     for round_index in range(cfg.rounds):
-        for backend, fused, overlap in cfg.engines():
-            config = replace(
-                base, attention_backend=backend, fused_layers=fused, overlap_schedule=overlap
-            )
+        for backend, fused, overlap, capped in cfg.engines():
+            scheduler = base.scheduler
+            if not capped:
+                scheduler = replace(scheduler, max_prefill_tokens_while_decoding=0)
+            config = replace(base, attention_backend=backend, fused_layers=fused,
+                             overlap_schedule=overlap, scheduler=scheduler)  # fmt: skip
             _run_engine(cfg, config, loaded, generator, result, round_index)
             write_json(result, out)
     _finish_rows(result)
@@ -202,18 +223,20 @@ def _run_engine(
         result["engines"].setdefault(name, {"info": asdict(engine.info), "build_s": []})
         result["engines"][name]["build_s"].append(time.monotonic() - build_start)
         points = [p for p in cfg.points() if _fits(p, engine, name, result, round_index)]
-        _warm_up(engine, points, generator)
+        _warm_up(engine, points, generator, cfg.whole_batch)
         for point in points:
             row = result["rows"].setdefault(f"{name}/{point.key}", _new_row(name, point))
-            row["runs"].append(run_point(engine, point, generator))
+            row["runs"].append(run_point(engine, point, generator, cfg.whole_batch))
             print(_progress(row, round_index), flush=True)
 
 
 def engine_name(config: EngineConfig) -> str:
-    """The backend, then what differs from the defaults: "+unfused", "+no-overlap"."""
+    """The backend, then what differs from the defaults: "+unfused", "+no-overlap",
+    "+no-cap"."""
     name = config.attention_backend
     name += "" if config.fused_layers else "+unfused"
-    return name + ("" if config.overlap_schedule else "+no-overlap")
+    name += "" if config.overlap_schedule else "+no-overlap"
+    return name + ("+no-cap" if config.scheduler.max_prefill_tokens_while_decoding == 0 else "")
 
 
 def _fits(
@@ -234,11 +257,13 @@ def _fits(
     return reason is None
 
 
-def _warm_up(engine: Engine, points: list[GridPoint], generator: torch.Generator) -> None:
+def _warm_up(
+    engine: Engine, points: list[GridPoint], generator: torch.Generator, whole_batch: bool
+) -> None:
     """One untimed pass of every batch x input length with two output tokens."""
     shapes = dict.fromkeys((p.batch, p.input_len) for p in points)
     for batch, input_len in shapes:
-        run_point(engine, GridPoint(batch, input_len, 2), generator)
+        run_point(engine, GridPoint(batch, input_len, 2), generator, whole_batch)
 
 
 def _new_row(engine: str, point: GridPoint) -> dict[str, Any]:
@@ -271,7 +296,8 @@ def _method() -> dict[str, str]:
 
     return {
         "point": offline_measure.__doc__.strip(),
-        "rounds": "weights loaded once; per round every engine (backend x fused layers) in "
+        "rounds": "weights loaded once; per round every engine (backend x fused layers x "
+        "overlap x prefill cap) in "
         "turn (A, B, A, B ...), each warmed by an untimed pass of every batch x input "
         "length (2 output tokens); figures are median [min, max] over rounds",
         "copy_bandwidth": "dst.copy_(src) of one uint8 buffer on the device, (bytes read + "

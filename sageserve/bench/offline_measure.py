@@ -13,6 +13,11 @@ taken after each step's tokens reached the host.
    then decodes together (with one pass, chunked prefill would stagger the requests and a
    large batch would never decode whole). decode_tok_s: the sum over requests of
    (O - 1) / (finish - first token); decode_step_ms: B / decode_tok_s.
+3. Whole batch (`--whole-batch`, run first, on fresh prompts): B greedy requests of I
+   tokens, O tokens each, queued at once on an emptied cache, as `LLM.generate` runs a
+   batch: the requests whose prompts are done decode while the rest prefill (under the
+   prefill cap while decoding, when the engine has one). generate_s: queueing -> the last
+   request finished; generate_tok_s: B * O / generate_s.
 - bound: a decode step must read the weights once (`MemoryUsage.step_weight_bytes`) and the
   K/V of every sequence; at the mean context I + O/2 that is
   bytes = step_weight_bytes + B * (I + O/2) * kv_bytes_per_token, and at the device's
@@ -74,8 +79,12 @@ def random_prompts(point: GridPoint, vocab: int, generator: torch.Generator) -> 
     return ids.tolist()
 
 
-def run_point(engine: Engine, point: GridPoint, generator: torch.Generator) -> dict[str, float]:
-    """Both passes of `point` on an idle engine; its figures (module docstring)."""
+def run_point(
+    engine: Engine, point: GridPoint, generator: torch.Generator, whole_batch: bool = False
+) -> dict[str, float]:
+    """The passes of `point` on an idle engine; its figures (module docstring). whole_batch:
+    the whole-batch pass first."""
+    figures = _whole_batch(engine, point, generator) if whole_batch else {}
     engine.flush_prefix_cache()
     prompts = random_prompts(point, engine.info.vocab_size, generator)
     start = time.monotonic()
@@ -85,13 +94,23 @@ def run_point(engine: Engine, point: GridPoint, generator: torch.Generator) -> d
     rates = [(point.output_len - 1) / (out.metrics.finished_time - out.metrics.first_token_time)
              for out in decoded]  # fmt: skip
     decode_tok_s = sum(rates)
-    return {
+    return figures | {
         "prefill_s": max(firsts),
         "ttft_s": statistics.median(firsts),
         "decode_tok_s": decode_tok_s,
         "decode_step_ms": point.batch / decode_tok_s * 1e3,
         "decode_cached_tokens": float(min(out.num_cached_tokens for out in decoded)),
     }
+
+
+def _whole_batch(engine: Engine, point: GridPoint, generator: torch.Generator) -> dict[str, float]:
+    """Pass 3 (module docstring): fresh prompts, O tokens each, queued at once."""
+    engine.flush_prefix_cache()
+    prompts = random_prompts(point, engine.info.vocab_size, generator)
+    start = time.monotonic()
+    outputs = _generate(engine, prompts, point.output_len)
+    seconds = max(out.metrics.finished_time for out in outputs) - start
+    return {"generate_s": seconds, "generate_tok_s": point.batch * point.output_len / seconds}
 
 
 def _generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[RequestOutput]:

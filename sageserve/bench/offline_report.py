@@ -50,6 +50,20 @@ def _ratios(result: dict[str, Any]) -> list[str]:
     return ["", head, *lines]
 
 
+def _whole_batch(result: dict[str, Any]) -> list[str]:
+    """The whole-batch pass's table, when it ran (`--whole-batch`)."""
+    rows = [r for r in result["rows"].values() if "generate_s" in r["summary"]]
+    if not rows:
+        return []
+    head = ("| engine | batch | input | output | whole batch s | output tok/s |\n"
+            "|---|---|---|---|---|---|")  # fmt: skip
+    lines = [f"| {r['engine']} | {r['batch']} | {r['input_len']} | {r['output_len']} | "
+             f"{_spread(r['summary'], 'generate_s', 3)} | "
+             f"{_spread(r['summary'], 'generate_tok_s', 1)} |" for r in rows]  # fmt: skip
+    return ["", "Whole batch, as `LLM.generate` runs it (fresh prompts queued at once):", "",
+            head, *lines]  # fmt: skip
+
+
 def format_markdown(result: dict[str, Any]) -> str:
     copy = result["copy_bandwidth"]
     device = result["device"]["name"]
@@ -64,6 +78,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         HEADER,
         *(_row(row) for row in result["rows"].values()),
         *_ratios(result),
+        *_whole_batch(result),
     ]
     if result["problems"]:
         lines += ["", "Problems:", *(f"- {p}" for p in result["problems"])]
