@@ -156,3 +156,58 @@ def test_a_model_without_a_tokenizer_warms_up_generate_only(tokenizerless: Loade
         message = reply.json()["error"]["message"]
         assert "no tokenizer" in message and route in message and "/generate" in message
     assert generated.status_code == 200 and len(generated.json()["output_ids"]) == 2
+
+
+# -------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "sage_attn"])
+def test_nothing_compiles_while_serving_on_gpu(backend: str, monkeypatch: pytest.MonkeyPatch):
+    """Once /health answers 200 (engine warm-up on the engine thread, then the route
+    warm-up), a mix of requests the warm-up never made (odd prompt lengths, several at once
+    so that prompts prefill beside decodes, a prefix-cache hit) loads no new Triton kernel
+    variant: Triton's post-compile hook, called for every variant a process first uses,
+    never fires."""
+    import triton
+
+    cuda = torch.device("cuda")
+    config = tiny_llama_config(vocab_size=512)
+    model = build_model(config, torch.float16, cuda)
+    init_dummy_weights(model, seed=0)
+    loaded = LoadedModel(model.eval(), config, None, torch.float16, "tiny dummy model")
+    engine_config = EngineConfig(dtype="float16", device="cuda", attention_backend=backend,
+                                 cache=CacheConfig(max_total_tokens=16384))  # fmt: skip
+    loop = EngineLoop(Engine(engine_config, loaded, warm_up_now=False))
+    app = build_app(loop, ServerArgs())
+    gen = torch.Generator().manual_seed(11)
+    lengths = [1, 5, 37, 150, 333, 700, 19, 64, 250]
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lengths]
+    prompts.append(prompts[4] + [7, 8, 9])  # a prefix hit, then 3 new tokens
+    compiled: list[str] = []
+
+    def record(*args: Any, **kwargs: Any) -> bool:
+        compiled.append(str(kwargs.get("repr") or kwargs.get("fn")))
+        return False
+
+    async def serve() -> list[int]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                         timeout=600) as client:  # fmt: skip
+                for _ in range(6000):
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.1)
+                monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook", record)
+                sent = [client.post("/generate", json={
+                    "input_ids": p, "sampling_params": {"max_new_tokens": 3 + i * 2,
+                                                        "temperature": 0, "ignore_eos": True}})
+                        for i, p in enumerate(prompts[:-1])]  # fmt: skip
+                answers = await asyncio.gather(*sent)
+                hit = {"input_ids": prompts[-1], "sampling_params": {"max_new_tokens": 4}}
+                answers.append(await client.post("/generate", json=hit))
+        return [a.status_code for a in answers]
+
+    assert asyncio.run(serve()) == [200] * len(prompts)
+    assert compiled == [], compiled
