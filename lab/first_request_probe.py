@@ -1,7 +1,8 @@
 """Where does the first HTTP request's extra TTFT go: server or client? (issue 16)
 
-Against a running server: sends the same streamed /generate (random prompt ids, greedy)
-several times in a row and, after each, reads the server's TTFT histogram from /metrics,
+Against a running server: sends streamed /generate requests (greedy; each its own prompt
+ids, so no prefix-cache hit, unless --same-prompt) one after another and, after each, reads
+the server's TTFT histogram from /metrics,
 so that each request's TTFT is known on both sides: the client's (request sent to first
 token received) and the server's (the engine's arrival to first token, the histogram sum's
 increase). Requests alternate between one long-lived client and a new client each time, so
@@ -47,12 +48,16 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--requests", type=int, default=6)
+    parser.add_argument("--same-prompt", action="store_true", help="repeat one prompt")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    ids = [(i * 7919) % 30000 + 100 for i in range(args.input_len)]
-    body = {"input_ids": ids, "stream": True,
-            "sampling_params": {"temperature": 0, "max_new_tokens": args.output_len,
-                                "ignore_eos": True}}  # fmt: skip
+    params = {"temperature": 0, "max_new_tokens": args.output_len, "ignore_eos": True}
+
+    def body(index: int) -> dict:
+        seed = 0 if args.same_prompt else index
+        ids = [(i * 7919 + seed * 104729) % 30000 + 100 for i in range(args.input_len)]
+        return {"input_ids": ids, "stream": True, "sampling_params": params}
+
     rows = []
     with httpx.Client(base_url=args.url, timeout=120) as steady:
         before = server_ttft_sum(steady)
@@ -60,9 +65,9 @@ def main() -> int:
             fresh = i % 2 == 1
             if fresh:
                 with httpx.Client(base_url=args.url, timeout=120) as client:
-                    seen = client_ttft(client, body)
+                    seen = client_ttft(client, body(i))
             else:
-                seen = client_ttft(steady, body)
+                seen = client_ttft(steady, body(i))
             after = server_ttft_sum(steady)
             rows.append({"request": i, "new_client": fresh, "client_ttft_ms": seen * 1e3,
                          "server_ttft_ms": (after - before) * 1e3})  # fmt: skip
