@@ -1,0 +1,328 @@
+"""GPU mode of the varlen kernel (`--varlen`): varlen batches with cached prefixes and
+gap rows, checked against the Triton kernel and fp32, then timed; the JSON result."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import triton
+
+from lab.gluon_prefill_probe import HEAD_DIM, KEYS, _accuracy
+from lab.gluon_ws.config import TILE
+from lab.gluon_ws.equal import gluon_ws_prefill
+from lab.gluon_ws.gpu import WS_VARIANTS, _time
+from lab.gluon_ws.plan import work_plan
+from lab.gluon_ws.varlen import gluon_ws_prefill_varlen
+
+# ----------------------------------------------------------------------------- GPU mode: varlen
+
+
+VARLEN_VARIANTS = {"gluon_ws_varlen": False, "gluon_ws_varlen_persistent": True}
+CHECK_Q_LENS, CHECK_PREFIXES = (1, 7, 200, 333, 128, 1000), (0, 64, 100, 511, 3000)
+VARLEN_HEADS, VARLEN_KV_HEADS = 32, 8  # GQA, as the served models
+CUDNN_NOTE = (
+    "cuDNN SDPA cannot take the cached prefix (bottom-right mask over paged keys): on a batch "
+    "with prefixes it attends each sequence's new tokens only (q = k = v = the chunk, top-left "
+    "causal), less work; on the 16k prompt (no prefix) it is exact"
+)
+
+
+@dataclass
+class VarlenBatch:
+    """A varlen batch. q: [T, Hq, D] bf16, sequence i at rows q_starts[i] .. + q_lens[i]
+    (gap rows between them belong to none); k, v: [sum kv_lens, Hkv, D] bf16, sequence i's
+    keys at kv_starts[i] .., its prefix first; caches: the 8-bit cache (INT8 K, FP8 V, page
+    64, shuffled pages); table: [B, width] int32 padded; q_start, q_len, kv_len: [B] int32."""
+
+    q_lens: list[int]
+    kv_lens: list[int]
+    q_starts: list[int]
+    kv_starts: list[int]
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    caches: tuple
+    table: torch.Tensor
+    q_start: torch.Tensor
+    q_len: torch.Tensor
+    kv_len: torch.Tensor
+
+    def covered(self) -> torch.Tensor:
+        """[T] bool: the rows of q that belong to a sequence."""
+        mask = torch.zeros(self.q.shape[0], dtype=torch.bool, device=self.q.device)
+        for start, n in zip(self.q_starts, self.q_lens, strict=True):
+            mask[start : start + n] = True
+        return mask
+
+
+def _varlen_batch(q_lens: list[int], prefixes: list[int], gen: torch.Generator,
+                  gaps: bool) -> VarlenBatch:  # fmt: skip
+    """Random inputs (k with a per-(head, channel) bias), stored through `store_kv`."""
+    from sageserve.attention.page_tables import int32_on_device, padded_page_table
+    from sageserve.attention.sage_attn.kernels.store import store_kv
+    from sageserve.attention.sage_attn.reference import FP8_DTYPE
+
+    dev, hq, hkv = torch.device("cuda"), VARLEN_HEADS, VARLEN_KV_HEADS
+    kv_lens = [q + p for q, p in zip(q_lens, prefixes, strict=True)]
+    q_starts, row = [], 0
+    for n in q_lens:
+        row += int(torch.randint(0, 4, (1,), generator=gen)) if gaps else 0
+        q_starts.append(row)
+        row += n
+    tokens = row + (3 if gaps else 0)
+    kv_starts = [sum(kv_lens[:i]) for i in range(len(kv_lens))]
+    q = torch.randn(tokens, hq, HEAD_DIM, generator=gen).to(dev).bfloat16()
+    bias = 2 * torch.randn(1, hkv, HEAD_DIM, generator=gen)
+    k = (torch.randn(sum(kv_lens), hkv, HEAD_DIM, generator=gen) + bias).to(dev).bfloat16()
+    v = torch.randn(sum(kv_lens), hkv, HEAD_DIM, generator=gen).to(dev).bfloat16()
+    per_seq = [-(-kv // KEYS) for kv in kv_lens]
+    order = (torch.randperm(sum(per_seq), generator=gen) + 1).tolist()  # page 0: the null page
+    tables, pages, offsets = [], [], []
+    for i, kv in enumerate(kv_lens):
+        table = order[sum(per_seq[:i]) : sum(per_seq[: i + 1])]
+        tables.append(tuple(table))
+        pos = torch.arange(kv)
+        pages.append(torch.tensor(table)[pos // KEYS])
+        offsets.append(pos % KEYS)
+    num_pages = sum(per_seq) + 1
+    caches = (
+        torch.zeros(num_pages, hkv, KEYS, HEAD_DIM, dtype=torch.int8, device=dev),
+        torch.zeros(num_pages, hkv, KEYS, dtype=torch.float16, device=dev),
+        torch.zeros(num_pages, hkv, HEAD_DIM, KEYS, dtype=FP8_DTYPE, device=dev),
+        torch.zeros(num_pages, hkv, KEYS, dtype=torch.float16, device=dev),
+    )
+    store_kv(k, v, k.float().mean(0), None, torch.cat(pages).to(dev), torch.cat(offsets).to(dev),
+             *caches)  # fmt: skip
+    table = padded_page_table(tables, kv_lens, KEYS, dev)
+    q_start, q_len, kv_len = int32_on_device([q_starts, q_lens, kv_lens], dev)
+    return VarlenBatch(list(q_lens), kv_lens, q_starts, kv_starts, q, k, v, caches, table,
+                       q_start, q_len, kv_len)  # fmt: skip
+
+
+def _exact_varlen(b: VarlenBatch, causal: bool) -> torch.Tensor:
+    """fp32 attention of every sequence (bottom-right causal mask): [T, Hq, D], NaN on the
+    rows outside the sequences."""
+    group = VARLEN_HEADS // VARLEN_KV_HEADS
+    out = torch.full(b.q.shape, float("nan"), dtype=torch.float32, device=b.q.device)
+    for qs, n, ks, kv in zip(b.q_starts, b.q_lens, b.kv_starts, b.kv_lens, strict=True):
+        q = b.q[qs : qs + n].float().transpose(0, 1)
+        k, v = (t[ks : ks + kv].float().repeat_interleave(group, 1).transpose(0, 1)
+                for t in (b.k, b.v))  # fmt: skip
+        mask = None
+        if causal:
+            rows = torch.arange(n, device=q.device)[:, None] + (kv - n)
+            mask = torch.arange(kv, device=q.device)[None, :] <= rows
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out[qs : qs + n] = o.transpose(0, 1)
+    return out
+
+
+def _varlen_flops(q_lens: list[int], kv_lens: list[int], causal: bool) -> float:
+    """4 Hq D x the (row, key) pairs attended (causal: row r of a chunk sees prefix + r + 1)."""
+    pairs = sum(n * (kv - n) + n * (n + 1) // 2 if causal else n * kv
+                for n, kv in zip(q_lens, kv_lens, strict=True))  # fmt: skip
+    return 4.0 * VARLEN_HEADS * HEAD_DIM * pairs
+
+
+def _cudnn_runner(b: VarlenBatch, causal: bool) -> Callable:
+    """cuDNN SDPA over each sequence's new tokens only (equal q_lens; K, V expanded to the
+    query heads before timing): the prefix is left out (CUDNN_NOTE)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n, group = b.q_lens[0], VARLEN_HEADS // VARLEN_KV_HEADS
+    q = torch.stack([b.q[s : s + n] for s in b.q_starts]).transpose(1, 2)
+    spans = [(ks + kv - n, ks + kv) for ks, kv in zip(b.kv_starts, b.kv_lens, strict=True)]
+    k, v = (
+        torch.stack([t[lo:hi] for lo, hi in spans]).repeat_interleave(group, 2).transpose(1, 2)
+        for t in (b.k, b.v)
+    )
+
+    def cudnn(out):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out.copy_(o.transpose(1, 2).reshape(out.shape))
+
+    return cudnn
+
+
+def _varlen_runners(b: VarlenBatch, causal: bool, stages: int, variants: list[str],
+                    timing: bool) -> dict[str, Callable]:  # fmt: skip
+    """name -> fn(out): the varlen variants, the Triton kernel (the oracle); when timing,
+    cuDNN (equal q_lens) and, on equal-length batches without prefix (multiples of 128),
+    the equal-length kernel of this probe (both grids)."""
+    from sageserve.attention.sage_attn.kernels import prefill as p8
+
+    plan = work_plan(b.q_lens, b.kv_lens, VARLEN_HEADS, causal).to(b.q.device)
+
+    def ws(persistent: bool) -> Callable:
+        def run_ws(out):
+            gluon_ws_prefill_varlen(b.q, *b.caches, b.table, b.q_start, b.q_len, b.kv_len, plan,
+                                    out, causal=causal, stages=stages,
+                                    persistent=persistent)  # fmt: skip
+
+        return run_ws
+
+    def triton_sage(out):
+        p8.sage_attention_paged(b.q, None, *b.caches, b.table, b.q_start, b.q_len, b.kv_len,
+                                max(b.q_lens), out=out, causal=causal)  # fmt: skip
+
+    runners = {name: ws(VARLEN_VARIANTS[name]) for name in variants}
+    runners["triton_sage_fp8"] = triton_sage
+    if not timing:
+        return runners
+    n = b.q_lens[0]
+    if all(q == n for q in b.q_lens):
+        runners["sdpa_cudnn"] = _cudnn_runner(b, causal)
+    if (
+        all(q == n == kv for q, kv in zip(b.q_lens, b.kv_lens, strict=True))
+        and n % TILE == 0
+        and b.q.shape[0] == n * len(b.q_lens)
+    ):
+        for name, persistent in WS_VARIANTS.items():
+            runners[name] = functools.partial(_equal_length, b, n, causal, stages, persistent)
+    return runners
+
+
+def _equal_length(b: VarlenBatch, seq: int, causal: bool, stages: int, persistent: bool,
+                  out: torch.Tensor) -> None:  # fmt: skip
+    """The equal-length kernel on a batch it covers (no prefix, equal multiples of 128)."""
+    gluon_ws_prefill(b.q, *b.caches, b.table, seq, out, causal=causal, stages=stages,
+                     persistent=persistent)  # fmt: skip
+
+
+def _max_abs(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out.double() - ref.double()).abs().max().item()
+
+
+def _poisoned_varlen(fn: Callable, b: VarlenBatch, covered: torch.Tensor) -> torch.Tensor:
+    """Run fn into a NaN-poisoned output: every row of a sequence written finite, every
+    other row still NaN. Returns the covered rows [rows, Hq, D]."""
+    out = torch.full_like(b.q, float("nan"))
+    fn(out)
+    torch.cuda.synchronize()
+    mine = out[covered]
+    if not bool(torch.isfinite(mine).all()):
+        bad = (~torch.isfinite(mine)).nonzero()[:4].tolist()
+        raise AssertionError(f"non-finite output, first at [covered row, head, dim] {bad}")
+    if not bool(out[~covered].isnan().all()):
+        raise AssertionError("rows outside every sequence were written")
+    return mine
+
+
+def _check_varlen(label: str, b: VarlenBatch, causal: bool, stages: int, variants: list[str],
+                  exact: bool) -> list[dict]:  # fmt: skip
+    """Check the varlen variants against the Triton kernel (cosine >= 0.9999) and fp32
+    attention, on poisoned outputs."""
+    covered = b.covered()
+    runners = _varlen_runners(b, causal, stages, variants, timing=False)
+    outs = {name: _poisoned_varlen(fn, b, covered) for name, fn in runners.items()}
+    ref = _exact_varlen(b, causal)[covered] if exact else None
+    oracle = outs["triton_sage_fp8"]
+    rows = []
+    for name, out in outs.items():
+        vs_oracle = _accuracy(out, oracle) | {"max_abs": _max_abs(out, oracle)}
+        row = {"check": label, "causal": causal, "variant": name, "sequences": len(b.q_lens),
+               "rows": int(covered.sum()), "vs_triton_sage_fp8": vs_oracle}  # fmt: skip
+        if ref is not None:
+            row["vs_fp32"] = _accuracy(out, ref) | {"max_abs": _max_abs(out, ref)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        cos = row["vs_triton_sage_fp8"]["cosine"]
+        if name in variants and cos < 0.9999:
+            raise AssertionError(f"{name} disagrees with the Triton kernel ({label}, causal "
+                                 f"{causal}): {row['vs_triton_sage_fp8']}")  # fmt: skip
+    return rows
+
+
+def _time_varlen(label: str, b: VarlenBatch, causal: bool, stages: int, variants: list[str],
+                 rounds: int) -> list[dict]:  # fmt: skip
+    """Check (poisoned outputs, vs the Triton kernel), then time alternated with the Triton
+    kernel, cuDNN and, where it applies, the equal-length kernel."""
+    covered = b.covered()
+    runners = _varlen_runners(b, causal, stages, variants, timing=True)
+    outs = {name: _poisoned_varlen(fn, b, covered) for name, fn in runners.items()}
+    ms = _time(runners, b.q, rounds)
+    flops = _varlen_flops(b.q_lens, b.kv_lens, causal)
+    cudnn_flops = _varlen_flops(b.q_lens, b.q_lens, causal)  # its work: the chunks only
+    rows = []
+    for name in runners:
+        work = cudnn_flops if name == "sdpa_cudnn" else flops
+        row = {"timing": label, "causal": causal, "variant": name, "ms": ms[name],
+               "tops": work / ms[name] / 1e9, "flops": work,
+               "vs_triton_sage_fp8": _accuracy(outs[name], outs["triton_sage_fp8"])}  # fmt: skip
+        if name == "sdpa_cudnn":
+            row["cudnn_prefix"] = "exact" if b.kv_lens == b.q_lens else "left out (CUDNN_NOTE)"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for row in rows:
+        if row["variant"] in variants and row["vs_triton_sage_fp8"]["cosine"] < 0.9999:
+            raise AssertionError(f"{row['variant']} disagrees with the Triton kernel: {row}")
+    return rows
+
+
+def run_varlen(rounds: int, stages: int, variants: list[str], masks: list[bool],
+               timings: list[str]) -> list[dict]:  # fmt: skip
+    """The varlen checks (every q_len x prefix of CHECK_*, shuffled, and a random batch;
+    gaps between sequences), then the timed batches: "serving" (16 sequences of 1024 new
+    tokens over 0..4096-token prefixes) and "prompt16k" (one 16k prompt)."""
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(q, p) for q in CHECK_Q_LENS for p in CHECK_PREFIXES]
+    pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=gen).tolist()]
+    randoms = [(int(torch.randint(1, 1500, (1,), generator=gen)),
+                int(torch.randint(0, 4000, (1,), generator=gen))) for _ in range(12)]  # fmt: skip
+    checks = {"grid": pairs, "random": randoms}
+    rows = []
+    for label, chosen in checks.items():
+        b = _varlen_batch([q for q, _ in chosen], [p for _, p in chosen], gen, gaps=True)
+        for causal in masks:
+            rows += _check_varlen(label, b, causal, stages, variants, exact=True)
+        del b
+    shapes = {
+        "serving": ([1024] * 16, torch.randint(0, 4097, (16,), generator=gen).tolist()),
+        "prompt16k": ([16384], [0]),
+    }
+    for label in timings:
+        q_lens, prefixes = shapes[label]
+        b = _varlen_batch(q_lens, prefixes, gen, gaps=False)
+        for causal in masks:
+            rows += _time_varlen(label, b, causal, stages, variants, rounds)
+        del b
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _main_varlen(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """GPU: the varlen checks, then the timed batches; JSON to --out."""
+    variants = (args.variants or ",".join(VARLEN_VARIANTS)).split(",")
+    if unknown := set(variants) - set(VARLEN_VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}")
+    masks = [{"none": False, "causal": True}[m] for m in args.masks.split(",")]
+    timings = [] if args.timings == "none" else args.timings.split(",")
+    rows = run_varlen(args.rounds, args.stages, variants, masks, timings)
+    result = {
+        "what": "Gluon 8-bit prefill, warp-specialized, varlen batches with cached prefixes "
+        "(host plan of 128-row tiles, longest first; bottom-right causal mask; FP8 P·V, "
+        "page 64, 32 query / 8 KV heads, D 128), checked against the Triton kernel and fp32 "
+        "on NaN-poisoned outputs with gap rows, then timed against the Triton kernel, cuDNN "
+        "and (16k prompt) the equal-length kernel; TOPS count the attended (row, key) pairs",
+        "cudnn": CUDNN_NOTE,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "stages": args.stages, "maxnreg": args.maxnreg,
+        "variants": {name: {"persistent": VARLEN_VARIANTS[name]} for name in variants},
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "rows": rows,
+    }  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0

@@ -1,0 +1,131 @@
+"""The consumer-partition pieces both kernels (equal-length, varlen) share.
+
+The turn protocol of the two ping-ponging consumer warpgroups (`_turn_wait`, `_turn_pass`),
+the QKᵀ issue ([BLOCK_M, BLOCK_N] INT32 scores), the block scales the producer stored (K
+scales and e4m3 factors [BLOCK_N], unit [BLOCK_M]), the online softmax, P·V's FP8 operand and
+one consumer turn (`_step`: the P·V of block j under the softmax of block j + 1).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from lab.gluon_ws.config import BLOCK_M, BLOCK_N
+
+# ----------------------------------------------------------------------------- consumers
+
+
+@gluon.jit
+def _turn_wait(turn, k, WG: gl.constexpr):
+    """Wait for this consumer's k-th turn to issue wgmma (k counts across the program's work
+    items): consumer 0 goes first (its k-th wait passes once consumer 1 ended its turn
+    k - 1), then they alternate."""
+    mbarrier.wait(turn.index(WG), (k + 1 - WG) & 1)
+
+
+@gluon.jit
+def _turn_pass(turn, WG: gl.constexpr):
+    """End this consumer's turn: the other may issue its wgmma."""
+    mbarrier.arrive(turn.index(1 - WG), count=1)
+
+
+@gluon.jit
+def _qk(q_smem, k_smem, ready, g, regs, STAGES: gl.constexpr):
+    """Issue S = Q_codes · K_codesᵀ of the program's block g (INT32, asynchronous) once its
+    stage landed. regs: zeros of the scores' layout (not read: use_acc=False)."""
+    stage = g % STAGES
+    mbarrier.wait(ready.index(stage), (g // STAGES) & 1)
+    return warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), regs, use_acc=False,
+                         is_async=True)  # fmt: skip
+
+
+@gluon.jit
+def _block_scales(scale_smem, g, STAGES: gl.constexpr, s_layout: gl.constexpr):
+    """(K scales [BLOCK_N], e4m3 factors [BLOCK_N], unit [BLOCK_M]) of the program's block g,
+    as the producer stored them; read once its stage landed."""
+    keys: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row = 3 * (g % STAGES)
+    return (scale_smem.index(row).load(keys), scale_smem.index(row + 1).load(keys),
+            scale_smem.index(row + 2).load(gl.SliceLayout(1, s_layout)))  # fmt: skip
+
+
+@gluon.jit
+def _softmax(s_float, q_scale, m_i, l_i, k_scale, rows, block, s_layout: gl.constexpr,
+             MASKED: gl.constexpr):  # fmt: skip
+    """Online softmax of one block of scores (INT32 products, as fp32): (P, fp32 and not yet
+    scaled for its e4m3 rounding; alpha; m; l times alpha).
+
+    The block's row sums are left out of l: the caller adds them once the block's P·V is
+    issued. MASKED: row `rows[i]` (position in its sequence) sees keys up to itself; block is
+    the key block's index in the sequence.
+    """
+    scores = s_float * k_scale[None, :]
+    if MASKED:
+        keys = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        scores = gl.where(keys[None, :] <= rows[:, None], scores, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(scores, axis=1) * q_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(scores * q_scale[:, None] - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha
+
+
+@gluon.jit
+def _p_operand(p, factor, p_layout: gl.constexpr):
+    """P·V's A operand: the FP8 codes of P times its per-key factor (one multiply per element),
+    made right before the product is issued.
+
+    P crosses the loop's back edge in fp32 and unscaled, and is read again after the P·V is
+    issued (its row sums). So the codes never share registers with P: were they made in P's
+    registers, or carried across the back edge, the next block's P would be due in the
+    registers the in-flight P·V reads, and ptxas would retire that P·V before the softmax.
+    """
+    return gl.convert_layout((p * factor[None, :]).to(gl.float8e4nv), p_layout)
+
+
+@gluon.jit
+def _step(j, base, p, factor, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_smem,
+          v_smem, scale_smem, ready, empty, turn, s_layout: gl.constexpr,
+          o_layout: gl.constexpr, MASKED: gl.constexpr, WG: gl.constexpr,
+          STAGES: gl.constexpr):  # fmt: skip
+    """One turn of a consumer: the P·V of key block j and the softmax of block j + 1 (block
+    j is the program's block base + j).
+
+    On entry the consumer holds its turn j; p is block j's P (fp32, unscaled) and factor its
+    per-key e4m3 factors; l_i lacks block j's row sums; acc (complete, in registers) holds
+    blocks 0..j-1 and is in block j's unit once multiplied by `rescale` (per row). It makes
+    P's codes, rescales acc, issues the QKᵀ of block j + 1 and the P·V of block j, and ends
+    the turn. Block j's row sums go into l_i and block j + 1's scales are read from shared
+    memory under the products; wait(1) retires the QKᵀ; the softmax of block j + 1 runs
+    under the P·V (and under the other consumer's products). Then it waits for its turn
+    j + 1, and only then retires the P·V (wait(0)), which frees block j's stage.
+
+    Why the turn wait comes before wait(0): ptxas keeps memory accesses on their side of a
+    wgmma wait, and issues the wait as soon as the accesses before it are issued. With only
+    loads before it, wait(0) lands above most of the softmax; the turn's mbarrier wait (a
+    memory access and a branch) pins it below. Nothing is in flight across the loop's back
+    edge (in a worker partition, an in-flight accumulator there makes ptxas serialize every
+    wgmma, C7512). MASKED: block j + 1 is this consumer's diagonal.
+    """
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
+    g = base + j
+    p_op = _p_operand(p, factor, p_layout)
+    acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
+    s_next = _qk(q_smem, k_smem, ready, g + 1, s_zero, STAGES)
+    acc = warpgroup_mma(p_op, v_smem.index(g % STAGES).permute((1, 0)), acc, is_async=True)
+    _turn_pass(turn, WG)
+    l_i = l_i + gl.sum(p, axis=1)  # block j's row sums: P's last read
+    k_scale, factor, new_unit = _block_scales(scale_smem, g + 1, STAGES, s_layout)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,)).to(gl.float32)
+    p, alpha, m_i, l_i = _softmax(s, q_scale, m_i, l_i, k_scale, rows, j + 1, s_layout, MASKED)
+    _turn_wait(turn, g + 1, WG)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(empty.index(g % STAGES), count=1)  # block j's K, V, scales are read
+    return p, factor, acc, alpha * (unit / new_unit), m_i, l_i, new_unit
