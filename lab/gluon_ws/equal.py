@@ -10,21 +10,19 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 
-from lab.gluon_prefill_probe import HEAD_DIM, KEYS, _descriptor
+from lab.gluon_prefill_probe import HEAD_DIM, KEYS, _descriptor, _quantize_q_block
 from lab.gluon_ws.config import (
     BLOCK_M,
     BLOCK_N,
     DEFAULT_STAGES,
     DIM,
     FP8_MAX,
-    LOG2E,
     MAXNREG,
     TILE,
     _launch_options,
@@ -137,25 +135,6 @@ def _blocks_of(tile, seq_len, WG: gl.constexpr, CAUSAL: gl.constexpr):
         return gl.maximum(2 * tile + 1 + WG, 2)
     else:
         return seq_len // BLOCK_N
-
-
-@gluon.jit
-def _quantize_q_block(q_ptr, q_smem, first_row, head, stride_qt, stride_qh, sm_scale,
-                      rows_s: gl.constexpr):  # fmt: skip
-    """Load 64 bf16 query rows of `head`, write their INT8 codes (per-row scales, rounded as
-    the Triton kernel's `_quantize_q`) to q_smem; return the row scales times sm_scale and
-    log2 e, [BLOCK_M] in the scores' row layout."""
-    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    rows = first_row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
-    d = gl.arange(0, DIM, layout=gl.SliceLayout(0, blocked))
-    offsets = rows.to(gl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :]
-    q = gl.load(q_ptr + offsets).to(gl.float32)
-    scale = gl.maximum(gl.max(gl.abs(q), axis=1) / 127.0, 2.0**-24)
-    y = gl.div_rn(q, gl.zeros_like(q) + scale[:, None])
-    y = gl.where(y >= 0, y + 0.5, y - 0.5)
-    q_smem.store(gl.minimum(gl.maximum(y, -127.0), 127.0).to(gl.int8))
-    fence_async_shared()  # the codes are read by wgmma (the async proxy)
-    return gl.convert_layout(scale * (sm_scale * LOG2E), rows_s)
 
 
 @gluon.jit
