@@ -27,14 +27,19 @@ Scope: FP8 P·V, head_dim 128, page 64, equal sequence lengths that are multiple
 cached prefix; causal or not. The varlen variant (`gluon_ws_prefill_varlen`, module
 `lab/gluon_ws/varlen.py`) takes what the backend needs: varlen batches with cached
 prefixes, the bottom-right causal mask, any lengths, work items from a host plan
-(`work_plan`), both grids. This file is the CLI; the code is in `lab/gluon_ws/`, one
-module per concept. Run from the repository root with the project's virtualenv:
+(`work_plan`), both grids; FP8 or fp16 P·V (INT8 V widened to fp16 in shared memory by a
+widener partition), head_dim 64 or 128, and Q rotated in the kernel. This file is the
+CLI; the code is in `lab/gluon_ws/`, one module per concept. Run from the repository root
+with the project's virtualenv:
 
     python lab/gluon_ws_prefill_probe.py --sass [--causal [--persistent]]  # no GPU: sm_90
-    python lab/gluon_ws_prefill_probe.py --sass --varlen [--causal]  # no GPU: sm_90
+    python lab/gluon_ws_prefill_probe.py --sass --varlen [--causal] [--pv fp16]
+        [--head-dim 64] [--rotate on]  # no GPU: sm_90
     python lab/gluon_ws_prefill_probe.py --selfcheck  # no GPU: varlen block ranges, protocol
     python lab/gluon_ws_prefill_probe.py --out ws.json  # GPU: check, then time
     python lab/gluon_ws_prefill_probe.py --varlen --out ws-varlen.json  # GPU: varlen
+    python lab/gluon_ws_prefill_probe.py --varlen --pv fp8,fp16 --head-dim 128,64 \
+        --rotate off,on --timings none  # GPU: varlen checks, every numerics
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import triton
 
 from lab.gluon_ws.config import DEFAULT_STAGES, MAXNREG
 from lab.gluon_ws.gpu import WS_VARIANTS, run
-from lab.gluon_ws.gpu_varlen import VARLEN_VARIANTS, _main_varlen
+from lab.gluon_ws.gpu_varlen import VARLEN_VARIANTS, _main_varlen, numerics_grid
 from lab.gluon_ws.sass import sass_report
 from lab.gluon_ws.selfcheck import selfcheck
 
@@ -74,6 +79,13 @@ def main() -> int:
         action="store_true",
         help="no GPU: the varlen block ranges vs brute force, the plan, the barrier protocol",
     )
+    parser.add_argument("--pv", default="fp8",
+                        help="--varlen: P·V in fp8 (FP8 V) or fp16 (INT8 V widened), or both "
+                        "(fp8,fp16; GPU mode)")  # fmt: skip
+    parser.add_argument("--head-dim", default="128", help="--varlen: 128, 64 or 128,64")
+    parser.add_argument("--rotate", default="off",
+                        help="--varlen: Hadamard-rotated Q (in the kernel) and K (the store): "
+                        "off, on or off,on")  # fmt: skip
     parser.add_argument("--stages", type=int, default=DEFAULT_STAGES)
     parser.add_argument("--maxnreg", type=int, default=MAXNREG)
     parser.add_argument("--seqs", default="1024,4096,16384")
@@ -95,8 +107,12 @@ def main() -> int:
     if args.selfcheck:
         return selfcheck()
     if args.sass:
+        grid = numerics_grid(args)
+        if len(grid) != 1:
+            parser.error("--sass compiles one --pv, --head-dim and --rotate")
+        n = grid[0]
         return sass_report(args.causal, args.stages, args.maxnreg, args.persistent,
-                           args.varlen)  # fmt: skip
+                           args.varlen, n.pv, n.head_dim, n.rotate)  # fmt: skip
     if args.varlen:
         return _main_varlen(args, parser)
     variants = (args.variants or ",".join(WS_VARIANTS)).split(",")

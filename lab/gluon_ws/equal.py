@@ -187,7 +187,7 @@ def _attend(tile, head, seq, base, args, num_q_heads: gl.constexpr,
         v_smem, scale_smem, ready, empty, turn, s_layout, o_layout, CAUSAL, WG, STAGES,
     )  # fmt: skip
     # The last block's P·V, in a turn of its own (turn `last`, held).
-    p_op = _p_operand(p, factor, p_layout)
+    p_op = _p_operand(p, factor, p_layout, v_smem.dtype)
     acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
     g = base + last
     acc = warpgroup_mma(p_op, v_smem.index(g % STAGES).permute((1, 0)), acc, is_async=True)

@@ -26,6 +26,32 @@ from lab.gluon_ws.varlen import gluon_ws_prefill_varlen
 
 
 VARLEN_VARIANTS = {"gluon_ws_varlen": False, "gluon_ws_varlen_persistent": True}
+ORACLE = "triton_sage"  # the served Triton kernel, with the same numerics
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """What the cache and kernels compute: P·V in "fp8" (FP8 V) or "fp16" (INT8 V), the head
+    dim, and the Hadamard rotation of Q and K (the Triton oracle then rotates Q with its
+    tensor-core product, the closest to the Gluon kernel's)."""
+
+    pv: str = "fp8"
+    head_dim: int = HEAD_DIM
+    rotate: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.pv}-d{self.head_dim}" + ("-rot" if self.rotate else "")
+
+    def sm_scale(self) -> float:
+        return self.head_dim**-0.5 / (self.head_dim if self.rotate else 1)
+
+    def rotation(self):
+        from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel
+
+        return HadamardKernel.TENSOR_CORE if self.rotate else HadamardKernel.OFF
+
+
 CHECK_Q_LENS, CHECK_PREFIXES = (1, 7, 200, 333, 128, 1000), (0, 64, 100, 511, 3000)
 VARLEN_HEADS, VARLEN_KV_HEADS = 32, 8  # GQA, as the served models
 CUDNN_NOTE = (
@@ -64,13 +90,15 @@ class VarlenBatch:
 
 
 def _varlen_batch(q_lens: list[int], prefixes: list[int], gen: torch.Generator,
-                  gaps: bool) -> VarlenBatch:  # fmt: skip
-    """Random inputs (k with a per-(head, channel) bias), stored through `store_kv`."""
+                  gaps: bool, numerics: Numerics) -> VarlenBatch:  # fmt: skip
+    """Random inputs (k with a per-(head, channel) bias), stored through `store_kv` (keys
+    rotated there when numerics.rotate, V as FP8 or INT8 codes)."""
     from sageserve.attention.page_tables import int32_on_device, padded_page_table
     from sageserve.attention.sage_attn.kernels.store import store_kv
     from sageserve.attention.sage_attn.reference import FP8_DTYPE
+    from sageserve.attention.sage_attn.rotation import hadamard_rotate
 
-    dev, hq, hkv = torch.device("cuda"), VARLEN_HEADS, VARLEN_KV_HEADS
+    dev, hq, hkv, dim = torch.device("cuda"), VARLEN_HEADS, VARLEN_KV_HEADS, numerics.head_dim
     kv_lens = [q + p for q, p in zip(q_lens, prefixes, strict=True)]
     q_starts, row = [], 0
     for n in q_lens:
@@ -79,10 +107,10 @@ def _varlen_batch(q_lens: list[int], prefixes: list[int], gen: torch.Generator,
         row += n
     tokens = row + (3 if gaps else 0)
     kv_starts = [sum(kv_lens[:i]) for i in range(len(kv_lens))]
-    q = torch.randn(tokens, hq, HEAD_DIM, generator=gen).to(dev).bfloat16()
-    bias = 2 * torch.randn(1, hkv, HEAD_DIM, generator=gen)
-    k = (torch.randn(sum(kv_lens), hkv, HEAD_DIM, generator=gen) + bias).to(dev).bfloat16()
-    v = torch.randn(sum(kv_lens), hkv, HEAD_DIM, generator=gen).to(dev).bfloat16()
+    q = torch.randn(tokens, hq, dim, generator=gen).to(dev).bfloat16()
+    bias = 2 * torch.randn(1, hkv, dim, generator=gen)
+    k = (torch.randn(sum(kv_lens), hkv, dim, generator=gen) + bias).to(dev).bfloat16()
+    v = torch.randn(sum(kv_lens), hkv, dim, generator=gen).to(dev).bfloat16()
     per_seq = [-(-kv // KEYS) for kv in kv_lens]
     order = (torch.randperm(sum(per_seq), generator=gen) + 1).tolist()  # page 0: the null page
     tables, pages, offsets = [], [], []
@@ -93,14 +121,16 @@ def _varlen_batch(q_lens: list[int], prefixes: list[int], gen: torch.Generator,
         pages.append(torch.tensor(table)[pos // KEYS])
         offsets.append(pos % KEYS)
     num_pages = sum(per_seq) + 1
+    v_dtype = FP8_DTYPE if numerics.pv == "fp8" else torch.int8
     caches = (
-        torch.zeros(num_pages, hkv, KEYS, HEAD_DIM, dtype=torch.int8, device=dev),
+        torch.zeros(num_pages, hkv, KEYS, dim, dtype=torch.int8, device=dev),
         torch.zeros(num_pages, hkv, KEYS, dtype=torch.float16, device=dev),
-        torch.zeros(num_pages, hkv, HEAD_DIM, KEYS, dtype=FP8_DTYPE, device=dev),
+        torch.zeros(num_pages, hkv, dim, KEYS, dtype=v_dtype, device=dev),
         torch.zeros(num_pages, hkv, KEYS, dtype=torch.float16, device=dev),
     )
-    store_kv(k, v, k.float().mean(0), None, torch.cat(pages).to(dev), torch.cat(offsets).to(dev),
-             *caches)  # fmt: skip
+    k_mean = (hadamard_rotate(k) if numerics.rotate else k.float()).mean(0)
+    store_kv(k, v, k_mean, None, torch.cat(pages).to(dev), torch.cat(offsets).to(dev), *caches,
+             rotation=numerics.rotation())  # fmt: skip
     table = padded_page_table(tables, kv_lens, KEYS, dev)
     q_start, q_len, kv_len = int32_on_device([q_starts, q_lens, kv_lens], dev)
     return VarlenBatch(list(q_lens), kv_lens, q_starts, kv_starts, q, k, v, caches, table,
@@ -125,11 +155,11 @@ def _exact_varlen(b: VarlenBatch, causal: bool) -> torch.Tensor:
     return out
 
 
-def _varlen_flops(q_lens: list[int], kv_lens: list[int], causal: bool) -> float:
+def _varlen_flops(q_lens: list[int], kv_lens: list[int], causal: bool, head_dim: int) -> float:
     """4 Hq D x the (row, key) pairs attended (causal: row r of a chunk sees prefix + r + 1)."""
     pairs = sum(n * (kv - n) + n * (n + 1) // 2 if causal else n * kv
                 for n, kv in zip(q_lens, kv_lens, strict=True))  # fmt: skip
-    return 4.0 * VARLEN_HEADS * HEAD_DIM * pairs
+    return 4.0 * VARLEN_HEADS * head_dim * pairs
 
 
 def _cudnn_runner(b: VarlenBatch, causal: bool) -> Callable:
@@ -155,10 +185,10 @@ def _cudnn_runner(b: VarlenBatch, causal: bool) -> Callable:
 
 
 def _varlen_runners(b: VarlenBatch, causal: bool, stages: int, variants: list[str],
-                    timing: bool) -> dict[str, Callable]:  # fmt: skip
+                    timing: bool, numerics: Numerics) -> dict[str, Callable]:  # fmt: skip
     """name -> fn(out): the varlen variants, the Triton kernel (the oracle); when timing,
     cuDNN (equal q_lens) and, on equal-length batches without prefix (multiples of 128),
-    the equal-length kernel of this probe (both grids)."""
+    the equal-length kernel of this probe (both grids; FP8, D 128, no rotation only)."""
     from sageserve.attention.sage_attn.kernels import prefill as p8
 
     plan = work_plan(b.q_lens, b.kv_lens, VARLEN_HEADS, causal).to(b.q.device)
@@ -166,24 +196,26 @@ def _varlen_runners(b: VarlenBatch, causal: bool, stages: int, variants: list[st
     def ws(persistent: bool) -> Callable:
         def run_ws(out):
             gluon_ws_prefill_varlen(b.q, *b.caches, b.table, b.q_start, b.q_len, b.kv_len, plan,
-                                    out, causal=causal, stages=stages,
-                                    persistent=persistent)  # fmt: skip
+                                    out, causal=causal, stages=stages, persistent=persistent,
+                                    rotate=numerics.rotate)  # fmt: skip
 
         return run_ws
 
     def triton_sage(out):
         p8.sage_attention_paged(b.q, None, *b.caches, b.table, b.q_start, b.q_len, b.kv_len,
-                                max(b.q_lens), out=out, causal=causal)  # fmt: skip
+                                max(b.q_lens), sm_scale=numerics.sm_scale(), out=out,
+                                causal=causal, rotation=numerics.rotation())  # fmt: skip
 
     runners = {name: ws(VARLEN_VARIANTS[name]) for name in variants}
-    runners["triton_sage_fp8"] = triton_sage
+    runners[ORACLE] = triton_sage
     if not timing:
         return runners
     n = b.q_lens[0]
     if all(q == n for q in b.q_lens):
         runners["sdpa_cudnn"] = _cudnn_runner(b, causal)
     if (
-        all(q == n == kv for q, kv in zip(b.q_lens, b.kv_lens, strict=True))
+        numerics == Numerics()
+        and all(q == n == kv for q, kv in zip(b.q_lens, b.kv_lens, strict=True))
         and n % TILE == 0
         and b.q.shape[0] == n * len(b.q_lens)
     ):
@@ -219,58 +251,60 @@ def _poisoned_varlen(fn: Callable, b: VarlenBatch, covered: torch.Tensor) -> tor
 
 
 def _check_varlen(label: str, b: VarlenBatch, causal: bool, stages: int, variants: list[str],
-                  exact: bool) -> list[dict]:  # fmt: skip
+                  exact: bool, numerics: Numerics) -> list[dict]:  # fmt: skip
     """Check the varlen variants against the Triton kernel (cosine >= 0.9999) and fp32
     attention, on poisoned outputs."""
     covered = b.covered()
-    runners = _varlen_runners(b, causal, stages, variants, timing=False)
+    runners = _varlen_runners(b, causal, stages, variants, timing=False, numerics=numerics)
     outs = {name: _poisoned_varlen(fn, b, covered) for name, fn in runners.items()}
     ref = _exact_varlen(b, causal)[covered] if exact else None
-    oracle = outs["triton_sage_fp8"]
+    oracle = outs[ORACLE]
     rows = []
     for name, out in outs.items():
         vs_oracle = _accuracy(out, oracle) | {"max_abs": _max_abs(out, oracle)}
-        row = {"check": label, "causal": causal, "variant": name, "sequences": len(b.q_lens),
-               "rows": int(covered.sum()), "vs_triton_sage_fp8": vs_oracle}  # fmt: skip
+        row = {"check": label, "numerics": numerics.label, "causal": causal, "variant": name,
+               "sequences": len(b.q_lens), "rows": int(covered.sum()),
+               "vs_triton_sage": vs_oracle}  # fmt: skip
         if ref is not None:
             row["vs_fp32"] = _accuracy(out, ref) | {"max_abs": _max_abs(out, ref)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        cos = row["vs_triton_sage_fp8"]["cosine"]
+        cos = row["vs_triton_sage"]["cosine"]
         if name in variants and cos < 0.9999:
             raise AssertionError(f"{name} disagrees with the Triton kernel ({label}, causal "
-                                 f"{causal}): {row['vs_triton_sage_fp8']}")  # fmt: skip
+                                 f"{causal}, {numerics.label}): "
+                                 f"{row['vs_triton_sage']}")  # fmt: skip
     return rows
 
 
 def _time_varlen(label: str, b: VarlenBatch, causal: bool, stages: int, variants: list[str],
-                 rounds: int) -> list[dict]:  # fmt: skip
+                 rounds: int, numerics: Numerics) -> list[dict]:  # fmt: skip
     """Check (poisoned outputs, vs the Triton kernel), then time alternated with the Triton
     kernel, cuDNN and, where it applies, the equal-length kernel."""
     covered = b.covered()
-    runners = _varlen_runners(b, causal, stages, variants, timing=True)
+    runners = _varlen_runners(b, causal, stages, variants, timing=True, numerics=numerics)
     outs = {name: _poisoned_varlen(fn, b, covered) for name, fn in runners.items()}
     ms = _time(runners, b.q, rounds)
-    flops = _varlen_flops(b.q_lens, b.kv_lens, causal)
-    cudnn_flops = _varlen_flops(b.q_lens, b.q_lens, causal)  # its work: the chunks only
+    flops = _varlen_flops(b.q_lens, b.kv_lens, causal, b.q.shape[2])
+    cudnn_flops = _varlen_flops(b.q_lens, b.q_lens, causal, b.q.shape[2])  # the chunks only
     rows = []
     for name in runners:
         work = cudnn_flops if name == "sdpa_cudnn" else flops
-        row = {"timing": label, "causal": causal, "variant": name, "ms": ms[name],
-               "tops": work / ms[name] / 1e9, "flops": work,
-               "vs_triton_sage_fp8": _accuracy(outs[name], outs["triton_sage_fp8"])}  # fmt: skip
+        row = {"timing": label, "numerics": numerics.label, "causal": causal, "variant": name,
+               "ms": ms[name], "tops": work / ms[name] / 1e9, "flops": work,
+               "vs_triton_sage": _accuracy(outs[name], outs[ORACLE])}  # fmt: skip
         if name == "sdpa_cudnn":
             row["cudnn_prefix"] = "exact" if b.kv_lens == b.q_lens else "left out (CUDNN_NOTE)"
         rows.append(row)
         print(json.dumps(row), flush=True)
     for row in rows:
-        if row["variant"] in variants and row["vs_triton_sage_fp8"]["cosine"] < 0.9999:
+        if row["variant"] in variants and row["vs_triton_sage"]["cosine"] < 0.9999:
             raise AssertionError(f"{row['variant']} disagrees with the Triton kernel: {row}")
     return rows
 
 
 def run_varlen(rounds: int, stages: int, variants: list[str], masks: list[bool],
-               timings: list[str]) -> list[dict]:  # fmt: skip
+               timings: list[str], numerics: Numerics) -> list[dict]:  # fmt: skip
     """The varlen checks (every q_len x prefix of CHECK_*, shuffled, and a random batch;
     gaps between sequences), then the timed batches: "serving" (16 sequences of 1024 new
     tokens over 0..4096-token prefixes) and "prompt16k" (one 16k prompt)."""
@@ -282,9 +316,9 @@ def run_varlen(rounds: int, stages: int, variants: list[str], masks: list[bool],
     checks = {"grid": pairs, "random": randoms}
     rows = []
     for label, chosen in checks.items():
-        b = _varlen_batch([q for q, _ in chosen], [p for _, p in chosen], gen, gaps=True)
+        b = _varlen_batch([q for q, _ in chosen], [p for _, p in chosen], gen, True, numerics)
         for causal in masks:
-            rows += _check_varlen(label, b, causal, stages, variants, exact=True)
+            rows += _check_varlen(label, b, causal, stages, variants, True, numerics)
         del b
     shapes = {
         "serving": ([1024] * 16, torch.randint(0, 4097, (16,), generator=gen).tolist()),
@@ -292,33 +326,50 @@ def run_varlen(rounds: int, stages: int, variants: list[str], masks: list[bool],
     }
     for label in timings:
         q_lens, prefixes = shapes[label]
-        b = _varlen_batch(q_lens, prefixes, gen, gaps=False)
+        b = _varlen_batch(q_lens, prefixes, gen, False, numerics)
         for causal in masks:
-            rows += _time_varlen(label, b, causal, stages, variants, rounds)
+            rows += _time_varlen(label, b, causal, stages, variants, rounds, numerics)
         del b
         torch.cuda.empty_cache()
     return rows
 
 
+def numerics_grid(args: argparse.Namespace) -> list[Numerics]:
+    """Every combination of --pv, --head-dim and --rotate (comma lists)."""
+    rotations = {"off": False, "on": True}
+    return [
+        Numerics(pv, int(dim), rotations[rot])
+        for pv in args.pv.split(",")
+        for dim in args.head_dim.split(",")
+        for rot in args.rotate.split(",")
+    ]
+
+
 def _main_varlen(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """GPU: the varlen checks, then the timed batches; JSON to --out."""
+    """GPU: the varlen checks, then the timed batches, for every numerics of the grid; JSON
+    to --out."""
     variants = (args.variants or ",".join(VARLEN_VARIANTS)).split(",")
     if unknown := set(variants) - set(VARLEN_VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}")
     masks = [{"none": False, "causal": True}[m] for m in args.masks.split(",")]
     timings = [] if args.timings == "none" else args.timings.split(",")
-    rows = run_varlen(args.rounds, args.stages, variants, masks, timings)
+    rows = []
+    for numerics in numerics_grid(args):
+        rows += run_varlen(args.rounds, args.stages, variants, masks, timings, numerics)
     result = {
         "what": "Gluon 8-bit prefill, warp-specialized, varlen batches with cached prefixes "
-        "(host plan of 128-row tiles, longest first; bottom-right causal mask; FP8 P·V, "
-        "page 64, 32 query / 8 KV heads, D 128), checked against the Triton kernel and fp32 "
-        "on NaN-poisoned outputs with gap rows, then timed against the Triton kernel, cuDNN "
-        "and (16k prompt) the equal-length kernel; TOPS count the attended (row, key) pairs",
+        "(host plan of 128-row tiles, longest first; bottom-right causal mask; FP8 P·V or "
+        "fp16 P·V over INT8 V widened in shared memory, D 128 or 64, Q and K rotated or not "
+        "(`numerics` per row), page 64, 32 query / 8 KV heads), checked against the Triton "
+        "kernel with the same numerics and fp32 on NaN-poisoned outputs with gap rows, then "
+        "timed against the Triton kernel, cuDNN and (16k prompt, FP8 D 128 unrotated) the "
+        "equal-length kernel; TOPS count the attended (row, key) pairs",
         "cudnn": CUDNN_NOTE,
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "stages": args.stages, "maxnreg": args.maxnreg,
         "variants": {name: {"persistent": VARLEN_VARIANTS[name]} for name in variants},
+        "numerics": [n.label for n in numerics_grid(args)],
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, *sys.argv]),
         "rows": rows,

@@ -76,16 +76,17 @@ def _softmax(s_float, q_scale, m_i, l_i, k_scale, rows, block, s_layout: gl.cons
 
 
 @gluon.jit
-def _p_operand(p, factor, p_layout: gl.constexpr):
-    """P·V's A operand: the FP8 codes of P times its per-key factor (one multiply per element),
-    made right before the product is issued.
+def _p_operand(p, factor, p_layout: gl.constexpr, dtype: gl.constexpr):
+    """P·V's A operand: P times its per-key factor (one multiply per element) in V's dtype
+    (FP8 codes, or fp16 against INT8 V widened to fp16), made right before the product is
+    issued.
 
     P crosses the loop's back edge in fp32 and unscaled, and is read again after the P·V is
     issued (its row sums). So the codes never share registers with P: were they made in P's
     registers, or carried across the back edge, the next block's P would be due in the
     registers the in-flight P·V reads, and ptxas would retire that P·V before the softmax.
     """
-    return gl.convert_layout((p * factor[None, :]).to(gl.float8e4nv), p_layout)
+    return gl.convert_layout((p * factor[None, :]).to(dtype), p_layout)
 
 
 @gluon.jit
@@ -113,10 +114,12 @@ def _step(j, base, p, factor, acc, rescale, m_i, l_i, unit, q_scale, rows, q_sme
     wgmma, C7512). MASKED: block j + 1 is this consumer's diagonal.
     """
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    p_layout: gl.constexpr = gl.DotOperandLayout(
+        operand_index=0, parent=o_layout, k_width=32 // v_smem.dtype.primitive_bitwidth
+    )
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
     g = base + j
-    p_op = _p_operand(p, factor, p_layout)
+    p_op = _p_operand(p, factor, p_layout, v_smem.dtype)
     acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
     s_next = _qk(q_smem, k_smem, ready, g + 1, s_zero, STAGES)
     acc = warpgroup_mma(p_op, v_smem.index(g % STAGES).permute((1, 0)), acc, is_async=True)

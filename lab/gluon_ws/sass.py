@@ -55,8 +55,10 @@ def _compile_sm90(causal: bool, stages: int, maxnreg: int, persistent: bool = Fa
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _compile_sm90_varlen(causal: bool, stages: int, maxnreg: int):
-    """The varlen kernel compiled for sm_90 without a GPU (one build serves both grids)."""
+def _compile_sm90_varlen(causal: bool, stages: int, maxnreg: int, pv: str = "fp8",
+                         head_dim: int = HEAD_DIM, rotate: bool = False):  # fmt: skip
+    """The varlen kernel compiled for sm_90 without a GPU (one build serves both grids):
+    FP8 or fp16 P·V (INT8 V), head_dim 64 or 128, Q rotated or not."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -64,18 +66,20 @@ def _compile_sm90_varlen(causal: bool, stages: int, maxnreg: int):
     def desc(shape, box, dtype, torch_dtype):
         return mangle_type(_descriptor(torch.zeros(shape, dtype=torch_dtype), shape, box, dtype))
 
+    v_types = (gl.float8e4nv, torch.float8_e4m3fn) if pv == "fp8" else (gl.int8, torch.int8)
     signature = {
         "q_ptr": "*bf16",
-        "k_desc": desc([4096, HEAD_DIM], [KEYS, HEAD_DIM], gl.int8, torch.int8),
-        "v_desc": desc([8192, KEYS], [HEAD_DIM, KEYS], gl.float8e4nv, torch.float8_e4m3fn),
+        "k_desc": desc([4096, head_dim], [KEYS, head_dim], gl.int8, torch.int8),
+        "v_desc": desc([64 * head_dim, KEYS], [head_dim, KEYS], *v_types),
         "k_scale_ptr": "*fp16", "v_scale_ptr": "*fp16", "page_table_ptr": "*i32",
         "out_ptr": "*bf16", "plan_ptr": "*i32", "q_start_ptr": "*i32", "q_len_ptr": "*i32",
         "kv_len_ptr": "*i32", "n_items": "i32", "stride_qt": "i32", "stride_qh": "i32",
         "stride_table": "i32", "stride_ot": "i32", "stride_oh": "i32", "sm_scale": "fp32",
     }  # fmt: skip
-    options = _varlen_options(stages, maxnreg)
+    options = _varlen_options(stages, maxnreg, rotate)
     constexprs = {"num_q_heads": 32, "num_kv_heads": 8, "CAUSAL": causal}
-    for name in ("STAGES", "CONSUMER_REGS", "PRODUCER_REGS"):
+    for name in ("STAGES", "CONSUMER_REGS", "PRODUCER_REGS", "ROTATE", "WIDENER_WARPS",
+                 "WIDENER_REGS"):  # fmt: skip
         constexprs[name] = options.pop(name)
     signature |= dict.fromkeys(constexprs, "constexpr")
     # The launcher's specialization: 16-byte aligned tensors (`int32_on_device` aligns the
@@ -182,12 +186,14 @@ def _loops(sass: list[str]) -> list[tuple[int, str, str]]:
 
 
 def sass_report(causal: bool = False, stages: int = DEFAULT_STAGES, maxnreg: int = MAXNREG,
-                persistent: bool = False, varlen: bool = False) -> int:  # fmt: skip
+                persistent: bool = False, varlen: bool = False, pv: str = "fp8",
+                head_dim: int = HEAD_DIM, rotate: bool = False) -> int:  # fmt: skip
     """Compile for sm_90 without a GPU; print the wgmma waits and kinds, the register plan
     (setmaxnreg per partition), shared memory, ptxas's verdict and the SASS loops.
-    varlen: the varlen kernel (its loops: unmasked then masked, per consumer)."""
+    varlen: the varlen kernel (its loops: unmasked then masked, per consumer), with P·V in
+    `pv`, head_dim and the Q rotation as given (the equal-length kernel has neither)."""
     if varlen:
-        kernel = _compile_sm90_varlen(causal, stages, maxnreg)
+        kernel = _compile_sm90_varlen(causal, stages, maxnreg, pv, head_dim, rotate)
     else:
         kernel = _compile_sm90(causal, stages, maxnreg, persistent)
     ptx = kernel.asm["ptx"]

@@ -48,17 +48,35 @@ def _check_blocks(q_len: int, prefix: int, first_row: int, causal: bool) -> list
     return masked
 
 
-def _protocol_run(items: list[tuple[int, int, int]], stages: int, rng) -> None:
+def _protocol_run(items: list[tuple[int, int, int]], stages: int, rng,
+                  widen: bool = False) -> None:  # fmt: skip
     """Random interleaving of the varlen kernel's barrier protocol for one program: the
-    producer, the TMA completions and both consumers, op for op as the kernel issues them,
-    on the items' (n0, n1, loaded). Asserts no deadlock, no stage read before it landed or
-    overwritten before both releases, and wgmma issues alternating by turn."""
+    producer, the TMA completions, both consumers and (widen: fp16 P·V) the widener, op for
+    op as the kernel issues them, on the items' (n0, n1, loaded). Asserts no deadlock, no
+    stage read before it landed (and was widened) or overwritten before both releases, and
+    wgmma issues alternating by turn."""
     bars = {("ready", s): [0, 0, 3] for s in range(stages)}  # expect, TMA bytes, scales
+    bars |= {("widened", s): [0, 0, 1] for s in range(stages)}
     bars |= {("empty", s): [0, 0, 2] for s in range(stages)}
     bars |= {("turn", w): [0, 0, 1] for w in (0, 1)}
     stage_holds: dict[int, int] = {}
+    widened_holds: dict[int, int] = {}  # stage -> the block whose fp16 V it holds
     releases: dict[int, int] = {}
     issues: list[int] = []
+    landed = "widened" if widen else "ready"  # what the consumers wait on
+
+    def widener():
+        g = 0
+        for _, _, loaded in items:
+            for _ in range(loaded):
+                s = g % stages
+                yield ("wait", ("ready", s), (g // stages) & 1)
+                assert stage_holds.get(s) == g, f"block {g} widened from a stale stage"
+                old = widened_holds.get(s)
+                assert old is None or releases.get(old) == 2, f"fp16 stage {s} overwritten"
+                widened_holds[s] = g
+                yield ("arrive", ("widened", s))
+                g += 1
 
     def producer():
         g = 0
@@ -82,12 +100,14 @@ def _protocol_run(items: list[tuple[int, int, int]], stages: int, rng) -> None:
 
         def read(g):
             assert stage_holds.get(g % stages) == g, f"block {g} read from a stale stage"
+            if widen:
+                assert widened_holds.get(g % stages) == g, f"block {g}: stale fp16 V"
 
         def idle(start, stop):
             for g in range(start, stop):
                 yield turn_wait(g)
                 yield ("arrive", ("turn", 1 - wg))
-                yield ("wait", ("ready", g % stages), (g // stages) & 1)
+                yield ("wait", (landed, g % stages), (g // stages) & 1)
                 yield ("release", g)
 
         for item in items:
@@ -96,12 +116,12 @@ def _protocol_run(items: list[tuple[int, int, int]], stages: int, rng) -> None:
                 yield from idle(base, base + loaded)
                 base += loaded
                 continue
-            yield ("wait", ("ready", base % stages), (base // stages) & 1)
+            yield ("wait", (landed, base % stages), (base // stages) & 1)
             read(base)
             yield turn_wait(base)
             for j in range(n - 1):
                 g = base + j
-                yield ("wait", ("ready", (g + 1) % stages), ((g + 1) // stages) & 1)
+                yield ("wait", (landed, (g + 1) % stages), ((g + 1) // stages) & 1)
                 read(g + 1)
                 read(g)
                 issues.append(wg)
@@ -123,7 +143,7 @@ def _protocol_run(items: list[tuple[int, int, int]], stages: int, rng) -> None:
         if bar[1] == bar[2]:
             bar[0], bar[1] = bar[0] + 1, 0
 
-    agents = [producer(), consumer(0), consumer(1)]
+    agents = [producer(), consumer(0), consumer(1)] + ([widener()] if widen else [])
     pending = [next(a, None) for a in agents]
     tma: list = []
     holding = [False, False]  # which consumer holds the turn: never both
@@ -160,7 +180,8 @@ def _protocol_run(items: list[tuple[int, int, int]], stages: int, rng) -> None:
 def selfcheck(cases: int = 3000, seeds: int = 200, seed: int = 0) -> int:
     """No GPU: the block-range formulas against brute force over random (q_len, prefix,
     tile) cases, the work plan's coverage and order, and the barrier protocol under random
-    interleavings (3 and 4 stages, random item lists with uneven and idle consumers)."""
+    interleavings (3 and 4 stages, random item lists with uneven and idle consumers, with
+    and without the fp16 P·V widener)."""
     import random
 
     rng = random.Random(seed)
@@ -202,7 +223,8 @@ def selfcheck(cases: int = 3000, seeds: int = 200, seed: int = 0) -> int:
                 n0, _ = _consumer_blocks(q_len, prefix + q_len, row, 0, causal, ROWS, KEYS)
                 n1, _ = _consumer_blocks(q_len, prefix + q_len, row, 1, causal, ROWS, KEYS)
                 items.append((n0, n1, max(n0, n1)))
-            _protocol_run(items, stages, prng)
+            _protocol_run(items, stages, prng, widen=s % 2 == 1)
             runs += 1
-    print(f"barrier protocol: {runs} random interleavings, no deadlock, no stale stage")
+    print(f"barrier protocol: {runs} random interleavings (half with the fp16 P·V widener), "
+          "no deadlock, no stale stage")  # fmt: skip
     return 0
