@@ -2,7 +2,10 @@
 # Every target of issue 16 (engine speed), measured in one call on one GPU, dummy
 # Llama-3.1-8B bf16, triton and sage_attn alternated where a figure compares them:
 #
-#   bash benchmarks/issue16_targets.sh OUT_DIR
+#   bash benchmarks/issue16_targets.sh OUT_DIR [PARTS]
+#
+# PARTS: which of the parts below to run, e.g. 1,2 (default: all). Their time limits add up
+# to more than one 10-minute device call: split them, e.g. "1,2,4" then "3,5".
 #
 # 1. offline: single stream (1 x 512 in, 128 out) and 64 x 8k, with the decode bound from
 #    the copy bandwidth measured in the same run (`sageserve bench offline`);
@@ -10,35 +13,48 @@
 # 3. HTTP from an empty Triton cache: 1 client (the first request's TTFT against the
 #    next ones, the rate against offline) and 32 clients (ITL p99 / p50, errors), with the
 #    kernels compiled while serving listed (`benchmarks/serving_ab.sh`);
-# 4. the server's own TTFT of its first requests (`lab/first_request_probe.py`).
+# 4. the server's own TTFT of its first requests (`lab/first_request_probe.py`);
+# 5. 32 clients with a prefill cap of 256 while decoding.
 # Each part has its own time limit, so that one stuck part leaves the others' results.
 set -u
 out=$1
+parts=",${2:-1,2,3,4,5},"
+want() { [[ $parts == *",$1,"* ]]; }
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/card.txt"
 M="--model-path llama-3.1-8b --load-format dummy"
 
-timeout 200 python3 -m sageserve bench offline $M --backends triton,sage_attn \
+want 1 && timeout 200 python3 -m sageserve bench offline $M --backends triton,sage_attn \
   --batch-sizes 1,64 --input-lens 512,8192 --output-lens 128 --rounds 1 \
   --out "$out/offline.json" > "$out/offline.log" 2>&1
-tail -12 "$out/offline.log"
+want 1 && tail -12 "$out/offline.log"
 
-timeout 150 python3 benchmarks/profile_decode.py --backends triton,sage_attn \
+want 2 && timeout 150 python3 benchmarks/profile_decode.py --backends triton,sage_attn \
   --batch-sizes 1,64 --input-len 512 --steps 10 --out "$out/profile-decode.json" \
   > "$out/profile-decode.log" 2>&1
-tail -8 "$out/profile-decode.log"
+want 2 && tail -8 "$out/profile-decode.log"
 
-FRESH_TRITON_CACHE=1 timeout 330 bash benchmarks/serving_ab.sh "$out/serving" 1 \
+want 3 && FRESH_TRITON_CACHE=1 timeout 330 bash benchmarks/serving_ab.sh "$out/serving" 1 \
   "--concurrency 1 --num-requests 6 --input-len 1024 --output-len 256 | --concurrency 32 --num-requests 64 --input-len 1024 --output-len 256" \
   "$M --attention-backend triton" "$M --attention-backend sage_attn"
 
-python3 -m sageserve.launch_server --port 30124 $M --attention-backend sage_attn \
-  > "$out/probe-server.log" 2>&1 &
-server=$!
-for _ in $(seq 1 240); do
-  python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:30124/health', timeout=2)" 2>/dev/null && break
-  sleep 1
-done
-timeout 60 python3 lab/first_request_probe.py --url http://127.0.0.1:30124 --requests 4 \
-  --out "$out/first-request-probe.json"
-kill $server; wait $server 2>/dev/null
+if want 4; then
+  python3 -m sageserve.launch_server --port 30124 $M --attention-backend sage_attn \
+    > "$out/probe-server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 240); do
+    python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:30124/health', timeout=2)" 2>/dev/null && break
+    sleep 1
+  done
+  timeout 60 python3 lab/first_request_probe.py --url http://127.0.0.1:30124 --requests 4 \
+    --out "$out/first-request-probe.json"
+  kill $server; wait $server 2>/dev/null
+fi
+
+# 5. The 32-client ITL p99 / p50 with a smaller prefill cap while decoding (256 instead of
+#    the default 448): the p99 steps were mixed steps with a 448-token chunk (BENCHMARKS.md).
+want 5 && timeout 200 bash benchmarks/serving_ab.sh "$out/serving-cap256" 1 \
+  "--concurrency 32 --num-requests 64 --input-len 1024 --output-len 256" \
+  "$M --attention-backend triton --max-prefill-tokens-while-decoding 256" \
+  "$M --attention-backend sage_attn --max-prefill-tokens-while-decoding 256"
+true  # a part left out is not a failure

@@ -24,8 +24,9 @@ quantized in the kernel, INT8 K per token, FP8 V per token, P scaled per key by
 `v_scale * 448 / block_max` (one multiply per element) before its e4m3 rounding.
 
 Scope: FP8 P·V, head_dim 128, page 64, equal sequence lengths that are multiples of 128, no
-cached prefix; causal or not. The varlen variant (`gluon_ws_prefill_varlen`, module
-`lab/gluon_ws/varlen.py`) takes what the backend needs: varlen batches with cached
+cached prefix; causal or not. The varlen kernel (`sage_attention_ws`, served as
+`--sage-impl gluon` from `sageserve/attention/sage_attn/kernels/gluon/`) takes what the
+backend needs: varlen batches with cached
 prefixes, the bottom-right causal mask, any lengths, work items from a host plan
 (`work_plan`), both grids; FP8 or fp16 P·V (INT8 V widened to fp16 in shared memory by a
 widener partition), head_dim 64 or 128, and Q rotated in the kernel. This file is the
@@ -35,7 +36,7 @@ with the project's virtualenv:
     python lab/gluon_ws_prefill_probe.py --sass [--causal [--persistent]]  # no GPU: sm_90
     python lab/gluon_ws_prefill_probe.py --sass --varlen [--causal] [--pv fp16]
         [--head-dim 64] [--rotate on]  # no GPU: sm_90
-    python lab/gluon_ws_prefill_probe.py --selfcheck  # no GPU: varlen block ranges, protocol
+    python lab/gluon_ws_prefill_probe.py --selfcheck  # no GPU: the barrier protocol
     python lab/gluon_ws_prefill_probe.py --out ws.json  # GPU: check, then time
     python lab/gluon_ws_prefill_probe.py --varlen --out ws-varlen.json  # GPU: varlen
     python lab/gluon_ws_prefill_probe.py --varlen --pv fp8,fp16 --head-dim 128,64 \
@@ -77,7 +78,7 @@ def main() -> int:
     parser.add_argument(
         "--selfcheck",
         action="store_true",
-        help="no GPU: the varlen block ranges vs brute force, the plan, the barrier protocol",
+        help="no GPU: the barrier protocol under random interleavings (widener included)",
     )
     parser.add_argument("--pv", default="fp8",
                         help="--varlen: P·V in fp8 (FP8 V) or fp16 (INT8 V widened), or both "

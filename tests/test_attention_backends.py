@@ -69,6 +69,7 @@ VARIANTS = [
 # P and output rounding (about 0.3% relative L1) for the exact-math backends.
 _BF16, _FP16 = torch.bfloat16, torch.float16
 _TENSOR_CORE = SageOptions(rotation_kernel="tensor_core")
+_GLUON = SageOptions(impl="gluon")
 GPU_VARIANTS = [
     Variant("torch", min_cosine=0.9999, max_rel_l1=0.01, dtype=_BF16, device="cuda"),
     Variant("triton", min_cosine=0.9999, max_rel_l1=0.01, dtype=_BF16, device="cuda"),
@@ -81,12 +82,19 @@ GPU_VARIANTS = [
     Variant("sage_attn", _TENSOR_CORE, 0.999, 0.03, dtype=_BF16, device="cuda"),
     Variant("sage_attn", _TENSOR_CORE, 0.999, 0.03, dtype=_FP16, device="cuda"),
     Variant("sage_attn", SageOptions(skip_layers=(1,)), 0.999, 0.03, dtype=_BF16, device="cuda"),
+    # Prefill chunks through the warp-specialized Hopper kernel (sm_90, pages of 64 keys).
+    Variant("sage_attn", _GLUON, 0.999, 0.03, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", _GLUON, 0.999, 0.03, dtype=_FP16, device="cuda"),
+    Variant("sage_attn", SageOptions(impl="gluon", pv="fp8"), 0.998, 0.05, _BF16, "cuda"),
+    Variant("sage_attn", SageOptions(impl="gluon", rotate_qk=False), 0.999, 0.03, _BF16, "cuda"),
+    Variant("sage_attn", SageOptions(impl="gluon", skip_layers=(1,)), 0.999, 0.03, _BF16, "cuda"),
 ]
 
 # (num_q_heads, num_kv_heads, head_dim, page_size): GQA, MHA and MQA; pages of one key, of an
 # odd size, and (GPU) of whole key blocks, which the prefill kernels read by TMA.
 SHAPES = [(6, 2, 32, 16), (4, 4, 64, 1), (8, 1, 64, 7), (4, 2, 128, 16)]
-GPU_SHAPES = [(4, 4, 64, 1), (8, 1, 64, 7), (4, 2, 128, 16), (8, 2, 64, 64), (8, 2, 128, 128)]
+GPU_SHAPES = [(4, 4, 64, 1), (8, 1, 64, 7), (4, 2, 128, 16), (8, 2, 64, 64), (8, 2, 128, 128),
+              (8, 2, 128, 64)]  # fmt: skip
 
 # (prefix_len, query_len) per sequence of the mixed step.
 MIXED_STEP = [(0, 1), (0, 7), (0, 200), (0, 333), (120, 80), (332, 1), (7, 1), (16, 17)]
@@ -210,6 +218,13 @@ def test_backend_matches_dense_reference(
 def test_backend_matches_dense_reference_on_gpu(
     variant: Variant, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int
 ) -> None:
+    if variant.sage is not None and variant.sage.impl == "gluon":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the Gluon prefill runs on sm_90 only")
+        if page_size != 64:
+            pytest.skip(
+                "the Gluon prefill reads whole pages of 64 keys (refusal: test_gluon_prefill)"
+            )
     _check_backend(variant, num_q_heads, num_kv_heads, head_dim, page_size)
 
 

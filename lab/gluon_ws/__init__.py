@@ -1,13 +1,11 @@
 """The warp-specialized Gluon prefill probe, one concept per module; the CLI is
-`lab/gluon_ws_prefill_probe.py`.
+`lab/gluon_ws_prefill_probe.py`. The varlen kernel it measures is the served one,
+`sageserve.attention.sage_attn.kernels.gluon` (`--sage-impl gluon`).
 
-- `config`: constants (module-level `gl.constexpr`s) and launch options;
-- `plan`: the varlen host work plan and per-consumer block ranges (shared with the kernel);
-- `partitions`: the consumer pieces both kernels share (turns, softmax, `_step`);
+- `config`: the equal-length kernel's constants and launch options;
 - `equal`: the equal-length kernel (producer + consumers) and `gluon_ws_prefill`;
-- `varlen`: the varlen kernel (FP8 or fp16 P·V, head_dim 64 or 128, Q rotation) and
-  `gluon_ws_prefill_varlen`;
-- `sass`: the offline sm_90 compile and its report (`--sass`);
-- `selfcheck`: the CPU self-check (`--selfcheck`);
+- `sass`: the offline sm_90 compile of both kernels and its report (`--sass`);
+- `selfcheck`: the CPU self-check of the served kernel's block ranges, work plan and barrier
+  protocol (`--selfcheck`);
 - `gpu`, `gpu_varlen`: the GPU check and timing harnesses.
 """

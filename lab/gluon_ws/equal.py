@@ -27,7 +27,7 @@ from lab.gluon_ws.config import (
     TILE,
     _launch_options,
 )
-from lab.gluon_ws.partitions import (
+from sageserve.attention.sage_attn.kernels.gluon.consumer_steps import (
     _block_scales,
     _p_operand,
     _qk,

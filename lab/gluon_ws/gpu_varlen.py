@@ -19,8 +19,8 @@ from lab.gluon_prefill_probe import HEAD_DIM, KEYS, _accuracy
 from lab.gluon_ws.config import TILE
 from lab.gluon_ws.equal import gluon_ws_prefill
 from lab.gluon_ws.gpu import WS_VARIANTS, _time
-from lab.gluon_ws.plan import work_plan
-from lab.gluon_ws.varlen import gluon_ws_prefill_varlen
+from sageserve.attention.sage_attn.kernels.gluon.plan import work_plan
+from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_ws
 
 # ----------------------------------------------------------------------------- GPU mode: varlen
 
@@ -191,13 +191,13 @@ def _varlen_runners(b: VarlenBatch, causal: bool, stages: int, variants: list[st
     the equal-length kernel of this probe (both grids; FP8, D 128, no rotation only)."""
     from sageserve.attention.sage_attn.kernels import prefill as p8
 
-    plan = work_plan(b.q_lens, b.kv_lens, VARLEN_HEADS, causal).to(b.q.device)
+    plan = torch.from_numpy(work_plan(b.q_lens, b.kv_lens, VARLEN_HEADS, causal)).to(b.q.device)
 
     def ws(persistent: bool) -> Callable:
         def run_ws(out):
-            gluon_ws_prefill_varlen(b.q, *b.caches, b.table, b.q_start, b.q_len, b.kv_len, plan,
-                                    out, causal=causal, stages=stages, persistent=persistent,
-                                    rotate=numerics.rotate)  # fmt: skip
+            sage_attention_ws(b.q, *b.caches, b.table, b.q_start, b.q_len, b.kv_len, plan, out,
+                              numerics.sm_scale(), causal=causal, rotate=numerics.rotate,
+                              persistent=persistent, stages=stages)  # fmt: skip
 
         return run_ws
 

@@ -14,9 +14,9 @@ import triton
 from triton.experimental.gluon import language as gl
 
 from lab.gluon_prefill_probe import HEAD_DIM, KEYS, _descriptor
-from lab.gluon_ws.config import DEFAULT_STAGES, MAXNREG, _launch_options, _varlen_options
+from lab.gluon_ws.config import DEFAULT_STAGES, MAXNREG, _launch_options
 from lab.gluon_ws.equal import _gluon_ws_prefill_kernel
-from lab.gluon_ws.varlen import _gluon_ws_varlen_kernel
+from sageserve.attention.sage_attn.kernels.gluon.offline import Build, compile_sm90
 
 # ----------------------------------------------------------------------------- offline report
 
@@ -52,44 +52,6 @@ def _compile_sm90(causal: bool, stages: int, maxnreg: int, persistent: bool = Fa
     names = _gluon_ws_prefill_kernel.arg_names
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = GluonASTSource(_gluon_ws_prefill_kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def _compile_sm90_varlen(causal: bool, stages: int, maxnreg: int, pv: str = "fp8",
-                         head_dim: int = HEAD_DIM, rotate: bool = False):  # fmt: skip
-    """The varlen kernel compiled for sm_90 without a GPU (one build serves both grids):
-    FP8 or fp16 P·V (INT8 V), head_dim 64 or 128, Q rotated or not."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    def desc(shape, box, dtype, torch_dtype):
-        return mangle_type(_descriptor(torch.zeros(shape, dtype=torch_dtype), shape, box, dtype))
-
-    v_types = (gl.float8e4nv, torch.float8_e4m3fn) if pv == "fp8" else (gl.int8, torch.int8)
-    signature = {
-        "q_ptr": "*bf16",
-        "k_desc": desc([4096, head_dim], [KEYS, head_dim], gl.int8, torch.int8),
-        "v_desc": desc([64 * head_dim, KEYS], [head_dim, KEYS], *v_types),
-        "k_scale_ptr": "*fp16", "v_scale_ptr": "*fp16", "page_table_ptr": "*i32",
-        "out_ptr": "*bf16", "plan_ptr": "*i32", "q_start_ptr": "*i32", "q_len_ptr": "*i32",
-        "kv_len_ptr": "*i32", "n_items": "i32", "stride_qt": "i32", "stride_qh": "i32",
-        "stride_table": "i32", "stride_ot": "i32", "stride_oh": "i32", "sm_scale": "fp32",
-    }  # fmt: skip
-    options = _varlen_options(stages, maxnreg, rotate)
-    constexprs = {"num_q_heads": 32, "num_kv_heads": 8, "CAUSAL": causal}
-    for name in ("STAGES", "CONSUMER_REGS", "PRODUCER_REGS", "ROTATE", "WIDENER_WARPS",
-                 "WIDENER_REGS"):  # fmt: skip
-        constexprs[name] = options.pop(name)
-    signature |= dict.fromkeys(constexprs, "constexpr")
-    # The launcher's specialization: 16-byte aligned tensors (`int32_on_device` aligns the
-    # int32 arrays), q/out strides multiples of 16; n_items and the table stride vary.
-    aligned = ("q_ptr", "k_scale_ptr", "v_scale_ptr", "page_table_ptr", "out_ptr", "plan_ptr",
-               "q_start_ptr", "q_len_ptr", "kv_len_ptr", "stride_qt", "stride_qh",
-               "stride_ot", "stride_oh")  # fmt: skip
-    names = _gluon_ws_varlen_kernel.arg_names
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = GluonASTSource(_gluon_ws_varlen_kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -193,7 +155,7 @@ def sass_report(causal: bool = False, stages: int = DEFAULT_STAGES, maxnreg: int
     varlen: the varlen kernel (its loops: unmasked then masked, per consumer), with P·V in
     `pv`, head_dim and the Q rotation as given (the equal-length kernel has neither)."""
     if varlen:
-        kernel = _compile_sm90_varlen(causal, stages, maxnreg, pv, head_dim, rotate)
+        kernel = compile_sm90(Build(pv, head_dim, rotate, causal, stages, maxnreg))
     else:
         kernel = _compile_sm90(causal, stages, maxnreg, persistent)
     ptx = kernel.asm["ptx"]

@@ -65,6 +65,10 @@ from sageserve.attention.sage_attn.metadata import (
 from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.attention.sage_attn.reference import FP8_DTYPE, quantize_kv, sage_attention
 from sageserve.attention.sage_attn.rotation import hadamard_rotate, rotated_sm_scale
+from sageserve.attention.sage_attn.ws_prefill import (
+    check_gluon_page_size,
+    gluon_unsupported_reasons,
+)
 from sageserve.attention.static_metadata import (
     PATCHES_PER_ROW,
     StaticBuffers,
@@ -115,7 +119,7 @@ class LayerConstants:
 def _uses_kernels(sage: SageOptions, device: torch.device) -> bool:
     if sage.impl == "auto":
         return device.type == "cuda"
-    return sage.impl == "triton"
+    return sage.impl in ("triton", "gluon")
 
 
 def _rotation(sage: SageOptions) -> HadamardKernel:
@@ -164,6 +168,8 @@ class SageAttentionBackend(AttentionBackend):
                 "(--sage-disable-qk-rotation turns it off)"
             )
         reasons += _rotation_kernel_reasons(sage, options, dim)
+        if sage.impl == "gluon":
+            reasons += gluon_unsupported_reasons(sage.balance_qk, shape, options)
         bad = [i for i in sage.skip_layers if i >= shape.num_layers]
         if bad:
             reasons.append(
@@ -176,6 +182,7 @@ class SageAttentionBackend(AttentionBackend):
         super().__init__(shape, options)
         self.sage = self.flags
         self.use_kernels = _uses_kernels(self.sage, options.device)
+        self.gluon_prefill = self.sage.impl == "gluon"  # prefill chunks: kernels/gluon
         self._set_exact_layers(self.sage.skip_layers)
         self.rotation = _rotation(self.sage)  # how the kernels rotate the tiles they load
         # The longest context served: decode splits are planned for it (static, so eager
@@ -194,9 +201,14 @@ class SageAttentionBackend(AttentionBackend):
             "on" if self.sage.smooth_k else "off",
             "on" if self.sage.balance_qk else "off",
             self.sage.pv.upper(),
-            "Triton kernels" if self.use_kernels else "torch reference",
+            self._impl_label(),
             self._exact_label(),
         )
+
+    def _impl_label(self) -> str:
+        if self.gluon_prefill:
+            return "Triton kernels, prefill by the warp-specialized Gluon kernel (sm_90)"
+        return "Triton kernels" if self.use_kernels else "torch reference"
 
     def _rotation_label(self) -> str:
         if not self.sage.rotate_qk:
@@ -353,6 +365,8 @@ class SageAttentionBackend(AttentionBackend):
         layers, heads, dim = len(self.sage_layers), cfg.num_kv_heads, cfg.head_dim
         limit = self.options.max_context or cfg.max_position_embeddings
         self.max_context = min(limit, num_pages * page_size)
+        if self.gluon_prefill:
+            check_gluon_page_size(page_size)
         v_dtype = FP8_DTYPE if self.sage.pv == "fp8" else torch.int8
         pages = num_pages + 1
         scale_shape = (layers, pages, heads, page_size)
@@ -371,7 +385,11 @@ class SageAttentionBackend(AttentionBackend):
         exact = self.exact.build_metadata(batch) if self.exact else None
         kernel = None
         if self.use_kernels:
-            kernel = kernel_metadata(batch, lambda rows: self._decode_workspace(rows, page_size))
+            kernel = kernel_metadata(
+                batch,
+                lambda rows: self._decode_workspace(rows, page_size),
+                plan_heads=self.shape.num_q_heads if self.gluon_prefill else None,
+            )
         slots = batch.slot_mapping
         # Only the reference path reads the per-sequence pages: building them costs one
         # host-to-device copy per sequence per step.
@@ -461,8 +479,8 @@ class SageAttentionBackend(AttentionBackend):
 
         q: [T, Hq, D], k, v: [T, Hkv, D] (unrotated: with the rotation on, the kernels rotate
         q and k as they load them); out: [T, Hq, D]. Prefill chunks go through the prefill
-        kernel, single-row sequences (decodes) through the split-KV decode kernel; each
-        writes its own rows of out.
+        kernel (the Gluon one with --sage-impl gluon), single-row sequences (decodes) through
+        the split-KV decode kernel; each writes its own rows of out.
         """
         from sageserve.attention.sage_attn.kernels.decode import sage_decode_paged
         from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
@@ -475,7 +493,12 @@ class SageAttentionBackend(AttentionBackend):
         store_kv(k, v, c.k_mean, c.balance, meta.store_pages, meta.store_offsets, *caches,
                  rotation=rotation)  # fmt: skip
         pre, dec = meta.kernel.prefill, meta.kernel.decode
-        if pre is not None:
+        if pre is not None and pre.plan is not None:
+            from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_ws
+
+            sage_attention_ws(q, *caches, pre.page_table, pre.q_start, pre.q_len, pre.kv_len,
+                              pre.plan, out, c.sm_scale, rotate=self.sage.rotate_qk)  # fmt: skip
+        elif pre is not None:
             sage_attention_paged(q, c.balance, *caches, pre.page_table, pre.q_start,
                                  pre.q_len, pre.kv_len, pre.max_q_len, sm_scale=c.sm_scale,
                                  out=out, rotation=rotation)  # fmt: skip

@@ -37,6 +37,7 @@ class PrefillRows:
     q_len: torch.Tensor  # [B]
     kv_len: torch.Tensor  # [B]
     max_q_len: int
+    plan: torch.Tensor | None = None  # [items, 3] the Gluon prefill's work plan, when it runs
 
 
 @dataclass
@@ -97,11 +98,15 @@ def write_padding(graph_meta: SageGraphMetadata, first_row: int) -> None:
 
 
 def kernel_metadata(
-    batch: ForwardBatch, workspace_for: Callable[[int], DecodeWorkspace]
+    batch: ForwardBatch,
+    workspace_for: Callable[[int], DecodeWorkspace],
+    plan_heads: int | None = None,
 ) -> KernelMetadata:
     """Split the step's sequences into prefill chunks and decodes (one query row: a decode,
     or a one-token chunk, which is the same computation) and build each kernel's inputs.
-    workspace_for(rows): the decode workspace for that many decodes."""
+    workspace_for(rows): the decode workspace for that many decodes. plan_heads: the query
+    heads of the Gluon prefill's work plan (`kernels/gluon/plan.py`), None when it does
+    not run."""
     device = batch.input_ids.device
     starts, start = [], 0
     for s in batch.seqs:
@@ -122,12 +127,14 @@ def kernel_metadata(
     prefill = decode = None
     if prefills:
         seqs = [batch.seqs[i] for i in prefills]
+        q_lens, kv_lens = [s.query_len for s in seqs], [s.kv_len for s in seqs]
         prefill = PrefillRows(
             page_table=table(prefills),
             q_start=i32([starts[i] for i in prefills]),
-            q_len=i32([s.query_len for s in seqs]),
-            kv_len=i32([s.kv_len for s in seqs]),
-            max_q_len=max(s.query_len for s in seqs),
+            q_len=i32(q_lens),
+            kv_len=i32(kv_lens),
+            max_q_len=max(q_lens),
+            plan=None if plan_heads is None else _gluon_plan(q_lens, kv_lens, plan_heads, device),
         )
     if decodes:
         decode = DecodeRows(
@@ -137,3 +144,13 @@ def kernel_metadata(
             workspace=workspace_for(len(decodes)),
         )
     return KernelMetadata(prefill, decode)
+
+
+def _gluon_plan(
+    q_lens: list[int], kv_lens: list[int], heads: int, device: torch.device
+) -> torch.Tensor:
+    """[items, 3] int32 on the device: the Gluon prefill's causal work plan for the chunks."""
+    from sageserve.attention.sage_attn.kernels.gluon.plan import work_plan
+
+    plan = work_plan(q_lens, kv_lens, heads, causal=True)
+    return torch.from_numpy(plan).to(device, non_blocking=True)

@@ -10,7 +10,7 @@ from sageserve.attention.flags import BackendFlags
 from sageserve.attention.registry import register_backend
 
 SAGE_PV_CHOICES = ("fp8", "fp16")
-SAGE_IMPL_CHOICES = ("auto", "triton", "reference")
+SAGE_IMPL_CHOICES = ("auto", "triton", "gluon", "reference")
 SAGE_ROTATION_KERNEL_CHOICES = ("butterfly", "tensor_core")
 # Mean KL per token on the calibration text. Prose elsewhere lands higher: SmolLM2's
 # Britannica windows measured 1.3x the calibration text's KL, and at a budget of 2e-4 gave
@@ -50,8 +50,10 @@ class SageOptions(BackendFlags):
     kl_budget: that budget, in nats per token (mean KL(exact || served)).
     calibration_file: a JSON plan to read (when it exists) or to write, instead of
         measuring at every start-up; needs calibrate.
-    impl: "triton" kernels, the torch "reference", or "auto" (Triton on CUDA, the reference
-        elsewhere). Both compute the numerics of reference.py.
+    impl: "triton" kernels, "gluon" (the Triton kernels, with prefill chunks through the
+        warp-specialized Hopper kernel of `kernels/gluon`; sm_90 only), the torch
+        "reference", or "auto" (Triton on CUDA, the reference elsewhere). All compute the
+        numerics of reference.py (the Gluon prefill up to rounding, `kernels/gluon`).
     """
 
     pv: str = "fp16"
@@ -129,7 +131,9 @@ class SageOptions(BackendFlags):
             "--sage-impl",
             default="auto",
             choices=SAGE_IMPL_CHOICES,
-            help="auto = Triton kernels on CUDA, the torch reference elsewhere",
+            help="auto = Triton kernels on CUDA, the torch reference elsewhere; gluon = the "
+            "Triton kernels with the warp-specialized Hopper prefill (sm_90: H100/H200; page "
+            "size 64, head_dim 64 or 128, bf16/fp16 models)",
         )
         group.add_argument(
             "--sage-skip-layers",

@@ -1,8 +1,8 @@
-"""The consumer-partition pieces both kernels (equal-length, varlen) share.
+"""A consumer warpgroup's per-block steps (lab's equal-length probe shares them).
 
 The turn protocol of the two ping-ponging consumer warpgroups (`_turn_wait`, `_turn_pass`),
 the QKᵀ issue ([BLOCK_M, BLOCK_N] INT32 scores), the block scales the producer stored (K
-scales and e4m3 factors [BLOCK_N], unit [BLOCK_M]), the online softmax, P·V's FP8 operand and
+scales and P's factors [BLOCK_N], unit [BLOCK_M]), the online softmax, P·V's A operand and
 one consumer turn (`_step`: the P·V of block j under the softmax of block j + 1).
 """
 
@@ -16,7 +16,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from lab.gluon_ws.config import BLOCK_M, BLOCK_N
+from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M, BLOCK_N
 
 # ----------------------------------------------------------------------------- consumers
 

@@ -1,0 +1,228 @@
+"""The warp-specialized 8-bit prefill kernel and its launcher `sage_attention_ws`.
+
+The kernel allocates the shared memory (Q codes, the K/V stage ring, the block scales, the
+Hadamard matrix, the fp16 V ring for fp16 P·V) and the mbarriers, then forks the
+partitions: two consumer warpgroups (`consumer.py`), the TMA producer and, for fp16 P·V,
+the widener (`producer.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from sageserve.attention.sage_attn.kernels.gluon.config import (
+    BLOCK_M,
+    BLOCK_N,
+    DEFAULT_STAGES,
+    HEAD_DIMS,
+    KEYS,
+    MAXNREG,
+    launch_options,
+)
+from sageserve.attention.sage_attn.kernels.gluon.consumer import _consumer
+from sageserve.attention.sage_attn.kernels.gluon.producer import _producer, _widener
+
+
+@gluon.jit
+def _sylvester_smem(dtype: gl.constexpr, D: gl.constexpr):
+    """The ±1 Hadamard matrix H[i, j] = (-1)^popcount(i & j) [D, D] in shared memory, as
+    wgmma's B operand (the Triton kernels' `sylvester_matrix`)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    i = gl.arange(0, D, layout=gl.SliceLayout(1, layout))
+    j = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    bits = i[:, None] & j[None, :]
+    for shift in gl.static_range(4):  # fold 16 bits down to their parity in bit 0
+        bits = bits ^ (bits >> (8 >> shift))
+    h = gl.where((bits & 1) == 0, 1.0, -1.0).to(dtype)
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, D], dtype)
+    h_smem = gl.allocate_shared_memory(dtype, [D, D], smem_layout, h)
+    fence_async_shared()
+    return h_smem
+
+
+# The item count and the page table's width (its row stride) change from step to step:
+# specializing on them (== 1, divisible by 16) would compile variants while serving.
+@gluon.jit(do_not_specialize=["n_items", "stride_table"])
+def _sage_ws_prefill_kernel(
+    q_ptr, k_desc, v_desc, k_scale_ptr, v_scale_ptr, page_table_ptr, out_ptr, plan_ptr,
+    q_start_ptr, q_len_ptr, kv_len_ptr, n_items, stride_qt, stride_qh, stride_table,
+    stride_ot, stride_oh, sm_scale,
+    num_q_heads: gl.constexpr, num_kv_heads: gl.constexpr, CAUSAL: gl.constexpr,
+    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    ROTATE: gl.constexpr, WIDENER_WARPS: gl.constexpr, WIDENER_REGS: gl.constexpr,
+):  # fmt: skip
+    """8-bit attention of a varlen batch with cached prefixes: work items w = program_id,
+    + num_programs, ... < n_items of the plan ([items, 3] int32: sequence, first row of the
+    128-row tile, query head), each a tile of 2 x 64 query rows of one head, one consumer
+    warpgroup per 64 rows. q_start, q_len, kv_len: [B] int32; rows of
+    q outside every sequence are neither read nor written. Causal: row r of a chunk sees
+    keys 0 .. kv_len - q_len + r (bottom-right).
+
+    The V descriptor's dtype chooses P·V: FP8 codes (P in e4m3), or INT8 codes, which a
+    widener partition of WIDENER_WARPS warps turns into fp16 per stage (`_widener`)
+    for an fp16 P·V. D (64 or 128) is the K descriptor's block width. ROTATE: Q rows are
+    rotated by the Hadamard matrix before quantization (the cache's K codes are rotated by
+    the store)."""
+    D: gl.constexpr = k_desc.block_type.shape[1]
+    PV_FP8: gl.constexpr = v_desc.dtype == gl.float8e4nv
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl.int8)
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])  # per row
+    q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, D], q_layout)
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, D, BLOCK_N], v_desc.layout)
+    scale_smem = gl.allocate_shared_memory(gl.float32, [3 * STAGES, BLOCK_N], plain)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    # Without the rotation, h_smem is never read.
+    h_smem = _sylvester_smem(q_ptr.dtype.element_ty, D) if ROTATE else q_smem
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=2)  # the producer's expect (TMA bytes) and scales
+        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)  # the other consumer's end of turn
+    # Constexprs go to the partitions directly (in an assigned tuple they become runtime).
+    producer_args = (
+        k_desc, v_desc, k_smem, v_smem, scale_smem, ready, empty, k_scale_ptr, v_scale_ptr,
+        page_table_ptr, stride_table, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
+    )  # fmt: skip
+    if PV_FP8:
+        consumer_args = (
+            q_ptr, out_ptr, q_smem, h_smem, k_smem, v_smem, scale_smem, ready, empty, turn,
+            q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale,
+        )  # fmt: skip
+        gl.warp_specialize(
+            [
+                (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
+                                    CAUSAL, 0, STAGES, ROTATE)),
+                (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
+                                    CAUSAL, 1, STAGES, ROTATE)),
+                (_producer, (producer_args, num_q_heads, num_kv_heads, CAUSAL,
+                                    STAGES)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )  # fmt: skip
+    else:
+        v16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, BLOCK_N],
+                                                                         gl.float16)  # fmt: skip
+        v16_smem = gl.allocate_shared_memory(gl.float16, [STAGES, D, BLOCK_N], v16_layout)
+        widened = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(widened.index(i), count=1)  # the widener's, after its stores
+        widener_args = (v_smem, v16_smem, ready, widened, plan_ptr, q_len_ptr, kv_len_ptr,
+                        n_items)  # fmt: skip
+        # The consumers see the fp16 copy, and `widened` as their `ready`.
+        consumer_args = (
+            q_ptr, out_ptr, q_smem, h_smem, k_smem, v16_smem, scale_smem, widened, empty,
+            turn, q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale,
+        )  # fmt: skip
+        gl.warp_specialize(
+            [
+                (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
+                                    CAUSAL, 0, STAGES, ROTATE)),
+                (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
+                                    CAUSAL, 1, STAGES, ROTATE)),
+                (_producer, (producer_args, num_q_heads, num_kv_heads, CAUSAL,
+                                    STAGES)),
+                (_widener, (widener_args, CAUSAL, STAGES, WIDENER_WARPS)),
+            ],
+            [4, 1, WIDENER_WARPS],
+            [CONSUMER_REGS, PRODUCER_REGS, WIDENER_REGS],
+        )  # fmt: skip
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(widened.index(i))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))
+    for i in gl.static_range(2):
+        mbarrier.invalidate(turn.index(i))
+
+
+def sage_attention_ws(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_cache: torch.Tensor,
+    v_scale: torch.Tensor,
+    page_table: torch.Tensor,
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    kv_len: torch.Tensor,
+    plan: torch.Tensor,
+    out: torch.Tensor,
+    sm_scale: float,
+    causal: bool = True,
+    rotate: bool = False,
+    persistent: bool = False,
+    stages: int = DEFAULT_STAGES,
+    maxnreg: int = MAXNREG,
+) -> torch.Tensor:
+    """8-bit attention of every sequence's query chunk over its cached keys, warp-specialized
+    (sm_90): what `kernels.prefill.sage_attention_paged` computes, without the channel
+    balance.
+
+    q: [T, Hq, D] bf16 or fp16, D 64 or 128 (unrotated: with `rotate`, the kernel rotates
+    it); k_cache: [P, Hkv, 64, D] int8 (rotated keys when `rotate`); v_cache: [P, Hkv, D, 64]
+    float8_e4m3fn (FP8 P·V) or int8 (fp16 P·V); k_scale, v_scale: [P, Hkv, 64] fp16.
+    page_table: [B, width] int32 from `padded_page_table`; q_start, q_len, kv_len: [B] int32
+    (q_len >= 1 for every planned sequence, kv_len >= q_len, the new keys already stored);
+    plan: `plan.work_plan(...)` [items, 3] int32 on q's device, made with the same causal
+    flag; out: [T, Hq, D] in q's dtype, rows outside every planned sequence untouched.
+    sm_scale: the softmax scale of the (rotated) basis. persistent: one program per SM over
+    the plan's items round-robin; otherwise one program per item. One launch, no host sync.
+    Returns out.
+    """
+    check_ws_args(q, k_cache, v_cache, plan, out)
+    _, heads, dim = q.shape
+    page = k_cache.shape[2]
+    kv_heads = k_cache.shape[1]
+    items = plan.shape[0]
+    if items == 0:
+        return out
+    v_dtype = gl.float8e4nv if v_cache.dtype == torch.float8_e4m3fn else gl.int8
+    k_desc = cache_descriptor(k_cache.view(-1, dim), [KEYS, dim], gl.int8)
+    v_desc = cache_descriptor(v_cache.view(-1, page), [dim, KEYS], v_dtype)
+    grid = items
+    if persistent:
+        grid = min(items, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    _sage_ws_prefill_kernel[(grid,)](
+        q, k_desc, v_desc, k_scale, v_scale, page_table, out, plan, q_start, q_len, kv_len,
+        items, q.stride(0), q.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
+        sm_scale, num_q_heads=heads, num_kv_heads=kv_heads, CAUSAL=causal,
+        **launch_options(stages, maxnreg, rotate),
+    )  # fmt: skip
+    return out
+
+
+def cache_descriptor(rows: torch.Tensor, box: list[int], dtype: gl.dtype) -> TensorDescriptor:
+    """A TMA descriptor over a cache viewed as 2-D rows ([P * Hkv * 64, D] keys or
+    [P * Hkv * D, 64] transposed values), loading `box` tiles into the NVMMA layout wgmma
+    reads."""
+    layout = gl.NVMMASharedLayout.get_default_for(box, dtype)
+    return TensorDescriptor(rows, list(rows.shape), [rows.shape[1], 1], box, layout)
+
+
+def check_ws_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  plan: torch.Tensor, out: torch.Tensor) -> None:  # fmt: skip
+    """ValueError unless the kernel covers these shapes and dtypes."""
+    _, heads, dim = q.shape
+    _, kv_heads, page, _ = k_cache.shape
+    if dim not in HEAD_DIMS or page != KEYS or q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"the warp-specialized prefill covers head_dim {HEAD_DIMS}, page size {KEYS} and "
+            f"bf16/fp16 queries; got head_dim {dim}, page size {page}, {q.dtype}"
+        )
+    if v_cache.dtype not in (torch.float8_e4m3fn, torch.int8):
+        raise ValueError(f"V codes must be FP8 e4m3 or INT8, got {v_cache.dtype}")
+    if heads % kv_heads or plan.dtype != torch.int32 or plan.shape[1:] != (3,):
+        raise ValueError("heads must be a multiple of KV heads, plan [items, 3] int32")
+    if q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("q and out need their last dimension contiguous")
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} "
+                         f"{out.dtype}")  # fmt: skip

@@ -1,0 +1,134 @@
+"""The producer partitions: the TMA producer warp (K and V pages into the stage ring, and
+each block's scales) and, for fp16 P·V, the widener (each stage's INT8 V codes to fp16).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+
+from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_N, FP8_MAX
+from sageserve.attention.sage_attn.kernels.gluon.plan import _plan_item, _varlen_blocks
+
+
+@gluon.jit
+def _prepare_scales(k_scale_ptr, v_scale_ptr, page, first_key, kv_len, scale_smem,
+                           stage, PV_FP8: gl.constexpr):  # fmt: skip
+    """`_prepare_scales` with the V scales of keys >= kv_len zeroed (stale slots of the last
+    page, the null page): they leave the block's max and get e4m3 factor 0, as in the
+    Triton kernel. (Its diagonal blocks take the max over keys < min(kv_len, end of the
+    64-row block); here over keys < kv_len: the same P up to its e4m3 rounding.)
+
+    FP16 P·V (not PV_FP8): the factors are the V scales themselves and the unit is 1, as
+    the Triton kernel's `scaled_pv` multiplies P by each key's scale before the fp16
+    rounding; acc then stays in plain units."""
+    layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
+    keys = gl.arange(0, BLOCK_N, layout=layout)
+    slot = page * BLOCK_N + keys
+    k_scale = gl.load(k_scale_ptr + slot).to(gl.float32)
+    v_scale = gl.load(v_scale_ptr + slot).to(gl.float32)
+    v_scale = gl.where(first_key + keys < kv_len, v_scale, 0.0)
+    scale_smem.index(3 * stage).store(k_scale)
+    if PV_FP8:
+        block_max = gl.maximum(gl.max(v_scale, axis=0), 2.0**-24)
+        scale_smem.index(3 * stage + 1).store(v_scale * (FP8_MAX / block_max))
+        scale_smem.index(3 * stage + 2).store(gl.zeros_like(v_scale) + block_max / FP8_MAX)
+    else:
+        scale_smem.index(3 * stage + 1).store(v_scale)
+        scale_smem.index(3 * stage + 2).store(gl.full_like(v_scale, 1.0))
+
+
+@gluon.jit
+def _producer(args, num_q_heads: gl.constexpr, num_kv_heads: gl.constexpr,
+                     CAUSAL: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """`_producer` over the plan's items: `loaded` blocks per item (`_varlen_blocks`). The
+    page of a block past the sequence's last page (the fully masked extra block of a short
+    tile) is clamped to the last page: page tables are padded only to 128 keys. args: the
+    kernel's runtime producer arguments."""
+    (k_desc, v_desc, k_smem, v_smem, scale_smem, ready, empty, k_scale_ptr, v_scale_ptr,
+     page_table_ptr, stride_table, plan_ptr, q_len_ptr, kv_len_ptr, n_items) = args  # fmt: skip
+    base = 0
+    for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        seq, first_row, head, q_len, kv_len = _plan_item(plan_ptr, q_len_ptr, kv_len_ptr, w)
+        _, _, loaded = _varlen_blocks(q_len, kv_len, first_row, 0, CAUSAL)
+        kv_head = head // (num_q_heads // num_kv_heads)
+        table = page_table_ptr + seq.to(gl.int64) * stride_table
+        last_page = (kv_len - 1) // BLOCK_N
+        for block in range(loaded):
+            g = base + block
+            stage = g % STAGES
+            mbarrier.wait(empty.index(stage), ((g // STAGES) & 1) ^ 1)
+            page = gl.load(table + gl.minimum(block, last_page)) * num_kv_heads + kv_head
+            bar = ready.index(stage)
+            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [page * BLOCK_N, 0], bar, k_smem.index(stage))
+            tma.async_copy_global_to_shared(v_desc, [page * v_smem.shape[1], 0], bar,
+                                            v_smem.index(stage))  # fmt: skip
+            _prepare_scales(k_scale_ptr, v_scale_ptr, page, block * BLOCK_N, kv_len,
+                                   scale_smem, stage, v_smem.dtype == gl.float8e4nv)  # fmt: skip
+            gl.thread_barrier()  # every lane's scales are stored before the one arrive
+            mbarrier.arrive(bar, count=1)
+        base += loaded
+
+
+@gluon.jit
+def _int8_to_fp16(codes):
+    """INT8 codes -> fp16, exactly, 4 at a time without the slow I2F unit (the Triton
+    kernel's `_int8_to_fp16`: the bytes, sign-flipped, under an fp16 exponent byte 0x64 give
+    1024 + 128 + code; subtract 1152 two lanes at a time)."""
+    return gl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, e, c;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 e, 0x64646464;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, t, e, 0x5140;
+        prmt.b32 $1, t, e, 0x5342;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""",
+        constraints="=r,=r,r",
+        args=[codes],
+        dtype=gl.float16,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@gluon.jit
+def _widen_stage(v_smem, v16_smem, stage, WARPS: gl.constexpr):
+    """V [D, BLOCK_N] INT8 codes of a stage -> fp16 in v16_smem's stage, 8 * WARPS rows at a
+    time (16 codes per thread: 4 registers in, 8 out, within the widener's small register
+    budget)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
+    rows: gl.constexpr = 8 * WARPS
+    D: gl.constexpr = v_smem.shape[1]
+    src = v_smem.index(stage)
+    dst = v16_smem.index(stage)
+    for r in gl.static_range(0, D, rows):
+        codes = src.slice(r, rows, dim=0).load(layout)
+        dst.slice(r, rows, dim=0).store(_int8_to_fp16(codes))
+
+
+@gluon.jit
+def _widener(args, CAUSAL: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
+    """FP16 P·V: for every block the producer loads (the same sequence of program blocks g),
+    once it landed (`ready`), widen its INT8 V to fp16 (`_widen_stage`) and arrive on
+    `widened`, which the consumers wait on instead of `ready`. Stage g % STAGES of v16_smem
+    is free by then: the producer reloads a stage only after both consumers released its
+    previous block, after their P·V read it. args: the kernel's runtime widener arguments."""
+    (v_smem, v16_smem, ready, widened, plan_ptr, q_len_ptr, kv_len_ptr, n_items) = args
+    base = 0
+    for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        _, first_row, _, q_len, kv_len = _plan_item(plan_ptr, q_len_ptr, kv_len_ptr, w)
+        _, _, loaded = _varlen_blocks(q_len, kv_len, first_row, 0, CAUSAL)
+        for block in range(loaded):
+            g = base + block
+            stage = g % STAGES
+            mbarrier.wait(ready.index(stage), (g // STAGES) & 1)
+            _widen_stage(v_smem, v16_smem, stage, WARPS)
+            fence_async_shared()  # each thread's fp16 rows, for wgmma (the async proxy)
+            gl.thread_barrier()  # every thread's rows are stored before the one arrive
+            mbarrier.arrive(widened.index(stage), count=1)
+        base += loaded

@@ -1,0 +1,337 @@
+"""The warp-specialized Hopper prefill (`--sage-impl gluon`, `kernels/gluon`).
+
+On CPU: its work plan and each consumer's key blocks against brute force, what it refuses
+and with which message, the plan in the step's metadata, and its sm_90 compile (every
+served build compiles without spills: ptxas runs without a GPU). On an H100/H200 (`gpu`):
+its output against the Triton prefill with the same numerics and against fp64, on
+NaN-poisoned outputs; the engine's greedy outputs against the Triton prefill's, over cached
+prefixes and chunked prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_llama_config
+
+from sageserve.attention.base import BackendOptions
+from sageserve.attention.batch import SequenceSlice, build_forward_batch
+from sageserve.attention.sage_attn.backend import SageAttentionBackend
+from sageserve.attention.sage_attn.kernels.gluon.config import KEYS, ROWS, TILE
+from sageserve.attention.sage_attn.kernels.gluon.plan import (
+    consumer_blocks,
+    last_key,
+    tile_work,
+    work_plan,
+)
+from sageserve.attention.sage_attn.options import SageOptions
+from sageserve.engine_args import add_engine_args, engine_config_from_args
+
+SPECIAL_Q = [1, 7, 63, 64, 65, 127, 128, 129, 200, 255, 256, 333, 1000]
+SPECIAL_PREFIX = [0, 1, 63, 64, 65, 100, 128, 511, 3000]
+
+# ------------------------------------------------------------------ plan and block ranges
+
+
+def _check_item(q_len: int, prefix: int, first_row: int, causal: bool) -> None:
+    """Each consumer's (n, full) against the [rows, keys] visibility matrix, brute force."""
+    kv_len = prefix + q_len
+    ns = []
+    for wg in (0, 1):
+        n, full = consumer_blocks(q_len, kv_len, first_row, wg, causal, ROWS, KEYS)
+        lo = first_row + wg * ROWS
+        case = (q_len, prefix, first_row, wg, causal)
+        ns.append(n)
+        if lo >= q_len:  # no real row: every turn empty
+            assert (n, full) == (0, 0), case
+            continue
+        rows = np.arange(lo, min(lo + ROWS, q_len))[:, None]
+        sees = (np.arange(kv_len)[None, :] <= prefix + rows) | (not causal)
+        limits = [last_key(r, q_len, kv_len, causal) for r in range(lo, lo + ROWS)]
+        assert sees.sum(1).tolist() == [lim + 1 for lim in limits[: len(rows)]], case
+        last = int(np.nonzero(sees.any(0))[0].max()) // KEYS
+        whole = int(np.argmin(np.append(sees.all(0), False))) // KEYS
+        assert n == max(last + 1, 2) and full == whole, (case, n, full, last, whole)
+        assert n - full <= 2, case  # the masked loop runs at most twice
+        # Blocks past the last are fully masked for all 64 rows, padding rows included.
+        for block in range(last + 1, n):
+            assert all(lim < block * KEYS for lim in limits), case
+    if ns[1]:
+        assert 0 <= ns[1] - ns[0] <= 1, (q_len, prefix, first_row, ns)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_consumer_blocks_match_brute_force(causal: bool) -> None:
+    rng = random.Random(int(causal))
+    for _ in range(600):
+        q_len = rng.choice(SPECIAL_Q) if rng.random() < 0.5 else rng.randint(1, 1200)
+        prefix = rng.choice(SPECIAL_PREFIX) if rng.random() < 0.5 else rng.randint(0, 3000)
+        for first_row in range(0, q_len, TILE):
+            _check_item(q_len, prefix, first_row, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_work_plan_covers_every_tile_and_head_longest_first(causal: bool) -> None:
+    q_lens, kv_lens = [1, 7, 200, 333, 128, 1000], [1, 71, 300, 844, 3128, 1511]
+    plan = work_plan(q_lens, kv_lens, 4, causal)
+    assert plan.dtype == np.int32 and plan.shape[1] == 3
+    items = [tuple(row) for row in plan.tolist()]
+    tiles = {(s, r) for s, q in enumerate(q_lens) for r in range(0, q, TILE)}
+    assert len(items) == len(set(items)) == 4 * len(tiles)
+    assert {(s, r) for s, r, _ in items} == tiles
+    work = [tile_work(q_lens[s], kv_lens[s], r, causal) for s, r, _ in items]
+    assert work == sorted(work, reverse=True)
+    assert [h for _, _, h in items[:8]] == [0, 1, 2, 3] * 2  # a tile's heads side by side
+    assert work_plan([], [], 4, causal).shape == (0, 3)
+
+
+# ------------------------------------------------------------------ refusals and metadata
+
+
+def _backend(sage: SageOptions, head_dim: int = 64, dtype=torch.bfloat16, device="cpu"):
+    shape = tiny_llama_config(4, 2, head_dim).attention_shape()
+    return shape, BackendOptions("auto", dtype, torch.device(device), sage)
+
+
+def test_gluon_is_refused_without_an_sm90_gpu() -> None:
+    reasons = SageAttentionBackend.unsupported_reasons(*_backend(SageOptions(impl="gluon")))
+    assert len(reasons) == 1
+    assert "sm_90" in reasons[0] and "--sage-impl triton" in reasons[0]
+
+
+def test_gluon_refuses_what_it_does_not_cover() -> None:
+    sage = SageOptions(impl="gluon", balance_qk=True)
+    text = "; ".join(
+        SageAttentionBackend.unsupported_reasons(*_backend(sage, head_dim=32, dtype=torch.float32))
+    )
+    for expected in ("head_dim (64, 128), not 32", "bf16 or fp16 model", "--sage-qk-balance"):
+        assert expected in text, text
+
+
+@pytest.fixture
+def gluon_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let a gluon backend be built on the CPU, for its host side (the device check is
+    test_gluon_is_refused_without_an_sm90_gpu's)."""
+    import sageserve.attention.sage_attn.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "gluon_unsupported_reasons", lambda *_: [])
+
+
+def test_gluon_needs_pages_of_64_tokens(gluon_on_cpu) -> None:
+    backend = SageAttentionBackend(*_backend(SageOptions(impl="gluon")))
+    assert backend.preferred_page_size() == KEYS
+    with pytest.raises(ValueError, match="--page-size 64"):
+        backend.allocate(8, 16)
+    backend.allocate(8, KEYS)
+
+
+def test_gluon_metadata_carries_the_work_plan(gluon_on_cpu) -> None:
+    """Prefill chunks get the causal plan of their q and kv lengths; decodes none."""
+    backend = SageAttentionBackend(*_backend(SageOptions(impl="gluon")))
+    step = [(0, 200), (64, 7), (130, 1), (0, 333)]  # (prefix, new tokens)
+    slices, page = [], 1
+    for prefix, n in step:
+        pages = -(-(prefix + n) // KEYS)
+        slices.append(SequenceSlice(tuple(range(page, page + pages)), prefix, n))
+        page += pages
+    batch = build_forward_batch(slices, [[1] * n for _, n in step], [], KEYS, torch.device("cpu"))
+    pre = backend.build_metadata(batch).kernel.prefill
+    expected = work_plan([200, 7, 333], [200, 71, 333], 4, causal=True)
+    assert pre.plan is not None and pre.plan.dtype == torch.int32
+    assert np.array_equal(pre.plan.numpy(), expected)
+    triton = SageAttentionBackend(*_backend(SageOptions(impl="triton")))
+    assert triton.build_metadata(batch).kernel.prefill.plan is None
+
+
+def test_cli_offers_gluon() -> None:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--attention-backend", "sage_attn", "--sage-impl", "gluon"])
+    assert engine_config_from_args(args).attention_flags() == SageOptions(impl="gluon")
+
+
+# ------------------------------------------------------------------ sm_90 compile (no GPU)
+
+_BUILDS = [
+    dict(pv="fp16", head_dim=128, rotate=True, causal=True),  # the served numerics, Llama 8B
+    dict(pv="fp16", head_dim=64, rotate=True, causal=True),  # SmolLM2
+    dict(pv="fp8", head_dim=128, rotate=False, causal=False),
+]
+
+
+def test_every_build_compiles_for_sm90_without_spills() -> None:
+    """ptxas runs without a GPU; the compile needs the package imported outside Triton's
+    interpreter, so it runs in a child process."""
+    script = (
+        "import json, sys\n"
+        "from sageserve.attention.sage_attn.kernels.gluon.offline import Build, build_report\n"
+        "print(json.dumps([build_report(Build(**b)) for b in json.loads(sys.argv[1])]))\n"
+    )
+    env = os.environ | {"TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", script, json.dumps(_BUILDS)], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    for build, report in zip(_BUILDS, json.loads(res.stdout), strict=True):
+        assert report["spill_bytes"] == 0 and report["registers"] <= 168, (build, report)
+        assert not report["warnings"], (build, report)  # e.g. C7512: wgmma serialized
+        assert report["shared"] <= 227 * 1024, (build, report)
+        pv = "f16.f16" if build["pv"] == "fp16" else "e4m3.e4m3"
+        assert f"m64n{build['head_dim']}k" in " ".join(report["wgmma"]), report
+        assert any(kind.endswith(pv) for kind in report["wgmma"]), report
+
+
+# ------------------------------------------------------------------ on an H100/H200
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+needs_sm90 = pytest.mark.skipif(not _sm90(), reason="the Gluon prefill runs on sm_90 only")
+
+# (prefix, new tokens): decodes (not in the plan: their rows must stay untouched), chunks of
+# odd lengths with and without a cached prefix, a partial last tile, an idle second consumer.
+GPU_STEP = [(0, 1), (0, 7), (0, 200), (0, 333), (120, 80), (64, 128), (511, 1000), (3000, 7),
+            (332, 1), (100, 65)]  # fmt: skip
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor:
+    """fp64 attention, bottom-right causal. q: [n, Hq, D]; k, v: [kv_len, Hkv, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) / q.shape[-1] ** 0.5
+    rows = torch.arange(prefix, prefix + q.shape[0], device=q.device)
+    allowed = torch.arange(k.shape[0], device=q.device)[None, :] <= rows[:, None]
+    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, -torch.inf).softmax(-1), v)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), 0)
+
+
+def _two_backends(pv: str, head_dim: int, rotate: bool, gen: torch.Generator):
+    """The triton and gluon impls with the same numerics (the tensor-core rotation, the
+    Gluon kernel's) and calibration; bf16 on the GPU."""
+    triton = SageOptions(pv=pv, rotate_qk=rotate, impl="triton",
+                         rotation_kernel="tensor_core" if rotate else "butterfly")  # fmt: skip
+    shape = tiny_llama_config(8, 2, head_dim, max_position_embeddings=8192).attention_shape()
+    k_mean = torch.randn(shape.num_layers, 2, head_dim, generator=gen)
+    backends = []
+    for sage in (triton, SageOptions(**(vars(triton) | {"impl": "gluon"}))):
+        options = BackendOptions("auto", torch.bfloat16, torch.device("cuda"), sage)
+        backend = SageAttentionBackend(shape, options)
+        backend.set_calibration(k_mean, None)
+        backends.append(backend)
+    return backends
+
+
+def _page_tables(spans: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+    """Each sequence's pages, in order after the null page."""
+    tables, page = [], 1
+    for prefix, n in spans:
+        pages = -(-(prefix + n) // KEYS)
+        tables.append(tuple(range(page, page + pages)))
+        page += pages
+    return tables
+
+
+def _step(backend, cache, seqs: list[int], spans, tables, keys, values, gen):
+    """Store keys [prefix, prefix + n) of the sequences `seqs` (span (prefix, n) each) and
+    attend with `backend`; returns (q, out, batch)."""
+    dev = torch.device("cuda")
+    slices = [SequenceSlice(tables[i], p, n) for i, (p, n) in zip(seqs, spans, strict=True)]
+    batch = build_forward_batch(slices, [[1] * n for _, n in spans], [], KEYS, dev)
+    k = torch.cat([keys[i][p : p + n] for i, (p, n) in zip(seqs, spans, strict=True)]).to(dev)
+    v = torch.cat([values[i][p : p + n] for i, (p, n) in zip(seqs, spans, strict=True)]).to(dev)
+    q = torch.randn(k.shape[0], 8, k.shape[2], generator=gen).bfloat16().to(dev)
+    return q, backend.forward(0, q, k, v, cache, backend.build_metadata(batch)), batch
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("rotate", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+def test_gluon_prefill_matches_triton_on_gpu(pv, head_dim, rotate, persistent) -> None:
+    """Over one cache: the prefixes stored first, then the mixed step. The Gluon kernel
+    writes every prefill row (NaN-poisoned output) and nothing else; it agrees with the
+    Triton prefill to cosine 0.9999 (the e4m3 scale of P in diagonal blocks and the order
+    of the rotation's fp32 additions differ, lab/KERNEL_NOTES.md "v3, round 3/4"), and with
+    fp64 attention within the backend's 8-bit bounds."""
+    from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_ws
+
+    gen = torch.Generator().manual_seed(head_dim + 2 * rotate + (pv == "fp8"))
+    triton, gluon = _two_backends(pv, head_dim, rotate, gen)
+    bias = 3 * torch.randn(1, 2, head_dim, generator=gen)
+    keys = [(torch.randn(p + n, 2, head_dim, generator=gen) + bias).bfloat16() for p, n in GPU_STEP]
+    values = [torch.randn(p + n, 2, head_dim, generator=gen).bfloat16() for p, n in GPU_STEP]
+    tables = _page_tables(GPU_STEP)
+    cache = triton.allocate(tables[-1][-1] + 1, KEYS)
+    cached = [i for i, (prefix, _) in enumerate(GPU_STEP) if prefix]
+    spans = [(0, GPU_STEP[i][0]) for i in cached]
+    _step(triton, cache, cached, spans, tables, keys, values, gen)
+    everyone = list(range(len(GPU_STEP)))
+    q, expected, batch = _step(triton, cache, everyone, GPU_STEP, tables, keys, values, gen)
+    pre = gluon.build_metadata(batch).kernel.prefill
+    out = torch.full_like(q, float("nan"))
+    caches = (cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0])
+    sage_attention_ws(q, *caches, pre.page_table, pre.q_start, pre.q_len, pre.kv_len, pre.plan,
+                      out, gluon.layer_constants(0).sm_scale, rotate=rotate,
+                      persistent=persistent)  # fmt: skip
+    start = 0
+    for (prefix, n), k, v in zip(GPU_STEP, keys, values, strict=True):
+        rows, start = slice(start, start + n), start + n
+        if n == 1:
+            assert out[rows].isnan().all(), "a decode row was written"
+            continue
+        assert torch.isfinite(out[rows]).all(), (prefix, n)
+        assert _cosine(out[rows], expected[rows]) >= 0.9999, (prefix, n)
+        ref = _dense(q[rows].float(), k.cuda(), v.cuda(), prefix)
+        rel_l1 = ((out[rows].double() - ref).abs().sum() / ref.abs().sum()).item()
+        assert _cosine(out[rows], ref) >= 0.998 and rel_l1 <= 0.05, (prefix, n, rel_l1)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_engine_with_the_gluon_prefill_follows_triton_on_gpu(smollm2_gguf) -> None:
+    """SmolLM2 (head_dim 64) in bf16: greedy outputs with the Gluon prefill against the
+    Triton prefill's, for a first prompt, then a prefix-cache hit whose rest is prefilled in
+    chunks over the cached prefix, beside a fresh prompt; up to a near-tie (int8_flips.py)."""
+    from int8_flips import assert_outputs_match
+
+    from sageserve.config import CacheConfig, EngineConfig, SchedulerConfig
+    from sageserve.engine.llm import LLM
+    from sageserve.engine.sampling_params import SamplingParams
+    from sageserve.models.loader import load_model
+
+    loaded = load_model(str(smollm2_gguf), dtype="bfloat16", device="cuda")
+    gen = torch.Generator().manual_seed(5)
+    shared, tail_a, tail_b, other = (
+        torch.randint(100, 49152, (n,), generator=gen).tolist() for n in (333, 7, 200, 129)
+    )
+    params = SamplingParams(temperature=0, max_new_tokens=12, logprobs=3, ignore_eos=True)
+    outputs = {}
+    for impl in ("triton", "gluon"):
+        config = EngineConfig(
+            dtype="bfloat16", device="cuda", attention_backend="sage_attn",
+            attention_options=(SageOptions(impl=impl),),
+            cache=CacheConfig(page_size=KEYS, max_total_tokens=8192),
+            scheduler=SchedulerConfig(chunked_prefill_size=96),
+        )  # fmt: skip
+        llm = LLM.from_engine_config(config, loaded)
+        first = llm.generate([shared + tail_a], params)
+        hit = llm.generate([shared + tail_b, other], params)
+        assert hit[0].num_cached_tokens == 320  # the 5 full pages of the shared prompt
+        outputs[impl] = first + hit
+        llm.engine.close()
+    for a, b in zip(outputs["gluon"], outputs["triton"], strict=True):
+        assert_outputs_match(a, b, exact=False, top_n=3)
