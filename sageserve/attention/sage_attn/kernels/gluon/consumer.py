@@ -48,7 +48,7 @@ from sageserve.attention.sage_attn.kernels.gluon.consumer_steps import (
     _turn_pass,
     _turn_wait,
 )
-from sageserve.attention.sage_attn.kernels.gluon.plan import _plan_item, _varlen_blocks
+from sageserve.attention.sage_attn.kernels.gluon.plan import _item_blocks, _plan_item
 
 
 @gluon.jit
@@ -77,9 +77,11 @@ def _idle_turns(turn, ready, empty, start, stop, WG: gl.constexpr, STAGES: gl.co
 @gluon.jit
 def _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, n_real, head, stride_qt, stride_qh,
                      sm_scale, rows_s: gl.constexpr, ROTATE: gl.constexpr):  # fmt: skip
-    """`_quantize_q_block` of q rows q_row .. q_row + 63 of which the first n_real belong to
-    the sequence: the others load as zeros (never read), get codes 0 and the scale floor;
-    scales are per row, so they leave the real rows' alone.
+    """Load q rows q_row .. q_row + 63 of `head` (q [T, Hq, D]), of which the first n_real
+    belong to the sequence, write their INT8 codes [64, D] to q_smem (per-row scales,
+    rounded as the Triton kernel's `_quantize_q`) and return the row scales times sm_scale
+    and log2 e ([BLOCK_M] in rows_s). The other rows load as zeros (never read), get codes 0
+    and the scale floor; scales are per row, so they leave the real rows' alone.
 
     ROTATE: the rows are multiplied by the ±1 Hadamard matrix h_smem [D, D] (q's dtype)
     first, in one synchronous wgmma with fp32 accumulation: the products are exact, so this
@@ -112,8 +114,8 @@ def _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, n_real, head, stride_qt, stri
 
 @gluon.jit
 def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
-                   CAUSAL: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
-                   ROTATE: gl.constexpr):  # fmt: skip
+            CAUSAL: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
+            ROTATE: gl.constexpr):  # fmt: skip
     """One work item of consumer WG (n >= 2): rows lo = first_row + 64 WG .. lo + 63 of the
     sequence's chunk (those < q_len stored), over key blocks 0 .. n - 1 (the program's
     blocks base ..): block 0 masked (peeled), blocks 1 .. full - 1 in the unmasked loop,
@@ -185,13 +187,13 @@ def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
 
 @gluon.jit
 def _consumer(args, plan_ptr, q_len_ptr, kv_len_ptr, n_items, CAUSAL: gl.constexpr,
-                     WG: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr):  # fmt: skip
+              WG: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr):  # fmt: skip
     """One warpgroup through the program's plan items. Consumer 0 always has a real row (a
     tile starts below q_len); consumer 1 may have none: then all its turns are empty."""
     base = 0
     for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
         seq, first_row, head, q_len, kv_len = _plan_item(plan_ptr, q_len_ptr, kv_len_ptr, w)
-        n, full, loaded = _varlen_blocks(q_len, kv_len, first_row, WG, CAUSAL)
+        n, full, loaded = _item_blocks(q_len, kv_len, first_row, WG, CAUSAL)
         if WG == 0:
             _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
                            CAUSAL, WG, STAGES, ROTATE)  # fmt: skip

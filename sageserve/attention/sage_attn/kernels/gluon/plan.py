@@ -3,7 +3,7 @@
 `work_plan`: [items, 3] int32 (sequence, first row of a 128-row tile in its chunk, query
 head), longest work first (`tile_work`). `consumer_blocks`: each consumer's key blocks in an
 item, plain Python on ints: the kernel runs the same function (`gluon.jit`-wrapped), and
-the tests check it against brute force. `_plan_item`, `_varlen_blocks`: the kernel's
+the tests check it against brute force. `_plan_item`, `_item_blocks`: the kernel's
 reading of an item.
 """
 
@@ -74,7 +74,7 @@ _consumer_blocks_jit = gluon.jit(consumer_blocks)
 
 
 @gluon.jit
-def _varlen_blocks(q_len, kv_len, first_row, WG: gl.constexpr, CAUSAL: gl.constexpr):
+def _item_blocks(q_len, kv_len, first_row, WG: gl.constexpr, CAUSAL: gl.constexpr):
     """(n, full, loaded) of consumer WG in a work item (see `_consumer_blocks`); loaded =
     max over both consumers: the blocks the producer loads and each consumer's turns."""
     n0, full0 = _consumer_blocks_jit(q_len, kv_len, first_row, 0, CAUSAL, BLOCK_M, BLOCK_N)

@@ -9,20 +9,23 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_N, FP8_MAX
-from sageserve.attention.sage_attn.kernels.gluon.plan import _plan_item, _varlen_blocks
+from sageserve.attention.sage_attn.kernels.gluon.plan import _item_blocks, _plan_item
 
 
 @gluon.jit
-def _prepare_scales(k_scale_ptr, v_scale_ptr, page, first_key, kv_len, scale_smem,
-                           stage, PV_FP8: gl.constexpr):  # fmt: skip
-    """`_prepare_scales` with the V scales of keys >= kv_len zeroed (stale slots of the last
-    page, the null page): they leave the block's max and get e4m3 factor 0, as in the
-    Triton kernel. (Its diagonal blocks take the max over keys < min(kv_len, end of the
-    64-row block); here over keys < kv_len: the same P up to its e4m3 rounding.)
+def _prepare_scales(k_scale_ptr, v_scale_ptr, page, first_key, kv_len, scale_smem, stage,
+                    PV_FP8: gl.constexpr):  # fmt: skip
+    """One key block's scales for both consumers, into rows 3 * stage .. + 2 of scale_smem
+    [3 * STAGES, BLOCK_N] fp32: the K scales, P's per-key factors, and the unit of the
+    block's P·V (repeated). The block is `page` (cache row page * BLOCK_N ..), its keys
+    first_key .. + BLOCK_N - 1 of the sequence; the V scales of keys >= kv_len (stale slots
+    of the last page) are zeroed, so they get factor 0, as in the Triton kernel.
 
-    FP16 P·V (not PV_FP8): the factors are the V scales themselves and the unit is 1, as
-    the Triton kernel's `scaled_pv` multiplies P by each key's scale before the fp16
-    rounding; acc then stays in plain units."""
+    FP8 P·V: factors v_scale * 448 / block_max and unit block_max / 448, block_max being
+    the block's largest V scale. (The Triton kernel's diagonal blocks take that max over
+    keys < min(kv_len, end of its 64-row block), here over keys < kv_len: the same P up to
+    its e4m3 rounding.) fp16 P·V: the factors are the V scales and the unit is 1, as
+    `scaled_pv` multiplies P by each key's scale before the fp16 rounding."""
     layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
     keys = gl.arange(0, BLOCK_N, layout=layout)
     slot = page * BLOCK_N + keys
@@ -41,17 +44,21 @@ def _prepare_scales(k_scale_ptr, v_scale_ptr, page, first_key, kv_len, scale_sme
 
 @gluon.jit
 def _producer(args, num_q_heads: gl.constexpr, num_kv_heads: gl.constexpr,
-                     CAUSAL: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """`_producer` over the plan's items: `loaded` blocks per item (`_varlen_blocks`). The
-    page of a block past the sequence's last page (the fully masked extra block of a short
-    tile) is clamped to the last page: page tables are padded only to 128 keys. args: the
-    kernel's runtime producer arguments."""
+              CAUSAL: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """One warp: for every key block of the program's work items, in order, TMA K
+    [BLOCK_N, D] and V [D, BLOCK_N] (one page each) into stage g % STAGES (g counts the
+    program's blocks across its items) once both consumers released block g - STAGES, then
+    the block's scales (`_prepare_scales`). ready[s] completes on the TMA bytes and two
+    arrives: the expect's and the one after the scales are stored. `loaded` blocks per item
+    (`_item_blocks`); the page of a block past the sequence's last page (the fully masked
+    extra block of a short tile) is clamped to the last page: page tables are padded only
+    to 128 keys. args: the kernel's runtime producer arguments."""
     (k_desc, v_desc, k_smem, v_smem, scale_smem, ready, empty, k_scale_ptr, v_scale_ptr,
      page_table_ptr, stride_table, plan_ptr, q_len_ptr, kv_len_ptr, n_items) = args  # fmt: skip
     base = 0
     for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
         seq, first_row, head, q_len, kv_len = _plan_item(plan_ptr, q_len_ptr, kv_len_ptr, w)
-        _, _, loaded = _varlen_blocks(q_len, kv_len, first_row, 0, CAUSAL)
+        _, _, loaded = _item_blocks(q_len, kv_len, first_row, 0, CAUSAL)
         kv_head = head // (num_q_heads // num_kv_heads)
         table = page_table_ptr + seq.to(gl.int64) * stride_table
         last_page = (kv_len - 1) // BLOCK_N
@@ -66,7 +73,7 @@ def _producer(args, num_q_heads: gl.constexpr, num_kv_heads: gl.constexpr,
             tma.async_copy_global_to_shared(v_desc, [page * v_smem.shape[1], 0], bar,
                                             v_smem.index(stage))  # fmt: skip
             _prepare_scales(k_scale_ptr, v_scale_ptr, page, block * BLOCK_N, kv_len,
-                                   scale_smem, stage, v_smem.dtype == gl.float8e4nv)  # fmt: skip
+                            scale_smem, stage, v_smem.dtype == gl.float8e4nv)  # fmt: skip
             gl.thread_barrier()  # every lane's scales are stored before the one arrive
             mbarrier.arrive(bar, count=1)
         base += loaded
@@ -122,7 +129,7 @@ def _widener(args, CAUSAL: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constex
     base = 0
     for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
         _, first_row, _, q_len, kv_len = _plan_item(plan_ptr, q_len_ptr, kv_len_ptr, w)
-        _, _, loaded = _varlen_blocks(q_len, kv_len, first_row, 0, CAUSAL)
+        _, _, loaded = _item_blocks(q_len, kv_len, first_row, 0, CAUSAL)
         for block in range(loaded):
             g = base + block
             stage = g % STAGES
