@@ -27,6 +27,7 @@ from sageserve.cli import main as cli_main
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = ["--seq-lens", "64", "--total-tokens", "128"]
+_PREFILL_ONLY = ["--skip-decode", "--skip-store", *TINY]
 # Tiny shapes: 2 sequences of 64 tokens, GQA 32/2 heads (the 8-bit store kernel runs one
 # interpreted program per token and KV head), 2 decodes over 100 cached tokens (2 pages), a
 # decode step's store of 16 tokens x 2 KV heads.
@@ -143,6 +144,8 @@ def check_markdown(markdown: str) -> None:
         (["--device", "cpu", "--skip-prefill", "--decode-contexts", "2000"], "contexts 2000"),
         (["--device", "cpu", "--skip-prefill", "--skip-decode"], "--store-tokens 16384"),
         (["--skip-prefill", "--skip-decode", "--skip-store"], "leave nothing to run"),
+        (["--decode-variants", "sage_fp16pv_gluon"], "sage_fp16pv_tcrot"),  # prefill only
+        (["--device", "cpu", "--variants", "sage_fp16pv_gluon", *_PREFILL_ONLY], "sm_90"),
     ],
 )
 def test_bad_values_exit_2_naming_the_choices(flags, message, capsys) -> None:
@@ -286,3 +289,20 @@ def test_no_rotation_variants_price_the_rotation() -> None:
     args = [*SMOKE[2:], "--variants", norot, "--decode-variants", norot, "--store-variants", norot]
     config = config_from_args(parser.parse_args(args))
     assert config.variants == config.decode_variants == config.store_variants == (norot,)
+
+
+def test_gluon_variants_run_the_warp_specialized_prefill() -> None:
+    """`_gluon` variants: the sage kernels with --sage-impl gluon, prefill only, and the
+    method they record names the Gluon kernel."""
+    from sageserve.bench import kernels_prefill
+    from sageserve.bench.kernels import DECODE_CHOICES, PREFILL_CHOICES, STORE_CHOICES
+    from sageserve.bench.kernels_common import _flags
+
+    for pv in ("fp16", "fp8"):
+        variant = f"sage_{pv}pv_gluon"
+        assert variant in PREFILL_CHOICES
+        assert variant not in set(DECODE_CHOICES) | set(STORE_CHOICES)
+        flags = _flags(variant)
+        assert (flags.impl, flags.pv, flags.rotate_qk) == ("gluon", pv, True)
+        assert "warp-specialized Hopper prefill" in kernels_prefill.INCLUDED[variant]
+    assert "widened to fp16" in kernels_prefill.INCLUDED["sage_fp16pv_gluon"]

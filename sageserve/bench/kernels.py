@@ -40,15 +40,17 @@ from sageserve.bench.run_record import (
 # Opt-in: the rotation's price (off), and its tensor-core product against the butterfly.
 ROTATION_VARIANTS = ("sage_fp16pv_norot", "sage_fp8pv_norot", "sage_fp16pv_tcrot",
                      "sage_fp8pv_tcrot")  # fmt: skip
+# Opt-in, prefill only: the warp-specialized Hopper prefill (--sage-impl gluon; sm_90).
+GLUON_VARIANTS = ("sage_fp16pv_gluon", "sage_fp8pv_gluon")
 PREFILL_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", "sdpa_flash", "sdpa_cudnn",
-                   "sageattn_1_0_6", "torch_sdpa", *ROTATION_VARIANTS)  # fmt: skip
+                   "sageattn_1_0_6", "torch_sdpa", *ROTATION_VARIANTS, *GLUON_VARIANTS)  # fmt: skip
 DECODE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", *ROTATION_VARIANTS)
 STORE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", *ROTATION_VARIANTS)
 GPU_STORE_VARIANTS = ("sage_fp16pv", "sage_fp8pv", "triton16")
 CPU_STORE_VARIANTS = ("sage_fp16pv", "triton16")  # the interpreter's fp8 casts are wrong
 GPU_VARIANTS = PREFILL_CHOICES[:6]
 CPU_VARIANTS = ("sage_fp16pv", "triton16", "torch_sdpa")
-OUR_KERNELS = ("sage_fp16pv", "sage_fp8pv", "triton16", *ROTATION_VARIANTS)
+OUR_KERNELS = ("sage_fp16pv", "sage_fp8pv", "triton16", *ROTATION_VARIANTS, *GLUON_VARIANTS)
 HEAD_DIMS = (64, 128)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CAUSAL_MODES = {"both": (True, False), "causal": (True,), "noncausal": (False,)}

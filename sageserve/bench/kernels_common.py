@@ -17,18 +17,21 @@ from sageserve.attention.base import AttentionBackend, AttentionShape, BackendOp
 from sageserve.attention.batch import ForwardBatch, SequenceSlice, build_forward_batch
 from sageserve.attention.sage_attn.options import SageOptions
 
-# Our kernels' variants: backend name, sage P·V precision and how sage rotates Q and K
-# (`--sage-rotation-kernel`, or "off"). The `_norot` variants price the Hadamard rotation
-# against the same kernels without it; the `_tcrot` ones rotate by a tensor-core product
-# instead of the served butterfly.
-OUR_VARIANTS: dict[str, tuple[str, str | None, str]] = {
-    "sage_fp16pv": ("sage_attn", "fp16", "butterfly"),
-    "sage_fp8pv": ("sage_attn", "fp8", "butterfly"),
-    "sage_fp16pv_norot": ("sage_attn", "fp16", "off"),
-    "sage_fp8pv_norot": ("sage_attn", "fp8", "off"),
-    "sage_fp16pv_tcrot": ("sage_attn", "fp16", "tensor_core"),
-    "sage_fp8pv_tcrot": ("sage_attn", "fp8", "tensor_core"),
-    "triton16": ("triton", None, "off"),
+# Our kernels' variants: backend name, sage P·V precision, how sage rotates Q and K
+# (`--sage-rotation-kernel`, or "off") and `--sage-impl`. The `_norot` variants price the
+# Hadamard rotation against the same kernels without it; the `_tcrot` ones rotate by a
+# tensor-core product instead of the served butterfly; the `_gluon` ones run the prefill
+# through the warp-specialized Hopper kernel (sm_90; Q rotated by one wgmma there).
+OUR_VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
+    "sage_fp16pv": ("sage_attn", "fp16", "butterfly", "triton"),
+    "sage_fp8pv": ("sage_attn", "fp8", "butterfly", "triton"),
+    "sage_fp16pv_norot": ("sage_attn", "fp16", "off", "triton"),
+    "sage_fp8pv_norot": ("sage_attn", "fp8", "off", "triton"),
+    "sage_fp16pv_tcrot": ("sage_attn", "fp16", "tensor_core", "triton"),
+    "sage_fp8pv_tcrot": ("sage_attn", "fp8", "tensor_core", "triton"),
+    "sage_fp16pv_gluon": ("sage_attn", "fp16", "butterfly", "gluon"),
+    "sage_fp8pv_gluon": ("sage_attn", "fp8", "butterfly", "gluon"),
+    "triton16": ("triton", None, "off", "triton"),
 }
 # Model positions of the benchmark's model (Llama-3.1-8B): caps the triton16 decode splits
 # as in a server whose pool holds more tokens than that.
@@ -77,13 +80,13 @@ def backend_reasons(
 
 
 def _flags(variant: str) -> SageOptions | None:
-    """The sage options of `variant` (the Triton kernels forced on); None for triton16."""
-    _, pv, rotation = OUR_VARIANTS[variant]
+    """The sage options of `variant` (the kernels forced on); None for triton16."""
+    _, pv, rotation, impl = OUR_VARIANTS[variant]
     if pv is None:
         return None
     if rotation == "off":
-        return SageOptions(pv=pv, impl="triton", rotate_qk=False)
-    return SageOptions(pv=pv, impl="triton", rotation_kernel=rotation)
+        return SageOptions(pv=pv, impl=impl, rotate_qk=False)
+    return SageOptions(pv=pv, impl=impl, rotation_kernel=rotation)
 
 
 def calibrate(backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor) -> None:

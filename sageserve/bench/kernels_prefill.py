@@ -52,6 +52,11 @@ _SAGE_STORE = (
 _SAGE_ATTN = (
     "the 8-bit paged prefill kernel (Q {rot}quantized to INT8 inside it, INT8 Q·Kᵀ, {pv} P·V)"
 )
+_GLUON_ATTN = (
+    "the warp-specialized Hopper prefill (Gluon: TMA producer warp, two ping-pong consumer "
+    "warpgroups; Q rotated by one wgmma with the Hadamard matrix and quantized to INT8 "
+    "inside it, INT8 Q·Kᵀ, {pv} P·V{widen}; its work plan from build_metadata)"
+)
 _ROTATED = {
     "off": "",
     "butterfly": "rotated by the Hadamard matrix in registers (fp32 butterfly), ",
@@ -59,13 +64,17 @@ _ROTATED = {
 }
 
 
-def _sage_included(pv: str, rotation: str) -> str:
+def _sage_included(pv: str, rotation: str, impl: str = "triton") -> str:
     v = "INT8" if pv == "FP16" else "FP8 e4m3"
+    attn = _SAGE_ATTN.format(rot=_ROTATED[rotation], pv=pv)
+    if impl == "gluon":
+        widen = ", INT8 V widened to fp16 in shared memory" if pv == "FP16" else ""
+        attn = _GLUON_ATTN.format(pv=pv, widen=widen)
     return _OURS.format(
         backend="sage_attn",
         pv=f" ({pv} P·V{', no Q/K rotation' if rotation == 'off' else ''})",
         store=_SAGE_STORE.format(rot=_ROTATED[rotation], v=v),
-        attn=_SAGE_ATTN.format(rot=_ROTATED[rotation], pv=pv),
+        attn=attn,
     )
 
 
@@ -76,6 +85,8 @@ INCLUDED = {
     "sage_fp8pv_norot": _sage_included("FP8", "off"),
     "sage_fp16pv_tcrot": _sage_included("FP16", "tensor_core"),
     "sage_fp8pv_tcrot": _sage_included("FP8", "tensor_core"),
+    "sage_fp16pv_gluon": _sage_included("FP16", "butterfly", "gluon"),
+    "sage_fp8pv_gluon": _sage_included("FP8", "butterfly", "gluon"),
     "triton16": _OURS.format(
         backend="triton",
         pv="",
@@ -251,7 +262,33 @@ def _sage_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
                              out=out, **kwargs)  # fmt: skip
         return out
 
+    if backend.gluon_prefill:
+        full = _gluon_full(backend, cache, meta, data, out, store)
     return store, full
+
+
+def _gluon_full(backend, cache, meta, data: PrefillData, out: torch.Tensor, store):
+    """The --sage-impl gluon prefill as `_forward_kernels` calls it (non-causal: the same
+    kernel over a non-causal plan)."""
+    from sageserve.attention.sage_attn.kernels.gluon.plan import work_plan
+    from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_ws
+
+    pre, causal = meta.kernel.prefill, data.shape.causal
+    plan = pre.plan
+    if not causal:
+        lens = pre.q_len.tolist()
+        plan = torch.from_numpy(work_plan(lens, lens, data.q.shape[1], causal=False))
+        plan = plan.to(data.q.device)
+    caches = (cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0])
+
+    def full() -> torch.Tensor:
+        store()
+        sage_attention_ws(data.q, *caches, pre.page_table, pre.q_start, pre.q_len, pre.kv_len,
+                          plan, out, backend.layer_constants(0).sm_scale, causal=causal,
+                          rotate=backend.sage.rotate_qk)  # fmt: skip
+        return out
+
+    return full
 
 
 def _triton_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
