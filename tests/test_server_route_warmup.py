@@ -14,6 +14,7 @@ import torch
 from server_process import free_port
 from tiny_models import tiny_llama_config
 
+from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.config import CacheConfig, EngineConfig
 from sageserve.engine.engine import Engine
 from sageserve.models.loader import LoadedModel, build_model, init_dummy_weights, load_model
@@ -162,7 +163,7 @@ def test_a_model_without_a_tokenizer_warms_up_generate_only(tokenizerless: Loade
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "sage_attn"])
+@pytest.mark.parametrize("backend", ["triton", "sage_attn", "sage_attn-gluon"])
 def test_nothing_compiles_while_serving_on_gpu(backend: str, monkeypatch: pytest.MonkeyPatch):
     """Once /health answers 200 (engine warm-up on the engine thread, then the route
     warm-up), a mix of requests the warm-up never made (odd prompt lengths, several at once
@@ -176,7 +177,13 @@ def test_nothing_compiles_while_serving_on_gpu(backend: str, monkeypatch: pytest
     model = build_model(config, torch.float16, cuda)
     init_dummy_weights(model, seed=0)
     loaded = LoadedModel(model.eval(), config, None, torch.float16, "tiny dummy model")
+    options = ()
+    if backend == "sage_attn-gluon":  # prefill chunks through the Gluon kernel (sm_90)
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the Gluon prefill runs on sm_90 only")
+        backend, options = "sage_attn", (SageOptions(impl="gluon"),)
     engine_config = EngineConfig(dtype="float16", device="cuda", attention_backend=backend,
+                                 attention_options=options,
                                  cache=CacheConfig(max_total_tokens=16384))  # fmt: skip
     loop = EngineLoop(Engine(engine_config, loaded, warm_up_now=False))
     app = build_app(loop, ServerArgs())
