@@ -70,6 +70,9 @@ VARIANTS = [
 _BF16, _FP16 = torch.bfloat16, torch.float16
 _TENSOR_CORE = SageOptions(rotation_kernel="tensor_core")
 _GLUON = SageOptions(impl="gluon")
+_GLUON_FP8 = SageOptions(impl="gluon", pv="fp8")
+_GLUON_NOROT = SageOptions(impl="gluon", rotate_qk=False)
+_GLUON_EXACT_1 = SageOptions(impl="gluon", skip_layers=(1,))
 GPU_VARIANTS = [
     Variant("torch", min_cosine=0.9999, max_rel_l1=0.01, dtype=_BF16, device="cuda"),
     Variant("triton", min_cosine=0.9999, max_rel_l1=0.01, dtype=_BF16, device="cuda"),
@@ -85,9 +88,9 @@ GPU_VARIANTS = [
     # Prefill chunks through the warp-specialized Hopper kernel (sm_90, pages of 64 keys).
     Variant("sage_attn", _GLUON, 0.999, 0.03, dtype=_BF16, device="cuda"),
     Variant("sage_attn", _GLUON, 0.999, 0.03, dtype=_FP16, device="cuda"),
-    Variant("sage_attn", SageOptions(impl="gluon", pv="fp8"), 0.998, 0.05, _BF16, "cuda"),
-    Variant("sage_attn", SageOptions(impl="gluon", rotate_qk=False), 0.999, 0.03, _BF16, "cuda"),
-    Variant("sage_attn", SageOptions(impl="gluon", skip_layers=(1,)), 0.999, 0.03, _BF16, "cuda"),
+    Variant("sage_attn", _GLUON_FP8, 0.998, 0.05, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", _GLUON_NOROT, 0.999, 0.03, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", _GLUON_EXACT_1, 0.999, 0.03, dtype=_BF16, device="cuda"),
 ]
 
 # (num_q_heads, num_kv_heads, head_dim, page_size): GQA, MHA and MQA; pages of one key, of an
