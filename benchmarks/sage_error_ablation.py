@@ -17,7 +17,9 @@ Variants:
   P to fp16 before P·V, which the served `sage_attn` row includes: the two "all sources"
   rows agree when that rounding is negligible. Candidates for a smaller error, in the same
   emulation: no channel balance; an orthonormal Hadamard rotation of Q and K along head_dim
-  before INT8 (q·k unchanged, outlier channels spread over all), with and without balance.
+  before INT8 (q·k unchanged, outlier channels spread over all), with and without balance;
+  the rotation with SageAttention-2's Q smoothing (each 64-row block's mean taken out of Q
+  before INT8, its product with the keys added back exactly).
 
     PYTHONPATH=. python benchmarks/sage_error_ablation.py --lengths 512,8192 --windows 4,1 \
         --out benchmarks/results/sage_error_ablation-cpu-<date>.json
@@ -66,7 +68,10 @@ PLAN_FILE = {"path": "sage_layer_plan.json"}
 # What the fake-quantizing backend quantizes, set before each engine is built.
 FAKE_QUANT: dict[str, object] = {
     "sources": frozenset(SOURCES), "layers": frozenset(), "rotate": False, "balance": True,
+    "q_smooth": False,
 }  # fmt: skip
+# Query rows per block of the Q smoothing candidate (the prefill kernels' query block).
+Q_SMOOTH_ROWS = 64
 _CALIBRATED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -81,6 +86,7 @@ class FakeQuantBackend(TorchNativeBackend):
         self.layers = FAKE_QUANT["layers"]
         self.rotation = _hadamard(shape.head_dim) if FAKE_QUANT["rotate"] else None
         self.balance = FAKE_QUANT["balance"]
+        self.q_smooth = FAKE_QUANT["q_smooth"]
         self.k_mean = self.channel_scale = None
 
     def prepare(self, model: torch.nn.Module, tokenizer: object | None) -> None:
@@ -98,7 +104,9 @@ class FakeQuantBackend(TorchNativeBackend):
             c, mean = self.channel_scale[layer_id], self.k_mean[layer_id]
             if not self.balance:
                 c = torch.ones_like(c)
-            if "q" in self.sources:
+            if "q" in self.sources and self.q_smooth:
+                q = _smoothed_fake_q(q, c, self.rotation)
+            elif "q" in self.sources:
                 q = _fake_q(q, c, self.rotation)
             if "k" in self.sources:
                 k = _fake_k(k, mean, c, self.rotation)
@@ -125,6 +133,23 @@ def _fake_q(q: torch.Tensor, c: torch.Tensor, rotation) -> torch.Tensor:
     group = q.shape[1] // c.shape[0]
     fake = _rotated_int8(balance_q(q, c), rotation, torch.float32)
     return (fake / c.repeat_interleave(group, dim=0)).to(q.dtype)
+
+
+def _smoothed_fake_q(q: torch.Tensor, c: torch.Tensor, rotation) -> torch.Tensor:
+    """SageAttention-2's Q smoothing: each block of Q_SMOOTH_ROWS consecutive rows of a
+    head loses its mean before INT8 (`_fake_q`), and the mean's product with the keys comes
+    back exactly (here: the mean added back to the fake-quantized rows; a kernel adds
+    mean · Kᵀ to each block's scores). q: [T, Hq, D]; the step's rows are one sequence's
+    chunk in the ablation's teacher-forced windows."""
+    rows = q.shape[0]
+    pad = -rows % Q_SMOOTH_ROWS
+    blocks = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, pad))
+    blocks = blocks.view(-1, Q_SMOOTH_ROWS, *q.shape[1:])
+    counts = torch.full((blocks.shape[0], 1, 1, 1), float(Q_SMOOTH_ROWS))
+    counts[-1] = Q_SMOOTH_ROWS - pad
+    mean = (blocks.sum(dim=1, keepdim=True) / counts).expand_as(blocks).reshape(-1, *q.shape[1:])
+    mean = mean[:rows]
+    return (_fake_q((q.float() - mean).to(q.dtype), c, rotation).float() + mean).to(q.dtype)
 
 
 def _fake_k(k: torch.Tensor, mean: torch.Tensor, c: torch.Tensor, rotation) -> torch.Tensor:
@@ -221,7 +246,8 @@ def _variants(num_layers: int, per_layer: bool) -> list[tuple[str, str, object]]
         ("fake qkv", "sage_fakequant", frozenset(SOURCES)),
     ]
     out += [(f"fake {s}", "sage_fakequant", frozenset(s)) for s in SOURCES]
-    for candidate in ("no balance", "hadamard", "hadamard no balance"):
+    for candidate in ("no balance", "hadamard", "hadamard no balance",
+                      "hadamard no balance q-smooth"):  # fmt: skip
         out.append((f"fake qkv {candidate}", "sage_fakequant", candidate))
     if per_layer:
         out += [(f"layer_{i}", "sage_fakequant", i) for i in range(num_layers)]
@@ -238,6 +264,7 @@ def _run_variant(loaded, backend, spec, chunk, windows, ref_engine: Engine) -> d
         FAKE_QUANT["sources"] = spec if isinstance(spec, frozenset) else frozenset(SOURCES)
         FAKE_QUANT["rotate"] = isinstance(spec, str) and "hadamard" in spec
         FAKE_QUANT["balance"] = not (isinstance(spec, str) and "no balance" in spec)
+        FAKE_QUANT["q_smooth"] = isinstance(spec, str) and "q-smooth" in spec
     with _engine(loaded, backend, options, chunk) as engine:
         return _compare(ref_engine, engine, windows)
 
