@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -293,15 +290,10 @@ def sass_report(maxnreg: int | None = 168, causal: bool = False) -> int:
 
 def _ptxas(ptx: str) -> str:
     """ptxas -v of the PTX: registers, spills, and any wgmma serialization warning."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.ptx"
-        path.write_text(ptx)
-        res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(path), "-o", os.devnull],
-                             capture_output=True, text=True, check=True)  # fmt: skip
-    lines = [ln.split("info    : ")[-1] for ln in res.stderr.splitlines()]
+    from sageserve.attention.sage_attn.kernels.gluon.offline import ptxas_verdict
+
     keep = ("Used", "spill", "Performance Loss")
-    return " | ".join(ln for ln in lines if any(k in ln for k in keep))
+    return " | ".join(ln for ln in ptxas_verdict(ptx).messages if any(k in ln for k in keep))
 
 
 @dataclass

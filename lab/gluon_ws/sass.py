@@ -3,7 +3,6 @@ waits and kinds, setmaxnreg, shared memory, ptxas's verdict, the SASS loops."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import tempfile
@@ -16,7 +15,11 @@ from triton.experimental.gluon import language as gl
 from lab.gluon_prefill_probe import HEAD_DIM, KEYS, _descriptor
 from lab.gluon_ws.config import DEFAULT_STAGES, MAXNREG, _launch_options
 from lab.gluon_ws.equal import _gluon_ws_prefill_kernel
-from sageserve.attention.sage_attn.kernels.gluon.offline import Build, compile_sm90
+from sageserve.attention.sage_attn.kernels.gluon.offline import (
+    Build,
+    compile_sm90,
+    ptxas_verdict,
+)
 
 # ----------------------------------------------------------------------------- offline report
 
@@ -53,17 +56,6 @@ def _compile_sm90(causal: bool, stages: int, maxnreg: int, persistent: bool = Fa
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = GluonASTSource(_gluon_ws_prefill_kernel, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def _ptxas_verbose(ptx: str) -> list[str]:
-    """ptxas -v messages for the PTX (registers, spills, warnings such as C7514)."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.ptx"
-        path.write_text(ptx)
-        res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(path), "-o", os.devnull],
-                             capture_output=True, text=True, check=True)  # fmt: skip
-    return [ln.split("info    : ")[-1].strip() for ln in res.stderr.splitlines() if ln.strip()]
 
 
 def _sass(cubin: bytes) -> list[str]:
@@ -163,7 +155,7 @@ def sass_report(causal: bool = False, stages: int = DEFAULT_STAGES, maxnreg: int
     print("wgmma kinds:", sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", ptx))))
     print("setmaxnreg:", re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx))
     print(f"warps {kernel.metadata.num_warps}; shared memory {kernel.metadata.shared} B")
-    messages = _ptxas_verbose(ptx)
+    messages = ptxas_verdict(ptx).messages
     keep = ("Used", "spill", "arning", "Performance Loss", "stack")
     print("ptxas:", " | ".join(ln for ln in messages if any(k in ln for k in keep)))
     for size, digest, placement in _loops(_sass(kernel.asm["cubin"])):

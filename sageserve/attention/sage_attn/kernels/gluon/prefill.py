@@ -90,45 +90,43 @@ def _sage_ws_prefill_kernel(
         k_desc, v_desc, k_smem, v_smem, scale_smem, ready, empty, k_scale_ptr, v_scale_ptr,
         page_table_ptr, stride_table, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
     )  # fmt: skip
-    if PV_FP8:
-        consumer_args = (
-            q_ptr, out_ptr, q_smem, h_smem, k_smem, v_smem, scale_smem, ready, empty, turn,
-            q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale,
-        )  # fmt: skip
-        gl.warp_specialize(
-            [
-                (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                                    CAUSAL, 0, STAGES, ROTATE)),
-                (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                                    CAUSAL, 1, STAGES, ROTATE)),
-                (_producer, (producer_args, num_q_heads, num_kv_heads, CAUSAL,
-                                    STAGES)),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )  # fmt: skip
-    else:
+    if not PV_FP8:  # the consumers read the fp16 copy, and `widened` as their `ready`
         v16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, BLOCK_N],
                                                                          gl.float16)  # fmt: skip
         v16_smem = gl.allocate_shared_memory(gl.float16, [STAGES, D, BLOCK_N], v16_layout)
         widened = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(widened.index(i), count=1)  # the widener's, after its stores
-        widener_args = (v_smem, v16_smem, ready, widened, plan_ptr, q_len_ptr, kv_len_ptr,
-                        n_items)  # fmt: skip
-        # The consumers see the fp16 copy, and `widened` as their `ready`.
-        consumer_args = (
-            q_ptr, out_ptr, q_smem, h_smem, k_smem, v16_smem, scale_smem, widened, empty,
-            turn, q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale,
-        )  # fmt: skip
+    pv_smem = v_smem if PV_FP8 else v16_smem
+    pv_ready = ready if PV_FP8 else widened
+    consumer_args = (
+        q_ptr, out_ptr, q_smem, h_smem, k_smem, pv_smem, scale_smem, pv_ready, empty, turn,
+        q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale,
+    )  # fmt: skip
+    # A partition list cannot be built in pieces (a tuple holding a function is not a value
+    # here): one warp_specialize per P·V mode, the fp16 one with the widener.
+    if PV_FP8:
         gl.warp_specialize(
             [
                 (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                                    CAUSAL, 0, STAGES, ROTATE)),
+                             CAUSAL, 0, STAGES, ROTATE)),
                 (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                                    CAUSAL, 1, STAGES, ROTATE)),
-                (_producer, (producer_args, num_q_heads, num_kv_heads, CAUSAL,
-                                    STAGES)),
+                             CAUSAL, 1, STAGES, ROTATE)),
+                (_producer, (producer_args, num_q_heads, num_kv_heads, CAUSAL, STAGES)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )  # fmt: skip
+    else:
+        widener_args = (v_smem, v16_smem, ready, widened, plan_ptr, q_len_ptr, kv_len_ptr,
+                        n_items)  # fmt: skip
+        gl.warp_specialize(
+            [
+                (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
+                             CAUSAL, 0, STAGES, ROTATE)),
+                (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
+                             CAUSAL, 1, STAGES, ROTATE)),
+                (_producer, (producer_args, num_q_heads, num_kv_heads, CAUSAL, STAGES)),
                 (_widener, (widener_args, CAUSAL, STAGES, WIDENER_WARPS)),
             ],
             [4, 1, WIDENER_WARPS],
