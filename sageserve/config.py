@@ -96,12 +96,15 @@ class CudaGraphConfig:
     ... up to it (sageserve/attention/graph_sizes.py), larger batches run eagerly.
     piecewise_max_tokens: the longest other step (prefill, or prefill mixed with decodes)
     replayed in pieces around eager attention (sageserve/engine/piecewise_graph.py); 0
-    turns piecewise graphs off, longer steps run eagerly.
+    turns piecewise graphs off, longer steps run eagerly. disable_sampling: sample every
+    step with the eager sampler instead of the decode graphs' sampling graphs
+    (sageserve/engine/static_sampler.py; same tokens, for comparing the two).
     """
 
     disable: bool = False
     max_bs: int = 64
     piecewise_max_tokens: int = 512
+    disable_sampling: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("cuda_graph_max_bs", self.max_bs)

@@ -152,6 +152,12 @@ def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
         "64, then multiples of 64); longer ones run eagerly; 0 turns them off",
     )
     group.add_argument(
+        "--disable-cuda-graph-sampling",
+        action="store_true",
+        help="sample decode steps with the eager sampler after the graph replay instead of "
+        "in their own captured graphs (the same tokens; for comparing the two)",
+    )
+    group.add_argument(
         "--skip-warmup",
         action="store_true",
         help="start serving without the warm-up requests that compile the kernels first "
@@ -225,6 +231,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             disable=args.disable_cuda_graph,
             max_bs=args.cuda_graph_max_bs,
             piecewise_max_tokens=args.piecewise_cuda_graph_max_tokens,
+            disable_sampling=args.disable_cuda_graph_sampling,
         ),
         fused_layers=not args.disable_fused_layers,
         warmup=not args.skip_warmup,

@@ -79,12 +79,12 @@ def test_engines_cover_every_switch() -> None:
     cfg = OfflineBenchConfig(("torch",), (True, False), (True, False), (1,), (8,), (4,), 1, 0,
                              prefill_cap=(True, False))  # fmt: skip
     engines = cfg.engines()
-    assert engines == [("torch", f, o, c) for f in (True, False) for o in (True, False)
+    assert engines == [("torch", f, o, c, True) for f in (True, False) for o in (True, False)
                        for c in (True, False)]  # fmt: skip
     configs = [
         EngineConfig(fused_layers=f, overlap_schedule=o,
                      scheduler=SchedulerConfig(max_prefill_tokens_while_decoding=None if c else 0))
-        for _, f, o, c in engines
+        for _, f, o, c, _ in engines
     ]  # fmt: skip
     assert [engine_name(c) for c in configs] == [
         "torch", "torch+no-cap", "torch+no-overlap", "torch+no-overlap+no-cap",
@@ -95,6 +95,25 @@ def test_engines_cover_every_switch() -> None:
         OfflineBenchConfig(("torch",), (True,), (True, True), (1,), (8,), (4,), 1, 0)
     with pytest.raises(ValueError, match="--prefill-cap takes"):
         OfflineBenchConfig(("torch",), (True,), (True,), (1,), (8,), (4,), 1, 0, prefill_cap=())
+    with pytest.raises(ValueError, match="--graph-sampling takes"):
+        OfflineBenchConfig(("torch",), (True,), (True,), (1,), (8,), (4,), 1, 0,
+                           graph_sampling=(False, False))  # fmt: skip
+    with pytest.raises(ValueError, match="choose from greedy, top-p"):
+        OfflineBenchConfig(("torch",), (True,), (True,), (1,), (8,), (4,), 1, 0, sampling="beam")
+
+
+def test_top_p_sampling_and_graph_sampling_switch(tmp_path: Path) -> None:
+    """--sampling top-p runs; --graph-sampling on,off builds an engine with the eager
+    sampler beside the default one (on CPU both sample eagerly: no graphs)."""
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--device", "cpu", "--backends", "torch", "--batch-sizes", "2",
+            "--input-lens", "9", "--output-lens", "3", "--rounds", "1", "--sampling", "top-p",
+            "--graph-sampling", "on,off", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"torch/b2-in9-out3", "torch+eager-sampling/b2-in9-out3"}
+    assert result["settings"]["sampling"] == "top-p"
+    assert all(row["runs"][0]["decode_tok_s"] > 0 for row in result["rows"].values())
 
 
 def test_whole_batch_pass_with_and_without_the_cap(tmp_path: Path) -> None:

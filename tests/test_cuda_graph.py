@@ -33,6 +33,7 @@ from sageserve.engine.cuda_graph import DecodeGraphRunner
 from sageserve.engine.engine import Engine
 from sageserve.engine.llm import LLM
 from sageserve.engine.sampling_params import SamplingParams
+from sageserve.engine.static_sampler import SampleMode
 from sageserve.engine_args import add_engine_args, engine_config_from_args
 from sageserve.models.config import ModelConfig
 from sageserve.models.loader import LoadedModel, build_model, init_dummy_weights
@@ -186,6 +187,8 @@ def test_flags_and_cpu_engine_without_graphs() -> None:
     )
     assert config.cuda_graph == CudaGraphConfig(disable=True, max_bs=16)
     assert engine_config_from_args(parser.parse_args([])).cuda_graph == CudaGraphConfig()
+    no_sampling = parser.parse_args(["--disable-cuda-graph-sampling"])
+    assert engine_config_from_args(no_sampling).cuda_graph.disable_sampling
     with pytest.raises(ValueError, match="cuda_graph_max_bs must be >= 1"):
         CudaGraphConfig(max_bs=0)
     # On CPU graphs are never captured, asked for or not, and that is no error.
@@ -327,6 +330,67 @@ def test_static_path_refuses_other_steps() -> None:
             graphs.run(batch)
 
 
+# Request groups, each run as one batch, so that every decode step has one sampling mode:
+# greedy, temperature / min-p, top-p beside other rows, and one the eager sampler must take
+# (a penalty). Each request asks for logprobs.
+SAMPLING_GROUPS = {
+    SampleMode.GREEDY: [dict(temperature=0), dict(temperature=0, top_p=0.5)],
+    SampleMode.RANDOM: [dict(temperature=0.9, seed=5), dict(temperature=0.7, min_p=0.05, seed=6),
+                        dict(temperature=0)],
+    SampleMode.TOP_P: [dict(temperature=1.1, top_p=0.8, seed=7),
+                       dict(temperature=1.0, top_k=20, seed=8), dict(temperature=1.3, seed=9)],
+    None: [dict(temperature=0.8, seed=10, repetition_penalty=1.3), dict(temperature=0)],
+}  # fmt: skip
+
+
+def _sample_groups(engine: Engine, prompts: list[list[int]]) -> tuple[list, list[int]]:
+    """Each SAMPLING_GROUPS group run as one batch: the outputs, and per group how many
+    decode steps the static sampler took."""
+    graphs = engine._runner.graph_runner
+    assert graphs is not None
+    outputs, sampled = [], []
+    for group in SAMPLING_GROUPS.values():
+        params = [SamplingParams(**p, max_new_tokens=7, ignore_eos=True, logprobs=2)
+                  for p in group]  # fmt: skip
+        before = graphs.num_sampled
+        outputs += _generate_all(engine, prompts[: len(params)], params)
+        sampled.append(graphs.num_sampled - before)
+    return outputs, sampled
+
+
+def _check_sampled_groups(outputs: dict[bool, list], sampled: dict[bool, list[int]]) -> None:
+    for a, b in zip(outputs[True], outputs[False], strict=True):
+        assert_outputs_match(a, b, exact=True, top_n=2, exact_tol=1e-6)
+    # 6 decode steps per group (the first token comes from the prefill step).
+    assert sampled[True] == [6, 6, 6, 0] and sampled[False] == [0, 0, 0, 0]
+    # The noise mattered: the random request on prompt 0 left the greedy one's path.
+    assert outputs[True][2].token_ids != outputs[True][0].token_ids
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (9, 20, 3)]
+
+
+@interpreted
+def test_engine_samples_in_the_static_path_as_the_eager_sampler_does() -> None:
+    """Decode steps sampled by the static sampler (`run_and_sample`, what the sampling
+    graphs capture) against the same static forward sampled by the eager `Sampler`: the same
+    tokens and logprobs in every mode, and steps of the penalised group left to `Sampler`."""
+    loaded, prompts = _tiny_model(torch.float32, CPU), _prompts(11)
+    outputs, sampled = {}, {}
+    for in_graph in (True, False):
+        engine = Engine(_engine_config("triton", SageOptions(), "cpu"), loaded)
+        runner = engine._runner
+        runner.graph_runner = DecodeGraphRunner(
+            runner.model, runner.backend, runner.kv_cache, [1, 2, 4], GRAPH_CONTEXT,
+            capture=False, sample_in_graph=in_graph,
+        )  # fmt: skip
+        outputs[in_graph], sampled[in_graph] = _sample_groups(engine, prompts)
+        engine.close()
+    _check_sampled_groups(outputs, sampled)
+
+
 # -------------------------------------------------------------------------- GPU
 
 
@@ -380,6 +444,26 @@ def test_engine_with_graphs_equals_eager_on_gpu(backend: str) -> None:
     for with_graphs, eager in zip(outputs[False], outputs[True], strict=True):
         exact = backend == "triton"
         assert_outputs_match(with_graphs, eager, exact=exact, top_n=3, exact_tol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "sage_attn"])
+def test_sampling_graphs_pick_the_eager_sampler_tokens_on_gpu(backend: str) -> None:
+    """Captured sampling graphs against `--disable-cuda-graph-sampling` (the same forward
+    graphs, then the eager Sampler): identical tokens and logprobs in every mode."""
+    loaded, prompts = _tiny_model(torch.float16, torch.device("cuda")), _prompts(12)
+    outputs, sampled = {}, {}
+    for in_graph in (True, False):
+        config = _engine_config(
+            backend, SageOptions(), "cuda", max_bs=4, disable_sampling=not in_graph
+        )
+        with LLM.from_engine_config(config, loaded).engine as engine:
+            graphs = engine._runner.graph_runner
+            assert graphs is not None and graphs.sample_in_graph == in_graph
+            modes = [len(step.sample_graphs) for step in graphs.steps.values()]
+            assert set(modes) == {len(SampleMode) if in_graph else 0}
+            outputs[in_graph], sampled[in_graph] = _sample_groups(engine, prompts)
+    _check_sampled_groups(outputs, sampled)
 
 
 def _serving_and_plain(backend: str) -> dict[str, EngineConfig]:

@@ -30,7 +30,13 @@ from typing import Any
 import torch
 
 from sageserve.attention.registry import backend_names
-from sageserve.bench.offline_measure import GridPoint, decode_bound, run_point, summarize
+from sageserve.bench.offline_measure import (
+    SAMPLING,
+    GridPoint,
+    decode_bound,
+    run_point,
+    summarize,
+)
 from sageserve.bench.run_record import (
     default_out,
     device_info,
@@ -58,6 +64,8 @@ class OfflineBenchConfig:
     seed: int
     prefill_cap: tuple[bool, ...] = (True,)
     whole_batch: bool = False
+    sampling: str = "greedy"
+    graph_sampling: tuple[bool, ...] = (True,)
 
     def __post_init__(self) -> None:
         bad = [b for b in self.backends if b not in backend_names()]
@@ -71,19 +79,21 @@ class OfflineBenchConfig:
             raise ValueError(f"--output-lens must be >= 2 (one prefill token, then decode steps), "
                              f"got {self.output_lens}")  # fmt: skip
         switches = (("--fused-layers", self.fused_layers), ("--overlap", self.overlap),
-                    ("--prefill-cap", self.prefill_cap))  # fmt: skip
+                    ("--prefill-cap", self.prefill_cap),
+                    ("--graph-sampling", self.graph_sampling))  # fmt: skip
         for flag, values in switches:
             if not values or len(set(values)) != len(values):
                 raise ValueError(f"{flag} takes on, off, or on,off")
         if self.rounds < 1:
             raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"--sampling {self.sampling!r}: choose from {', '.join(SAMPLING)}")
 
-    def engines(self) -> list[tuple[str, bool, bool, bool]]:
-        """(backend, fused layers, overlap schedule, prefill cap) of every engine of a round,
-        in build order."""
-        return list(
-            itertools.product(self.backends, self.fused_layers, self.overlap, self.prefill_cap)
-        )
+    def engines(self) -> list[tuple[str, bool, bool, bool, bool]]:
+        """(backend, fused layers, overlap schedule, prefill cap, graph sampling) of every
+        engine of a round, in build order."""
+        switches = (self.fused_layers, self.overlap, self.prefill_cap, self.graph_sampling)
+        return list(itertools.product(self.backends, *switches))
 
     def points(self) -> list[GridPoint]:
         sizes = itertools.product(self.batch_sizes, self.input_lens, self.output_lens)
@@ -103,6 +113,12 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
     add("--prefill-cap", default="on",
         help="on, off, or on,off: the prefill cap while decoding at the engine's default "
         "(or --max-prefill-tokens-while-decoding), or off")  # fmt: skip
+    add("--sampling", default="greedy",
+        help=f"the requests' sampling, of: {', '.join(SAMPLING)} (top-p: temperature 0.8, "
+        "top-p 0.95, seeded)")  # fmt: skip
+    add("--graph-sampling", default="on",
+        help="on, off, or on,off: decode steps sampled in the CUDA graphs, or by the eager "
+        "sampler after the replay (--disable-cuda-graph-sampling)")  # fmt: skip
     add("--whole-batch", action="store_true",
         help="also time each point as LLM.generate runs it: fresh prompts queued at once, "
         "decoding beside the rest's prefill (generate_s, generate_tok_s)")  # fmt: skip
@@ -148,6 +164,8 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> OfflineB
         seed=args.bench_seed,
         prefill_cap=_switches("--prefill-cap", args.prefill_cap),
         whole_batch=args.whole_batch,
+        sampling=args.sampling,
+        graph_sampling=_switches("--graph-sampling", args.graph_sampling),
     )
 
 
@@ -173,12 +191,14 @@ def run_benchmark(
                         device=device, seed=base.seed)  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.seed)
     for round_index in range(cfg.rounds):
-        for backend, fused, overlap, capped in cfg.engines():
+        for backend, fused, overlap, capped, in_graph in cfg.engines():
             scheduler = base.scheduler
             if not capped:
                 scheduler = replace(scheduler, max_prefill_tokens_while_decoding=0)
+            graphs = replace(base.cuda_graph, disable_sampling=not in_graph)
             config = replace(base, attention_backend=backend, fused_layers=fused,
-                             overlap_schedule=overlap, scheduler=scheduler)  # fmt: skip
+                             overlap_schedule=overlap, scheduler=scheduler,
+                             cuda_graph=graphs)  # fmt: skip
             _run_engine(cfg, config, loaded, generator, result, round_index)
             write_json(result, out)
     _finish_rows(result)
@@ -223,20 +243,22 @@ def _run_engine(
         result["engines"].setdefault(name, {"info": asdict(engine.info), "build_s": []})
         result["engines"][name]["build_s"].append(time.monotonic() - build_start)
         points = [p for p in cfg.points() if _fits(p, engine, name, result, round_index)]
-        _warm_up(engine, points, generator, cfg.whole_batch)
+        _warm_up(engine, points, generator, cfg)
         for point in points:
             row = result["rows"].setdefault(f"{name}/{point.key}", _new_row(name, point))
-            row["runs"].append(run_point(engine, point, generator, cfg.whole_batch))
+            sampling = SAMPLING[cfg.sampling]
+            row["runs"].append(run_point(engine, point, generator, cfg.whole_batch, sampling))
             print(_progress(row, round_index), flush=True)
 
 
 def engine_name(config: EngineConfig) -> str:
     """The backend, then what differs from the defaults: "+unfused", "+no-overlap",
-    "+no-cap"."""
+    "+no-cap", "+eager-sampling"."""
     name = config.attention_backend
     name += "" if config.fused_layers else "+unfused"
     name += "" if config.overlap_schedule else "+no-overlap"
-    return name + ("+no-cap" if config.scheduler.max_prefill_tokens_while_decoding == 0 else "")
+    name += "+no-cap" if config.scheduler.max_prefill_tokens_while_decoding == 0 else ""
+    return name + ("+eager-sampling" if config.cuda_graph.disable_sampling else "")
 
 
 def _fits(
@@ -258,12 +280,13 @@ def _fits(
 
 
 def _warm_up(
-    engine: Engine, points: list[GridPoint], generator: torch.Generator, whole_batch: bool
+    engine: Engine, points: list[GridPoint], generator: torch.Generator, cfg: OfflineBenchConfig
 ) -> None:
     """One untimed pass of every batch x input length with two output tokens."""
     shapes = dict.fromkeys((p.batch, p.input_len) for p in points)
     for batch, input_len in shapes:
-        run_point(engine, GridPoint(batch, input_len, 2), generator, whole_batch)
+        point = GridPoint(batch, input_len, 2)
+        run_point(engine, point, generator, cfg.whole_batch, SAMPLING[cfg.sampling])
 
 
 def _new_row(engine: str, point: GridPoint) -> dict[str, Any]:
@@ -297,7 +320,7 @@ def _method() -> dict[str, str]:
     return {
         "point": offline_measure.__doc__.strip(),
         "rounds": "weights loaded once; per round every engine (backend x fused layers x "
-        "overlap x prefill cap) in "
+        "overlap x prefill cap x graph sampling) in "
         "turn (A, B, A, B ...), each warmed by an untimed pass of every batch x input "
         "length (2 output tokens); figures are median [min, max] over rounds",
         "copy_bandwidth": "dst.copy_(src) of one uint8 buffer on the device, (bytes read + "

@@ -5,7 +5,10 @@ A point (batch B, input I, output O) runs in two passes on an idle engine whose 
 cache was emptied. Timestamps are the engine's own (`RequestMetrics`, time.monotonic),
 taken after each step's tokens reached the host.
 
-1. Prefill: B greedy requests of I random token ids, one output token each, queued at once.
+Requests sample greedily, or with `--sampling top-p` (SAMPLING: temperature 0.8, top-p
+0.95, seeded), EOS ignored.
+
+1. Prefill: B requests of I random token ids, one output token each, queued at once.
    prefill_s: queueing -> the last request's first token (every prompt prefilled, in
    chunks of --chunked-prefill-size); ttft_s: the median request's queueing -> first token.
 2. Decode: the same prompts again, O tokens each (EOS ignored). Their pages are in the
@@ -13,7 +16,7 @@ taken after each step's tokens reached the host.
    then decodes together (with one pass, chunked prefill would stagger the requests and a
    large batch would never decode whole). decode_tok_s: the sum over requests of
    (O - 1) / (finish - first token); decode_step_ms: B / decode_tok_s.
-3. Whole batch (`--whole-batch`, run first, on fresh prompts): B greedy requests of I
+3. Whole batch (`--whole-batch`, run first, on fresh prompts): B requests of I
    tokens, O tokens each, queued at once on an emptied cache, as `LLM.generate` runs a
    batch: the requests whose prompts are done decode while the rest prefill (under the
    prefill cap while decoding, when the engine has one). generate_s: queueing -> the last
@@ -27,6 +30,7 @@ taken after each step's tokens reached the host.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -38,6 +42,12 @@ from sageserve.engine.engine import Engine
 from sageserve.engine.info import MemoryUsage
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
+
+# The requests' sampling, by `--sampling` name (max_new_tokens and ignore_eos set per pass).
+SAMPLING = {
+    "greedy": SamplingParams(temperature=0),
+    "top-p": SamplingParams(temperature=0.8, top_p=0.95, seed=0),
+}
 
 
 @dataclass(frozen=True)
@@ -80,17 +90,21 @@ def random_prompts(point: GridPoint, vocab: int, generator: torch.Generator) -> 
 
 
 def run_point(
-    engine: Engine, point: GridPoint, generator: torch.Generator, whole_batch: bool = False
+    engine: Engine,
+    point: GridPoint,
+    generator: torch.Generator,
+    whole_batch: bool = False,
+    sampling: SamplingParams = SAMPLING["greedy"],
 ) -> dict[str, float]:
     """The passes of `point` on an idle engine; its figures (module docstring). whole_batch:
-    the whole-batch pass first."""
-    figures = _whole_batch(engine, point, generator) if whole_batch else {}
+    the whole-batch pass first; sampling: the requests' parameters (one of SAMPLING)."""
+    figures = _whole_batch(engine, point, generator, sampling) if whole_batch else {}
     engine.flush_prefix_cache()
     prompts = random_prompts(point, engine.info.vocab_size, generator)
     start = time.monotonic()
-    prefilled = _generate(engine, prompts, 1)
+    prefilled = _generate(engine, prompts, 1, sampling)
     firsts = [out.metrics.first_token_time - start for out in prefilled]
-    decoded = _generate(engine, prompts, point.output_len)
+    decoded = _generate(engine, prompts, point.output_len, sampling)
     rates = [(point.output_len - 1) / (out.metrics.finished_time - out.metrics.first_token_time)
              for out in decoded]  # fmt: skip
     decode_tok_s = sum(rates)
@@ -103,19 +117,23 @@ def run_point(
     }
 
 
-def _whole_batch(engine: Engine, point: GridPoint, generator: torch.Generator) -> dict[str, float]:
+def _whole_batch(
+    engine: Engine, point: GridPoint, generator: torch.Generator, sampling: SamplingParams
+) -> dict[str, float]:
     """Pass 3 (module docstring): fresh prompts, O tokens each, queued at once."""
     engine.flush_prefix_cache()
     prompts = random_prompts(point, engine.info.vocab_size, generator)
     start = time.monotonic()
-    outputs = _generate(engine, prompts, point.output_len)
+    outputs = _generate(engine, prompts, point.output_len, sampling)
     seconds = max(out.metrics.finished_time for out in outputs) - start
     return {"generate_s": seconds, "generate_tok_s": point.batch * point.output_len / seconds}
 
 
-def _generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[RequestOutput]:
-    """Every prompt's finished output (exactly `new_tokens` greedy tokens), in order."""
-    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+def _generate(
+    engine: Engine, prompts: list[list[int]], new_tokens: int, sampling: SamplingParams
+) -> list[RequestOutput]:
+    """Every prompt's finished output (exactly `new_tokens` tokens), in order."""
+    params = dataclasses.replace(sampling, max_new_tokens=new_tokens, ignore_eos=True)
     ids = [engine.add_request(prompt, params, stream=False) for prompt in prompts]
     finished: dict[str, RequestOutput] = {}
     while len(finished) < len(ids):

@@ -16,6 +16,12 @@ replays, and returns the logits rows the step asked for. Padded rows keep the id
 positions an earlier step left (valid values): they compute logits nobody reads, and no
 row's result depends on another row. Every other step runs eagerly.
 
+Sampling (`run_and_sample`): each size also has one small graph per `SampleMode`
+(sageserve/engine/static_sampler.py), captured on the same pool, that samples the forward
+graph's logits with per-row parameters held in static buffers. A step whose rows the
+static sampler covers replays the forward graph, then its mode's sampling graph; the engine
+samples the others with the eager `Sampler`. Both pick the same tokens.
+
 The backends plan a decode's splits for the padded batch size in eager steps too, so a
 step's attention is the same replayed or eager (sageserve/attention/graph_sizes.py).
 
@@ -25,9 +31,11 @@ tested on CPU (Triton's interpreter), where graphs do not exist.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +44,8 @@ from sageserve.attention.base import AttentionBackend, GraphMetadata, StepAttent
 from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.graph_sizes import graph_batch_sizes, padded_batch_size
 from sageserve.config import CudaGraphConfig
+from sageserve.engine.sampler import SamplingRow
+from sageserve.engine.static_sampler import SampleMode, StaticRowParams, sample_static
 from sageserve.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -50,14 +60,19 @@ class StaticStep:
     """One padded batch size: its static inputs, the backend's metadata, its graph.
 
     inputs: [2, batch_size] int64 (input ids, positions). logits: [batch_size, vocab] fp32,
-    the captured graph's output (None until captured, or when not capturing).
+    the captured graph's output (None until captured, or when not capturing). row_params:
+    the rows' sampling parameters; sample_graphs / sampled: per mode, the sampling graph and
+    its output tokens [batch_size] int64 (empty until captured).
     """
 
     batch_size: int
     inputs: torch.Tensor
     graph_meta: GraphMetadata
+    row_params: StaticRowParams
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
+    sample_graphs: dict[SampleMode, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    sampled: dict[SampleMode, torch.Tensor] = field(default_factory=dict)
 
 
 class DecodeGraphRunner:
@@ -72,9 +87,11 @@ class DecodeGraphRunner:
         batch_sizes: list[int],
         max_context: int,
         capture: bool = True,
+        sample_in_graph: bool = True,
     ) -> None:
         """batch_sizes: graph sizes (see graph_sizes); max_context: the longest context
-        (kv_len) a replayed step may have. capture needs the model on a CUDA device."""
+        (kv_len) a replayed step may have. capture needs the model on a CUDA device.
+        sample_in_graph: capture the sampling graphs too (`run_and_sample`)."""
         reason = backend.cuda_graph_unsupported_reason()
         if reason is not None:
             raise ValueError(f"CUDA-graph decode is not possible: {reason}")
@@ -86,8 +103,10 @@ class DecodeGraphRunner:
             raise ValueError("capturing CUDA graphs needs CUDA (capture=False runs eagerly)")
         self.model, self.backend, self.kv_cache = model, backend, kv_cache
         self.max_context = max_context
+        self.sample_in_graph = sample_in_graph
         self.batch_sizes = sorted(batch_sizes)
         self.num_runs = 0  # steps run through the static path (replays when captured)
+        self.num_sampled = 0  # of those, steps sampled by the static sampler
         self.capture_seconds = 0.0
         start = time.perf_counter()
         with torch.inference_mode():
@@ -99,7 +118,8 @@ class DecodeGraphRunner:
     def _static_step(self, batch_size: int) -> StaticStep:
         inputs = torch.zeros(2, batch_size, dtype=torch.int64, device=self.device)
         graph_meta = self.backend.graph_metadata(self.kv_cache, batch_size, self.max_context)
-        return StaticStep(batch_size, inputs, graph_meta)
+        row_params = StaticRowParams.allocate(batch_size, self.device)
+        return StaticStep(batch_size, inputs, graph_meta, row_params)
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """True for a decode-only step whose padded size was captured and whose contexts
@@ -115,6 +135,36 @@ class DecodeGraphRunner:
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits of the tokens in batch.logits_indices: [num_logits, vocab] float32, as
         ModelRunner.forward. ValueError for a step `can_run` refuses."""
+        _, logits = self._run_forward(batch)
+        # A gather: a new tensor, so the next replay cannot overwrite what the step returns.
+        return logits[batch.logits_indices]
+
+    @torch.inference_mode()
+    def run_and_sample(
+        self, batch: ForwardBatch, rows: list[SamplingRow], mode: SampleMode
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`run`, then one token per sequence sampled on the device by the static sampler.
+
+        rows: one per sequence, in the batch's order (`sample_mode(rows)` must be mode).
+        Returns the logits [num_seqs, vocab] float32 and the tokens [num_seqs] int64.
+        """
+        if len(rows) != batch.num_seqs or batch.logits_indices.numel() != batch.num_seqs:
+            raise ValueError("the static sampler samples exactly one row per sequence")
+        step, logits = self._run_forward(batch)
+        if mode is not SampleMode.GREEDY:  # the argmax reads no parameter
+            step.row_params.fill(rows, logits.shape[1])
+        self.num_sampled += 1
+        if mode in step.sample_graphs:
+            step.sample_graphs[mode].replay()
+            tokens = step.sampled[mode]
+        else:
+            tokens = sample_static(logits, step.row_params, mode)
+        # Copies, so that the next replay cannot overwrite what the step returns.
+        return logits[batch.logits_indices], tokens[: batch.num_seqs].clone()
+
+    def _run_forward(self, batch: ForwardBatch) -> tuple[StaticStep, torch.Tensor]:
+        """The forward pass over the step's padded size: the step and the logits of every
+        row [bs, vocab] (the graph's output buffer when replayed)."""
         if not self.can_run(batch):
             raise ValueError("this step is not a decode step the CUDA graphs cover")
         n = batch.num_seqs
@@ -124,12 +174,10 @@ class DecodeGraphRunner:
         self.backend.graph_update(step.graph_meta, batch)
         self.num_runs += 1
         if step.graph is None:
-            logits = self._forward(step)
-        else:
-            step.graph.replay()
-            logits = step.logits
-        # A gather: a new tensor, so the next replay cannot overwrite what the step returns.
-        return logits[batch.logits_indices]
+            return step, self._forward(step)
+        step.graph.replay()
+        assert step.logits is not None
+        return step, step.logits
 
     def _forward(self, step: StaticStep) -> torch.Tensor:
         """The model over the step's static buffers: logits of every row [bs, vocab] fp32."""
@@ -143,21 +191,33 @@ class DecodeGraphRunner:
         pool = None
         for bs in reversed(self.batch_sizes):
             step = self.steps[bs]
-            self._warm_up(step)
+            self._warm_up(functools.partial(self._forward, step))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 step.logits = self._forward(step)
             step.graph, pool = graph, graph.pool()
+            for mode in SampleMode if self.sample_in_graph else ():
+                self._capture_sampling(step, mode, pool)
         torch.cuda.synchronize(self.device)
 
-    def _warm_up(self, step: StaticStep) -> None:
+    def _capture_sampling(self, step: StaticStep, mode: SampleMode, pool: Any) -> None:
+        """The mode's sampling graph over the captured logits and the step's row params."""
+        logits = step.logits
+        assert logits is not None
+        self._warm_up(lambda: sample_static(logits, step.row_params, mode))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            step.sampled[mode] = sample_static(logits, step.row_params, mode)
+        step.sample_graphs[mode] = graph
+
+    def _warm_up(self, work: Callable[[], object]) -> None:
         # On a side stream, as torch's capture recipe does, so that the capture stream
         # starts from a clean state.
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(WARMUP_RUNS):
-                self._forward(step)
+                work()
         torch.cuda.current_stream(self.device).wait_stream(stream)
 
 
@@ -185,13 +245,16 @@ def decode_graph_runner(
     sizes = graph_batch_sizes(min(config.max_bs, padded_batch_size(max_running_requests)))
     reserved = torch.cuda.memory_reserved(device)
     logger.info("CUDA graphs: capturing decode for batch sizes %s ...", sizes)
-    runner = DecodeGraphRunner(model, backend, kv_cache, sizes, max_context)
+    runner = DecodeGraphRunner(
+        model, backend, kv_cache, sizes, max_context, sample_in_graph=not config.disable_sampling
+    )
     logger.info(
         "CUDA graphs: decode captured for batch sizes %s (contexts up to %d tokens) in %.1f s, "
-        "%.0f MiB; larger decode batches and steps with prefill run eagerly",
+        "%.0f MiB, sampling %s; larger decode batches and steps with prefill run eagerly",
         sizes,
         max_context,
         runner.capture_seconds,
         (torch.cuda.memory_reserved(device) - reserved) / 2**20,
+        "in the graphs" if runner.sample_in_graph else "eager (--disable-cuda-graph-sampling)",
     )
     return runner

@@ -26,7 +26,7 @@ from sageserve.engine.logprobs import TokenLogprobs, compute_logprobs, to_dicts
 from sageserve.engine.memory_usage import static_memory
 from sageserve.engine.model_runner import ModelRunner
 from sageserve.engine.request import Request, RequestOutput
-from sageserve.engine.sampler import SampledTokens, Sampler, SamplingRow
+from sageserve.engine.sampler import SampledTokens, Sampler, SamplingRow, logprobs_for_rows
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.scheduler import ScheduledChunk, Scheduler, prefill_cap_while_decoding
 from sageserve.engine.step_plan import ChunkPlan, plan_step
@@ -281,7 +281,17 @@ class Engine:
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         """The runner's logits for `batch` ([rows asked for, vocab]), shown to every hook."""
-        logits = self._runner.forward(batch)
+        return self._show_hooks(self._runner.forward(batch))
+
+    def _forward_and_sample(
+        self, batch: ForwardBatch, rows: list[SamplingRow] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_forward`, plus the tokens [num_seqs] when the decode graphs sampled them on
+        the device (`ModelRunner.forward_and_sample`)."""
+        logits, tokens = self._runner.forward_and_sample(batch, rows)
+        return self._show_hooks(logits), tokens
+
+    def _show_hooks(self, logits: torch.Tensor) -> torch.Tensor:
         for hook in self._logits_hooks:
             hook(logits)
         return logits
@@ -424,11 +434,13 @@ class Engine:
         account its chunks as computed; nothing waits for the device."""
         batch, plans = plan_step(chunks, self._runner.page_size, self._device)
         self._fill_pending_inputs(batch, plans)
-        logits = self._forward(batch)
+        sampling = [p for p in plans if p.sample_row is not None]
+        rows = [self._sampling_row(p.chunk.request) for p in sampling]
+        one_per_seq = [p.sample_row for p in sampling] == list(range(batch.num_seqs))
+        logits, tokens = self._forward_and_sample(batch, rows if one_per_seq else None)
         prompt_plans = [p for p in plans if p.prompt_rows]
         prompt_logprobs = [self._prompt_logprobs(p, logits) for p in prompt_plans]
-        sampling = [p for p in plans if p.sample_row is not None]
-        sampled = self._sample(sampling, logits) if sampling else None
+        sampled = self._sample(sampling, rows, logits, tokens) if sampling else None
         for plan in plans:
             self._scheduler.on_chunk_computed(plan.chunk)
         for plan in sampling:
@@ -458,8 +470,17 @@ class Engine:
         rows = _upload(plan.prompt_rows, logits.device)
         return compute_logprobs(logits[rows], targets, req.params.prompt_logprobs or 0)
 
-    def _sample(self, plans: list[ChunkPlan], logits: torch.Tensor) -> SampledTokens:
-        rows = [self._sampling_row(p.chunk.request) for p in plans]
+    def _sample(
+        self,
+        plans: list[ChunkPlan],
+        rows: list[SamplingRow],
+        logits: torch.Tensor,
+        graph_tokens: torch.Tensor | None,
+    ) -> SampledTokens:
+        """The plans' tokens: those the decode graph sampled (its logits rows are the
+        plans' rows, in order), else the eager sampler's over their logits rows."""
+        if graph_tokens is not None:
+            return SampledTokens(graph_tokens, logprobs_for_rows(logits, graph_tokens, rows))
         sample_rows = _upload([p.sample_row for p in plans], logits.device)
         return self._sampler.sample(logits[sample_rows], rows)
 

@@ -11,6 +11,8 @@ from sageserve.attention.batch import ForwardBatch
 from sageserve.config import DEFAULT_CPU_KV_TOKENS, CacheConfig, CudaGraphConfig
 from sageserve.engine.cuda_graph import DecodeGraphRunner, decode_graph_runner
 from sageserve.engine.piecewise_graph import PiecewiseGraphRunner, piecewise_graph_runner
+from sageserve.engine.sampler import SamplingRow
+from sageserve.engine.static_sampler import sample_mode
 from sageserve.models.llama import LlamaForCausalLM
 from sageserve.startup_phases import startup_phase
 
@@ -112,6 +114,25 @@ class ModelRunner:
         if self.piecewise_runner is not None and self.piecewise_runner.can_run(batch):
             return self.piecewise_runner.run(batch)
         return self.forward_eager(batch)
+
+    @torch.inference_mode()
+    def forward_and_sample(
+        self, batch: ForwardBatch, rows: list[SamplingRow] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward`, and the step's tokens [num_seqs] int64 sampled on the device when the
+        decode graphs cover the step and the static sampler its rows (`sample_mode`); else
+        None, and the caller samples the logits.
+
+        rows: one per sequence, in the batch's order, or None when the step samples
+        other rows than one per sequence.
+        """
+        graphs = self.graph_runner
+        covered = graphs is not None and graphs.sample_in_graph and graphs.can_run(batch)
+        mode = sample_mode(rows) if covered and rows is not None else None
+        if mode is None:
+            return self.forward(batch), None
+        assert graphs is not None and rows is not None
+        return graphs.run_and_sample(batch, rows, mode)
 
     @torch.inference_mode()
     def forward_eager(self, batch: ForwardBatch) -> torch.Tensor:

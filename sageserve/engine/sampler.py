@@ -99,7 +99,7 @@ class Sampler:
         _apply_logit_bias(work, rows)
         _apply_suppression(work, rows)
         token_ids = _sample(work, rows)
-        return SampledTokens(token_ids, _logprobs(logits, token_ids, rows))
+        return SampledTokens(token_ids, logprobs_for_rows(logits, token_ids, rows))
 
 
 def _edits_in_place(row: SamplingRow) -> bool:
@@ -136,7 +136,7 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
         probs = _apply_top_p(probs, rows)
     if any(r.params.min_p > 0.0 for r in rows):
         probs = _apply_min_p(probs, rows)
-    return probs.div_(exponential_noise(_step_seeds(rows, probs), probs.shape[1])).argmax(dim=-1)
+    return exponential_race(probs, _step_seeds(rows, probs))
 
 
 # NOTE: the filters keep every token tied with the last one kept (threshold semantics), so the
@@ -147,11 +147,21 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
 def _apply_top_k(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """-inf for logits [R, vocab] below each row's k-th largest value; rows without top-k are
     left alone (and do not widen the topk, which would then cost a full sort)."""
-    vocab = logits.shape[1]
-    ks = [min(r.params.top_k, vocab) if r.params.top_k_enabled else 0 for r in rows]
+    ks = [top_k_width(r.params, logits.shape[1]) for r in rows]
     top = logits.topk(max(ks), dim=-1, sorted=True).values
-    kth = top.gather(1, (_column(ks, logits) - 1).clamp_min_(0))
-    kth.masked_fill_(_column(ks, logits) == 0, float("-inf"))
+    return keep_top_k(logits, top, _column(ks, logits))
+
+
+def top_k_width(params: SamplingParams, vocab: int) -> int:
+    """How many tokens the row's top-k keeps; 0 when it has none."""
+    return min(params.top_k, vocab) if params.top_k_enabled else 0
+
+
+def keep_top_k(logits: torch.Tensor, ordered: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """logits [R, vocab] with -inf below each row's k-th largest value. ordered: [R, W] the
+    row's largest logits in descending order (W >= max k); ks: [R, 1] int64, 0 = no top-k."""
+    kth = ordered.gather(1, (ks - 1).clamp_min(0))
+    kth = kth.masked_fill(ks == 0, float("-inf"))
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
@@ -166,7 +176,13 @@ def _apply_top_p(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         ordered = probs.topk(width, dim=-1, sorted=True).values
     else:
         ordered = probs.sort(dim=-1, descending=True).values
-    top_p = _column([r.params.top_p for r in rows], probs)
+    return keep_nucleus(probs, ordered, _column([r.params.top_p for r in rows], probs))
+
+
+def keep_nucleus(probs: torch.Tensor, ordered: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, probs [R, vocab] outside each row's nucleus. ordered: [R, W] the
+    row's largest probabilities in descending order (W >= what the nucleus can hold);
+    top_p: [R, 1] float32."""
     mass_before = ordered.cumsum(dim=-1) - ordered
     # top_p == 1 keeps everything: cumsum rounding could otherwise drop a far tail.
     drop = (mass_before >= top_p) & (top_p < 1.0)
@@ -176,17 +192,32 @@ def _apply_top_p(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 
 def _apply_min_p(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Zero probs [R, vocab] below min_p * the row's max (scale-free, so no renormalising)."""
-    threshold = probs.amax(dim=-1, keepdim=True) * _column([r.params.min_p for r in rows], probs)
+    return keep_min_p(probs, _column([r.params.min_p for r in rows], probs))
+
+
+def keep_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, probs [R, vocab] below min_p [R, 1] * the row's max (scale-free, so
+    no renormalising; min_p 0 keeps every token)."""
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p
     return probs.masked_fill_(probs < threshold, 0.0)
 
 
+def exponential_race(probs: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """[R] int64: argmax(probs / E) with E ~ Exp(1) drawn from seeds [R] int64; probs
+    [R, vocab] is overwritten."""
+    return probs.div_(exponential_noise(seeds, probs.shape[1])).argmax(dim=-1)
+
+
+def draw_step_seed(generator: torch.Generator) -> torch.Tensor:
+    """One int64 from the row's own generator (a 0-dim tensor on its device): the seed of
+    this step's noise."""
+    seed = torch.empty((), dtype=torch.int64, device=generator.device)
+    return seed.random_(generator=generator)
+
+
 def _step_seeds(rows: list[SamplingRow], like: torch.Tensor) -> torch.Tensor:
-    """[R] int64: one draw from each row's own generator, the seed of this step's noise."""
-    seeds = [
-        torch.empty((), dtype=torch.int64, device=r.generator.device).random_(generator=r.generator)
-        for r in rows
-    ]
+    """[R] int64 on like's device: each row's seed for this step (`draw_step_seed`)."""
+    seeds = [draw_step_seed(r.generator) for r in rows]
     return torch.stack(seeds).to(like.device, non_blocking=True)
 
 
@@ -280,9 +311,11 @@ def _apply_suppression(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     logits[row_idx, tok_idx] = float("-inf")
 
 
-def _logprobs(
+def logprobs_for_rows(
     raw_logits: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]
 ) -> TokenLogprobs | None:
+    """Logprobs of token_ids [N] under raw_logits [N, vocab], with the largest top-N any
+    row asked for; None when no row asked."""
     asked = [r.params.logprobs for r in rows if r.params.logprobs is not None]
     if not asked:
         return None
