@@ -5,7 +5,7 @@
 #   bash benchmarks/issue16_targets.sh OUT_DIR [PARTS]
 #
 # PARTS: which of the parts below to run, e.g. 1,2 (default: all). Their time limits add up
-# to more than one 10-minute device call: split them, e.g. "1,2,4" then "3,5".
+# to more than one 10-minute device call: split them, e.g. "1,2,4", "3,5", then "6".
 #
 # 1. offline: single stream (1 x 512 in, 128 out) and 64 x 8k, with the decode bound from
 #    the copy bandwidth measured in the same run (`sageserve bench offline`);
@@ -14,11 +14,13 @@
 #    next ones, the rate against offline) and 32 clients (ITL p99 / p50, errors), with the
 #    kernels compiled while serving listed (`benchmarks/serving_ab.sh`);
 # 4. the server's own TTFT of its first requests (`lab/first_request_probe.py`);
-# 5. 32 clients with a prefill cap of 256 while decoding.
+# 5. 32 clients with a prefill cap of 256 while decoding;
+# 6. sampling in the decode graphs against the eager sampler (top-p requests; the sampling
+#    graph GPU test first, whose failure skips the timing).
 # Each part has its own time limit, so that one stuck part leaves the others' results.
 set -u
 out=$1
-parts=",${2:-1,2,3,4,5},"
+parts=",${2:-1,2,3,4,5,6},"
 want() { [[ $parts == *",$1,"* ]]; }
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/card.txt"
@@ -57,4 +59,12 @@ want 5 && timeout 200 bash benchmarks/serving_ab.sh "$out/serving-cap256" 1 \
   "--concurrency 32 --num-requests 64 --input-len 1024 --output-len 256" \
   "$M --attention-backend triton --max-prefill-tokens-while-decoding 256" \
   "$M --attention-backend sage_attn --max-prefill-tokens-while-decoding 256"
+if want 6; then
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_graph.py \
+    -k sampling_graphs > "$out/sampling-gpu-tests.log" 2>&1 \
+    && timeout 240 python3 -m sageserve bench offline $M --backends triton \
+      --sampling top-p --graph-sampling on,off --batch-sizes 1,64 --input-lens 512 \
+      --output-lens 128 --rounds 2 --out "$out/sampling-top-p.json" > "$out/sampling.log" 2>&1
+  tail -5 "$out/sampling-gpu-tests.log"; tail -12 "$out/sampling.log" 2>/dev/null
+fi
 true  # a part left out is not a failure
