@@ -328,6 +328,10 @@ def test_static_path_refuses_other_steps() -> None:
         assert not graphs.can_run(batch)
         with pytest.raises(ValueError, match="not a decode step the CUDA graphs cover"):
             graphs.run(batch)
+    one = build_forward_batch(seqs[:1], [[1]], [0], PAGE, CPU)
+    assert graphs.can_run(one)
+    with pytest.raises(ValueError, match="exactly one row per sequence"):
+        graphs.run_and_sample(one, [], SampleMode.GREEDY)
 
 
 # Request groups, each run as one batch, so that every decode step has one sampling mode:

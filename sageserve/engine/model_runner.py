@@ -127,8 +127,9 @@ class ModelRunner:
         other rows than one per sequence.
         """
         graphs = self.graph_runner
+        one_row_each = rows is not None and batch.logits_indices.numel() == batch.num_seqs
         covered = graphs is not None and graphs.sample_in_graph and graphs.can_run(batch)
-        mode = sample_mode(rows) if covered and rows is not None else None
+        mode = sample_mode(rows) if covered and one_row_each and rows is not None else None
         if mode is None:
             return self.forward(batch), None
         assert graphs is not None and rows is not None
