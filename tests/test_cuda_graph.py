@@ -32,6 +32,7 @@ from sageserve.config import CacheConfig, CudaGraphConfig, EngineConfig
 from sageserve.engine.cuda_graph import DecodeGraphRunner
 from sageserve.engine.engine import Engine
 from sageserve.engine.llm import LLM
+from sageserve.engine.sampler import SamplingRow
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.static_sampler import SampleMode
 from sageserve.engine_args import add_engine_args, engine_config_from_args
@@ -330,6 +331,10 @@ def test_static_path_refuses_other_steps() -> None:
             graphs.run(batch)
     one = build_forward_batch(seqs[:1], [[1]], [0], PAGE, CPU)
     assert graphs.can_run(one)
+    greedy = [SamplingRow(SamplingParams(temperature=0), torch.Generator(), [], [])]
+    assert graphs.sample_mode_for(one, greedy) is SampleMode.GREEDY
+    assert graphs.sample_mode_for(one, greedy * 2) is None  # not one row per sequence
+    assert graphs.sample_mode_for(long, greedy) is None  # a step the graphs do not cover
     with pytest.raises(ValueError, match="exactly one row per sequence"):
         graphs.run_and_sample(one, [], SampleMode.GREEDY)
 

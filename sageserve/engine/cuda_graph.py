@@ -45,7 +45,12 @@ from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.graph_sizes import graph_batch_sizes, padded_batch_size
 from sageserve.config import CudaGraphConfig
 from sageserve.engine.sampler import SamplingRow
-from sageserve.engine.static_sampler import SampleMode, StaticRowParams, sample_static
+from sageserve.engine.static_sampler import (
+    SampleMode,
+    StaticRowParams,
+    sample_mode,
+    sample_static,
+)
 from sageserve.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -139,13 +144,22 @@ class DecodeGraphRunner:
         # A gather: a new tensor, so the next replay cannot overwrite what the step returns.
         return logits[batch.logits_indices]
 
+    def sample_mode_for(self, batch: ForwardBatch, rows: list[SamplingRow]) -> SampleMode | None:
+        """The mode whose sampling graph takes this step, or None when the step is not one
+        `run_and_sample` covers: sampling graphs off, a step `can_run` refuses, other than
+        one logits row per sequence, or rows the static sampler leaves to `Sampler`."""
+        one_row_each = len(rows) == batch.num_seqs == batch.logits_indices.numel()
+        if not (self.sample_in_graph and one_row_each and self.can_run(batch)):
+            return None
+        return sample_mode(rows)
+
     @torch.inference_mode()
     def run_and_sample(
         self, batch: ForwardBatch, rows: list[SamplingRow], mode: SampleMode
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`run`, then one token per sequence sampled on the device by the static sampler.
 
-        rows: one per sequence, in the batch's order (`sample_mode(rows)` must be mode).
+        rows: one per sequence, in the batch's order; mode: `sample_mode_for(batch, rows)`.
         Returns the logits [num_seqs, vocab] float32 and the tokens [num_seqs] int64.
         """
         if len(rows) != batch.num_seqs or batch.logits_indices.numel() != batch.num_seqs:

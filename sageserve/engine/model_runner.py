@@ -12,7 +12,6 @@ from sageserve.config import DEFAULT_CPU_KV_TOKENS, CacheConfig, CudaGraphConfig
 from sageserve.engine.cuda_graph import DecodeGraphRunner, decode_graph_runner
 from sageserve.engine.piecewise_graph import PiecewiseGraphRunner, piecewise_graph_runner
 from sageserve.engine.sampler import SamplingRow
-from sageserve.engine.static_sampler import sample_mode
 from sageserve.models.llama import LlamaForCausalLM
 from sageserve.startup_phases import startup_phase
 
@@ -120,16 +119,15 @@ class ModelRunner:
         self, batch: ForwardBatch, rows: list[SamplingRow] | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward`, and the step's tokens [num_seqs] int64 sampled on the device when the
-        decode graphs cover the step and the static sampler its rows (`sample_mode`); else
-        None, and the caller samples the logits.
+        decode graphs' sampling graphs take the step (`DecodeGraphRunner.sample_mode_for`);
+        else None, and the caller samples the logits.
 
         rows: one per sequence, in the batch's order, or None when the step samples
         other rows than one per sequence.
         """
         graphs = self.graph_runner
-        one_row_each = rows is not None and batch.logits_indices.numel() == batch.num_seqs
-        covered = graphs is not None and graphs.sample_in_graph and graphs.can_run(batch)
-        mode = sample_mode(rows) if covered and one_row_each and rows is not None else None
+        covered = graphs is not None and rows is not None
+        mode = graphs.sample_mode_for(batch, rows) if covered else None
         if mode is None:
             return self.forward(batch), None
         assert graphs is not None and rows is not None
