@@ -168,7 +168,7 @@ def _engine(loaded: LoadedModel, backend: str, options, chunk: int) -> Engine:
     return Engine(config, loaded)
 
 
-def _text(name: str) -> str:
+def prose_text(name: str) -> str:
     """validate's Britannica article, or Python's own documentation topics (technical
     English prose used nowhere else in the project; always installed)."""
     if name == "britannica":
@@ -178,11 +178,11 @@ def _text(name: str) -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def _windows(
+def token_windows(
     loaded: LoadedModel, text: str, lengths: list[int], counts: list[int]
 ) -> dict[int, list]:
     """Distinct spans of the text: counts[i] windows of lengths[i] tokens."""
-    ids = loaded.tokenizer.encode(_text(text), add_special_tokens=False)
+    ids = loaded.tokenizer.encode(prose_text(text), add_special_tokens=False)
     out, offset = {}, 0
     for length, count in zip(lengths, counts, strict=True):
         out[length] = []
@@ -194,7 +194,9 @@ def _windows(
     return out
 
 
-def _compare(ref_engine: Engine, engine: Engine, windows: dict) -> dict[str, dict[str, float]]:
+def compare_windows(
+    ref_engine: Engine, engine: Engine, windows: dict
+) -> dict[str, dict[str, float]]:
     """Per length: mean KL, top-1 agreement, and the perplexity change with its paired
     bootstrap 95% interval (validate's `ppl_delta_ci`).
 
@@ -266,7 +268,7 @@ def _run_variant(loaded, backend, spec, chunk, windows, ref_engine: Engine) -> d
         FAKE_QUANT["balance"] = not (isinstance(spec, str) and "no balance" in spec)
         FAKE_QUANT["q_smooth"] = isinstance(spec, str) and "q-smooth" in spec
     with _engine(loaded, backend, options, chunk) as engine:
-        return _compare(ref_engine, engine, windows)
+        return compare_windows(ref_engine, engine, windows)
 
 
 def _selected(name: str, only: str) -> bool:
@@ -298,7 +300,7 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = load_model(None, dtype="float32", device="cpu")
     lengths = [int(x) for x in args.lengths.split(",")]
-    windows = _windows(loaded, args.text, lengths, [int(x) for x in args.windows.split(",")])
+    windows = token_windows(loaded, args.text, lengths, [int(x) for x in args.windows.split(",")])
     result = {
         "benchmark": "sage error ablation (issue 18)",
         "command": shlex.join(["python", *sys.argv]),

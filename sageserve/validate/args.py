@@ -96,7 +96,9 @@ def add_validate_args(p: argparse.ArgumentParser) -> None:
         type=name_list,
         default=None,
         help="comma-separated attention backends; the first is the reference "
-        "(default: torch,sage_attn, plus triton on a GPU when registered)",
+        "(default: torch,sage_attn, plus triton on a GPU when registered); name@dtype runs "
+        "that entry over the model in its own dtype, e.g. torch@float32,torch,sage_attn "
+        "--dtype bfloat16 compares both bf16 backends with exact fp32 attention",
     )
     p.add_argument(
         "--out",

@@ -11,6 +11,7 @@ import torch
 from sageserve.attention.registry import backend_names
 from sageserve.config import EngineConfig
 from sageserve.validate import plots, report, verdicts
+from sageserve.validate.backend_spec import check_backend_specs, parse_backend_spec
 from sageserve.validate.config import ValidateConfig
 from sageserve.validate.data import britannica_text
 from sageserve.validate.profiles import ProfileChoice, choose_profiles
@@ -27,14 +28,6 @@ def default_backends() -> tuple[str, ...]:
     if torch.cuda.is_available() and "triton" in backend_names():
         names.append("triton")
     return tuple(names)
-
-
-def check_backends(backends: tuple[str, ...]) -> None:
-    """ValueError naming the valid backends when one is unknown."""
-    valid = backend_names()
-    bad = [b for b in backends if b not in valid]
-    if bad:
-        raise ValueError(f"unknown attention backends {bad}; valid backends: {', '.join(valid)}")
 
 
 def _settings(
@@ -61,9 +54,12 @@ def _settings(
 
 def run_validation(cfg: ValidateConfig, base: EngineConfig, out: Path) -> dict[str, Any]:
     """Run every selected section locally and write the report into `out`; returns it."""
-    check_backends(cfg.backends)
+    check_backend_specs(cfg.backends)
     git = report.git_state()
-    backends = dict(zip(cfg.labels, cfg.backends, strict=True))
+    backends = {
+        label: parse_backend_spec(spec).backend
+        for label, spec in zip(cfg.labels, cfg.backends, strict=True)
+    }
     profiles = choose_profiles(backends, cfg.verdict_profile)
     res = run_local(cfg, base, profiles)
     sections, plot_data = local_sections(cfg, res, profiles)

@@ -1,16 +1,18 @@
-"""Local validation: one loaded model, an engine per backend built one at a time.
+"""Local validation: the model loaded once per dtype, an engine per backend built one at a time.
 
 Per backend (the reference first) one phase runs logprob checks, teacher-forced agreement
 windows, the prefix-cache case, MMLU and determinism, with its peak memory measured around
-it; then throughput alternates the backends over rounds. `run_local` returns the raw
-results; `sections.py` turns them into the report's sections and verdicts.
+it; then throughput alternates the backends over rounds. An entry `name@dtype` runs its
+backend over the model in that dtype (backend_spec.py), the others in the run's dtype.
+`run_local` returns the raw results; `sections.py` turns them into the report's sections
+and verdicts.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from sageserve.engine.engine import Engine
 from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.validate import agreement, determinism, logprob_check, memory, mmlu, throughput
+from sageserve.validate.backend_spec import parse_backend_spec
 from sageserve.validate.config import CONTEXT_GROUPS, ValidateConfig
 from sageserve.validate.data import MMLUQuestion, britannica_text, mmlu_questions, stratified_subset
 from sageserve.validate.machine_load import LoadSampler
@@ -157,7 +160,7 @@ def _check_determinism_fills_a_page(prompt_len: int, page_size: int) -> None:
 def _throughput(
     cfg: ValidateConfig,
     base: EngineConfig,
-    loaded: LoadedModel,
+    models: ModelsByDtype,
     text: TextSource,
     res: LocalResults,
 ) -> None:
@@ -170,8 +173,10 @@ def _throughput(
     load = LoadSampler()
     with tqdm(total=total, desc="validate throughput", file=sys.stderr) as bar:
         for r in range(s.throughput_repeats):
-            for label, backend in zip(cfg.labels, cfg.backends, strict=True):
-                with built_engine(base, backend, loaded, prefix_cache=False) as engine:
+            for label, backend, config in entries(cfg, base):
+                with built_engine(
+                    config, backend, models.get(config), prefix_cache=False
+                ) as engine:
                     throughput.warm_up(engine)
                     for i, case in enumerate(grid):
                         bar.set_postfix_str(f"{label} {case.key}")
@@ -194,12 +199,39 @@ def load(base: EngineConfig) -> LoadedModel:
     )
 
 
+class ModelsByDtype:
+    """The model loaded once per dtype that an entry asks for (weights shared by every
+    engine of that dtype)."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, LoadedModel] = {}
+
+    def get(self, config: EngineConfig) -> LoadedModel:
+        """The model in config.dtype ("auto" and the dtype it resolves to are one entry)."""
+        if config.dtype not in self._loaded:
+            loaded = load(config)
+            named = str(loaded.dtype).removeprefix("torch.")
+            self._loaded[config.dtype] = self._loaded.setdefault(named, loaded)
+        return self._loaded[config.dtype]
+
+
+def entries(cfg: ValidateConfig, base: EngineConfig) -> list[tuple[str, str, EngineConfig]]:
+    """(label, attention backend, engine config) per --backends entry, in order; an entry's
+    own dtype (`name@dtype`) replaces the run's."""
+    out = []
+    for label, spec in zip(cfg.labels, cfg.backends, strict=True):
+        parsed = parse_backend_spec(spec)
+        out.append((label, parsed.backend, replace(base, dtype=parsed.model_dtype(base.dtype))))
+    return out
+
+
 def run_local(
     cfg: ValidateConfig, base: EngineConfig, profiles: dict[str, ProfileChoice]
 ) -> LocalResults:
     """Every local section's raw measurements (see LocalResults); each backend's returned
     logprobs are checked with its profile's tolerances."""
-    loaded = load(base)
+    models = ModelsByDtype()
+    loaded = models.get(base)
     if loaded.tokenizer is None:
         raise ValueError("validate needs a model with a tokenizer (it scores real text)")
     text = TextSource(loaded.tokenizer.encode(britannica_text(), add_special_tokens=False))
@@ -207,15 +239,15 @@ def run_local(
     res = LocalResults(make_plan(cfg, text), model_source=f"{given}: {loaded.source}")
     with tempfile.TemporaryDirectory(prefix="sageserve_validate_") as tmp:
         store = agreement.ReferenceStore(Path(tmp))
-        for label, backend in zip(cfg.labels, cfg.backends, strict=True):
+        for label, backend, config in entries(cfg, base):
             with (
                 memory.PeakMemory(base.torch_device()) as peak,
-                built_engine(base, backend, loaded) as engine,
+                built_engine(config, backend, models.get(config)) as engine,
             ):
                 res.memory[label] = asdict(engine.info.memory)
                 tols = cfg.thresholds.logprob_tols(profiles[label].profile)
                 _backend_phase(cfg, engine, label, store, res, tols)
             res.memory[label]["peak"] = peak.to_dict()
     if cfg.runs("throughput"):
-        _throughput(cfg, base, loaded, text, res)
+        _throughput(cfg, base, models, text, res)
     return res
