@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from sageserve.bench.offline import OfflineBenchConfig, engine_name
-from sageserve.bench.offline_measure import GridPoint, decode_bound
+from sageserve.bench.offline_measure import GridPoint, decode_bound, decode_rate
 from sageserve.cli import main
 from sageserve.config import EngineConfig, SchedulerConfig
 from sageserve.engine.info import MemoryUsage
@@ -201,3 +202,17 @@ def test_offline_point_that_does_not_fit_is_a_problem(tmp_path: Path) -> None:
     assert result["problems"] == [
         "torch/b2-in40-out3 skipped: needs 86 KV tokens, the pool holds 64"
     ]
+
+
+def _finished(first: float, finish: float) -> SimpleNamespace:
+    return SimpleNamespace(metrics=SimpleNamespace(first_token_time=first, finished_time=finish))
+
+
+def test_decode_rate_is_the_batch_span_not_a_sum_of_request_rates() -> None:
+    """Together (first tokens in one step): the span gives each request's rate times B.
+    Staggered by one 0.1 s step with one decode token each: 2 tokens over 0.2 s, where
+    summing the requests' own rates would claim both decoded at once (20 tok/s)."""
+    together = [_finished(1.0, 1.4), _finished(1.0, 1.4)]
+    assert decode_rate(together, output_len=5) == pytest.approx(2 * 4 / 0.4)
+    staggered = [_finished(1.0, 1.1), _finished(1.1, 1.2)]
+    assert decode_rate(staggered, output_len=2) == pytest.approx(10.0)
