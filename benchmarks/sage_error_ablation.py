@@ -20,6 +20,11 @@ Variants:
   before INT8 (q·k unchanged, outlier channels spread over all), with and without balance;
   the rotation with SageAttention-2's Q smoothing (each 64-row block's mean taken out of Q
   before INT8, its product with the keys added back exactly).
+- FP8 P·V split by operand (reference numerics with one operand kept accurate, swapped into
+  `reference.py` for the variant's run): P through FP8 e4m3 in its blocks as served, over
+  INT8 V ("fp8 P only"); and FP8 V under P left in fp64 ("fp8 V only").
+- INT8 P·V: P rounded to unsigned 8-bit codes (0..255, V scales folded in per block as for
+  FP8) over the INT8 V cache, the operands of an INT8 × INT8 tensor-core product.
 
     PYTHONPATH=. python benchmarks/sage_error_ablation.py --lengths 512,8192 --windows 4,1 \
         --out benchmarks/results/sage_error_ablation-cpu-<date>.json
@@ -30,6 +35,7 @@ One JSON (device, versions, date, command, per-variant figures); progress on std
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -39,7 +45,9 @@ from datetime import UTC, datetime
 import torch
 
 from sageserve.attention.registry import register_backend
+from sageserve.attention.sage_attn import reference
 from sageserve.attention.sage_attn.calibration import calibrate_qk, calibration_token_ids
+from sageserve.attention.sage_attn.kernels import PV_BLOCK
 from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.attention.sage_attn.reference import balance_q, dequantize, quantize_int8
 from sageserve.attention.sage_attn.rotation import hadamard_matrix
@@ -159,6 +167,54 @@ def _fake_k(k: torch.Tensor, mean: torch.Tensor, c: torch.Tensor, rotation) -> t
     return (_rotated_int8(stored, rotation, torch.float16) * c + mean).to(k.dtype)
 
 
+def _pv_fp8_blocks(p, v_codes, v_scale, round_p: bool, p_max: float | None = None):
+    """reference._pv_fp8 with the e4m3 rounding of P optional: p [H, n, kv]; v codes
+    [kv, H, D] (INT8 or FP8) with scales [kv, H] -> [H, n, D] fp64. p_max: P's code range
+    (default FP8's 448); an integer range rounds P to integer codes (0..p_max) instead of
+    e4m3, an unsigned 8-bit P for an INT8 × INT8 product with p_max 255."""
+    heads, n, kv = p.shape
+    blocks = -(-kv // PV_BLOCK)
+    pad = blocks * PV_BLOCK - kv
+    p = torch.nn.functional.pad(p, (0, pad)).view(heads, n, blocks, PV_BLOCK)
+    v_scale = torch.nn.functional.pad(v_scale, (0, 0, 0, pad)).view(blocks, PV_BLOCK, heads)
+    v_codes = torch.nn.functional.pad(v_codes.float(), (0, 0, 0, 0, 0, pad))
+    v_codes = v_codes.view(blocks, PV_BLOCK, heads, -1)
+    block_max = v_scale.amax(dim=1)
+    ratio = (v_scale / block_max[:, None, :]).permute(2, 0, 1)
+    code_max = p_max or reference.FP8_MAX
+    p_codes = p.double() * ratio[:, None] * code_max
+    if round_p and p_max is not None:
+        p_codes = p_codes.round()
+    elif round_p:
+        p_codes = p_codes.to(reference.FP8_DTYPE).double()
+    partial = torch.einsum("hnbk,bkhd->hnbd", p_codes, v_codes.double())
+    weight = (block_max.T.double() / code_max)[:, None, :, None]
+    return (partial * weight).sum(dim=2)
+
+
+# The FP8 P·V split: (cache's pv, reference function swapped, its replacement).
+PV_SPLITS = {
+    "p_fp8": ("fp16", "_pv_fp16", lambda p, v, s: _pv_fp8_blocks(p, v, s, round_p=True)),
+    "v_fp8": ("fp8", "_pv_fp8", lambda p, v, s: _pv_fp8_blocks(p, v, s, round_p=False)),
+    "p_u8": ("fp16", "_pv_fp16", lambda p, v, s: _pv_fp8_blocks(p, v, s, True, p_max=255.0)),
+}
+
+
+@contextlib.contextmanager
+def _pv_split(name: str | None):
+    """reference.py's P·V function replaced for one variant's run (nothing when None)."""
+    if name is None:
+        yield
+        return
+    _, attr, replacement = PV_SPLITS[name]
+    saved = getattr(reference, attr)
+    setattr(reference, attr, replacement)
+    try:
+        yield
+    finally:
+        setattr(reference, attr, saved)
+
+
 def _engine(loaded: LoadedModel, backend: str, options, chunk: int) -> Engine:
     config = EngineConfig(
         device="cpu", dtype="float32", attention_backend=backend, attention_options=(options,),
@@ -247,6 +303,11 @@ def _variants(num_layers: int, per_layer: bool) -> list[tuple[str, str, object]]
         ),
         ("fake qkv", "sage_fakequant", frozenset(SOURCES)),
     ]
+    out += [
+        ("sage_attn fp8 P only", "sage_attn", "p_fp8"),
+        ("sage_attn fp8 V only", "sage_attn", "v_fp8"),
+        ("sage_attn int8 P·V (u8 P)", "sage_attn", "p_u8"),
+    ]
     out += [(f"fake {s}", "sage_fakequant", frozenset(s)) for s in SOURCES]
     for candidate in ("no balance", "hadamard", "hadamard no balance",
                       "hadamard no balance q-smooth"):  # fmt: skip
@@ -257,8 +318,10 @@ def _variants(num_layers: int, per_layer: bool) -> list[tuple[str, str, object]]
 
 
 def _run_variant(loaded, backend, spec, chunk, windows, ref_engine: Engine) -> dict:
-    options = TorchOptions()
-    if backend == "sage_attn":
+    options, split = TorchOptions(), None
+    if backend == "sage_attn" and isinstance(spec, str):
+        split, options = spec, SageOptions(impl="reference", pv=PV_SPLITS[spec][0])
+    elif backend == "sage_attn":
         options = spec
     else:
         every = range(loaded.config.num_layers)
@@ -267,7 +330,7 @@ def _run_variant(loaded, backend, spec, chunk, windows, ref_engine: Engine) -> d
         FAKE_QUANT["rotate"] = isinstance(spec, str) and "hadamard" in spec
         FAKE_QUANT["balance"] = not (isinstance(spec, str) and "no balance" in spec)
         FAKE_QUANT["q_smooth"] = isinstance(spec, str) and "q-smooth" in spec
-    with _engine(loaded, backend, options, chunk) as engine:
+    with _pv_split(split), _engine(loaded, backend, options, chunk) as engine:
         return compare_windows(ref_engine, engine, windows)
 
 
