@@ -19,7 +19,8 @@ Variants:
   emulation: no channel balance; an orthonormal Hadamard rotation of Q and K along head_dim
   before INT8 (q·k unchanged, outlier channels spread over all), with and without balance;
   the rotation with SageAttention-2's Q smoothing (each 64-row block's mean taken out of Q
-  before INT8, its product with the keys added back exactly).
+  before INT8, its product with the keys added back exactly); the rotation with each
+  sequence's first token (the attention sink) kept unquantized in K and V ("exact sink").
 - FP8 P·V split by operand (reference numerics with one operand kept accurate, swapped into
   `reference.py` for the variant's run): P through FP8 e4m3 in its blocks as served, over
   INT8 V ("fp8 P only"); and FP8 V under P left in fp64 ("fp8 V only").
@@ -76,7 +77,7 @@ PLAN_FILE = {"path": "sage_layer_plan.json"}
 # What the fake-quantizing backend quantizes, set before each engine is built.
 FAKE_QUANT: dict[str, object] = {
     "sources": frozenset(SOURCES), "layers": frozenset(), "rotate": False, "balance": True,
-    "q_smooth": False,
+    "q_smooth": False, "exact_sink": False,
 }  # fmt: skip
 # Query rows per block of the Q smoothing candidate (the prefill kernels' query block).
 Q_SMOOTH_ROWS = 64
@@ -95,6 +96,7 @@ class FakeQuantBackend(TorchNativeBackend):
         self.rotation = _hadamard(shape.head_dim) if FAKE_QUANT["rotate"] else None
         self.balance = FAKE_QUANT["balance"]
         self.q_smooth = FAKE_QUANT["q_smooth"]
+        self.exact_sink = FAKE_QUANT["exact_sink"]
         self.k_mean = self.channel_scale = None
 
     def prepare(self, model: torch.nn.Module, tokenizer: object | None) -> None:
@@ -109,6 +111,7 @@ class FakeQuantBackend(TorchNativeBackend):
     def forward(self, layer_id, q, k, v, kv_cache, meta):
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]; quantization error, exact math."""
         if layer_id in self.layers:
+            k_exact, v_exact = k, v
             c, mean = self.channel_scale[layer_id], self.k_mean[layer_id]
             if not self.balance:
                 c = torch.ones_like(c)
@@ -120,7 +123,19 @@ class FakeQuantBackend(TorchNativeBackend):
                 k = _fake_k(k, mean, c, self.rotation)
             if "v" in self.sources:
                 v = dequantize(*quantize_int8(v, torch.float16)).to(v.dtype)
+            if self.exact_sink:
+                k, v = _exact_first_token(k, v, k_exact, v_exact, meta)
         return super().forward(layer_id, q, k, v, kv_cache, meta)
+
+
+def _exact_first_token(k, v, k_exact, v_exact, meta):
+    """k, v with the key and value of each sequence's position 0 (the attention sink) put
+    back unquantized: the row q_start of every prefill chunk that is its sequence's first."""
+    k, v = k.clone(), v.clone()
+    for seq in meta.prefills:
+        if seq.kv_slots.numel() == seq.q_end - seq.q_start:
+            k[seq.q_start], v[seq.q_start] = k_exact[seq.q_start], v_exact[seq.q_start]
+    return k, v
 
 
 def _hadamard(n: int) -> torch.Tensor:
@@ -310,7 +325,8 @@ def _variants(num_layers: int, per_layer: bool) -> list[tuple[str, str, object]]
     ]
     out += [(f"fake {s}", "sage_fakequant", frozenset(s)) for s in SOURCES]
     for candidate in ("no balance", "hadamard", "hadamard no balance",
-                      "hadamard no balance q-smooth"):  # fmt: skip
+                      "hadamard no balance q-smooth",
+                      "hadamard no balance exact sink"):  # fmt: skip
         out.append((f"fake qkv {candidate}", "sage_fakequant", candidate))
     if per_layer:
         out += [(f"layer_{i}", "sage_fakequant", i) for i in range(num_layers)]
@@ -330,6 +346,7 @@ def _run_variant(loaded, backend, spec, chunk, windows, ref_engine: Engine) -> d
         FAKE_QUANT["rotate"] = isinstance(spec, str) and "hadamard" in spec
         FAKE_QUANT["balance"] = not (isinstance(spec, str) and "no balance" in spec)
         FAKE_QUANT["q_smooth"] = isinstance(spec, str) and "q-smooth" in spec
+        FAKE_QUANT["exact_sink"] = isinstance(spec, str) and "exact sink" in spec
     with _pv_split(split), _engine(loaded, backend, options, chunk) as engine:
         return compare_windows(ref_engine, engine, windows)
 
