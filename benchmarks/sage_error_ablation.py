@@ -48,7 +48,6 @@ import torch
 from sageserve.attention.registry import register_backend
 from sageserve.attention.sage_attn import reference
 from sageserve.attention.sage_attn.calibration import calibrate_qk, calibration_token_ids
-from sageserve.attention.sage_attn.kernels import PV_BLOCK
 from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.attention.sage_attn.reference import balance_q, dequantize, quantize_int8
 from sageserve.attention.sage_attn.rotation import hadamard_matrix
@@ -182,36 +181,25 @@ def _fake_k(k: torch.Tensor, mean: torch.Tensor, c: torch.Tensor, rotation) -> t
     return (_rotated_int8(stored, rotation, torch.float16) * c + mean).to(k.dtype)
 
 
-def _pv_fp8_blocks(p, v_codes, v_scale, round_p: bool, p_max: float | None = None):
-    """reference._pv_fp8 with the e4m3 rounding of P optional: p [H, n, kv]; v codes
-    [kv, H, D] (INT8 or FP8) with scales [kv, H] -> [H, n, D] fp64. p_max: P's code range
-    (default FP8's 448); an integer range rounds P to integer codes (0..p_max) instead of
-    e4m3, an unsigned 8-bit P for an INT8 × INT8 product with p_max 255."""
-    heads, n, kv = p.shape
-    blocks = -(-kv // PV_BLOCK)
-    pad = blocks * PV_BLOCK - kv
-    p = torch.nn.functional.pad(p, (0, pad)).view(heads, n, blocks, PV_BLOCK)
-    v_scale = torch.nn.functional.pad(v_scale, (0, 0, 0, pad)).view(blocks, PV_BLOCK, heads)
-    v_codes = torch.nn.functional.pad(v_codes.float(), (0, 0, 0, 0, 0, pad))
-    v_codes = v_codes.view(blocks, PV_BLOCK, heads, -1)
-    block_max = v_scale.amax(dim=1)
-    ratio = (v_scale / block_max[:, None, :]).permute(2, 0, 1)
-    code_max = p_max or reference.FP8_MAX
-    p_codes = p.double() * ratio[:, None] * code_max
-    if round_p and p_max is not None:
-        p_codes = p_codes.round()
-    elif round_p:
-        p_codes = p_codes.to(reference.FP8_DTYPE).double()
-    partial = torch.einsum("hnbk,bkhd->hnbd", p_codes, v_codes.double())
-    weight = (block_max.T.double() / code_max)[:, None, :, None]
-    return (partial * weight).sum(dim=2)
+def _pv_blocks(p, v_codes, v_scale, code_max: float, to_codes) -> torch.Tensor:
+    """reference._pv_fp8 with P's codes made by `to_codes` from P in [0, code_max] (the V
+    scales folded in per block: reference.fold_v_scales): p [H, n, kv]; v codes [kv, H, D]
+    (INT8 or FP8) with scales [kv, H] -> [H, n, D] fp64."""
+    folded, v_blocks, block_max = reference.fold_v_scales(p, v_codes, v_scale)
+    p_codes = to_codes(folded.double() * code_max)
+    partial = torch.einsum("hnbk,bkhd->hnbd", p_codes, v_blocks.double())
+    return (partial * (block_max.T.double() / code_max)[:, None, :, None]).sum(dim=2)
+
+
+def _exact(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 # The FP8 P·V split: (cache's pv, reference function swapped, its replacement).
 PV_SPLITS = {
-    "p_fp8": ("fp16", "_pv_fp16", lambda p, v, s: _pv_fp8_blocks(p, v, s, round_p=True)),
-    "v_fp8": ("fp8", "_pv_fp8", lambda p, v, s: _pv_fp8_blocks(p, v, s, round_p=False)),
-    "p_u8": ("fp16", "_pv_fp16", lambda p, v, s: _pv_fp8_blocks(p, v, s, True, p_max=255.0)),
+    "p_fp8": ("fp16", "_pv_fp16", reference._pv_fp8),  # over the INT8 V cache
+    "v_fp8": ("fp8", "_pv_fp8", lambda p, v, s: _pv_blocks(p, v, s, reference.FP8_MAX, _exact)),
+    "p_u8": ("fp16", "_pv_fp16", lambda p, v, s: _pv_blocks(p, v, s, 255.0, torch.round)),
 }
 
 

@@ -123,8 +123,16 @@ def _pv_fp16(p: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor) -> t
     return torch.einsum("hqk,khd->hqd", p_scaled, v_codes.double())
 
 
-def _pv_fp8(p: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
-    """p: [H, n, kv]; v: [kv, H, D] -> [H, n, D] fp64, P in FP8 per block (module doc)."""
+def fold_v_scales(
+    p: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """P and V in blocks of PV_BLOCK keys (aligned to key 0, zero-padded), each key's V scale
+    folded into P relative to its block's largest (module doc).
+
+    p: [H, n, kv]; v_codes: [kv, H, D]; v_scale: [kv, H]. Returns (P · s_v / block max
+    [H, n, blocks, PV_BLOCK] in p's dtype, V codes [blocks, PV_BLOCK, H, D] fp32, the
+    blocks' largest V scales [blocks, H]).
+    """
     heads, n, kv = p.shape
     blocks = -(-kv // PV_BLOCK)
     pad = blocks * PV_BLOCK - kv
@@ -134,8 +142,14 @@ def _pv_fp8(p: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor) -> to
     v_codes = v_codes.view(blocks, PV_BLOCK, heads, -1)
     block_max = v_scale.amax(dim=1)  # [blocks, H]
     ratio = (v_scale / block_max[:, None, :]).permute(2, 0, 1)  # [H, blocks, PV_BLOCK]
-    p_codes = (p * ratio[:, None] * FP8_MAX).to(FP8_DTYPE)
-    partial = torch.einsum("hnbk,bkhd->hnbd", p_codes.double(), v_codes.double())
+    return p * ratio[:, None], v_codes, block_max
+
+
+def _pv_fp8(p: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
+    """p: [H, n, kv]; v: [kv, H, D] -> [H, n, D] fp64, P in FP8 per block (module doc)."""
+    folded, v_blocks, block_max = fold_v_scales(p, v_codes, v_scale)
+    p_codes = (folded * FP8_MAX).to(FP8_DTYPE)
+    partial = torch.einsum("hnbk,bkhd->hnbd", p_codes.double(), v_blocks.double())
     weight = (block_max.T.double() / FP8_MAX)[:, None, :, None]  # [H, 1, blocks, 1]
     return (partial * weight).sum(dim=2)
 
