@@ -4,9 +4,10 @@
 #
 #   bash benchmarks/issue17_gluon_check.sh OUT_DIR [PARTS]
 #
-# 1. GPU tests: the kernel against the Triton prefill and fp64 (16 cases), the engine
-#    against the Triton prefill (SmolLM2 bf16), the shared parity test's gluon variants,
-#    nothing compiled while serving;
+# 1. GPU tests: the kernel against the Triton prefill and fp64 (32 cases: 64- and 128-key
+#    blocks), the engine against the Triton prefill (SmolLM2 bf16), the shared parity
+#    test's gluon variants, nothing compiled while serving; the Triton prefill's kernel
+#    tests;
 # 2. `bench kernels`: the Gluon prefill (FP16 and FP8 P·V) against the Triton one and
 #    cuDNN, head_dim 128 and 64, 1k / 8k / 32k tokens (issue 17's kernel targets);
 # 3. `bench offline`: TTFT of one 32k prompt and 64 x 8k prefill throughput, sage_attn with
@@ -29,6 +30,9 @@ if want 1; then
     "tests/test_server_route_warmup.py::test_nothing_compiles_while_serving_on_gpu" \
     > "$out/gpu-tests.log" 2>&1
   status=$?
+  # The Triton prefill (the oracle, and the default --sage-impl): its kernel GPU tests.
+  timeout 200 python3 -m pytest -x -q -m gpu -p no:cacheprovider \
+    tests/test_kernels_sage_attention.py >> "$out/gpu-tests.log" 2>&1 || status=$?
   tail -15 "$out/gpu-tests.log"
   [[ $status -eq 0 ]] || { echo "GPU tests failed ($status): no timings"; exit 1; }
 fi

@@ -88,6 +88,8 @@ def main() -> int:
                         help="--varlen: Hadamard-rotated Q (in the kernel) and K (the store): "
                         "off, on or off,on")  # fmt: skip
     parser.add_argument("--stages", type=int, default=DEFAULT_STAGES)
+    parser.add_argument("--block-keys", type=int, default=64,
+                        help="with --sass --varlen: keys per block, 64 or 128")  # fmt: skip
     parser.add_argument("--maxnreg", type=int, default=MAXNREG)
     parser.add_argument("--seqs", default="1024,4096,16384")
     parser.add_argument("--rounds", type=int, default=3)
@@ -113,7 +115,7 @@ def main() -> int:
             parser.error("--sass compiles one --pv, --head-dim and --rotate")
         n = grid[0]
         return sass_report(args.causal, args.stages, args.maxnreg, args.persistent,
-                           args.varlen, n.pv, n.head_dim, n.rotate)  # fmt: skip
+                           args.varlen, n.pv, n.head_dim, n.rotate, args.block_keys)  # fmt: skip
     if args.varlen:
         return _main_varlen(args, parser)
     variants = (args.variants or ",".join(WS_VARIANTS)).split(",")

@@ -2,7 +2,7 @@
 
 The shared constants (block sizes, register split) are the served kernel's
 (`sageserve.attention.sage_attn.kernels.gluon.config`); DIM is the probe's fixed head dim
-(a module-level `gl.constexpr`).
+and BLOCK_N its keys per block, one page (module-level `gl.constexpr`s).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from triton.experimental.gluon import language as gl
 from lab.gluon_prefill_probe import HEAD_DIM
 from sageserve.attention.sage_attn.kernels.gluon.config import (  # noqa: F401 (re-exported to the probe's modules)
     BLOCK_M,
-    BLOCK_N,
     CONSUMER_REGS,
     DEFAULT_STAGES,
     FP8_MAX,
+    KEYS,
     LOG2E,
     MAXNREG,
     PRODUCER_REGS,
@@ -23,6 +23,7 @@ from sageserve.attention.sage_attn.kernels.gluon.config import (  # noqa: F401 (
 )
 
 DIM = gl.constexpr(HEAD_DIM)
+BLOCK_N = gl.constexpr(KEYS)  # the probe's key blocks are single pages
 
 
 def _launch_options(stages: int, maxnreg: int, tile_major: bool) -> dict:

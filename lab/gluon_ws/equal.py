@@ -166,7 +166,7 @@ def _attend(tile, head, seq, base, args, num_q_heads: gl.constexpr,
     # a diagonal (tile 0); masking it elsewhere changes nothing.
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
     s0 = _qk(q_smem, k_smem, ready, base, s_zero, STAGES)
-    k_scale, factor, unit = _block_scales(scale_smem, base, STAGES, s_layout)
+    k_scale, unit = _block_scales(scale_smem, base, STAGES, s_layout)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s0,)).to(gl.float32)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, rows_s)
     l_i = gl.zeros([BLOCK_M], gl.float32, rows_s)
@@ -177,22 +177,21 @@ def _attend(tile, head, seq, base, args, num_q_heads: gl.constexpr,
     rescale = gl.full([BLOCK_M], 1.0, gl.float32, rows_s)
     _turn_wait(turn, base, WG)
     for j in range(0, last - 1):  # softmax of blocks 1 .. last - 1: never masked
-        p, factor, acc, rescale, m_i, l_i, unit = _step(
-            j, base, p, factor, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_smem,
+        p, acc, rescale, m_i, l_i, unit = _step(
+            j, base, p, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_smem,
             v_smem, scale_smem, ready, empty, turn, s_layout, o_layout, False, WG, STAGES,
         )  # fmt: skip
     # Peeled: the softmax of the last block, this consumer's diagonal when causal.
-    p, factor, acc, rescale, m_i, l_i, unit = _step(
-        last - 1, base, p, factor, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_smem,
+    p, acc, rescale, m_i, l_i, unit = _step(
+        last - 1, base, p, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_smem,
         v_smem, scale_smem, ready, empty, turn, s_layout, o_layout, CAUSAL, WG, STAGES,
     )  # fmt: skip
     # The last block's P·V, in a turn of its own (turn `last`, held).
-    p_op = _p_operand(p, factor, p_layout, v_smem.dtype)
-    acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
     g = base + last
+    p_op = _p_operand(p, scale_smem, g, STAGES, s_layout, p_layout, v_smem.dtype)
+    acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
     acc = warpgroup_mma(p_op, v_smem.index(g % STAGES).permute((1, 0)), acc, is_async=True)
     _turn_pass(turn, WG)
-    l_i = l_i + gl.sum(p, axis=1)
     # Causal: consumer 1 runs one block more than consumer 0 (except in tile 0). Consumer 0
     # takes that turn empty (or consumer 1 would wait for it forever) and releases the block
     # once it landed (or the producer would wait for it, in the next work item).

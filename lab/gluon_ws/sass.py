@@ -141,13 +141,15 @@ def _loops(sass: list[str]) -> list[tuple[int, str, str]]:
 
 def sass_report(causal: bool = False, stages: int = DEFAULT_STAGES, maxnreg: int = MAXNREG,
                 persistent: bool = False, varlen: bool = False, pv: str = "fp8",
-                head_dim: int = HEAD_DIM, rotate: bool = False) -> int:  # fmt: skip
+                head_dim: int = HEAD_DIM, rotate: bool = False,
+                block_keys: int = 64) -> int:  # fmt: skip
     """Compile for sm_90 without a GPU; print the wgmma waits and kinds, the register plan
     (setmaxnreg per partition), shared memory, ptxas's verdict and the SASS loops.
     varlen: the varlen kernel (its loops: unmasked then masked, per consumer), with P·V in
-    `pv`, head_dim and the Q rotation as given (the equal-length kernel has neither)."""
+    `pv`, head_dim, the Q rotation and keys per block as given (the equal-length kernel
+    has none of these)."""
     if varlen:
-        kernel = compile_sm90(Build(pv, head_dim, rotate, causal, stages, maxnreg))
+        kernel = compile_sm90(Build(pv, head_dim, rotate, causal, stages, maxnreg, block_keys))
     else:
         kernel = _compile_sm90(causal, stages, maxnreg, persistent)
     ptx = kernel.asm["ptx"]

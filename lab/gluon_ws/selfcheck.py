@@ -139,9 +139,10 @@ def _protocol_run(items: list[tuple[int, int, int]], stages: int, rng,
 
 
 def selfcheck(seeds: int = 200) -> int:
-    """No GPU: the barrier protocol under random interleavings (3 and 4 stages, random item
-    lists with uneven and idle consumers, with and without the fp16 P·V widener). The block
-    ranges and the work plan are checked by tests/test_gluon_prefill.py."""
+    """No GPU: the barrier protocol under random interleavings (3 and 4 stages, key blocks
+    of one page or two, random item lists with uneven and idle consumers, with and without
+    the fp16 P·V widener). The block ranges and the work plan are checked by
+    tests/test_gluon_prefill.py."""
     import random
 
     special_q = [1, 7, 63, 64, 65, 127, 128, 129, 191, 192, 200, 255, 256, 333, 1000]
@@ -150,13 +151,14 @@ def selfcheck(seeds: int = 200) -> int:
         for s in range(seeds):
             prng = random.Random(1000 * stages + s)
             causal = prng.random() < 0.7
+            block_n = prng.choice([KEYS, 2 * KEYS])
             items = []
             for _ in range(prng.randint(1, 6)):
                 q_len = prng.choice(special_q)
                 prefix = prng.choice([0, 1, 64, 100, 200])
                 row = prng.choice(range(0, q_len, TILE))
-                n0, _ = consumer_blocks(q_len, prefix + q_len, row, 0, causal, ROWS, KEYS)
-                n1, _ = consumer_blocks(q_len, prefix + q_len, row, 1, causal, ROWS, KEYS)
+                n0, _ = consumer_blocks(q_len, prefix + q_len, row, 0, causal, ROWS, block_n)
+                n1, _ = consumer_blocks(q_len, prefix + q_len, row, 1, causal, ROWS, block_n)
                 items.append((n0, n1, max(n0, n1)))
             _protocol_run(items, stages, prng, widen=s % 2 == 1)
             runs += 1

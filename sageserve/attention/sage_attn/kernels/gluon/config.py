@@ -1,17 +1,20 @@
 """Block sizes, the register split and the launch options of the warp-specialized prefill.
 
-BLOCK_M (query rows per consumer warpgroup), BLOCK_N (keys per block: one page), LOG2E and
-FP8_MAX are module-level `gl.constexpr`s: every module whose jitted functions read them
-imports them by name. TILE = 2 * BLOCK_M query rows per work item.
+BLOCK_M (query rows per consumer warpgroup), PAGE (keys per cache page, one TMA box), LOG2E
+and FP8_MAX are module-level `gl.constexpr`s: every module whose jitted functions read them
+imports them by name. TILE = 2 * BLOCK_M query rows per work item. A key block (one stage of
+the ring, one softmax step) is BLOCK_KEYS = 64 or 128 keys: one or two pages, a launch
+option (the kernel's constexpr); the jitted functions read it from the shapes they get.
 """
 
 from __future__ import annotations
 
 from triton.experimental.gluon import language as gl
 
-ROWS, KEYS = 64, 64  # query rows per consumer warpgroup; keys per block (the page size)
+ROWS, KEYS = 64, 64  # query rows per consumer warpgroup; keys per page
 TILE = 2 * ROWS  # query rows per work item: two consumer warpgroups
-BLOCK_M, BLOCK_N = gl.constexpr(ROWS), gl.constexpr(KEYS)
+BLOCK_M, PAGE = gl.constexpr(ROWS), gl.constexpr(KEYS)
+BLOCK_KEYS = (64, 128)  # keys per block: one page or two
 LOG2E = gl.constexpr(1.4426950408889634)
 FP8_MAX = gl.constexpr(448.0)
 DEFAULT_STAGES = 4  # K/V stages; >= 4 keeps a turn holder from waiting on the other's release
@@ -24,8 +27,31 @@ WIDENER_WARPS, WIDENER_REGS = 2, 24
 HEAD_DIMS = (64, 128)
 
 
-def launch_options(stages: int, maxnreg: int, rotate: bool) -> dict:
+def block_keys_refusal(pv_fp8: bool, head_dim: int, block_keys: int) -> str | None:
+    """Why the kernel cannot take blocks of `block_keys` keys with this P·V and head dim
+    (None: it can). fp16 P·V at head_dim 128 holds a 64 KB stage of 128 keys (INT8 K and V,
+    V widened to fp16, scales): 4 stages need ~330 KB of shared memory, an SM has 227 KB."""
+    if block_keys not in BLOCK_KEYS:
+        return f"keys per block must be one of {BLOCK_KEYS}, got {block_keys}"
+    if block_keys == 128 and not pv_fp8 and head_dim == 128:
+        return ("128-key blocks with fp16 P·V at head_dim 128 need ~330 KB of shared memory "
+                "for 4 stages (an SM has 227 KB): use 64-key blocks or FP8 P·V")  # fmt: skip
+    return None
+
+
+def default_block_keys(head_dim: int) -> int:
+    """Keys per block when the caller names none: 128 at head_dim 64, 64 at head_dim 128.
+
+    Measured on an H100 (lab varlen probe, Q and K rotated; BENCHMARKS.md, 2026-12-06,
+    "128-key blocks"): at head_dim 64, 128-key blocks were 9-18% faster for both P·V
+    precisions on every batch. At head_dim 128 (FP8 P·V; fp16 P·V does not fit) they were
+    7-20% faster on one 16k prompt but 12% slower on the causal serving batch (16 chunks of
+    1k tokens over cached prefixes), the prefill the server runs."""
+    return 128 if head_dim == 64 else 64
+
+
+def launch_options(stages: int, maxnreg: int, rotate: bool, block_keys: int) -> dict:
     """Constexprs and launch options shared by the launcher and the offline compile."""
     return {"STAGES": stages, "CONSUMER_REGS": CONSUMER_REGS, "PRODUCER_REGS": PRODUCER_REGS,
             "ROTATE": rotate, "WIDENER_WARPS": WIDENER_WARPS, "WIDENER_REGS": WIDENER_REGS,
-            "num_warps": 4, "maxnreg": maxnreg}  # fmt: skip
+            "BLOCK_KEYS": block_keys, "num_warps": 4, "maxnreg": maxnreg}  # fmt: skip

@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M, BLOCK_N, LOG2E
+from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M, LOG2E
 from sageserve.attention.sage_attn.kernels.gluon.consumer_steps import (
     _block_scales,
     _p_operand,
@@ -124,9 +124,10 @@ def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
     (q_ptr, out_ptr, q_smem, h_smem, k_smem, v_smem, scale_smem, ready, empty, turn,
      q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale) = args  # fmt: skip
     D: gl.constexpr = k_smem.shape[2]
+    BLOCK_N: gl.constexpr = k_smem.shape[1]  # keys per block: one page or two
     PV_BITS: gl.constexpr = v_smem.dtype.primitive_bitwidth  # 8 (FP8 codes) or 16 (fp16)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 32]
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
     )
     # wgmma's K step is 32 bytes: 32 FP8 or 16 fp16 keys.
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -146,7 +147,7 @@ def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
     # Block 0's QKᵀ and softmax (outside the turns), always masked: every row sees key 0.
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
     s0 = _qk(q_smem, k_smem, ready, base, s_zero, STAGES)
-    k_scale, factor, unit = _block_scales(scale_smem, base, STAGES, s_layout)
+    k_scale, unit = _block_scales(scale_smem, base, STAGES, s_layout)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s0,)).to(gl.float32)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, rows_s)
     l_i = gl.zeros([BLOCK_M], gl.float32, rows_s)
@@ -156,24 +157,21 @@ def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
     _turn_wait(turn, base, WG)
     split = gl.maximum(full - 1, 0)  # steps 0 .. split - 1: softmax of blocks 1 .. full - 1
     for j in range(0, split):
-        p, factor, acc, rescale, m_i, l_i, unit = _step(
-            j, base, p, factor, acc, rescale, m_i, l_i, unit, q_scale, last_key, q_smem,
-            k_smem, v_smem, scale_smem, ready, empty, turn, s_layout, o_layout, False, WG,
-            STAGES,
+        p, acc, rescale, m_i, l_i, unit = _step(
+            j, base, p, acc, rescale, m_i, l_i, unit, q_scale, last_key, q_smem, k_smem,
+            v_smem, scale_smem, ready, empty, turn, s_layout, o_layout, False, WG, STAGES,
         )  # fmt: skip
     for j in range(split, n - 1):  # the blocks crossing the diagonal, keys >= kv_len
-        p, factor, acc, rescale, m_i, l_i, unit = _step(
-            j, base, p, factor, acc, rescale, m_i, l_i, unit, q_scale, last_key, q_smem,
-            k_smem, v_smem, scale_smem, ready, empty, turn, s_layout, o_layout, True, WG,
-            STAGES,
+        p, acc, rescale, m_i, l_i, unit = _step(
+            j, base, p, acc, rescale, m_i, l_i, unit, q_scale, last_key, q_smem, k_smem,
+            v_smem, scale_smem, ready, empty, turn, s_layout, o_layout, True, WG, STAGES,
         )  # fmt: skip
     # The last block's P·V, in a turn of its own (turn base + n - 1, held).
-    p_op = _p_operand(p, factor, p_layout, v_smem.dtype)
-    acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
     g = base + n - 1
+    p_op = _p_operand(p, scale_smem, g, STAGES, s_layout, p_layout, v_smem.dtype)
+    acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
     acc = warpgroup_mma(p_op, v_smem.index(g % STAGES).permute((1, 0)), acc, is_async=True)
     _turn_pass(turn, WG)
-    l_i = l_i + gl.sum(p, axis=1)
     _idle_turns(turn, ready, empty, g + 1, base + loaded, WG, STAGES)  # the other's extra
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(empty.index(g % STAGES), count=1)
@@ -190,10 +188,11 @@ def _consumer(args, plan_ptr, q_len_ptr, kv_len_ptr, n_items, CAUSAL: gl.constex
               WG: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr):  # fmt: skip
     """One warpgroup through the program's plan items. Consumer 0 always has a real row (a
     tile starts below q_len); consumer 1 may have none: then all its turns are empty."""
+    BLOCK_N: gl.constexpr = args[4].shape[1]  # the K stages' rows: keys per block
     base = 0
     for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
         seq, first_row, head, q_len, kv_len = _plan_item(plan_ptr, q_len_ptr, kv_len_ptr, w)
-        n, full, loaded = _item_blocks(q_len, kv_len, first_row, WG, CAUSAL)
+        n, full, loaded = _item_blocks(q_len, kv_len, first_row, WG, CAUSAL, BLOCK_N)
         if WG == 0:
             _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
                            CAUSAL, WG, STAGES, ROTATE)  # fmt: skip

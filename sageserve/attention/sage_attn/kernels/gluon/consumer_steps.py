@@ -1,9 +1,10 @@
 """A consumer warpgroup's per-block steps (lab's equal-length probe shares them).
 
 The turn protocol of the two ping-ponging consumer warpgroups (`_turn_wait`, `_turn_pass`),
-the QKᵀ issue ([BLOCK_M, BLOCK_N] INT32 scores), the block scales the producer stored (K
-scales and P's factors [BLOCK_N], unit [BLOCK_M]), the online softmax, P·V's A operand and
-one consumer turn (`_step`: the P·V of block j under the softmax of block j + 1).
+the QKᵀ issue ([BLOCK_M, N] INT32 scores of a block of N keys), the block scales the
+producer stored (K scales and P's factors [N], unit [BLOCK_M]), the online softmax, P·V's A
+operand and one consumer turn (`_step`: the P·V of block j under the softmax of block j + 1).
+N (64 or 128) comes from the shapes: the K stages' rows, the scores' columns.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M, BLOCK_N
+from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M
 
 # ----------------------------------------------------------------------------- consumers
 
@@ -47,64 +48,68 @@ def _qk(q_smem, k_smem, ready, g, regs, STAGES: gl.constexpr):
 
 @gluon.jit
 def _block_scales(scale_smem, g, STAGES: gl.constexpr, s_layout: gl.constexpr):
-    """(K scales [BLOCK_N], e4m3 factors [BLOCK_N], unit [BLOCK_M]) of the program's block g,
-    as the producer stored them; read once its stage landed."""
-    keys: gl.constexpr = gl.SliceLayout(0, s_layout)
+    """(K scales [N], unit [BLOCK_M]) of the program's block g, as the producer stored them
+    (rows of N); read once its stage landed."""
     row = 3 * (g % STAGES)
-    return (scale_smem.index(row).load(keys), scale_smem.index(row + 1).load(keys),
-            scale_smem.index(row + 2).load(gl.SliceLayout(1, s_layout)))  # fmt: skip
+    unit = scale_smem.index(row + 2).slice(0, BLOCK_M).load(gl.SliceLayout(1, s_layout))
+    return scale_smem.index(row).load(gl.SliceLayout(0, s_layout)), unit
 
 
 @gluon.jit
 def _softmax(s_float, q_scale, m_i, l_i, k_scale, rows, block, s_layout: gl.constexpr,
              MASKED: gl.constexpr):  # fmt: skip
     """Online softmax of one block of scores (INT32 products, as fp32): (P, fp32 and not yet
-    scaled for its e4m3 rounding; alpha; m; l times alpha).
+    scaled for its e4m3 rounding; alpha; m; l times alpha plus the block's row sums).
 
-    The block's row sums are left out of l: the caller adds them once the block's P·V is
-    issued. MASKED: row `rows[i]` (position in its sequence) sees keys up to itself; block is
-    the key block's index in the sequence.
+    MASKED: row `rows[i]` (position in its sequence) sees keys up to itself; block is the
+    key block's index in the sequence.
     """
     scores = s_float * k_scale[None, :]
     if MASKED:
-        keys = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        N: gl.constexpr = s_float.shape[1]
+        keys = block * N + gl.arange(0, N, layout=gl.SliceLayout(0, s_layout))
         scores = gl.where(keys[None, :] <= rows[:, None], scores, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(scores, axis=1) * q_scale)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(scores * q_scale[:, None] - m_new[:, None])
-    return p, alpha, m_new, l_i * alpha
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
 
 
 @gluon.jit
-def _p_operand(p, factor, p_layout: gl.constexpr, dtype: gl.constexpr):
-    """P·V's A operand: P times its per-key factor (one multiply per element) in V's dtype
-    (FP8 codes, or fp16 against INT8 V widened to fp16), made right before the product is
-    issued.
+def _p_operand(p, scale_smem, g, STAGES: gl.constexpr, s_layout: gl.constexpr,
+               p_layout: gl.constexpr, dtype: gl.constexpr):  # fmt: skip
+    """P·V's A operand of the program's block g: P times each key's factor (the producer's
+    row 3 * stage + 1 [N], loaded here, one multiply per element) in V's dtype (FP8 codes,
+    or fp16 against INT8 V widened to fp16), made right before the product is issued.
 
-    P crosses the loop's back edge in fp32 and unscaled, and is read again after the P·V is
-    issued (its row sums). So the codes never share registers with P: were they made in P's
-    registers, or carried across the back edge, the next block's P would be due in the
-    registers the in-flight P·V reads, and ptxas would retire that P·V before the softmax.
+    P crosses the loop's back edge in fp32 and unscaled: the codes never share registers
+    with P. Were they made in P's registers, or carried across the back edge, the next
+    block's P would be due in the registers the in-flight P·V reads, and ptxas would retire
+    that P·V before the softmax; 8-bit codes carried across the back edge also come apart
+    into a register each and are packed again (~100 PRMT and LOP3 per block). The factors
+    are loaded here, not carried: with 128-key blocks, P, the factors, the K scales, the
+    accumulator and the next scores do not fit in 240 registers at once.
     """
+    factor = scale_smem.index(3 * (g % STAGES) + 1).load(gl.SliceLayout(0, s_layout))
     return gl.convert_layout((p * factor[None, :]).to(dtype), p_layout)
 
 
 @gluon.jit
-def _step(j, base, p, factor, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_smem,
+def _step(j, base, p, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_smem,
           v_smem, scale_smem, ready, empty, turn, s_layout: gl.constexpr,
           o_layout: gl.constexpr, MASKED: gl.constexpr, WG: gl.constexpr,
           STAGES: gl.constexpr):  # fmt: skip
     """One turn of a consumer: the P·V of key block j and the softmax of block j + 1 (block
     j is the program's block base + j).
 
-    On entry the consumer holds its turn j; p is block j's P (fp32, unscaled) and factor its
-    per-key e4m3 factors; l_i lacks block j's row sums; acc (complete, in registers) holds
-    blocks 0..j-1 and is in block j's unit once multiplied by `rescale` (per row). It makes
-    P's codes, rescales acc, issues the QKᵀ of block j + 1 and the P·V of block j, and ends
-    the turn. Block j's row sums go into l_i and block j + 1's scales are read from shared
-    memory under the products; wait(1) retires the QKᵀ; the softmax of block j + 1 runs
-    under the P·V (and under the other consumer's products). Then it waits for its turn
-    j + 1, and only then retires the P·V (wait(0)), which frees block j's stage.
+    On entry the consumer holds its turn j; p is block j's P (fp32, unscaled); l_i holds
+    blocks 0..j; acc (complete, in registers) holds blocks 0..j-1 and is in block j's unit
+    once multiplied by `rescale` (per row). It makes P's codes, rescales acc, issues the
+    QKᵀ of block j + 1 and the P·V of block j, and ends the turn. Block j + 1's scales are
+    read from shared memory under the products; wait(1) retires the QKᵀ; the softmax of
+    block j + 1 runs under the P·V (and under the other consumer's products). Then it waits
+    for its turn j + 1, and only then retires the P·V (wait(0)), which frees block j's
+    stage.
 
     Why the turn wait comes before wait(0): ptxas keeps memory accesses on their side of a
     wgmma wait, and issues the wait as soon as the accesses before it are issued. With only
@@ -117,18 +122,18 @@ def _step(j, base, p, factor, acc, rescale, m_i, l_i, unit, q_scale, rows, q_sme
     p_layout: gl.constexpr = gl.DotOperandLayout(
         operand_index=0, parent=o_layout, k_width=32 // v_smem.dtype.primitive_bitwidth
     )
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
+    N: gl.constexpr = k_smem.shape[1]
+    s_zero = gl.zeros([BLOCK_M, N], gl.int32, s_layout)
     g = base + j
-    p_op = _p_operand(p, factor, p_layout, v_smem.dtype)
+    p_op = _p_operand(p, scale_smem, g, STAGES, s_layout, p_layout, v_smem.dtype)
     acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
     s_next = _qk(q_smem, k_smem, ready, g + 1, s_zero, STAGES)
     acc = warpgroup_mma(p_op, v_smem.index(g % STAGES).permute((1, 0)), acc, is_async=True)
     _turn_pass(turn, WG)
-    l_i = l_i + gl.sum(p, axis=1)  # block j's row sums: P's last read
-    k_scale, factor, new_unit = _block_scales(scale_smem, g + 1, STAGES, s_layout)
+    k_scale, new_unit = _block_scales(scale_smem, g + 1, STAGES, s_layout)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,)).to(gl.float32)
     p, alpha, m_i, l_i = _softmax(s, q_scale, m_i, l_i, k_scale, rows, j + 1, s_layout, MASKED)
     _turn_wait(turn, g + 1, WG)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(empty.index(g % STAGES), count=1)  # block j's K, V, scales are read
-    return p, factor, acc, alpha * (unit / new_unit), m_i, l_i, new_unit
+    return p, acc, alpha * (unit / new_unit), m_i, l_i, new_unit

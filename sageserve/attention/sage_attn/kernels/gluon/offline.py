@@ -34,12 +34,13 @@ _ALIGNED = ("q_ptr", "k_scale_ptr", "v_scale_ptr", "page_table_ptr", "out_ptr", 
             "q_start_ptr", "q_len_ptr", "kv_len_ptr", "stride_qt", "stride_qh", "stride_ot",
             "stride_oh")  # fmt: skip
 _CONSTEXPRS = ("STAGES", "CONSUMER_REGS", "PRODUCER_REGS", "ROTATE", "WIDENER_WARPS",
-               "WIDENER_REGS")  # fmt: skip
+               "WIDENER_REGS", "BLOCK_KEYS")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Build:
-    """One build of the kernel: P·V in "fp8" or "fp16", head_dim, Q rotated, causal."""
+    """One build of the kernel: P·V in "fp8" or "fp16", head_dim, Q rotated, causal, keys
+    per block."""
 
     pv: str = "fp16"
     head_dim: int = 128
@@ -47,6 +48,7 @@ class Build:
     causal: bool = True
     stages: int = DEFAULT_STAGES
     maxnreg: int = MAXNREG
+    block_keys: int = 64
 
 
 def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
@@ -70,7 +72,7 @@ def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
         "kv_len_ptr": "*i32", "n_items": "i32", "stride_qt": "i32", "stride_qh": "i32",
         "stride_table": "i32", "stride_ot": "i32", "stride_oh": "i32", "sm_scale": "fp32",
     }  # fmt: skip
-    options = launch_options(build.stages, build.maxnreg, build.rotate)
+    options = launch_options(build.stages, build.maxnreg, build.rotate, build.block_keys)
     constexprs = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "CAUSAL": build.causal}
     constexprs |= {name: options.pop(name) for name in _CONSTEXPRS}
     signature |= dict.fromkeys(constexprs, "constexpr")

@@ -13,7 +13,7 @@ import numpy as np
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M, BLOCK_N, TILE
+from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M, TILE
 
 
 def consumer_blocks(q_len, kv_len, first_row, wg, causal, rows_per_wg, block_n):
@@ -74,11 +74,13 @@ _consumer_blocks_jit = gluon.jit(consumer_blocks)
 
 
 @gluon.jit
-def _item_blocks(q_len, kv_len, first_row, WG: gl.constexpr, CAUSAL: gl.constexpr):
-    """(n, full, loaded) of consumer WG in a work item (see `_consumer_blocks`); loaded =
-    max over both consumers: the blocks the producer loads and each consumer's turns."""
-    n0, full0 = _consumer_blocks_jit(q_len, kv_len, first_row, 0, CAUSAL, BLOCK_M, BLOCK_N)
-    n1, full1 = _consumer_blocks_jit(q_len, kv_len, first_row, 1, CAUSAL, BLOCK_M, BLOCK_N)
+def _item_blocks(q_len, kv_len, first_row, WG: gl.constexpr, CAUSAL: gl.constexpr,
+                 BLOCK_KEYS: gl.constexpr):  # fmt: skip
+    """(n, full, loaded) of consumer WG in a work item over blocks of BLOCK_KEYS keys (see
+    `consumer_blocks`); loaded = max over both consumers: the blocks the producer loads and
+    each consumer's turns."""
+    n0, full0 = _consumer_blocks_jit(q_len, kv_len, first_row, 0, CAUSAL, BLOCK_M, BLOCK_KEYS)
+    n1, full1 = _consumer_blocks_jit(q_len, kv_len, first_row, 1, CAUSAL, BLOCK_M, BLOCK_KEYS)
     loaded = gl.maximum(n0, n1)
     if WG == 0:
         return n0, full0, loaded

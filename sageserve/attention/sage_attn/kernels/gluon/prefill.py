@@ -16,11 +16,12 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from sageserve.attention.sage_attn.kernels.gluon.config import (
     BLOCK_M,
-    BLOCK_N,
     DEFAULT_STAGES,
     HEAD_DIMS,
     KEYS,
     MAXNREG,
+    block_keys_refusal,
+    default_block_keys,
     launch_options,
 )
 from sageserve.attention.sage_attn.kernels.gluon.consumer import _consumer
@@ -44,6 +45,21 @@ def _sylvester_smem(dtype: gl.constexpr, D: gl.constexpr):
     return h_smem
 
 
+@gluon.jit
+def _block_view(v_pages, STAGES: gl.constexpr, N: gl.constexpr):
+    """The V pages [STAGES * N // PAGE, D, PAGE] of the stage ring as [STAGES, D, N] tiles.
+    An NVMMA tile wider than its swizzle is stored as column strips of the swizzle's width,
+    one after the other, each laid out as a tile of that width: so two [D, 64] pages of
+    8-bit codes (64-byte swizzle) are the two strips of a [D, 128] tile."""
+    if v_pages.shape[0] == STAGES:
+        return v_pages
+    else:
+        width: gl.constexpr = v_pages.type.layout.swizzle_byte_width
+        layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=width,
+                                                    element_bitwidth=8, rank=2)  # fmt: skip
+        return v_pages._reinterpret(v_pages.dtype, [STAGES, v_pages.shape[1], N], layout)
+
+
 # The item count and the page table's width (its row stride) change from step to step:
 # specializing on them (== 1, divisible by 16) would compile variants while serving.
 @gluon.jit(do_not_specialize=["n_items", "stride_table"])
@@ -54,6 +70,7 @@ def _sage_ws_prefill_kernel(
     num_q_heads: gl.constexpr, num_kv_heads: gl.constexpr, CAUSAL: gl.constexpr,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     ROTATE: gl.constexpr, WIDENER_WARPS: gl.constexpr, WIDENER_REGS: gl.constexpr,
+    BLOCK_KEYS: gl.constexpr,
 ):  # fmt: skip
     """8-bit attention of a varlen batch with cached prefixes: work items w = program_id,
     + num_programs, ... < n_items of the plan ([items, 3] int32: sequence, first row of the
@@ -66,15 +83,20 @@ def _sage_ws_prefill_kernel(
     widener partition of WIDENER_WARPS warps turns into fp16 per stage (`_widener`)
     for an fp16 P·V. D (64 or 128) is the K descriptor's block width. ROTATE: Q rows are
     rotated by the Hadamard matrix before quantization (the cache's K codes are rotated by
-    the store)."""
+    the store). BLOCK_KEYS: keys per block and stage, one page (64) or two (128); the V
+    pages of a stage ([D, 64] TMA boxes, one after the other) are read as one [D, 128] tile
+    of the same swizzle."""
     D: gl.constexpr = k_desc.block_type.shape[1]
     PV_FP8: gl.constexpr = v_desc.dtype == gl.float8e4nv
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl.int8)
     plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])  # per row
     q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, D], q_layout)
-    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, D, BLOCK_N], v_desc.layout)
-    scale_smem = gl.allocate_shared_memory(gl.float32, [3 * STAGES, BLOCK_N], plain)
+    PAGES: gl.constexpr = BLOCK_KEYS // k_desc.block_type.shape[0]
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_KEYS, D], k_desc.layout)
+    v_pages = gl.allocate_shared_memory(v_desc.dtype, [STAGES * PAGES, D, BLOCK_KEYS // PAGES],
+                                        v_desc.layout)  # fmt: skip
+    v_smem = _block_view(v_pages, STAGES, BLOCK_KEYS)
+    scale_smem = gl.allocate_shared_memory(gl.float32, [3 * STAGES, BLOCK_KEYS], plain)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -87,13 +109,13 @@ def _sage_ws_prefill_kernel(
         mbarrier.init(turn.index(i), count=1)  # the other consumer's end of turn
     # Constexprs go to the partitions directly (in an assigned tuple they become runtime).
     producer_args = (
-        k_desc, v_desc, k_smem, v_smem, scale_smem, ready, empty, k_scale_ptr, v_scale_ptr,
+        k_desc, v_desc, k_smem, v_pages, scale_smem, ready, empty, k_scale_ptr, v_scale_ptr,
         page_table_ptr, stride_table, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
     )  # fmt: skip
     if not PV_FP8:  # the consumers read the fp16 copy, and `widened` as their `ready`
-        v16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, BLOCK_N],
+        v16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, BLOCK_KEYS],
                                                                          gl.float16)  # fmt: skip
-        v16_smem = gl.allocate_shared_memory(gl.float16, [STAGES, D, BLOCK_N], v16_layout)
+        v16_smem = gl.allocate_shared_memory(gl.float16, [STAGES, D, BLOCK_KEYS], v16_layout)
         widened = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(widened.index(i), count=1)  # the widener's, after its stores
@@ -159,6 +181,7 @@ def sage_attention_ws(
     persistent: bool = True,
     stages: int = DEFAULT_STAGES,
     maxnreg: int = MAXNREG,
+    block_keys: int | None = None,
 ) -> torch.Tensor:
     """8-bit attention of every sequence's query chunk over its cached keys, warp-specialized
     (sm_90): what `kernels.prefill.sage_attention_paged` computes, without the channel
@@ -174,17 +197,23 @@ def sage_attention_ws(
     sm_scale: the softmax scale of the (rotated) basis. persistent: one program per SM over
     the plan's items round-robin (the default: on an H100 it was never slower than one
     program per item and 5-15% faster on a batch of 1k-token chunks over cached prefixes;
-    BENCHMARKS.md, 2026-12-06); otherwise one program per item. One launch, no host sync.
+    BENCHMARKS.md, 2026-12-06); otherwise one program per item. block_keys: keys per
+    softmax step and ring stage, one page (64) or two (128); None: `default_block_keys` (128
+    at head_dim 64, else 64). One launch, no host sync.
     Returns out.
     """
     check_ws_args(q, k_cache, v_cache, plan, out)
+    pv_fp8 = v_cache.dtype == torch.float8_e4m3fn
+    block_keys = block_keys or default_block_keys(q.shape[2])
+    if refusal := block_keys_refusal(pv_fp8, q.shape[2], block_keys):
+        raise ValueError(refusal)
     _, heads, dim = q.shape
     page = k_cache.shape[2]
     kv_heads = k_cache.shape[1]
     items = plan.shape[0]
     if items == 0:
         return out
-    v_dtype = gl.float8e4nv if v_cache.dtype == torch.float8_e4m3fn else gl.int8
+    v_dtype = gl.float8e4nv if pv_fp8 else gl.int8
     k_desc = cache_descriptor(k_cache.view(-1, dim), [KEYS, dim], gl.int8)
     v_desc = cache_descriptor(v_cache.view(-1, page), [dim, KEYS], v_dtype)
     grid = items
@@ -194,7 +223,7 @@ def sage_attention_ws(
         q, k_desc, v_desc, k_scale, v_scale, page_table, out, plan, q_start, q_len, kv_len,
         items, q.stride(0), q.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
         sm_scale, num_q_heads=heads, num_kv_heads=kv_heads, CAUSAL=causal,
-        **launch_options(stages, maxnreg, rotate),
+        **launch_options(stages, maxnreg, rotate, block_keys),
     )  # fmt: skip
     return out
 

@@ -8,27 +8,36 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_N, FP8_MAX
+from sageserve.attention.sage_attn.kernels.gluon.config import FP8_MAX, PAGE
 from sageserve.attention.sage_attn.kernels.gluon.plan import _item_blocks, _plan_item
 
 
 @gluon.jit
-def _prepare_scales(k_scale_ptr, v_scale_ptr, page, first_key, kv_len, scale_smem, stage,
+def _block_slots(table, block, last_page, kv_head, num_kv_heads: gl.constexpr,
+                 N: gl.constexpr, layout: gl.constexpr):  # fmt: skip
+    """[N] the cache slots (rows of the [P * Hkv * PAGE] scale arrays) of key block `block`'s
+    keys, N // PAGE pages of the sequence's table; pages past last_page clamped to it."""
+    keys = gl.arange(0, N, layout=layout)
+    page = gl.load(table + gl.minimum(block * (N // PAGE) + keys // PAGE, last_page))
+    return (page * num_kv_heads + kv_head) * PAGE + keys % PAGE
+
+
+@gluon.jit
+def _prepare_scales(k_scale_ptr, v_scale_ptr, slot, first_key, kv_len, scale_smem, stage,
                     PV_FP8: gl.constexpr):  # fmt: skip
     """One key block's scales for both consumers, into rows 3 * stage .. + 2 of scale_smem
-    [3 * STAGES, BLOCK_N] fp32: the K scales, P's per-key factors, and the unit of the
-    block's P·V (repeated). The block is `page` (cache row page * BLOCK_N ..), its keys
-    first_key .. + BLOCK_N - 1 of the sequence; the V scales of keys >= kv_len (stale slots
-    of the last page) are zeroed, so they get factor 0, as in the Triton kernel.
+    [3 * STAGES, N] fp32: the K scales, P's per-key factors, and the unit of the block's
+    P·V (repeated). slot: [N] the keys' cache slots (`_block_slots`), the keys being
+    first_key .. + N - 1 of the sequence; the V scales of keys >= kv_len (stale slots of
+    the last page, or a clamped page) are zeroed, so they get factor 0, as in the Triton
+    kernel.
 
     FP8 P·V: factors v_scale * 448 / block_max and unit block_max / 448, block_max being
     the block's largest V scale. (The Triton kernel's diagonal blocks take that max over
     keys < min(kv_len, end of its 64-row block), here over keys < kv_len: the same P up to
     its e4m3 rounding.) fp16 P·V: the factors are the V scales and the unit is 1, as
     `scaled_pv` multiplies P by each key's scale before the fp16 rounding."""
-    layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
-    keys = gl.arange(0, BLOCK_N, layout=layout)
-    slot = page * BLOCK_N + keys
+    keys = gl.arange(0, slot.shape[0], layout=slot.type.layout)
     k_scale = gl.load(k_scale_ptr + slot).to(gl.float32)
     v_scale = gl.load(v_scale_ptr + slot).to(gl.float32)
     v_scale = gl.where(first_key + keys < kv_len, v_scale, 0.0)
@@ -43,37 +52,55 @@ def _prepare_scales(k_scale_ptr, v_scale_ptr, page, first_key, kv_len, scale_sme
 
 
 @gluon.jit
+def _load_block(k_desc, v_desc, k_smem, v_pages, bar, stage, table, block, last_page, kv_head,
+                num_kv_heads: gl.constexpr):  # fmt: skip
+    """TMA the N // PAGE pages of key block `block` into stage `stage`: K pages [PAGE, D]
+    into consecutive rows of k_smem's stage [N, D], V pages [D, PAGE] into v_pages' slots
+    stage * N // PAGE .. (the consumers read them as one [D, N] tile), all on barrier bar."""
+    PAGES: gl.constexpr = k_smem.shape[1] // PAGE
+    for i in gl.static_range(PAGES):
+        page = gl.load(table + gl.minimum(block * PAGES + i, last_page)) * num_kv_heads + kv_head
+        tma.async_copy_global_to_shared(k_desc, [page * PAGE, 0], bar,
+                                        k_smem.index(stage).slice(i * PAGE, PAGE))  # fmt: skip
+        tma.async_copy_global_to_shared(v_desc, [page * v_pages.shape[1], 0], bar,
+                                        v_pages.index(stage * PAGES + i))  # fmt: skip
+
+
+@gluon.jit
 def _producer(args, num_q_heads: gl.constexpr, num_kv_heads: gl.constexpr,
               CAUSAL: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """One warp: for every key block of the program's work items, in order, TMA K
-    [BLOCK_N, D] and V [D, BLOCK_N] (one page each) into stage g % STAGES (g counts the
-    program's blocks across its items) once both consumers released block g - STAGES, then
+    """One warp: for every key block of N keys (N // PAGE pages) of the program's work items,
+    in order, TMA its K and V pages into stage g % STAGES (g counts the program's blocks
+    across its items) once both consumers released block g - STAGES (`_load_block`), then
     the block's scales (`_prepare_scales`). ready[s] completes on the TMA bytes and two
     arrives: the expect's and the one after the scales are stored. `loaded` blocks per item
-    (`_item_blocks`); the page of a block past the sequence's last page (the fully masked
-    extra block of a short tile) is clamped to the last page: page tables are padded only
-    to 128 keys. args: the kernel's runtime producer arguments."""
-    (k_desc, v_desc, k_smem, v_smem, scale_smem, ready, empty, k_scale_ptr, v_scale_ptr,
+    (`_item_blocks`); a page past the sequence's last page (the fully masked extra block of
+    a short tile, the second half of a last block) is clamped to the last page: page tables
+    are padded only to 128 keys. args: the kernel's runtime producer arguments."""
+    (k_desc, v_desc, k_smem, v_pages, scale_smem, ready, empty, k_scale_ptr, v_scale_ptr,
      page_table_ptr, stride_table, plan_ptr, q_len_ptr, kv_len_ptr, n_items) = args  # fmt: skip
+    N: gl.constexpr = k_smem.shape[1]
+    PAGES: gl.constexpr = N // PAGE
+    keys_layout: gl.constexpr = gl.BlockedLayout([N // 32], [32], [1], [0])
+    nbytes: gl.constexpr = PAGES * (k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     base = 0
     for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
         seq, first_row, head, q_len, kv_len = _plan_item(plan_ptr, q_len_ptr, kv_len_ptr, w)
-        _, _, loaded = _item_blocks(q_len, kv_len, first_row, 0, CAUSAL)
+        _, _, loaded = _item_blocks(q_len, kv_len, first_row, 0, CAUSAL, N)
         kv_head = head // (num_q_heads // num_kv_heads)
         table = page_table_ptr + seq.to(gl.int64) * stride_table
-        last_page = (kv_len - 1) // BLOCK_N
+        last_page = (kv_len - 1) // PAGE
         for block in range(loaded):
             g = base + block
             stage = g % STAGES
             mbarrier.wait(empty.index(stage), ((g // STAGES) & 1) ^ 1)
-            page = gl.load(table + gl.minimum(block, last_page)) * num_kv_heads + kv_head
             bar = ready.index(stage)
-            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [page * BLOCK_N, 0], bar, k_smem.index(stage))
-            tma.async_copy_global_to_shared(v_desc, [page * v_smem.shape[1], 0], bar,
-                                            v_smem.index(stage))  # fmt: skip
-            _prepare_scales(k_scale_ptr, v_scale_ptr, page, block * BLOCK_N, kv_len,
-                            scale_smem, stage, v_smem.dtype == gl.float8e4nv)  # fmt: skip
+            mbarrier.expect(bar, nbytes)
+            _load_block(k_desc, v_desc, k_smem, v_pages, bar, stage, table, block, last_page,
+                        kv_head, num_kv_heads)  # fmt: skip
+            slot = _block_slots(table, block, last_page, kv_head, num_kv_heads, N, keys_layout)
+            _prepare_scales(k_scale_ptr, v_scale_ptr, slot, block * N, kv_len, scale_smem,
+                            stage, v_pages.dtype == gl.float8e4nv)  # fmt: skip
             gl.thread_barrier()  # every lane's scales are stored before the one arrive
             mbarrier.arrive(bar, count=1)
         base += loaded
@@ -105,11 +132,12 @@ def _int8_to_fp16(codes):
 
 @gluon.jit
 def _widen_stage(v_smem, v16_smem, stage, WARPS: gl.constexpr):
-    """V [D, BLOCK_N] INT8 codes of a stage -> fp16 in v16_smem's stage, 8 * WARPS rows at a
+    """V [D, N] INT8 codes of a stage -> fp16 in v16_smem's stage, 512 * WARPS codes at a
     time (16 codes per thread: 4 registers in, 8 out, within the widener's small register
     budget)."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
-    rows: gl.constexpr = 8 * WARPS
+    N: gl.constexpr = v_smem.shape[2]
+    layout: gl.constexpr = gl.BlockedLayout([1, 16], [512 // N, N // 16], [WARPS, 1], [1, 0])
+    rows: gl.constexpr = 512 // N * WARPS
     D: gl.constexpr = v_smem.shape[1]
     src = v_smem.index(stage)
     dst = v16_smem.index(stage)
@@ -129,7 +157,7 @@ def _widener(args, CAUSAL: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constex
     base = 0
     for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
         _, first_row, _, q_len, kv_len = _plan_item(plan_ptr, q_len_ptr, kv_len_ptr, w)
-        _, _, loaded = _item_blocks(q_len, kv_len, first_row, 0, CAUSAL)
+        _, _, loaded = _item_blocks(q_len, kv_len, first_row, 0, CAUSAL, v_smem.shape[2])
         for block in range(loaded):
             g = base + block
             stage = g % STAGES
