@@ -27,19 +27,15 @@ WIDENER_WARPS, WIDENER_REGS = 2, 24
 HEAD_DIMS = (64, 128)
 
 
-def block_keys_refusal(pv_fp8: bool, head_dim: int, block_keys: int,
-                       prequantize: bool) -> str | None:  # fmt: skip
+def block_keys_refusal(pv_fp8: bool, head_dim: int, block_keys: int) -> str | None:
     """Why the kernel cannot take blocks of `block_keys` keys with this P·V and head dim
-    (None: it can). fp16 P·V at head_dim 128 holds a 65.5 KB stage of 128 keys (INT8 K and
-    V, V widened to fp16, the scales): only 3 stages fit an SM's 227 KB, and only without
-    the in-kernel rotation's ±1 matrix and its layout scratch (48.6 KB), so Q must come
-    quantized (`prequantize`)."""
+    (None: it can). fp16 P·V at head_dim 128 holds a 64 KB stage of 128 keys (INT8 K and V,
+    V widened to fp16, scales): 4 stages need ~330 KB of shared memory, an SM has 227 KB."""
     if block_keys not in BLOCK_KEYS:
         return f"keys per block must be one of {BLOCK_KEYS}, got {block_keys}"
-    if block_keys == 128 and not pv_fp8 and head_dim == 128 and not prequantize:
-        return ("128-key blocks with fp16 P·V at head_dim 128 fit shared memory (227 KB) only "
-                "with Q quantized beforehand (prequantize) and 3 stages: use 64-key blocks "
-                "or prequantize")  # fmt: skip
+    if block_keys == 128 and not pv_fp8 and head_dim == 128:
+        return ("128-key blocks with fp16 P·V at head_dim 128 need ~330 KB of shared memory "
+                "for 4 stages (an SM has 227 KB): use 64-key blocks or FP8 P·V")  # fmt: skip
     return None
 
 
@@ -52,11 +48,6 @@ def default_block_keys(head_dim: int) -> int:
     7-20% faster on one 16k prompt but 12% slower on the causal serving batch (16 chunks of
     1k tokens over cached prefixes), the prefill the server runs."""
     return 128 if head_dim == 64 else 64
-
-
-def default_stages(pv_fp8: bool, head_dim: int, block_keys: int) -> int:
-    """DEFAULT_STAGES, or 3 where 4 stages do not fit (fp16 P·V, head_dim 128, 128 keys)."""
-    return 3 if (not pv_fp8 and head_dim == 128 and block_keys == 128) else DEFAULT_STAGES
 
 
 def launch_options(stages: int, maxnreg: int, rotate: bool, block_keys: int) -> dict:

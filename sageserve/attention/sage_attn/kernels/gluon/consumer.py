@@ -113,25 +113,6 @@ def _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, n_real, head, stride_qt, stri
 
 
 @gluon.jit
-def _load_q_codes(codes_ptr, scales_ptr, q_smem, q_row, n_real, head, stride_qt, stride_qh,
-                  stride_st, rows_s: gl.constexpr):  # fmt: skip
-    """Q rows q_row .. q_row + 63 of `head` as `kernels.quantize_q` made them (codes [T, Hq,
-    D] int8, scales [T, Hq] fp32 with sm_scale and log2 e folded in): the codes into q_smem
-    (rows past n_real as zeros, never read) and the rows' scales ([BLOCK_M] in rows_s)."""
-    D: gl.constexpr = q_smem.shape[1]
-    blocked: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
-    r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
-    d = gl.arange(0, D, layout=gl.SliceLayout(0, blocked))
-    offsets = (q_row + r).to(gl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :]
-    real = (r[:, None] < n_real) & (d[None, :] < D)
-    q_smem.store(gl.load(codes_ptr + offsets, mask=real, other=0))
-    fence_async_shared()  # the codes are read by wgmma (the async proxy)
-    rows = gl.arange(0, BLOCK_M, layout=rows_s)
-    scales = scales_ptr + (q_row + rows).to(gl.int64) * stride_st + head
-    return gl.load(scales, mask=rows < n_real, other=1.0)
-
-
-@gluon.jit
 def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
             CAUSAL: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
             ROTATE: gl.constexpr):  # fmt: skip
@@ -141,8 +122,7 @@ def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
     full .. n - 1 in the masked one (<= 2 iterations), then the last P·V and the empty
     turns n .. loaded - 1."""
     (q_ptr, out_ptr, q_smem, h_smem, k_smem, v_smem, scale_smem, ready, empty, turn,
-     q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale, q_scale_ptr,
-     stride_st) = args  # fmt: skip
+     q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale) = args  # fmt: skip
     D: gl.constexpr = k_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[1]  # keys per block: one page or two
     PV_BITS: gl.constexpr = v_smem.dtype.primitive_bitwidth  # 8 (FP8 codes) or 16 (fp16)
@@ -160,12 +140,8 @@ def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
     lo = first_row + WG * BLOCK_M
     q_row = gl.load(q_start_ptr + seq) + lo
     q_smem = q_smem.index(WG)
-    if q_ptr.dtype.element_ty == gl.int8:  # codes and scales from `quantize_q`
-        q_scale = _load_q_codes(q_ptr, q_scale_ptr, q_smem, q_row, q_len - lo, head,
-                                stride_qt, stride_qh, stride_st, rows_s)  # fmt: skip
-    else:
-        q_scale = _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, q_len - lo, head, stride_qt,
-                                   stride_qh, sm_scale, rows_s, ROTATE)  # fmt: skip
+    q_scale = _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, q_len - lo, head, stride_qt,
+                               stride_qh, sm_scale, rows_s, ROTATE)  # fmt: skip
     last_key = _last_keys(lo + gl.arange(0, BLOCK_M, layout=rows_s), q_len, kv_len, CAUSAL)
 
     # Block 0's QKᵀ and softmax (outside the turns), always masked: every row sees key 0.

@@ -16,19 +16,16 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from sageserve.attention.sage_attn.kernels.gluon.config import (
     BLOCK_M,
+    DEFAULT_STAGES,
     HEAD_DIMS,
     KEYS,
-    LOG2E,
     MAXNREG,
     block_keys_refusal,
     default_block_keys,
-    default_stages,
     launch_options,
 )
 from sageserve.attention.sage_attn.kernels.gluon.consumer import _consumer
 from sageserve.attention.sage_attn.kernels.gluon.producer import _producer, _widener
-from sageserve.attention.sage_attn.kernels.quantize_q import quantize_q
-from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel
 
 
 @gluon.jit
@@ -67,9 +64,9 @@ def _block_view(v_pages, STAGES: gl.constexpr, N: gl.constexpr):
 # specializing on them (== 1, divisible by 16) would compile variants while serving.
 @gluon.jit(do_not_specialize=["n_items", "stride_table"])
 def _sage_ws_prefill_kernel(
-    q_ptr, q_scale_ptr, k_desc, v_desc, k_scale_ptr, v_scale_ptr, page_table_ptr, out_ptr,
-    plan_ptr, q_start_ptr, q_len_ptr, kv_len_ptr, n_items, stride_qt, stride_qh, stride_st,
-    stride_table, stride_ot, stride_oh, sm_scale,
+    q_ptr, k_desc, v_desc, k_scale_ptr, v_scale_ptr, page_table_ptr, out_ptr, plan_ptr,
+    q_start_ptr, q_len_ptr, kv_len_ptr, n_items, stride_qt, stride_qh, stride_table,
+    stride_ot, stride_oh, sm_scale,
     num_q_heads: gl.constexpr, num_kv_heads: gl.constexpr, CAUSAL: gl.constexpr,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     ROTATE: gl.constexpr, WIDENER_WARPS: gl.constexpr, WIDENER_REGS: gl.constexpr,
@@ -126,8 +123,7 @@ def _sage_ws_prefill_kernel(
     pv_ready = ready if PV_FP8 else widened
     consumer_args = (
         q_ptr, out_ptr, q_smem, h_smem, k_smem, pv_smem, scale_smem, pv_ready, empty, turn,
-        q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale, q_scale_ptr,
-        stride_st,
+        q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale,
     )  # fmt: skip
     # A partition list cannot be built in pieces (a tuple holding a function is not a value
     # here): one warp_specialize per P·V mode, the fp16 one with the widener.
@@ -183,68 +179,53 @@ def sage_attention_ws(
     causal: bool = True,
     rotate: bool = False,
     persistent: bool = True,
-    stages: int | None = None,
+    stages: int = DEFAULT_STAGES,
     maxnreg: int = MAXNREG,
     block_keys: int | None = None,
-    prequantize: bool = False,
 ) -> torch.Tensor:
     """8-bit attention of every sequence's query chunk over its cached keys, warp-specialized
     (sm_90): what `kernels.prefill.sage_attention_paged` computes, without the channel
     balance.
 
-    q: [T, Hq, D] bf16 or fp16, D 64 or 128 (unrotated: with `rotate`, it is rotated before
-    quantization); k_cache: [P, Hkv, 64, D] int8 (rotated keys when `rotate`); v_cache: [P,
-    Hkv, D, 64] float8_e4m3fn (FP8 P·V) or int8 (fp16 P·V); k_scale, v_scale: [P, Hkv, 64]
-    fp16. page_table: [B, width] int32 from `padded_page_table`; q_start, q_len, kv_len: [B]
-    int32 (q_len >= 1 for every planned sequence, kv_len >= q_len, the new keys already
-    stored); plan: `plan.work_plan(...)` [items, 3] int32 on q's device, made with the same
-    causal flag; out: [T, Hq, D] in q's dtype, rows outside every planned sequence
-    untouched. sm_scale: the softmax scale of the (rotated) basis. persistent: one program
-    per SM over the plan's items round-robin (the default: on an H100 it was never slower
-    than one program per item and 5-15% faster on a batch of 1k-token chunks over cached
-    prefixes; BENCHMARKS.md, 2026-12-06); otherwise one program per item. block_keys: keys
-    per softmax step and ring stage, one page (64) or two (128); None: `default_block_keys`.
-    stages: None picks `default_stages`. prequantize: Q rotated and quantized by
-    `quantize_q` before the launch, instead of in each tile's prologue (frees the shared
-    memory of the ±1 matrix). One or two launches, no host sync. Returns out.
+    q: [T, Hq, D] bf16 or fp16, D 64 or 128 (unrotated: with `rotate`, the kernel rotates
+    it); k_cache: [P, Hkv, 64, D] int8 (rotated keys when `rotate`); v_cache: [P, Hkv, D, 64]
+    float8_e4m3fn (FP8 P·V) or int8 (fp16 P·V); k_scale, v_scale: [P, Hkv, 64] fp16.
+    page_table: [B, width] int32 from `padded_page_table`; q_start, q_len, kv_len: [B] int32
+    (q_len >= 1 for every planned sequence, kv_len >= q_len, the new keys already stored);
+    plan: `plan.work_plan(...)` [items, 3] int32 on q's device, made with the same causal
+    flag; out: [T, Hq, D] in q's dtype, rows outside every planned sequence untouched.
+    sm_scale: the softmax scale of the (rotated) basis. persistent: one program per SM over
+    the plan's items round-robin (the default: on an H100 it was never slower than one
+    program per item and 5-15% faster on a batch of 1k-token chunks over cached prefixes;
+    BENCHMARKS.md, 2026-12-06); otherwise one program per item. block_keys: keys per
+    softmax step and ring stage, one page (64) or two (128); None: `default_block_keys` (128
+    at head_dim 64, else 64). One launch, no host sync.
+    Returns out.
     """
     check_ws_args(q, k_cache, v_cache, plan, out)
-    _, heads, dim = q.shape
     pv_fp8 = v_cache.dtype == torch.float8_e4m3fn
-    block_keys = block_keys or default_block_keys(dim)
-    if refusal := block_keys_refusal(pv_fp8, dim, block_keys, prequantize):
+    block_keys = block_keys or default_block_keys(q.shape[2])
+    if refusal := block_keys_refusal(pv_fp8, q.shape[2], block_keys):
         raise ValueError(refusal)
-    stages = stages or default_stages(pv_fp8, dim, block_keys)
-    if plan.shape[0] == 0:
-        return out
-    q_args = _query_args(q, sm_scale, rotate, prequantize)
+    _, heads, dim = q.shape
     page = k_cache.shape[2]
+    kv_heads = k_cache.shape[1]
+    items = plan.shape[0]
+    if items == 0:
+        return out
+    v_dtype = gl.float8e4nv if pv_fp8 else gl.int8
     k_desc = cache_descriptor(k_cache.view(-1, dim), [KEYS, dim], gl.int8)
-    v_desc = cache_descriptor(v_cache.view(-1, page), [dim, KEYS],
-                              gl.float8e4nv if pv_fp8 else gl.int8)  # fmt: skip
-    grid = plan.shape[0]
+    v_desc = cache_descriptor(v_cache.view(-1, page), [dim, KEYS], v_dtype)
+    grid = items
     if persistent:
-        grid = min(grid, torch.cuda.get_device_properties(q.device).multi_processor_count)
-    codes, scales, stride_t, stride_h, stride_s = q_args
+        grid = min(items, torch.cuda.get_device_properties(q.device).multi_processor_count)
     _sage_ws_prefill_kernel[(grid,)](
-        codes, scales, k_desc, v_desc, k_scale, v_scale, page_table, out, plan, q_start, q_len,
-        kv_len, plan.shape[0], stride_t, stride_h, stride_s, page_table.stride(0),
-        out.stride(0), out.stride(1), sm_scale, num_q_heads=heads,
-        num_kv_heads=k_cache.shape[1], CAUSAL=causal,
-        **launch_options(stages, maxnreg, rotate and not prequantize, block_keys),
+        q, k_desc, v_desc, k_scale, v_scale, page_table, out, plan, q_start, q_len, kv_len,
+        items, q.stride(0), q.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
+        sm_scale, num_q_heads=heads, num_kv_heads=kv_heads, CAUSAL=causal,
+        **launch_options(stages, maxnreg, rotate, block_keys),
     )  # fmt: skip
     return out
-
-
-def _query_args(q: torch.Tensor, sm_scale: float, rotate: bool, prequantize: bool) -> tuple:
-    """(q_ptr, q_scale_ptr, stride_qt, stride_qh, stride_st) of the kernel: q itself (its
-    scale pointer unused), or its codes [T, Hq, D] int8 and row scales [T, Hq] fp32 from
-    `quantize_q` (rotated the tensor-core way, as the kernel's own rotation)."""
-    if not prequantize:
-        return q, q, q.stride(0), q.stride(1), 0
-    rotation = HadamardKernel.TENSOR_CORE if rotate else HadamardKernel.OFF
-    codes, scales = quantize_q(q, sm_scale * LOG2E.value, rotation)
-    return codes, scales, codes.stride(0), codes.stride(1), scales.stride(0)
 
 
 def cache_descriptor(rows: torch.Tensor, box: list[int], dtype: gl.dtype) -> TensorDescriptor:
