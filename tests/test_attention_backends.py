@@ -60,6 +60,8 @@ VARIANTS = [
     # Layer 1 exact through the triton backend's kernels, beside the 8-bit ones.
     Variant("sage_attn", SageOptions(impl="triton", skip_layers=(1,)), 0.999, 0.03),
     Variant("sage_attn", _TC_CPU, 0.999, 0.03, dtype=torch.float16),
+    # Prefill queries rotated and quantized by one pass before the prefill kernel.
+    Variant("sage_attn", SageOptions(impl="triton", rotation_kernel="prepass"), 0.999, 0.03),
     # The 16-bit Triton kernels, in fp32 through the interpreter on CPU: exact up to rounding.
     Variant("triton"),
 ]
@@ -69,6 +71,7 @@ VARIANTS = [
 # P and output rounding (about 0.3% relative L1) for the exact-math backends.
 _BF16, _FP16 = torch.bfloat16, torch.float16
 _TENSOR_CORE = SageOptions(rotation_kernel="tensor_core")
+_PREPASS = SageOptions(rotation_kernel="prepass")
 _GLUON = SageOptions(impl="gluon")
 _GLUON_FP8 = SageOptions(impl="gluon", pv="fp8")
 _GLUON_NOROT = SageOptions(impl="gluon", rotate_qk=False)
@@ -84,6 +87,7 @@ GPU_VARIANTS = [
     Variant("sage_attn", SageOptions(rotate_qk=False), 0.999, 0.03, dtype=_BF16, device="cuda"),
     Variant("sage_attn", _TENSOR_CORE, 0.999, 0.03, dtype=_BF16, device="cuda"),
     Variant("sage_attn", _TENSOR_CORE, 0.999, 0.03, dtype=_FP16, device="cuda"),
+    Variant("sage_attn", _PREPASS, 0.999, 0.03, dtype=_BF16, device="cuda"),
     Variant("sage_attn", SageOptions(skip_layers=(1,)), 0.999, 0.03, dtype=_BF16, device="cuda"),
     # Prefill chunks through the warp-specialized Hopper kernel (sm_90, pages of 64 keys).
     Variant("sage_attn", _GLUON, 0.999, 0.03, dtype=_BF16, device="cuda"),

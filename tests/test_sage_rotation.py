@@ -166,7 +166,7 @@ def test_rotation_kernel_flag_and_what_it_needs() -> None:
     assert SageOptions.from_cli_args(chosen).rotation_kernel == "tensor_core"
     with pytest.raises(SystemExit):
         parser.parse_args(["--sage-rotation-kernel", "fwht"])
-    with pytest.raises(ValueError, match="butterfly, tensor_core"):
+    with pytest.raises(ValueError, match="butterfly, tensor_core, prepass"):
         SageOptions(rotation_kernel="fwht")
     cpu = torch.device("cpu")
     refused = [
@@ -185,6 +185,28 @@ def test_rotation_kernel_flag_and_what_it_needs() -> None:
     assert SageAttentionBackend(_shape(64), served).rotation == HadamardKernel.TENSOR_CORE
     off = BackendOptions("auto", torch.float32, cpu, SageOptions(rotate_qk=False))
     assert SageAttentionBackend(_shape(64), off).rotation == HadamardKernel.OFF
+
+
+def test_prepass_rotation_kernel_and_what_it_needs() -> None:
+    """--sage-rotation-kernel prepass: the store and decode rotate by the butterfly, prefill
+    queries come rotated from one pass; refused without the Triton kernels, with the
+    rotation off, and with the Gluon prefill (which rotates its own tiles)."""
+    parser = argparse.ArgumentParser()
+    SageOptions.add_cli_flags(parser.add_argument_group())
+    chosen = parser.parse_args(["--sage-rotation-kernel", "prepass"])
+    assert SageOptions.from_cli_args(chosen).rotation_kernel == "prepass"
+    cpu = torch.device("cpu")
+    for sage in (SageOptions(rotation_kernel="prepass", impl="reference"),
+                 SageOptions(rotation_kernel="prepass", impl="triton", rotate_qk=False),
+                 SageOptions(rotation_kernel="prepass", impl="gluon")):  # fmt: skip
+        reasons = SageAttentionBackend.unsupported_reasons(
+            _shape(64), BackendOptions("auto", torch.bfloat16, cpu, sage)
+        )
+        assert any("--sage-rotation-kernel prepass" in r for r in reasons), sage
+    served = BackendOptions("auto", torch.float32, cpu,
+                            SageOptions(rotation_kernel="prepass", impl="triton"))  # fmt: skip
+    assert not SageAttentionBackend.unsupported_reasons(_shape(64), served)
+    assert SageAttentionBackend(_shape(64), served).rotation == HadamardKernel.BUTTERFLY
 
 
 _COMPILE_FOR_HOPPER = """

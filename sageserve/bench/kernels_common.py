@@ -20,7 +20,8 @@ from sageserve.attention.sage_attn.options import SageOptions
 # Our kernels' variants: backend name, sage P·V precision, how sage rotates Q and K
 # (`--sage-rotation-kernel`, or "off") and `--sage-impl`. The `_norot` variants price the
 # Hadamard rotation against the same kernels without it; the `_tcrot` ones rotate by a
-# tensor-core product instead of the served butterfly; the `_gluon` ones run the prefill
+# tensor-core product instead of the served butterfly; the `_prerot` ones rotate and quantize
+# the prefill's queries in one pass before its kernel; the `_gluon` ones run the prefill
 # through the warp-specialized Hopper kernel (sm_90; Q rotated by one wgmma there).
 OUR_VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     "sage_fp16pv": ("sage_attn", "fp16", "butterfly", "triton"),
@@ -29,6 +30,8 @@ OUR_VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     "sage_fp8pv_norot": ("sage_attn", "fp8", "off", "triton"),
     "sage_fp16pv_tcrot": ("sage_attn", "fp16", "tensor_core", "triton"),
     "sage_fp8pv_tcrot": ("sage_attn", "fp8", "tensor_core", "triton"),
+    "sage_fp16pv_prerot": ("sage_attn", "fp16", "prepass", "triton"),
+    "sage_fp8pv_prerot": ("sage_attn", "fp8", "prepass", "triton"),
     "sage_fp16pv_gluon": ("sage_attn", "fp16", "butterfly", "gluon"),
     "sage_fp8pv_gluon": ("sage_attn", "fp8", "butterfly", "gluon"),
     "triton16": ("triton", None, "off", "triton"),

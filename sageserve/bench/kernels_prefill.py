@@ -61,6 +61,8 @@ _ROTATED = {
     "off": "",
     "butterfly": "rotated by the Hadamard matrix in registers (fp32 butterfly), ",
     "tensor_core": "rotated by the Hadamard matrix in registers (one tensor-core product), ",
+    "prepass": "rotated by the Hadamard matrix (fp32 butterfly; queries rotated and quantized "
+    "by one pass before the prefill kernel, that pass timed with it), ",
 }
 
 
@@ -85,6 +87,8 @@ INCLUDED = {
     "sage_fp8pv_norot": _sage_included("FP8", "off"),
     "sage_fp16pv_tcrot": _sage_included("FP16", "tensor_core"),
     "sage_fp8pv_tcrot": _sage_included("FP8", "tensor_core"),
+    "sage_fp16pv_prerot": _sage_included("FP16", "prepass"),
+    "sage_fp8pv_prerot": _sage_included("FP8", "prepass"),
     "sage_fp16pv_gluon": _sage_included("FP16", "butterfly", "gluon"),
     "sage_fp8pv_gluon": _sage_included("FP8", "butterfly", "gluon"),
     "triton16": _OURS.format(
@@ -262,9 +266,31 @@ def _sage_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
                              out=out, **kwargs)  # fmt: skip
         return out
 
+    if backend.sage.rotation_kernel == "prepass" and backend.sage.rotate_qk:
+        full = _prepass_full(backend, caches, meta, data, out, store)
     if backend.gluon_prefill:
         full = _gluon_full(backend, cache, meta, data, out, store)
     return store, full
+
+
+def _prepass_full(backend, caches, meta, data: PrefillData, out: torch.Tensor, store):
+    """--sage-rotation-kernel prepass as `_forward_kernels` calls it: queries rotated and
+    quantized by one pass, then the prefill kernel over the codes."""
+    from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
+    from sageserve.attention.sage_attn.kernels.quantize_q import quantize_q
+
+    c, pre = backend.layer_constants(0), meta.kernel.prefill
+    kwargs = {} if data.shape.causal else {"causal": False}
+
+    def full() -> torch.Tensor:
+        store()
+        codes, scales = quantize_q(data.q, c.sm_scale, backend.rotation, c.balance)
+        sage_attention_paged(codes, None, *caches, pre.page_table, pre.q_start, pre.q_len,
+                             pre.kv_len, pre.max_q_len, out=out, q_scale=scales,
+                             **kwargs)  # fmt: skip
+        return out
+
+    return full
 
 
 def _gluon_full(backend, cache, meta, data: PrefillData, out: torch.Tensor, store):

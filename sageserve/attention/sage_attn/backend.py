@@ -123,17 +123,28 @@ def _uses_kernels(sage: SageOptions, device: torch.device) -> bool:
 
 
 def _rotation(sage: SageOptions) -> HadamardKernel:
-    """How the kernels rotate Q and K tiles, from --sage-rotation-kernel."""
-    return HadamardKernel[sage.rotation_kernel.upper()] if sage.rotate_qk else HadamardKernel.OFF
+    """How the kernels rotate Q and K tiles, from --sage-rotation-kernel (prepass: the
+    store and the decode rotate by the butterfly; prefill queries come rotated)."""
+    if not sage.rotate_qk:
+        return HadamardKernel.OFF
+    kind = "butterfly" if sage.rotation_kernel == "prepass" else sage.rotation_kernel
+    return HadamardKernel[kind.upper()]
 
 
 def _rotation_kernel_reasons(sage: SageOptions, options: BackendOptions, dim: int) -> list[str]:
-    """Why --sage-rotation-kernel tensor_core cannot serve these options (none for butterfly)."""
-    if sage.rotation_kernel == "butterfly":
+    """Why --sage-rotation-kernel tensor_core or prepass cannot serve these options (none
+    for butterfly)."""
+    kind = sage.rotation_kernel
+    if kind == "butterfly":
         return []
     if not sage.rotate_qk or not _uses_kernels(sage, options.device):
-        return ["--sage-rotation-kernel tensor_core needs the rotation on and the Triton "
+        return [f"--sage-rotation-kernel {kind} needs the rotation on and the Triton "
                 "kernels (--sage-impl triton, or auto on CUDA)"]  # fmt: skip
+    if kind == "prepass":
+        if sage.impl == "gluon":
+            return ["--sage-rotation-kernel prepass feeds the Triton prefill; the Gluon "
+                    "prefill rotates its own tiles (--sage-rotation-kernel butterfly)"]  # fmt: skip
+        return []
     try:
         check_rotation(HadamardKernel.TENSOR_CORE, options.model_dtype, dim)
     except ValueError as err:
@@ -484,6 +495,7 @@ class SageAttentionBackend(AttentionBackend):
         """
         from sageserve.attention.sage_attn.kernels.decode import sage_decode_paged
         from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
+        from sageserve.attention.sage_attn.kernels.quantize_q import quantize_q
         from sageserve.attention.sage_attn.kernels.store import store_kv
 
         i = self.slot_of[layer_id]
@@ -498,6 +510,10 @@ class SageAttentionBackend(AttentionBackend):
 
             sage_attention_ws(q, *caches, pre.page_table, pre.q_start, pre.q_len, pre.kv_len,
                               pre.plan, out, c.sm_scale, rotate=self.sage.rotate_qk)  # fmt: skip
+        elif pre is not None and self.sage.rotation_kernel == "prepass" and self.sage.rotate_qk:
+            codes, scales = quantize_q(q, c.sm_scale, rotation, c.balance)
+            sage_attention_paged(codes, None, *caches, pre.page_table, pre.q_start, pre.q_len,
+                                 pre.kv_len, pre.max_q_len, out=out, q_scale=scales)  # fmt: skip
         elif pre is not None:
             sage_attention_paged(q, c.balance, *caches, pre.page_table, pre.q_start,
                                  pre.q_len, pre.kv_len, pre.max_q_len, sm_scale=c.sm_scale,

@@ -11,7 +11,7 @@ from sageserve.attention.registry import register_backend
 
 SAGE_PV_CHOICES = ("fp8", "fp16")
 SAGE_IMPL_CHOICES = ("auto", "triton", "gluon", "reference")
-SAGE_ROTATION_KERNEL_CHOICES = ("butterfly", "tensor_core")
+SAGE_ROTATION_KERNEL_CHOICES = ("butterfly", "tensor_core", "prepass")
 # Mean KL per token on the calibration text. Prose elsewhere lands higher: SmolLM2's
 # Britannica windows measured 1.3x the calibration text's KL, and at a budget of 2e-4 gave
 # 2.7e-4 at 512 tokens, over issue 18's 2.5e-4 target (BENCHMARKS.md).
@@ -42,8 +42,10 @@ class SageOptions(BackendFlags):
         (`rotation.py`; q·k unchanged, outlier channels spread over all of head_dim).
     rotation_kernel: how the Triton kernels apply that rotation to the tiles they load
         (`kernels/rotate.py`): "butterfly" (the fp32 fast Walsh-Hadamard transform, the
-        reference's bits) or "tensor_core" (one 16-bit product with the ±1 matrix; fp16/bf16
-        models, equal to the butterfly up to the order of fp32 additions).
+        reference's bits), "tensor_core" (one 16-bit product with the ±1 matrix; fp16/bf16
+        models, equal to the butterfly up to the order of fp32 additions) or "prepass" (the
+        butterfly, but prefill queries rotated and quantized by one pass before the prefill
+        kernel, `kernels/quantize_q.py`; the same bits as the butterfly).
     skip_layers: layers kept in exact 16-bit attention over a 16-bit cache (logged).
     calibrate: at start-up, keep the fewest further layers exact that bring the KL against
         exact attention on the calibration text under kl_budget (`layer_precision.py`).
@@ -108,7 +110,9 @@ class SageOptions(BackendFlags):
             default="butterfly",
             choices=SAGE_ROTATION_KERNEL_CHOICES,
             help="how the Triton kernels rotate Q and K tiles: butterfly (fp32 fast "
-            "Walsh-Hadamard transform) or tensor_core (one fp16/bf16 product with the ±1 matrix)",
+            "Walsh-Hadamard transform), tensor_core (one fp16/bf16 product with the ±1 matrix) "
+            "or prepass (the butterfly, with prefill queries rotated and quantized by one pass "
+            "before the prefill kernel)",
         )
         group.add_argument(
             "--sage-calibrate",

@@ -256,14 +256,35 @@ def _attend_keys(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _query_tile(q_ptr, q_scale_ptr, balance_ptr, q_rows, row_ok, head, kv_head, d, stride_qt,
+                stride_qh, stride_st, sm_scale, BLOCK_M: tl.constexpr, head_dim: tl.constexpr,
+                STAGES: tl.constexpr, ROTATE: tl.constexpr, HAS_BALANCE: tl.constexpr):  # fmt: skip
+    """The tile's INT8 codes [BLOCK_M, D] and row scales [BLOCK_M] (with sm_scale and log2 e:
+    scores in log2 units, exp2 below). INT8 q: the codes and scales `quantize_q` made;
+    otherwise the 16-bit rows, rotated, balanced and quantized here."""
+    offsets = q_rows[:, None] * stride_qt + head * stride_qh + d[None, :]
+    if q_ptr.dtype.element_ty == tl.int8:
+        q_codes = tl.load(q_ptr + offsets, mask=row_ok[:, None], other=0)
+        row_scale = tl.load(q_scale_ptr + q_rows * stride_st + head, mask=row_ok, other=1.0)
+    else:
+        q = tl.load(q_ptr + offsets, mask=row_ok[:, None], other=0.0)
+        q = hadamard_tile(q, BLOCK_M, head_dim, STAGES, ROTATE, True)
+        if HAS_BALANCE:
+            q = q * tl.load(balance_ptr + kv_head * head_dim + d)[None, :]
+        q_codes, q_scale = _quantize_q(q, 127.0)
+        row_scale = q_scale * (sm_scale * LOG2E)
+    return q_codes, row_scale
+
+
 # The page table's width (its row stride) changes with the longest sequence of a step:
 # specializing on it (divisible by 16 or not) would recompile the kernel mid-run.
 @triton.jit(do_not_specialize=["stride_table"])
 def _sage_attention_kernel(
-    q_ptr, balance_ptr, out_ptr,
+    q_ptr, q_scale_ptr, balance_ptr, out_ptr,
     k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
     page_table_ptr, q_start_ptr, q_len_ptr, kv_len_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
+    stride_qt, stride_qh, stride_st, stride_ot, stride_oh, stride_table,
     sm_scale,
     num_kv_heads: tl.constexpr, group: tl.constexpr, page_size: tl.constexpr,
     head_dim: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -299,15 +320,10 @@ def _sage_attention_kernel(
     row_ok = rows < q_len
     d = tl.arange(0, head_dim)
     q_rows = (tl.load(q_start_ptr + seq) + rows).to(tl.int64)
-    q = tl.load(
-        q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + d[None, :],
-        mask=row_ok[:, None], other=0.0,
-    )  # fmt: skip
-    q = hadamard_tile(q, BLOCK_M, head_dim, STAGES, ROTATE, True)
-    if HAS_BALANCE:
-        q = q * tl.load(balance_ptr + kv_head * head_dim + d)[None, :]
-    q_codes, q_scale = _quantize_q(q, 127.0)
-    row_scale = q_scale * (sm_scale * LOG2E)  # scores in log2 units: exp2 below
+    q_codes, row_scale = _query_tile(q_ptr, q_scale_ptr, balance_ptr, q_rows, row_ok, head,
+                                     kv_head, d, stride_qt, stride_qh, stride_st, sm_scale,
+                                     BLOCK_M, head_dim, STAGES, ROTATE,
+                                     HAS_BALANCE)  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, head_dim], tl.float32)
@@ -388,6 +404,7 @@ def sage_attention_paged(
     out: torch.Tensor | None = None,
     causal: bool = True,
     rotation: HadamardKernel = HadamardKernel.OFF,
+    q_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """8-bit attention of every sequence's query chunk over its cached keys.
 
@@ -401,6 +418,9 @@ def sage_attention_paged(
     causal: False lets every query see all kv_len keys (for benchmarks).
     rotation: unless OFF, q is given unrotated and the kernel applies the Hadamard rotation
     to it, this way (`kernels/rotate.py`); sm_scale is then the rotated basis's.
+    q_scale: with INT8 q, q holds the codes `quantize_q` made (rotated and balanced there)
+    and q_scale [T, Hq] fp32 their row scales, sm_scale folded in; rotation must be OFF,
+    balance None and out given (its dtype is the result's).
     Returns out, in q's dtype when allocated here.
     """
     config = config or PrefillConfig()
@@ -408,6 +428,7 @@ def sage_attention_paged(
     kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     pv_fp8 = v_cache.dtype == torch.float8_e4m3fn
     _check_args(q, k_cache, v_cache, balance, page_table, pv_fp8, config.block_n)
+    _check_codes(q, q_scale, balance, rotation, out)
     check_rotation(rotation, q.dtype, dim)
     if out is None:
         out = torch.empty_like(q)
@@ -422,9 +443,11 @@ def sage_attention_paged(
     # Query blocks first (adjacent programs share a head's keys in L2), then heads, sequences.
     grid = (triton.cdiv(max_q_len, config.block_m), q_heads, page_table.shape[0])
     _sage_attention_kernel[grid](
-        q, balance if balance is not None else k_scale, out, *caches,
+        q, q_scale if q_scale is not None else k_scale,
+        balance if balance is not None else k_scale, out, *caches,
         page_table, q_start, q_len, kv_len,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
+        q.stride(0), q.stride(1), q_scale.stride(0) if q_scale is not None else 0,
+        out.stride(0), out.stride(1), page_table.stride(0),
         dim**-0.5 if sm_scale is None else sm_scale,
         num_kv_heads=kv_heads, group=q_heads // kv_heads, page_size=page_size, head_dim=dim,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, KEY_RUN=key_run(page_size, config.block_n),
@@ -474,6 +497,20 @@ def key_run(page_size: int, block_n: int) -> int:
     """Keys of a block_n-aligned key block that are contiguous (and aligned) in the cache:
     a power-of-two page holds runs of min(page, block_n); other page sizes promise none."""
     return min(page_size, block_n) if page_size & (page_size - 1) == 0 else 1
+
+
+def _check_codes(q, q_scale, balance, rotation, out) -> None:
+    """ValueError unless q is 16-bit rows (q_scale None) or INT8 codes with their [T, Hq]
+    fp32 row scales, unrotated and unbalanced here, and an out to write."""
+    if (q.dtype == torch.int8) != (q_scale is not None):
+        raise ValueError("q_scale goes with INT8 q codes (from quantize_q), and only with them")
+    if q_scale is None:
+        return
+    if q_scale.shape != q.shape[:2] or q_scale.dtype != torch.float32 or q_scale.stride(1) != 1:
+        raise ValueError(f"q_scale must be fp32 {tuple(q.shape[:2])} with contiguous rows")
+    if rotation != HadamardKernel.OFF or balance is not None or out is None:
+        raise ValueError("INT8 q codes come rotated and balanced by quantize_q: rotation OFF, "
+                         "balance None, and out given")  # fmt: skip
 
 
 def _check_args(q, k_cache, v_cache, balance, page_table, pv_fp8: bool, block_n: int) -> None:
