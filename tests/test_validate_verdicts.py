@@ -115,3 +115,20 @@ def test_bad_profile_flag_exits_2(capsys) -> None:
     assert "auto" in capsys.readouterr().err
     assert main(["validate", "quick", "--min-top1", "1.5"]) == 2
     assert "min_top1 must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_decoded_logprob_tolerance_follows_profile_and_model_dtype() -> None:
+    """Decoded positions against teacher forcing: the 16-bit rule's 0.05 for an fp32 model,
+    0.5 when the model itself runs in bf16/fp16 (its decode and prefill GEMMs round
+    differently), the 8-bit tolerance for 8-bit attention in any dtype; prompt positions
+    stay exact."""
+    t = Thresholds()
+    assert t.logprob_tols("16bit", "float32") == (1e-4, 0.05)
+    assert t.logprob_tols("16bit", "bfloat16") == (1e-4, 0.5)
+    assert t.logprob_tols("16bit", "float16") == (1e-4, 0.5)
+    assert t.logprob_tols("8bit", "bfloat16") == (1e-4, 0.75)
+    assert t.logprob_tols("8bit", "float32") == (1e-4, 0.75)
+    assert Thresholds(cross_path_tol_16bit_model=0.2).logprob_tols("16bit", "bfloat16")[1] == 0.2
+    with pytest.raises(ValueError, match="cross_path_tol_16bit_model must be > 0"):
+        Thresholds(cross_path_tol_16bit_model=0.0)
+    assert main(["validate", "quick", "--cross-path-tol-16bit-model", "0"]) == 2

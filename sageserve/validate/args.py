@@ -63,6 +63,11 @@ _THRESHOLD_FLAGS: dict[str, tuple[str, str]] = {
         "cross_path_tol_8bit",
         "8-bit profile: decoded vs teacher-forced |Δ logprob| limit (default 0.75)",
     ),
+    "--cross-path-tol-16bit-model": (
+        "cross_path_tol_16bit_model",
+        "16-bit profile, bf16/fp16 model: decoded vs teacher-forced |Δ logprob| limit "
+        "(default 0.5)",
+    ),
     "--mcnemar-alpha": (
         "mcnemar_alpha",
         "8-bit profile: MMLU flips fail below this McNemar p (default 0.05)",

@@ -103,6 +103,10 @@ class Thresholds:
     # 8-bit profile: |Δ logprob| allowed between a decode step and teacher forcing. They take
     # other GEMM shapes, where INT8 codes flip (measured max 0.38: tests/int8_flips.py).
     cross_path_tol_8bit: float = 0.75
+    # The same for a 16-bit backend whose model runs in bf16 or fp16: its decode and prefill
+    # GEMMs of other shapes round differently. Exact attention on SmolLM2 in bf16 moved up
+    # to 0.25 (H100, BENCHMARKS.md 2026-12-06); a wrong position or cache moves several.
+    cross_path_tol_16bit_model: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.logprob_delta_quantile <= 1:
@@ -112,18 +116,23 @@ class Thresholds:
         for name in ("logprob_delta", "mean_kl", "ppl_delta_rel", "consistency_tol"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.cross_path_tol_8bit <= 0:
-            raise ValueError(f"cross_path_tol_8bit must be > 0, got {self.cross_path_tol_8bit}")
+        for name in ("cross_path_tol_8bit", "cross_path_tol_16bit_model"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("min_top1", "mcnemar_alpha"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
 
-    def logprob_tols(self, profile: str) -> tuple[float, float]:
+    def logprob_tols(self, profile: str, model_dtype: str = "float32") -> tuple[float, float]:
         """(prompt, output) tolerances of returned logprobs against teacher forcing: prompt
         positions take the same path (exact); output positions are decoded, within
-        logprob_delta (16-bit profile) or cross_path_tol_8bit (8-bit)."""
-        output = self.cross_path_tol_8bit if profile == "8bit" else self.logprob_delta
-        return self.consistency_tol, output
+        logprob_delta (16-bit profile, fp32 model), cross_path_tol_16bit_model (16-bit
+        profile, bf16 or fp16 model) or cross_path_tol_8bit (8-bit profile, any model)."""
+        if profile == "8bit":
+            return self.consistency_tol, self.cross_path_tol_8bit
+        if model_dtype in ("bfloat16", "float16"):
+            return self.consistency_tol, max(self.logprob_delta, self.cross_path_tol_16bit_model)
+        return self.consistency_tol, self.logprob_delta
 
 
 @dataclass(frozen=True)

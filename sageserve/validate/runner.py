@@ -245,7 +245,7 @@ def run_local(
                 built_engine(config, backend, models.get(config)) as engine,
             ):
                 res.memory[label] = asdict(engine.info.memory)
-                tols = cfg.thresholds.logprob_tols(profiles[label].profile)
+                tols = cfg.thresholds.logprob_tols(profiles[label].profile, engine.info.dtype)
                 _backend_phase(cfg, engine, label, store, res, tols)
             res.memory[label]["peak"] = peak.to_dict()
     if cfg.runs("throughput"):

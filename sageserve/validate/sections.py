@@ -162,8 +162,9 @@ def logprobs_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any]:
     results = {"backends": res.logprobs, "top_n": 5, "api": "offline (logprobs, prompt_logprobs)"}
     method = (
         "shape, order, range and teacher-forced equality of every returned position: prompt "
-        "positions within consistency_tol, decoded ones within logprob_delta (16-bit profile) "
-        "or cross_path_tol_8bit (8-bit profile)"
+        "positions within consistency_tol, decoded ones within logprob_delta (16-bit profile, "
+        "fp32 model), cross_path_tol_16bit_model (16-bit profile, bf16/fp16 model: its decode "
+        "and prefill GEMMs round differently) or cross_path_tol_8bit (8-bit profile)"
     )
     return _section(verdicts.logprobs_verdict(res.logprobs), results, method)
 
