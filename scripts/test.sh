@@ -8,4 +8,4 @@ export OPENBLAS_NUM_THREADS=1
 ruff check sageserve tests benchmarks lab
 ruff format --check sageserve tests benchmarks lab
 lint-imports  # the layers of DESIGN.md (contracts in pyproject.toml)
-python -m pytest -n 2 -q tests "$@"
+python -m pytest -n 2 -q --durations=15 tests "$@"
