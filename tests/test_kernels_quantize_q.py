@@ -129,3 +129,27 @@ def test_prefill_over_prepass_codes_equals_the_butterfly_bitwise(balanced: bool)
         outs.append(backend.forward(0, q, k, v, cache, backend.build_metadata(batch)))
     assert torch.isfinite(outs[0]).all()
     assert torch.equal(outs[0], outs[1])
+
+
+def test_prefill_refuses_codes_without_their_scales_and_vice_versa() -> None:
+    """INT8 q needs its row scales, unrotated and unbalanced in the prefill, and an out."""
+    from sageserve.attention.page_tables import padded_page_table
+    from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
+
+    caches = (torch.zeros(2, 2, 16, 64, dtype=torch.int8), torch.ones(2, 2, 16),
+              torch.zeros(2, 2, 64, 16, dtype=torch.int8), torch.ones(2, 2, 16))  # fmt: skip
+    table = padded_page_table([(1,)], [3], 16, torch.device("cpu"))
+    lens = [torch.tensor([v], dtype=torch.int32) for v in (0, 3, 3)]
+    codes, scales = torch.ones(3, 4, 64, dtype=torch.int8), torch.ones(3, 4)
+    out = torch.empty(3, 4, 64)
+    cases = [
+        (codes, None, {}, "q_scale goes with INT8"),
+        (codes.float(), scales, {}, "q_scale goes with INT8"),
+        (codes, scales.t(), {}, "q_scale must be fp32"),
+        (codes, scales, {"rotation": HadamardKernel.BUTTERFLY}, "rotation OFF"),
+        (codes, scales, {"out": None}, "out given"),
+    ]
+    for q, q_scale, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sage_attention_paged(q, None, *caches, table, *lens, 3, q_scale=q_scale,
+                                 **({"out": out} | kwargs))  # fmt: skip
