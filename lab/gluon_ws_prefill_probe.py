@@ -87,7 +87,9 @@ def main() -> int:
     parser.add_argument("--rotate", default="off",
                         help="--varlen: Hadamard-rotated Q (in the kernel) and K (the store): "
                         "off, on or off,on")  # fmt: skip
-    parser.add_argument("--stages", type=int, default=DEFAULT_STAGES)
+    parser.add_argument("--stages", type=int, default=None,
+                        help=f"K/V stages (default: the launcher's per build; {DEFAULT_STAGES} "
+                        "for --sass and the equal-length kernel)")  # fmt: skip
     parser.add_argument("--block-keys", type=int, default=64,
                         help="with --sass --varlen: keys per block, 64 or 128")  # fmt: skip
     parser.add_argument("--maxnreg", type=int, default=MAXNREG)
@@ -114,15 +116,17 @@ def main() -> int:
         if len(grid) != 1:
             parser.error("--sass compiles one --pv, --head-dim and --rotate")
         n = grid[0]
-        return sass_report(args.causal, args.stages, args.maxnreg, args.persistent,
-                           args.varlen, n.pv, n.head_dim, n.rotate, args.block_keys)  # fmt: skip
+        stages = args.stages or DEFAULT_STAGES
+        return sass_report(args.causal, stages, args.maxnreg, args.persistent, args.varlen,
+                           n.pv, n.head_dim, n.rotate, args.block_keys)  # fmt: skip
     if args.varlen:
         return _main_varlen(args, parser)
     variants = (args.variants or ",".join(WS_VARIANTS)).split(",")
     if unknown := set(variants) - set(WS_VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}")
     masks = [{"none": False, "causal": True}[m] for m in args.masks.split(",")]
-    rows = run([int(s) for s in args.seqs.split(",")], args.rounds, args.stages, variants, masks)
+    stages = args.stages or DEFAULT_STAGES
+    rows = run([int(s) for s in args.seqs.split(",")], args.rounds, stages, variants, masks)
     result = {
         "what": "Gluon 8-bit prefill, warp-specialized (producer warp + 2 ping-pong consumer "
         "warpgroups, 128-row tiles, FP8 P·V, page 64; one program per tile, and persistent) "

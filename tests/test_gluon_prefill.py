@@ -34,6 +34,7 @@ from sageserve.attention.sage_attn.kernels.gluon.config import (
     TILE,
     block_keys_refusal,
     default_block_keys,
+    v16_slots,
 )
 from sageserve.attention.sage_attn.kernels.gluon.plan import (
     consumer_blocks,
@@ -191,19 +192,34 @@ _BUILDS = [
     dict(pv="fp8", head_dim=128, rotate=False, causal=False),
     dict(pv="fp8", head_dim=128, rotate=True, causal=True, block_keys=128),
     dict(pv="fp16", head_dim=64, rotate=True, causal=True, block_keys=128),
+    # Q codes from `quantize_q`: the fp16 P·V build at head_dim 128 then fits 128 keys.
+    dict(
+        pv="fp16",
+        head_dim=128,
+        rotate=True,
+        causal=True,
+        block_keys=128,
+        stages=3,
+        prequantize=True,
+    ),
+    dict(pv="fp16", head_dim=128, rotate=True, causal=True, prequantize=True),
 ]
 
 
 def test_128_key_blocks_are_refused_where_the_stages_do_not_fit() -> None:
-    """fp16 P·V at head_dim 128 needs ~330 KB for 4 stages of 128 keys: refused, naming
-    what runs; every other build takes both block sizes."""
-    assert "227 KB" in block_keys_refusal(False, 128, 128)
-    assert "one of (64, 128)" in block_keys_refusal(True, 128, 96)
+    """fp16 P·V at head_dim 128 takes 128-key blocks only with its widened V in a ring of
+    its own and Q quantized beforehand (no room for the in-kernel rotation): refused
+    otherwise, naming what runs; every other build takes both sizes with one ring."""
+    assert "prequantize" in block_keys_refusal(False, 128, 128, prequantize=False)
+    assert block_keys_refusal(False, 128, 128, prequantize=True) is None
+    assert v16_slots(False, 128, 128) == 2
+    assert "one of (64, 128)" in block_keys_refusal(True, 128, 96, prequantize=True)
     for pv_fp8, dim, keys in [(True, 128, 128), (True, 64, 128), (False, 64, 128),
                               (False, 128, 64)]:  # fmt: skip
-        assert block_keys_refusal(pv_fp8, dim, keys) is None
+        assert block_keys_refusal(pv_fp8, dim, keys, prequantize=False) is None
+        assert v16_slots(pv_fp8, dim, keys) == 0
     for pv_fp8, dim in [(True, 64), (False, 64), (True, 128), (False, 128)]:
-        assert block_keys_refusal(pv_fp8, dim, default_block_keys(dim)) is None
+        assert block_keys_refusal(pv_fp8, dim, default_block_keys(dim), False) is None
     assert (default_block_keys(64), default_block_keys(128)) == (128, 64)
 
 
@@ -297,19 +313,21 @@ def _step(backend, cache, seqs: list[int], spans, tables, keys, values, gen):
 
 @pytest.mark.gpu
 @needs_sm90
+@pytest.mark.parametrize("prequantize", [False, True])
 @pytest.mark.parametrize("block_keys", BLOCK_KEYS)
 @pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("rotate", [True, False])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("pv", ["fp16", "fp8"])
-def test_gluon_prefill_matches_triton_on_gpu(pv, head_dim, rotate, persistent,
-                                             block_keys) -> None:  # fmt: skip
+def test_gluon_prefill_matches_triton_on_gpu(pv, head_dim, rotate, persistent, block_keys,
+                                             prequantize) -> None:  # fmt: skip
     """Over one cache: the prefixes stored first, then the mixed step. The Gluon kernel
     writes every prefill row (NaN-poisoned output) and nothing else; it agrees with the
     Triton prefill to cosine 0.9999 (the e4m3 scale of P in diagonal blocks and the order
     of the rotation's fp32 additions differ, lab/KERNEL_NOTES.md "v3, round 3/4"), and with
     fp64 attention within the backend's 8-bit bounds. Key blocks of one page and of two;
-    a build whose stages do not fit is refused before launch. FP8 P·V over 128-key blocks
+    a build whose stages do not fit is refused before launch. Q quantized in the kernel or
+    beforehand (`quantize_q`, the same numerics). FP8 P·V over 128-key blocks
     scales P by the largest V scale of 128 keys, the Triton kernel's of 64: other roundings
     of P, ~0.9996 apart, each as far from exact (lab/KERNEL_NOTES.md, "v3, round 5")."""
     from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_ws
@@ -332,9 +350,9 @@ def test_gluon_prefill_matches_triton_on_gpu(pv, head_dim, rotate, persistent,
     launch = functools.partial(
         sage_attention_ws, q, *caches, pre.page_table, pre.q_start, pre.q_len, pre.kv_len,
         pre.plan, out, gluon.layer_constants(0).sm_scale, rotate=rotate, persistent=persistent,
-        block_keys=block_keys,
+        block_keys=block_keys, prequantize=prequantize,
     )  # fmt: skip
-    if block_keys_refusal(pv == "fp8", head_dim, block_keys):
+    if block_keys_refusal(pv == "fp8", head_dim, block_keys, prequantize):
         with pytest.raises(ValueError, match="shared memory"):
             launch()
         assert out.isnan().all()

@@ -179,12 +179,14 @@ def _attend(tile, head, seq, base, args, num_q_heads: gl.constexpr,
     for j in range(0, last - 1):  # softmax of blocks 1 .. last - 1: never masked
         p, acc, rescale, m_i, l_i, unit = _step(
             j, base, p, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_smem,
-            v_smem, scale_smem, ready, empty, turn, s_layout, o_layout, False, WG, STAGES,
+            v_smem, scale_smem, ready, empty, turn, ready, empty, s_layout, o_layout, False, WG,
+            STAGES, 0,
         )  # fmt: skip
     # Peeled: the softmax of the last block, this consumer's diagonal when causal.
     p, acc, rescale, m_i, l_i, unit = _step(
         last - 1, base, p, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_smem,
-        v_smem, scale_smem, ready, empty, turn, s_layout, o_layout, CAUSAL, WG, STAGES,
+        v_smem, scale_smem, ready, empty, turn, ready, empty, s_layout, o_layout, CAUSAL, WG,
+        STAGES, 0,
     )  # fmt: skip
     # The last block's P·V, in a turn of its own (turn `last`, held).
     g = base + last

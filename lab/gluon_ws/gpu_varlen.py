@@ -16,7 +16,7 @@ import torch
 import triton
 
 from lab.gluon_prefill_probe import HEAD_DIM, KEYS, _accuracy
-from lab.gluon_ws.config import TILE
+from lab.gluon_ws.config import DEFAULT_STAGES, TILE
 from lab.gluon_ws.equal import gluon_ws_prefill
 from lab.gluon_ws.gpu import WS_VARIANTS, _time
 from sageserve.attention.sage_attn.kernels.gluon.config import block_keys_refusal
@@ -26,9 +26,14 @@ from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_w
 # ----------------------------------------------------------------------------- GPU mode: varlen
 
 
-# name -> (persistent grid, keys per block)
-VARLEN_VARIANTS = {"gluon_ws_varlen": (False, 64), "gluon_ws_varlen_persistent": (True, 64),
-                   "gluon_ws_varlen_persistent_k128": (True, 128)}  # fmt: skip
+# name -> (persistent grid, keys per block, Q quantized beforehand by `quantize_q`)
+VARLEN_VARIANTS = {
+    "gluon_ws_varlen": (False, 64, False),
+    "gluon_ws_varlen_persistent": (True, 64, False),
+    "gluon_ws_varlen_persistent_k128": (True, 128, False),
+    "gluon_ws_varlen_persistent_pre": (True, 64, True),
+    "gluon_ws_varlen_persistent_k128_pre": (True, 128, True),
+}
 ORACLE = "triton_sage"  # the served Triton kernel, with the same numerics
 
 
@@ -196,12 +201,12 @@ def _varlen_runners(b: VarlenBatch, causal: bool, stages: int, variants: list[st
 
     plan = torch.from_numpy(work_plan(b.q_lens, b.kv_lens, VARLEN_HEADS, causal)).to(b.q.device)
 
-    def ws(persistent: bool, block_keys: int) -> Callable:
+    def ws(persistent: bool, block_keys: int, prequantize: bool) -> Callable:
         def run_ws(out):
             sage_attention_ws(b.q, *b.caches, b.table, b.q_start, b.q_len, b.kv_len, plan, out,
                               numerics.sm_scale(), causal=causal, rotate=numerics.rotate,
-                              persistent=persistent, stages=stages,
-                              block_keys=block_keys)  # fmt: skip
+                              persistent=persistent, stages=stages, block_keys=block_keys,
+                              prequantize=prequantize)  # fmt: skip
 
         return run_ws
 
@@ -231,7 +236,8 @@ def _varlen_runners(b: VarlenBatch, causal: bool, stages: int, variants: list[st
 def _equal_length(b: VarlenBatch, seq: int, causal: bool, stages: int, persistent: bool,
                   out: torch.Tensor) -> None:  # fmt: skip
     """The equal-length kernel on a batch it covers (no prefix, equal multiples of 128)."""
-    gluon_ws_prefill(b.q, *b.caches, b.table, seq, out, causal=causal, stages=stages,
+    gluon_ws_prefill(b.q, *b.caches, b.table, seq, out, causal=causal,
+                     stages=stages or DEFAULT_STAGES,
                      persistent=persistent)  # fmt: skip
 
 
@@ -364,14 +370,15 @@ def run_varlen(rounds: int, stages: int, variants: list[str], masks: list[bool],
 
 def variant_fields(name: str) -> dict:
     """A varlen variant's launch options, for the JSON result."""
-    persistent, block_keys = VARLEN_VARIANTS[name]
-    return {"persistent": persistent, "block_keys": block_keys}
+    persistent, block_keys, prequantize = VARLEN_VARIANTS[name]
+    return {"persistent": persistent, "block_keys": block_keys, "prequantize": prequantize}
 
 
-def refused(numerics: Numerics, block_keys: int) -> str | None:
-    """Why the kernel refuses these numerics with blocks of block_keys keys (None: it runs
+def refused(numerics: Numerics, variant: str) -> str | None:
+    """Why the kernel refuses these numerics with this variant's options (None: it runs
     them)."""
-    return block_keys_refusal(numerics.pv == "fp8", numerics.head_dim, block_keys)
+    _, block_keys, prequantize = VARLEN_VARIANTS[variant]
+    return block_keys_refusal(numerics.pv == "fp8", numerics.head_dim, block_keys, prequantize)
 
 
 def numerics_grid(args: argparse.Namespace) -> list[Numerics]:
@@ -395,7 +402,7 @@ def _main_varlen(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     timings = [] if args.timings == "none" else args.timings.split(",")
     rows = []
     for numerics in numerics_grid(args):
-        fits = [v for v in variants if not refused(numerics, VARLEN_VARIANTS[v][1])]
+        fits = [v for v in variants if not refused(numerics, v)]
         rows += run_varlen(args.rounds, args.stages, fits, masks, timings, numerics)
     result = {
         "what": "Gluon 8-bit prefill, warp-specialized, varlen batches with cached prefixes "

@@ -24,19 +24,31 @@ CONSUMER_REGS, PRODUCER_REGS = 240, 24  # setmaxnreg: 2 x 128 x 240 + 128 x 24 =
 # producer's warpgroup (1 + 2 of its 3 otherwise idle warps), so the register split holds.
 # (3 warps cannot be laid out: a tensor's rows must be a power of two.)
 WIDENER_WARPS, WIDENER_REGS = 2, 24
+V16_SLOTS = 2  # fp16 V slots of a widened-V ring of its own (`v16_slots`)
 HEAD_DIMS = (64, 128)
 
 
-def block_keys_refusal(pv_fp8: bool, head_dim: int, block_keys: int) -> str | None:
+def block_keys_refusal(pv_fp8: bool, head_dim: int, block_keys: int,
+                       prequantize: bool) -> str | None:  # fmt: skip
     """Why the kernel cannot take blocks of `block_keys` keys with this P·V and head dim
-    (None: it can). fp16 P·V at head_dim 128 holds a 64 KB stage of 128 keys (INT8 K and V,
-    V widened to fp16, scales): 4 stages need ~330 KB of shared memory, an SM has 227 KB."""
+    (None: it can). fp16 P·V at head_dim 128 over 128-key blocks keeps its widened V in a
+    ring of its own (`v16_slots`): 4 K/V stages and 2 fp16 slots take ~214 KB, which leaves
+    no room for the in-kernel rotation's ±1 matrix and its layout scratch (48.6 KB), so Q
+    must come quantized (`prequantize`)."""
     if block_keys not in BLOCK_KEYS:
         return f"keys per block must be one of {BLOCK_KEYS}, got {block_keys}"
-    if block_keys == 128 and not pv_fp8 and head_dim == 128:
-        return ("128-key blocks with fp16 P·V at head_dim 128 need ~330 KB of shared memory "
-                "for 4 stages (an SM has 227 KB): use 64-key blocks or FP8 P·V")  # fmt: skip
+    if v16_slots(pv_fp8, head_dim, block_keys) and not prequantize:
+        return ("128-key blocks with fp16 P·V at head_dim 128 fit shared memory (227 KB) only "
+                "with Q quantized beforehand (prequantize): use 64-key blocks or "
+                "prequantize")  # fmt: skip
     return None
+
+
+def v16_slots(pv_fp8: bool, head_dim: int, block_keys: int) -> int:
+    """Slots of the widened-V ring of its own: 2 for fp16 P·V at head_dim 128 over 128-key
+    blocks (a stage with its fp16 V would be 65.5 KB: 4 of them do not fit), else 0 (each
+    K/V stage holds its own fp16 V). Its protocol: lab/gluon_ws/selfcheck_two_rings.py."""
+    return V16_SLOTS if (not pv_fp8 and head_dim == 128 and block_keys == 128) else 0
 
 
 def default_block_keys(head_dim: int) -> int:
@@ -44,14 +56,16 @@ def default_block_keys(head_dim: int) -> int:
 
     Measured on an H100 (lab varlen probe, Q and K rotated; BENCHMARKS.md, 2026-12-06,
     "128-key blocks"): at head_dim 64, 128-key blocks were 9-18% faster for both P·V
-    precisions on every batch. At head_dim 128 (FP8 P·V; fp16 P·V does not fit) they were
-    7-20% faster on one 16k prompt but 12% slower on the causal serving batch (16 chunks of
-    1k tokens over cached prefixes), the prefill the server runs."""
+    precisions on every batch. At head_dim 128 (FP8 P·V; fp16 P·V then had no room) they
+    were 7-20% faster on one 16k prompt but 12% slower on the causal serving batch (16
+    chunks of 1k tokens over cached prefixes), the prefill the server runs."""
     return 128 if head_dim == 64 else 64
 
 
-def launch_options(stages: int, maxnreg: int, rotate: bool, block_keys: int) -> dict:
+def launch_options(stages: int, maxnreg: int, rotate: bool, block_keys: int,
+                   slots: int = 0) -> dict:  # fmt: skip
     """Constexprs and launch options shared by the launcher and the offline compile."""
     return {"STAGES": stages, "CONSUMER_REGS": CONSUMER_REGS, "PRODUCER_REGS": PRODUCER_REGS,
             "ROTATE": rotate, "WIDENER_WARPS": WIDENER_WARPS, "WIDENER_REGS": WIDENER_REGS,
-            "BLOCK_KEYS": block_keys, "num_warps": 4, "maxnreg": maxnreg}  # fmt: skip
+            "BLOCK_KEYS": block_keys, "V16_SLOTS": slots, "num_warps": 4,
+            "maxnreg": maxnreg}  # fmt: skip

@@ -42,7 +42,10 @@ from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M, LOG2E
 from sageserve.attention.sage_attn.kernels.gluon.consumer_steps import (
     _block_scales,
     _p_operand,
+    _pv_operand,
     _qk,
+    _release_kv_early,
+    _release_pv,
     _softmax,
     _step,
     _turn_pass,
@@ -63,15 +66,19 @@ def _last_keys(rows, q_len, kv_len, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _idle_turns(turn, ready, empty, start, stop, WG: gl.constexpr, STAGES: gl.constexpr):
+def _idle_turns(turn, ready, empty, v_ready, v_empty, start, stop, WG: gl.constexpr,
+                STAGES: gl.constexpr, SLOTS: gl.constexpr):  # fmt: skip
     """Empty turns start .. stop - 1 (program block indices): pass each turn on, and release
     each block once it landed (a release before the load would complete the stage's empty
-    phase early)."""
+    phase early); with two rings (SLOTS > 0), its fp16 slot too once widened."""
     for g in range(start, stop):
         _turn_wait(turn, g, WG)
         _turn_pass(turn, WG)
         mbarrier.wait(ready.index(g % STAGES), (g // STAGES) & 1)
         mbarrier.arrive(empty.index(g % STAGES), count=1)
+        if SLOTS > 0:
+            mbarrier.wait(v_ready.index(g % SLOTS), (g // SLOTS) & 1)
+            mbarrier.arrive(v_empty.index(g % SLOTS), count=1)
 
 
 @gluon.jit
@@ -113,16 +120,36 @@ def _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, n_real, head, stride_qt, stri
 
 
 @gluon.jit
+def _load_q_codes(codes_ptr, scales_ptr, q_smem, q_row, n_real, head, stride_qt, stride_qh,
+                  stride_st, rows_s: gl.constexpr):  # fmt: skip
+    """Q rows q_row .. q_row + 63 of `head` as `kernels.quantize_q` made them (codes [T, Hq,
+    D] int8, scales [T, Hq] fp32 with sm_scale and log2 e folded in): the codes into q_smem
+    (rows past n_real as zeros, never read) and the rows' scales ([BLOCK_M] in rows_s)."""
+    D: gl.constexpr = q_smem.shape[1]
+    blocked: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
+    r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, blocked))
+    offsets = (q_row + r).to(gl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :]
+    real = (r[:, None] < n_real) & (d[None, :] < D)
+    q_smem.store(gl.load(codes_ptr + offsets, mask=real, other=0))
+    fence_async_shared()  # the codes are read by wgmma (the async proxy)
+    rows = gl.arange(0, BLOCK_M, layout=rows_s)
+    scales = scales_ptr + (q_row + rows).to(gl.int64) * stride_st + head
+    return gl.load(scales, mask=rows < n_real, other=1.0)
+
+
+@gluon.jit
 def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
             CAUSAL: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
-            ROTATE: gl.constexpr):  # fmt: skip
+            ROTATE: gl.constexpr, SLOTS: gl.constexpr):  # fmt: skip
     """One work item of consumer WG (n >= 2): rows lo = first_row + 64 WG .. lo + 63 of the
     sequence's chunk (those < q_len stored), over key blocks 0 .. n - 1 (the program's
     blocks base ..): block 0 masked (peeled), blocks 1 .. full - 1 in the unmasked loop,
     full .. n - 1 in the masked one (<= 2 iterations), then the last P·V and the empty
     turns n .. loaded - 1."""
     (q_ptr, out_ptr, q_smem, h_smem, k_smem, v_smem, scale_smem, ready, empty, turn,
-     q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale) = args  # fmt: skip
+     q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale, q_scale_ptr,
+     stride_st, v_ready, v_empty) = args  # fmt: skip
     D: gl.constexpr = k_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[1]  # keys per block: one page or two
     PV_BITS: gl.constexpr = v_smem.dtype.primitive_bitwidth  # 8 (FP8 codes) or 16 (fp16)
@@ -140,8 +167,12 @@ def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
     lo = first_row + WG * BLOCK_M
     q_row = gl.load(q_start_ptr + seq) + lo
     q_smem = q_smem.index(WG)
-    q_scale = _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, q_len - lo, head, stride_qt,
-                               stride_qh, sm_scale, rows_s, ROTATE)  # fmt: skip
+    if q_ptr.dtype.element_ty == gl.int8:  # codes and scales from `quantize_q`
+        q_scale = _load_q_codes(q_ptr, q_scale_ptr, q_smem, q_row, q_len - lo, head,
+                                stride_qt, stride_qh, stride_st, rows_s)  # fmt: skip
+    else:
+        q_scale = _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, q_len - lo, head, stride_qt,
+                                   stride_qh, sm_scale, rows_s, ROTATE)  # fmt: skip
     last_key = _last_keys(lo + gl.arange(0, BLOCK_M, layout=rows_s), q_len, kv_len, CAUSAL)
 
     # Block 0's QKᵀ and softmax (outside the turns), always masked: every row sees key 0.
@@ -159,22 +190,27 @@ def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
     for j in range(0, split):
         p, acc, rescale, m_i, l_i, unit = _step(
             j, base, p, acc, rescale, m_i, l_i, unit, q_scale, last_key, q_smem, k_smem,
-            v_smem, scale_smem, ready, empty, turn, s_layout, o_layout, False, WG, STAGES,
+            v_smem, scale_smem, ready, empty, turn, v_ready, v_empty, s_layout, o_layout,
+            False, WG, STAGES, SLOTS,
         )  # fmt: skip
     for j in range(split, n - 1):  # the blocks crossing the diagonal, keys >= kv_len
         p, acc, rescale, m_i, l_i, unit = _step(
             j, base, p, acc, rescale, m_i, l_i, unit, q_scale, last_key, q_smem, k_smem,
-            v_smem, scale_smem, ready, empty, turn, s_layout, o_layout, True, WG, STAGES,
+            v_smem, scale_smem, ready, empty, turn, v_ready, v_empty, s_layout, o_layout,
+            True, WG, STAGES, SLOTS,
         )  # fmt: skip
     # The last block's P·V, in a turn of its own (turn base + n - 1, held).
     g = base + n - 1
     p_op = _p_operand(p, scale_smem, g, STAGES, s_layout, p_layout, v_smem.dtype)
+    _release_kv_early(empty, g, STAGES, SLOTS)
     acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
-    acc = warpgroup_mma(p_op, v_smem.index(g % STAGES).permute((1, 0)), acc, is_async=True)
+    v = _pv_operand(v_smem, v_ready, g, STAGES, SLOTS)
+    acc = warpgroup_mma(p_op, v, acc, is_async=True)
     _turn_pass(turn, WG)
-    _idle_turns(turn, ready, empty, g + 1, base + loaded, WG, STAGES)  # the other's extra
+    _idle_turns(turn, ready, empty, v_ready, v_empty, g + 1, base + loaded, WG, STAGES,
+                SLOTS)  # the other consumer's extra block  # fmt: skip
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    mbarrier.arrive(empty.index(g % STAGES), count=1)
+    _release_pv(empty, v_empty, g, STAGES, SLOTS)
     out = acc * gl.convert_layout(unit / l_i, rows_o)[:, None]
     r = gl.arange(0, BLOCK_M, layout=rows_o)
     d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
@@ -185,7 +221,8 @@ def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
 
 @gluon.jit
 def _consumer(args, plan_ptr, q_len_ptr, kv_len_ptr, n_items, CAUSAL: gl.constexpr,
-              WG: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr):  # fmt: skip
+              WG: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr,
+              SLOTS: gl.constexpr):  # fmt: skip
     """One warpgroup through the program's plan items. Consumer 0 always has a real row (a
     tile starts below q_len); consumer 1 may have none: then all its turns are empty."""
     BLOCK_N: gl.constexpr = args[4].shape[1]  # the K stages' rows: keys per block
@@ -195,11 +232,12 @@ def _consumer(args, plan_ptr, q_len_ptr, kv_len_ptr, n_items, CAUSAL: gl.constex
         n, full, loaded = _item_blocks(q_len, kv_len, first_row, WG, CAUSAL, BLOCK_N)
         if WG == 0:
             _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
-                           CAUSAL, WG, STAGES, ROTATE)  # fmt: skip
+                    CAUSAL, WG, STAGES, ROTATE, SLOTS)  # fmt: skip
         else:
             if n > 0:
                 _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base,
-                               args, CAUSAL, WG, STAGES, ROTATE)  # fmt: skip
+                        args, CAUSAL, WG, STAGES, ROTATE, SLOTS)  # fmt: skip
             else:
-                _idle_turns(args[9], args[7], args[8], base, base + loaded, WG, STAGES)
+                _idle_turns(args[9], args[7], args[8], args[18], args[19], base,
+                            base + loaded, WG, STAGES, SLOTS)  # fmt: skip
         base += loaded

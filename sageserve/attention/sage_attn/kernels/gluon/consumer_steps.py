@@ -95,10 +95,39 @@ def _p_operand(p, scale_smem, g, STAGES: gl.constexpr, s_layout: gl.constexpr,
 
 
 @gluon.jit
+def _release_kv_early(empty, g, STAGES: gl.constexpr, SLOTS: gl.constexpr):
+    """Two rings (SLOTS > 0): block g's P codes are made, so its K and scales are read (its
+    V sits in the fp16 ring): release its K/V stage. One ring: nothing (the stage goes once
+    the P·V retired)."""
+    if SLOTS > 0:
+        mbarrier.arrive(empty.index(g % STAGES), count=1)
+
+
+@gluon.jit
+def _pv_operand(v_smem, v_ready, g, STAGES: gl.constexpr, SLOTS: gl.constexpr):
+    """Block g's V [N, D] for P·V: its fp16 slot once widened (two rings), or its stage
+    (landed with the block: its QKᵀ waited for it)."""
+    if SLOTS > 0:
+        mbarrier.wait(v_ready.index(g % SLOTS), (g // SLOTS) & 1)
+        return v_smem.index(g % SLOTS).permute((1, 0))
+    else:
+        return v_smem.index(g % STAGES).permute((1, 0))
+
+
+@gluon.jit
+def _release_pv(empty, v_empty, g, STAGES: gl.constexpr, SLOTS: gl.constexpr):
+    """Block g's P·V retired: release its fp16 slot (two rings) or its K/V stage."""
+    if SLOTS > 0:
+        mbarrier.arrive(v_empty.index(g % SLOTS), count=1)
+    else:
+        mbarrier.arrive(empty.index(g % STAGES), count=1)
+
+
+@gluon.jit
 def _step(j, base, p, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_smem,
-          v_smem, scale_smem, ready, empty, turn, s_layout: gl.constexpr,
+          v_smem, scale_smem, ready, empty, turn, v_ready, v_empty, s_layout: gl.constexpr,
           o_layout: gl.constexpr, MASKED: gl.constexpr, WG: gl.constexpr,
-          STAGES: gl.constexpr):  # fmt: skip
+          STAGES: gl.constexpr, SLOTS: gl.constexpr):  # fmt: skip
     """One turn of a consumer: the P·V of key block j and the softmax of block j + 1 (block
     j is the program's block base + j).
 
@@ -117,6 +146,10 @@ def _step(j, base, p, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_sme
     memory access and a branch) pins it below. Nothing is in flight across the loop's back
     edge (in a worker partition, an in-flight accumulator there makes ptxas serialize every
     wgmma, C7512). MASKED: block j + 1 is this consumer's diagonal.
+
+    SLOTS > 0 (two rings, lab/gluon_ws/selfcheck_two_rings.py): v_smem is the fp16 V ring of
+    SLOTS slots (v_ready, v_empty its barriers); block j's K/V stage is released once its P
+    codes are made, its slot once its P·V retired.
     """
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(
@@ -126,14 +159,16 @@ def _step(j, base, p, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_sme
     s_zero = gl.zeros([BLOCK_M, N], gl.int32, s_layout)
     g = base + j
     p_op = _p_operand(p, scale_smem, g, STAGES, s_layout, p_layout, v_smem.dtype)
+    _release_kv_early(empty, g, STAGES, SLOTS)
     acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
     s_next = _qk(q_smem, k_smem, ready, g + 1, s_zero, STAGES)
-    acc = warpgroup_mma(p_op, v_smem.index(g % STAGES).permute((1, 0)), acc, is_async=True)
+    v = _pv_operand(v_smem, v_ready, g, STAGES, SLOTS)
+    acc = warpgroup_mma(p_op, v, acc, is_async=True)
     _turn_pass(turn, WG)
     k_scale, new_unit = _block_scales(scale_smem, g + 1, STAGES, s_layout)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,)).to(gl.float32)
     p, alpha, m_i, l_i = _softmax(s, q_scale, m_i, l_i, k_scale, rows, j + 1, s_layout, MASKED)
     _turn_wait(turn, g + 1, WG)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    mbarrier.arrive(empty.index(g % STAGES), count=1)  # block j's K, V, scales are read
+    _release_pv(empty, v_empty, g, STAGES, SLOTS)  # block j's V (and K, scales) are read
     return p, acc, alpha * (unit / new_unit), m_i, l_i, new_unit

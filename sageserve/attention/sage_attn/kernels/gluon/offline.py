@@ -24,17 +24,18 @@ from sageserve.attention.sage_attn.kernels.gluon.config import (
     KEYS,
     MAXNREG,
     launch_options,
+    v16_slots,
 )
 from sageserve.attention.sage_attn.kernels.gluon.prefill import (
     _sage_ws_prefill_kernel,
     cache_descriptor,
 )
 
-_ALIGNED = ("q_ptr", "k_scale_ptr", "v_scale_ptr", "page_table_ptr", "out_ptr", "plan_ptr",
-            "q_start_ptr", "q_len_ptr", "kv_len_ptr", "stride_qt", "stride_qh", "stride_ot",
-            "stride_oh")  # fmt: skip
+_ALIGNED = ("q_ptr", "q_scale_ptr", "k_scale_ptr", "v_scale_ptr", "page_table_ptr", "out_ptr",
+            "plan_ptr", "q_start_ptr", "q_len_ptr", "kv_len_ptr", "stride_qt", "stride_qh",
+            "stride_ot", "stride_oh")  # fmt: skip
 _CONSTEXPRS = ("STAGES", "CONSUMER_REGS", "PRODUCER_REGS", "ROTATE", "WIDENER_WARPS",
-               "WIDENER_REGS", "BLOCK_KEYS")  # fmt: skip
+               "WIDENER_REGS", "BLOCK_KEYS", "V16_SLOTS")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Build:
     stages: int = DEFAULT_STAGES
     maxnreg: int = MAXNREG
     block_keys: int = 64
+    prequantize: bool = False  # Q codes from `quantize_q` (rotated there), not quantized here
 
 
 def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
@@ -64,15 +66,19 @@ def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
     dim = build.head_dim
     v_types = (gl.float8e4nv, torch.float8_e4m3fn) if build.pv == "fp8" else (gl.int8, torch.int8)
     signature = {
-        "q_ptr": "*bf16",
+        "q_ptr": "*i8" if build.prequantize else "*bf16",
+        "q_scale_ptr": "*fp32" if build.prequantize else "*bf16",
         "k_desc": desc([4096, dim], [KEYS, dim], gl.int8, torch.int8),
         "v_desc": desc([64 * dim, KEYS], [dim, KEYS], *v_types),
         "k_scale_ptr": "*fp16", "v_scale_ptr": "*fp16", "page_table_ptr": "*i32",
         "out_ptr": "*bf16", "plan_ptr": "*i32", "q_start_ptr": "*i32", "q_len_ptr": "*i32",
         "kv_len_ptr": "*i32", "n_items": "i32", "stride_qt": "i32", "stride_qh": "i32",
-        "stride_table": "i32", "stride_ot": "i32", "stride_oh": "i32", "sm_scale": "fp32",
+        "stride_st": "i32", "stride_table": "i32", "stride_ot": "i32", "stride_oh": "i32",
+        "sm_scale": "fp32",
     }  # fmt: skip
-    options = launch_options(build.stages, build.maxnreg, build.rotate, build.block_keys)
+    rotate_here = build.rotate and not build.prequantize
+    slots = v16_slots(build.pv == "fp8", build.head_dim, build.block_keys)
+    options = launch_options(build.stages, build.maxnreg, rotate_here, build.block_keys, slots)
     constexprs = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "CAUSAL": build.causal}
     constexprs |= {name: options.pop(name) for name in _CONSTEXPRS}
     signature |= dict.fromkeys(constexprs, "constexpr")

@@ -23,9 +23,12 @@ from sageserve.attention.sage_attn.kernels.gluon.config import (
     block_keys_refusal,
     default_block_keys,
     launch_options,
+    v16_slots,
 )
 from sageserve.attention.sage_attn.kernels.gluon.consumer import _consumer
 from sageserve.attention.sage_attn.kernels.gluon.producer import _producer, _widener
+from sageserve.attention.sage_attn.kernels.quantize_q import quantize_q
+from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel
 
 
 @gluon.jit
@@ -64,13 +67,13 @@ def _block_view(v_pages, STAGES: gl.constexpr, N: gl.constexpr):
 # specializing on them (== 1, divisible by 16) would compile variants while serving.
 @gluon.jit(do_not_specialize=["n_items", "stride_table"])
 def _sage_ws_prefill_kernel(
-    q_ptr, k_desc, v_desc, k_scale_ptr, v_scale_ptr, page_table_ptr, out_ptr, plan_ptr,
-    q_start_ptr, q_len_ptr, kv_len_ptr, n_items, stride_qt, stride_qh, stride_table,
-    stride_ot, stride_oh, sm_scale,
+    q_ptr, q_scale_ptr, k_desc, v_desc, k_scale_ptr, v_scale_ptr, page_table_ptr, out_ptr,
+    plan_ptr, q_start_ptr, q_len_ptr, kv_len_ptr, n_items, stride_qt, stride_qh, stride_st,
+    stride_table, stride_ot, stride_oh, sm_scale,
     num_q_heads: gl.constexpr, num_kv_heads: gl.constexpr, CAUSAL: gl.constexpr,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     ROTATE: gl.constexpr, WIDENER_WARPS: gl.constexpr, WIDENER_REGS: gl.constexpr,
-    BLOCK_KEYS: gl.constexpr,
+    BLOCK_KEYS: gl.constexpr, V16_SLOTS: gl.constexpr,
 ):  # fmt: skip
     """8-bit attention of a varlen batch with cached prefixes: work items w = program_id,
     + num_programs, ... < n_items of the plan ([items, 3] int32: sequence, first row of the
@@ -85,7 +88,9 @@ def _sage_ws_prefill_kernel(
     rotated by the Hadamard matrix before quantization (the cache's K codes are rotated by
     the store). BLOCK_KEYS: keys per block and stage, one page (64) or two (128); the V
     pages of a stage ([D, 64] TMA boxes, one after the other) are read as one [D, 128] tile
-    of the same swizzle."""
+    of the same swizzle. V16_SLOTS (fp16 P·V): 0 gives each K/V stage its own fp16 V; > 0
+    keeps the fp16 V in a ring of that many slots (`config.v16_slots`; protocol in
+    lab/gluon_ws/selfcheck_two_rings.py)."""
     D: gl.constexpr = k_desc.block_type.shape[1]
     PV_FP8: gl.constexpr = v_desc.dtype == gl.float8e4nv
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl.int8)
@@ -104,7 +109,8 @@ def _sage_ws_prefill_kernel(
     h_smem = _sylvester_smem(q_ptr.dtype.element_ty, D) if ROTATE else q_smem
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=2)  # the producer's expect (TMA bytes) and scales
-        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer
+        # One arrive per consumer, and the widener's with a ring of fp16 V of its own.
+        mbarrier.init(empty.index(i), count=3 if V16_SLOTS > 0 else 2)
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)  # the other consumer's end of turn
     # Constexprs go to the partitions directly (in an assigned tuple they become runtime).
@@ -112,18 +118,29 @@ def _sage_ws_prefill_kernel(
         k_desc, v_desc, k_smem, v_pages, scale_smem, ready, empty, k_scale_ptr, v_scale_ptr,
         page_table_ptr, stride_table, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
     )  # fmt: skip
-    if not PV_FP8:  # the consumers read the fp16 copy, and `widened` as their `ready`
+    if not PV_FP8:  # the consumers read the fp16 copy, `widened` for it
+        RING: gl.constexpr = V16_SLOTS if V16_SLOTS > 0 else STAGES
         v16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, BLOCK_KEYS],
                                                                          gl.float16)  # fmt: skip
-        v16_smem = gl.allocate_shared_memory(gl.float16, [STAGES, D, BLOCK_KEYS], v16_layout)
-        widened = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
+        v16_smem = gl.allocate_shared_memory(gl.float16, [RING, D, BLOCK_KEYS], v16_layout)
+        widened = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(RING):
             mbarrier.init(widened.index(i), count=1)  # the widener's, after its stores
+        if V16_SLOTS > 0:
+            v16_empty = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(RING):
+                mbarrier.init(v16_empty.index(i), count=2)  # one arrive per consumer
+        else:
+            v16_empty = widened  # one ring: never waited or arrived on
     pv_smem = v_smem if PV_FP8 else v16_smem
-    pv_ready = ready if PV_FP8 else widened
+    # One ring: the consumers wait on `widened` for the whole block (it follows `ready`).
+    qk_ready = ready if (PV_FP8 or V16_SLOTS > 0) else widened
+    v_ready = ready if PV_FP8 else widened
+    v_empty = empty if PV_FP8 else v16_empty
     consumer_args = (
-        q_ptr, out_ptr, q_smem, h_smem, k_smem, pv_smem, scale_smem, pv_ready, empty, turn,
-        q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale,
+        q_ptr, out_ptr, q_smem, h_smem, k_smem, pv_smem, scale_smem, qk_ready, empty, turn,
+        q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale, q_scale_ptr,
+        stride_st, v_ready, v_empty,
     )  # fmt: skip
     # A partition list cannot be built in pieces (a tuple holding a function is not a value
     # here): one warp_specialize per P·V mode, the fp16 one with the widener.
@@ -131,31 +148,33 @@ def _sage_ws_prefill_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                             CAUSAL, 0, STAGES, ROTATE)),
+                             CAUSAL, 0, STAGES, ROTATE, V16_SLOTS)),
                 (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                             CAUSAL, 1, STAGES, ROTATE)),
+                             CAUSAL, 1, STAGES, ROTATE, V16_SLOTS)),
                 (_producer, (producer_args, num_q_heads, num_kv_heads, CAUSAL, STAGES)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
         )  # fmt: skip
     else:
-        widener_args = (v_smem, v16_smem, ready, widened, plan_ptr, q_len_ptr, kv_len_ptr,
-                        n_items)  # fmt: skip
+        widener_args = (v_smem, v16_smem, ready, widened, empty, v16_empty, plan_ptr, q_len_ptr,
+                        kv_len_ptr, n_items)  # fmt: skip
         gl.warp_specialize(
             [
                 (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                             CAUSAL, 0, STAGES, ROTATE)),
+                             CAUSAL, 0, STAGES, ROTATE, V16_SLOTS)),
                 (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                             CAUSAL, 1, STAGES, ROTATE)),
+                             CAUSAL, 1, STAGES, ROTATE, V16_SLOTS)),
                 (_producer, (producer_args, num_q_heads, num_kv_heads, CAUSAL, STAGES)),
-                (_widener, (widener_args, CAUSAL, STAGES, WIDENER_WARPS)),
+                (_widener, (widener_args, CAUSAL, STAGES, WIDENER_WARPS, V16_SLOTS)),
             ],
             [4, 1, WIDENER_WARPS],
             [CONSUMER_REGS, PRODUCER_REGS, WIDENER_REGS],
         )  # fmt: skip
-        for i in gl.static_range(STAGES):
+        for i in gl.static_range(RING):
             mbarrier.invalidate(widened.index(i))
+            if V16_SLOTS > 0:
+                mbarrier.invalidate(v16_empty.index(i))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
         mbarrier.invalidate(empty.index(i))
@@ -179,53 +198,69 @@ def sage_attention_ws(
     causal: bool = True,
     rotate: bool = False,
     persistent: bool = True,
-    stages: int = DEFAULT_STAGES,
+    stages: int | None = None,
     maxnreg: int = MAXNREG,
     block_keys: int | None = None,
+    prequantize: bool = False,
 ) -> torch.Tensor:
     """8-bit attention of every sequence's query chunk over its cached keys, warp-specialized
     (sm_90): what `kernels.prefill.sage_attention_paged` computes, without the channel
     balance.
 
-    q: [T, Hq, D] bf16 or fp16, D 64 or 128 (unrotated: with `rotate`, the kernel rotates
-    it); k_cache: [P, Hkv, 64, D] int8 (rotated keys when `rotate`); v_cache: [P, Hkv, D, 64]
-    float8_e4m3fn (FP8 P·V) or int8 (fp16 P·V); k_scale, v_scale: [P, Hkv, 64] fp16.
-    page_table: [B, width] int32 from `padded_page_table`; q_start, q_len, kv_len: [B] int32
-    (q_len >= 1 for every planned sequence, kv_len >= q_len, the new keys already stored);
-    plan: `plan.work_plan(...)` [items, 3] int32 on q's device, made with the same causal
-    flag; out: [T, Hq, D] in q's dtype, rows outside every planned sequence untouched.
-    sm_scale: the softmax scale of the (rotated) basis. persistent: one program per SM over
-    the plan's items round-robin (the default: on an H100 it was never slower than one
-    program per item and 5-15% faster on a batch of 1k-token chunks over cached prefixes;
-    BENCHMARKS.md, 2026-12-06); otherwise one program per item. block_keys: keys per
-    softmax step and ring stage, one page (64) or two (128); None: `default_block_keys` (128
-    at head_dim 64, else 64). One launch, no host sync.
-    Returns out.
+    q: [T, Hq, D] bf16 or fp16, D 64 or 128 (unrotated: with `rotate`, it is rotated before
+    quantization); k_cache: [P, Hkv, 64, D] int8 (rotated keys when `rotate`); v_cache: [P,
+    Hkv, D, 64] float8_e4m3fn (FP8 P·V) or int8 (fp16 P·V); k_scale, v_scale: [P, Hkv, 64]
+    fp16. page_table: [B, width] int32 from `padded_page_table`; q_start, q_len, kv_len: [B]
+    int32 (q_len >= 1 for every planned sequence, kv_len >= q_len, the new keys already
+    stored); plan: `plan.work_plan(...)` [items, 3] int32 on q's device, made with the same
+    causal flag; out: [T, Hq, D] in q's dtype, rows outside every planned sequence
+    untouched. sm_scale: the softmax scale of the (rotated) basis. persistent: one program
+    per SM over the plan's items round-robin (the default: on an H100 it was never slower
+    than one program per item and 5-15% faster on a batch of 1k-token chunks over cached
+    prefixes; BENCHMARKS.md, 2026-12-06); otherwise one program per item. block_keys: keys
+    per softmax step and ring stage, one page (64) or two (128); None: `default_block_keys`.
+    stages: K/V stages (None: DEFAULT_STAGES). prequantize: Q rotated and quantized by
+    `quantize_q` before the launch, instead of in each tile's prologue (frees the shared
+    memory of the ±1 matrix). One or two launches, no host sync. Returns out.
     """
     check_ws_args(q, k_cache, v_cache, plan, out)
-    pv_fp8 = v_cache.dtype == torch.float8_e4m3fn
-    block_keys = block_keys or default_block_keys(q.shape[2])
-    if refusal := block_keys_refusal(pv_fp8, q.shape[2], block_keys):
-        raise ValueError(refusal)
     _, heads, dim = q.shape
-    page = k_cache.shape[2]
-    kv_heads = k_cache.shape[1]
-    items = plan.shape[0]
-    if items == 0:
+    pv_fp8 = v_cache.dtype == torch.float8_e4m3fn
+    block_keys = block_keys or default_block_keys(dim)
+    if refusal := block_keys_refusal(pv_fp8, dim, block_keys, prequantize):
+        raise ValueError(refusal)
+    stages = stages or DEFAULT_STAGES
+    if plan.shape[0] == 0:
         return out
-    v_dtype = gl.float8e4nv if pv_fp8 else gl.int8
+    q_args = _query_args(q, sm_scale, rotate, prequantize)
+    page = k_cache.shape[2]
     k_desc = cache_descriptor(k_cache.view(-1, dim), [KEYS, dim], gl.int8)
-    v_desc = cache_descriptor(v_cache.view(-1, page), [dim, KEYS], v_dtype)
-    grid = items
+    v_desc = cache_descriptor(v_cache.view(-1, page), [dim, KEYS],
+                              gl.float8e4nv if pv_fp8 else gl.int8)  # fmt: skip
+    grid = plan.shape[0]
     if persistent:
-        grid = min(items, torch.cuda.get_device_properties(q.device).multi_processor_count)
+        grid = min(grid, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    codes, scales, stride_t, stride_h, stride_s = q_args
     _sage_ws_prefill_kernel[(grid,)](
-        q, k_desc, v_desc, k_scale, v_scale, page_table, out, plan, q_start, q_len, kv_len,
-        items, q.stride(0), q.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
-        sm_scale, num_q_heads=heads, num_kv_heads=kv_heads, CAUSAL=causal,
-        **launch_options(stages, maxnreg, rotate, block_keys),
+        codes, scales, k_desc, v_desc, k_scale, v_scale, page_table, out, plan, q_start, q_len,
+        kv_len, plan.shape[0], stride_t, stride_h, stride_s, page_table.stride(0),
+        out.stride(0), out.stride(1), sm_scale, num_q_heads=heads,
+        num_kv_heads=k_cache.shape[1], CAUSAL=causal,
+        **launch_options(stages, maxnreg, rotate and not prequantize, block_keys,
+                         v16_slots(pv_fp8, dim, block_keys)),
     )  # fmt: skip
     return out
+
+
+def _query_args(q: torch.Tensor, sm_scale: float, rotate: bool, prequantize: bool) -> tuple:
+    """(q_ptr, q_scale_ptr, stride_qt, stride_qh, stride_st) of the kernel: q itself (its
+    scale pointer unused), or its codes [T, Hq, D] int8 and row scales [T, Hq] fp32 from
+    `quantize_q` (rotated the tensor-core way, as the kernel's own rotation)."""
+    if not prequantize:
+        return q, q, q.stride(0), q.stride(1), 0
+    rotation = HadamardKernel.TENSOR_CORE if rotate else HadamardKernel.OFF
+    codes, scales = quantize_q(q, sm_scale, rotation)
+    return codes, scales, codes.stride(0), codes.stride(1), scales.stride(0)
 
 
 def cache_descriptor(rows: torch.Tensor, box: list[int], dtype: gl.dtype) -> TensorDescriptor:

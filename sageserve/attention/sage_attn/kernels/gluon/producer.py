@@ -131,8 +131,8 @@ def _int8_to_fp16(codes):
 
 
 @gluon.jit
-def _widen_stage(v_smem, v16_smem, stage, WARPS: gl.constexpr):
-    """V [D, N] INT8 codes of a stage -> fp16 in v16_smem's stage, 512 * WARPS codes at a
+def _widen_stage(v_smem, v16_smem, stage, slot, WARPS: gl.constexpr):
+    """V [D, N] INT8 codes of a stage -> fp16 in v16_smem's slot, 512 * WARPS codes at a
     time (16 codes per thread: 4 registers in, 8 out, within the widener's small register
     budget)."""
     N: gl.constexpr = v_smem.shape[2]
@@ -140,20 +140,28 @@ def _widen_stage(v_smem, v16_smem, stage, WARPS: gl.constexpr):
     rows: gl.constexpr = 512 // N * WARPS
     D: gl.constexpr = v_smem.shape[1]
     src = v_smem.index(stage)
-    dst = v16_smem.index(stage)
+    dst = v16_smem.index(slot)
     for r in gl.static_range(0, D, rows):
         codes = src.slice(r, rows, dim=0).load(layout)
         dst.slice(r, rows, dim=0).store(_int8_to_fp16(codes))
 
 
 @gluon.jit
-def _widener(args, CAUSAL: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
+def _widener(args, CAUSAL: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+             SLOTS: gl.constexpr):  # fmt: skip
     """FP16 P·V: for every block the producer loads (the same sequence of program blocks g),
     once it landed (`ready`), widen its INT8 V to fp16 (`_widen_stage`) and arrive on
-    `widened`, which the consumers wait on instead of `ready`. Stage g % STAGES of v16_smem
-    is free by then: the producer reloads a stage only after both consumers released its
-    previous block, after their P·V read it. args: the kernel's runtime widener arguments."""
-    (v_smem, v16_smem, ready, widened, plan_ptr, q_len_ptr, kv_len_ptr, n_items) = args
+    `widened`, which the consumers wait on for P·V.
+
+    One ring (SLOTS == 0): v16_smem has a slot per K/V stage, and the consumers wait on
+    `widened` instead of `ready`. Slot g % STAGES is free by then: the producer reloads a
+    stage only after both consumers released its previous block, after their P·V read it.
+    Two rings (SLOTS > 0, lab/gluon_ws/selfcheck_two_rings.py): block g goes to slot
+    g % SLOTS once both consumers released its previous block (`v_empty`), and the widener
+    releases the block's K/V stage (its V read) as a third arrival on `empty`. args: the
+    kernel's runtime widener arguments."""
+    (v_smem, v16_smem, ready, widened, empty, v_empty, plan_ptr, q_len_ptr, kv_len_ptr,
+     n_items) = args  # fmt: skip
     base = 0
     for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
         _, first_row, _, q_len, kv_len = _plan_item(plan_ptr, q_len_ptr, kv_len_ptr, w)
@@ -162,8 +170,22 @@ def _widener(args, CAUSAL: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constex
             g = base + block
             stage = g % STAGES
             mbarrier.wait(ready.index(stage), (g // STAGES) & 1)
-            _widen_stage(v_smem, v16_smem, stage, WARPS)
-            fence_async_shared()  # each thread's fp16 rows, for wgmma (the async proxy)
-            gl.thread_barrier()  # every thread's rows are stored before the one arrive
-            mbarrier.arrive(widened.index(stage), count=1)
+            if SLOTS > 0:
+                slot = g % SLOTS
+                mbarrier.wait(v_empty.index(slot), ((g // SLOTS) & 1) ^ 1)
+                _widen_into(v_smem, stage, v16_smem, slot, WARPS)
+                mbarrier.arrive(empty.index(stage), count=1)  # this block's V is read
+                mbarrier.arrive(widened.index(slot), count=1)
+            else:
+                _widen_into(v_smem, stage, v16_smem, stage, WARPS)
+                mbarrier.arrive(widened.index(stage), count=1)
         base += loaded
+
+
+@gluon.jit
+def _widen_into(v_smem, stage, v16_smem, slot, WARPS: gl.constexpr):
+    """Widen stage `stage` of v_smem into slot `slot` of v16_smem, visible to wgmma and to
+    every thread before the caller's one arrive."""
+    _widen_stage(v_smem, v16_smem, stage, slot, WARPS)
+    fence_async_shared()  # each thread's fp16 rows, for wgmma (the async proxy)
+    gl.thread_barrier()  # every thread's rows are stored before the one arrive
