@@ -13,13 +13,16 @@
 # 3. `bench offline`: TTFT of one 32k prompt and 64 x 8k prefill throughput, sage_attn with
 #    the Gluon prefill against triton (dummy Llama-3.1-8B bf16; issue 17's end-to-end
 #    targets).
+# 4. the two-ring build (fp16 P·V, head_dim 128, 128-key blocks, Q quantized beforehand)
+#    against the served 64-key build, lab varlen probe (checks, then timings).
 # PARTS: e.g. 1,2 (default: all). The limits add up to more than one 10-minute device call:
-# run 1, then 2,3. A failing part 1 stops the script: timings of a wrong kernel mean nothing.
+# run 1, then 2,3, then 4. A failing part 1 stops the script: timings of a wrong kernel mean
+# nothing.
 # On an 80 GB card the triton backend's 64 x 8k cache does not fit: bench offline records
 # that point as skipped and 32 x 8k compares the two.
 set -u
 out=$1
-parts=",${2:-1,2,3},"
+parts=",${2:-1,2,3,4},"
 want() { [[ $parts == *",$1,"* ]]; }
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/card.txt"
@@ -48,4 +51,9 @@ want 3 && timeout 300 python3 -m sageserve bench offline --model-path llama-3.1-
   --input-lens 32768,8192 --output-lens 2 --rounds 1 --out "$out/offline.json" \
   > "$out/offline.log" 2>&1
 want 3 && tail -12 "$out/offline.log"
+want 4 && timeout 240 python3 lab/gluon_ws_prefill_probe.py --varlen --pv fp16 --head-dim 128 \
+  --rotate on --timings serving,prompt16k \
+  --variants gluon_ws_varlen_persistent,gluon_ws_varlen_persistent_k128_pre \
+  --out "$out/two-rings.json" > "$out/two-rings.log" 2>&1
+want 4 && grep '"timing"' "$out/two-rings.log" | cut -c1-200
 true  # a part left out is not a failure

@@ -37,8 +37,10 @@ BACKENDS = [
     ("triton", SageOptions()),
     ("sage_attn", SageOptions(impl="triton")),
     ("sage_attn", SageOptions(impl="triton", skip_layers=(1,))),
+    # Prefill queries rotated and quantized by a pass inside the captured pieces.
+    ("sage_attn", SageOptions(impl="triton", rotation_kernel="prepass")),
 ]
-BACKEND_IDS = ["torch", "triton", "sage_attn", "sage_attn-exact-layer-1"]
+BACKEND_IDS = ["torch", "triton", "sage_attn", "sage_attn-exact-layer-1", "sage_attn-prepass"]
 TOKEN_COUNTS = [16, 32, 64, 128, 192, 256, 320, 384]
 
 

@@ -163,7 +163,7 @@ def test_a_model_without_a_tokenizer_warms_up_generate_only(tokenizerless: Loade
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "sage_attn", "sage_attn-gluon"])
+@pytest.mark.parametrize("backend", ["triton", "sage_attn", "sage_attn-gluon", "sage_attn-prepass"])
 def test_nothing_compiles_while_serving_on_gpu(backend: str, monkeypatch: pytest.MonkeyPatch):
     """Once /health answers 200 (engine warm-up on the engine thread, then the route
     warm-up), a mix of requests the warm-up never made (odd prompt lengths, several at once
@@ -182,6 +182,8 @@ def test_nothing_compiles_while_serving_on_gpu(backend: str, monkeypatch: pytest
         if torch.cuda.get_device_capability() != (9, 0):
             pytest.skip("the Gluon prefill runs on sm_90 only")
         backend, options = "sage_attn", (SageOptions(impl="gluon"),)
+    if backend == "sage_attn-prepass":  # prefill queries quantized by a pass first
+        backend, options = "sage_attn", (SageOptions(rotation_kernel="prepass"),)
     engine_config = EngineConfig(dtype="float16", device="cuda", attention_backend=backend,
                                  attention_options=options,
                                  cache=CacheConfig(max_total_tokens=16384))  # fmt: skip
