@@ -16,16 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
+from sageserve.attention.sage_attn.kernels.prefill import LOG2E, _quantize_q
 from sageserve.attention.sage_attn.kernels.rotate import (
     BLOCK_ROWS,
     HadamardKernel,
     check_rotation,
     hadamard_tile,
 )
-
-MAX_CODE = tl.constexpr(127.0)
-MIN_SCALE = tl.constexpr(2.0**-24)
-LOG2E = tl.constexpr(1.4426950408889634)  # the prefill kernel's: the same fp32 row scales
 
 
 # The row count changes with every step: specializing on it (== 1, divisible by 16) would
@@ -45,10 +42,7 @@ def _quantize_q_kernel(
     y = hadamard_tile(x, BLOCK, D, STAGES, ROTATE, False)
     if HAS_BALANCE:  # the prefill kernel's order: rotate, then balance
         y = y * tl.load(balance_ptr + (head // group)[:, None] * D + d)
-    scale = tl.maximum(tl.max(tl.abs(y), axis=1) / MAX_CODE, MIN_SCALE)
-    y = tl.div_rn(y, tl.zeros_like(y) + scale[:, None])
-    y = tl.where(y >= 0, y + 0.5, y - 0.5)
-    codes = tl.minimum(tl.maximum(y, -MAX_CODE), MAX_CODE).to(tl.int8)
+    codes, scale = _quantize_q(y, 127.0)  # the prefill kernel's own quantization
     tl.store(codes_ptr + rows.to(tl.int64)[:, None] * D + d, codes, mask=live[:, None])
     tl.store(scales_ptr + rows, scale * (sm_scale * LOG2E), mask=live)
 

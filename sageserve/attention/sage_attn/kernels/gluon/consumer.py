@@ -82,6 +82,17 @@ def _idle_turns(turn, ready, empty, v_ready, v_empty, start, stop, WG: gl.conste
 
 
 @gluon.jit
+def _row_offsets(q_row, n_real, head, stride_t, stride_h, D: gl.constexpr,
+                 layout: gl.constexpr):  # fmt: skip
+    """(offsets [BLOCK_M, D], mask) of rows q_row .. q_row + 63 of `head` in a [T, H, D]
+    tensor with these strides, in `layout`; the mask keeps the first n_real rows."""
+    r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    offsets = (q_row + r).to(gl.int64)[:, None] * stride_t + head * stride_h + d[None, :]
+    return offsets, (r[:, None] < n_real) & (d[None, :] < D)
+
+
+@gluon.jit
 def _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, n_real, head, stride_qt, stride_qh,
                      sm_scale, rows_s: gl.constexpr, ROTATE: gl.constexpr):  # fmt: skip
     """Load q rows q_row .. q_row + 63 of `head` (q [T, Hq, D]), of which the first n_real
@@ -96,10 +107,7 @@ def _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, n_real, head, stride_qt, stri
     fp32 additions (sm_scale is then the rotated one, `rotated_sm_scale`)."""
     D: gl.constexpr = q_smem.shape[1]
     blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
-    d = gl.arange(0, D, layout=gl.SliceLayout(0, blocked))
-    offsets = (q_row + r).to(gl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :]
-    real = (r[:, None] < n_real) & (d[None, :] < D)
+    offsets, real = _row_offsets(q_row, n_real, head, stride_qt, stride_qh, D, blocked)
     q = gl.load(q_ptr + offsets, mask=real, other=0.0)
     if ROTATE:
         y_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -127,10 +135,7 @@ def _load_q_codes(codes_ptr, scales_ptr, q_smem, q_row, n_real, head, stride_qt,
     (rows past n_real as zeros, never read) and the rows' scales ([BLOCK_M] in rows_s)."""
     D: gl.constexpr = q_smem.shape[1]
     blocked: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
-    r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
-    d = gl.arange(0, D, layout=gl.SliceLayout(0, blocked))
-    offsets = (q_row + r).to(gl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :]
-    real = (r[:, None] < n_real) & (d[None, :] < D)
+    offsets, real = _row_offsets(q_row, n_real, head, stride_qt, stride_qh, D, blocked)
     q_smem.store(gl.load(codes_ptr + offsets, mask=real, other=0))
     fence_async_shared()  # the codes are read by wgmma (the async proxy)
     rows = gl.arange(0, BLOCK_M, layout=rows_s)
@@ -220,6 +225,15 @@ def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
 
 
 @gluon.jit
+def _idle_item(args, start, stop, WG: gl.constexpr, STAGES: gl.constexpr,
+               SLOTS: gl.constexpr):  # fmt: skip
+    """A work item with no row of this consumer: all its turns start .. stop - 1 empty."""
+    (_, _, _, _, _, _, _, ready, empty, turn, _, _, _, _, _, _, _, _, v_ready,
+     v_empty) = args  # fmt: skip
+    _idle_turns(turn, ready, empty, v_ready, v_empty, start, stop, WG, STAGES, SLOTS)
+
+
+@gluon.jit
 def _consumer(args, plan_ptr, q_len_ptr, kv_len_ptr, n_items, CAUSAL: gl.constexpr,
               WG: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr,
               SLOTS: gl.constexpr):  # fmt: skip
@@ -238,6 +252,5 @@ def _consumer(args, plan_ptr, q_len_ptr, kv_len_ptr, n_items, CAUSAL: gl.constex
                 _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base,
                         args, CAUSAL, WG, STAGES, ROTATE, SLOTS)  # fmt: skip
             else:
-                _idle_turns(args[9], args[7], args[8], args[18], args[19], base,
-                            base + loaded, WG, STAGES, SLOTS)  # fmt: skip
+                _idle_item(args, base, base + loaded, WG, STAGES, SLOTS)
         base += loaded
