@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Issue 18 on one CUDA GPU: `--sage-rotation-kernel prepass` (prefill queries rotated and
-# quantized by one pass before the Triton prefill) checked where it would become the
-# default, then timed, each part under its own time limit:
+# quantized by one pass before the Triton prefill; the default at head_dim >= 128 since
+# 2026-12-06) checked, then timed, each part under its own time limit:
 #
 #   bash benchmarks/prepass_check.sh OUT_DIR [PARTS]
 #
 # 1. GPU tests: the pass against the torch math, the shared parity test's prepass variant,
 #    piecewise CUDA-graph replay against eager with it, nothing compiled while serving;
-# 2. `bench kernels`: the rotation's price, in-kernel butterfly against the pass and no
+# 2. `bench kernels`: the rotation's price, in-kernel butterfly (`_bfly`) against the pass and no
 #    rotation, head_dim 128 and 64, causal, 1k / 8k / 32k;
 # 3. `bench offline`: TTFT of one 32k prompt, sage_attn with the pass against the
 #    butterfly (dummy Llama-3.1-8B bf16).
@@ -31,7 +31,7 @@ if want 1; then
 fi
 
 want 2 && timeout 200 python3 -m sageserve bench kernels \
-  --variants sage_fp16pv,sage_fp16pv_prerot,sage_fp16pv_norot,sdpa_cudnn --head-dims 128,64 \
+  --variants sage_fp16pv_bfly,sage_fp16pv_prerot,sage_fp16pv_norot,sdpa_cudnn --head-dims 128,64 \
   --seq-lens 1024,8192,32768 --causal causal --skip-decode --skip-store \
   --out "$out/kernels.json" > "$out/kernels.log" 2>&1
 want 2 && tail -20 "$out/kernels.log"

@@ -273,7 +273,16 @@ def test_no_rotation_variants_price_the_rotation() -> None:
         assert rotated.sage.pv == plain.sage.pv == pv
         variant = f"sage_{pv}pv_norot"
         accepted = set(PREFILL_CHOICES) & set(DECODE_CHOICES) & set(STORE_CHOICES)
-        assert {variant, f"sage_{pv}pv_tcrot"} <= accepted
+        assert {variant, f"sage_{pv}pv_tcrot", f"sage_{pv}pv_bfly"} <= accepted
+        # The plain variant is the served default: the query pass at head_dim 128 only.
+        wide = model_config(4, 2, 128)
+        served = make_backend(f"sage_{pv}pv", wide, torch.float32, torch.device("cpu"))
+        in_kernel = make_backend(f"sage_{pv}pv_bfly", wide, torch.float32, torch.device("cpu"))
+        assert (served.sage.rotation_kernel, rotated.sage.rotation_kernel) == (
+            "prepass",
+            "butterfly",
+        )
+        assert in_kernel.sage.rotation_kernel == "butterfly"
         assert "no Q/K rotation" in kernels_prefill.INCLUDED[variant]
         assert "Hadamard matrix" in kernels_prefill.INCLUDED[f"sage_{pv}pv"]
         product = make_backend(f"sage_{pv}pv_tcrot", cfg, torch.float16, torch.device("cpu"))

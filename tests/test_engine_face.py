@@ -271,6 +271,29 @@ def test_warm_up_runs_capped_chunks_beside_decodes(loaded: LoadedModel) -> None:
     assert stats.num_free_pages == stats.num_usable_pages and not engine.request_ids()
 
 
+def test_warm_up_fills_the_step_budget_when_the_context_is_shorter(loaded) -> None:
+    """A context shorter than the step budget: the widest warm-up step is several prompts
+    that fill the budget (concurrent requests make such steps; on an H100 the KV store's
+    widest launch compiled on the first burst of requests), and the engine is whole after."""
+    config = dataclasses.replace(make_engine(loaded)._config, context_length=90)
+    engine = Engine(config, loaded)
+    lengths = [[len(p) for p in b] for b in warmup_batches(engine)]
+    assert lengths == [[1, 7, 16], [33], [64], [87, 41]]
+    seen = []
+    schedule = engine._scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        seen.append(sum(c.num_new_tokens for c in out.chunks))
+        return out
+
+    engine._scheduler.schedule = recording_schedule
+    engine._warm_up()
+    assert max(seen) == CHUNK, seen
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_usable_pages and not engine.request_ids()
+
+
 def test_warm_up_batches_grow_with_the_pool(loaded: LoadedModel) -> None:
     config = dataclasses.replace(
         make_engine(loaded)._config, cache=CacheConfig(page_size=PAGE, max_total_tokens=4096)

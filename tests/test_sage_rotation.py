@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sageserve.attention.base import AttentionShape, BackendOptions
-from sageserve.attention.sage_attn.backend import SageAttentionBackend
+from sageserve.attention.sage_attn.backend import SageAttentionBackend, resolve_rotation_kernel
 from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel, rotate_rows
 from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.attention.sage_attn.reference import quantize_kv, sage_attention
@@ -161,7 +161,7 @@ def test_rotation_kernel_flag_and_what_it_needs() -> None:
     naming the way out, where it cannot run: the torch reference, the rotation off, fp32."""
     parser = argparse.ArgumentParser()
     SageOptions.add_cli_flags(parser.add_argument_group())
-    assert SageOptions.from_cli_args(parser.parse_args([])).rotation_kernel == "butterfly"
+    assert SageOptions.from_cli_args(parser.parse_args([])).rotation_kernel == "auto"
     chosen = parser.parse_args(["--sage-rotation-kernel", "tensor_core"])
     assert SageOptions.from_cli_args(chosen).rotation_kernel == "tensor_core"
     with pytest.raises(SystemExit):
@@ -207,6 +207,30 @@ def test_prepass_rotation_kernel_and_what_it_needs() -> None:
                             SageOptions(rotation_kernel="prepass", impl="triton"))  # fmt: skip
     assert not SageAttentionBackend.unsupported_reasons(_shape(64), served)
     assert SageAttentionBackend(_shape(64), served).rotation == HadamardKernel.BUTTERFLY
+
+
+def test_auto_rotation_kernel_is_the_pass_for_the_triton_prefill_at_head_dim_128() -> None:
+    """--sage-rotation-kernel auto (the default): prepass where the Triton prefill runs at
+    head_dim >= 128, the butterfly at head_dim 64, with the Gluon prefill, on the torch
+    reference, and with the rotation off (nothing refused); a given choice stays."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cases = [
+        (SageOptions(impl="triton"), cpu, 128, "prepass"),
+        (SageOptions(), cuda, 256, "prepass"),
+        (SageOptions(), cuda, 64, "butterfly"),
+        (SageOptions(impl="gluon"), cuda, 128, "butterfly"),
+        (SageOptions(), cpu, 128, "butterfly"),  # auto impl on CPU: the torch reference
+        (SageOptions(impl="triton", rotate_qk=False), cpu, 128, "butterfly"),
+        (SageOptions(impl="triton", rotation_kernel="butterfly"), cpu, 128, "butterfly"),
+    ]
+    for sage, device, dim, want in cases:
+        assert resolve_rotation_kernel(sage, device, dim).rotation_kernel == want, (sage, dim)
+    for dim in (64, 128):
+        options = BackendOptions("auto", torch.float32, cpu, SageOptions(impl="triton"))
+        assert not SageAttentionBackend.unsupported_reasons(_shape(dim), options)
+        backend = SageAttentionBackend(_shape(dim), options)
+        assert backend.sage.rotation_kernel == ("prepass" if dim == 128 else "butterfly")
+        assert backend.rotation == HadamardKernel.BUTTERFLY
 
 
 _COMPILE_FOR_HOPPER = """

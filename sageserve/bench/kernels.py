@@ -37,10 +37,11 @@ from sageserve.bench.run_record import (
     write_json,
 )
 
-# Opt-in: the rotation's price (off), its tensor-core product against the butterfly, and the
-# queries rotated and quantized by a pass before the prefill kernel.
-ROTATION_VARIANTS = ("sage_fp16pv_norot", "sage_fp8pv_norot", "sage_fp16pv_tcrot",
-                     "sage_fp8pv_tcrot", "sage_fp16pv_prerot", "sage_fp8pv_prerot")  # fmt: skip
+# Opt-in: the rotation's price (off), the in-kernel butterfly and tensor-core product, and
+# the queries rotated and quantized by a pass before the prefill kernel at every head_dim.
+ROTATION_VARIANTS = ("sage_fp16pv_norot", "sage_fp8pv_norot", "sage_fp16pv_bfly",
+                     "sage_fp8pv_bfly", "sage_fp16pv_tcrot", "sage_fp8pv_tcrot",
+                     "sage_fp16pv_prerot", "sage_fp8pv_prerot")  # fmt: skip
 # Opt-in, prefill only: the warp-specialized Hopper prefill (--sage-impl gluon; sm_90).
 GLUON_VARIANTS = ("sage_fp16pv_gluon", "sage_fp8pv_gluon")
 PREFILL_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", "sdpa_flash", "sdpa_cudnn",

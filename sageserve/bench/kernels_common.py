@@ -18,14 +18,19 @@ from sageserve.attention.batch import ForwardBatch, SequenceSlice, build_forward
 from sageserve.attention.sage_attn.options import SageOptions
 
 # Our kernels' variants: backend name, sage P·V precision, how sage rotates Q and K
-# (`--sage-rotation-kernel`, or "off") and `--sage-impl`. The `_norot` variants price the
-# Hadamard rotation against the same kernels without it; the `_tcrot` ones rotate by a
-# tensor-core product instead of the served butterfly; the `_prerot` ones rotate and quantize
-# the prefill's queries in one pass before its kernel; the `_gluon` ones run the prefill
-# through the warp-specialized Hopper kernel (sm_90; Q rotated by one wgmma there).
+# (`--sage-rotation-kernel`, or "off") and `--sage-impl`. The plain `sage_*` variants are
+# served as configured by default (`auto`: the prefill's queries rotated by a pass at
+# head_dim >= 128, in the kernel below). The `_norot` variants price the Hadamard rotation
+# against the same kernels without it; the `_bfly` ones rotate by the fp32 butterfly inside
+# every kernel; the `_tcrot` ones by a tensor-core product; the `_prerot` ones rotate and
+# quantize the prefill's queries in one pass before its kernel at every head_dim; the
+# `_gluon` ones run the prefill through the warp-specialized Hopper kernel (sm_90; Q rotated
+# by one wgmma there).
 OUR_VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
-    "sage_fp16pv": ("sage_attn", "fp16", "butterfly", "triton"),
-    "sage_fp8pv": ("sage_attn", "fp8", "butterfly", "triton"),
+    "sage_fp16pv": ("sage_attn", "fp16", "auto", "triton"),
+    "sage_fp8pv": ("sage_attn", "fp8", "auto", "triton"),
+    "sage_fp16pv_bfly": ("sage_attn", "fp16", "butterfly", "triton"),
+    "sage_fp8pv_bfly": ("sage_attn", "fp8", "butterfly", "triton"),
     "sage_fp16pv_norot": ("sage_attn", "fp16", "off", "triton"),
     "sage_fp8pv_norot": ("sage_attn", "fp8", "off", "triton"),
     "sage_fp16pv_tcrot": ("sage_attn", "fp16", "tensor_core", "triton"),

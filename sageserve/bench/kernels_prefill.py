@@ -59,6 +59,9 @@ _GLUON_ATTN = (
 )
 _ROTATED = {
     "off": "",
+    "auto": "rotated by the Hadamard matrix (fp32 butterfly; as served by default: queries "
+    "rotated and quantized by one pass before the prefill kernel at head_dim >= 128, that "
+    "pass timed with it, in the kernel's registers below), ",
     "butterfly": "rotated by the Hadamard matrix in registers (fp32 butterfly), ",
     "tensor_core": "rotated by the Hadamard matrix in registers (one tensor-core product), ",
     "prepass": "rotated by the Hadamard matrix (fp32 butterfly; queries rotated and quantized "
@@ -81,8 +84,10 @@ def _sage_included(pv: str, rotation: str, impl: str = "triton") -> str:
 
 
 INCLUDED = {
-    "sage_fp16pv": _sage_included("FP16", "butterfly"),
-    "sage_fp8pv": _sage_included("FP8", "butterfly"),
+    "sage_fp16pv": _sage_included("FP16", "auto"),
+    "sage_fp8pv": _sage_included("FP8", "auto"),
+    "sage_fp16pv_bfly": _sage_included("FP16", "butterfly"),
+    "sage_fp8pv_bfly": _sage_included("FP8", "butterfly"),
     "sage_fp16pv_norot": _sage_included("FP16", "off"),
     "sage_fp8pv_norot": _sage_included("FP8", "off"),
     "sage_fp16pv_tcrot": _sage_included("FP16", "tensor_core"),

@@ -7,10 +7,14 @@ scheduler makes: a prefill of several sequences of mixed lengths (1, 7, 16, 200 
 decode steps of that batch, a prompt longer than two chunks (chunked prefill over a cached
 prefix), and a prefix-cache hit; with a prefill cap while decoding, a prompt of two capped
 chunks and a rest arriving while 1, 7 and 16 requests decode (chunks over a cached prefix
-beside decode rows: the steps that cap makes). Then single prompts of 64, 128, ... tokens up
-to one chunk, each alone in its step: cuBLAS chooses a GEMM kernel by the number of rows
-(the step's tokens), and CUDA loads a kernel's module the first time it runs (lazy loading,
-the default), so a prompt length the warm-up never ran could pay that on a user's request.
+beside decode rows: the steps that cap makes). Then steps of 64, 128, ... tokens up to the
+step's token budget (one chunk), each alone: cuBLAS chooses a GEMM kernel by the number of
+rows (the step's tokens), the KV store its launch configuration by the same count, and CUDA
+loads a kernel's module the first time it runs (lazy loading, the default), so a step size
+the warm-up never ran could pay that on a user's request. A step longer than the context is
+several prompts at once: concurrent requests fill the budget whatever the context length (a
+1024-token context with a 2048-token budget left the store's widest launch to the first
+burst of requests, on an H100).
 Prompts are random token ids from a fixed seed, greedy, with their own seed, so the engine's
 seed stream is untouched; they stream (an output every step, as for a server's requests);
 the prefix cache is flushed afterwards.
@@ -52,16 +56,26 @@ def warmup_batches(engine: Engine) -> list[list[list[int]]]:
         batches.append([prompt(long_len)])
     if mixed and len(mixed[-1]) + CACHE_HIT_EXTRA <= longest:
         batches.append([mixed[-1] + prompt(CACHE_HIT_EXTRA)])
-    batches += [[prompt(n)] for n in _gemm_row_counts(min(info.chunked_prefill_size, longest))]
+    room = info.pool_capacity_tokens - NEW_TOKENS * -(-info.chunked_prefill_size // longest)
+    for n in _gemm_row_counts(min(info.chunked_prefill_size, room)):
+        batches.append([prompt(length) for length in _split(n, longest)])
     return [batch for batch in batches if batch]
 
 
+def _split(tokens: int, longest: int) -> list[int]:
+    """Prompt lengths of at most `longest` that add up to `tokens`."""
+    return [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
+
+
 def _gemm_row_counts(limit: int) -> list[int]:
-    """Powers of two from FIRST_ALONE_LENGTH up to `limit` tokens."""
+    """Powers of two from FIRST_ALONE_LENGTH up to `limit` tokens, and `limit` itself (the
+    widest step, whatever its size)."""
     counts, n = [], FIRST_ALONE_LENGTH
     while n <= limit:
         counts.append(n)
         n *= 2
+    if counts and counts[-1] != limit:
+        counts.append(limit)
     return counts
 
 

@@ -122,6 +122,20 @@ def _uses_kernels(sage: SageOptions, device: torch.device) -> bool:
     return sage.impl in ("triton", "gluon")
 
 
+PREPASS_MIN_HEAD_DIM = 128  # auto picks the pass from here up (measured, options.py)
+
+
+def resolve_rotation_kernel(sage: SageOptions, device: torch.device, dim: int) -> SageOptions:
+    """sage with --sage-rotation-kernel auto made concrete: prepass where the Triton prefill
+    runs (Triton kernels, not the Gluon prefill) with the rotation on at head_dim >= 128,
+    the butterfly otherwise. Any other choice is returned as given."""
+    if sage.rotation_kernel != "auto":
+        return sage
+    triton_prefill = _uses_kernels(sage, device) and sage.impl != "gluon"
+    prepass = sage.rotate_qk and triton_prefill and dim >= PREPASS_MIN_HEAD_DIM
+    return dataclasses.replace(sage, rotation_kernel="prepass" if prepass else "butterfly")
+
+
 def _rotation(sage: SageOptions) -> HadamardKernel:
     """How the kernels rotate Q and K tiles, from --sage-rotation-kernel (prepass: the
     store and the decode rotate by the butterfly; prefill queries come rotated)."""
@@ -167,7 +181,8 @@ class SageAttentionBackend(AttentionBackend):
                 f"(choose one of: {', '.join(SAGE_KV_DTYPES)}); a 16-bit cache is served by "
                 "--attention-backend torch"
             )
-        sage, dim = cls.flags_of(options), shape.head_dim
+        dim = shape.head_dim
+        sage = resolve_rotation_kernel(cls.flags_of(options), options.device, dim)
         if _uses_kernels(sage, options.device) and (dim & (dim - 1) or dim < 16):
             reasons.append(
                 f"head_dim {dim}: the Triton kernels need a power of two >= 16 "
@@ -191,7 +206,7 @@ class SageAttentionBackend(AttentionBackend):
 
     def __init__(self, shape: AttentionShape, options: BackendOptions) -> None:
         super().__init__(shape, options)
-        self.sage = self.flags
+        self.sage = resolve_rotation_kernel(self.flags, options.device, shape.head_dim)
         self.use_kernels = _uses_kernels(self.sage, options.device)
         self.gluon_prefill = self.sage.impl == "gluon"  # prefill chunks: kernels/gluon
         self._set_exact_layers(self.sage.skip_layers)

@@ -11,7 +11,7 @@ from sageserve.attention.registry import register_backend
 
 SAGE_PV_CHOICES = ("fp8", "fp16")
 SAGE_IMPL_CHOICES = ("auto", "triton", "gluon", "reference")
-SAGE_ROTATION_KERNEL_CHOICES = ("butterfly", "tensor_core", "prepass")
+SAGE_ROTATION_KERNEL_CHOICES = ("auto", "butterfly", "tensor_core", "prepass")
 # Mean KL per token on the calibration text. Prose elsewhere lands higher: SmolLM2's
 # Britannica windows measured 1.3x the calibration text's KL, and at a budget of 2e-4 gave
 # 2.7e-4 at 512 tokens, over issue 18's 2.5e-4 target (BENCHMARKS.md).
@@ -45,7 +45,10 @@ class SageOptions(BackendFlags):
         reference's bits), "tensor_core" (one 16-bit product with the ±1 matrix; fp16/bf16
         models, equal to the butterfly up to the order of fp32 additions) or "prepass" (the
         butterfly, but prefill queries rotated and quantized by one pass before the prefill
-        kernel, `kernels/quantize_q.py`; the same bits as the butterfly).
+        kernel, `kernels/quantize_q.py`; the same bits as the butterfly), or "auto" (the
+        default: prepass where the Triton prefill runs at head_dim >= 128, where it was
+        4-13% faster than the in-kernel butterfly on an H100; the butterfly elsewhere, as
+        at head_dim 64, where the pass was 0-2% slower; `backend.resolve_rotation_kernel`).
     skip_layers: layers kept in exact 16-bit attention over a 16-bit cache (logged).
     calibrate: at start-up, keep the fewest further layers exact that bring the KL against
         exact attention on the calibration text under kl_budget (`layer_precision.py`).
@@ -62,7 +65,7 @@ class SageOptions(BackendFlags):
     smooth_k: bool = True
     balance_qk: bool = False
     rotate_qk: bool = True
-    rotation_kernel: str = "butterfly"
+    rotation_kernel: str = "auto"
     skip_layers: tuple[int, ...] = ()
     impl: str = "auto"
     calibrate: bool = False
@@ -107,12 +110,13 @@ class SageOptions(BackendFlags):
         )
         group.add_argument(
             "--sage-rotation-kernel",
-            default="butterfly",
+            default="auto",
             choices=SAGE_ROTATION_KERNEL_CHOICES,
             help="how the Triton kernels rotate Q and K tiles: butterfly (fp32 fast "
             "Walsh-Hadamard transform), tensor_core (one fp16/bf16 product with the ±1 matrix) "
             "or prepass (the butterfly, with prefill queries rotated and quantized by one pass "
-            "before the prefill kernel)",
+            "before the prefill kernel); auto: prepass for the Triton prefill at head_dim >= "
+            "128, the butterfly otherwise",
         )
         group.add_argument(
             "--sage-calibrate",
