@@ -125,7 +125,25 @@ def _agreement(r: dict[str, Any]) -> str:
         [[w["group"], w["index"], w["token_offset"], w["tokens"]] for w in r["windows"]],
     )
     skipped = ", ".join(r["groups_not_run"]) or "none"
-    return "\n\n".join([table(head, rows), f"Context groups not run (size 0): {skipped}.", wins])
+    parts = [table(head, rows), *_over_floors(r), f"Context groups not run (size 0): {skipped}."]
+    return "\n\n".join([*parts, wins])
+
+
+def _over_floors(r: dict[str, Any]) -> list[str]:
+    """What each backend with a dtype floor adds to it (floors.py); [] when none has one."""
+    rows = [
+        [lb, g, s["floor"], s["excess_mean_kl"], s["excess_mean_kl_ci"], s["top1_vs_floor"],
+         s["top1_vs_floor_ci"], s["frac_within_vs_floor"]]
+        for lb, groups in r["backends"].items()
+        for g, s in groups.items()
+        if "floor" in s
+    ]  # fmt: skip
+    if not rows:
+        return []
+    head = ["backend", "context", "floor", "excess mean KL", "95% CI", "top-1 vs floor",
+            "95% CI", "share |lp − lp floor| within limit"]  # fmt: skip
+    return ["Over the dtype floor (what the backend adds to exact attention in its dtype):",
+            table(head, rows)]  # fmt: skip
 
 
 def _perplexity(r: dict[str, Any]) -> str:
@@ -133,10 +151,15 @@ def _perplexity(r: dict[str, Any]) -> str:
         [lb, x["tokens"], x["perplexity"], x.get("delta_rel"), x.get("delta_rel_ci")]
         for lb, x in r["backends"].items()
     ]
+    head = ["backend", "tokens", "perplexity", "Δ rel", "Δ rel 95% CI"]
     note = (
         f"Windows: group {r['group']}, {r['window_tokens']} tokens, offsets {r['token_offsets']}."
     )
-    return note + "\n\n" + table(["backend", "tokens", "perplexity", "Δ rel", "Δ rel 95% CI"], rows)
+    if any("floor" in x for x in r["backends"].values()):  # dtype floors (floors.py)
+        head += ["floor", "Δ rel vs floor", "Δ vs floor 95% CI"]
+        for row, x in zip(rows, r["backends"].values(), strict=True):
+            row += [x.get("floor"), x.get("delta_rel_vs_floor"), x.get("delta_rel_vs_floor_ci")]
+    return note + "\n\n" + table(head, rows)
 
 
 def _mmlu(r: dict[str, Any]) -> str:

@@ -19,8 +19,10 @@ def perplexity_results(
     reference: str,
     confidence: float,
     seed: int,
+    floor_of: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per backend label: perplexity over the windows `keys`; delta and CI against reference.
+    """Per backend label: perplexity over the windows `keys`; delta and CI against reference,
+    and against its dtype floor for a label in `floor_of` (label -> floor label, floors.py).
 
     target_lp: label -> window key -> [n - 1] log p(actual next token).
     """
@@ -34,5 +36,10 @@ def perplexity_results(
         if label != reference:
             lo, hi = ppl_delta_ci(ref, lp, confidence, seed=seed)
             row |= {"delta_rel": ppl / ppl_ref - 1, "delta_rel_ci": [lo, hi]}
+        if floor := (floor_of or {}).get(label):
+            floor_lp = torch.cat([target_lp[floor][k] for k in keys]).double()
+            lo, hi = ppl_delta_ci(floor_lp, lp, confidence, seed=seed)
+            row |= {"floor": floor, "delta_rel_vs_floor": ppl / perplexity(floor_lp) - 1,
+                    "delta_rel_vs_floor_ci": [lo, hi]}  # fmt: skip
         out[label] = row
     return out

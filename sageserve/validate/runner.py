@@ -59,6 +59,7 @@ class LocalResults:
     throughput: dict[str, dict[str, list[dict[str, float]]]] = field(default_factory=dict)
     machine_load: dict[str, Any] = field(default_factory=dict)  # during throughput
     model_source: str = ""
+    dtypes: dict[str, str] = field(default_factory=dict)  # label -> its model's dtype
 
 
 def _subjects(limit: int) -> list[MMLUQuestion]:
@@ -245,6 +246,7 @@ def run_local(
                 built_engine(config, backend, models.get(config)) as engine,
             ):
                 res.memory[label] = asdict(engine.info.memory)
+                res.dtypes[label] = engine.info.dtype
                 tols = cfg.thresholds.logprob_tols(profiles[label].profile, engine.info.dtype)
                 _backend_phase(cfg, engine, label, store, res, tols)
             res.memory[label]["peak"] = peak.to_dict()

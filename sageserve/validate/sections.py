@@ -15,6 +15,7 @@ from sageserve.bench.offline_measure import summarize
 from sageserve.validate import determinism, mmlu, throughput, verdicts
 from sageserve.validate.agreement import PREFIX_GROUP
 from sageserve.validate.config import CONTEXT_GROUPS, ValidateConfig
+from sageserve.validate.floors import NO_FLOORS, Floors, excess_stats, find_floors
 from sageserve.validate.metrics import TokenComparison, agreement_stats
 from sageserve.validate.perplexity import perplexity_results
 from sageserve.validate.profiles import ProfileChoice
@@ -39,16 +40,29 @@ def not_run(reason: str) -> dict[str, Any]:
 
 
 def agreement_section(
-    cfg: ValidateConfig, res: LocalResults, plots: PlotData, profiles: dict[str, ProfileChoice]
+    cfg: ValidateConfig,
+    res: LocalResults,
+    plots: PlotData,
+    profiles: dict[str, ProfileChoice],
+    floors: Floors = NO_FLOORS,
 ) -> dict[str, Any]:
     th = cfg.thresholds
     per_backend: dict[str, dict[str, Any]] = {}
+    joined = {
+        (label, group): TokenComparison.cat(parts)
+        for label, scores in res.scores.items()
+        for group, parts in scores.comparisons.items()
+    }
     for label, scores in res.scores.items():
         for group, parts in scores.comparisons.items():
-            cmp = TokenComparison.cat(parts)
+            cmp = joined[label, group]
             stats = agreement_stats(cmp, cfg.confidence, cfg.seed).to_dict()
             within = (cmp.abs_logprob_delta < th.logprob_delta).double().mean().item()
             stats |= {"windows": len(parts), "frac_within_logprob_delta": within}
+            if (floor := floors.of.get(label)) is not None:
+                stats |= {"floor": floor} | excess_stats(
+                    cmp, joined[floor, group], th.logprob_delta, cfg.confidence
+                )
             if group == PREFIX_GROUP:
                 stats["cached_prefix_tokens"] = scores.cached_tokens
             if label != cfg.reference or group == PREFIX_GROUP:
@@ -64,7 +78,14 @@ def agreement_section(
         "request path after its prefix was served once (prefix cache), against the "
         "reference's from-scratch teacher forcing"
     )
-    return _section(verdicts.agreement_verdict(per_backend, th, profiles), results, method)
+    if floors.floors:
+        method += (
+            f"; dtype floors ({', '.join(sorted(floors.floors))}): exact attention in a lower "
+            "dtype than the reference, shown, not judged; a backend in that dtype is judged by "
+            "what it adds to its floor on the same tokens (validate/floors.py)"
+        )
+    verdict = verdicts.agreement_verdict(per_backend, th, profiles, floors)
+    return _section(verdict, results, method)
 
 
 def _windows(res: LocalResults) -> list[dict[str, Any]]:
@@ -87,14 +108,19 @@ def _windows(res: LocalResults) -> list[dict[str, Any]]:
 
 
 def perplexity_section(
-    cfg: ValidateConfig, res: LocalResults, profiles: dict[str, ProfileChoice]
+    cfg: ValidateConfig,
+    res: LocalResults,
+    profiles: dict[str, ProfileChoice],
+    floors: Floors = NO_FLOORS,
 ) -> dict[str, Any]:
     group = cfg.sizes.ppl_group
     keys = [w.key for w in res.plan.windows if w.group == group]
     if not keys:
         return not_run(f"the {group!r} window group has no windows in this run")
     target_lp = {label: s.target_lp for label, s in res.scores.items()}
-    per_backend = perplexity_results(target_lp, keys, cfg.reference, cfg.confidence, cfg.seed)
+    per_backend = perplexity_results(
+        target_lp, keys, cfg.reference, cfg.confidence, cfg.seed, floors.of
+    )
     windows = [w for w in res.plan.windows if w.group == group]
     results = {
         "backends": per_backend,
@@ -103,7 +129,7 @@ def perplexity_section(
         "token_offsets": [w.offset for w in windows],
     }
     method = "exp(-mean log p) over the windows' next tokens; delta CI: paired block bootstrap"
-    verdict = verdicts.perplexity_verdict(per_backend, cfg.thresholds, profiles)
+    verdict = verdicts.perplexity_verdict(per_backend, cfg.thresholds, profiles, floors)
     return _section(verdict, results, method)
 
 
@@ -173,12 +199,15 @@ def local_sections(
     cfg: ValidateConfig, res: LocalResults, profiles: dict[str, ProfileChoice]
 ) -> tuple[dict[str, Any], PlotData]:
     """Every section of the report, in REPORT_SECTIONS order, and the plots' data; the
-    verdicts judge each backend label by its profile."""
+    verdicts judge each backend label by its profile, against its dtype floor where it has
+    one (floors.py)."""
     plots = PlotData()
+    backends = {label: choice.backend for label, choice in profiles.items()}
+    floors = find_floors(res.dtypes, backends, cfg.reference)
     build = {
         "logprobs": lambda: logprobs_section(cfg, res),
-        "agreement": lambda: agreement_section(cfg, res, plots, profiles),
-        "perplexity": lambda: perplexity_section(cfg, res, profiles),
+        "agreement": lambda: agreement_section(cfg, res, plots, profiles, floors),
+        "perplexity": lambda: perplexity_section(cfg, res, profiles, floors),
         "mmlu": lambda: mmlu_section(cfg, res, profiles),
         "throughput": lambda: throughput_section(cfg, res),
         "memory": lambda: memory_section(cfg, res),

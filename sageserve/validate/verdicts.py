@@ -2,7 +2,9 @@
 
 The agreement, perplexity and MMLU verdicts judge each backend by its profile (profiles.py:
 16-bit backends by SGLang's per-token rule, 8-bit ones by bars fit for quantized attention);
-a check's name carries the profile's note when it is not the backend's own. A section whose
+a check's name carries the profile's note when it is not the backend's own. A backend run
+in a lower dtype than the reference, beside exact attention in that dtype (its floor), is
+judged by what it adds to the floor (floors.py); the floor is shown, not judged. A section whose
 figures have no threshold set gets status "info"; one that did not run gets "not_run" or
 "unsupported" with the reason. The run passes when no verdict is "fail".
 """
@@ -13,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sageserve.validate.config import Thresholds
+from sageserve.validate.floors import NO_FLOORS, Floors
 from sageserve.validate.profiles import ProfileChoice
 
 
@@ -57,18 +60,48 @@ def agreement_verdict(
     per_backend: dict[str, dict[str, dict[str, Any]]],
     th: Thresholds,
     profiles: dict[str, ProfileChoice],
+    floors: Floors = NO_FLOORS,
 ) -> Verdict:
-    """Every compared backend and group, by its profile (module docstring)."""
+    """Every compared backend and group, by its profile (module docstring); a dtype floor
+    is shown, not judged, and a backend with a floor is judged by what it adds to it."""
     checks = []
     for label, groups in per_backend.items():
         choice = profiles[label]
+        note = choice.note + floors.note(label)
         for group, s in groups.items():
             name = f"{label} {group}"
-            if choice.profile == "8bit":
-                checks += _agreement_8bit(name, s, th, choice.note)
+            if "floor" in s:
+                judge = _over_floor_8bit if choice.profile == "8bit" else _over_floor_16bit
             else:
-                checks += _agreement_16bit(name, s, th, choice.note)
+                judge = _agreement_8bit if choice.profile == "8bit" else _agreement_16bit
+            group_checks = judge(name, s, th, note)
+            checks += _unjudged(group_checks) if label in floors.floors else group_checks
     return from_checks(checks)
+
+
+def _unjudged(checks: list[Check]) -> list[Check]:
+    return [Check(c.name, c.value, f"shown, not judged ({c.limit})", None) for c in checks]
+
+
+def _over_floor_16bit(name: str, s: dict[str, Any], th: Thresholds, note: str) -> list[Check]:
+    frac, kl = s["frac_within_vs_floor"], s["excess_mean_kl"]
+    return [
+        Check(f"{name}: share |log p − log p floor| < {th.logprob_delta:g}{note}", frac,
+              f">= {th.logprob_delta_quantile:g}", frac >= th.logprob_delta_quantile),
+        Check(f"{name}: excess mean KL over the floor{note}", kl, f"< {th.mean_kl:g}",
+              kl < th.mean_kl),
+    ]  # fmt: skip
+
+
+def _over_floor_8bit(name: str, s: dict[str, Any], th: Thresholds, note: str) -> list[Check]:
+    kl_high, top1_high = s["excess_mean_kl_ci"][1], s["top1_vs_floor_ci"][1]
+    return [
+        _share_check(name, s, th, False, note),
+        Check(f"{name}: excess mean KL over the floor, upper CI{note}", kl_high,
+              f"< {th.mean_kl:g}", kl_high < th.mean_kl),
+        Check(f"{name}: top-1 against the floor, upper CI{note}", top1_high,
+              f">= {th.min_top1:g}", top1_high >= th.min_top1),
+    ]  # fmt: skip
 
 
 def _share_check(name: str, s: dict[str, Any], th: Thresholds, judged: bool, note: str) -> Check:
@@ -106,21 +139,29 @@ def _agreement_8bit(name: str, s: dict[str, Any], th: Thresholds, note: str) -> 
 
 
 def perplexity_verdict(
-    per_backend: dict[str, dict[str, Any]], th: Thresholds, profiles: dict[str, ProfileChoice]
+    per_backend: dict[str, dict[str, Any]],
+    th: Thresholds,
+    profiles: dict[str, ProfileChoice],
+    floors: Floors = NO_FLOORS,
 ) -> Verdict:
-    """16-bit: |Δ perplexity| < limit; 8-bit: both ends of its CI within ±limit."""
+    """16-bit: |Δ perplexity| < limit; 8-bit: both ends of its CI within ±limit. Against
+    the dtype floor where the label has one; a floor itself is shown, not judged."""
     checks = []
     for label, r in per_backend.items():
         if "delta_rel" not in r:
             continue
         choice = profiles[label]
+        key = "delta_rel_vs_floor" if "floor" in r else "delta_rel"
+        what = "Δ perplexity against the floor" if "floor" in r else "Δ perplexity"
+        note = choice.note + floors.note(label)
         if choice.profile == "8bit":
-            worst = max(abs(end) for end in r["delta_rel_ci"])
-            name = f"{label}: |Δ perplexity| (relative), farther CI end{choice.note}"
+            worst = max(abs(end) for end in r[f"{key}_ci"])
+            name = f"{label}: |{what}| (relative), farther CI end{note}"
         else:
-            worst = abs(r["delta_rel"])
-            name = f"{label}: |Δ perplexity| (relative){choice.note}"
-        checks.append(Check(name, worst, f"< {th.ppl_delta_rel:g}", worst < th.ppl_delta_rel))
+            worst = abs(r[key])
+            name = f"{label}: |{what}| (relative){note}"
+        check = Check(name, worst, f"< {th.ppl_delta_rel:g}", worst < th.ppl_delta_rel)
+        checks += _unjudged([check]) if label in floors.floors else [check]
     return from_checks(checks)
 
 
