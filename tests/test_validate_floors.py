@@ -10,11 +10,13 @@ import torch
 
 from sageserve.cli import main
 from sageserve.validate.config import Thresholds
+from sageserve.validate.data import MMLUQuestion
 from sageserve.validate.floors import NO_FLOORS, excess_stats, find_floors
 from sageserve.validate.metrics import TokenComparison
+from sageserve.validate.mmlu import mmlu_results
 from sageserve.validate.perplexity import perplexity_results
 from sageserve.validate.profiles import ProfileChoice
-from sageserve.validate.verdicts import agreement_verdict, perplexity_verdict
+from sageserve.validate.verdicts import agreement_verdict, mmlu_verdict, perplexity_verdict
 
 BF16_RUN = {"torch@float32": "float32", "torch": "bfloat16", "sage_attn": "bfloat16"}
 BACKENDS = {"torch@float32": "torch", "torch": "torch", "sage_attn": "sage_attn",
@@ -125,6 +127,34 @@ def test_perplexity_over_the_floor() -> None:
     floor_check = next(c for c in verdict.checks if c.name.startswith("torch:"))
     assert floor_check.passed is None and floor_check.value > th.ppl_delta_rel
     assert perplexity_verdict(rows, th, _profiles()).status == "fail"
+
+
+def test_mmlu_flips_over_the_floor() -> None:
+    """The bf16 floor loses 30 of 300 answers the fp32 reference got right; sage_attn
+    answers as the floor does but for 2 questions: McNemar against the reference is
+    significant, against its floor it is not; the floor's own checks are not judged."""
+    gen = torch.Generator().manual_seed(5)
+    n = 300
+    answers = torch.randint(0, 4, (n,), generator=gen)
+    questions = [MMLUQuestion("q", ("a", "b", "c", "d"), int(a), "s") for a in answers]
+    ref = torch.randn(n, 4, generator=gen)
+    ref[torch.arange(n), answers] += 10  # the reference answers every question right
+    floor = ref.clone()
+    floor[:30, :] = 0
+    floor[torch.arange(30), (answers[:30] + 1) % 4] = 10  # 30 wrong answers in bf16
+    sage = floor.clone()
+    sage[30:32, :] = 0
+    sage[torch.arange(30, 32), (answers[30:32] + 2) % 4] = 10  # 2 more wrong ones
+    scores = {"torch@float32": ref, "torch": floor, "sage_attn": sage}
+    floors = find_floors(BF16_RUN, BACKENDS, "torch@float32")
+    rows = mmlu_results(scores, questions, "torch@float32", 0.95, floors.of)
+    assert rows["sage_attn"]["floor"] == "torch" and rows["sage_attn"]["vs_floor"]["flips"] == 2
+    assert rows["sage_attn"]["mcnemar_p"] < 0.05 < rows["sage_attn"]["vs_floor"]["mcnemar_p"]
+    verdict = mmlu_verdict(rows, Thresholds(), _profiles(), floors)
+    assert verdict.status == "pass"
+    assert all(c.passed is None for c in verdict.checks if c.name.startswith("torch:"))
+    plain = mmlu_results(scores, questions, "torch@float32", 0.95)  # no floors: vs fp32
+    assert mmlu_verdict(plain, Thresholds(), _profiles()).status == "fail"
 
 
 def test_validate_judges_a_bf16_run_over_its_floor(tmp_path) -> None:

@@ -15,10 +15,11 @@ token for token over the same positions:
   `min_top1` (8-bit: its interval's upper end); above 1 where the backend agrees with the
   reference on tokens where the floor does not;
 - the per-token share of |log p_backend − log p_floor| < `logprob_delta` (16-bit rule);
-- perplexity: the change against the floor's, by the paired block bootstrap.
+- perplexity: the change against the floor's, by the paired block bootstrap;
+- MMLU: answer flips and McNemar's test against the floor's answers.
 
 Without an exact entry in its dtype, a backend is judged against the reference as before.
-MMLU flips and determinism are judged against the reference in every case.
+Determinism is each backend's own in every case.
 """
 
 from __future__ import annotations

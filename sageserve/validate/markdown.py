@@ -179,6 +179,11 @@ def _mmlu(r: dict[str, Any]) -> str:
     note = f"{r['questions']} questions, {r['subjects']} subjects ({r['per_subject']} per subject)."
     head = ["backend", "questions", "accuracy", "95% CI", "flip rate", "flip 95% CI", "option KL",
             "McNemar p"]  # fmt: skip
+    if any("floor" in x for x in r["backends"].values()):  # dtype floors (floors.py)
+        head += ["floor", "flip rate vs floor", "McNemar p vs floor"]
+        for row, x in zip(rows, r["backends"].values(), strict=True):
+            against = x.get("vs_floor", {})
+            row += [x.get("floor"), against.get("flip_rate"), against.get("mcnemar_p")]
     return note + "\n\n" + table(head, rows)
 
 

@@ -85,34 +85,45 @@ def mmlu_results(
     questions: list[MMLUQuestion],
     reference: str,
     confidence: float,
+    floor_of: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per backend: accuracy (Wilson CI); against the reference: flip rate, option KL, and
-    McNemar's exact test on the questions only one of the two answered correctly."""
+    McNemar's exact test on the questions only one of the two answered correctly; the same
+    against its dtype floor ("vs_floor") for a label in `floor_of` (floors.py)."""
     answers = torch.tensor([q.answer for q in questions])
     n = len(questions)
-    ref_pred = scores[reference].argmax(dim=1)
-    ref_opts = scores[reference].log_softmax(dim=1)
     out: dict[str, dict[str, Any]] = {}
     for label, s in scores.items():
-        pred = s.argmax(dim=1)
-        correct = int((pred == answers).sum())
+        correct = int((s.argmax(dim=1) == answers).sum())
         row: dict[str, Any] = {
             "questions": n,
             "accuracy": correct / n,
             "accuracy_ci": list(proportion_ci(correct, n, confidence)),
         }
         if label != reference:
-            flips = int((pred != ref_pred).sum())
-            ref_only = int(((ref_pred == answers) & (pred != answers)).sum())
-            test_only = int(((ref_pred != answers) & (pred == answers)).sum())
-            row |= {
-                "flips": flips,
-                "flip_rate": flips / n,
-                "flip_rate_ci": list(proportion_ci(flips, n, confidence)),
-                "mean_option_kl": kl_divergence(ref_opts, s.log_softmax(dim=1)).mean().item(),
-                "reference_only_correct": ref_only,
-                "only_correct_here": test_only,
-                "mcnemar_p": mcnemar_p(ref_only, test_only),
-            }
+            row |= _against(scores[reference], s, answers, confidence)
+        if floor := (floor_of or {}).get(label):
+            row |= {"floor": floor, "vs_floor": _against(scores[floor], s, answers, confidence)}
         out[label] = row
     return out
+
+
+def _against(
+    base: torch.Tensor, test: torch.Tensor, answers: torch.Tensor, confidence: float
+) -> dict[str, Any]:
+    """test's answers against base's: base, test: [n, 4] option scores; answers: [n]."""
+    base_pred, pred, n = base.argmax(dim=1), test.argmax(dim=1), len(answers)
+    flips = int((pred != base_pred).sum())
+    base_only = int(((base_pred == answers) & (pred != answers)).sum())
+    test_only = int(((base_pred != answers) & (pred == answers)).sum())
+    return {
+        "flips": flips,
+        "flip_rate": flips / n,
+        "flip_rate_ci": list(proportion_ci(flips, n, confidence)),
+        "mean_option_kl": kl_divergence(base.log_softmax(dim=1), test.log_softmax(dim=1))
+        .mean()
+        .item(),
+        "reference_only_correct": base_only,
+        "only_correct_here": test_only,
+        "mcnemar_p": mcnemar_p(base_only, test_only),
+    }

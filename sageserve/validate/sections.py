@@ -134,10 +134,13 @@ def perplexity_section(
 
 
 def mmlu_section(
-    cfg: ValidateConfig, res: LocalResults, profiles: dict[str, ProfileChoice]
+    cfg: ValidateConfig,
+    res: LocalResults,
+    profiles: dict[str, ProfileChoice],
+    floors: Floors = NO_FLOORS,
 ) -> dict[str, Any]:
     qs = res.plan.questions
-    per_backend = mmlu.mmlu_results(res.mmlu, qs, cfg.reference, cfg.confidence)
+    per_backend = mmlu.mmlu_results(res.mmlu, qs, cfg.reference, cfg.confidence, floors.of)
     results = {
         "backends": per_backend,
         "questions": len(qs),
@@ -148,7 +151,8 @@ def mmlu_section(
         "zero-shot prompt; choice = argmax logprob of ' A'..' D'; Wilson 95% CIs; "
         "McNemar's exact test on the questions only one side answered correctly"
     )
-    return _section(verdicts.mmlu_verdict(per_backend, cfg.thresholds, profiles), results, method)
+    verdict = verdicts.mmlu_verdict(per_backend, cfg.thresholds, profiles, floors)
+    return _section(verdict, results, method)
 
 
 def throughput_section(cfg: ValidateConfig, res: LocalResults) -> dict[str, Any]:
@@ -208,7 +212,7 @@ def local_sections(
         "logprobs": lambda: logprobs_section(cfg, res),
         "agreement": lambda: agreement_section(cfg, res, plots, profiles, floors),
         "perplexity": lambda: perplexity_section(cfg, res, profiles, floors),
-        "mmlu": lambda: mmlu_section(cfg, res, profiles),
+        "mmlu": lambda: mmlu_section(cfg, res, profiles, floors),
         "throughput": lambda: throughput_section(cfg, res),
         "memory": lambda: memory_section(cfg, res),
         "determinism": lambda: determinism_section(cfg, res),

@@ -166,27 +166,34 @@ def perplexity_verdict(
 
 
 def mmlu_verdict(
-    per_backend: dict[str, dict[str, Any]], th: Thresholds, profiles: dict[str, ProfileChoice]
+    per_backend: dict[str, dict[str, Any]],
+    th: Thresholds,
+    profiles: dict[str, ProfileChoice],
+    floors: Floors = NO_FLOORS,
 ) -> Verdict:
-    """The answer-flip rate against its limit when set; for 8-bit also McNemar's test."""
+    """The answer-flip rate against its limit when set; for 8-bit also McNemar's test.
+    Against the dtype floor where the label has one; a floor itself is shown, not judged."""
     limit = th.max_mmlu_flip_rate
     checks = []
     for label, r in per_backend.items():
         if "flip_rate" not in r:
             continue
         choice = profiles[label]
-        checks.append(Check(
-            f"{label}: answer-flip rate{choice.note}",
-            r["flip_rate"],
+        note = choice.note + floors.note(label)
+        against, whom = (r["vs_floor"], "the floor") if "floor" in r else (r, "the reference")
+        label_checks = [Check(
+            f"{label}: answer-flip rate against {whom}{note}",
+            against["flip_rate"],
             "no threshold" if limit is None else f"<= {limit:g}",
-            None if limit is None else r["flip_rate"] <= limit,
-        ))  # fmt: skip
+            None if limit is None else against["flip_rate"] <= limit,
+        )]  # fmt: skip
         if choice.profile == "8bit":
-            p = r["mcnemar_p"]
-            checks.append(Check(
-                f"{label}: McNemar p, correct answers vs the reference{choice.note}",
+            p = against["mcnemar_p"]
+            label_checks.append(Check(
+                f"{label}: McNemar p, correct answers vs {whom}{note}",
                 p, f">= {th.mcnemar_alpha:g} (no significant change)", p >= th.mcnemar_alpha,
             ))  # fmt: skip
+        checks += _unjudged(label_checks) if label in floors.floors else label_checks
     return from_checks(checks)
 
 
