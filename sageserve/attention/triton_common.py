@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sageserve.launch_math import cdiv
+
 LOG2E = 1.4426950408889634
 # Page tables are read without masks in the prefill kernel (a block of keys never reads
 # past the padding): rows are padded with the null page to cover the longest sequence
@@ -55,8 +57,8 @@ def decode_split_count(
     waves for power-of-two batch x KV heads: e.g. 128 pairs on 132 SMs x 4 give 4 splits (512
     programs, one wave), where 5 would leave a second wave of 112 programs.
     """
-    wanted = triton.cdiv(programs_per_sm * sms, max(pairs, 1))
-    splits = max(1, min(wanted, triton.cdiv(max_tokens, min_split_tokens), max_splits))
+    wanted = cdiv(programs_per_sm * sms, max(pairs, 1))
+    splits = max(1, min(wanted, cdiv(max_tokens, min_split_tokens), max_splits))
     return 1 << (splits.bit_length() - 1)
 
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sageserve.launch_math import next_power_of_2
+
 MAX_HIDDEN = 16384
 
 
@@ -49,7 +51,7 @@ def add_rmsnorm(
     total = x if residual is None else torch.empty_like(out)
     if tokens == 0:
         return out, total
-    block = triton.next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     _add_rmsnorm_kernel[(tokens,)](
         x, x if residual is None else residual, weight, out, total, hidden, eps,
         x.stride(0), 0 if residual is None else residual.stride(0),

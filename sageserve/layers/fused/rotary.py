@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sageserve.launch_math import next_power_of_2
+
 
 @triton.jit
 def _rotate_heads(
@@ -66,8 +68,8 @@ def rotary_qk(
         _rotary_kernel[(tokens,)](
             q, k, positions, cos_sin, q_out, k_out,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_q_heads, k.shape[1],
-            HALF=dim // 2, Q_HEADS=triton.next_power_of_2(num_q_heads),
-            KV_HEADS=triton.next_power_of_2(k.shape[1]), num_warps=4,
+            HALF=dim // 2, Q_HEADS=next_power_of_2(num_q_heads),
+            KV_HEADS=next_power_of_2(k.shape[1]), num_warps=4,
             enable_fp_fusion=False,  # an FMA would skip the rounding of each product
         )  # fmt: skip
     return q_out, k_out

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sageserve.launch_math import cdiv
+
 BLOCK = 1024
 
 
@@ -32,6 +34,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
     if tokens:
-        grid = (tokens, triton.cdiv(inter, BLOCK))
+        grid = (tokens, cdiv(inter, BLOCK))
         _silu_mul_kernel[grid](gate_up, out, inter, gate_up.stride(0), BLOCK=BLOCK, num_warps=4)
     return out

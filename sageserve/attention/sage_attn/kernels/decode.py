@@ -56,6 +56,7 @@ from sageserve.attention.sage_attn.kernels.rotate import (
     hadamard_tile,
 )
 from sageserve.attention.triton_common import decode_split_count, sm_count
+from sageserve.launch_math import cdiv, next_power_of_2
 
 # Every split starts at a multiple of this many keys (what plan_splits guarantees).
 SPLIT_ALIGN = tl.constexpr(KEY_ALIGN)
@@ -436,8 +437,8 @@ def plan_splits(
                                         pps, MIN_SPLIT_TOKENS, MAX_SPLITS)  # fmt: skip
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
-    split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), KEY_ALIGN) * KEY_ALIGN
-    return triton.cdiv(max_tokens, split_tokens), split_tokens
+    split_tokens = cdiv(cdiv(max_tokens, num_splits), KEY_ALIGN) * KEY_ALIGN
+    return cdiv(max_tokens, split_tokens), split_tokens
 
 
 def sage_decode_paged(
@@ -484,7 +485,7 @@ def sage_decode_paged(
     if pv_fp8:
         sub_n = PV_BLOCK
     run = key_run(page_size, sub_n)
-    group_p2 = triton.next_power_of_2(group)
+    group_p2 = next_power_of_2(group)
     _sage_decode_split_kernel[(batch, kv_heads, splits)](
         q, balance if balance is not None else k_scale,
         k_cache, k_scale, v_cache, v_scale, page_table, q_rows, kv_len,
@@ -498,14 +499,14 @@ def sage_decode_paged(
         HAS_BALANCE=balance is not None, PV_FP8=pv_fp8,
         FAST_CVT=config.fast_v_cvt and q.is_cuda, FUSED=config.fused_combine,
         GROUP_P2=group_p2, ROTATE=int(rotation), STAGES=dim.bit_length() - 1,
-        MERGE_S=min(triton.next_power_of_2(splits), max(1, MERGE_ELEMENTS // (group_p2 * dim))),
+        MERGE_S=min(next_power_of_2(splits), max(1, MERGE_ELEMENTS // (group_p2 * dim))),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if not config.fused_combine:
         _sage_decode_combine_kernel[(batch, q_heads)](
             out, workspace.acc, workspace.ml, q_rows, kv_len,
             out.stride(0), out.stride(1), splits,
-            num_q_heads=q_heads, head_dim=dim, SPLITS=triton.next_power_of_2(splits),
+            num_q_heads=q_heads, head_dim=dim, SPLITS=next_power_of_2(splits),
             num_warps=4,
         )  # fmt: skip
 

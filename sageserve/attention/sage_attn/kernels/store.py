@@ -37,6 +37,7 @@ from sageserve.attention.sage_attn.kernels.rotate import (
     hadamard_tile,
 )
 from sageserve.attention.triton_common import interpreting
+from sageserve.launch_math import cdiv, next_power_of_2
 
 MIN_SCALE = tl.constexpr(2.0**-24)
 # Under the interpreter (CPU), pretend to have this many SMs: several tiles per program.
@@ -85,7 +86,7 @@ def default_config(
         full = StoreConfig(block_t=16, num_warps=8)
     if rows is None or rows >= full.block_t * sms:
         return full
-    block_t = max(min_block_t, triton.next_power_of_2(triton.cdiv(rows, sms)))
+    block_t = max(min_block_t, next_power_of_2(cdiv(rows, sms)))
     if block_t >= full.block_t:
         return full
     return StoreConfig(block_t=block_t, num_warps=1 if block_t <= 2 else 2 if block_t <= 8 else 4)
@@ -310,7 +311,7 @@ def tiles_per_program(tokens: int, heads: int, device: torch.device, config: Sto
     if config.tiles_per_program is not None:
         return config.tiles_per_program
     chunks = max(1, config.programs_per_sm * _sm_count(device) // heads)
-    per_program = triton.cdiv(triton.cdiv(tokens, config.block_t), chunks)
+    per_program = cdiv(cdiv(tokens, config.block_t), chunks)
     return min(per_program, config.max_tiles or per_program)
 
 
@@ -359,7 +360,7 @@ def store_kv(
         return
     block_t, page_size = config.block_t, k_cache.shape[2]
     per_program = tiles_per_program(tokens, heads, k.device, config)
-    programs = triton.cdiv(triton.cdiv(tokens, block_t), per_program) * heads
+    programs = cdiv(cdiv(tokens, block_t), per_program) * heads
     fast_div = not interpreting() if config.fast_div is None else config.fast_div
     dummy = k_scale  # never read when the matching flag is off
     _store_kv_kernel[(programs,)](

@@ -36,6 +36,7 @@ from sageserve.attention.triton_common import (
     online_softmax_step,
     sm_count,
 )
+from sageserve.launch_math import next_power_of_2
 
 BLOCK_N = 64
 # Programs to aim for per SM: several keep a memory-bound kernel's loads in flight.
@@ -212,7 +213,7 @@ def paged_decode(
         q, k_cache, v_cache, plan.page_table, plan.q_row, plan.kv_len, plan.acc, plan.ml,
         q.stride(0), q.stride(1), plan.page_table.stride(0), scale, splits,
         num_kv_heads=kv_heads, group=group, page_size=plan.page_size, head_dim=dim,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
+        BLOCK_H=max(16, next_power_of_2(group)), BLOCK_N=BLOCK_N,
         num_warps=4, num_stages=3,
     )  # fmt: skip
     _decode_merge_kernel[(batch, q_heads)](
