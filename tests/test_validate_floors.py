@@ -36,6 +36,12 @@ def test_the_floor_is_the_first_exact_entry_of_a_lower_dtype() -> None:
     no_exact = {"torch@float32": "float32", "sage_attn": "bfloat16"}
     assert find_floors(no_exact, BACKENDS, "torch@float32") == NO_FLOORS
     assert find_floors({}, BACKENDS, "torch@float32") == NO_FLOORS
+    # A reference less precise than the entries: they have no floor (nothing to subtract).
+    upward = {"torch": "bfloat16", "torch@float32": "float32", "sage_attn": "float32"}
+    assert find_floors(upward, BACKENDS, "torch") == NO_FLOORS
+    # bf16 (8 mantissa bits) under an fp16 reference (11): a floor.
+    half_ref = {"torch@float32": "float16", "torch": "bfloat16", "sage_attn": "bfloat16"}
+    assert find_floors(half_ref, BACKENDS, "torch@float32").of == {"sage_attn": "torch"}
 
 
 def _comparison(kl: torch.Tensor, lp: torch.Tensor, top1: torch.Tensor) -> TokenComparison:

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from sageserve.validate.metrics import TokenComparison, mean_ci
 
 EXACT_BACKEND = "torch"  # exact attention (`attention/torch_native`): the floor's backend
@@ -53,13 +55,16 @@ NO_FLOORS = Floors({}, frozenset())
 
 
 def find_floors(dtypes: dict[str, str], backends: dict[str, str], reference: str) -> Floors:
-    """The floors of a run. dtypes: label -> its model's dtype (resolved); backends: label
-    -> attention backend. Labels missing from dtypes (remote servers) get none."""
-    ref_dtype = dtypes.get(reference)
+    """The floors of a run. dtypes: label -> its model's dtype (resolved: "float32",
+    "bfloat16", "float16"); backends: label -> attention backend. Only a dtype less precise
+    than the reference's has a floor; labels missing from dtypes (remote servers) get none."""
+    if reference not in dtypes:
+        return NO_FLOORS
+    ref_eps = _eps(dtypes[reference])
     floors = {
         label
         for label, dtype in dtypes.items()
-        if label != reference and dtype != ref_dtype and backends[label] == EXACT_BACKEND
+        if label != reference and _eps(dtype) > ref_eps and backends[label] == EXACT_BACKEND
     }
     first = {}
     for label in dtypes:  # the first exact entry of a dtype is its floor
@@ -71,6 +76,11 @@ def find_floors(dtypes: dict[str, str], backends: dict[str, str], reference: str
         if label != reference and label not in floors and dtype in first
     }
     return Floors(of, frozenset(floors))
+
+
+def _eps(dtype: str) -> float:
+    """Machine epsilon of a dtype name: the larger, the less precise."""
+    return torch.finfo(getattr(torch, dtype)).eps
 
 
 def excess_stats(
