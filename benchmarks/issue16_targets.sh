@@ -5,7 +5,7 @@
 #   bash benchmarks/issue16_targets.sh OUT_DIR [PARTS]
 #
 # PARTS: which of the parts below to run, e.g. 1,2 (default: all). Their time limits add up
-# to more than one 10-minute device call: split them, e.g. "1,2,4", "3,5", then "6".
+# to more than one 10-minute device call: split them, e.g. "1,2,4", "3,5", then "6,7".
 #
 # 1. offline: single stream (1 x 512 in, 128 out) and 64 x 8k, with the decode bound from
 #    the copy bandwidth measured in the same run (`sageserve bench offline`);
@@ -16,11 +16,15 @@
 # 4. the server's own TTFT of its first requests (`lab/first_request_probe.py`);
 # 5. 32 clients with a prefill cap of 256 while decoding;
 # 6. sampling in the decode graphs against the eager sampler (top-p requests; the sampling
-#    graph GPU test first, whose failure skips the timing).
+#    graph GPU test first, whose failure skips the timing);
+# 7. a capped prompt (448 tokens) arriving while 31 requests decode, each backend: wall time
+#    against GPU busy time of the mixed step (`lab/step_latency_probe.py`), to see whether
+#    sage_attn's mixed steps still leave the GPU idle (its 32-client ITL p99 was 3.5x p50
+#    on an H100; the attention wrappers' host time was cut since, BENCHMARKS.md).
 # Each part has its own time limit, so that one stuck part leaves the others' results.
 set -u
 out=$1
-parts=",${2:-1,2,3,4,5,6},"
+parts=",${2:-1,2,3,4,5,6,7},"
 want() { [[ $parts == *",$1,"* ]]; }
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/card.txt"
@@ -66,5 +70,15 @@ if want 6; then
       --sampling top-p --graph-sampling on,off --batch-sizes 1,64 --input-lens 512 \
       --output-lens 128 --rounds 2 --out "$out/sampling-top-p.json" > "$out/sampling.log" 2>&1
   tail -5 "$out/sampling-gpu-tests.log"; tail -12 "$out/sampling.log" 2>/dev/null
+fi
+if want 7; then
+  for backend in triton sage_attn; do
+    timeout 150 python3 lab/step_latency_probe.py --backend "$backend" --new-len 448 \
+      --out "$out/mixed-step-$backend.json" > "$out/mixed-step-$backend.log" 2>&1
+    python3 -c "import json, sys; m = json.load(open(sys.argv[1]))['mixed']; \
+print(sys.argv[2], 'step at arrival, next (ms, rows):', m['steps_after_arrival'][:2], \
+'GPU busy ms:', round(m['gpu_busy_ms'], 1), 'of a', round(m['window_ms'], 1), 'ms window')" \
+      "$out/mixed-step-$backend.json" "$backend" || tail -4 "$out/mixed-step-$backend.log"
+  done
 fi
 true  # a part left out is not a failure
