@@ -22,12 +22,8 @@
 #    sage_attn's mixed steps still leave the GPU idle (its 32-client ITL p99 was 3.5x p50
 #    on an H100; the attention wrappers' host time was cut since, BENCHMARKS.md).
 # Each part has its own time limit, so that one stuck part leaves the others' results.
-set -u
-out=$1
-parts=",${2:-1,2,3,4,5,6,7},"
-want() { [[ $parts == *",$1,"* ]]; }
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/card.txt"
+all_parts=1,2,3,4,5,6,7
+source "$(dirname "$0")/parts.sh"
 M="--model-path llama-3.1-8b --load-format dummy"
 
 want 1 && timeout 200 python3 -m sageserve bench offline $M --backends triton,sage_attn \

@@ -20,12 +20,8 @@
 # nothing.
 # On an 80 GB card the triton backend's 64 x 8k cache does not fit: bench offline records
 # that point as skipped and 32 x 8k compares the two.
-set -u
-out=$1
-parts=",${2:-1,2,3,4},"
-want() { [[ $parts == *",$1,"* ]]; }
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/card.txt"
+all_parts=1,2,3,4
+source "$(dirname "$0")/parts.sh"
 
 if want 1; then
   timeout 280 python3 -m pytest -x -q -m gpu -p no:cacheprovider tests/test_gluon_prefill.py \

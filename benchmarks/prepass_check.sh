@@ -12,12 +12,8 @@
 # 3. `bench offline`: TTFT of one 32k prompt, sage_attn with the pass against the
 #    butterfly (dummy Llama-3.1-8B bf16).
 # A failing part 1 stops the script.
-set -u
-out=$1
-parts=",${2:-1,2,3},"
-want() { [[ $parts == *",$1,"* ]]; }
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/card.txt"
+all_parts=1,2,3
+source "$(dirname "$0")/parts.sh"
 
 if want 1; then
   timeout 300 python3 -m pytest -x -q -m gpu -p no:cacheprovider -k "prepass or bf16_rows" \

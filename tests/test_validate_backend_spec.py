@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from validate_run import validate_on_one_thread
 
 from sageserve.cli import main
 from sageserve.validate import runner
@@ -51,12 +51,7 @@ def test_each_entry_runs_in_its_own_dtype(tmp_path, monkeypatch) -> None:
         "--suffix-len", "8", "--device", "cpu", "--dtype", "bfloat16",
         "--max-total-tokens", "512",
     ]  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two xdist workers share 2 cores (see test_validate_quick)
-    try:
-        main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    validate_on_one_thread(argv)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["settings"]["reference"] == "torch@float32"
     scores = report["sections"]["agreement"]["results"]["backends"]

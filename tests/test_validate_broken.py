@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import torch
+from validate_run import validate_on_one_thread
 
 from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.registry import register_backend
@@ -36,12 +36,7 @@ def test_broken_backend_fails_the_report(tmp_path) -> None:
         "--suffix-len", "8", "--device", "cpu", "--dtype", "float32",
         "--max-total-tokens", "512",
     ]  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two xdist workers share 2 cores (see test_validate_quick)
-    try:
-        assert main(argv) == 1
-    finally:
-        torch.set_num_threads(threads)
+    assert validate_on_one_thread(argv) == 1
     report = json.loads((tmp_path / "report.json").read_text())
     assert not report["passed"]
     assert report["sections"]["agreement"]["verdict"]["status"] == "fail"

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
+from validate_run import validate_on_one_thread
 
-from sageserve.cli import main
 from sageserve.validate.config import Thresholds
 from sageserve.validate.data import MMLUQuestion
 from sageserve.validate.floors import NO_FLOORS, excess_stats, find_floors
@@ -173,12 +173,7 @@ def test_validate_judges_a_bf16_run_over_its_floor(tmp_path) -> None:
         "--suffix-len", "8", "--device", "cpu", "--dtype", "bfloat16",
         "--max-total-tokens", "512", "--ppl-group", "short",
     ]  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two xdist workers share 2 cores (see test_validate_quick)
-    try:
-        main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    validate_on_one_thread(argv)
     report = json.loads((tmp_path / "report.json").read_text())
     agreement = report["sections"]["agreement"]
     sage = agreement["results"]["backends"]["sage_attn"]["short"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM
+from validate_run import validate_on_one_thread
 
-from sageserve.cli import main
 from sageserve.models.gguf_tokenizer import tokenizer_from_gguf
 from sageserve.validate.data import britannica_text
 
@@ -31,16 +31,9 @@ TINY = [
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quick")
-    # NOTE: pytest -n 2 runs two workers on 2 cores; two threads each oversubscribe the CPU
-    # and slow this run many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main(
-            ["validate", "quick", "--backends", "torch,sage_attn,torch", "--out", str(out), *TINY]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    code = validate_on_one_thread(
+        ["validate", "quick", "--backends", "torch,sage_attn,torch", "--out", str(out), *TINY]
+    )
     assert code in (0, 1)
     report = json.loads((out / "report.json").read_text())
     assert code == (0 if report["passed"] else 1)

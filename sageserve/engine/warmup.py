@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sageserve.engine.sampling_params import SamplingParams
+from sageserve.launch_math import cdiv
 
 if TYPE_CHECKING:
     from sageserve.engine.engine import Engine
@@ -56,7 +57,7 @@ def warmup_batches(engine: Engine) -> list[list[list[int]]]:
         batches.append([prompt(long_len)])
     if mixed and len(mixed[-1]) + CACHE_HIT_EXTRA <= longest:
         batches.append([mixed[-1] + prompt(CACHE_HIT_EXTRA)])
-    room = info.pool_capacity_tokens - NEW_TOKENS * -(-info.chunked_prefill_size // longest)
+    room = info.pool_capacity_tokens - NEW_TOKENS * cdiv(info.chunked_prefill_size, longest)
     for n in _gemm_row_counts(min(info.chunked_prefill_size, room)):
         batches.append([prompt(length) for length in _split(n, longest)])
     return [batch for batch in batches if batch]

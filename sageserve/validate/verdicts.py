@@ -75,11 +75,14 @@ def agreement_verdict(
             else:
                 judge = _agreement_8bit if choice.profile == "8bit" else _agreement_16bit
             group_checks = judge(name, s, th, note)
-            checks += _unjudged(group_checks) if label in floors.floors else group_checks
+            checks += _as_floors_allow(label, group_checks, floors)
     return from_checks(checks)
 
 
-def _unjudged(checks: list[Check]) -> list[Check]:
+def _as_floors_allow(label: str, checks: list[Check], floors: Floors) -> list[Check]:
+    """checks as given, or shown and not judged when label is a dtype floor."""
+    if label not in floors.floors:
+        return checks
     return [Check(c.name, c.value, f"shown, not judged ({c.limit})", None) for c in checks]
 
 
@@ -161,7 +164,7 @@ def perplexity_verdict(
             worst = abs(r[key])
             name = f"{label}: |{what}| (relative){note}"
         check = Check(name, worst, f"< {th.ppl_delta_rel:g}", worst < th.ppl_delta_rel)
-        checks += _unjudged([check]) if label in floors.floors else [check]
+        checks += _as_floors_allow(label, [check], floors)
     return from_checks(checks)
 
 
@@ -193,7 +196,7 @@ def mmlu_verdict(
                 f"{label}: McNemar p, correct answers vs {whom}{note}",
                 p, f">= {th.mcnemar_alpha:g} (no significant change)", p >= th.mcnemar_alpha,
             ))  # fmt: skip
-        checks += _unjudged(label_checks) if label in floors.floors else label_checks
+        checks += _as_floors_allow(label, label_checks, floors)
     return from_checks(checks)
 
 
