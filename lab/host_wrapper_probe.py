@@ -12,7 +12,12 @@ one 256-token chunk over 768 cached ones. What is left is Python: argument check
 configurations, descriptors, allocations and views. Triton's own launch cost (its argument
 specialization, ~50-100 µs a launch under cProfile on an H200) is not in it.
 
-    PYTHONPATH=. python lab/host_wrapper_probe.py [--repeats 2000]
+With `--device cuda` nothing is stubbed: the same call is timed on the host with Triton's
+launcher included (the GPU synchronized every SYNC_EVERY calls, outside the clock, so that
+a full launch queue never blocks the host), and the launches per call are counted. The
+difference between the two modes is what Triton's launcher costs per layer.
+
+    PYTHONPATH=. python lab/host_wrapper_probe.py [--repeats 2000] [--device cuda]
 """
 
 from __future__ import annotations
@@ -20,14 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+if "cuda" not in sys.argv:  # before any kernel module is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
 import triton
 
 from sageserve.bench.kernels_common import make_backend, model_config
+
+# Calls between GPU syncs (untimed): fewer than fill the launch queue.
+SYNC_EVERY = 20
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 64
 VARIANTS = ("triton16", "sage_fp16pv", "sage_fp16pv_bfly")
@@ -54,34 +64,70 @@ def _mixed_batch(device: torch.device):
     return build_forward_batch(slices, ids, [], PAGE, device), 32 * pages + 1
 
 
-def _time(variant: str, repeats: int) -> dict[str, float]:
-    device = torch.device("cpu")
+def _count_launches() -> list[int]:
+    """Wrap `JITFunction.run` so every launch adds one to the returned counter."""
+    from triton.runtime.jit import JITFunction
+
+    counter, run = [0], JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        counter[0] += 1
+        return run(self, *args, **kwargs)
+
+    JITFunction.run = counted
+    return counter
+
+
+def _timed_calls(call, repeats: int, device: torch.device) -> float:
+    """Seconds of host time per call; on CUDA the syncs every SYNC_EVERY calls are untimed."""
+    total = 0.0
+    for done in range(0, repeats, SYNC_EVERY):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(min(SYNC_EVERY, repeats - done)):
+            call()
+        total += time.perf_counter() - start
+    return total / repeats
+
+
+def _time(variant: str, repeats: int, device: torch.device, counter=None) -> dict[str, float]:
     cfg = model_config(Q_HEADS, KV_HEADS, HEAD_DIM)
     backend = make_backend(variant, cfg, torch.float16, device)
     batch, num_pages = _mixed_batch(device)
     cache = backend.allocate(num_pages, PAGE)
     tokens = 31 + 256
-    q = torch.randn(tokens, Q_HEADS, HEAD_DIM, dtype=torch.float16)
-    k = torch.randn(tokens, KV_HEADS, HEAD_DIM, dtype=torch.float16)
+    q = torch.randn(tokens, Q_HEADS, HEAD_DIM, dtype=torch.float16, device=device)
+    k = torch.randn(tokens, KV_HEADS, HEAD_DIM, dtype=torch.float16, device=device)
     v = torch.randn_like(k)
     meta = backend.build_metadata(batch)
+
+    def call():
+        backend.forward(0, q, k, v, cache, meta)
+
     for _ in range(20):
-        backend.forward(0, q, k, v, cache, meta)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        backend.forward(0, q, k, v, cache, meta)
-    per_layer = (time.perf_counter() - start) / repeats
-    return {"us_per_layer": per_layer * 1e6, "us_per_step_32_layers": per_layer * 32e6}
+        call()
+    launches = None
+    if counter is not None:
+        before = counter[0]
+        call()
+        launches = counter[0] - before
+    per_layer = _timed_calls(call, repeats, device)
+    row = {"us_per_layer": per_layer * 1e6, "us_per_step_32_layers": per_layer * 32e6}
+    return row | ({"launches_per_layer": launches} if launches is not None else {})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    _no_launches()
+    device = torch.device(args.device)
+    counter = _count_launches() if device.type == "cuda" else _no_launches()
     torch.set_num_threads(1)
-    rows = {variant: _time(variant, args.repeats) for variant in VARIANTS}
-    print(json.dumps({"triton": triton.__version__, "torch": torch.__version__, **rows}, indent=1))
+    rows = {variant: _time(variant, args.repeats, device, counter) for variant in VARIANTS}
+    head = {"triton": triton.__version__, "torch": torch.__version__, "device": args.device}
+    print(json.dumps(head | rows, indent=1))
 
 
 if __name__ == "__main__":
