@@ -1,7 +1,0 @@
-set -u
-python3 -c "import zipfile, glob; [zipfile.ZipFile(w).extractall('site') for w in glob.glob('.whl/*.whl')]"
-export PYTHONPATH=$PWD/site:$PWD
-R=$OUT/call4
-mkdir -p $R
-bash benchmarks/issue16_targets.sh $R 1,2 2>&1 | tail -30
-rm -f $R/offline.log $R/profile-decode.log
