@@ -5,7 +5,7 @@
 #   bash benchmarks/issue16_targets.sh OUT_DIR [PARTS]
 #
 # PARTS: which of the parts below to run, e.g. 1,2 (default: all). Their time limits add up
-# to more than one 10-minute device call: split them, e.g. "1,2,4", "3,5", then "6,7".
+# to more than one 10-minute device call: split them, e.g. "1,2,4", "3,5", "6,7", then 8.
 #
 # 1. offline: single stream (1 x 512 in, 128 out) and 64 x 8k, with the decode bound from
 #    the copy bandwidth measured in the same run (`sageserve bench offline`);
@@ -21,8 +21,11 @@
 #    against GPU busy time of the mixed step (`lab/step_latency_probe.py`), to see whether
 #    sage_attn's mixed steps still leave the GPU idle (its 32-client ITL p99 was 3.5x p50
 #    on an H100; the attention wrappers' host time was cut since, BENCHMARKS.md).
+# 8. 64 x 8k decode alone, both backends (`sageserve bench offline`): the sage_attn / triton
+#    ratio at 64 x 8k. Needs more than 80 GB (triton's cache alone needs 532k tokens): run it
+#    on an H200 (the device tool's needs_h200).
 # Each part has its own time limit, so that one stuck part leaves the others' results.
-all_parts=1,2,3,4,5,6,7
+all_parts=1,2,3,4,5,6,7,8
 source "$(dirname "$0")/parts.sh"
 M="--model-path llama-3.1-8b --load-format dummy"
 
@@ -77,4 +80,8 @@ print(sys.argv[2], 'step at arrival, next (ms, rows):', m['steps_after_arrival']
       "$out/mixed-step-$backend.json" "$backend" || tail -4 "$out/mixed-step-$backend.log"
   done
 fi
+want 8 && timeout 200 python3 -m sageserve bench offline $M --backends triton,sage_attn \
+  --batch-sizes 64 --input-lens 8192 --output-lens 128 --rounds 1 \
+  --out "$out/offline-64x8k.json" > "$out/offline-64x8k.log" 2>&1
+want 8 && tail -10 "$out/offline-64x8k.log"
 true  # a part left out is not a failure
