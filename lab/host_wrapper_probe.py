@@ -14,8 +14,9 @@ specialization, ~50-100 µs a launch under cProfile on an H200) is not in it.
 
 With `--device cuda` nothing is stubbed: the same call is timed on the host with Triton's
 launcher included (the GPU synchronized every SYNC_EVERY calls, outside the clock, so that
-a full launch queue never blocks the host), and the launches per call are counted. The
-difference between the two modes is what Triton's launcher costs per layer.
+a full launch queue never blocks the host), and the launches per call are counted. Run
+both modes on the same machine (the stubbed one needs only its CPU): the difference is
+what Triton's launch path costs per layer.
 
     PYTHONPATH=. python lab/host_wrapper_probe.py [--repeats 2000] [--device cuda]
 """
