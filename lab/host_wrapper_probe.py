@@ -18,14 +18,21 @@ a full launch queue never blocks the host), and the launches per call are counte
 both modes on the same machine (the stubbed one needs only its CPU): the difference is
 what Triton's launch path costs per layer.
 
+`--breakdown N` then runs N more calls under cProfile and lists the functions with the
+most cumulative time per call (Triton's binder, cache key, launcher and TMA-descriptor
+encoding among them). cProfile inflates every figure; the shares are what it is for.
+
     PYTHONPATH=. python lab/host_wrapper_probe.py [--repeats 2000] [--device cuda]
+        [--breakdown 500]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import sys
 import time
 
@@ -92,7 +99,23 @@ def _timed_calls(call, repeats: int, device: torch.device) -> float:
     return total / repeats
 
 
-def _time(variant: str, repeats: int, device: torch.device, counter=None) -> dict[str, float]:
+def _breakdown(call, calls: int, top: int = 25) -> list[dict]:
+    """The `top` functions by cumulative time over `calls` calls under cProfile: µs and
+    calls per call of `call`."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    ranked = sorted(stats.items(), key=lambda item: item[1][3], reverse=True)[:top]
+    return [{"function": f"{os.path.basename(f)}:{line}({name})",
+             "calls_per_call": nc / calls, "cum_us_per_call": 1e6 * ct / calls}
+            for (f, line, name), (_, nc, _, ct, _) in ranked]  # fmt: skip
+
+
+def _time(variant: str, repeats: int, device: torch.device, counter=None,
+          breakdown: int = 0) -> dict:  # fmt: skip
     cfg = model_config(Q_HEADS, KV_HEADS, HEAD_DIM)
     backend = make_backend(variant, cfg, torch.float16, device)
     batch, num_pages = _mixed_batch(device)
@@ -115,18 +138,29 @@ def _time(variant: str, repeats: int, device: torch.device, counter=None) -> dic
         launches = counter[0] - before
     per_layer = _timed_calls(call, repeats, device)
     row = {"us_per_layer": per_layer * 1e6, "us_per_step_32_layers": per_layer * 32e6}
-    return row | ({"launches_per_layer": launches} if launches is not None else {})
+    if launches is not None:
+        row["launches_per_layer"] = launches
+    if breakdown:
+        row["cprofile_top"] = _breakdown(call, breakdown)
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2000)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--breakdown",
+        type=int,
+        default=0,
+        metavar="CALLS",
+        help="then profile this many calls with cProfile (0: none)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     counter = _count_launches() if device.type == "cuda" else _no_launches()
     torch.set_num_threads(1)
-    rows = {variant: _time(variant, args.repeats, device, counter) for variant in VARIANTS}
+    rows = {v: _time(v, args.repeats, device, counter, args.breakdown) for v in VARIANTS}
     head = {"triton": triton.__version__, "torch": torch.__version__, "device": args.device}
     print(json.dumps(head | rows, indent=1))
 
