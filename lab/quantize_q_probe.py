@@ -11,19 +11,39 @@ written per element, + 4 per row) reach. Every variant's codes are compared with
 served pass's (`quantize_q`): the butterfly variants must be equal; the tensor-core ones
 may flip a code by one where a value sits ~1e-7 from a rounding boundary.
 
+Round 2 (2026-12-06, after the first GPU run): the butterfly costs the pass 51 µs of 121 at
+16k tokens, and its seven reshape / split / join / permute stages compile to 9 layout
+conversions and 34 barriers (sm_90, 16 rows, 4 warps). `xor` variants rotate in place
+instead: stage s adds each value to its partner at index i ^ 2^s, read by `tl.gather`
+(lane shuffles), and keeps the sum where bit s of i is 0, the partner minus the value where
+it is 1. That is the same sequence of fp32 operations as `hadamard_rotate`'s, so the codes
+are equal bit for bit; offline it compiles to 3 conversions and 16 barriers, with more
+shuffles (`--compile`, Triton 3.6's own ptxas and nvdisasm, no GPU needed). `--selfcheck`
+checks the equality on CPU through the interpreter.
+
     PYTHONPATH=. python lab/quantize_q_probe.py --out quantize-q.json
+    PYTHONPATH=. TRITON_INTERPRET=1 python lab/quantize_q_probe.py --selfcheck
+    PYTHONPATH=. TRITON_INTERPRET=0 python lab/quantize_q_probe.py --compile
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shlex
+import subprocess
 import sys
+import tempfile
+from collections import Counter
 from datetime import UTC, datetime
 
 import torch
+import triton
+import triton.language as tl
 
+from sageserve.attention.sage_attn.kernels.prefill import LOG2E, _quantize_q
 from sageserve.attention.sage_attn.kernels.quantize_q import _quantize_q_kernel, quantize_q
 from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel
 from sageserve.bench.kernels_timing import Timer, copy_bandwidth, eager_and_graph
@@ -39,13 +59,52 @@ VARIANTS = [
     (HadamardKernel.TENSOR_CORE, 32, 4), (HadamardKernel.TENSOR_CORE, 64, 4),
     (HadamardKernel.TENSOR_CORE, 128, 8),
     (HadamardKernel.OFF, 16, 4), (HadamardKernel.OFF, 64, 4),
+    ("xor", 16, 4), ("xor", 32, 4), ("xor", 64, 8),
 ]  # fmt: skip
 L2_DEFEAT_BYTES = 256 << 20
 
 
+@triton.jit
+def _hadamard_rows_xor(x, ROWS: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr):
+    """x: [ROWS, D] fp32 -> x H by in-place butterflies on index bits 0 .. STAGES - 1."""
+    idx = tl.broadcast_to(tl.arange(0, D)[None, :], (ROWS, D))
+    for s in tl.static_range(STAGES):
+        partner = tl.gather(x, idx ^ (1 << s), 1)
+        x = tl.where((idx & (1 << s)) == 0, x + partner, partner - x)
+    return x
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _quantize_q_xor_kernel(
+    q_ptr, balance_ptr, codes_ptr, scales_ptr, num_rows, stride_t, stride_h, sm_scale,
+    heads: tl.constexpr, group: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The served `_quantize_q_kernel` (rotation on, balance on) with `_hadamard_rows_xor`."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = rows < num_rows
+    token, head = (rows // heads).to(tl.int64), rows % heads
+    d = tl.arange(0, D)[None, :]
+    x = tl.load(q_ptr + (token * stride_t + head * stride_h)[:, None] + d,
+                mask=live[:, None], other=0.0)  # fmt: skip
+    y = _hadamard_rows_xor(x.to(tl.float32), BLOCK, D, STAGES)
+    y = y * tl.load(balance_ptr + (head // group)[:, None] * D + d)
+    codes, scale = _quantize_q(y, 127.0)
+    tl.store(codes_ptr + rows.to(tl.int64)[:, None] * D + d, codes, mask=live[:, None])
+    tl.store(scales_ptr + rows, scale * (sm_scale * LOG2E), mask=live)
+
+
 def run_pass(q, balance, codes, scales, rotation, block, warps, sm_scale) -> None:
-    """The served kernel with a chosen tile (rows per program) and warp count."""
+    """The served kernel (or its xor twin) with a chosen tile (rows per program) and warps."""
     rows = q.shape[0] * q.shape[1]
+    heads, dim = q.shape[1], q.shape[2]
+    if rotation == "xor":
+        _quantize_q_xor_kernel[(cdiv(rows, block),)](
+            q, balance, codes, scales, rows, q.stride(0), q.stride(1), sm_scale,
+            heads=heads, group=heads // balance.shape[0], D=dim, STAGES=dim.bit_length() - 1,
+            BLOCK=block, num_warps=warps,
+        )  # fmt: skip
+        return
     _quantize_q_kernel[(cdiv(rows, block),)](
         q, balance, codes, scales, rows, q.stride(0), q.stride(1), sm_scale,
         heads=HEADS, group=HEADS // KV_HEADS, D=DIM, STAGES=DIM.bit_length() - 1, BLOCK=block,
@@ -66,7 +125,8 @@ def measure(tokens: int, timer: Timer, bandwidth: float) -> list[dict]:
     scales = torch.full((tokens, HEADS), float("nan"), device="cuda")
     rows, entries = [], {}
     for rotation, block, warps in VARIANTS:
-        label = f"{rotation.name.lower()}_rows{block}_w{warps}"
+        name = rotation if isinstance(rotation, str) else rotation.name.lower()
+        label = f"{name}_rows{block}_w{warps}"
         calls = [lambda q=q, r=rotation, b=block, w=warps:
                  run_pass(q, balance, codes, scales, r, b, w, sm_scale) for q in qs]  # fmt: skip
         codes.fill_(99)
@@ -90,11 +150,73 @@ def measure(tokens: int, timer: Timer, bandwidth: float) -> list[dict]:
     return rows
 
 
+def selfcheck() -> None:
+    """CPU (interpreter): the xor pass's codes and scales equal the served pass's, on fp32
+    rows with outliers, at row counts that are not multiples of the tile."""
+    for tokens, heads, kv_heads, dim in ((1, 4, 2, 64), (7, 4, 1, 128), (200, 2, 2, 64),
+                                         (333, 4, 2, 128)):  # fmt: skip
+        gen = torch.Generator().manual_seed(tokens + dim)
+        q = torch.randn(tokens, heads, dim, generator=gen) * torch.logspace(-2, 2, dim)
+        balance = 0.5 + torch.rand(kv_heads, dim, generator=gen)
+        want = quantize_q(q, 0.1, HadamardKernel.BUTTERFLY, balance)
+        codes = torch.full((tokens, heads, dim), 99, dtype=torch.int8)
+        scales = torch.full((tokens, heads), float("nan"))
+        run_pass(q, balance, codes, scales, "xor", 16, 4, 0.1)
+        assert torch.equal(codes, want[0]), (tokens, dim)
+        assert torch.equal(scales, want[1]), (tokens, dim)
+        print(f"selfcheck {tokens} x {heads} x {dim}: codes and scales equal", flush=True)
+
+
+def _sass_counts(kernel, signature: dict, constants: dict, warps: int) -> str:
+    """Compile for sm_90 (no GPU): layout conversions in the TTGIR and a few SASS opcodes."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = signature | {name: "constexpr" for name in constants}
+    source = ASTSource(kernel, signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps})  # fmt: skip
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    lines = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@\S+\s+)?(\w+)", sass)]
+    ops = Counter(lines)
+    counts = ", ".join(f"{op} {ops[op]}" for op in ("SHFL", "BAR", "STS", "LDS"))
+    conversions = compiled.asm["ttgir"].count("ttg.convert_layout")
+    return f"{len(lines)} instructions, {conversions} layout conversions, {counts}"
+
+
+def compile_report() -> None:
+    """The served pass and the xor pass at head_dim 128, bf16 q, balance on, 16 rows, 4 warps."""
+    signature = {"q_ptr": "*bf16", "balance_ptr": "*fp32", "codes_ptr": "*i8",
+                 "scales_ptr": "*fp32", "num_rows": "i32", "stride_t": "i32",
+                 "stride_h": "i32", "sm_scale": "fp32"}  # fmt: skip
+    common = dict(heads=HEADS, group=HEADS // KV_HEADS, D=DIM, STAGES=DIM.bit_length() - 1,
+                  BLOCK=16)  # fmt: skip
+    served = common | dict(ROTATE=int(HadamardKernel.BUTTERFLY), HAS_BALANCE=True)
+    print("served butterfly:", _sass_counts(_quantize_q_kernel, signature, served, 4))
+    print("xor butterfly:   ", _sass_counts(_quantize_q_xor_kernel, signature, common, 4))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", default="448,1024,16384")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--selfcheck", action="store_true", help="check the xor pass on CPU")
+    parser.add_argument("--compile", action="store_true", help="sm_90 code counts, no GPU")
     args = parser.parse_args()
+    if args.selfcheck:
+        selfcheck()
+        return
+    if args.compile:
+        compile_report()
+        return
+    if args.out is None:
+        parser.error("--out is required unless --selfcheck")
     timer = Timer(torch.device("cuda"), warmup=3, repeats=7, sample_ms=20.0)
     bandwidth = copy_bandwidth(timer, 1 << 30)
     result = {"command": shlex.join(["python", *sys.argv]),

@@ -7,7 +7,11 @@ for GPUTarget("cuda", 90) with ROTATE off, the butterfly and the tensor-core pro
 (and how many sit inside a loop), shared memory, registers and spills (ptxas -v, the ptxas
 Triton ships).
 
-    TRITON_INTERPRET=0 python lab/rotation_compile_probe.py [--head-dim 128]
+    TRITON_INTERPRET=0 python lab/rotation_compile_probe.py [--head-dim 128] [--xor]
+
+`--xor` compiles the butterfly as in-place stages whose partners come through `tl.gather`
+(`lab/quantize_q_probe.py`'s `_hadamard_rows_xor`, bit-identical results) instead of the
+reshape / split / join / permute stages, in every kernel.
 
 Findings (2026-12-05, Triton 3.6) are in BENCHMARKS.md, "The rotation's kernel cost".
 """
@@ -33,7 +37,7 @@ from sageserve.attention.sage_attn.kernels.prefill import (
     cache_descriptors,
     key_run,
 )
-from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel
+from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel, hadamard_tile
 from sageserve.attention.sage_attn.kernels.store import _store_kv_kernel, default_config
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -140,7 +144,14 @@ def ptxas_stats(ptx: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, default=128)
-    dim = parser.parse_args().head_dim
+    parser.add_argument("--xor", action="store_true", help="the gather-based butterfly")
+    args = parser.parse_args()
+    dim = args.head_dim
+    if args.xor:
+        from lab.quantize_q_probe import _hadamard_rows_xor
+
+        # hadamard_tile resolves hadamard_rows from its module's globals when compiled.
+        hadamard_tile.__globals__["hadamard_rows"] = _hadamard_rows_xor
     kernels = (("prefill", prefill_source), ("store", store_source), ("decode", decode_source))
     for name, make in kernels:
         for rotate in HadamardKernel:
