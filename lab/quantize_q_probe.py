@@ -12,13 +12,13 @@ served pass's (`quantize_q`): the butterfly variants must be equal; the tensor-c
 may flip a code by one where a value sits ~1e-7 from a rounding boundary.
 
 Round 2 (2026-12-06, after the first GPU run): the butterfly costs the pass 51 µs of 121 at
-16k tokens, and its seven reshape / split / join / permute stages compile to 9 layout
-conversions and 34 barriers (sm_90, 16 rows, 4 warps). `xor` variants rotate in place
+16k tokens; its seven reshape / split / join / permute stages go through shared memory
+(sm_90, 16 rows, 4 warps: 25 shared stores and 29 loads). `xor` variants rotate in place
 instead: stage s adds each value to its partner at index i ^ 2^s, read by `tl.gather`
 (lane shuffles), and keeps the sum where bit s of i is 0, the partner minus the value where
 it is 1. That is the same sequence of fp32 operations as `hadamard_rotate`'s, so the codes
-are equal bit for bit; offline it compiles to 3 conversions and 16 barriers, with more
-shuffles (`--compile`, Triton 3.6's own ptxas and nvdisasm, no GPU needed). `--selfcheck`
+are equal bit for bit; offline it compiles to 3 shared stores and 5 loads, and 115 lane
+shuffles instead of 3 (`--compile`, Triton 3.6's own nvdisasm, no GPU needed). `--selfcheck`
 checks the equality on CPU through the interpreter.
 
     PYTHONPATH=. python lab/quantize_q_probe.py --out quantize-q.json
@@ -172,8 +172,11 @@ def _sass_counts(kernel, signature: dict, constants: dict, warps: int) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from lab.rotation_compile_probe import launch_attrs
+
+    attrs = launch_attrs(kernel, signature)
     signature = signature | {name: "constexpr" for name in constants}
-    source = ASTSource(kernel, signature, constexprs=constants)
+    source = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps})  # fmt: skip
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")

@@ -45,6 +45,18 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxa
 PAGE = 64
 
 
+def launch_attrs(kernel, signature: dict) -> dict:
+    """What a real launch tells the compiler about alignment: every pointer (a torch
+    allocation) and every stride argument (multiples of 16 at these shapes) divisible by 16,
+    except the arguments the kernel does not specialize on."""
+    skip = set(kernel.do_not_specialize or ())
+    aligned = [
+        name for name, kind in signature.items()
+        if name not in skip and (kind.startswith("*") or name.startswith("stride"))
+    ]  # fmt: skip
+    return {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+
+
 def prefill_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
     """The served prefill launch (bf16 q, FP16 P·V, no balance) as an ASTSource."""
     config = PrefillConfig()
@@ -70,7 +82,8 @@ def prefill_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
     signature |= {name: "constexpr" for name in constants}
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
                "maxnreg": config.maxnreg}  # fmt: skip
-    return ASTSource(_sage_attention_kernel, signature, constexprs=constants), options
+    attrs = launch_attrs(_sage_attention_kernel, signature)
+    return ASTSource(_sage_attention_kernel, signature, constexprs=constants, attrs=attrs), options
 
 
 def store_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
@@ -87,7 +100,8 @@ def store_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
     signature |= {name: "constexpr" for name in constants}
     options = {"num_warps": config.num_warps, "maxnreg": config.maxnreg,
                "enable_fp_fusion": False}  # fmt: skip
-    return ASTSource(_store_kv_kernel, signature, constexprs=constants), options
+    attrs = launch_attrs(_store_kv_kernel, signature)
+    return ASTSource(_store_kv_kernel, signature, constexprs=constants, attrs=attrs), options
 
 
 def decode_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
@@ -108,7 +122,9 @@ def decode_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
                      STAGES=dim.bit_length() - 1)  # fmt: skip
     signature |= {name: "constexpr" for name in constants}
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return ASTSource(_sage_decode_split_kernel, signature, constexprs=constants), options
+    attrs = launch_attrs(_sage_decode_split_kernel, signature)
+    source = ASTSource(_sage_decode_split_kernel, signature, constexprs=constants, attrs=attrs)
+    return source, options
 
 
 def conversions(ttgir: str) -> tuple[int, int]:
