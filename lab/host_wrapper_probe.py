@@ -13,10 +13,10 @@ configurations, descriptors, allocations and views. Triton's own launch cost (it
 specialization, ~50-100 µs a launch under cProfile on an H200) is not in it.
 
 With `--device cuda` nothing is stubbed: the same call is timed on the host with Triton's
-launcher included (the GPU synchronized every SYNC_EVERY calls, outside the clock, so that
-a full launch queue never blocks the host), and the launches per call are counted. Run
-both modes on the same machine (the stubbed one needs only its CPU): the difference is
-what Triton's launch path costs per layer.
+launcher included (`lab/host_timing.py`: the GPU synchronized outside the clock every few
+calls, so that a full launch queue never blocks the host), and the launches per call are
+counted. Run both modes on the same machine (the stubbed one needs only its CPU): the
+difference is what Triton's launch path costs per layer.
 
 `--breakdown N` then runs N more calls under cProfile and lists the functions with the
 most cumulative time per call (Triton's binder, cache key, launcher and TMA-descriptor
@@ -34,7 +34,6 @@ import json
 import os
 import pstats
 import sys
-import time
 
 if "cuda" not in sys.argv:  # before any kernel module is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -42,10 +41,8 @@ if "cuda" not in sys.argv:  # before any kernel module is imported
 import torch
 import triton
 
+from lab.host_timing import host_seconds_per_call
 from sageserve.bench.kernels_common import make_backend, model_config
-
-# Calls between GPU syncs (untimed): fewer than fill the launch queue.
-SYNC_EVERY = 20
 
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 64
 VARIANTS = ("triton16", "sage_fp16pv", "sage_fp16pv_bfly")
@@ -86,19 +83,6 @@ def _count_launches() -> list[int]:
     return counter
 
 
-def _timed_calls(call, repeats: int, device: torch.device) -> float:
-    """Seconds of host time per call; on CUDA the syncs every SYNC_EVERY calls are untimed."""
-    total = 0.0
-    for done in range(0, repeats, SYNC_EVERY):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(min(SYNC_EVERY, repeats - done)):
-            call()
-        total += time.perf_counter() - start
-    return total / repeats
-
-
 def _breakdown(call, calls: int, top: int = 25) -> list[dict]:
     """The `top` functions by cumulative time over `calls` calls under cProfile: µs and
     calls per call of `call`."""
@@ -136,7 +120,7 @@ def _time(variant: str, repeats: int, device: torch.device, counter=None,
         before = counter[0]
         call()
         launches = counter[0] - before
-    per_layer = _timed_calls(call, repeats, device)
+    per_layer = host_seconds_per_call(call, repeats, device)
     row = {"us_per_layer": per_layer * 1e6, "us_per_step_32_layers": per_layer * 32e6}
     if launches is not None:
         row["launches_per_layer"] = launches

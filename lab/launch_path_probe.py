@@ -14,8 +14,9 @@ three ways, alternated:
   every argument would specialize the same way, which this probe keeps true);
 - `compiled_stream`: the same with the stream passed in, not looked up per launch.
 
-Host µs per launch: launches back to back, the GPU synchronized every SYNC_EVERY launches
-outside the clock. The kernel's own work is a few bytes, so the GPU never holds the host.
+Host µs per launch: launches back to back, the GPU synchronized every few launches outside
+the clock (`lab/host_timing.py`). The kernel's own work is a few bytes, so the GPU never
+holds the host.
 
     PYTHONPATH=. python lab/launch_path_probe.py --out launch-path.json
 """
@@ -26,7 +27,6 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from datetime import UTC, datetime
 
 import torch
@@ -34,9 +34,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from lab.host_timing import host_seconds_per_call
 from sageserve.bench.run_record import device_info, software
-
-SYNC_EVERY = 20
 
 
 @triton.jit
@@ -57,18 +56,6 @@ def _descriptor_kernel(desc_k, desc_v, out, n0, BLOCK: tl.constexpr, D: tl.const
     k = desc_k.load([0, 0])
     v = desc_v.load([0, 0])
     tl.store(out, tl.sum(k.to(tl.float32)) + tl.sum(v.to(tl.float32)) + n0)
-
-
-def _host_us(launch, launches: int) -> float:
-    """Host µs per launch, the syncs every SYNC_EVERY launches untimed."""
-    total = 0.0
-    for done in range(0, launches, SYNC_EVERY):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(min(SYNC_EVERY, launches - done)):
-            launch()
-        total += time.perf_counter() - start
-    return 1e6 * total / launches
 
 
 def _many_args_variants() -> dict:
@@ -101,12 +88,13 @@ def _descriptor_variants() -> dict:
 
 
 def measure(variants: dict, launches: int, rounds: int) -> dict:
+    device = torch.device("cuda")
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for launch in variants.values():
         launch()
     for _ in range(rounds):
         for name, launch in variants.items():
-            samples[name].append(_host_us(launch, launches))
+            samples[name].append(1e6 * host_seconds_per_call(launch, launches, device))
     return {name: {"median_us": sorted(s)[len(s) // 2], "samples_us": s}
             for name, s in samples.items()}  # fmt: skip
 

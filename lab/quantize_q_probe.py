@@ -43,8 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
-from sageserve.attention.sage_attn.kernels.prefill import LOG2E, _quantize_q
-from sageserve.attention.sage_attn.kernels.quantize_q import _quantize_q_kernel, quantize_q
+from sageserve.attention.sage_attn.kernels.quantize_q import (
+    _quantize_q_kernel,
+    load_q_rows,
+    quantize_q,
+    store_q_codes,
+)
 from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel
 from sageserve.bench.kernels_timing import Timer, copy_bandwidth, eager_and_graph
 from sageserve.bench.run_record import device_info, software
@@ -81,17 +85,10 @@ def _quantize_q_xor_kernel(
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     """The served `_quantize_q_kernel` (rotation on, balance on) with `_hadamard_rows_xor`."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    live = rows < num_rows
-    token, head = (rows // heads).to(tl.int64), rows % heads
-    d = tl.arange(0, D)[None, :]
-    x = tl.load(q_ptr + (token * stride_t + head * stride_h)[:, None] + d,
-                mask=live[:, None], other=0.0)  # fmt: skip
+    x, rows, live = load_q_rows(q_ptr, num_rows, stride_t, stride_h, heads, D, BLOCK)
     y = _hadamard_rows_xor(x.to(tl.float32), BLOCK, D, STAGES)
-    y = y * tl.load(balance_ptr + (head // group)[:, None] * D + d)
-    codes, scale = _quantize_q(y, 127.0)
-    tl.store(codes_ptr + rows.to(tl.int64)[:, None] * D + d, codes, mask=live[:, None])
-    tl.store(scales_ptr + rows, scale * (sm_scale * LOG2E), mask=live)
+    store_q_codes(y, rows, live, balance_ptr, codes_ptr, scales_ptr, sm_scale, heads, group,
+                  D, True)  # fmt: skip
 
 
 def run_pass(q, balance, codes, scales, rotation, block, warps, sm_scale) -> None:

@@ -26,6 +26,34 @@ from sageserve.attention.sage_attn.kernels.rotate import (
 from sageserve.launch_math import cdiv
 
 
+@triton.jit
+def load_q_rows(q_ptr, num_rows, stride_t, stride_h, heads: tl.constexpr, D: tl.constexpr,
+                BLOCK: tl.constexpr):  # fmt: skip
+    """This program's BLOCK (token, head) rows of q -> (x [BLOCK, D] in q's dtype, rows
+    [BLOCK], live [BLOCK]): rows past num_rows load zeros and are not live."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = rows < num_rows
+    token, head = (rows // heads).to(tl.int64), rows % heads
+    d = tl.arange(0, D)[None, :]
+    x = tl.load(q_ptr + (token * stride_t + head * stride_h)[:, None] + d,
+                mask=live[:, None], other=0.0)  # fmt: skip
+    return x, rows, live
+
+
+@triton.jit
+def store_q_codes(y, rows, live, balance_ptr, codes_ptr, scales_ptr, sm_scale,
+                  heads: tl.constexpr, group: tl.constexpr, D: tl.constexpr,
+                  HAS_BALANCE: tl.constexpr):  # fmt: skip
+    """Rotated rows y [BLOCK, D] fp32 -> balanced (in the prefill kernel's order: rotate,
+    then balance), quantized as the prefill kernel does, codes and folded scales stored."""
+    d = tl.arange(0, D)[None, :]
+    if HAS_BALANCE:
+        y = y * tl.load(balance_ptr + ((rows % heads) // group)[:, None] * D + d)
+    codes, scale = _quantize_q(y, 127.0)  # the prefill kernel's own quantization
+    tl.store(codes_ptr + rows.to(tl.int64)[:, None] * D + d, codes, mask=live[:, None])
+    tl.store(scales_ptr + rows, scale * (sm_scale * LOG2E), mask=live)
+
+
 # The row count changes with every step: specializing on it (== 1, divisible by 16) would
 # compile variants while serving.
 @triton.jit(do_not_specialize=["num_rows"])
@@ -34,18 +62,10 @@ def _quantize_q_kernel(
     heads: tl.constexpr, group: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr,
     BLOCK: tl.constexpr, ROTATE: tl.constexpr, HAS_BALANCE: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    live = rows < num_rows
-    token, head = (rows // heads).to(tl.int64), rows % heads
-    d = tl.arange(0, D)[None, :]
-    x = tl.load(q_ptr + (token * stride_t + head * stride_h)[:, None] + d,
-                mask=live[:, None], other=0.0)  # fmt: skip
+    x, rows, live = load_q_rows(q_ptr, num_rows, stride_t, stride_h, heads, D, BLOCK)
     y = hadamard_tile(x, BLOCK, D, STAGES, ROTATE, False)
-    if HAS_BALANCE:  # the prefill kernel's order: rotate, then balance
-        y = y * tl.load(balance_ptr + (head // group)[:, None] * D + d)
-    codes, scale = _quantize_q(y, 127.0)  # the prefill kernel's own quantization
-    tl.store(codes_ptr + rows.to(tl.int64)[:, None] * D + d, codes, mask=live[:, None])
-    tl.store(scales_ptr + rows, scale * (sm_scale * LOG2E), mask=live)
+    store_q_codes(y, rows, live, balance_ptr, codes_ptr, scales_ptr, sm_scale, heads, group,
+                  D, HAS_BALANCE)  # fmt: skip
 
 
 def quantize_q(
