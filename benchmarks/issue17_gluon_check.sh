@@ -15,12 +15,15 @@
 #    targets).
 # 4. the two-ring build (fp16 P·V, head_dim 128, 128-key blocks, Q quantized beforehand)
 #    against the served 64-key build, lab varlen probe (checks, then timings).
+# 5. `bench offline`: TTFT of one 32k and one 8k prompt, sage_attn with the Triton prefill
+#    (--sage-impl triton) against the default (auto: the Gluon prefill on sm_90), engines
+#    alternated over two rounds (A, B, A, B).
 # PARTS: e.g. 1,2 (default: all). The limits add up to more than one 10-minute device call:
-# run 1, then 2,3, then 4. A failing part 1 stops the script: timings of a wrong kernel mean
+# run 1, then 2,3, then 4,5. A failing part 1 stops the script: timings of a wrong kernel mean
 # nothing.
 # On an 80 GB card the triton backend's 64 x 8k cache does not fit: bench offline records
 # that point as skipped and 32 x 8k compares the two.
-all_parts=1,2,3,4
+all_parts=1,2,3,4,5
 source "$(dirname "$0")/parts.sh"
 
 if want 1; then
@@ -52,4 +55,13 @@ want 4 && timeout 240 python3 lab/gluon_ws_prefill_probe.py --varlen --pv fp16 -
   --variants gluon_ws_varlen_persistent,gluon_ws_varlen_persistent_k128_pre \
   --out "$out/two-rings.json" > "$out/two-rings.log" 2>&1
 want 4 && grep '"timing"' "$out/two-rings.log" | cut -c1-200
+for round in 1 2; do
+  for impl in triton auto; do
+    want 5 && timeout 60 python3 -m sageserve bench offline --model-path llama-3.1-8b \
+      --load-format dummy --backends sage_attn --sage-impl "$impl" --batch-sizes 1 \
+      --input-lens 32768,8192 --output-lens 2 --rounds 1 --out "$out/ttft-$impl-$round.json" \
+      > "$out/ttft-$impl-$round.log" 2>&1
+    want 5 && grep "^| sage_attn" "$out/ttft-$impl-$round.log"
+  done
+done
 true  # a part left out is not a failure

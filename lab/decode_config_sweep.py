@@ -12,6 +12,11 @@ so only settings that change an accumulation order may differ (on an H200: 8 war
 P·V accumulates in another MMA layout, and the fused merge).
 
     PYTHONPATH=. python lab/decode_config_sweep.py --out sweep.json [--shapes 64x8192,1x8192]
+
+`--splits 1,4,16` times, instead of the launch grid, the default and the fused merge with
+the workspace's split count forced to each of those (`s4`, `s4-fused`): whether a single
+stream's decode (a few µs a layer, latency-bound) gains from fewer, longer splits and one
+kernel instead of two. Their outputs differ from the default's in the order of the merge.
 """
 
 from __future__ import annotations
@@ -26,12 +31,17 @@ from datetime import UTC, datetime
 
 import torch
 
-from sageserve.attention.sage_attn.kernels.decode import DEFAULT_CONFIG, DecodeConfig
+from sageserve.attention.sage_attn.kernels.decode import (
+    DEFAULT_CONFIG,
+    DecodeConfig,
+    DecodeWorkspace,
+)
 from sageserve.bench import kernels_decode as kd
 from sageserve.bench.kernels_timing import Timed, Timer, copy_bandwidth, eager_and_graph
 from sageserve.bench.run_record import device_info, software
 
 SAGE, TRITON16 = "sage_fp16pv", "triton16"
+PAGE_SIZE = 64
 
 
 def configs() -> dict[str, DecodeConfig]:
@@ -46,8 +56,30 @@ def configs() -> dict[str, DecodeConfig]:
     return grid
 
 
-def _sage_calls(variant: kd.DecodeVariant, config: DecodeConfig) -> list:
-    """The backend's decode call for each cycled set, with `config` instead of the default."""
+def split_grid(counts: list[int]) -> dict[str, tuple[DecodeConfig, int | None]]:
+    """The default and the fused merge, planned and at each forced split count."""
+    fused = replace(DEFAULT_CONFIG, fused_combine=True)
+    grid = {"default": (DEFAULT_CONFIG, None), "fused-combine": (fused, None)}
+    for n in counts:
+        grid[f"s{n}"] = (DEFAULT_CONFIG, n)
+        grid[f"s{n}-fused"] = (fused, n)
+    return grid
+
+
+def _workspace(dec, splits: int | None, variant: kd.DecodeVariant) -> DecodeWorkspace:
+    """dec's workspace, or one of the same rows and width cut into `splits` splits."""
+    if splits is None:
+        return dec.workspace
+    batch, q_heads, _, dim = dec.workspace.acc.shape
+    kv_heads = dec.workspace.counter.shape[1]
+    width = dec.page_table.shape[1] * PAGE_SIZE
+    return DecodeWorkspace.allocate(batch, q_heads, kv_heads, dim, width, variant.q.device,
+                                    num_splits=splits)  # fmt: skip
+
+
+def _sage_calls(variant: kd.DecodeVariant, config: DecodeConfig, splits: int | None = None) -> list:
+    """The backend's decode call for each cycled set, with `config` instead of the default
+    (and `splits` splits, when given)."""
     from sageserve.attention.sage_attn.kernels.decode import sage_decode_paged
 
     backend, cache, out = variant.backend, variant.cache, variant.out
@@ -55,8 +87,9 @@ def _sage_calls(variant: kd.DecodeVariant, config: DecodeConfig) -> list:
     caches = (cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0])
 
     def call(dec):
+        work = _workspace(dec, splits, variant)
         return lambda: sage_decode_paged(variant.q, c.balance, *caches, dec.page_table,
-                                         dec.q_rows, dec.kv_len, out, dec.workspace,
+                                         dec.q_rows, dec.kv_len, out, work,
                                          sm_scale=c.sm_scale, config=config,
                                          rotation=backend.rotation)  # fmt: skip
 
@@ -71,10 +104,13 @@ def _graph_entry(name: str, calls: list, timer: Timer) -> Timed:
     return entries[f"{name}:graph" if timer.cuda else f"{name}:eager"]
 
 
-def sweep_shape(batch: int, context: int, timer: Timer, device: torch.device) -> dict:
-    """Every config and the 16-bit kernel at one shape: µs per layer call and GB/s."""
+def sweep_shape(
+    batch: int, context: int, timer: Timer, device: torch.device, splits: list[int]
+) -> dict:
+    """Every config (or split count) and the 16-bit kernel at one shape: µs per layer call
+    and GB/s."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    settings = {"seed": 0, "page_size": 64, "dtype": dtype}
+    settings = {"seed": 0, "page_size": PAGE_SIZE, "dtype": dtype}
     shape = kd.make_shape(batch, context, settings)
     sets = kd.rotation_sets(shape, [SAGE, TRITON16], device)
     setup_rows: dict[str, dict] = {SAGE: {}, TRITON16: {}}
@@ -84,9 +120,10 @@ def sweep_shape(batch: int, context: int, timer: Timer, device: torch.device) ->
     variants, _ = built
     sage = variants[SAGE]
     entries = {TRITON16: _graph_entry(TRITON16, variants[TRITON16].calls, timer)}
-    outputs, grid = {}, configs()
-    for name, config in grid.items():
-        calls = _sage_calls(sage, config)
+    outputs = {}
+    grid = split_grid(splits) if splits else {n: (c, None) for n, c in configs().items()}
+    for name, (config, count) in grid.items():
+        calls = _sage_calls(sage, config, count)
         sage.out.fill_(float("nan"))
         calls[0]()
         timer.sync()
@@ -107,7 +144,7 @@ def _rows(shape, grid, entries, errors, outputs) -> dict:
         rows[name] = {"us": timed.median_ms * 1e3, "samples_ms": timed.samples_ms,
                       "gb_per_s": kv_bytes / (timed.median_ms * 1e6)}  # fmt: skip
         if name in grid:
-            rows[name]["config"] = asdict(grid[name])
+            rows[name]["config"] = asdict(grid[name][0]) | {"splits": grid[name][1]}
             rows[name]["bitwise_default"] = torch.equal(outputs[name], outputs["default"])
             rows[name]["finite"] = bool(torch.isfinite(outputs[name]).all())
     return {"shape": shape.describe(), "rows": rows}
@@ -119,7 +156,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test (interpreter)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--splits", default="", help="e.g. 1,4,16: the split-count grid")
     args = parser.parse_args()
+    splits = [int(n) for n in args.splits.split(",") if n]
     device = torch.device(args.device)
     timer = Timer(device, warmup=3, repeats=args.repeats, sample_ms=20.0)
     copy = copy_bandwidth(timer, 2 << 30 if timer.cuda else 1 << 20)
@@ -129,7 +168,7 @@ def main() -> int:
               "shapes": []}  # fmt: skip
     for text in args.shapes.split(","):
         batch, context = (int(x) for x in text.split("x"))
-        result["shapes"].append(sweep_shape(batch, context, timer, device))
+        result["shapes"].append(sweep_shape(batch, context, timer, device, splits))
         _print(result["shapes"][-1], copy["gb_per_s"])
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,8 +1,8 @@
 """One launch of the served Gluon prefill for Nsight Compute (issue 17: where the time goes).
 
 Builds the varlen probe's "prompt16k" batch (one 16k prompt, 32 query / 8 KV heads, page 64,
-Q and K rotated), launches `sage_attention_ws` twice to compile and warm up, then once more
-inside an NVTX range named "profiled"; run it under ncu with that range:
+Q and K rotated unless --no-rotate), launches `sage_attention_ws` twice to compile and warm
+up, then once more inside an NVTX range named "profiled"; run it under ncu with that range:
 
     ncu --nvtx --nvtx-include "profiled/" --section SpeedOfLight --section WarpStateStats \
         --section InstructionStats --section ComputeWorkloadAnalysis --section SchedulerStats \
@@ -27,8 +27,10 @@ def main() -> int:
     parser.add_argument("--block-keys", type=int, choices=(64, 128), default=64)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--no-rotate", action="store_true", help="Q and K not rotated")
     args = parser.parse_args()
-    numerics = Numerics(args.pv, args.head_dim, rotate=True)
+    rotate = not args.no_rotate
+    numerics = Numerics(args.pv, args.head_dim, rotate=rotate)
     b = _varlen_batch([args.tokens], [0], torch.Generator().manual_seed(0), False, numerics)
     plan = work_plan(b.q_lens, b.kv_lens, VARLEN_HEADS, args.causal)
     plan = torch.from_numpy(plan).to(b.q.device)
@@ -36,7 +38,7 @@ def main() -> int:
     for name in ("warm-up", "warm-up", "profiled"):
         torch.cuda.nvtx.range_push(name)
         sage_attention_ws(b.q, *b.caches, b.table, b.q_start, b.q_len, b.kv_len, plan, out,
-                          numerics.sm_scale(), causal=args.causal, rotate=True,
+                          numerics.sm_scale(), causal=args.causal, rotate=rotate,
                           block_keys=args.block_keys)  # fmt: skip
         torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()

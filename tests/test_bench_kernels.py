@@ -314,4 +314,10 @@ def test_gluon_variants_run_the_warp_specialized_prefill() -> None:
         flags = _flags(variant)
         assert (flags.impl, flags.pv, flags.rotate_qk) == ("gluon", pv, True)
         assert "warp-specialized Hopper prefill" in kernels_prefill.INCLUDED[variant]
+        assert "Hadamard matrix" in kernels_prefill.INCLUDED[variant]
+        plain = f"{variant}_norot"
+        assert plain in PREFILL_CHOICES and plain not in set(DECODE_CHOICES)
+        assert (_flags(plain).impl, _flags(plain).rotate_qk) == ("gluon", False)
+        assert "Hadamard" not in kernels_prefill.INCLUDED[plain]
+        assert "no Q/K rotation" in kernels_prefill.INCLUDED[plain]
     assert "widened to fp16" in kernels_prefill.INCLUDED["sage_fp16pv_gluon"]

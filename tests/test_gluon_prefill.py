@@ -144,6 +144,48 @@ def test_gluon_needs_pages_of_64_tokens(gluon_on_cpu) -> None:
     backend.allocate(8, KEYS)
 
 
+def test_auto_picks_gluon_where_it_serves_and_triton_where_not(gluon_on_cpu) -> None:
+    """--sage-impl auto on CUDA: gluon where `gluon_unsupported_reasons` has none (patched
+    here: the device check is test_gluon_is_refused_without_an_sm90_gpu's), Triton with
+    --sage-rotation-kernel prepass or other page sizes (switched at allocate, not refused);
+    the reference off CUDA. --sage-impl gluon by name still refuses other page sizes."""
+    from sageserve.attention.sage_attn.backend import resolve_impl
+
+    shape, cuda = _backend(SageOptions(), device="cuda")
+    assert resolve_impl(SageOptions(), shape, cuda).impl == "gluon"
+    prepass = SageOptions(rotation_kernel="prepass")
+    assert resolve_impl(prepass, shape, cuda).impl == "triton"
+    assert resolve_impl(SageOptions(impl="triton"), shape, cuda).impl == "triton"
+    assert resolve_impl(SageOptions(), *_backend(SageOptions())).impl == "reference"
+    backend = SageAttentionBackend(*_backend(SageOptions(), head_dim=128, device="cuda"))
+    assert backend.gluon_prefill and backend.sage.rotation_kernel == "butterfly"
+    backend._check_gluon_pages(KEYS)
+    assert backend.gluon_prefill
+    backend._check_gluon_pages(16)
+    assert not backend.gluon_prefill and backend.use_kernels
+    assert (backend.sage.impl, backend.sage.rotation_kernel) == ("triton", "prepass")
+    named = SageAttentionBackend(*_backend(SageOptions(impl="gluon"), device="cuda"))
+    with pytest.raises(ValueError, match="--page-size 64"):
+        named._check_gluon_pages(16)
+
+
+def test_cache_descriptors_are_built_once_per_cache() -> None:
+    """The Gluon prefill's two TMA descriptors come from the cache's memo after the first
+    call, and another cache (or no memo) gets its own."""
+    from sageserve.attention.sage_attn.kernels.gluon.prefill import cache_descriptors
+
+    def cache():
+        k = torch.randint(-127, 128, (3, 2, KEYS, 64), dtype=torch.int8)
+        return k, torch.randint(-127, 128, (3, 2, 64, KEYS), dtype=torch.int8)
+
+    memo, first, second = {}, cache(), cache()
+    built = cache_descriptors(*first, memo)
+    assert cache_descriptors(*first, memo) is built
+    assert cache_descriptors(*second, memo) is not built and len(memo) == 2
+    assert cache_descriptors(*first, None) is not built
+    assert built[0].block_shape == [KEYS, 64] and built[1].block_shape == [64, KEYS]
+
+
 def test_gluon_metadata_carries_the_work_plan(gluon_on_cpu) -> None:
     """Prefill chunks get the causal plan of their q and kv lengths; decodes none."""
     backend = SageAttentionBackend(*_backend(SageOptions(impl="gluon")))

@@ -43,7 +43,8 @@ ROTATION_VARIANTS = ("sage_fp16pv_norot", "sage_fp8pv_norot", "sage_fp16pv_bfly"
                      "sage_fp8pv_bfly", "sage_fp16pv_tcrot", "sage_fp8pv_tcrot",
                      "sage_fp16pv_prerot", "sage_fp8pv_prerot")  # fmt: skip
 # Opt-in, prefill only: the warp-specialized Hopper prefill (--sage-impl gluon; sm_90).
-GLUON_VARIANTS = ("sage_fp16pv_gluon", "sage_fp8pv_gluon")
+GLUON_VARIANTS = ("sage_fp16pv_gluon", "sage_fp8pv_gluon", "sage_fp16pv_gluon_norot",
+                  "sage_fp8pv_gluon_norot")  # fmt: skip
 PREFILL_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", "sdpa_flash", "sdpa_cudnn",
                    "sageattn_1_0_6", "torch_sdpa", *ROTATION_VARIANTS, *GLUON_VARIANTS)  # fmt: skip
 DECODE_CHOICES = ("sage_fp16pv", "sage_fp8pv", "triton16", *ROTATION_VARIANTS)

@@ -19,13 +19,14 @@ from sageserve.attention.sage_attn.options import SageOptions
 
 # Our kernels' variants: backend name, sage P·V precision, how sage rotates Q and K
 # (`--sage-rotation-kernel`, or "off") and `--sage-impl`. The plain `sage_*` variants are
-# served as configured by default (`auto`: the prefill's queries rotated by a pass at
-# head_dim >= 128, in the kernel below). The `_norot` variants price the Hadamard rotation
+# the Triton kernels with the default rotation kernel (`auto`: the prefill's queries rotated
+# by a pass at head_dim >= 128, in the kernel below); on sm_90 the server's default prefill
+# is the `_gluon` variants' kernel (`--sage-impl auto`). The `_norot` variants price the Hadamard rotation
 # against the same kernels without it; the `_bfly` ones rotate by the fp32 butterfly inside
 # every kernel; the `_tcrot` ones by a tensor-core product; the `_prerot` ones rotate and
 # quantize the prefill's queries in one pass before its kernel at every head_dim; the
 # `_gluon` ones run the prefill through the warp-specialized Hopper kernel (sm_90; Q rotated
-# by one wgmma there).
+# by one wgmma there; `_gluon_norot` prices that rotation).
 OUR_VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     "sage_fp16pv": ("sage_attn", "fp16", "auto", "triton"),
     "sage_fp8pv": ("sage_attn", "fp8", "auto", "triton"),
@@ -39,6 +40,8 @@ OUR_VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     "sage_fp8pv_prerot": ("sage_attn", "fp8", "prepass", "triton"),
     "sage_fp16pv_gluon": ("sage_attn", "fp16", "butterfly", "gluon"),
     "sage_fp8pv_gluon": ("sage_attn", "fp8", "butterfly", "gluon"),
+    "sage_fp16pv_gluon_norot": ("sage_attn", "fp16", "off", "gluon"),
+    "sage_fp8pv_gluon_norot": ("sage_attn", "fp8", "off", "gluon"),
     "triton16": ("triton", None, "off", "triton"),
 }
 # Model positions of the benchmark's model (Llama-3.1-8B): caps the triton16 decode splits

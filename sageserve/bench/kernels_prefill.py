@@ -54,8 +54,8 @@ _SAGE_ATTN = (
 )
 _GLUON_ATTN = (
     "the warp-specialized Hopper prefill (Gluon: TMA producer warp, two ping-pong consumer "
-    "warpgroups; Q rotated by one wgmma with the Hadamard matrix and quantized to INT8 "
-    "inside it, INT8 Q·Kᵀ, {pv} P·V{widen}; its work plan from build_metadata)"
+    "warpgroups; Q {rot}quantized to INT8 inside it, INT8 Q·Kᵀ, {pv} P·V{widen}; its work "
+    "plan from build_metadata)"
 )
 _ROTATED = {
     "off": "",
@@ -74,7 +74,8 @@ def _sage_included(pv: str, rotation: str, impl: str = "triton") -> str:
     attn = _SAGE_ATTN.format(rot=_ROTATED[rotation], pv=pv)
     if impl == "gluon":
         widen = ", INT8 V widened to fp16 in shared memory" if pv == "FP16" else ""
-        attn = _GLUON_ATTN.format(pv=pv, widen=widen)
+        rot = "" if rotation == "off" else "rotated by one wgmma with the Hadamard matrix and "
+        attn = _GLUON_ATTN.format(pv=pv, widen=widen, rot=rot)
     return _OURS.format(
         backend="sage_attn",
         pv=f" ({pv} P·V{', no Q/K rotation' if rotation == 'off' else ''})",
@@ -96,6 +97,8 @@ INCLUDED = {
     "sage_fp8pv_prerot": _sage_included("FP8", "prepass"),
     "sage_fp16pv_gluon": _sage_included("FP16", "butterfly", "gluon"),
     "sage_fp8pv_gluon": _sage_included("FP8", "butterfly", "gluon"),
+    "sage_fp16pv_gluon_norot": _sage_included("FP16", "off", "gluon"),
+    "sage_fp8pv_gluon_norot": _sage_included("FP8", "off", "gluon"),
     "triton16": _OURS.format(
         backend="triton",
         pv="",

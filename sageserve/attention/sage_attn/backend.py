@@ -47,6 +47,7 @@ from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.graph_sizes import padded_batch_size
 from sageserve.attention.paged_cache import PagedKVCache
 from sageserve.attention.sage_attn.calibration import calibrate_qk, calibration_token_ids
+from sageserve.attention.sage_attn.kernels.gluon.config import KEYS
 from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel, check_rotation
 from sageserve.attention.sage_attn.layer_precision import (
     LayerPrecisionPlan,
@@ -136,6 +137,26 @@ def _uses_kernels(sage: SageOptions, device: torch.device) -> bool:
 PREPASS_MIN_HEAD_DIM = 128  # auto picks the pass from here up (measured, options.py)
 
 
+def resolve_impl(sage: SageOptions, shape: AttentionShape, options: BackendOptions) -> SageOptions:
+    """sage with --sage-impl auto made concrete: the torch reference off CUDA; on CUDA the
+    Gluon prefill where it serves this model and device (sm_90, head_dim 64 or 128, a 16-bit
+    model, no channel balance: `gluon_unsupported_reasons`; not with --sage-rotation-kernel
+    prepass, which feeds the Triton prefill), where it was as fast as the Triton prefill or
+    faster in every `bench kernels` cell on an H100 (BENCHMARKS.md, 2026-12-06); the Triton
+    kernels elsewhere. Any other choice is returned as given."""
+    if sage.impl != "auto":
+        return sage
+    if options.device.type != "cuda":
+        impl = "reference"
+    elif sage.rotation_kernel == "prepass" or gluon_unsupported_reasons(
+        sage.balance_qk, shape, options
+    ):
+        impl = "triton"
+    else:
+        impl = "gluon"
+    return dataclasses.replace(sage, impl=impl)
+
+
 def resolve_rotation_kernel(sage: SageOptions, device: torch.device, dim: int) -> SageOptions:
     """sage with --sage-rotation-kernel auto made concrete: prepass where the Triton prefill
     runs (Triton kernels, not the Gluon prefill) with the rotation on at head_dim >= 128,
@@ -193,7 +214,8 @@ class SageAttentionBackend(AttentionBackend):
                 "--attention-backend torch"
             )
         dim = shape.head_dim
-        sage = resolve_rotation_kernel(cls.flags_of(options), options.device, dim)
+        sage = resolve_impl(cls.flags_of(options), shape, options)
+        sage = resolve_rotation_kernel(sage, options.device, dim)
         if _uses_kernels(sage, options.device) and (dim & (dim - 1) or dim < 16):
             reasons.append(
                 f"head_dim {dim}: the Triton kernels need a power of two >= 16 "
@@ -217,9 +239,7 @@ class SageAttentionBackend(AttentionBackend):
 
     def __init__(self, shape: AttentionShape, options: BackendOptions) -> None:
         super().__init__(shape, options)
-        self.sage = resolve_rotation_kernel(self.flags, options.device, shape.head_dim)
-        self.use_kernels = _uses_kernels(self.sage, options.device)
-        self.gluon_prefill = self.sage.impl == "gluon"  # prefill chunks: kernels/gluon
+        self._resolve(resolve_impl(self.flags, shape, options))
         self._set_exact_layers(self.sage.skip_layers)
         self.rotation = _rotation(self.sage)  # how the kernels rotate the tiles they load
         # The longest context served: decode splits are planned for it (static, so eager
@@ -241,6 +261,12 @@ class SageAttentionBackend(AttentionBackend):
             self._impl_label(),
             self._exact_label(),
         )
+
+    def _resolve(self, sage: SageOptions) -> None:
+        """Take sage (its --sage-impl concrete) with its rotation kernel resolved."""
+        self.sage = resolve_rotation_kernel(sage, self.options.device, self.shape.head_dim)
+        self.use_kernels = _uses_kernels(self.sage, self.options.device)
+        self.gluon_prefill = self.sage.impl == "gluon"  # prefill chunks: kernels/gluon
 
     def _impl_label(self) -> str:
         if self.gluon_prefill:
@@ -403,7 +429,7 @@ class SageAttentionBackend(AttentionBackend):
         limit = self.options.max_context or cfg.max_position_embeddings
         self.max_context = min(limit, num_pages * page_size)
         if self.gluon_prefill:
-            check_gluon_page_size(page_size)
+            self._check_gluon_pages(page_size)
         v_dtype = FP8_DTYPE if self.sage.pv == "fp8" else torch.int8
         pages = num_pages + 1
         scale_shape = (layers, pages, heads, page_size)
@@ -416,6 +442,19 @@ class SageAttentionBackend(AttentionBackend):
             page_size=page_size,
             scratch_page=num_pages,
         )
+
+    def _check_gluon_pages(self, page_size: int) -> None:
+        """The Gluon prefill reads whole 64-token pages: refused for other page sizes when
+        asked for by name; with --sage-impl auto, the Triton prefill serves them instead."""
+        if self.flags.impl != "auto":
+            check_gluon_page_size(page_size)
+        elif page_size != KEYS:
+            as_asked = self.flags.rotation_kernel
+            self._resolve(dataclasses.replace(self.sage, impl="triton", rotation_kernel=as_asked))
+            logger.info(
+                "sage_attn: --sage-impl auto: pages of %d tokens, so the Triton prefill "
+                "serves (the Gluon one reads pages of %d)", page_size, KEYS,
+            )  # fmt: skip
 
     def build_metadata(self, batch: ForwardBatch) -> SageMetadata:
         page_size = batch.page_size
@@ -535,7 +574,8 @@ class SageAttentionBackend(AttentionBackend):
             from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_ws
 
             sage_attention_ws(q, *caches, pre.page_table, pre.q_start, pre.q_len, pre.kv_len,
-                              pre.plan, out, c.sm_scale, rotate=self.sage.rotate_qk)  # fmt: skip
+                              pre.plan, out, c.sm_scale, rotate=self.sage.rotate_qk,
+                              descriptor_memo=cache.descriptor_memo)  # fmt: skip
         elif pre is not None and self.sage.rotation_kernel == "prepass" and self.sage.rotate_qk:
             codes, scales = quantize_q(q, c.sm_scale, rotation, c.balance)
             sage_attention_paged(codes, None, *caches, pre.page_table, pre.q_start, pre.q_len,

@@ -57,8 +57,10 @@ class SageOptions(BackendFlags):
         measuring at every start-up; needs calibrate.
     impl: "triton" kernels, "gluon" (the Triton kernels, with prefill chunks through the
         warp-specialized Hopper kernel of `kernels/gluon`; sm_90 only), the torch
-        "reference", or "auto" (Triton on CUDA, the reference elsewhere). All compute the
-        numerics of reference.py (the Gluon prefill up to rounding, `kernels/gluon`).
+        "reference", or "auto" (the default: "gluon" where it serves the model, the device
+        and the page size, "triton" on other CUDA devices, the reference elsewhere;
+        `backend.resolve_impl`, logged at start-up). All compute the numerics of
+        reference.py (the Gluon prefill up to rounding, `kernels/gluon`).
     """
 
     pv: str = "fp16"
@@ -139,9 +141,10 @@ class SageOptions(BackendFlags):
             "--sage-impl",
             default="auto",
             choices=SAGE_IMPL_CHOICES,
-            help="auto = Triton kernels on CUDA, the torch reference elsewhere; gluon = the "
-            "Triton kernels with the warp-specialized Hopper prefill (sm_90: H100/H200; page "
-            "size 64, head_dim 64 or 128, bf16/fp16 models)",
+            help="gluon = the Triton kernels with the warp-specialized Hopper prefill (sm_90: "
+            "H100/H200; page size 64, head_dim 64 or 128, bf16/fp16 models, no "
+            "--sage-qk-balance); auto = gluon where it serves, else the Triton kernels on CUDA, "
+            "the torch reference elsewhere (the choice is logged)",
         )
         group.add_argument(
             "--sage-skip-layers",

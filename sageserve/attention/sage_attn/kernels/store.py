@@ -36,7 +36,7 @@ from sageserve.attention.sage_attn.kernels.rotate import (
     check_rotation,
     hadamard_tile,
 )
-from sageserve.attention.triton_common import interpreting
+from sageserve.attention.triton_common import interpreting, sm_count
 from sageserve.launch_math import cdiv, next_power_of_2
 
 MIN_SCALE = tl.constexpr(2.0**-24)
@@ -316,10 +316,8 @@ def tiles_per_program(tokens: int, heads: int, device: torch.device, config: Sto
 
 
 def _sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device (cached by torch); CPU_SMS off CUDA (the interpreter)."""
-    if device.type != "cuda":
-        return CPU_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """SMs of a CUDA device; CPU_SMS off CUDA (the interpreter)."""
+    return sm_count(device, CPU_SMS)
 
 
 def store_kv(

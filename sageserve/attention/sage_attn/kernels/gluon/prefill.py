@@ -29,6 +29,7 @@ from sageserve.attention.sage_attn.kernels.gluon.consumer import _consumer
 from sageserve.attention.sage_attn.kernels.gluon.producer import _producer, _widener
 from sageserve.attention.sage_attn.kernels.quantize_q import quantize_q
 from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel
+from sageserve.attention.triton_common import sm_count
 
 
 @gluon.jit
@@ -202,6 +203,7 @@ def sage_attention_ws(
     maxnreg: int = MAXNREG,
     block_keys: int | None = None,
     prequantize: bool = False,
+    descriptor_memo: dict | None = None,
 ) -> torch.Tensor:
     """8-bit attention of every sequence's query chunk over its cached keys, warp-specialized
     (sm_90): what `kernels.prefill.sage_attention_paged` computes, without the channel
@@ -221,7 +223,9 @@ def sage_attention_ws(
     per softmax step and ring stage, one page (64) or two (128); None: `default_block_keys`.
     stages: K/V stages (None: DEFAULT_STAGES). prequantize: Q rotated and quantized by
     `quantize_q` before the launch, instead of in each tile's prologue (frees the shared
-    memory of the ±1 matrix). One or two launches, no host sync. Returns out.
+    memory of the ±1 matrix). descriptor_memo: a dict owned by the cache, where the cache's
+    two TMA descriptors are kept (`cache_descriptors`); None: built every call. One or two
+    launches, no host sync. Returns out.
     """
     check_ws_args(q, k_cache, v_cache, plan, out)
     _, heads, dim = q.shape
@@ -233,13 +237,10 @@ def sage_attention_ws(
     if plan.shape[0] == 0:
         return out
     q_args = _query_args(q, sm_scale, rotate, prequantize)
-    page = k_cache.shape[2]
-    k_desc = cache_descriptor(k_cache.view(-1, dim), [KEYS, dim], gl.int8)
-    v_desc = cache_descriptor(v_cache.view(-1, page), [dim, KEYS],
-                              gl.float8e4nv if pv_fp8 else gl.int8)  # fmt: skip
+    k_desc, v_desc = cache_descriptors(k_cache, v_cache, descriptor_memo)
     grid = plan.shape[0]
     if persistent:
-        grid = min(grid, torch.cuda.get_device_properties(q.device).multi_processor_count)
+        grid = min(grid, sm_count(q.device, cpu_sms=1))
     codes, scales, stride_t, stride_h, stride_s = q_args
     _sage_ws_prefill_kernel[(grid,)](
         codes, scales, k_desc, v_desc, k_scale, v_scale, page_table, out, plan, q_start, q_len,
@@ -261,6 +262,25 @@ def _query_args(q: torch.Tensor, sm_scale: float, rotate: bool, prequantize: boo
     rotation = HadamardKernel.TENSOR_CORE if rotate else HadamardKernel.OFF
     codes, scales = quantize_q(q, sm_scale, rotation)
     return codes, scales, codes.stride(0), codes.stride(1), scales.stride(0)
+
+
+def cache_descriptors(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, memo: dict | None
+) -> tuple[TensorDescriptor, TensorDescriptor]:
+    """(K, V) TMA descriptors of one layer's 8-bit cache (k_cache: [P, Hkv, 64, D] int8;
+    v_cache: [P, Hkv, D, 64] int8 or fp8). memo: a dict owned by the cache, keyed by the two
+    tensors' addresses and shapes (what it holds lives as long as the pool); building the
+    two took tens of µs of host time a layer on an H100 machine. None: built every call."""
+    key = ("gluon", k_cache.data_ptr(), v_cache.data_ptr(), tuple(k_cache.shape), v_cache.dtype)
+    if memo is not None and (built := memo.get(key)) is not None:
+        return built
+    dim, page = k_cache.shape[3], k_cache.shape[2]
+    v_dtype = gl.float8e4nv if v_cache.dtype == torch.float8_e4m3fn else gl.int8
+    built = (cache_descriptor(k_cache.view(-1, dim), [KEYS, dim], gl.int8),
+             cache_descriptor(v_cache.view(-1, page), [dim, KEYS], v_dtype))  # fmt: skip
+    if memo is not None:
+        memo[key] = built
+    return built
 
 
 def cache_descriptor(rows: torch.Tensor, box: list[int], dtype: gl.dtype) -> TensorDescriptor:
