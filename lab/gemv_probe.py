@@ -4,7 +4,10 @@ At batch 1 a decode step is its GEMMs reading the weights: on an H200 with dummy
 Llama-3.1-8B bf16 they took ~4.0 ms for 15.0 GB, 89% of the copy bandwidth (BENCHMARKS.md),
 and single-stream decode needs ~95% to reach 85% of the weight-read bound. cuBLAS runs
 these M = 1..8 products as a split-K kernel plus a reduction. This probe times, for the
-model's five weight shapes and M = 1, 4, 8 rows, `F.linear` against a one-pass Triton GEMV
+model's five weight shapes and M = 1, 4, 8 rows, `F.linear` (also with cuBLASLt preferred,
+and over weights stored transposed, [K, N], whose products cuBLAS runs with other kernels:
+`cublaslt`, `cublas_kn`, asking whether a layout or library avoids the split-K reduction
+kernel of the decode profile) against a one-pass Triton GEMV
 (each program streams BLOCK_N whole weight rows and reduces them in registers) over a grid
 of tile sizes, each inside a CUDA graph that cycles enough weight copies that L2 holds
 none (as in a decode step, where every weight is read once). Prints GB/s of weights read
@@ -69,6 +72,17 @@ def gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, config: tuple[int, i
     return y
 
 
+def _linear_lt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear with torch's cuBLASLt path preferred (read at each call: a graph captures
+    the kernel it chose)."""
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        return F.linear(x, w)
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
 def _check(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> float:
     """Largest |y - fp32 product| over the largest |fp32 product|."""
     want = x.float() @ w.float().T
@@ -82,7 +96,10 @@ def measure_shape(name: str, n: int, k: int, m: int, timer: Timer, bandwidth: fl
                for _ in range(copies)]  # fmt: skip
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    variants = {"cublas": [lambda w=w: F.linear(x, w) for w in weights]}
+    transposed = [w.t().contiguous() for w in weights]  # [K, N]: y = x @ w
+    variants = {"cublas": [lambda w=w: F.linear(x, w) for w in weights],
+                "cublaslt": [lambda w=w: _linear_lt(x, w) for w in weights],
+                "cublas_kn": [lambda w=w: x @ w for w in transposed]}  # fmt: skip
     for config in CONFIGS:
         if config[0] * config[1] * m <= 16384:  # register budget of the broadcast product
             label = "triton_n{}_k{}_w{}".format(*config)
