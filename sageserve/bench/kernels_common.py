@@ -21,12 +21,12 @@ from sageserve.attention.sage_attn.options import SageOptions
 # (`--sage-rotation-kernel`, or "off") and `--sage-impl`. The plain `sage_*` variants are
 # the Triton kernels with the default rotation kernel (`auto`: the prefill's queries rotated
 # by a pass at head_dim >= 128, in the kernel below); on sm_90 the server's default prefill
-# is the `_gluon` variants' kernel (`--sage-impl auto`). The `_norot` variants price the Hadamard rotation
-# against the same kernels without it; the `_bfly` ones rotate by the fp32 butterfly inside
-# every kernel; the `_tcrot` ones by a tensor-core product; the `_prerot` ones rotate and
-# quantize the prefill's queries in one pass before its kernel at every head_dim; the
-# `_gluon` ones run the prefill through the warp-specialized Hopper kernel (sm_90; Q rotated
-# by one wgmma there; `_gluon_norot` prices that rotation).
+# is the `_gluon` variants' kernel (`--sage-impl auto`). The `_norot` variants price the
+# Hadamard rotation against the same kernels without it; the `_bfly` ones rotate by the
+# fp32 butterfly inside every kernel; the `_tcrot` ones by a tensor-core product; the
+# `_prerot` ones rotate and quantize the prefill's queries in one pass before its kernel at
+# every head_dim; the `_gluon` ones run the prefill through the warp-specialized Hopper
+# kernel (sm_90; Q rotated by one wgmma there; `_gluon_norot` prices that rotation).
 OUR_VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     "sage_fp16pv": ("sage_attn", "fp16", "auto", "triton"),
     "sage_fp8pv": ("sage_attn", "fp8", "auto", "triton"),
