@@ -118,6 +118,19 @@ def test_gluon_is_refused_without_an_sm90_gpu() -> None:
     assert "sm_90" in reasons[0] and "--sage-impl triton" in reasons[0]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_auto_on_a_cuda_device_without_cuda_is_not_a_crash() -> None:
+    """Asking for CUDA where there is none: gluon names the missing device; auto resolves to
+    the Triton kernels (the engine then refuses the device itself)."""
+    from sageserve.attention.sage_attn.backend import resolve_impl
+
+    shape, cuda = _backend(SageOptions(), device="cuda")
+    assert resolve_impl(SageOptions(), shape, cuda).impl == "triton"
+    reasons = SageAttentionBackend.unsupported_reasons(*_backend(SageOptions(impl="gluon"),
+                                                                 device="cuda"))  # fmt: skip
+    assert any("no CUDA device" in r for r in reasons), reasons
+
+
 def test_gluon_refuses_what_it_does_not_cover() -> None:
     sage = SageOptions(impl="gluon", balance_qk=True)
     text = "; ".join(

@@ -23,6 +23,9 @@ def gluon_unsupported_reasons(
     if device.type != "cuda":
         reasons.append(f"--sage-impl gluon needs an sm_90 GPU (H100/H200); the device is "
                        f"{device} (--sage-impl triton or reference run elsewhere)")  # fmt: skip
+    elif not torch.cuda.is_available():
+        reasons.append("--sage-impl gluon needs an sm_90 GPU (H100/H200); no CUDA device is "
+                       "available (--sage-impl reference runs on CPU)")  # fmt: skip
     elif (cap := torch.cuda.get_device_capability(device)) != (9, 0):
         reasons.append(
             f"--sage-impl gluon needs an sm_90 GPU (H100/H200); "
