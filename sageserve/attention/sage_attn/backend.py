@@ -141,9 +141,10 @@ def resolve_impl(sage: SageOptions, shape: AttentionShape, options: BackendOptio
     """sage with --sage-impl auto made concrete: the torch reference off CUDA; on CUDA the
     Gluon prefill where it serves this model and device (sm_90, head_dim 64 or 128, a 16-bit
     model, no channel balance: `gluon_unsupported_reasons`; not with --sage-rotation-kernel
-    prepass, which feeds the Triton prefill), where it was as fast as the Triton prefill or
-    faster in every `bench kernels` cell on an H100 (BENCHMARKS.md, 2026-12-06); the Triton
-    kernels elsewhere. Any other choice is returned as given."""
+    prepass, which feeds the Triton prefill); the Triton kernels on other CUDA devices. On an
+    H100 the Gluon prefill was 1.01-1.27× the Triton one causal and at head_dim 64, 0.91×
+    non-causal at head_dim 128 from 8k, with a lower rotation price (BENCHMARKS.md,
+    2026-12-06, night). Any other choice is returned as given."""
     if sage.impl != "auto":
         return sage
     if options.device.type != "cuda":
