@@ -17,6 +17,11 @@ BLOCK_M, PAGE = gl.constexpr(ROWS), gl.constexpr(KEYS)
 BLOCK_KEYS = (64, 128)  # keys per block: one page or two
 LOG2E = gl.constexpr(1.4426950408889634)
 FP8_MAX = gl.constexpr(448.0)
+# The kernel's ROTATE: 0 off; 1 Q times the ±1 matrix by one wgmma reading it from shared
+# memory (served); 2 the same product by mma.sync with the matrix made in registers.
+ROTATE_SHARED, ROTATE_REGISTERS = 1, 2
+ROTATE_ON_SHARED = gl.constexpr(ROTATE_SHARED)
+ROTATE_IN_REGISTERS = gl.constexpr(ROTATE_REGISTERS)
 DEFAULT_STAGES = 4  # K/V stages; >= 4 keeps a turn holder from waiting on the other's release
 MAXNREG = 168  # 12 warps (3 warpgroups) x 168 fill the 64 K registers: one program per SM
 CONSUMER_REGS, PRODUCER_REGS = 240, 24  # setmaxnreg: 2 x 128 x 240 + 128 x 24 = 64512
@@ -62,10 +67,11 @@ def default_block_keys(head_dim: int) -> int:
     return 128 if head_dim == 64 else 64
 
 
-def launch_options(stages: int, maxnreg: int, rotate: bool, block_keys: int,
+def launch_options(stages: int, maxnreg: int, rotate: int, block_keys: int,
                    slots: int = 0) -> dict:  # fmt: skip
-    """Constexprs and launch options shared by the launcher and the offline compile."""
+    """Constexprs and launch options shared by the launcher and the offline compile.
+    rotate: the kernel's ROTATE (0, ROTATE_SHARED or ROTATE_REGISTERS)."""
     return {"STAGES": stages, "CONSUMER_REGS": CONSUMER_REGS, "PRODUCER_REGS": PRODUCER_REGS,
-            "ROTATE": rotate, "WIDENER_WARPS": WIDENER_WARPS, "WIDENER_REGS": WIDENER_REGS,
+            "ROTATE": int(rotate), "WIDENER_WARPS": WIDENER_WARPS, "WIDENER_REGS": WIDENER_REGS,
             "BLOCK_KEYS": block_keys, "V16_SLOTS": slots, "num_warps": 4,
             "maxnreg": maxnreg}  # fmt: skip

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -38,7 +39,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M, LOG2E
+from sageserve.attention.sage_attn.kernels.gluon.config import (
+    BLOCK_M,
+    LOG2E,
+    ROTATE_IN_REGISTERS,
+)
 from sageserve.attention.sage_attn.kernels.gluon.consumer_steps import (
     _block_scales,
     _p_operand,
@@ -83,12 +88,13 @@ def _idle_turns(turn, ready, empty, v_ready, v_empty, start, stop, WG: gl.conste
 
 @gluon.jit
 def _row_offsets(q_row, n_real, head, stride_t, stride_h, D: gl.constexpr,
-                 layout: gl.constexpr):  # fmt: skip
-    """(offsets [BLOCK_M, D], mask) of rows q_row .. q_row + 63 of `head` in a [T, H, D]
-    tensor with these strides, in `layout`; the mask keeps the first n_real rows."""
+                 layout: gl.constexpr, col0: gl.constexpr = 0):  # fmt: skip
+    """(offsets [BLOCK_M, D], mask) of rows q_row .. q_row + 63 of `head` in a [T, H, *]
+    tensor with these strides, columns col0 .. col0 + D - 1, in `layout`; the mask keeps the
+    first n_real rows."""
     r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     d = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
-    offsets = (q_row + r).to(gl.int64)[:, None] * stride_t + head * stride_h + d[None, :]
+    offsets = (q_row + r).to(gl.int64)[:, None] * stride_t + head * stride_h + col0 + d[None, :]
     return offsets, (r[:, None] < n_real) & (d[None, :] < D)
 
 
@@ -107,9 +113,11 @@ def _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, n_real, head, stride_qt, stri
     fp32 additions (sm_scale is then the rotated one, `rotated_sm_scale`)."""
     D: gl.constexpr = q_smem.shape[1]
     blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    offsets, real = _row_offsets(q_row, n_real, head, stride_qt, stride_qh, D, blocked)
-    q = gl.load(q_ptr + offsets, mask=real, other=0.0)
-    if ROTATE:
+    if ROTATE == ROTATE_IN_REGISTERS:
+        y = _rotate_in_registers(q_ptr, q_row, n_real, head, stride_qt, stride_qh, D)
+    elif ROTATE:
+        offsets, real = _row_offsets(q_row, n_real, head, stride_qt, stride_qh, D, blocked)
+        q = gl.load(q_ptr + offsets, mask=real, other=0.0)
         y_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16]
         )
@@ -118,13 +126,43 @@ def _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, n_real, head, stride_qt, stri
         y = gl.zeros([BLOCK_M, D], gl.float32, y_layout)
         y = warpgroup_mma(gl.convert_layout(q, a_layout), h_smem, y, use_acc=False)
     else:
-        y = q.to(gl.float32)
+        offsets, real = _row_offsets(q_row, n_real, head, stride_qt, stride_qh, D, blocked)
+        y = gl.load(q_ptr + offsets, mask=real, other=0.0).to(gl.float32)
     scale = gl.maximum(gl.max(gl.abs(y), axis=1) / 127.0, 2.0**-24)
     y = gl.div_rn(y, gl.zeros_like(y) + scale[:, None])
     y = gl.where(y >= 0, y + 0.5, y - 0.5)
     q_smem.store(gl.minimum(gl.maximum(y, -127.0), 127.0).to(gl.int8))
     fence_async_shared()  # the codes are read by wgmma (the async proxy)
     return gl.convert_layout(scale * (sm_scale * LOG2E), rows_s)
+
+
+@gluon.jit
+def _rotate_in_registers(q_ptr, q_row, n_real, head, stride_qt, stride_qh, D: gl.constexpr):
+    """Rows q_row .. q_row + 63 of `head` (the first n_real real, the rest zeros) times the
+    ±1 Hadamard matrix H[i, j] = (-1)^popcount(i & j), fp32 sums, by mma.sync with both
+    operands in registers, so no shared memory holds H (the wgmma way keeps [D, D] of it
+    allocated for the whole persistent program: 32 KB at D 128). In two halves of D, each
+    with its [D/2, D] rows of H, so that at most half of H is live. The products are exact,
+    as in the wgmma; only the order of the fp32 additions differs."""
+    HALF: gl.constexpr = D // 2
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, 8])  # fmt: skip
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    i = gl.arange(0, HALF, layout=gl.SliceLayout(1, b_layout))
+    j = gl.arange(0, D, layout=gl.SliceLayout(0, b_layout))
+    y = gl.zeros([BLOCK_M, D], gl.float32, mma)
+    for half in gl.static_range(2):
+        offsets, real = _row_offsets(q_row, n_real, head, stride_qt, stride_qh, HALF, a_layout,
+                                     half * HALF)  # fmt: skip
+        q = gl.load(q_ptr + offsets, mask=real, other=0.0)
+        # Made again for each half, in q's dtype: nothing of H stays live across the mma.
+        bits = (i[:, None] + half * HALF) & j[None, :]
+        for shift in gl.static_range(4):  # fold 16 bits down to their parity in bit 0
+            bits = bits ^ (bits >> (8 >> shift))
+        h = gl.where((bits & 1) == 0, 1.0, -1.0).to(q.dtype)
+        y = mma_v2(q, h, y)
+    return y
 
 
 @gluon.jit

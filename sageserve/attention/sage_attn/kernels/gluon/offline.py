@@ -23,6 +23,8 @@ from sageserve.attention.sage_attn.kernels.gluon.config import (
     DEFAULT_STAGES,
     KEYS,
     MAXNREG,
+    ROTATE_REGISTERS,
+    ROTATE_SHARED,
     launch_options,
     v16_slots,
 )
@@ -51,6 +53,7 @@ class Build:
     maxnreg: int = MAXNREG
     block_keys: int = 64
     prequantize: bool = False  # Q codes from `quantize_q` (rotated there), not quantized here
+    rotate_in_registers: bool = False  # the ±1 matrix made in registers (mma.sync), not smem
 
 
 def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
@@ -76,7 +79,9 @@ def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
         "stride_st": "i32", "stride_table": "i32", "stride_ot": "i32", "stride_oh": "i32",
         "sm_scale": "fp32",
     }  # fmt: skip
-    rotate_here = build.rotate and not build.prequantize
+    rotate_here = 0
+    if build.rotate and not build.prequantize:
+        rotate_here = ROTATE_REGISTERS if build.rotate_in_registers else ROTATE_SHARED
     slots = v16_slots(build.pv == "fp8", build.head_dim, build.block_keys)
     options = launch_options(build.stages, build.maxnreg, rotate_here, build.block_keys, slots)
     constexprs = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "CAUSAL": build.causal}

@@ -20,6 +20,9 @@ from sageserve.attention.sage_attn.kernels.gluon.config import (
     HEAD_DIMS,
     KEYS,
     MAXNREG,
+    ROTATE_ON_SHARED,
+    ROTATE_REGISTERS,
+    ROTATE_SHARED,
     block_keys_refusal,
     default_block_keys,
     launch_options,
@@ -107,7 +110,7 @@ def _sage_ws_prefill_kernel(
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     # Without the rotation, h_smem is never read.
-    h_smem = _sylvester_smem(q_ptr.dtype.element_ty, D) if ROTATE else q_smem
+    h_smem = _sylvester_smem(q_ptr.dtype.element_ty, D) if ROTATE == ROTATE_ON_SHARED else q_smem
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=2)  # the producer's expect (TMA bytes) and scales
         # One arrive per consumer, and the widener's with a ring of fp16 V of its own.
@@ -204,6 +207,7 @@ def sage_attention_ws(
     block_keys: int | None = None,
     prequantize: bool = False,
     descriptor_memo: dict | None = None,
+    rotate_in_registers: bool = False,
 ) -> torch.Tensor:
     """8-bit attention of every sequence's query chunk over its cached keys, warp-specialized
     (sm_90): what `kernels.prefill.sage_attention_paged` computes, without the channel
@@ -225,7 +229,9 @@ def sage_attention_ws(
     `quantize_q` before the launch, instead of in each tile's prologue (frees the shared
     memory of the ±1 matrix). descriptor_memo: a dict owned by the cache, where the cache's
     two TMA descriptors are kept (`cache_descriptors`); None: built every call. One or two
-    launches, no host sync. Returns out.
+    launches, no host sync. rotate_in_registers: Q's rotation by mma.sync over the ±1
+    matrix made in registers, not one wgmma over it in shared memory (lab: not yet timed
+    on a GPU). Returns out.
     """
     check_ws_args(q, k_cache, v_cache, plan, out)
     _, heads, dim = q.shape
@@ -247,10 +253,18 @@ def sage_attention_ws(
         kv_len, plan.shape[0], stride_t, stride_h, stride_s, page_table.stride(0),
         out.stride(0), out.stride(1), sm_scale, num_q_heads=heads,
         num_kv_heads=k_cache.shape[1], CAUSAL=causal,
-        **launch_options(stages, maxnreg, rotate and not prequantize, block_keys,
+        **launch_options(stages, maxnreg, _rotate_constexpr(rotate and not prequantize,
+                                                            rotate_in_registers), block_keys,
                          v16_slots(pv_fp8, dim, block_keys)),
     )  # fmt: skip
     return out
+
+
+def _rotate_constexpr(rotate: bool, in_registers: bool) -> int:
+    """The kernel's ROTATE: 0 (no rotation in the kernel), ROTATE_SHARED or ROTATE_REGISTERS."""
+    if not rotate:
+        return 0
+    return ROTATE_REGISTERS if in_registers else ROTATE_SHARED
 
 
 def _query_args(q: torch.Tensor, sm_scale: float, rotate: bool, prequantize: bool) -> tuple:
