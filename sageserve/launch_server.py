@@ -84,10 +84,11 @@ def _setup_logging(server_args: ServerArgs) -> None:
 
 def _log_ready(info: EngineInfo, seconds: float) -> None:
     logger.info(
-        "model loaded in %.1f s: attention backend=%s, KV cache dtype=%s, pool=%d tokens "
-        "(pages of %d), context=%d, dtype=%s, device=%s",
+        "model loaded in %.1f s: attention backend=%s (%s), KV cache dtype=%s, pool=%d "
+        "tokens (pages of %d), context=%d, dtype=%s, device=%s",
         seconds,
         info.attention_backend,
+        info.attention_kernels,
         info.kv_cache_dtype,
         info.pool_capacity_tokens,
         info.page_size,

@@ -65,6 +65,7 @@ def test_info_describes_model_backend_pool_and_memory(loaded: LoadedModel) -> No
         "float32",
         "float32",
     )
+    assert info.attention_kernels == "torch SDPA over the gathered pages"
     assert (info.device, info.page_size, info.pool_capacity_tokens) == ("cpu", PAGE, POOL_TOKENS)
     assert (info.context_length, info.vocab_size) == (512, VOCAB)
     assert (info.max_running_requests, info.chunked_prefill_size) == (8, CHUNK)

@@ -174,9 +174,11 @@ def test_auto_picks_gluon_where_it_serves_and_triton_where_not(gluon_on_cpu) -> 
     assert backend.gluon_prefill and backend.sage.rotation_kernel == "butterfly"
     backend._check_gluon_pages(KEYS)
     assert backend.gluon_prefill
+    assert "Gluon" in backend.kernels() and "butterfly" in backend.kernels()
     backend._check_gluon_pages(16)
     assert not backend.gluon_prefill and backend.use_kernels
     assert (backend.sage.impl, backend.sage.rotation_kernel) == ("triton", "prepass")
+    assert "Gluon" not in backend.kernels() and "prepass" in backend.kernels()
     named = SageAttentionBackend(*_backend(SageOptions(impl="gluon"), device="cuda"))
     with pytest.raises(ValueError, match="--page-size 64"):
         named._check_gluon_pages(16)

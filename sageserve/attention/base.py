@@ -134,6 +134,11 @@ class AttentionBackend(ABC):
     def kv_cache_spec(self) -> KVCacheSpec:
         """Bytes per token and dtype of this backend's cache for the model."""
 
+    def kernels(self) -> str:
+        """What computes this backend's attention, as configured (after `allocate`, which
+        may still change it): recorded in `EngineInfo`, so a benchmark says what it timed."""
+        return self.name
+
     def preferred_page_size(self) -> int:
         """Tokens per page when the user names none (`--page-size`): what this backend's
         kernels run fastest with. Any page size >= 1 must still work."""

@@ -185,6 +185,7 @@ class Engine:
             model_path=config.model_path or DEFAULT_MODEL,
             model_source=self._loaded.source,
             attention_backend=runner.backend.name,
+            attention_kernels=runner.backend.kernels(),
             kv_cache_dtype=runner.kv_spec.dtype_name,
             dtype=str(self._loaded.dtype).removeprefix("torch."),
             device=str(self._device),

@@ -31,6 +31,7 @@ class EngineInfo:
     model_path: str  # as given (a short name, a directory or a file)
     model_source: str  # what was loaded: file name, format, stored tensor types
     attention_backend: str
+    attention_kernels: str  # what computes it, as resolved (e.g. which prefill kernel)
     kv_cache_dtype: str
     dtype: str
     device: str

@@ -269,6 +269,9 @@ class SageAttentionBackend(AttentionBackend):
         self.use_kernels = _uses_kernels(self.sage, self.options.device)
         self.gluon_prefill = self.sage.impl == "gluon"  # prefill chunks: kernels/gluon
 
+    def kernels(self) -> str:
+        return f"{self._impl_label()}; Q/K rotation {self._rotation_label()}"
+
     def _impl_label(self) -> str:
         if self.gluon_prefill:
             return "Triton kernels, prefill by the warp-specialized Gluon kernel (sm_90)"

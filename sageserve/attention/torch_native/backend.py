@@ -73,6 +73,9 @@ class TorchNativeBackend(AttentionBackend):
             return [str(err)]
         return []
 
+    def kernels(self) -> str:
+        return "torch SDPA over the gathered pages"
+
     @property
     def kv_dtype(self) -> torch.dtype:
         return resolve_kv_dtype(self.options.kv_cache_dtype, self.options.model_dtype)

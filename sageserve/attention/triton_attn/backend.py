@@ -130,6 +130,9 @@ class TritonBackend(AttentionBackend):
         # safe); lowered to the pool's size once it is allocated.
         self.max_context = options.max_context or shape.max_position_embeddings
 
+    def kernels(self) -> str:
+        return "Triton kernels: paged store, varlen paged prefill, split-KV decode"
+
     def preferred_page_size(self) -> int:
         """128: the prefill kernel's 128-key blocks are then whole pages, read by TMA (one
         bulk copy per block instead of per-key gathers): 1.1-1.4x faster on an H100."""
