@@ -4,10 +4,10 @@
 #
 #   bash benchmarks/issue17_gluon_check.sh OUT_DIR [PARTS]
 #
-# 1. GPU tests: the kernel against the Triton prefill and fp64 (32 cases: 64- and 128-key
-#    blocks), the engine against the Triton prefill (SmolLM2 bf16), the shared parity
-#    test's gluon variants, nothing compiled while serving; the Triton prefill's kernel
-#    tests;
+# 1. GPU tests: the kernel against the Triton prefill and fp64 (64- and 128-key blocks; Q
+#    quantized in the kernel, beforehand, or rotated by mma.sync in registers), the engine
+#    against the Triton prefill (SmolLM2 bf16: needs the GGUF), the shared parity test's
+#    gluon variants, nothing compiled while serving; the Triton prefill's kernel tests;
 # 2. `bench kernels`: the Gluon prefill (FP16 and FP8 P·V) against the Triton one and
 #    cuDNN, head_dim 128 and 64, 1k / 8k / 32k tokens (issue 17's kernel targets);
 # 3. `bench offline`: TTFT of one 32k prompt and 64 x 8k prefill throughput, sage_attn with
