@@ -22,23 +22,21 @@ kernel instead of two. Their outputs differ from the default's in the order of t
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
-import json
-import shlex
 import sys
 from dataclasses import asdict, replace
-from datetime import UTC, datetime
 
 import torch
 
+from lab.sweep_record import run_sweep
 from sageserve.attention.sage_attn.kernels.decode import (
     DEFAULT_CONFIG,
     DecodeConfig,
     DecodeWorkspace,
 )
 from sageserve.bench import kernels_decode as kd
-from sageserve.bench.kernels_timing import Timed, Timer, copy_bandwidth, eager_and_graph
-from sageserve.bench.run_record import device_info, software
+from sageserve.bench.kernels_timing import Timed, Timer, eager_and_graph
 
 SAGE, TRITON16 = "sage_fp16pv", "triton16"
 PAGE_SIZE = 64
@@ -161,17 +159,8 @@ def main() -> int:
     splits = [int(n) for n in args.splits.split(",") if n]
     device = torch.device(args.device)
     timer = Timer(device, warmup=3, repeats=args.repeats, sample_ms=20.0)
-    copy = copy_bandwidth(timer, 2 << 30 if timer.cuda else 1 << 20)
-    result = {"probe": "decode config sweep (issue 16)", "command": shlex.join(sys.argv),
-              "date": datetime.now(UTC).isoformat(timespec="seconds"),
-              "device": device_info(device), "software": software(), "copy": copy,
-              "shapes": []}  # fmt: skip
-    for text in args.shapes.split(","):
-        batch, context = (int(x) for x in text.split("x"))
-        result["shapes"].append(sweep_shape(batch, context, timer, device, splits))
-        _print(result["shapes"][-1], copy["gb_per_s"])
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    measure = functools.partial(sweep_shape, timer=timer, device=device, splits=splits)
+    run_sweep("decode config sweep (issue 16)", args.shapes, args.out, timer, measure, _print)
     return 0
 
 

@@ -19,15 +19,14 @@ changes a code).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
-import json
-import shlex
 import sys
 from dataclasses import asdict
-from datetime import UTC, datetime
 
 import torch
 
+from lab.sweep_record import run_sweep
 from sageserve.attention.sage_attn.kernels.store import (
     CPU_SMS,
     StoreConfig,
@@ -36,8 +35,7 @@ from sageserve.attention.sage_attn.kernels.store import (
 )
 from sageserve.attention.triton_common import sm_count
 from sageserve.bench import kernels_store as ks
-from sageserve.bench.kernels_timing import Timer, copy_bandwidth, eager_and_graph
-from sageserve.bench.run_record import device_info, software
+from sageserve.bench.kernels_timing import Timer, eager_and_graph
 
 VARIANTS = ("sage_fp16pv", "sage_fp16pv_norot")
 PAGE_SIZE = 64
@@ -122,17 +120,8 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     timer = Timer(device, warmup=2, repeats=args.repeats, sample_ms=20.0)
-    copy = copy_bandwidth(timer, 2 << 30 if timer.cuda else 1 << 20)
-    result = {"probe": "store config sweep (issue 18)", "command": shlex.join(sys.argv),
-              "date": datetime.now(UTC).isoformat(timespec="seconds"),
-              "device": device_info(device), "software": software(), "copy": copy,
-              "shapes": []}  # fmt: skip
-    for text in args.shapes.split(","):
-        tokens, kv_heads = (int(x) for x in text.split("x"))
-        result["shapes"].append(sweep_shape(tokens, kv_heads, timer, device))
-        _print(result["shapes"][-1], copy["gb_per_s"])
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    measure = functools.partial(sweep_shape, timer=timer, device=device)
+    run_sweep("store config sweep (issue 18)", args.shapes, args.out, timer, measure, _print)
     return 0
 
 

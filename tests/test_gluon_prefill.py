@@ -280,14 +280,9 @@ def test_128_key_blocks_are_refused_where_the_stages_do_not_fit() -> None:
     assert (default_block_keys(64), default_block_keys(128)) == (128, 64)
 
 
-def test_the_register_rotation_frees_the_shared_matrix() -> None:
-    """`rotate_in_registers` builds (lab, not served) compile for sm_90 and hold less shared
-    memory than the served wgmma rotation (whose ±1 matrix stays allocated), no more than
-    the unrotated build. Their ptxas spills (a few dozen per work item, none in the key
-    loop at the time of writing) are recorded in lab/KERNEL_NOTES.md, not asserted."""
-    builds = [dict(pv=pv, head_dim=128, rotate=rotate, causal=True, rotate_in_registers=reg)
-              for pv in ("fp16", "fp8") for rotate, reg in ((True, False), (True, True),
-                                                            (False, False))]  # fmt: skip
+def _build_reports(builds: list[dict]) -> list[dict]:
+    """`offline.build_report` of each build. ptxas runs without a GPU; the compile needs the
+    package imported outside Triton's interpreter, so it runs in a child process."""
     script = (
         "import json, sys\n"
         "from sageserve.attention.sage_attn.kernels.gluon.offline import Build, build_report\n"
@@ -297,7 +292,18 @@ def test_the_register_rotation_frees_the_shared_matrix() -> None:
     res = subprocess.run([sys.executable, "-c", script, json.dumps(builds)], env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    reports = json.loads(res.stdout)
+    return json.loads(res.stdout)
+
+
+def test_the_register_rotation_frees_the_shared_matrix() -> None:
+    """`rotate_in_registers` builds (lab, not served) compile for sm_90 and hold less shared
+    memory than the served wgmma rotation (whose ±1 matrix stays allocated), no more than
+    the unrotated build. Their ptxas spills (a few dozen per work item, none in the key
+    loop at the time of writing) are recorded in lab/KERNEL_NOTES.md, not asserted."""
+    builds = [dict(pv=pv, head_dim=128, rotate=rotate, causal=True, rotate_in_registers=reg)
+              for pv in ("fp16", "fp8") for rotate, reg in ((True, False), (True, True),
+                                                            (False, False))]  # fmt: skip
+    reports = _build_reports(builds)
     for i in (0, 3):  # fp16, fp8: served rotation, register rotation, none
         served, registers, plain = (reports[i + j]["shared"] for j in range(3))
         assert registers < served and registers <= plain, (served, registers, plain)
@@ -305,18 +311,9 @@ def test_the_register_rotation_frees_the_shared_matrix() -> None:
 
 
 def test_every_build_compiles_for_sm90_without_spills() -> None:
-    """ptxas runs without a GPU; the compile needs the package imported outside Triton's
-    interpreter, so it runs in a child process."""
-    script = (
-        "import json, sys\n"
-        "from sageserve.attention.sage_attn.kernels.gluon.offline import Build, build_report\n"
-        "print(json.dumps([build_report(Build(**b)) for b in json.loads(sys.argv[1])]))\n"
-    )
-    env = os.environ | {"TRITON_INTERPRET": "0"}
-    res = subprocess.run([sys.executable, "-c", script, json.dumps(_BUILDS)], env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    for build, report in zip(_BUILDS, json.loads(res.stdout), strict=True):
+    """Every served build, compiled for sm_90 (`_build_reports`): no spills, no ptxas
+    warnings, within the shared memory, the wgmma shapes of its P·V."""
+    for build, report in zip(_BUILDS, _build_reports(_BUILDS), strict=True):
         assert report["spill_bytes"] == 0 and report["registers"] <= 168, (build, report)
         assert not report["warnings"], (build, report)  # e.g. C7512: wgmma serialized
         assert report["shared"] <= 227 * 1024, (build, report)

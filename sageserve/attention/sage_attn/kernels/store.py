@@ -310,14 +310,9 @@ def tiles_per_program(tokens: int, heads: int, device: torch.device, config: Sto
     """
     if config.tiles_per_program is not None:
         return config.tiles_per_program
-    chunks = max(1, config.programs_per_sm * _sm_count(device) // heads)
+    chunks = max(1, config.programs_per_sm * sm_count(device, CPU_SMS) // heads)
     per_program = cdiv(cdiv(tokens, config.block_t), chunks)
     return min(per_program, config.max_tiles or per_program)
-
-
-def _sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device; CPU_SMS off CUDA (the interpreter)."""
-    return sm_count(device, CPU_SMS)
 
 
 def store_kv(
@@ -349,7 +344,7 @@ def store_kv(
     tokens, heads, dim = k.shape
     min_block_t = 16 if rotation == HadamardKernel.TENSOR_CORE else 1
     config = config or default_config(
-        k_cache.shape[2], tokens * heads, _sm_count(k.device), min_block_t
+        k_cache.shape[2], tokens * heads, sm_count(k.device, CPU_SMS), min_block_t
     )
     _check_store_args(k, v, k_cache, v_cache, k_scale, v_scale, k_mean, balance, pages, offsets)
     _check_config(config)

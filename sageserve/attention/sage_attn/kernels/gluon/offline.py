@@ -23,12 +23,11 @@ from sageserve.attention.sage_attn.kernels.gluon.config import (
     DEFAULT_STAGES,
     KEYS,
     MAXNREG,
-    ROTATE_REGISTERS,
-    ROTATE_SHARED,
     launch_options,
     v16_slots,
 )
 from sageserve.attention.sage_attn.kernels.gluon.prefill import (
+    _rotate_constexpr,
     _sage_ws_prefill_kernel,
     cache_descriptor,
 )
@@ -79,9 +78,8 @@ def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
         "stride_st": "i32", "stride_table": "i32", "stride_ot": "i32", "stride_oh": "i32",
         "sm_scale": "fp32",
     }  # fmt: skip
-    rotate_here = 0
-    if build.rotate and not build.prequantize:
-        rotate_here = ROTATE_REGISTERS if build.rotate_in_registers else ROTATE_SHARED
+    rotate_here = _rotate_constexpr(build.rotate and not build.prequantize,
+                                    build.rotate_in_registers)  # fmt: skip
     slots = v16_slots(build.pv == "fp8", build.head_dim, build.block_keys)
     options = launch_options(build.stages, build.maxnreg, rotate_here, build.block_keys, slots)
     constexprs = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "CAUSAL": build.causal}
