@@ -116,15 +116,17 @@ def _quantize_q_rows(q_ptr, q_smem, h_smem, q_row, n_real, head, stride_qt, stri
     if ROTATE == ROTATE_IN_REGISTERS:
         y = _rotate_in_registers(q_ptr, q_row, n_real, head, stride_qt, stride_qh, D)
     elif ROTATE:
-        offsets, real = _row_offsets(q_row, n_real, head, stride_qt, stride_qh, D, blocked)
-        q = gl.load(q_ptr + offsets, mask=real, other=0.0)
         y_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16]
         )
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=y_layout,
                                                      k_width=2)  # fmt: skip
+        # Loaded straight into the wgmma's A layout: a blocked load converted there would
+        # hold a 16 KB layout scratch in shared memory for the whole persistent program.
+        offsets, real = _row_offsets(q_row, n_real, head, stride_qt, stride_qh, D, a_layout)
+        q = gl.load(q_ptr + offsets, mask=real, other=0.0)
         y = gl.zeros([BLOCK_M, D], gl.float32, y_layout)
-        y = warpgroup_mma(gl.convert_layout(q, a_layout), h_smem, y, use_acc=False)
+        y = warpgroup_mma(q, h_smem, y, use_acc=False)
     else:
         offsets, real = _row_offsets(q_row, n_real, head, stride_qt, stride_qh, D, blocked)
         y = gl.load(q_ptr + offsets, mask=real, other=0.0).to(gl.float32)
