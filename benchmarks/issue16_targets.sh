@@ -24,8 +24,12 @@
 # 8. 64 x 8k decode alone, both backends (`sageserve bench offline`): the sage_attn / triton
 #    ratio at 64 x 8k. Needs more than 80 GB (triton's cache alone needs 532k tokens): run it
 #    on an H200 (the device tool's needs_h200).
+# 9. Nsight Compute on one layer's decode at 64 x 8k, the 8-bit and the 16-bit kernel
+#    (`bench kernels`' decode shape; needs `ncu` on the machine): what holds the 8-bit
+#    kernel at 94% of the copy bandwidth where the 16-bit one reads at 106%
+#    (lab/KERNEL_NOTES.md, "sage_decode: two instruction cuts that compile longer").
 # Each part has its own time limit, so that one stuck part leaves the others' results.
-all_parts=1,2,3,4,5,6,7,8
+all_parts=1,2,3,4,5,6,7,8,9
 source "$(dirname "$0")/parts.sh"
 M="--model-path llama-3.1-8b --load-format dummy"
 
@@ -84,4 +88,14 @@ want 8 && timeout 200 python3 -m sageserve bench offline $M --backends triton,sa
   --batch-sizes 64 --input-lens 8192 --output-lens 128 --rounds 1 \
   --out "$out/offline-64x8k.json" > "$out/offline-64x8k.log" 2>&1
 want 8 && tail -10 "$out/offline-64x8k.log"
+if want 9; then
+  timeout 150 ncu --kernel-name regex:decode_split_kernel --launch-count 4 \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+    --section MemoryWorkloadAnalysis --section Occupancy \
+    python3 -m sageserve bench kernels --skip-prefill --skip-store \
+    --decode-variants sage_fp16pv,triton16 --decode-batches 64 --decode-contexts 8192 \
+    --repeats 1 --warmup 1 --out "$out/ncu-decode-bench.json" > "$out/ncu-decode-64x8k.txt" 2>&1
+  grep -E "decode_split_kernel|Duration|DRAM Throughput|Issue Slots Busy|No Eligible" \
+    "$out/ncu-decode-64x8k.txt" | head -30
+fi
 true  # a part left out is not a failure

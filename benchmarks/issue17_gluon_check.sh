@@ -18,12 +18,15 @@
 # 5. `bench offline`: TTFT of one 32k and one 8k prompt, sage_attn with the Triton prefill
 #    (--sage-impl triton) against the default (auto: the Gluon prefill on sm_90), engines
 #    alternated over two rounds (A, B, A, B).
+# 6. where the rotation's price goes: `lab/power_clock_probe.py` (the Gluon prefill rotated,
+#    unrotated, unrotated on inputs rotated beforehand, and cuDNN, each run for a fixed wall
+#    time with the SM clock and board power sampled), 32k non-causal and 1k causal.
 # PARTS: e.g. 1,2 (default: all). The limits add up to more than one 10-minute device call:
-# run 1, then 2,3, then 4,5. A failing part 1 stops the script: timings of a wrong kernel mean
+# run 1, then 2,3, then 4,5, then 6. A failing part 1 stops the script: timings of a wrong kernel mean
 # nothing.
 # On an 80 GB card the triton backend's 64 x 8k cache does not fit: bench offline records
 # that point as skipped and 32 x 8k compares the two.
-all_parts=1,2,3,4,5
+all_parts=1,2,3,4,5,6
 source "$(dirname "$0")/parts.sh"
 
 if want 1; then
@@ -63,5 +66,11 @@ for round in 1 2; do
       > "$out/ttft-$impl-$round.log" 2>&1
     want 5 && grep "^| sage_attn" "$out/ttft-$impl-$round.log"
   done
+done
+for shape in "32768 none" "1024 causal"; do
+  set -- $shape
+  want 6 && timeout 110 python3 lab/power_clock_probe.py --seq "$1" --causal "$2" \
+    --out "$out/power-$1-$2.json" > "$out/power-$1-$2.log" 2>&1
+  want 6 && tail -12 "$out/power-$1-$2.log"
 done
 true  # a part left out is not a failure

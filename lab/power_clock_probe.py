@@ -38,7 +38,9 @@ from sageserve.attention.sage_attn.rotation import hadamard_matrix
 from sageserve.bench.kernels_prefill import PrefillData, build_runner, make_data, make_shape
 from sageserve.bench.run_record import device_info, software
 
-QUERY = "clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
+QUERY = "clocks.sm,power.draw,temperature.gpu,{reasons}"
+# nvidia-smi renamed the field; older drivers know only the second name.
+REASON_FIELDS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")
 VARIANTS = ("rotated", "unrotated", "unrotated_on_rotated_data", "sdpa_cudnn")
 
 
@@ -63,10 +65,21 @@ def runners(data: PrefillData, device: torch.device) -> dict:
     return {name: build_runner(variant, d, device).call for name, (variant, d) in plan.items()}
 
 
-def timed_window(call, seconds: float) -> dict:
+def smi_query() -> str:
+    """QUERY with the clock-event field this driver's nvidia-smi knows."""
+    for field in REASON_FIELDS:
+        query = QUERY.format(reasons=field)
+        probe = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                               capture_output=True, text=True)  # fmt: skip
+        if probe.returncode == 0:
+            return query
+    raise RuntimeError(f"nvidia-smi knows none of {REASON_FIELDS}: {probe.stderr.strip()}")
+
+
+def timed_window(call, seconds: float, query: str) -> dict:
     """Back-to-back calls for about `seconds`, with nvidia-smi sampling every 20 ms: ms per
     call (GPU events) and the samples' medians."""
-    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits",
+    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits",
                             "-lms", "20"], stdout=subprocess.PIPE, text=True)  # fmt: skip
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -85,12 +98,23 @@ def timed_window(call, seconds: float) -> dict:
     return {
         "ms_per_call": start.elapsed_time(end) / calls,
         "calls": calls,
-        "sm_mhz": statistics.median(float(s[0]) for s in samples),
-        "power_w": statistics.median(float(s[1]) for s in samples),
-        "temperature_c": statistics.median(float(s[2]) for s in samples),
+        "sm_mhz": _median(s[0] for s in samples),
+        "power_w": _median(s[1] for s in samples),
+        "temperature_c": _median(s[2] for s in samples),
         "event_reasons": sorted({s[3] for s in samples}),
         "samples": len(samples),
     }
+
+
+def _median(texts) -> float | None:
+    """Median of the readings that are numbers ("[N/A]" and the like are left out)."""
+    values = []
+    for text in texts:
+        try:
+            values.append(float(text))
+        except ValueError:
+            continue
+    return statistics.median(values) if values else None
 
 
 def main() -> int:
@@ -109,14 +133,15 @@ def main() -> int:
     calls = runners(make_data(shape, device), device)
     for call in calls.values():  # compile and warm up
         call()
+    query = smi_query()
     windows = {name: [] for name in calls}
     for _ in range(args.rounds):
         for name, call in calls.items():
-            windows[name].append(timed_window(call, args.seconds))
+            windows[name].append(timed_window(call, args.seconds, query))
             w = windows[name][-1]
             tops = shape.flops / w["ms_per_call"] / 1e9
-            print(f"{name:28s} {w['ms_per_call']:8.3f} ms {tops:6.1f} TOPS {w['sm_mhz']:5.0f} MHz"
-                  f" {w['power_w']:4.0f} W {w['event_reasons']}", flush=True)  # fmt: skip
+            print(f"{name:28s} {w['ms_per_call']:8.3f} ms {tops:6.1f} TOPS {w['sm_mhz']} MHz"
+                  f" {w['power_w']} W {w['event_reasons']}", flush=True)  # fmt: skip
     record = {"probe": "power_clock_probe", "command": shlex.join(sys.argv),
               "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "device": device_info(device), "software": software(), "shape": shape.describe(),

@@ -230,8 +230,9 @@ def sage_attention_ws(
     memory of the ±1 matrix). descriptor_memo: a dict owned by the cache, where the cache's
     two TMA descriptors are kept (`cache_descriptors`); None: built every call. One or two
     launches, no host sync. rotate_in_registers: Q's rotation by mma.sync over the ±1
-    matrix made in registers, not one wgmma over it in shared memory (lab: not yet timed
-    on a GPU). Returns out.
+    matrix made in registers, not one wgmma over it in shared memory (lab, not served: 5-8%
+    slower on the serving batch on an H100, lab/KERNEL_NOTES.md "v3, round 6 on an H100").
+    Returns out.
     """
     check_ws_args(q, k_cache, v_cache, plan, out)
     _, heads, dim = q.shape
