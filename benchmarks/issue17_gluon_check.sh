@@ -21,12 +21,14 @@
 # 6. where the rotation's price goes: `lab/power_clock_probe.py` (the Gluon prefill rotated,
 #    unrotated, unrotated on inputs rotated beforehand, and cuDNN, each run for a fixed wall
 #    time with the SM clock and board power sampled), 32k non-causal and 1k causal.
+# 7. the lazy rescale (lab option `lazy_rescale`, fp16 P·V): its GPU test against the served
+#    build, then the lab varlen probe, served build against it, causal and not, D 128.
 # PARTS: e.g. 1,2 (default: all). The limits add up to more than one 10-minute device call:
-# run 1, then 2,3, then 4,5, then 6. A failing part 1 stops the script: timings of a wrong kernel mean
+# run 1, then 2,3, then 4,5, then 6,7. A failing part 1 stops the script: timings of a wrong kernel mean
 # nothing.
 # On an 80 GB card the triton backend's 64 x 8k cache does not fit: bench offline records
 # that point as skipped and 32 x 8k compares the two.
-all_parts=1,2,3,4,5,6
+all_parts=1,2,3,4,5,6,7
 source "$(dirname "$0")/parts.sh"
 
 if want 1; then
@@ -73,4 +75,15 @@ for shape in "32768 none" "1024 causal"; do
     --out "$out/power-$1-$2.json" > "$out/power-$1-$2.log" 2>&1
   want 6 && tail -12 "$out/power-$1-$2.log"
 done
+if want 7; then
+  timeout 150 python3 -m pytest -x -q -m gpu -p no:cacheprovider tests/test_gluon_prefill.py \
+    -k lazy_rescale > "$out/lazy-gpu-test.log" 2>&1 && for mask in causal none; do
+    timeout 150 python3 lab/gluon_ws_prefill_probe.py --varlen --pv fp16 --head-dim 128 \
+      --rotate on --masks "$mask" --timings serving,prompt16k \
+      --variants gluon_ws_varlen_persistent,gluon_ws_varlen_persistent_lazy \
+      --out "$out/lazy-$mask.json" > "$out/lazy-$mask.log" 2>&1
+    grep '"timing"' "$out/lazy-$mask.log" | cut -c1-200
+  done
+  tail -3 "$out/lazy-gpu-test.log"
+fi
 true  # a part left out is not a failure

@@ -327,6 +327,36 @@ def test_every_build_compiles_for_sm90_without_spills() -> None:
         assert any(kind.endswith(pv) for kind in report["wgmma"]), report
 
 
+def test_the_lazy_rescale_compiles_behind_a_branch() -> None:
+    """`lazy_rescale` (lab, fp16 P·V): the accumulator's rescale sits behind a branch in
+    every key loop (the unmasked and the masked one), and the head_dim 128 build keeps the
+    served build's registers with no spill; the served build has no such branch."""
+    builds = [dict(pv="fp16", head_dim=128, rotate=True, causal=causal, lazy_rescale=lazy)
+              for causal in (True, False) for lazy in (True, False)]  # fmt: skip
+    for build, report in zip(builds, _build_reports(builds), strict=True):
+        if build["lazy_rescale"]:
+            assert report["rescale_branches"] >= 2, (build, report)
+            assert report["spill_bytes"] == 0 and not report["warnings"], (build, report)
+            assert report["registers"] <= 168, (build, report)
+        else:
+            assert report["rescale_branches"] == 0, (build, report)
+
+
+def test_the_lazy_rescale_is_refused_with_fp8_pv() -> None:
+    """FP8 P·V rescales every block by its own unit: `lazy_rescale` names what it needs."""
+    from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_ws
+
+    q = torch.randn(64, 4, 128).bfloat16()
+    k_cache = torch.zeros(2, 2, KEYS, 128, dtype=torch.int8)
+    v_cache = torch.zeros(2, 2, 128, KEYS).to(torch.float8_e4m3fn)
+    scales = torch.ones(2, 2, KEYS, dtype=torch.float16)
+    ints = torch.zeros(1, dtype=torch.int32)
+    plan = torch.zeros(1, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="fp16 P·V"):
+        sage_attention_ws(q, k_cache, scales, v_cache, scales, ints[None], ints, ints + 64,
+                          ints + 64, plan, torch.empty_like(q), 0.1, lazy_rescale=True)  # fmt: skip
+
+
 # ------------------------------------------------------------------ on an H100/H200
 
 
@@ -342,13 +372,16 @@ GPU_STEP = [(0, 1), (0, 7), (0, 200), (0, 333), (120, 80), (64, 128), (511, 1000
             (332, 1), (100, 65)]  # fmt: skip
 
 
-def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor:
-    """fp64 attention, bottom-right causal. q: [n, Hq, D]; k, v: [kv_len, Hkv, D]."""
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
+           causal: bool = True) -> torch.Tensor:  # fmt: skip
+    """fp64 attention, bottom-right causal or not. q: [n, Hq, D]; k, v: [kv_len, Hkv, D]."""
     group = q.shape[1] // k.shape[1]
     k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) / q.shape[-1] ** 0.5
     rows = torch.arange(prefix, prefix + q.shape[0], device=q.device)
     allowed = torch.arange(k.shape[0], device=q.device)[None, :] <= rows[:, None]
+    if not causal:
+        allowed = torch.ones_like(allowed)
     return torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, -torch.inf).softmax(-1), v)
 
 
@@ -495,3 +528,50 @@ def test_engine_with_the_gluon_prefill_follows_triton_on_gpu(smollm2_gguf) -> No
         llm.engine.close()
     for a, b in zip(outputs["gluon"], outputs["triton"], strict=True):
         assert_outputs_match(a, b, exact=False, top_n=3)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("growth", ["flat", "rising"])
+def test_lazy_rescale_matches_the_plain_kernel_on_gpu(growth, head_dim, causal) -> None:
+    """`lazy_rescale` against the served build on the same cache (fp16 P·V, rotated): the
+    same attention up to P's fp16 rounding against another max (cosine 0.99999), and as
+    close to fp64. "rising" keys grow along the sequence, so that rows' maxima keep growing
+    past the threshold and the rescale branch is taken as well as skipped."""
+    from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_ws
+
+    gen = torch.Generator().manual_seed(head_dim + causal)
+    triton, gluon = _two_backends("fp16", head_dim, True, gen)
+    spans = [(0, 333), (511, 1000), (3000, 200), (64, 7)]
+    ramp = (lambda n: torch.linspace(1.0, 6.0, n)[:, None, None]) if growth == "rising" else (
+        lambda n: torch.ones(n, 1, 1))  # fmt: skip
+    keys = [(torch.randn(p + n, 2, head_dim, generator=gen) * ramp(p + n)).bfloat16()
+            for p, n in spans]  # fmt: skip
+    values = [torch.randn(p + n, 2, head_dim, generator=gen).bfloat16() for p, n in spans]
+    tables = _page_tables(spans)
+    cache = triton.allocate(tables[-1][-1] + 1, KEYS)
+    cached = [i for i, (prefix, _) in enumerate(spans) if prefix]
+    _step(triton, cache, cached, [(0, spans[i][0]) for i in cached], tables, keys, values, gen)
+    q, _, batch = _step(triton, cache, [0, 1, 2, 3], spans, tables, keys, values, gen)
+    pre = gluon.build_metadata(batch).kernel.prefill
+    plan = torch.from_numpy(work_plan([n for _, n in spans], [p + n for p, n in spans], 8,
+                                      causal)).cuda()  # fmt: skip
+    caches = (cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0])
+    outs = []
+    for lazy in (False, True):
+        out = torch.full_like(q, float("nan"))
+        sage_attention_ws(q, *caches, pre.page_table, pre.q_start, pre.q_len, pre.kv_len, plan,
+                          out, gluon.layer_constants(0).sm_scale, causal=causal, rotate=True,
+                          lazy_rescale=lazy)  # fmt: skip
+        outs.append(out)
+    plain, lazy = outs
+    assert torch.isfinite(lazy).all()
+    start = 0
+    for (prefix, n), k, v in zip(spans, keys, values, strict=True):
+        rows, start = slice(start, start + n), start + n
+        assert _cosine(lazy[rows], plain[rows]) >= 0.99999, (prefix, n)
+        ref = _dense(q[rows].float(), k.cuda(), v.cuda(), prefix, causal)
+        err = [((o[rows].double() - ref).abs().sum() / ref.abs().sum()).item() for o in outs]
+        assert err[1] <= err[0] * 1.05 + 1e-4, (prefix, n, err)

@@ -29,13 +29,15 @@ from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_w
 # name -> (persistent grid, keys per block, Q quantized beforehand by `quantize_q`, Q rotated
 # by mma.sync over the ±1 matrix made in registers instead of a wgmma over it in shared memory)
 VARLEN_VARIANTS = {
-    "gluon_ws_varlen": (False, 64, False, False),
-    "gluon_ws_varlen_persistent": (True, 64, False, False),
-    "gluon_ws_varlen_persistent_k128": (True, 128, False, False),
-    "gluon_ws_varlen_persistent_pre": (True, 64, True, False),
-    "gluon_ws_varlen_persistent_k128_pre": (True, 128, True, False),
-    "gluon_ws_varlen_persistent_hreg": (True, 64, False, True),
-    "gluon_ws_varlen_persistent_k128_hreg": (True, 128, False, True),
+    "gluon_ws_varlen": (False, 64, False, False, False),
+    "gluon_ws_varlen_persistent": (True, 64, False, False, False),
+    "gluon_ws_varlen_persistent_k128": (True, 128, False, False, False),
+    "gluon_ws_varlen_persistent_pre": (True, 64, True, False, False),
+    "gluon_ws_varlen_persistent_k128_pre": (True, 128, True, False, False),
+    "gluon_ws_varlen_persistent_hreg": (True, 64, False, True, False),
+    "gluon_ws_varlen_persistent_k128_hreg": (True, 128, False, True, False),
+    "gluon_ws_varlen_persistent_lazy": (True, 64, False, False, True),
+    "gluon_ws_varlen_persistent_k128_lazy": (True, 128, False, False, True),
 }
 ORACLE = "triton_sage"  # the served Triton kernel, with the same numerics
 
@@ -204,13 +206,14 @@ def _varlen_runners(b: VarlenBatch, causal: bool, stages: int, variants: list[st
 
     plan = torch.from_numpy(work_plan(b.q_lens, b.kv_lens, VARLEN_HEADS, causal)).to(b.q.device)
 
-    def ws(persistent: bool, block_keys: int, prequantize: bool, registers: bool) -> Callable:
+    def ws(persistent: bool, block_keys: int, prequantize: bool, registers: bool,
+           lazy: bool) -> Callable:  # fmt: skip
         def run_ws(out):
             sage_attention_ws(b.q, *b.caches, b.table, b.q_start, b.q_len, b.kv_len, plan, out,
                               numerics.sm_scale(), causal=causal, rotate=numerics.rotate,
                               persistent=persistent, stages=stages, block_keys=block_keys,
-                              prequantize=prequantize,
-                              rotate_in_registers=registers)  # fmt: skip
+                              prequantize=prequantize, rotate_in_registers=registers,
+                              lazy_rescale=lazy)  # fmt: skip
 
         return run_ws
 
@@ -374,15 +377,17 @@ def run_varlen(rounds: int, stages: int, variants: list[str], masks: list[bool],
 
 def variant_fields(name: str) -> dict:
     """A varlen variant's launch options, for the JSON result."""
-    persistent, block_keys, prequantize, registers = VARLEN_VARIANTS[name]
+    persistent, block_keys, prequantize, registers, lazy = VARLEN_VARIANTS[name]
     return {"persistent": persistent, "block_keys": block_keys, "prequantize": prequantize,
-            "rotate_in_registers": registers}  # fmt: skip
+            "rotate_in_registers": registers, "lazy_rescale": lazy}  # fmt: skip
 
 
 def refused(numerics: Numerics, variant: str) -> str | None:
     """Why the kernel refuses these numerics with this variant's options (None: it runs
     them)."""
-    _, block_keys, prequantize, _ = VARLEN_VARIANTS[variant]
+    _, block_keys, prequantize, _, lazy = VARLEN_VARIANTS[variant]
+    if lazy and numerics.pv == "fp8":
+        return "lazy_rescale needs fp16 P·V"
     return block_keys_refusal(numerics.pv == "fp8", numerics.head_dim, block_keys, prequantize)
 
 

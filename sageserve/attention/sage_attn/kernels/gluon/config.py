@@ -30,6 +30,9 @@ CONSUMER_REGS, PRODUCER_REGS = 240, 24  # setmaxnreg: 2 x 128 x 240 + 128 x 24 =
 # (3 warps cannot be laid out: a tensor's rows must be a power of two.)
 WIDENER_WARPS, WIDENER_REGS = 2, 24
 V16_SLOTS = 2  # fp16 V slots of a widened-V ring of its own (`v16_slots`)
+# Lazy rescale (fp16 P·V): a row keeps its running max until a block's max exceeds it by
+# more than this (log2 units), so P stays <= 2^8 and the accumulator is rescaled only then.
+RESCALE_THRESHOLD = gl.constexpr(8.0)
 HEAD_DIMS = (64, 128)
 
 
@@ -68,10 +71,10 @@ def default_block_keys(head_dim: int) -> int:
 
 
 def launch_options(stages: int, maxnreg: int, rotate: int, block_keys: int,
-                   slots: int = 0) -> dict:  # fmt: skip
+                   slots: int = 0, lazy_rescale: bool = False) -> dict:  # fmt: skip
     """Constexprs and launch options shared by the launcher and the offline compile.
     rotate: the kernel's ROTATE (0, ROTATE_SHARED or ROTATE_REGISTERS)."""
     return {"STAGES": stages, "CONSUMER_REGS": CONSUMER_REGS, "PRODUCER_REGS": PRODUCER_REGS,
             "ROTATE": int(rotate), "WIDENER_WARPS": WIDENER_WARPS, "WIDENER_REGS": WIDENER_REGS,
-            "BLOCK_KEYS": block_keys, "V16_SLOTS": slots, "num_warps": 4,
-            "maxnreg": maxnreg}  # fmt: skip
+            "BLOCK_KEYS": block_keys, "V16_SLOTS": slots, "LAZY_RESCALE": lazy_rescale,
+            "num_warps": 4, "maxnreg": maxnreg}  # fmt: skip

@@ -186,12 +186,13 @@ def _load_q_codes(codes_ptr, scales_ptr, q_smem, q_row, n_real, head, stride_qt,
 @gluon.jit
 def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
             CAUSAL: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
-            ROTATE: gl.constexpr, SLOTS: gl.constexpr):  # fmt: skip
+            ROTATE: gl.constexpr, SLOTS: gl.constexpr, LAZY: gl.constexpr):  # fmt: skip
     """One work item of consumer WG (n >= 2): rows lo = first_row + 64 WG .. lo + 63 of the
     sequence's chunk (those < q_len stored), over key blocks 0 .. n - 1 (the program's
     blocks base ..): block 0 masked (peeled), blocks 1 .. full - 1 in the unmasked loop,
     full .. n - 1 in the masked one (<= 2 iterations), then the last P·V and the empty
-    turns n .. loaded - 1."""
+    turns n .. loaded - 1. LAZY: the accumulator rescaled only where a row's max grew
+    (`_step`)."""
     (q_ptr, out_ptr, q_smem, h_smem, k_smem, v_smem, scale_smem, ready, empty, turn,
      q_start_ptr, stride_qt, stride_qh, stride_ot, stride_oh, sm_scale, q_scale_ptr,
      stride_st, v_ready, v_empty) = args  # fmt: skip
@@ -236,13 +237,13 @@ def _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
         p, acc, rescale, m_i, l_i, unit = _step(
             j, base, p, acc, rescale, m_i, l_i, unit, q_scale, last_key, q_smem, k_smem,
             v_smem, scale_smem, ready, empty, turn, v_ready, v_empty, s_layout, o_layout,
-            False, WG, STAGES, SLOTS,
+            False, WG, STAGES, SLOTS, LAZY,
         )  # fmt: skip
     for j in range(split, n - 1):  # the blocks crossing the diagonal, keys >= kv_len
         p, acc, rescale, m_i, l_i, unit = _step(
             j, base, p, acc, rescale, m_i, l_i, unit, q_scale, last_key, q_smem, k_smem,
             v_smem, scale_smem, ready, empty, turn, v_ready, v_empty, s_layout, o_layout,
-            True, WG, STAGES, SLOTS,
+            True, WG, STAGES, SLOTS, LAZY,
         )  # fmt: skip
     # The last block's P·V, in a turn of its own (turn base + n - 1, held).
     g = base + n - 1
@@ -276,7 +277,7 @@ def _idle_item(args, start, stop, WG: gl.constexpr, STAGES: gl.constexpr,
 @gluon.jit
 def _consumer(args, plan_ptr, q_len_ptr, kv_len_ptr, n_items, CAUSAL: gl.constexpr,
               WG: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr,
-              SLOTS: gl.constexpr):  # fmt: skip
+              SLOTS: gl.constexpr, LAZY: gl.constexpr):  # fmt: skip
     """One warpgroup through the program's plan items. Consumer 0 always has a real row (a
     tile starts below q_len); consumer 1 may have none: then all its turns are empty."""
     BLOCK_N: gl.constexpr = args[4].shape[1]  # the K stages' rows: keys per block
@@ -286,11 +287,11 @@ def _consumer(args, plan_ptr, q_len_ptr, kv_len_ptr, n_items, CAUSAL: gl.constex
         n, full, loaded = _item_blocks(q_len, kv_len, first_row, WG, CAUSAL, BLOCK_N)
         if WG == 0:
             _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base, args,
-                    CAUSAL, WG, STAGES, ROTATE, SLOTS)  # fmt: skip
+                    CAUSAL, WG, STAGES, ROTATE, SLOTS, LAZY)  # fmt: skip
         else:
             if n > 0:
                 _attend(seq, first_row, head, q_len, kv_len, n, full, loaded, base,
-                        args, CAUSAL, WG, STAGES, ROTATE, SLOTS)  # fmt: skip
+                        args, CAUSAL, WG, STAGES, ROTATE, SLOTS, LAZY)  # fmt: skip
             else:
                 _idle_item(args, base, base + loaded, WG, STAGES, SLOTS)
         base += loaded

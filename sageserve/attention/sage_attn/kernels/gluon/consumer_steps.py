@@ -17,7 +17,37 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M
+from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M, RESCALE_THRESHOLD
+
+
+def _rescale_asm(per_thread: int) -> str:
+    """PTX for `_rescale_where_grown` over one thread's per_thread accumulator values (the
+    first per_thread operands, tied to the outputs) and their rows' factors (the next
+    per_thread): multiply, unless the factors of the thread's two rows are both exactly 1,
+    then branch over. Values 0 and 2 (the register order of an mma accumulator: two of row
+    r, then two of row r + 8) and per_thread / 2 and + 2 (were the order row-major) cover both
+    rows whichever order the layout has. The branch is taken per lane; a warp skips the
+    products when all its 16 rows kept their max. Labels inside braces are local, so the
+    asm can appear more than once in a kernel."""
+    a = per_thread
+    rows = " ".join(f"setp.neu.f32 q, ${a + i}, 0f3F800000; or.pred p, p, q;"
+                    for i in (2, a // 2, a // 2 + 2))  # fmt: skip
+    products = " ".join(f"mul.f32 ${i}, ${i}, ${a + i};" for i in range(a))
+    first = f"setp.neu.f32 p, ${a}, 0f3F800000;"
+    return f"{{ .reg .pred p, q; {first} {rows} @!p bra DONE; {products} DONE: }}"
+
+
+def _rescale_constraints(per_thread: int) -> str:
+    """Outputs, the accumulator values tied to them, the factors."""
+    n = per_thread
+    return ",".join(["=f"] * n + [str(i) for i in range(n)] + ["f"] * n)
+
+
+# One thread's accumulator values: [64, D] fp32 over a warpgroup's 128 threads, D / 2.
+_RESCALE_ASM_64 = gl.constexpr(_rescale_asm(32))
+_RESCALE_ASM_128 = gl.constexpr(_rescale_asm(64))
+_RESCALE_CONSTRAINTS_64 = gl.constexpr(_rescale_constraints(32))
+_RESCALE_CONSTRAINTS_128 = gl.constexpr(_rescale_constraints(64))
 
 # ----------------------------------------------------------------------------- consumers
 
@@ -57,12 +87,13 @@ def _block_scales(scale_smem, g, STAGES: gl.constexpr, s_layout: gl.constexpr):
 
 @gluon.jit
 def _softmax(s_float, q_scale, m_i, l_i, k_scale, rows, block, s_layout: gl.constexpr,
-             MASKED: gl.constexpr):  # fmt: skip
+             MASKED: gl.constexpr, LAZY: gl.constexpr = False):  # fmt: skip
     """Online softmax of one block of scores (INT32 products, as fp32): (P, fp32 and not yet
     scaled for its e4m3 rounding; alpha; m; l times alpha plus the block's row sums).
 
     MASKED: row `rows[i]` (position in its sequence) sees keys up to itself; block is the
-    key block's index in the sequence.
+    key block's index in the sequence. LAZY (m_i finite): a row keeps m_i unless the block
+    raises it by more than RESCALE_THRESHOLD, so its alpha is exactly 1 and P <= 2^8 there.
     """
     scores = s_float * k_scale[None, :]
     if MASKED:
@@ -70,6 +101,8 @@ def _softmax(s_float, q_scale, m_i, l_i, k_scale, rows, block, s_layout: gl.cons
         keys = block * N + gl.arange(0, N, layout=gl.SliceLayout(0, s_layout))
         scores = gl.where(keys[None, :] <= rows[:, None], scores, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(scores, axis=1) * q_scale)
+    if LAZY:
+        m_new = gl.where(m_new > m_i + RESCALE_THRESHOLD, m_new, m_i)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(scores * q_scale[:, None] - m_new[:, None])
     return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
@@ -92,6 +125,22 @@ def _p_operand(p, scale_smem, g, STAGES: gl.constexpr, s_layout: gl.constexpr,
     """
     factor = scale_smem.index(3 * (g % STAGES) + 1).load(gl.SliceLayout(0, s_layout))
     return gl.convert_layout((p * factor[None, :]).to(dtype), p_layout)
+
+
+@gluon.jit
+def _rescale_where_grown(acc, rescale, rows_o: gl.constexpr):
+    """acc [BLOCK_M, D] (wgmma accumulator) times rescale [BLOCK_M] per row, skipping the
+    products in a thread whose rows' factors are all 1 (kept maxima, `_softmax`'s LAZY):
+    the same values as `acc * rescale[:, None]`, without the ~D / 2 FMUL a thread when no
+    row of its warp grew. Compiled kernels only (inline PTX)."""
+    D: gl.constexpr = acc.shape[1]
+    factors = gl.convert_layout(rescale, rows_o)[:, None] + gl.zeros_like(acc)
+    if D == 128:
+        return gl.inline_asm_elementwise(_RESCALE_ASM_128, _RESCALE_CONSTRAINTS_128,
+                                         [acc, factors], gl.float32, True, 64)  # fmt: skip
+    else:
+        return gl.inline_asm_elementwise(_RESCALE_ASM_64, _RESCALE_CONSTRAINTS_64,
+                                         [acc, factors], gl.float32, True, 32)  # fmt: skip
 
 
 @gluon.jit
@@ -127,7 +176,7 @@ def _release_pv(empty, v_empty, g, STAGES: gl.constexpr, SLOTS: gl.constexpr):
 def _step(j, base, p, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_smem,
           v_smem, scale_smem, ready, empty, turn, v_ready, v_empty, s_layout: gl.constexpr,
           o_layout: gl.constexpr, MASKED: gl.constexpr, WG: gl.constexpr,
-          STAGES: gl.constexpr, SLOTS: gl.constexpr):  # fmt: skip
+          STAGES: gl.constexpr, SLOTS: gl.constexpr, LAZY: gl.constexpr = False):  # fmt: skip
     """One turn of a consumer: the P·V of key block j and the softmax of block j + 1 (block
     j is the program's block base + j).
 
@@ -150,6 +199,10 @@ def _step(j, base, p, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_sme
     SLOTS > 0 (two rings, lab/gluon_ws/selfcheck_two_rings.py): v_smem is the fp16 V ring of
     SLOTS slots (v_ready, v_empty its barriers); block j's K/V stage is released once its P
     codes are made, its slot once its P·V retired.
+
+    LAZY (fp16 P·V, whose unit is 1, so rescale is alpha): the softmax keeps a row's max
+    unless it grows past RESCALE_THRESHOLD, and the rescale skips the rows that kept theirs
+    (`_rescale_where_grown`).
     """
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(
@@ -160,14 +213,18 @@ def _step(j, base, p, acc, rescale, m_i, l_i, unit, q_scale, rows, q_smem, k_sme
     g = base + j
     p_op = _p_operand(p, scale_smem, g, STAGES, s_layout, p_layout, v_smem.dtype)
     _release_kv_early(empty, g, STAGES, SLOTS)
-    acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
+    if LAZY:
+        acc = _rescale_where_grown(acc, rescale, rows_o)
+    else:
+        acc = acc * gl.convert_layout(rescale, rows_o)[:, None]
     s_next = _qk(q_smem, k_smem, ready, g + 1, s_zero, STAGES)
     v = _pv_operand(v_smem, v_ready, g, STAGES, SLOTS)
     acc = warpgroup_mma(p_op, v, acc, is_async=True)
     _turn_pass(turn, WG)
     k_scale, new_unit = _block_scales(scale_smem, g + 1, STAGES, s_layout)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,)).to(gl.float32)
-    p, alpha, m_i, l_i = _softmax(s, q_scale, m_i, l_i, k_scale, rows, j + 1, s_layout, MASKED)
+    p, alpha, m_i, l_i = _softmax(s, q_scale, m_i, l_i, k_scale, rows, j + 1, s_layout, MASKED,
+                                  LAZY)  # fmt: skip
     _turn_wait(turn, g + 1, WG)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     _release_pv(empty, v_empty, g, STAGES, SLOTS)  # block j's V (and K, scales) are read

@@ -36,7 +36,7 @@ _ALIGNED = ("q_ptr", "q_scale_ptr", "k_scale_ptr", "v_scale_ptr", "page_table_pt
             "plan_ptr", "q_start_ptr", "q_len_ptr", "kv_len_ptr", "stride_qt", "stride_qh",
             "stride_ot", "stride_oh")  # fmt: skip
 _CONSTEXPRS = ("STAGES", "CONSUMER_REGS", "PRODUCER_REGS", "ROTATE", "WIDENER_WARPS",
-               "WIDENER_REGS", "BLOCK_KEYS", "V16_SLOTS")  # fmt: skip
+               "WIDENER_REGS", "BLOCK_KEYS", "V16_SLOTS", "LAZY_RESCALE")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class Build:
     block_keys: int = 64
     prequantize: bool = False  # Q codes from `quantize_q` (rotated there), not quantized here
     rotate_in_registers: bool = False  # the ±1 matrix made in registers (mma.sync), not smem
+    lazy_rescale: bool = False  # fp16 P·V: the accumulator rescaled only when a max grows
 
 
 def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
@@ -81,7 +82,8 @@ def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
     rotate_here = _rotate_constexpr(build.rotate and not build.prequantize,
                                     build.rotate_in_registers)  # fmt: skip
     slots = v16_slots(build.pv == "fp8", build.head_dim, build.block_keys)
-    options = launch_options(build.stages, build.maxnreg, rotate_here, build.block_keys, slots)
+    options = launch_options(build.stages, build.maxnreg, rotate_here, build.block_keys, slots,
+                             build.lazy_rescale)  # fmt: skip
     constexprs = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "CAUSAL": build.causal}
     constexprs |= {name: options.pop(name) for name in _CONSTEXPRS}
     signature |= dict.fromkeys(constexprs, "constexpr")
@@ -116,7 +118,8 @@ def ptxas_verdict(ptx: str) -> PtxasVerdict:
 
 def build_report(build: Build) -> dict:
     """What a CPU test checks of one build: shared memory (bytes), ptxas's registers, spill
-    bytes and warnings, the wgmma shapes and types in the PTX. Needs TRITON_INTERPRET unset
+    bytes and warnings, the wgmma shapes and types in the PTX, and how many accumulator
+    rescales a branch can skip (`consumer_steps._rescale_where_grown`). Needs TRITON_INTERPRET unset
     or 0 when this package was imported (under the interpreter, jitted functions cannot be
     compiled)."""
     kernel = compile_sm90(build)
@@ -124,4 +127,5 @@ def build_report(build: Build) -> dict:
     wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", kernel.asm["ptx"])))
     return {"shared": kernel.metadata.shared, "registers": verdict.registers,
             "spill_bytes": verdict.spill_bytes, "warnings": verdict.warnings,
-            "wgmma": wgmma}  # fmt: skip
+            "wgmma": wgmma,
+            "rescale_branches": kernel.asm["ptx"].count("bra DONE")}  # fmt: skip

@@ -77,7 +77,7 @@ def _sage_ws_prefill_kernel(
     num_q_heads: gl.constexpr, num_kv_heads: gl.constexpr, CAUSAL: gl.constexpr,
     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     ROTATE: gl.constexpr, WIDENER_WARPS: gl.constexpr, WIDENER_REGS: gl.constexpr,
-    BLOCK_KEYS: gl.constexpr, V16_SLOTS: gl.constexpr,
+    BLOCK_KEYS: gl.constexpr, V16_SLOTS: gl.constexpr, LAZY_RESCALE: gl.constexpr,
 ):  # fmt: skip
     """8-bit attention of a varlen batch with cached prefixes: work items w = program_id,
     + num_programs, ... < n_items of the plan ([items, 3] int32: sequence, first row of the
@@ -94,7 +94,9 @@ def _sage_ws_prefill_kernel(
     pages of a stage ([D, 64] TMA boxes, one after the other) are read as one [D, 128] tile
     of the same swizzle. V16_SLOTS (fp16 P·V): 0 gives each K/V stage its own fp16 V; > 0
     keeps the fp16 V in a ring of that many slots (`config.v16_slots`; protocol in
-    lab/gluon_ws/selfcheck_two_rings.py)."""
+    lab/gluon_ws/selfcheck_two_rings.py). LAZY_RESCALE (fp16 P·V): the consumers keep a
+    row's running max until it grows past RESCALE_THRESHOLD and rescale the accumulator
+    only then (`consumer_steps._rescale_where_grown`)."""
     D: gl.constexpr = k_desc.block_type.shape[1]
     PV_FP8: gl.constexpr = v_desc.dtype == gl.float8e4nv
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl.int8)
@@ -152,9 +154,9 @@ def _sage_ws_prefill_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                             CAUSAL, 0, STAGES, ROTATE, V16_SLOTS)),
+                             CAUSAL, 0, STAGES, ROTATE, V16_SLOTS, LAZY_RESCALE)),
                 (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                             CAUSAL, 1, STAGES, ROTATE, V16_SLOTS)),
+                             CAUSAL, 1, STAGES, ROTATE, V16_SLOTS, LAZY_RESCALE)),
                 (_producer, (producer_args, num_q_heads, num_kv_heads, CAUSAL, STAGES)),
             ],
             [4, 1],
@@ -166,9 +168,9 @@ def _sage_ws_prefill_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                             CAUSAL, 0, STAGES, ROTATE, V16_SLOTS)),
+                             CAUSAL, 0, STAGES, ROTATE, V16_SLOTS, LAZY_RESCALE)),
                 (_consumer, (consumer_args, plan_ptr, q_len_ptr, kv_len_ptr, n_items,
-                             CAUSAL, 1, STAGES, ROTATE, V16_SLOTS)),
+                             CAUSAL, 1, STAGES, ROTATE, V16_SLOTS, LAZY_RESCALE)),
                 (_producer, (producer_args, num_q_heads, num_kv_heads, CAUSAL, STAGES)),
                 (_widener, (widener_args, CAUSAL, STAGES, WIDENER_WARPS, V16_SLOTS)),
             ],
@@ -208,6 +210,7 @@ def sage_attention_ws(
     prequantize: bool = False,
     descriptor_memo: dict | None = None,
     rotate_in_registers: bool = False,
+    lazy_rescale: bool = False,
 ) -> torch.Tensor:
     """8-bit attention of every sequence's query chunk over its cached keys, warp-specialized
     (sm_90): what `kernels.prefill.sage_attention_paged` computes, without the channel
@@ -232,7 +235,9 @@ def sage_attention_ws(
     launches, no host sync. rotate_in_registers: Q's rotation by mma.sync over the ±1
     matrix made in registers, not one wgmma over it in shared memory (lab, not served: 5-8%
     slower on the serving batch on an H100, lab/KERNEL_NOTES.md "v3, round 6 on an H100").
-    Returns out.
+    lazy_rescale (fp16 P·V only): a row keeps its running max until a block's exceeds it by
+    more than 2^8, and the accumulator is rescaled only then (FlashAttention-4's lever; lab,
+    not yet timed on a GPU). Returns out.
     """
     check_ws_args(q, k_cache, v_cache, plan, out)
     _, heads, dim = q.shape
@@ -240,6 +245,11 @@ def sage_attention_ws(
     block_keys = block_keys or default_block_keys(dim)
     if refusal := block_keys_refusal(pv_fp8, dim, block_keys, prequantize):
         raise ValueError(refusal)
+    if lazy_rescale and pv_fp8:
+        raise ValueError(
+            "lazy_rescale needs fp16 P·V: FP8 P·V rescales every block by its "
+            "own unit (the block's largest V scale)"
+        )
     stages = stages or DEFAULT_STAGES
     if plan.shape[0] == 0:
         return out
@@ -256,7 +266,7 @@ def sage_attention_ws(
         num_kv_heads=k_cache.shape[1], CAUSAL=causal,
         **launch_options(stages, maxnreg, _rotate_constexpr(rotate and not prequantize,
                                                             rotate_in_registers), block_keys,
-                         v16_slots(pv_fp8, dim, block_keys)),
+                         v16_slots(pv_fp8, dim, block_keys), lazy_rescale),
     )  # fmt: skip
     return out
 
