@@ -23,12 +23,15 @@
 #    time with the SM clock and board power sampled), 32k non-causal and 1k causal.
 # 7. the lazy rescale (lab option `lazy_rescale`, fp16 P·V): its GPU test against the served
 #    build, then the lab varlen probe, served build against it, causal and not, D 128.
+# 8. `bench kernels` at Llama-3.1-8B's heads (32 query, 8 KV): the Gluon prefill with and
+#    without rotation, the Triton prefill without it, and cuDNN. The bench's default is 32
+#    KV heads, where the store (and its K rotation) weighs 4x what it does in that model.
 # PARTS: e.g. 1,2 (default: all). The limits add up to more than one 10-minute device call:
-# run 1, then 2,3, then 4,5, then 6,7. A failing part 1 stops the script: timings of a wrong kernel mean
+# run 1, then 2,3, then 4,5, then 6,7,8. A failing part 1 stops the script: timings of a wrong kernel mean
 # nothing.
 # On an 80 GB card the triton backend's 64 x 8k cache does not fit: bench offline records
 # that point as skipped and 32 x 8k compares the two.
-all_parts=1,2,3,4,5,6,7
+all_parts=1,2,3,4,5,6,7,8
 source "$(dirname "$0")/parts.sh"
 
 if want 1; then
@@ -86,4 +89,9 @@ if want 7; then
   done
   tail -3 "$out/lazy-gpu-test.log"
 fi
+want 8 && timeout 200 python3 -m sageserve bench kernels --kv-heads 8 \
+  --variants sage_fp16pv_gluon,sage_fp16pv_gluon_norot,sage_fp16pv_norot,sdpa_cudnn \
+  --head-dims 128 --seq-lens 1024,8192,32768 --skip-decode --skip-store \
+  --out "$out/kernels-gqa8.json" > "$out/kernels-gqa8.log" 2>&1
+want 8 && tail -16 "$out/kernels-gqa8.log"
 true  # a part left out is not a failure
