@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_llama_config
+from triton.experimental.gluon import language as gl
 
 from sageserve.attention.base import BackendOptions
 from sageserve.attention.batch import SequenceSlice, build_forward_batch
@@ -340,6 +342,42 @@ def test_the_lazy_rescale_compiles_behind_a_branch() -> None:
             assert report["registers"] <= 168, (build, report)
         else:
             assert report["rescale_branches"] == 0, (build, report)
+
+
+def _accumulator_register_bases(head_dim: int) -> list[list[int]]:
+    """Triton's register order of a consumer's [64, D] wgmma accumulator: the linear
+    layout's register bases ([row, column] per bit of a thread's register index)."""
+    from triton._C.libtriton import gluon_ir, ir
+
+    context = ir.context()
+    ir.load_dialects(context)
+    builder = gluon_ir.GluonOpBuilder(context)
+    layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                       instr_shape=[16, head_dim, 16])  # fmt: skip
+    return builder.to_linear_layout(layout._to_ir(builder), [64, head_dim]).reg_bases
+
+
+def test_the_rescale_asm_tests_both_rows_of_a_thread() -> None:
+    """`_rescale_where_grown`'s PTX branches over a thread's products when the factors of
+    the registers it tests are 1. Triton's register order of the consumers' accumulator
+    must put those registers on both of the thread's two rows, or a row that grew would go
+    unrescaled."""
+    from sageserve.attention.sage_attn.kernels.gluon.consumer_steps import _rescale_asm
+
+    for dim in (64, 128):
+        bases = _accumulator_register_bases(dim)
+        per_thread = 2 ** len(bases)
+        assert per_thread == dim // 2, (dim, bases)
+        rows = [_register_row(bases, r) for r in range(per_thread)]
+        asm = _rescale_asm(per_thread)
+        tested = [int(t) - per_thread for t in re.findall(r"setp\.neu\.f32 \w, \$(\d+)", asm)]
+        assert len(set(rows)) == 2 and {rows[r] for r in tested} == set(rows), (dim, bases)
+
+
+def _register_row(bases: list[list[int]], reg: int) -> int:
+    """The row (within the thread's warp tile) of register `reg` under a linear layout's
+    register bases ([row, column] per bit of the register index)."""
+    return sum(base[0] for bit, base in enumerate(bases) if reg >> bit & 1)
 
 
 def test_the_lazy_rescale_is_refused_with_fp8_pv() -> None:

@@ -26,7 +26,8 @@ def _rescale_asm(per_thread: int) -> str:
     per_thread): multiply, unless the factors of the thread's two rows are both exactly 1,
     then branch over. Values 0 and 2 (the register order of an mma accumulator: two of row
     r, then two of row r + 8) and per_thread / 2 and + 2 (were the order row-major) cover both
-    rows whichever order the layout has. The branch is taken per lane; a warp skips the
+    rows whichever order the layout has (a CPU test reads Triton's register order and
+    checks the rows these registers fall on). The branch is taken per lane; a warp skips the
     products when all its 16 rows kept their max. Labels inside braces are local, so the
     asm can appear more than once in a kernel."""
     a = per_thread
