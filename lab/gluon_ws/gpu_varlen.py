@@ -8,7 +8,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,18 +26,29 @@ from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_w
 # ----------------------------------------------------------------------------- GPU mode: varlen
 
 
-# name -> (persistent grid, keys per block, Q quantized beforehand by `quantize_q`, Q rotated
-# by mma.sync over the ±1 matrix made in registers instead of a wgmma over it in shared memory)
+@dataclass(frozen=True)
+class WsOptions:
+    """A varlen variant's launch options, named as `sage_attention_ws` takes them: the
+    persistent grid, keys per block, Q quantized beforehand by `quantize_q`, Q rotated by
+    mma.sync over the ±1 matrix made in registers, the lazy accumulator rescale."""
+
+    persistent: bool = True
+    block_keys: int = 64
+    prequantize: bool = False
+    rotate_in_registers: bool = False
+    lazy_rescale: bool = False
+
+
 VARLEN_VARIANTS = {
-    "gluon_ws_varlen": (False, 64, False, False, False),
-    "gluon_ws_varlen_persistent": (True, 64, False, False, False),
-    "gluon_ws_varlen_persistent_k128": (True, 128, False, False, False),
-    "gluon_ws_varlen_persistent_pre": (True, 64, True, False, False),
-    "gluon_ws_varlen_persistent_k128_pre": (True, 128, True, False, False),
-    "gluon_ws_varlen_persistent_hreg": (True, 64, False, True, False),
-    "gluon_ws_varlen_persistent_k128_hreg": (True, 128, False, True, False),
-    "gluon_ws_varlen_persistent_lazy": (True, 64, False, False, True),
-    "gluon_ws_varlen_persistent_k128_lazy": (True, 128, False, False, True),
+    "gluon_ws_varlen": WsOptions(persistent=False),
+    "gluon_ws_varlen_persistent": WsOptions(),
+    "gluon_ws_varlen_persistent_k128": WsOptions(block_keys=128),
+    "gluon_ws_varlen_persistent_pre": WsOptions(prequantize=True),
+    "gluon_ws_varlen_persistent_k128_pre": WsOptions(block_keys=128, prequantize=True),
+    "gluon_ws_varlen_persistent_hreg": WsOptions(rotate_in_registers=True),
+    "gluon_ws_varlen_persistent_k128_hreg": WsOptions(block_keys=128, rotate_in_registers=True),
+    "gluon_ws_varlen_persistent_lazy": WsOptions(lazy_rescale=True),
+    "gluon_ws_varlen_persistent_k128_lazy": WsOptions(block_keys=128, lazy_rescale=True),
 }
 ORACLE = "triton_sage"  # the served Triton kernel, with the same numerics
 
@@ -206,14 +217,11 @@ def _varlen_runners(b: VarlenBatch, causal: bool, stages: int, variants: list[st
 
     plan = torch.from_numpy(work_plan(b.q_lens, b.kv_lens, VARLEN_HEADS, causal)).to(b.q.device)
 
-    def ws(persistent: bool, block_keys: int, prequantize: bool, registers: bool,
-           lazy: bool) -> Callable:  # fmt: skip
+    def ws(options: WsOptions) -> Callable:
         def run_ws(out):
             sage_attention_ws(b.q, *b.caches, b.table, b.q_start, b.q_len, b.kv_len, plan, out,
                               numerics.sm_scale(), causal=causal, rotate=numerics.rotate,
-                              persistent=persistent, stages=stages, block_keys=block_keys,
-                              prequantize=prequantize, rotate_in_registers=registers,
-                              lazy_rescale=lazy)  # fmt: skip
+                              stages=stages, **asdict(options))  # fmt: skip
 
         return run_ws
 
@@ -222,7 +230,7 @@ def _varlen_runners(b: VarlenBatch, causal: bool, stages: int, variants: list[st
                                 max(b.q_lens), sm_scale=numerics.sm_scale(), out=out,
                                 causal=causal, rotation=numerics.rotation())  # fmt: skip
 
-    runners = {name: ws(*VARLEN_VARIANTS[name]) for name in variants}
+    runners = {name: ws(VARLEN_VARIANTS[name]) for name in variants}
     runners[ORACLE] = triton_sage
     if not timing:
         return runners
@@ -302,7 +310,7 @@ def min_cosine(name: str, numerics: Numerics) -> float:
     other roundings of P (cosine ~0.9996 between them, each ~0.9993 from fp32), so that
     variant is held to the Triton kernel's error against fp32 instead
     (`_check_own_rounding`)."""
-    return 0.999 if numerics.pv == "fp8" and VARLEN_VARIANTS[name][1] == 128 else 0.9999
+    return 0.999 if numerics.pv == "fp8" and VARLEN_VARIANTS[name].block_keys == 128 else 0.9999
 
 
 def _check_own_rounding(rows: list[dict], variants: list[str], numerics: Numerics) -> None:
@@ -377,18 +385,17 @@ def run_varlen(rounds: int, stages: int, variants: list[str], masks: list[bool],
 
 def variant_fields(name: str) -> dict:
     """A varlen variant's launch options, for the JSON result."""
-    persistent, block_keys, prequantize, registers, lazy = VARLEN_VARIANTS[name]
-    return {"persistent": persistent, "block_keys": block_keys, "prequantize": prequantize,
-            "rotate_in_registers": registers, "lazy_rescale": lazy}  # fmt: skip
+    return asdict(VARLEN_VARIANTS[name])
 
 
 def refused(numerics: Numerics, variant: str) -> str | None:
     """Why the kernel refuses these numerics with this variant's options (None: it runs
     them)."""
-    _, block_keys, prequantize, _, lazy = VARLEN_VARIANTS[variant]
-    if lazy and numerics.pv == "fp8":
+    options = VARLEN_VARIANTS[variant]
+    if options.lazy_rescale and numerics.pv == "fp8":
         return "lazy_rescale needs fp16 P·V"
-    return block_keys_refusal(numerics.pv == "fp8", numerics.head_dim, block_keys, prequantize)
+    return block_keys_refusal(numerics.pv == "fp8", numerics.head_dim, options.block_keys,
+                              options.prequantize)  # fmt: skip
 
 
 def numerics_grid(args: argparse.Namespace) -> list[Numerics]:

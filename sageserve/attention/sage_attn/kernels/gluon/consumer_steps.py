@@ -135,7 +135,7 @@ def _rescale_where_grown(acc, rescale, rows_o: gl.constexpr):
     the same values as `acc * rescale[:, None]`, without the ~D / 2 FMUL a thread when no
     row of its warp grew. Compiled kernels only (inline PTX)."""
     D: gl.constexpr = acc.shape[1]
-    factors = gl.convert_layout(rescale, rows_o)[:, None] + gl.zeros_like(acc)
+    factors, _ = gl.broadcast(gl.convert_layout(rescale, rows_o)[:, None], acc)
     if D == 128:
         return gl.inline_asm_elementwise(_RESCALE_ASM_128, _RESCALE_CONSTRAINTS_128,
                                          [acc, factors], gl.float32, True, 64)  # fmt: skip
