@@ -89,7 +89,7 @@ want 8 && timeout 200 python3 -m sageserve bench offline $M --backends triton,sa
   --out "$out/offline-64x8k.json" > "$out/offline-64x8k.log" 2>&1
 want 8 && tail -10 "$out/offline-64x8k.log"
 if want 9; then
-  timeout 150 ncu --kernel-name regex:decode_split_kernel --launch-count 4 \
+  timeout 150 ncu --clock-control none --kernel-name regex:decode_split_kernel --launch-count 4 \
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
     --section MemoryWorkloadAnalysis --section Occupancy \
     python3 -m sageserve bench kernels --skip-prefill --skip-store \

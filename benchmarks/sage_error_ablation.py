@@ -20,7 +20,10 @@ Variants:
   before INT8 (q·k unchanged, outlier channels spread over all), with and without balance;
   the rotation with SageAttention-2's Q smoothing (each 64-row block's mean taken out of Q
   before INT8, its product with the keys added back exactly); the rotation with each
-  sequence's first token (the attention sink) kept unquantized in K and V ("exact sink").
+  sequence's first token (the attention sink) kept unquantized in K and V ("exact sink");
+  the rotation with Q in two INT8 levels ("two-level q": the codes of Q, then the codes of
+  their rounding residual at 1/128 of Q's scale, which two INT8 products per block and one
+  shift of the first's INT32 scores by 7 bits would compute exactly; 7 more bits for Q).
 - FP8 P·V split by operand (reference numerics with one operand kept accurate, swapped into
   `reference.py` for the variant's run): P through FP8 e4m3 in its blocks as served, over
   INT8 V ("fp8 P only"); and FP8 V under P left in fp64 ("fp8 V only").
@@ -49,7 +52,13 @@ from sageserve.attention.registry import register_backend
 from sageserve.attention.sage_attn import reference
 from sageserve.attention.sage_attn.calibration import calibrate_qk, calibration_token_ids
 from sageserve.attention.sage_attn.options import SageOptions
-from sageserve.attention.sage_attn.reference import balance_q, dequantize, quantize_int8
+from sageserve.attention.sage_attn.reference import (
+    INT8_MAX,
+    balance_q,
+    dequantize,
+    quantize_int8,
+    round_half_away,
+)
 from sageserve.attention.sage_attn.rotation import hadamard_matrix
 from sageserve.attention.torch_native.backend import TorchNativeBackend
 from sageserve.attention.torch_native.options import TorchOptions
@@ -76,8 +85,11 @@ PLAN_FILE = {"path": "sage_layer_plan.json"}
 # What the fake-quantizing backend quantizes, set before each engine is built.
 FAKE_QUANT: dict[str, object] = {
     "sources": frozenset(SOURCES), "layers": frozenset(), "rotate": False, "balance": True,
-    "q_smooth": False, "exact_sink": False,
+    "q_smooth": False, "exact_sink": False, "q_levels": 1,
 }  # fmt: skip
+# The second Q level's step, as a fraction of the first's (a power of two: the kernel would
+# shift the first product's INT32 scores by log2 of it before adding the second's).
+Q_RESIDUAL_STEP = 1 / 128
 # Query rows per block of the Q smoothing candidate (the prefill kernels' query block).
 Q_SMOOTH_ROWS = 64
 _CALIBRATED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -96,6 +108,7 @@ class FakeQuantBackend(TorchNativeBackend):
         self.balance = FAKE_QUANT["balance"]
         self.q_smooth = FAKE_QUANT["q_smooth"]
         self.exact_sink = FAKE_QUANT["exact_sink"]
+        self.q_levels = FAKE_QUANT["q_levels"]
         self.k_mean = self.channel_scale = None
 
     def prepare(self, model: torch.nn.Module, tokenizer: object | None) -> None:
@@ -117,7 +130,7 @@ class FakeQuantBackend(TorchNativeBackend):
             if "q" in self.sources and self.q_smooth:
                 q = _smoothed_fake_q(q, c, self.rotation)
             elif "q" in self.sources:
-                q = _fake_q(q, c, self.rotation)
+                q = _fake_q(q, c, self.rotation, self.q_levels)
             if "k" in self.sources:
                 k = _fake_k(k, mean, c, self.rotation)
             if "v" in self.sources:
@@ -142,18 +155,33 @@ def _hadamard(n: int) -> torch.Tensor:
     return (hadamard_matrix(n) / n**0.5).float()
 
 
-def _rotated_int8(x: torch.Tensor, rotation, scale_dtype: torch.dtype) -> torch.Tensor:
+def _rotated_int8(
+    x: torch.Tensor, rotation, scale_dtype: torch.dtype, levels: int = 1
+) -> torch.Tensor:
     """x [T, H, D] through INT8 (per token and head), in the rotated basis when given:
-    (quant(x R)) Rᵀ, so that q·k is unchanged by the rotation itself."""
-    if rotation is None:
-        return dequantize(*quantize_int8(x, scale_dtype))
-    return dequantize(*quantize_int8(x @ rotation, scale_dtype)) @ rotation.T
+    (quant(x R)) Rᵀ, so that q·k is unchanged by the rotation itself. levels 2: plus the
+    INT8 codes of the first level's residual at Q_RESIDUAL_STEP of its scale."""
+    rotated = x if rotation is None else x @ rotation
+    fake = dequantize(*quantize_int8(rotated, scale_dtype))
+    if levels == 2:
+        fake = fake + _residual_level(rotated, fake, scale_dtype)
+    return fake if rotation is None else fake @ rotation.T
 
 
-def _fake_q(q: torch.Tensor, c: torch.Tensor, rotation) -> torch.Tensor:
-    """Q balanced (and rotated), INT8 per token and head (fp32 scale), undone again."""
+def _residual_level(x: torch.Tensor, first: torch.Tensor, scale_dtype) -> torch.Tensor:
+    """The second level: x - first (within half a code of the first scale) in INT8 codes of
+    step Q_RESIDUAL_STEP times the first scale (|codes| <= 64 at 1/128). x, first: [T, H, D]."""
+    _, scale = quantize_int8(x, scale_dtype)
+    step = scale[..., None] * Q_RESIDUAL_STEP
+    codes = round_half_away((x.float() - first) / step).clamp(-INT8_MAX, INT8_MAX)
+    return codes * step
+
+
+def _fake_q(q: torch.Tensor, c: torch.Tensor, rotation, levels: int = 1) -> torch.Tensor:
+    """Q balanced (and rotated), INT8 per token and head (fp32 scale) in `levels` levels,
+    undone again."""
     group = q.shape[1] // c.shape[0]
-    fake = _rotated_int8(balance_q(q, c), rotation, torch.float32)
+    fake = _rotated_int8(balance_q(q, c), rotation, torch.float32, levels)
     return (fake / c.repeat_interleave(group, dim=0)).to(q.dtype)
 
 
@@ -314,7 +342,8 @@ def _variants(num_layers: int, per_layer: bool) -> list[tuple[str, str, object]]
     out += [(f"fake {s}", "sage_fakequant", frozenset(s)) for s in SOURCES]
     for candidate in ("no balance", "hadamard", "hadamard no balance",
                       "hadamard no balance q-smooth",
-                      "hadamard no balance exact sink"):  # fmt: skip
+                      "hadamard no balance exact sink", "hadamard no balance two-level q",
+                      "hadamard no balance two-level q exact sink"):  # fmt: skip
         out.append((f"fake qkv {candidate}", "sage_fakequant", candidate))
     if per_layer:
         out += [(f"layer_{i}", "sage_fakequant", i) for i in range(num_layers)]
@@ -335,6 +364,7 @@ def _run_variant(loaded, backend, spec, chunk, windows, ref_engine: Engine) -> d
         FAKE_QUANT["balance"] = not (isinstance(spec, str) and "no balance" in spec)
         FAKE_QUANT["q_smooth"] = isinstance(spec, str) and "q-smooth" in spec
         FAKE_QUANT["exact_sink"] = isinstance(spec, str) and "exact sink" in spec
+        FAKE_QUANT["q_levels"] = 2 if isinstance(spec, str) and "two-level q" in spec else 1
     with _pv_split(split), _engine(loaded, backend, options, chunk) as engine:
         return compare_windows(ref_engine, engine, windows)
 

@@ -4,7 +4,8 @@ Builds the varlen probe's "prompt16k" batch (one 16k prompt, 32 query / 8 KV hea
 Q and K rotated unless --no-rotate), launches `sage_attention_ws` twice to compile and warm
 up, then once more inside an NVTX range named "profiled"; run it under ncu with that range:
 
-    ncu --nvtx --nvtx-include "profiled/" --section SpeedOfLight --section WarpStateStats \
+    ncu --clock-control none --nvtx --nvtx-include "profiled/" --section SpeedOfLight \
+        --section WarpStateStats \
         --section InstructionStats --section ComputeWorkloadAnalysis --section SchedulerStats \
         python3 lab/gluon_ws_ncu_target.py --pv fp16 --block-keys 64
 """
