@@ -162,16 +162,17 @@ def _rotated_int8(
     (quant(x R)) Rᵀ, so that q·k is unchanged by the rotation itself. levels 2: plus the
     INT8 codes of the first level's residual at Q_RESIDUAL_STEP of its scale."""
     rotated = x if rotation is None else x @ rotation
-    fake = dequantize(*quantize_int8(rotated, scale_dtype))
+    codes, scale = quantize_int8(rotated, scale_dtype)
+    fake = dequantize(codes, scale)
     if levels == 2:
-        fake = fake + _residual_level(rotated, fake, scale_dtype)
+        fake = fake + _residual_level(rotated, fake, scale)
     return fake if rotation is None else fake @ rotation.T
 
 
-def _residual_level(x: torch.Tensor, first: torch.Tensor, scale_dtype) -> torch.Tensor:
-    """The second level: x - first (within half a code of the first scale) in INT8 codes of
-    step Q_RESIDUAL_STEP times the first scale (|codes| <= 64 at 1/128). x, first: [T, H, D]."""
-    _, scale = quantize_int8(x, scale_dtype)
+def _residual_level(x: torch.Tensor, first: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The second level: x - first (within half a code of the first level's scale) in INT8
+    codes of step Q_RESIDUAL_STEP times that scale (|codes| <= 64 at 1/128). x, first: [T, H,
+    D]; scale: [T, H], the first level's."""
     step = scale[..., None] * Q_RESIDUAL_STEP
     codes = round_half_away((x.float() - first) / step).clamp(-INT8_MAX, INT8_MAX)
     return codes * step
