@@ -333,6 +333,11 @@ def _variants(num_layers: int, per_layer: bool) -> list[tuple[str, str, object]]
             "sage_attn",
             SageOptions(impl="reference", calibrate=True, calibration_file=PLAN_FILE["path"]),
         ),
+        (
+            "sage_attn --sage-q-levels 2",
+            "sage_attn",
+            SageOptions(impl="reference", q_levels=2),
+        ),
         ("fake qkv", "sage_fakequant", frozenset(SOURCES)),
     ]
     out += [

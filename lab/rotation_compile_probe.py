@@ -76,7 +76,7 @@ def prefill_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
         BLOCK_N=config.block_n, KEY_RUN=key_run(PAGE, config.block_n),
         SPLIT_MASK=config.split_mask, PREFETCH=False, WIDE=False, CAUSAL=True,
         HAS_BALANCE=False, PV_FP8=False, FAST_CVT=True, TMA=True, ROTATE=int(rotate),
-        STAGES=dim.bit_length() - 1,
+        STAGES=dim.bit_length() - 1, Q_LEVELS=1,
     )  # fmt: skip
     signature = pointers | caches | ints | strides | {"sm_scale": "fp32"}
     signature |= {name: "constexpr" for name in constants}
@@ -119,7 +119,7 @@ def decode_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
                      RUN=key_run(PAGE, config.sub_n), WIDE=False, PACKED=True,
                      HAS_BALANCE=False, PV_FP8=False, FAST_CVT=True,
                      FUSED=config.fused_combine, GROUP_P2=4, MERGE_S=8, ROTATE=int(rotate),
-                     STAGES=dim.bit_length() - 1)  # fmt: skip
+                     STAGES=dim.bit_length() - 1, Q_LEVELS=1)  # fmt: skip
     signature |= {name: "constexpr" for name in constants}
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     attrs = launch_attrs(_sage_decode_split_kernel, signature)

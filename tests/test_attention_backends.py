@@ -62,6 +62,9 @@ VARIANTS = [
     Variant("sage_attn", _TC_CPU, 0.999, 0.03, dtype=torch.float16),
     # Prefill queries rotated and quantized by one pass before the prefill kernel.
     Variant("sage_attn", SageOptions(impl="triton", rotation_kernel="prepass"), 0.999, 0.03),
+    # Q in two INT8 levels: the reference, and the Triton kernels (prefill and decode).
+    Variant("sage_attn", SageOptions(q_levels=2), min_cosine=0.999, max_rel_l1=0.03),
+    Variant("sage_attn", SageOptions(impl="triton", q_levels=2), 0.999, 0.03),
     # The 16-bit Triton kernels, in fp32 through the interpreter on CPU: exact up to rounding.
     Variant("triton"),
 ]
@@ -89,6 +92,7 @@ GPU_VARIANTS = [
     Variant("sage_attn", _TENSOR_CORE, 0.999, 0.03, dtype=_FP16, device="cuda"),
     Variant("sage_attn", _PREPASS, 0.999, 0.03, dtype=_BF16, device="cuda"),
     Variant("sage_attn", SageOptions(skip_layers=(1,)), 0.999, 0.03, dtype=_BF16, device="cuda"),
+    Variant("sage_attn", SageOptions(q_levels=2), 0.999, 0.03, dtype=_BF16, device="cuda"),
     # Prefill chunks through the warp-specialized Hopper kernel (sm_90, pages of 64 keys).
     Variant("sage_attn", _GLUON, 0.999, 0.03, dtype=_BF16, device="cuda"),
     Variant("sage_attn", _GLUON, 0.999, 0.03, dtype=_FP16, device="cuda"),

@@ -55,10 +55,10 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert cosine >= 0.99999 and err <= 5e-3, (cosine, err)
 
 
-def run_case(heads, kv_heads, dim, page_size, pv, device, launch, seed=0):
+def run_case(heads, kv_heads, dim, page_size, pv, device, launch, seed=0, q_levels=1):
     gen = torch.Generator().manual_seed(seed)
     config = _config(heads, kv_heads, dim)
-    options = BackendOptions("auto", torch.float32, device, SageOptions(pv=pv))
+    options = BackendOptions("auto", torch.float32, device, SageOptions(pv=pv, q_levels=q_levels))
     backend = SageAttentionBackend(config.attention_shape(), options)
     balance = torch.rand(1, kv_heads, dim, generator=gen) + 0.5
     backend.set_calibration(torch.randn(1, kv_heads, dim, generator=gen), balance)
@@ -87,7 +87,7 @@ def run_case(heads, kv_heads, dim, page_size, pv, device, launch, seed=0):
     sage_attention_paged(
         q, c.balance, cache.k[0], cache.k_scale[0], cache.v[0], cache.v_scale[0],
         *_step_tensors(slices, page_size, device), sm_scale=c.sm_scale, config=launch,
-        out=out, rotation=backend.rotation,
+        out=out, rotation=backend.rotation, q_levels=q_levels,
     )  # fmt: skip
     return out, ref
 

@@ -42,6 +42,7 @@ class Case:
     expected: list[torch.Tensor]  # [1, Hq, D] per sequence: sage_reference
     exact: list[torch.Tensor]  # [1, Hq, D]: the same scores, P·V unrounded (fp64)
     pv: str
+    q_levels: int = 1  # Q in one INT8 level or two (reference module doc)
 
 
 def _poisoned_cache(pages: int, kv_heads: int, page: int, dim: int, pv: str, gen):
@@ -54,7 +55,7 @@ def _poisoned_cache(pages: int, kv_heads: int, page: int, dim: int, pv: str, gen
     return {"k": k, "k_scale": nan, "v": v, "v_scale": nan.clone()}
 
 
-def make_case(heads, kv_heads, dim, page, pv, contexts, seed=0, device="cpu") -> Case:
+def make_case(heads, kv_heads, dim, page, pv, contexts, seed=0, device="cpu", q_levels=1) -> Case:
     gen = torch.Generator().manual_seed(seed)
     counts = [-(-n // page) for n in contexts]
     num_pages = sum(counts) + 3  # + the null page and two never used
@@ -83,7 +84,7 @@ def make_case(heads, kv_heads, dim, page, pv, contexts, seed=0, device="cpu") ->
     rows = torch.arange(len(contexts)) * 2 + 1
     q = torch.randn(2 * len(contexts) + 1, heads, dim, generator=gen) * 2
     expected = [
-        sage_attention(q[r : r + 1], kc, ks, vc, vs, pv, channel_scale=balance)
+        sage_attention(q[r : r + 1], kc, ks, vc, vs, pv, channel_scale=balance, q_levels=q_levels)
         for r, (kc, ks, vc, vs) in zip(rows.tolist(), stored, strict=True)
     ]
     exact = [
@@ -101,6 +102,7 @@ def make_case(heads, kv_heads, dim, page, pv, contexts, seed=0, device="cpu") ->
         expected=expected,
         exact=exact,
         pv=pv,
+        q_levels=q_levels,
     )
 
 
@@ -137,7 +139,8 @@ def run_decode(
     out = torch.full_like(q, float("nan"))
     ws = workspace if workspace is not None else workspace_for(case, num_splits)
     sage_decode_paged(q, case.balance, c["k"], c["k_scale"], c["v"], c["v_scale"], case.table,
-                      case.q_rows, case.kv_len, out, ws, config=config)  # fmt: skip
+                      case.q_rows, case.kv_len, out, ws, config=config,
+                      q_levels=case.q_levels)  # fmt: skip
     return out
 
 

@@ -141,7 +141,8 @@ def resolve_impl(sage: SageOptions, shape: AttentionShape, options: BackendOptio
     """sage with --sage-impl auto made concrete: the torch reference off CUDA; on CUDA the
     Gluon prefill where it serves this model and device (sm_90, head_dim 64 or 128, a 16-bit
     model, no channel balance: `gluon_unsupported_reasons`; not with --sage-rotation-kernel
-    prepass, which feeds the Triton prefill); the Triton kernels on other CUDA devices. On an
+    prepass, which feeds the Triton prefill, nor with two Q levels, which the Triton kernels
+    compute); the Triton kernels on other CUDA devices. On an
     H100 the Gluon prefill was 1.01-1.27× the Triton one causal and at head_dim 64, 0.91×
     non-causal at head_dim 128 from 8k, with a lower rotation price (BENCHMARKS.md,
     2026-12-06, night). Any other choice is returned as given."""
@@ -149,8 +150,10 @@ def resolve_impl(sage: SageOptions, shape: AttentionShape, options: BackendOptio
         return sage
     if options.device.type != "cuda":
         impl = "reference"
-    elif sage.rotation_kernel == "prepass" or gluon_unsupported_reasons(
-        sage.balance_qk, shape, options
+    elif (
+        sage.rotation_kernel == "prepass"
+        or sage.q_levels != 1
+        or gluon_unsupported_reasons(sage.balance_qk, shape, options)
     ):
         impl = "triton"
     else:
@@ -160,12 +163,14 @@ def resolve_impl(sage: SageOptions, shape: AttentionShape, options: BackendOptio
 
 def resolve_rotation_kernel(sage: SageOptions, device: torch.device, dim: int) -> SageOptions:
     """sage with --sage-rotation-kernel auto made concrete: prepass where the Triton prefill
-    runs (Triton kernels, not the Gluon prefill) with the rotation on at head_dim >= 128,
-    the butterfly otherwise. Any other choice is returned as given."""
+    runs (Triton kernels, not the Gluon prefill) with the rotation on at head_dim >= 128 and
+    one Q level (the pass writes one), the butterfly otherwise. Any other choice is returned
+    as given."""
     if sage.rotation_kernel != "auto":
         return sage
     triton_prefill = _uses_kernels(sage, device) and sage.impl != "gluon"
-    prepass = sage.rotate_qk and triton_prefill and dim >= PREPASS_MIN_HEAD_DIM
+    prepass = (sage.rotate_qk and triton_prefill and dim >= PREPASS_MIN_HEAD_DIM
+               and sage.q_levels == 1)  # fmt: skip
     return dataclasses.replace(sage, rotation_kernel="prepass" if prepass else "butterfly")
 
 
@@ -191,6 +196,9 @@ def _rotation_kernel_reasons(sage: SageOptions, options: BackendOptions, dim: in
         if sage.impl == "gluon":
             return ["--sage-rotation-kernel prepass feeds the Triton prefill; the Gluon "
                     "prefill rotates its own tiles (--sage-rotation-kernel butterfly)"]  # fmt: skip
+        if sage.q_levels != 1:
+            return ["--sage-rotation-kernel prepass writes one level of Q codes; "
+                    "--sage-q-levels 2 needs butterfly or tensor_core"]  # fmt: skip
         return []
     try:
         check_rotation(HadamardKernel.TENSOR_CORE, options.model_dtype, dim)
@@ -230,6 +238,9 @@ class SageAttentionBackend(AttentionBackend):
         reasons += _rotation_kernel_reasons(sage, options, dim)
         if sage.impl == "gluon":
             reasons += gluon_unsupported_reasons(sage.balance_qk, shape, options)
+            if sage.q_levels != 1:
+                reasons.append("--sage-q-levels 2: the Gluon prefill computes one Q level "
+                               "(--sage-impl triton computes two)")  # fmt: skip
         bad = [i for i in sage.skip_layers if i >= shape.num_layers]
         if bad:
             reasons.append(
@@ -253,8 +264,10 @@ class SageAttentionBackend(AttentionBackend):
         if self.sage.rotate_qk:
             self.sm_scale = rotated_sm_scale(self.sm_scale, shape.head_dim)
         logger.info(
-            "sage_attn: INT8 QK (per-token scales, Hadamard rotation %s, K smoothing %s, "
-            "channel balance %s), %s PV, 8-bit KV cache, %s; layers kept exact: %s",
+            "sage_attn: INT8 QK (per-token scales, Q in %d INT8 level(s), Hadamard rotation %s, "
+            "K smoothing %s, channel balance %s), %s PV, 8-bit KV cache, %s; layers kept exact: "
+            "%s",
+            self.sage.q_levels,
             self._rotation_label(),
             "on" if self.sage.smooth_k else "off",
             "on" if self.sage.balance_qk else "off",
@@ -348,7 +361,8 @@ class SageAttentionBackend(AttentionBackend):
     def _plan_key(self, tokens: int) -> dict:
         """What a saved plan must have been made for: model shape, numerics, budget."""
         sage, shape = self.sage, self.shape
-        numerics = ("pv", "smooth_k", "balance_qk", "rotate_qk", "skip_layers", "kl_budget")
+        numerics = ("pv", "smooth_k", "balance_qk", "rotate_qk", "q_levels", "skip_layers",
+                    "kl_budget")  # fmt: skip
         options = {name: getattr(sage, name) for name in numerics}
         options["skip_layers"] = sorted(sage.skip_layers)
         return {"shape": dataclasses.asdict(shape), "sage": options, "tokens": tokens}
@@ -391,7 +405,7 @@ class SageAttentionBackend(AttentionBackend):
         for the keys 0..N-1 -> [n, Hq, D] fp32, causal bottom-right."""
         c = self.layer_constants(layer_id)
         return sage_attention(q, *codes_and_scales, self.sage.pv, sm_scale=c.sm_scale,
-                              channel_scale=c.balance)  # fmt: skip
+                              channel_scale=c.balance, q_levels=self.sage.q_levels)  # fmt: skip
 
     def set_calibration(self, k_mean: torch.Tensor | None, channel_scale: torch.Tensor | None):
         """Each [num_layers, num_kv_heads, head_dim] or None (off).
@@ -588,12 +602,12 @@ class SageAttentionBackend(AttentionBackend):
         elif pre is not None:
             sage_attention_paged(q, c.balance, *caches, pre.page_table, pre.q_start,
                                  pre.q_len, pre.kv_len, pre.max_q_len, sm_scale=c.sm_scale,
-                                 out=out, rotation=rotation,
-                                 descriptor_memo=cache.descriptor_memo)  # fmt: skip
+                                 out=out, rotation=rotation, descriptor_memo=cache.descriptor_memo,
+                                 q_levels=self.sage.q_levels)  # fmt: skip
         if dec is not None:
             sage_decode_paged(q, c.balance, *caches, dec.page_table, dec.q_rows, dec.kv_len,
-                              out, dec.workspace, sm_scale=c.sm_scale,
-                              rotation=rotation)  # fmt: skip
+                              out, dec.workspace, sm_scale=c.sm_scale, rotation=rotation,
+                              q_levels=self.sage.q_levels)  # fmt: skip
         return out
 
     def _decode_workspace(self, rows: int, page_size: int) -> DecodeWorkspace:

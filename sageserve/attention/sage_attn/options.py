@@ -12,6 +12,7 @@ from sageserve.attention.registry import register_backend
 SAGE_PV_CHOICES = ("fp8", "fp16")
 SAGE_IMPL_CHOICES = ("auto", "triton", "gluon", "reference")
 SAGE_ROTATION_KERNEL_CHOICES = ("auto", "butterfly", "tensor_core", "prepass")
+SAGE_Q_LEVELS_CHOICES = (1, 2)
 # Mean KL per token on the calibration text. Prose elsewhere lands higher: SmolLM2's
 # Britannica windows measured 1.3x the calibration text's KL, and at a budget of 2e-4 gave
 # 2.7e-4 at 512 tokens, over issue 18's 2.5e-4 target (BENCHMARKS.md).
@@ -49,6 +50,10 @@ class SageOptions(BackendFlags):
         default: prepass where the Triton prefill runs at head_dim >= 128, where it was
         4-13% faster than the in-kernel butterfly on an H100; the butterfly elsewhere, as
         at head_dim 64, where the pass was 0-2% slower; `backend.resolve_rotation_kernel`).
+    q_levels: Q in one INT8 level (the default) or two: the second carries the first's
+        rounding residual on a step of 1/128 of its scale, 7 more bits of Q for a second INT8
+        product per key block; nothing changes in the cache (`reference.py`). The Triton
+        kernels and the reference compute it; not the Gluon prefill or the query pass.
     skip_layers: layers kept in exact 16-bit attention over a 16-bit cache (logged).
     calibrate: at start-up, keep the fewest further layers exact that bring the KL against
         exact attention on the calibration text under kl_budget (`layer_precision.py`).
@@ -68,6 +73,7 @@ class SageOptions(BackendFlags):
     balance_qk: bool = False
     rotate_qk: bool = True
     rotation_kernel: str = "auto"
+    q_levels: int = 1
     skip_layers: tuple[int, ...] = ()
     impl: str = "auto"
     calibrate: bool = False
@@ -78,6 +84,8 @@ class SageOptions(BackendFlags):
         _check_choice("sage_pv", self.pv, SAGE_PV_CHOICES)
         _check_choice("sage_impl", self.impl, SAGE_IMPL_CHOICES)
         _check_choice("sage_rotation_kernel", self.rotation_kernel, SAGE_ROTATION_KERNEL_CHOICES)
+        if self.q_levels not in SAGE_Q_LEVELS_CHOICES:
+            raise ValueError(f"sage_q_levels={self.q_levels!r} is not valid; choose one of: 1, 2")
         if any(layer < 0 for layer in self.skip_layers):
             raise ValueError(f"sage_skip_layers must be layer indices >= 0, got {self.skip_layers}")
         if not self.kl_budget > 0:
@@ -121,6 +129,14 @@ class SageOptions(BackendFlags):
             "128, the butterfly otherwise",
         )
         group.add_argument(
+            "--sage-q-levels",
+            type=int,
+            default=1,
+            choices=SAGE_Q_LEVELS_CHOICES,
+            help="Q in one INT8 level or two (7 more bits of Q for a second INT8 product per "
+            "key block; the Triton kernels or the reference, not the Gluon prefill)",
+        )
+        group.add_argument(
             "--sage-calibrate",
             action="store_true",
             help="at start-up, keep the fewest layers in exact attention that bring the KL "
@@ -161,6 +177,7 @@ class SageOptions(BackendFlags):
             balance_qk=args.sage_qk_balance,
             rotate_qk=not args.sage_disable_qk_rotation,
             rotation_kernel=args.sage_rotation_kernel,
+            q_levels=args.sage_q_levels,
             skip_layers=args.sage_skip_layers,
             impl=args.sage_impl,
             calibrate=args.sage_calibrate,

@@ -4,7 +4,11 @@ Quantization (every scale is per token and per head, the finest granularity that
 token's cache entry independent of every other token, so a prefix-cache hit stores and
 reads exactly the bytes a miss would):
 
-- Q: INT8, scale = max|q| / 127 in fp32 (not stored).
+- Q: INT8, scale = max|q| / 127 in fp32 (not stored). With q_levels=2, a second level of
+  INT8 codes carries the first level's rounding residual on a step of 1/128 of the scale:
+  c2 = round((q / s - c1) * 128), |c2| <= 64, so q ~ s (c1 + c2 / 128) with 7 more bits.
+  The product stays exact in integers: 128 (c1 . k) + c2 . k, |.| < 2^28 at head_dim 128,
+  rounded once to fp32 (as the kernels' INT32 -> fp32 conversion does).
 - K: smoothed first (k - mean), then INT8 with scale = max|k| / 127 rounded to fp16
   (stored as fp16 beside the INT8 values).
 - Channel balance (optional, SmoothQuant-style): before quantizing, Q is multiplied and the
@@ -37,6 +41,9 @@ import torch
 from sageserve.attention.sage_attn.kernels import PV_BLOCK
 
 INT8_MAX = 127.0
+# The second Q level's step is 2^-Q_LEVEL_SHIFT of the first level's scale.
+Q_LEVEL_SHIFT = 7
+Q_LEVELS_CHOICES = (1, 2)
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
 # Smallest scale kept: fp16's smallest subnormal, so a stored scale is never 0.
@@ -74,6 +81,16 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.to(FP8_DTYPE), scale
 
 
+def quantize_q_two_levels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q in two INT8 levels (module doc). x: [T, H, D] -> (first codes int8 [T, H, D],
+    second codes int8 [T, H, D], fp32 scales [T, H]); x ~ scale (c1 + c2 / 2^7)."""
+    scale = _scales(x, INT8_MAX, torch.float32)
+    y = x.float() / scale[..., None]
+    first = round_half_away(y).clamp(-INT8_MAX, INT8_MAX)
+    second = round_half_away((y - first) * 2.0**Q_LEVEL_SHIFT).clamp(-INT8_MAX, INT8_MAX)
+    return first.to(torch.int8), second.to(torch.int8), scale
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """codes [T, H, D] (int8 or fp8), scale [T, H] -> fp32 [T, H, D]."""
     return codes.float() * scale[..., None]
@@ -98,17 +115,33 @@ def quantized_scores(
     k_scale: torch.Tensor,
     sm_scale: float,
     channel_scale: torch.Tensor | None = None,
+    q_levels: int = 1,
 ) -> torch.Tensor:
-    """S = (Q_int8 · K_int8ᵀ) · s_q · s_k · sm_scale, Q balanced by channel_scale first.
+    """S = (Q_int8 · K_int8ᵀ) · s_q · s_k · sm_scale, Q balanced by channel_scale first and
+    quantized in q_levels INT8 levels (module doc).
 
     q: [n, Hq, D] float; k_codes: [kv, Hkv, D] int8; k_scale: [kv, Hkv];
     channel_scale: [Hkv, D] or None. Returns [Hq, n, kv].
     """
+    _check_q_levels(q_levels)
     group = q.shape[1] // k_codes.shape[1]
-    q_codes, q_scale = quantize_int8(balance_q(q, channel_scale))
+    q = balance_q(q, channel_scale)
     k_codes, k_scale = _expand_heads(k_codes, group), _expand_heads(k_scale, group)
-    dots = torch.einsum("qhd,khd->hqk", q_codes.float(), k_codes.float())
+    if q_levels == 1:
+        q_codes, q_scale = quantize_int8(q)
+        dots = torch.einsum("qhd,khd->hqk", q_codes.float(), k_codes.float())
+    else:
+        first, second, q_scale = quantize_q_two_levels(q)
+        codes = first.double() * 2.0**Q_LEVEL_SHIFT + second.double()
+        # Exact in fp64, then one rounding to fp32, as the kernels' INT32 sum converts.
+        dots = torch.einsum("qhd,khd->hqk", codes, k_codes.double()).float()
+        q_scale = q_scale * 2.0**-Q_LEVEL_SHIFT
     return dots * (q_scale.T[:, :, None] * sm_scale) * k_scale.T[:, None, :]
+
+
+def _check_q_levels(q_levels: int) -> None:
+    if q_levels not in Q_LEVELS_CHOICES:
+        raise ValueError(f"q_levels={q_levels!r} is not valid; choose one of: 1, 2")
 
 
 def causal_mask(n: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -163,6 +196,7 @@ def sage_attention(
     pv: str = "fp16",
     sm_scale: float | None = None,
     channel_scale: torch.Tensor | None = None,
+    q_levels: int = 1,
 ) -> torch.Tensor:
     """8-bit attention of one sequence's query chunk over all its keys.
 
@@ -170,13 +204,14 @@ def sage_attention(
     k_codes: [kv_len, Hkv, D] int8 (smoothed keys); k_scale: [kv_len, Hkv] fp32.
     v_codes: [kv_len, Hkv, D] int8 (pv="fp16") or fp8 e4m3 (pv="fp8"); v_scale: [kv_len, Hkv].
     channel_scale: [Hkv, D], the balance the keys were stored with (None: none).
+    q_levels: Q in one INT8 level or two (module doc).
     Returns [n, Hq, D] fp32.
     """
     if pv not in PV_CHOICES:
         raise ValueError(f"pv={pv!r} is not valid; choose one of: {', '.join(PV_CHOICES)}")
     n, kv_len = q.shape[0], k_codes.shape[0]
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    scores = quantized_scores(q, k_codes, k_scale, sm_scale, channel_scale)
+    scores = quantized_scores(q, k_codes, k_scale, sm_scale, channel_scale, q_levels)
     scores = scores.masked_fill(~causal_mask(n, kv_len, q.device), float("-inf"))
     p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))  # [H, n, kv], fp32
     denom = p.sum(dim=-1, keepdim=True).double()

@@ -46,8 +46,10 @@ from sageserve.attention.sage_attn.kernels import PV_BLOCK
 from sageserve.attention.sage_attn.kernels.prefill import (
     KEY_ALIGN,
     LOG2E,
-    _quantize_q,
+    _check_q_levels,
+    _quantize_q_levels,
     key_run,
+    q_key_product,
     scaled_pv,
 )
 from sageserve.attention.sage_attn.kernels.rotate import (
@@ -167,15 +169,16 @@ def _load_scales(scale_ptr, run_first, N: tl.constexpr, RUN: tl.constexpr,
 
 @triton.jit
 def _attend_keys(
-    q_codes, row_scale, m_i, l_i, acc, table, first_key, end, kv_head, d,
+    q_codes, q_codes2, row_scale, m_i, l_i, acc, table, first_key, end, kv_head, d,
     k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
     num_kv_heads: tl.constexpr, page_size: tl.constexpr, head_dim: tl.constexpr,
     N: tl.constexpr, RUN: tl.constexpr, WIDE: tl.constexpr, PACKED: tl.constexpr,
-    PV_FP8: tl.constexpr, FAST_CVT: tl.constexpr,
+    PV_FP8: tl.constexpr, FAST_CVT: tl.constexpr, Q_LEVELS: tl.constexpr,
 ):  # fmt: skip
     """Fold keys first_key .. first_key + N (those before `end`) into the running softmax.
 
-    q_codes: [H, D] int8; row_scale: [H] (Q scale x sm_scale x log2 e); m_i, l_i: [H]; acc:
+    q_codes, q_codes2: [H, D] int8, Q's two levels (Q_LEVELS 1: q_codes2 unused);
+    row_scale: [H] (Q scale x sm_scale x log2 e, x 2^-7 with two levels); m_i, l_i: [H]; acc:
     [H, D] fp32, un-normalized. Needs a key before `end` in this block or an earlier one
     (m_i finite afterwards). Returns the updated (m_i, l_i, acc).
     """
@@ -191,7 +194,7 @@ def _attend_keys(
     k_scale = _load_scales(k_scale_ptr, run_slot, N, RUN, PACKED)
     v_scale = _load_scales(v_scale_ptr, run_slot, N, RUN, PACKED)
     key_ok = first_key + tl.arange(0, N) < end
-    s = tl.dot(q_codes, tl.trans(k)).to(tl.float32)
+    s = q_key_product(q_codes, q_codes2, k, Q_LEVELS).to(tl.float32)
     s = tl.where(key_ok[None, :], s * row_scale[:, None] * k_scale[None, :], float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -279,6 +282,7 @@ def _sage_decode_split_kernel(
     RUN: tl.constexpr, WIDE: tl.constexpr, PACKED: tl.constexpr, HAS_BALANCE: tl.constexpr,
     PV_FP8: tl.constexpr, FAST_CVT: tl.constexpr, FUSED: tl.constexpr,
     GROUP_P2: tl.constexpr, MERGE_S: tl.constexpr, ROTATE: tl.constexpr, STAGES: tl.constexpr,
+    Q_LEVELS: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split): the group's query heads over the split's keys.
 
@@ -312,7 +316,9 @@ def _sage_decode_split_kernel(
                      mask=h_ok[:, None])  # fmt: skip
         return  # empty split: nothing reads its partials
     end = tl.minimum(kv_len, start + span)
-    q_codes, q_scale = _quantize_q(q, 127.0)
+    q_codes, q_codes2, q_scale = _quantize_q_levels(q, Q_LEVELS)
+    if Q_LEVELS == 2:
+        q_scale = q_scale * (1.0 / 128.0)
     row_scale = q_scale * (sm_scale * LOG2E)  # scores in log2 units: exp2 below
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -323,9 +329,10 @@ def _sage_decode_split_kernel(
         # whole iteration still issued together.
         for sub in tl.static_range(BLOCK_N // SUB_N):
             m_i, l_i, acc = _attend_keys(
-                q_codes, row_scale, m_i, l_i, acc, table, block_start + sub * SUB_N, end,
-                kv_head, d, k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
+                q_codes, q_codes2, row_scale, m_i, l_i, acc, table, block_start + sub * SUB_N,
+                end, kv_head, d, k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
                 num_kv_heads, page_size, head_dim, SUB_N, RUN, WIDE, PACKED, PV_FP8, FAST_CVT,
+                Q_LEVELS,
             )  # fmt: skip
     used = tl.cdiv(kv_len, span)
     if FUSED and used == 1:  # the only split: normalize here, no partials, no merge
@@ -456,6 +463,7 @@ def sage_decode_paged(
     sm_scale: float | None = None,
     config: DecodeConfig = DEFAULT_CONFIG,
     rotation: HadamardKernel = HadamardKernel.OFF,
+    q_levels: int = 1,
 ) -> None:
     """8-bit attention of one query token per sequence over its cached keys, into `out`.
 
@@ -467,12 +475,13 @@ def sage_decode_paged(
     others untouched. workspace: from `DecodeWorkspace.allocate` for this B and these heads.
     config: launch knobs (`DecodeConfig`). rotation: unless OFF, q is given unrotated and
     the kernel applies the Hadamard rotation, this way (`kernels/rotate.py`); sm_scale is
-    then the rotated basis's.
+    then the rotated basis's. q_levels: Q in one INT8 level or two (`reference` module doc).
     """
     batch = page_table.shape[0]
     _, q_heads, dim = q.shape
     kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     pv_fp8 = v_cache.dtype == torch.float8_e4m3fn
+    _check_q_levels(q_levels, None)
     _check_decode_args(q, k_cache, balance, page_table, q_rows, kv_len, out, workspace)
     check_rotation(rotation, q.dtype, dim)
     if pv_fp8 and config.block_n % PV_BLOCK:
@@ -498,7 +507,7 @@ def sage_decode_paged(
         PACKED=config.packed_scales and _pairs_aligned(run, k_scale, v_scale),
         HAS_BALANCE=balance is not None, PV_FP8=pv_fp8,
         FAST_CVT=config.fast_v_cvt and q.is_cuda, FUSED=config.fused_combine,
-        GROUP_P2=group_p2, ROTATE=int(rotation), STAGES=dim.bit_length() - 1,
+        GROUP_P2=group_p2, ROTATE=int(rotation), STAGES=dim.bit_length() - 1, Q_LEVELS=q_levels,
         MERGE_S=min(next_power_of_2(splits), max(1, MERGE_ELEMENTS // (group_p2 * dim))),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip

@@ -6,7 +6,8 @@ kernel also computes them correctly, e.g. in tests.)
 One program per (block of BLOCK_M queries, query head, sequence), longest blocks first. The
 query block is quantized in registers exactly as `reference.quantized_scores` does
 (balance, per-row INT8 with IEEE division, half away from zero); keys are read as INT8 codes
-from their pages and Q·Kᵀ runs on INT8 tensor cores with int32 accumulation. The softmax is
+from their pages and Q·Kᵀ runs on INT8 tensor cores with int32 accumulation (with
+q_levels=2, two INT8 products per block, `q_key_product`). The softmax is
 online (fp32, exp2); P·V is FP16 (P times the per-token V scale, times INT8 V codes) or FP8
 (P scaled per key block of 64 relative to the block's largest V scale, times FP8 V codes).
 The causal mask is aligned bottom-right: query i of a chunk of n sees keys
@@ -48,6 +49,28 @@ def _quantize_q(q, max_code: tl.constexpr):
     y = tl.where(y >= 0, y + 0.5, y - 0.5)
     y = tl.minimum(tl.maximum(y, -max_code), max_code)
     return y.to(tl.int8), scale
+
+
+@triton.jit
+def _quantize_q_levels(q, LEVELS: tl.constexpr):
+    """q: [M, D] fp32 -> (first codes, second codes [M, D] int8, fp32 row scales [M]) as
+    `reference.quantize_q_two_levels`: the second level is the first's rounding residual in
+    codes of 2^-7 of the scale (LEVELS 1: the first codes twice; the second goes unused)."""
+    if LEVELS == 1:
+        codes, scale = _quantize_q(q, 127.0)
+        return codes, codes, scale
+    scale = tl.maximum(tl.max(tl.abs(q), axis=1) / 127.0, MIN_SCALE)
+    y = tl.div_rn(q, tl.zeros_like(q) + scale[:, None])
+    first = _round_clamped(y, 127.0)
+    second = _round_clamped((y - first) * 128.0, 127.0)
+    return first.to(tl.int8), second.to(tl.int8), scale
+
+
+@triton.jit
+def _round_clamped(y, max_code: tl.constexpr):
+    """Half away from zero, to integers in [-max_code, max_code] (fp32)."""
+    y = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int32).to(tl.float32)
+    return tl.minimum(tl.maximum(y, -max_code), max_code)
 
 
 @triton.jit
@@ -150,9 +173,9 @@ def _load_block_tma(
 
 @triton.jit
 def _softmax_pv(
-    acc, l_i, m_i, q_codes, row_scale, rows, prefix, start, end, k, k_scale, v, v_scale,
-    BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr,
-    FAST_CVT: tl.constexpr,
+    acc, l_i, m_i, q_codes, q_codes2, row_scale, rows, prefix, start, end, k, k_scale, v,
+    v_scale, BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    PV_FP8: tl.constexpr, FAST_CVT: tl.constexpr, Q_LEVELS: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax: returns (acc, l_i, m_i).
 
@@ -160,8 +183,11 @@ def _softmax_pv(
     r sees keys <= prefix + r); off for blocks every row sees in full, which skip that work.
     Scores stay in INT8-product units times the key scale; the row scale (with sm_scale and
     log2 e) is applied inside exp2's argument by one FMA, and m_i is in scaled log2 units.
+    Q_LEVELS 2: q_codes2 is Q's second level, and the INT32 scores are 128 times the first
+    level's product plus the second's (row_scale carries the 2^-7).
     """
-    s = tl.dot(q_codes, tl.trans(k)).to(tl.float32) * k_scale.to(tl.float32)[None, :]
+    s = q_key_product(q_codes, q_codes2, k, Q_LEVELS).to(tl.float32)
+    s = s * k_scale.to(tl.float32)[None, :]
     v_scale = v_scale.to(tl.float32)
     if MASK:
         keys = start + tl.arange(0, BLOCK_N)
@@ -180,6 +206,16 @@ def _softmax_pv(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     pv = scaled_pv(p, v, v_scale, PV_FP8, FAST_CVT)
     return acc * alpha[:, None] + pv, l_i, m_new
+
+
+@triton.jit
+def q_key_product(q_codes, q_codes2, k, Q_LEVELS: tl.constexpr):
+    """INT32 Q·Kᵀ of INT8 codes: q [M, D], k [N, D] -> [M, N]; Q_LEVELS 2: 128 (q·k) +
+    q2·k, exact (|.| < 2^28 at D = 128)."""
+    s = tl.dot(q_codes, tl.trans(k))
+    if Q_LEVELS == 2:
+        s = s * 128 + tl.dot(q_codes2, tl.trans(k))
+    return s
 
 
 @triton.jit
@@ -202,12 +238,12 @@ def scaled_pv(p, v, v_scale, PV_FP8: tl.constexpr, FAST_CVT: tl.constexpr):
 
 @triton.jit
 def _attend_keys(
-    acc, l_i, m_i, q_codes, row_scale, rows, prefix, lo, hi, end, kv_head, d, table,
-    k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
+    acc, l_i, m_i, q_codes, q_codes2, row_scale, rows, prefix, lo, hi, end, kv_head, d,
+    table, k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
     num_kv_heads: tl.constexpr, page_size: tl.constexpr, head_dim: tl.constexpr,
     BLOCK_N: tl.constexpr, KEY_RUN: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
     PV_FP8: tl.constexpr, PREFETCH: tl.constexpr, WIDE: tl.constexpr, FAST_CVT: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, Q_LEVELS: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key blocks lo, lo + BLOCK_N, .. < hi: (acc, l_i, m_i).
 
@@ -235,9 +271,9 @@ def _attend_keys(
                                                    KEY_RUN, WIDE)  # fmt: skip
                 page = _block_pages(table, tl.minimum(start + 2 * BLOCK_N, last), page_size,
                                     BLOCK_N)  # fmt: skip
-                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, q_codes, row_scale, rows, prefix,
-                                            start, end, k, ks, v, vs, BLOCK_N, MASK, CAUSAL,
-                                            PV_FP8, FAST_CVT)  # fmt: skip
+                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, q_codes, q_codes2, row_scale, rows,
+                                            prefix, start, end, k, ks, v, vs, BLOCK_N, MASK,
+                                            CAUSAL, PV_FP8, FAST_CVT, Q_LEVELS)  # fmt: skip
                 k, ks, v, vs = k_n, ks_n, v_n, vs_n
     else:
         for start in range(lo, hi, BLOCK_N):
@@ -251,31 +287,36 @@ def _attend_keys(
                 k, ks, v, vs = _load_block(k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
                                            page, start, kv_head, d, num_kv_heads, page_size,
                                            head_dim, BLOCK_N, KEY_RUN, WIDE)  # fmt: skip
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, q_codes, row_scale, rows, prefix, start,
-                                        end, k, ks, v, vs, BLOCK_N, MASK, CAUSAL,
-                                        PV_FP8, FAST_CVT)  # fmt: skip
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, q_codes, q_codes2, row_scale, rows, prefix,
+                                        start, end, k, ks, v, vs, BLOCK_N, MASK, CAUSAL,
+                                        PV_FP8, FAST_CVT, Q_LEVELS)  # fmt: skip
     return acc, l_i, m_i
 
 
 @triton.jit
 def _query_tile(q_ptr, q_scale_ptr, balance_ptr, q_rows, row_ok, head, kv_head, d, stride_qt,
                 stride_qh, stride_st, sm_scale, BLOCK_M: tl.constexpr, head_dim: tl.constexpr,
-                STAGES: tl.constexpr, ROTATE: tl.constexpr, HAS_BALANCE: tl.constexpr):  # fmt: skip
-    """The tile's INT8 codes [BLOCK_M, D] and row scales [BLOCK_M] (with sm_scale and log2 e:
-    scores in log2 units, exp2 below). INT8 q: the codes and scales `quantize_q` made;
-    otherwise the 16-bit rows, rotated, balanced and quantized here."""
+                STAGES: tl.constexpr, ROTATE: tl.constexpr, HAS_BALANCE: tl.constexpr,
+                Q_LEVELS: tl.constexpr):  # fmt: skip
+    """The tile's INT8 codes [BLOCK_M, D] (twice: the second level's, or the first's again
+    when Q_LEVELS is 1) and row scales [BLOCK_M] (with sm_scale and log2 e: scores in log2
+    units, exp2 below; and 2^-7 with two levels). INT8 q: the codes and scales `quantize_q`
+    made (one level); otherwise the 16-bit rows, rotated, balanced and quantized here."""
     offsets = q_rows[:, None] * stride_qt + head * stride_qh + d[None, :]
     if q_ptr.dtype.element_ty == tl.int8:
         q_codes = tl.load(q_ptr + offsets, mask=row_ok[:, None], other=0)
+        q_codes2 = q_codes
         row_scale = tl.load(q_scale_ptr + q_rows * stride_st + head, mask=row_ok, other=1.0)
     else:
         q = tl.load(q_ptr + offsets, mask=row_ok[:, None], other=0.0)
         q = hadamard_tile(q, BLOCK_M, head_dim, STAGES, ROTATE, True)
         if HAS_BALANCE:
             q = q * tl.load(balance_ptr + kv_head * head_dim + d)[None, :]
-        q_codes, q_scale = _quantize_q(q, 127.0)
+        q_codes, q_codes2, q_scale = _quantize_q_levels(q, Q_LEVELS)
+        if Q_LEVELS == 2:
+            q_scale = q_scale * (1.0 / 128.0)
         row_scale = q_scale * (sm_scale * LOG2E)
-    return q_codes, row_scale
+    return q_codes, q_codes2, row_scale
 
 
 # The page table's width (its row stride) changes with the longest sequence of a step:
@@ -292,6 +333,7 @@ def _sage_attention_kernel(
     KEY_RUN: tl.constexpr, SPLIT_MASK: tl.constexpr, PREFETCH: tl.constexpr,
     WIDE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BALANCE: tl.constexpr, PV_FP8: tl.constexpr,
     FAST_CVT: tl.constexpr, TMA: tl.constexpr, ROTATE: tl.constexpr, STAGES: tl.constexpr,
+    Q_LEVELS: tl.constexpr,
 ):  # fmt: skip
     """One program per (block of BLOCK_M query rows, query head, sequence).
 
@@ -321,10 +363,10 @@ def _sage_attention_kernel(
     row_ok = rows < q_len
     d = tl.arange(0, head_dim)
     q_rows = (tl.load(q_start_ptr + seq) + rows).to(tl.int64)
-    q_codes, row_scale = _query_tile(q_ptr, q_scale_ptr, balance_ptr, q_rows, row_ok, head,
-                                     kv_head, d, stride_qt, stride_qh, stride_st, sm_scale,
-                                     BLOCK_M, head_dim, STAGES, ROTATE,
-                                     HAS_BALANCE)  # fmt: skip
+    q_codes, q_codes2, row_scale = _query_tile(q_ptr, q_scale_ptr, balance_ptr, q_rows, row_ok,
+                                               head, kv_head, d, stride_qt, stride_qh,
+                                               stride_st, sm_scale, BLOCK_M, head_dim, STAGES,
+                                               ROTATE, HAS_BALANCE, Q_LEVELS)  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, head_dim], tl.float32)
@@ -337,16 +379,16 @@ def _sage_attention_kernel(
         seen_by_all = kv_len
     full = seen_by_all // BLOCK_N * BLOCK_N if SPLIT_MASK else 0
     acc, l_i, m_i = _attend_keys(
-        acc, l_i, m_i, q_codes, row_scale, rows, prefix, 0, full, end, kv_head, d, table,
-        k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
+        acc, l_i, m_i, q_codes, q_codes2, row_scale, rows, prefix, 0, full, end, kv_head, d,
+        table, k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
         num_kv_heads, page_size, head_dim, BLOCK_N, KEY_RUN, False, CAUSAL, PV_FP8, PREFETCH,
-        WIDE, FAST_CVT, TMA,
+        WIDE, FAST_CVT, TMA, Q_LEVELS,
     )  # fmt: skip
     acc, l_i, m_i = _attend_keys(
-        acc, l_i, m_i, q_codes, row_scale, rows, prefix, full, end, end, kv_head, d, table,
-        k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
+        acc, l_i, m_i, q_codes, q_codes2, row_scale, rows, prefix, full, end, end, kv_head, d,
+        table, k_cache_ptr, k_scale_ptr, v_cache_ptr, v_scale_ptr,
         num_kv_heads, page_size, head_dim, BLOCK_N, KEY_RUN, True, CAUSAL, PV_FP8, PREFETCH,
-        WIDE, FAST_CVT, TMA,
+        WIDE, FAST_CVT, TMA, Q_LEVELS,
     )  # fmt: skip
     out = acc / l_i[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -407,6 +449,7 @@ def sage_attention_paged(
     rotation: HadamardKernel = HadamardKernel.OFF,
     q_scale: torch.Tensor | None = None,
     descriptor_memo: dict | None = None,
+    q_levels: int = 1,
 ) -> torch.Tensor:
     """8-bit attention of every sequence's query chunk over its cached keys.
 
@@ -424,12 +467,15 @@ def sage_attention_paged(
     and q_scale [T, Hq] fp32 their row scales, sm_scale folded in; rotation must be OFF,
     balance None and out given (its dtype is the result's).
     descriptor_memo: where the cache's tensor descriptors are kept (`cache_descriptors`).
+    q_levels: Q in one INT8 level or two (`reference` module doc); two need 16-bit q (the
+    kernel quantizes it), not `quantize_q`'s codes.
     Returns out, in q's dtype when allocated here.
     """
     config = config or PrefillConfig()
     tokens, q_heads, dim = q.shape
     kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     pv_fp8 = v_cache.dtype == torch.float8_e4m3fn
+    _check_q_levels(q_levels, q_scale)
     _check_args(q, k_cache, v_cache, balance, page_table, pv_fp8, config.block_n)
     _check_codes(q, q_scale, balance, rotation, out)
     check_rotation(rotation, q.dtype, dim)
@@ -457,7 +503,7 @@ def sage_attention_paged(
         SPLIT_MASK=config.split_mask, PREFETCH=config.prefetch, WIDE=_needs_int64(k_cache),
         CAUSAL=causal, FAST_CVT=config.fast_v_cvt and q.is_cuda,
         HAS_BALANCE=balance is not None, PV_FP8=pv_fp8, TMA=tma,
-        ROTATE=int(rotation), STAGES=dim.bit_length() - 1,
+        ROTATE=int(rotation), STAGES=dim.bit_length() - 1, Q_LEVELS=q_levels,
         num_warps=config.num_warps, num_stages=config.num_stages,
         maxnreg=config.maxnreg if dim <= 128 else None,
     )  # fmt: skip
@@ -509,6 +555,14 @@ def _descriptors(
         TensorDescriptor(t.view(shape), list(shape), [shape[1], 1], list(box))
         for t, shape, box in views
     )
+
+
+def _check_q_levels(q_levels: int, q_scale: torch.Tensor | None) -> None:
+    """ValueError unless q_levels is 1 or 2, and 1 where q comes as `quantize_q`'s codes."""
+    if q_levels not in (1, 2):
+        raise ValueError(f"q_levels={q_levels!r} is not valid; choose one of: 1, 2")
+    if q_levels == 2 and q_scale is not None:
+        raise ValueError("q_levels=2 needs 16-bit q: quantize_q's codes have one level")
 
 
 def _needs_int64(k_cache: torch.Tensor) -> bool:
