@@ -44,6 +44,8 @@ VARIANTS = {
     "sage_attn bf16": ("sage_attn", SageOptions(impl="triton"), "bfloat16"),
     "sage_attn pv=fp8 bf16": ("sage_attn", SageOptions(impl="triton", pv="fp8"), "bfloat16"),
     "sage_attn gluon bf16": ("sage_attn", SageOptions(impl="gluon"), "bfloat16"),
+    "sage_attn q-levels 2 fp32": ("sage_attn", SageOptions(impl="triton", q_levels=2), "float32"),
+    "sage_attn q-levels 2 bf16": ("sage_attn", SageOptions(impl="triton", q_levels=2), "bfloat16"),
 }
 
 

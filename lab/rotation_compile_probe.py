@@ -8,6 +8,7 @@ for GPUTarget("cuda", 90) with ROTATE off, the butterfly and the tensor-core pro
 Triton ships).
 
     TRITON_INTERPRET=0 python lab/rotation_compile_probe.py [--head-dim 128] [--xor]
+        [--q-levels 2]
 
 `--xor` compiles the butterfly as in-place stages whose partners come through `tl.gather`
 (`lab/quantize_q_probe.py`'s `_hadamard_rows_xor`, bit-identical results) instead of the
@@ -57,26 +58,27 @@ def launch_attrs(kernel, signature: dict) -> dict:
     return {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
 
 
-def prefill_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
+def prefill_source(dim: int, rotate: HadamardKernel, q_levels: int = 1) -> tuple[ASTSource, dict]:
     """The served prefill launch (bf16 q, FP16 P·V, no balance) as an ASTSource."""
     config = PrefillConfig()
     k = torch.empty(4, 8, PAGE, dim, dtype=torch.int8)
     scales = torch.empty(4, 8, PAGE, dtype=torch.float16)
     v = torch.empty(4, 8, dim, PAGE, dtype=torch.int8)
     descs = [mangle_type(d) for d in cache_descriptors(k, scales, v, scales, config.block_n)]
-    pointers = {"q_ptr": "*bf16", "balance_ptr": "*fp16", "out_ptr": "*bf16"}
+    pointers = {"q_ptr": "*bf16", "q_scale_ptr": "*fp16", "balance_ptr": "*fp16",
+                "out_ptr": "*bf16"}  # fmt: skip
     caches = dict(
         zip(("k_cache_ptr", "k_scale_ptr", "v_cache_ptr", "v_scale_ptr"), descs, strict=True)
     )
     ints = {n: "*i32" for n in ("page_table_ptr", "q_start_ptr", "q_len_ptr", "kv_len_ptr")}
-    strides = {n: "i32" for n in ("stride_qt", "stride_qh", "stride_ot", "stride_oh",
-                                  "stride_table")}  # fmt: skip
+    strides = {n: "i32" for n in ("stride_qt", "stride_qh", "stride_st", "stride_ot",
+                                  "stride_oh", "stride_table")}  # fmt: skip
     constants = dict(
         num_kv_heads=8, group=4, page_size=PAGE, head_dim=dim, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, KEY_RUN=key_run(PAGE, config.block_n),
         SPLIT_MASK=config.split_mask, PREFETCH=False, WIDE=False, CAUSAL=True,
         HAS_BALANCE=False, PV_FP8=False, FAST_CVT=True, TMA=True, ROTATE=int(rotate),
-        STAGES=dim.bit_length() - 1, Q_LEVELS=1,
+        STAGES=dim.bit_length() - 1, Q_LEVELS=q_levels,
     )  # fmt: skip
     signature = pointers | caches | ints | strides | {"sm_scale": "fp32"}
     signature |= {name: "constexpr" for name in constants}
@@ -104,7 +106,7 @@ def store_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
     return ASTSource(_store_kv_kernel, signature, constexprs=constants, attrs=attrs), options
 
 
-def decode_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
+def decode_source(dim: int, rotate: HadamardKernel, q_levels: int = 1) -> tuple[ASTSource, dict]:
     """The served decode split kernel (bf16 q, FP16 P·V, GQA group 4, no balance)."""
     config = DecodeConfig()
     signature = {"q_ptr": "*bf16", "balance_ptr": "*fp16", "k_cache_ptr": "*i8",
@@ -119,7 +121,7 @@ def decode_source(dim: int, rotate: HadamardKernel) -> tuple[ASTSource, dict]:
                      RUN=key_run(PAGE, config.sub_n), WIDE=False, PACKED=True,
                      HAS_BALANCE=False, PV_FP8=False, FAST_CVT=True,
                      FUSED=config.fused_combine, GROUP_P2=4, MERGE_S=8, ROTATE=int(rotate),
-                     STAGES=dim.bit_length() - 1, Q_LEVELS=1)  # fmt: skip
+                     STAGES=dim.bit_length() - 1, Q_LEVELS=q_levels)  # fmt: skip
     signature |= {name: "constexpr" for name in constants}
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     attrs = launch_attrs(_sage_decode_split_kernel, signature)
@@ -161,6 +163,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--xor", action="store_true", help="the gather-based butterfly")
+    parser.add_argument("--q-levels", type=int, default=1, choices=(1, 2),
+                        help="Q's INT8 levels in the prefill and decode")  # fmt: skip
     args = parser.parse_args()
     dim = args.head_dim
     if args.xor:
@@ -171,7 +175,8 @@ def main() -> None:
     kernels = (("prefill", prefill_source), ("store", store_source), ("decode", decode_source))
     for name, make in kernels:
         for rotate in HadamardKernel:
-            source, options = make(dim, rotate)
+            levels = {"q_levels": args.q_levels} if name != "store" else {}
+            source, options = make(dim, rotate, **levels)
             compiled = triton.compile(source, target=TARGET, options=options)
             total, inside = conversions(compiled.asm["ttgir"])
             print(f"{name:8} head_dim {dim} {rotate.name:11}: {total} layout conversions "

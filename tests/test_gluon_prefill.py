@@ -338,6 +338,8 @@ def test_the_lazy_rescale_compiles_behind_a_branch() -> None:
     for build, report in zip(builds, _build_reports(builds), strict=True):
         if build["lazy_rescale"]:
             assert report["rescale_branches"] >= 2, (build, report)
+            # Each product reads a factor, not the accumulator register it writes.
+            assert report["rescale_squares"] == 0, (build, report)
             assert report["spill_bytes"] == 0 and not report["warnings"], (build, report)
             assert report["registers"] <= 168, (build, report)
         else:
@@ -370,7 +372,10 @@ def test_the_rescale_asm_tests_both_rows_of_a_thread() -> None:
         assert per_thread == dim // 2, (dim, bases)
         rows = [_register_row(bases, r) for r in range(per_thread)]
         asm = _rescale_asm(per_thread)
-        tested = [int(t) - per_thread for t in re.findall(r"setp\.neu\.f32 \w, \$(\d+)", asm)]
+        # Operands: outputs, the tied accumulator values, then the factors (from 2n).
+        tested = [int(t) - 2 * per_thread
+                  for t in re.findall(r"setp\.neu\.f32 \w, \$(\d+)", asm)]  # fmt: skip
+        assert all(0 <= r < per_thread for r in tested), (dim, tested)
         assert len(set(rows)) == 2 and {rows[r] for r in tested} == set(rows), (dim, bases)
 
 

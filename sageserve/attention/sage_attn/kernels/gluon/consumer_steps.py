@@ -21,20 +21,26 @@ from sageserve.attention.sage_attn.kernels.gluon.config import BLOCK_M, RESCALE_
 
 
 def _rescale_asm(per_thread: int) -> str:
-    """PTX for `_rescale_where_grown` over one thread's per_thread accumulator values (the
-    first per_thread operands, tied to the outputs) and their rows' factors (the next
-    per_thread): multiply, unless the factors of the thread's two rows are both exactly 1,
-    then branch over. Values 0 and 2 (the register order of an mma accumulator: two of row
-    r, then two of row r + 8) and per_thread / 2 and + 2 (were the order row-major) cover both
-    rows whichever order the layout has (a CPU test reads Triton's register order and
-    checks the rows these registers fall on). The branch is taken per lane; a warp skips the
-    products when all its 16 rows kept their max. Labels inside braces are local, so the
-    asm can appear more than once in a kernel."""
-    a = per_thread
-    rows = " ".join(f"setp.neu.f32 q, ${a + i}, 0f3F800000; or.pred p, p, q;"
-                    for i in (2, a // 2, a // 2 + 2))  # fmt: skip
-    products = " ".join(f"mul.f32 ${i}, ${i}, ${a + i};" for i in range(a))
-    first = f"setp.neu.f32 p, ${a}, 0f3F800000;"
+    """PTX for `_rescale_where_grown` over one thread's per_thread accumulator values and
+    their rows' factors: multiply, unless the factors of the thread's two rows are both
+    exactly 1, then branch over.
+
+    Operands are numbered outputs first, then inputs, tied ones included: $0 .. $(n-1) are
+    the outputs, $n .. $(2n-1) the accumulator values tied to them (the same registers),
+    $2n .. $(3n-1) the factors. (The first build read the factors at $n + i, i.e. the tied
+    accumulator itself, and squared it: its GPU test failed, 2026-12-07.) Factors 0 and 2
+    (the register order of an mma accumulator: two of row r, then two of row r + 8) and
+    n / 2 and n / 2 + 2 (were the order row-major) cover both rows whichever order the
+    layout has (a CPU test reads Triton's register order and checks the rows these
+    registers fall on). The branch is taken per lane; a warp skips the products when all
+    its 16 rows kept their max. Labels inside braces are local, so the asm can appear more
+    than once in a kernel."""
+    n = per_thread
+    factor = 2 * n
+    rows = " ".join(f"setp.neu.f32 q, ${factor + i}, 0f3F800000; or.pred p, p, q;"
+                    for i in (2, n // 2, n // 2 + 2))  # fmt: skip
+    products = " ".join(f"mul.f32 ${i}, ${i}, ${factor + i};" for i in range(n))
+    first = f"setp.neu.f32 p, ${factor}, 0f3F800000;"
     return f"{{ .reg .pred p, q; {first} {rows} @!p bra DONE; {products} DONE: }}"
 
 

@@ -119,13 +119,16 @@ def ptxas_verdict(ptx: str) -> PtxasVerdict:
 def build_report(build: Build) -> dict:
     """What a CPU test checks of one build: shared memory (bytes), ptxas's registers, spill
     bytes and warnings, the wgmma shapes and types in the PTX, and how many accumulator
-    rescales a branch can skip (`consumer_steps._rescale_where_grown`). Needs TRITON_INTERPRET unset
+    rescales a branch can skip (`consumer_steps._rescale_where_grown`) and how many of its
+    products square a register instead. Needs TRITON_INTERPRET unset
     or 0 when this package was imported (under the interpreter, jitted functions cannot be
     compiled)."""
     kernel = compile_sm90(build)
-    verdict = ptxas_verdict(kernel.asm["ptx"])
-    wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", kernel.asm["ptx"])))
+    ptx = kernel.asm["ptx"]
+    verdict = ptxas_verdict(ptx)
+    wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", ptx)))
     return {"shared": kernel.metadata.shared, "registers": verdict.registers,
             "spill_bytes": verdict.spill_bytes, "warnings": verdict.warnings,
-            "wgmma": wgmma,
-            "rescale_branches": kernel.asm["ptx"].count("bra DONE")}  # fmt: skip
+            "wgmma": wgmma, "rescale_branches": ptx.count("bra DONE"),
+            # x * x of one register: a rescale that reads the accumulator as its factor
+            "rescale_squares": len(re.findall(r"mul\.f32 (%r\d+), \1, \1;", ptx))}  # fmt: skip
