@@ -26,12 +26,14 @@
 # 8. `bench kernels` at Llama-3.1-8B's heads (32 query, 8 KV): the Gluon prefill with and
 #    without rotation, the Triton prefill without it, and cuDNN. The bench's default is 32
 #    KV heads, where the store (and its K rotation) weighs 4x what it does in that model.
+# 9. part 6's power probe at Llama-3.1-8B's heads (8 KV heads): part 8 and part 6 disagreed
+#    on the rotation's price at 32k (2026-12-07), and they differed in KV heads.
 # PARTS: e.g. 1,2 (default: all). The limits add up to more than one 10-minute device call:
-# run 1, then 2,3, then 4,5, then 6,7,8. A failing part 1 stops the script: timings of a wrong kernel mean
+# run 1, then 2,3, then 4,5, then 6,7,8, then 9. A failing part 1 stops the script: timings of a wrong kernel mean
 # nothing.
 # On an 80 GB card the triton backend's 64 x 8k cache does not fit: bench offline records
 # that point as skipped and 32 x 8k compares the two.
-all_parts=1,2,3,4,5,6,7,8
+all_parts=1,2,3,4,5,6,7,8,9
 source "$(dirname "$0")/parts.sh"
 
 if want 1; then
@@ -94,4 +96,10 @@ want 8 && timeout 200 python3 -m sageserve bench kernels --kv-heads 8 \
   --head-dims 128 --seq-lens 1024,8192,32768 --skip-decode --skip-store \
   --out "$out/kernels-gqa8.json" > "$out/kernels-gqa8.log" 2>&1
 want 8 && tail -16 "$out/kernels-gqa8.log"
+for shape in "1024 causal" "32768 none"; do
+  set -- $shape
+  want 9 && timeout 110 python3 lab/power_clock_probe.py --seq "$1" --causal "$2" --kv-heads 8 \
+    --out "$out/power-gqa8-$1-$2.json" > "$out/power-gqa8-$1-$2.log" 2>&1
+  want 9 && tail -12 "$out/power-gqa8-$1-$2.log"
+done
 true  # a part left out is not a failure

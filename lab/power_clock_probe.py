@@ -124,10 +124,12 @@ def main() -> int:
     parser.add_argument("--causal", choices=("none", "causal"), default="none")
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kv-heads", type=int, default=32,
+                        help="KV heads under 32 query heads (Llama-3.1-8B: 8)")  # fmt: skip
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device("cuda")
-    settings = {"total_tokens": 16384, "q_heads": 32, "kv_heads": 32, "page_size": 64,
+    settings = {"total_tokens": 16384, "q_heads": 32, "kv_heads": args.kv_heads, "page_size": 64,
                 "dtype": torch.bfloat16, "seed": 0}  # fmt: skip
     shape = make_shape(args.head_dim, args.seq, args.causal == "causal", settings)
     calls = runners(make_data(shape, device), device)

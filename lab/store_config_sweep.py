@@ -83,8 +83,13 @@ def sweep_shape(tokens: int, kv_heads: int, timer: Timer, device: torch.device) 
     inputs = ks.make_inputs(shape, sets, device)
     rows: dict[str, dict] = {}
     entries = {}
-    for name in VARIANTS:
-        variant = ks.build_variant(name, shape, inputs, device)
+    # Every variant (its cache, metadata, calibration) stays alive until the round-robin
+    # below has replayed its graphs: the graphs hold raw addresses. The first GPU run
+    # (H100, 2026-12-07) rebound one name to each variant in turn, which let the first
+    # variant's cache be freed under its graphs, and its first replay hit an illegal
+    # address; that this was the cause is not yet confirmed on a GPU.
+    variants = {name: ks.build_variant(name, shape, inputs, device) for name in VARIANTS}
+    for name, variant in variants.items():
         reference = None
         for label, config in configs().items():
             calls = _calls(variant, inputs.steps, config)
