@@ -51,12 +51,13 @@ def test_two_level_scores_are_closer_to_exact_than_one_level() -> None:
         q.double(),
         (k_codes.double() * k_scale.double()[..., None]).repeat_interleave(2, 1),
     )
-    exact = exact * 128**-0.5  # fmt: skip
+    exact = exact * 128**-0.5
     errors = [
         (quantized_scores(q, k_codes, k_scale, 128**-0.5, q_levels=n).double() - exact).abs()
         for n in (1, 2)
     ]
-    # Q's 7 more bits: its share of the score error shrinks ~128x (measured ~100x).
+    # K's codes are exact here, so the error is Q's alone: 7 more bits shrink it ~128x
+    # (123x on one draw of these inputs); 30x leaves room for any draw.
     assert errors[1].mean() < errors[0].mean() / 30, [e.mean().item() for e in errors]
 
 
