@@ -53,11 +53,11 @@ from sageserve.attention.sage_attn import reference
 from sageserve.attention.sage_attn.calibration import calibrate_qk, calibration_token_ids
 from sageserve.attention.sage_attn.options import SageOptions
 from sageserve.attention.sage_attn.reference import (
-    INT8_MAX,
+    Q_LEVEL_SHIFT,
     balance_q,
     dequantize,
     quantize_int8,
-    round_half_away,
+    quantize_q_two_levels,
 )
 from sageserve.attention.sage_attn.rotation import hadamard_matrix
 from sageserve.attention.torch_native.backend import TorchNativeBackend
@@ -87,9 +87,6 @@ FAKE_QUANT: dict[str, object] = {
     "sources": frozenset(SOURCES), "layers": frozenset(), "rotate": False, "balance": True,
     "q_smooth": False, "exact_sink": False, "q_levels": 1,
 }  # fmt: skip
-# The second Q level's step, as a fraction of the first's (a power of two: the kernel would
-# shift the first product's INT32 scores by log2 of it before adding the second's).
-Q_RESIDUAL_STEP = 1 / 128
 # Query rows per block of the Q smoothing candidate (the prefill kernels' query block).
 Q_SMOOTH_ROWS = 64
 _CALIBRATED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -160,22 +157,15 @@ def _rotated_int8(
 ) -> torch.Tensor:
     """x [T, H, D] through INT8 (per token and head), in the rotated basis when given:
     (quant(x R)) Rᵀ, so that q·k is unchanged by the rotation itself. levels 2: plus the
-    INT8 codes of the first level's residual at Q_RESIDUAL_STEP of its scale."""
+    INT8 codes of the first level's residual, as served (`reference.quantize_q_two_levels`,
+    fp32 scales)."""
     rotated = x if rotation is None else x @ rotation
-    codes, scale = quantize_int8(rotated, scale_dtype)
-    fake = dequantize(codes, scale)
     if levels == 2:
-        fake = fake + _residual_level(rotated, fake, scale)
+        first, second, scale = quantize_q_two_levels(rotated)
+        fake = dequantize(first, scale) + dequantize(second, scale * 2.0**-Q_LEVEL_SHIFT)
+    else:
+        fake = dequantize(*quantize_int8(rotated, scale_dtype))
     return fake if rotation is None else fake @ rotation.T
-
-
-def _residual_level(x: torch.Tensor, first: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The second level: x - first (within half a code of the first level's scale) in INT8
-    codes of step Q_RESIDUAL_STEP times that scale (|codes| <= 64 at 1/128). x, first: [T, H,
-    D]; scale: [T, H], the first level's."""
-    step = scale[..., None] * Q_RESIDUAL_STEP
-    codes = round_half_away((x.float() - first) / step).clamp(-INT8_MAX, INT8_MAX)
-    return codes * step
 
 
 def _fake_q(q: torch.Tensor, c: torch.Tensor, rotation, levels: int = 1) -> torch.Tensor:

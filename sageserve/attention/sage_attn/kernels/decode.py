@@ -317,8 +317,6 @@ def _sage_decode_split_kernel(
         return  # empty split: nothing reads its partials
     end = tl.minimum(kv_len, start + span)
     q_codes, q_codes2, q_scale = _quantize_q_levels(q, Q_LEVELS)
-    if Q_LEVELS == 2:
-        q_scale = q_scale * (1.0 / 128.0)
     row_scale = q_scale * (sm_scale * LOG2E)  # scores in log2 units: exp2 below
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)

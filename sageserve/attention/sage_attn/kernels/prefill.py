@@ -42,10 +42,17 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _quotients(q, max_code: tl.constexpr):
+    """q: [M, D] fp32 -> (q / scale [M, D] by IEEE division, fp32 row scales [M]), scale =
+    max|q| / max_code floored at MIN_SCALE."""
+    scale = tl.maximum(tl.max(tl.abs(q), axis=1) / max_code, MIN_SCALE)
+    return tl.div_rn(q, tl.zeros_like(q) + scale[:, None]), scale
+
+
+@triton.jit
 def _quantize_q(q, max_code: tl.constexpr):
     """q: [M, D] fp32 -> (int8 codes [M, D], fp32 scales [M]), per row."""
-    scale = tl.maximum(tl.max(tl.abs(q), axis=1) / max_code, MIN_SCALE)
-    y = tl.div_rn(q, tl.zeros_like(q) + scale[:, None])
+    y, scale = _quotients(q, max_code)
     y = tl.where(y >= 0, y + 0.5, y - 0.5)
     y = tl.minimum(tl.maximum(y, -max_code), max_code)
     return y.to(tl.int8), scale
@@ -53,17 +60,17 @@ def _quantize_q(q, max_code: tl.constexpr):
 
 @triton.jit
 def _quantize_q_levels(q, LEVELS: tl.constexpr):
-    """q: [M, D] fp32 -> (first codes, second codes [M, D] int8, fp32 row scales [M]) as
-    `reference.quantize_q_two_levels`: the second level is the first's rounding residual in
-    codes of 2^-7 of the scale (LEVELS 1: the first codes twice; the second goes unused)."""
+    """q: [M, D] fp32 -> (first codes, second codes [M, D] int8, fp32 scale of one unit of
+    `q_key_product` [M]) as `reference.quantize_q_two_levels`: the second level is the
+    first's rounding residual in codes of 2^-7 of the scale, so one unit of the combined
+    product is 2^-7 of it (LEVELS 1: the first codes twice, the second goes unused)."""
     if LEVELS == 1:
         codes, scale = _quantize_q(q, 127.0)
         return codes, codes, scale
-    scale = tl.maximum(tl.max(tl.abs(q), axis=1) / 127.0, MIN_SCALE)
-    y = tl.div_rn(q, tl.zeros_like(q) + scale[:, None])
+    y, scale = _quotients(q, 127.0)
     first = _round_clamped(y, 127.0)
     second = _round_clamped((y - first) * 128.0, 127.0)
-    return first.to(tl.int8), second.to(tl.int8), scale
+    return first.to(tl.int8), second.to(tl.int8), scale * (1.0 / 128.0)
 
 
 @triton.jit
@@ -313,8 +320,6 @@ def _query_tile(q_ptr, q_scale_ptr, balance_ptr, q_rows, row_ok, head, kv_head, 
         if HAS_BALANCE:
             q = q * tl.load(balance_ptr + kv_head * head_dim + d)[None, :]
         q_codes, q_codes2, q_scale = _quantize_q_levels(q, Q_LEVELS)
-        if Q_LEVELS == 2:
-            q_scale = q_scale * (1.0 / 128.0)
         row_scale = q_scale * (sm_scale * LOG2E)
     return q_codes, q_codes2, row_scale
 
