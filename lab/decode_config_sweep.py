@@ -50,6 +50,12 @@ def configs() -> dict[str, DecodeConfig]:
         if cfg != DEFAULT_CONFIG:
             grid[f"n{block_n}-w{warps}-s{stages}"] = cfg
     grid["fused-combine"] = replace(DEFAULT_CONFIG, fused_combine=True)
+    # Fewer registers, more programs per SM (four at the default's 116 registers): does
+    # more latency hiding reach the 16-bit kernel's bandwidth? (ptxas: 96 registers spill
+    # nothing, 80 spill 16 bytes a thread.)
+    for maxnreg, stages in itertools.product((96, 80), (4, 5)):
+        cfg = replace(DEFAULT_CONFIG, maxnreg=maxnreg, num_stages=stages)
+        grid[f"r{maxnreg}-s{stages}"] = cfg
     grid["no-fast-v-cvt"] = replace(DEFAULT_CONFIG, fast_v_cvt=False)
     return grid
 

@@ -89,6 +89,8 @@ class DecodeConfig:
     (one kernel); False: a separate combine kernel (two kernels, as v1). packed_scales: read
     the fp16 scales as 4-byte pairs when pages allow (even page sizes). fast_v_cvt: INT8 V to
     fp16 without the I2F unit (compiled kernels only; ignored under the interpreter).
+    maxnreg: caps the registers a thread (None: the compiler's choice, 96-116 on sm_90), so
+    that more programs share an SM: 96 fits five 4-warp programs, 80 six.
 
     Default: the fastest measured on an H100 (lab/KERNEL_NOTES.md, "sage_decode v2"):
     two buffers (5 stages) and the separate combine kernel: the fused merge was 1.7x slower
@@ -99,6 +101,7 @@ class DecodeConfig:
     sub_n: int = 64
     num_warps: int = 4
     num_stages: int = 5
+    maxnreg: int | None = None
     fused_combine: bool = False
     packed_scales: bool = True
     fast_v_cvt: bool = True
@@ -507,7 +510,7 @@ def sage_decode_paged(
         FAST_CVT=config.fast_v_cvt and q.is_cuda, FUSED=config.fused_combine,
         GROUP_P2=group_p2, ROTATE=int(rotation), STAGES=dim.bit_length() - 1, Q_LEVELS=q_levels,
         MERGE_S=min(next_power_of_2(splits), max(1, MERGE_ELEMENTS // (group_p2 * dim))),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
     )  # fmt: skip
     if not config.fused_combine:
         _sage_decode_combine_kernel[(batch, q_heads)](
