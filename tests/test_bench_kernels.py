@@ -4,7 +4,9 @@ GPU: compiled), its JSON and Markdown, and its refusal of bad flags (exit 2)."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from sageserve.bench.kernels_store import (
     check_variant,
     make_inputs,
 )
-from sageserve.bench.kernels_timing import Timer
+from sageserve.bench.kernels_timing import Timed, Timer, balanced_order
 from sageserve.cli import main as cli_main
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -321,3 +323,27 @@ def test_gluon_variants_run_the_warp_specialized_prefill() -> None:
         assert "Hadamard" not in kernels_prefill.INCLUDED[plain]
         assert "no Q/K rotation" in kernels_prefill.INCLUDED[plain]
     assert "widened to fp16" in kernels_prefill.INCLUDED["sage_fp16pv_gluon"]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+def test_balanced_order_puts_every_variant_everywhere_and_after_every_other(count) -> None:
+    """Over a full cycle of rounds each key is sampled in each position equally often and
+    right after each other key equally often (a fixed order would always put the first key
+    after the last one)."""
+    keys = [f"v{i}" for i in range(count)]
+    rounds = [balanced_order(keys, r) for r in range(count if count % 2 == 0 else 2 * count)]
+    assert all(sorted(order) == keys for order in rounds)
+    positions = Counter((key, i) for order in rounds for i, key in enumerate(order))
+    follows = Counter(pair for order in rounds for pair in itertools.pairwise(order))
+    assert len(positions) == count * count and len(set(positions.values())) == 1
+    assert len(follows) == count * (count - 1) and len(set(follows.values())) <= 1
+
+
+def test_round_robin_samples_in_balanced_order() -> None:
+    calls: list[str] = []
+    entries = {key: Timed(call=lambda key=key: calls.append(key)) for key in "abcd"}
+    timer = Timer(torch.device("cpu"), warmup=0, repeats=4, sample_ms=1.0)
+    assert timer.round_robin(entries) == {}
+    expected = [key for r in range(4) for key in balanced_order(list("abcd"), r)]
+    assert calls == expected
+    assert all(len(timed.samples_ms) == 4 for timed in entries.values())

@@ -3,7 +3,10 @@
 Every figure is a median over `repeats` samples; a sample times `iters` back-to-back calls
 between two CUDA events (on CPU: `time.perf_counter`) after a device synchronize, and
 divides by the number of kernel calls it covered. Within a shape the variants are sampled
-round-robin (A B C A B C ...), so a clock or thermal drift hits all of them alike.
+round-robin, so a clock or thermal drift hits all of them alike, in an order that changes
+every round (`balanced_order`): at a fixed order one variant would always run right after
+the same other one, and on a card near its power cap a sample that follows the most
+power-hungry kernel (cuDNN's) may start at a lower clock.
 """
 
 from __future__ import annotations
@@ -83,8 +86,9 @@ class Timer:
         the caller reports them): one failing variant must not lose the others' figures.
         """
         errors: dict[str, str] = {}
-        for _ in range(self.repeats):
-            for key, timed in entries.items():
+        for round_index in range(self.repeats):
+            for key in balanced_order(list(entries), round_index):
+                timed = entries[key]
                 if key in errors:
                     continue
                 try:
@@ -94,6 +98,20 @@ class Timer:
                     continue
                 timed.samples_ms.append(ms / (timed.iters * timed.per_call))
         return errors
+
+
+def balanced_order(keys: list[str], round_index: int) -> list[str]:
+    """keys in the order of row round_index of a Williams design: over a full cycle of rows
+    (len(keys) rows when even, twice that when odd) each key is sampled equally often in
+    every position and right after every other key equally often."""
+    n = len(keys)
+    if n < 2:
+        return list(keys)
+    # 0, 1, n-1, 2, n-2, ...: the first row; the others shift it.
+    zigzag = [0] + [(i + 1) // 2 if i % 2 else n - i // 2 for i in range(1, n)]
+    row = [keys[(first + round_index) % n] for first in zigzag[:n]]
+    mirrored = n % 2 == 1 and (round_index // n) % 2 == 1
+    return row[::-1] if mirrored else row
 
 
 def capture_graph(calls: list[Callable[[], object]], device: torch.device) -> torch.cuda.CUDAGraph:
