@@ -109,7 +109,7 @@ def balanced_order(keys: list[str], round_index: int) -> list[str]:
         return list(keys)
     # 0, 1, n-1, 2, n-2, ...: the first row; the others shift it.
     zigzag = [0] + [(i + 1) // 2 if i % 2 else n - i // 2 for i in range(1, n)]
-    row = [keys[(first + round_index) % n] for first in zigzag[:n]]
+    row = [keys[(first + round_index) % n] for first in zigzag]
     mirrored = n % 2 == 1 and (round_index // n) % 2 == 1
     return row[::-1] if mirrored else row
 
