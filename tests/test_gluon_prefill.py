@@ -330,12 +330,20 @@ def test_every_build_compiles_for_sm90_without_spills() -> None:
 
 
 def test_the_lazy_rescale_compiles_behind_a_branch() -> None:
-    """`lazy_rescale` (lab, fp16 P·V): the accumulator's rescale sits behind a branch in
-    every key loop (the unmasked and the masked one), and the head_dim 128 build keeps the
-    served build's registers with no spill; the served build has no such branch."""
+    """`lazy_rescale` (fp16 P·V): the accumulator's rescale sits behind a branch in every
+    key loop (the unmasked and the masked one), and the head_dim 128 build keeps the
+    registers of the build without it, with no spill. Left to the default (None), the
+    served builds have it at head_dim 128 with fp16 P·V only."""
     builds = [dict(pv="fp16", head_dim=128, rotate=True, causal=causal, lazy_rescale=lazy)
               for causal in (True, False) for lazy in (True, False)]  # fmt: skip
-    for build, report in zip(builds, _build_reports(builds), strict=True):
+    shapes = (("fp16", 128, 64), ("fp8", 128, 64), ("fp16", 64, 128))
+    served = [dict(pv=pv, head_dim=dim, rotate=True, causal=True, block_keys=keys)
+              for pv, dim, keys in shapes]  # fmt: skip
+    reports = _build_reports(builds + served)
+    for build, report in zip(served, reports[len(builds) :], strict=True):
+        lazy_by_default = build["pv"] == "fp16" and build["head_dim"] == 128
+        assert (report["rescale_branches"] >= 2) == lazy_by_default, (build, report)
+    for build, report in zip(builds, reports[: len(builds)], strict=True):
         if build["lazy_rescale"]:
             assert report["rescale_branches"] >= 2, (build, report)
             # Each product reads a factor, not the accumulator register it writes.

@@ -30,13 +30,14 @@ from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_w
 class WsOptions:
     """A varlen variant's launch options, named as `sage_attention_ws` takes them: the
     persistent grid, keys per block, Q quantized beforehand by `quantize_q`, Q rotated by
-    mma.sync over the ±1 matrix made in registers, the lazy accumulator rescale."""
+    mma.sync over the ±1 matrix made in registers, the lazy accumulator rescale (None: as
+    served, `default_lazy_rescale`)."""
 
     persistent: bool = True
     block_keys: int = 64
     prequantize: bool = False
     rotate_in_registers: bool = False
-    lazy_rescale: bool = False
+    lazy_rescale: bool | None = None
 
 
 VARLEN_VARIANTS = {
@@ -48,6 +49,7 @@ VARLEN_VARIANTS = {
     "gluon_ws_varlen_persistent_hreg": WsOptions(rotate_in_registers=True),
     "gluon_ws_varlen_persistent_k128_hreg": WsOptions(block_keys=128, rotate_in_registers=True),
     "gluon_ws_varlen_persistent_lazy": WsOptions(lazy_rescale=True),
+    "gluon_ws_varlen_persistent_eager": WsOptions(lazy_rescale=False),
     "gluon_ws_varlen_persistent_k128_lazy": WsOptions(block_keys=128, lazy_rescale=True),
 }
 ORACLE = "triton_sage"  # the served Triton kernel, with the same numerics

@@ -70,6 +70,16 @@ def default_block_keys(head_dim: int) -> int:
     return 128 if head_dim == 64 else 64
 
 
+def default_lazy_rescale(pv_fp8: bool, head_dim: int) -> bool:
+    """Whether the accumulator is rescaled lazily when the caller does not say: with fp16
+    P·V at head_dim 128. Measured on an H100 (lab varlen probe, rotated, BENCHMARKS.md
+    2026-12-07 morning): 4.3-6.6% faster there, causal and not, on the serving batch and one
+    16k prompt; at head_dim 64 (128-key blocks, where the rescale is 32 of 666
+    instructions and the lazy build spills 24 bytes) 0.3-1.3%, so it stays off. FP8 P·V
+    rescales every block by its own unit and cannot skip it."""
+    return not pv_fp8 and head_dim == 128
+
+
 def launch_options(stages: int, maxnreg: int, rotate: int, block_keys: int,
                    slots: int = 0, lazy_rescale: bool = False) -> dict:  # fmt: skip
     """Constexprs and launch options shared by the launcher and the offline compile.

@@ -23,6 +23,7 @@ from sageserve.attention.sage_attn.kernels.gluon.config import (
     DEFAULT_STAGES,
     KEYS,
     MAXNREG,
+    default_lazy_rescale,
     launch_options,
     v16_slots,
 )
@@ -53,7 +54,9 @@ class Build:
     block_keys: int = 64
     prequantize: bool = False  # Q codes from `quantize_q` (rotated there), not quantized here
     rotate_in_registers: bool = False  # the ±1 matrix made in registers (mma.sync), not smem
-    lazy_rescale: bool = False  # fp16 P·V: the accumulator rescaled only when a max grows
+    # fp16 P·V: the accumulator rescaled only when a max grows; None: as served
+    # (`default_lazy_rescale`).
+    lazy_rescale: bool | None = None
 
 
 def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
@@ -82,8 +85,11 @@ def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
     rotate_here = _rotate_constexpr(build.rotate and not build.prequantize,
                                     build.rotate_in_registers)  # fmt: skip
     slots = v16_slots(build.pv == "fp8", build.head_dim, build.block_keys)
+    lazy = build.lazy_rescale
+    if lazy is None:
+        lazy = default_lazy_rescale(build.pv == "fp8", build.head_dim)
     options = launch_options(build.stages, build.maxnreg, rotate_here, build.block_keys, slots,
-                             build.lazy_rescale)  # fmt: skip
+                             lazy)  # fmt: skip
     constexprs = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "CAUSAL": build.causal}
     constexprs |= {name: options.pop(name) for name in _CONSTEXPRS}
     signature |= dict.fromkeys(constexprs, "constexpr")

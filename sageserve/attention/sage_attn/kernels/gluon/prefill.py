@@ -25,6 +25,7 @@ from sageserve.attention.sage_attn.kernels.gluon.config import (
     ROTATE_SHARED,
     block_keys_refusal,
     default_block_keys,
+    default_lazy_rescale,
     launch_options,
     v16_slots,
 )
@@ -210,7 +211,7 @@ def sage_attention_ws(
     prequantize: bool = False,
     descriptor_memo: dict | None = None,
     rotate_in_registers: bool = False,
-    lazy_rescale: bool = False,
+    lazy_rescale: bool | None = None,
 ) -> torch.Tensor:
     """8-bit attention of every sequence's query chunk over its cached keys, warp-specialized
     (sm_90): what `kernels.prefill.sage_attention_paged` computes, without the channel
@@ -236,8 +237,8 @@ def sage_attention_ws(
     matrix made in registers, not one wgmma over it in shared memory (lab, not served: 5-8%
     slower on the serving batch on an H100, lab/KERNEL_NOTES.md "v3, round 6 on an H100").
     lazy_rescale (fp16 P·V only): a row keeps its running max until a block's exceeds it by
-    more than 2^8, and the accumulator is rescaled only then (FlashAttention-4's lever; lab,
-    not yet timed on a GPU). Returns out.
+    more than 2^8, and the accumulator is rescaled only then (FlashAttention-4's lever);
+    None: `default_lazy_rescale` (on with fp16 P·V at head_dim 128). Returns out.
     """
     check_ws_args(q, k_cache, v_cache, plan, out)
     _, heads, dim = q.shape
@@ -245,6 +246,8 @@ def sage_attention_ws(
     block_keys = block_keys or default_block_keys(dim)
     if refusal := block_keys_refusal(pv_fp8, dim, block_keys, prequantize):
         raise ValueError(refusal)
+    if lazy_rescale is None:
+        lazy_rescale = default_lazy_rescale(pv_fp8, dim)
     if lazy_rescale and pv_fp8:
         raise ValueError(
             "lazy_rescale needs fp16 P·V: FP8 P·V rescales every block by its "
