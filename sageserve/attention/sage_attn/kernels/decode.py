@@ -90,7 +90,8 @@ class DecodeConfig:
     the fp16 scales as 4-byte pairs when pages allow (even page sizes). fast_v_cvt: INT8 V to
     fp16 without the I2F unit (compiled kernels only; ignored under the interpreter).
     maxnreg: caps the registers a thread (None: the compiler's choice, 96-116 on sm_90), so
-    that more programs share an SM: 96 fits five 4-warp programs, 80 six.
+    that more programs share an SM: 96 fits five 4-warp programs, 80 six (both measured
+    slower at 64 × 8k on an H100: 394 and 447 µs against 380; BENCHMARKS.md, 2026-12-07).
 
     Default: the fastest measured on an H100 (lab/KERNEL_NOTES.md, "sage_decode v2"):
     two buffers (5 stages) and the separate combine kernel: the fused merge was 1.7x slower
