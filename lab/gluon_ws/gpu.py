@@ -11,6 +11,7 @@ import triton
 
 from lab.gluon_prefill_probe import HEAD_DIM, _accuracy, _build, _runners, gluon_prefill
 from lab.gluon_ws.equal import gluon_ws_prefill
+from sageserve.bench.kernels_timing import balanced_order
 
 # ----------------------------------------------------------------------------- GPU mode
 
@@ -51,10 +52,13 @@ def _checked_run(fn: Callable, like: torch.Tensor) -> torch.Tensor:
 
 
 def _time(runners: dict[str, Callable], like: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median ms per runner, alternating runners round by round (do_bench, rep 50 ms)."""
+    """Median ms per runner, alternating runners round by round (do_bench, rep 50 ms) in
+    `balanced_order`: in a fixed order the first runner always followed cuDNN's, the most
+    power-hungry kernel."""
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, fn in runners.items():
+    for round_index in range(rounds):
+        for name in balanced_order(list(runners), round_index):
+            fn = runners[name]
             out = torch.full_like(like, float("nan"))
             times[name].append(triton.testing.do_bench(lambda f=fn, o=out: f(o), rep=50))
             if not bool(torch.isfinite(out).all()):  # the timed launches wrote it too
