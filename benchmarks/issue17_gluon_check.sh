@@ -21,8 +21,9 @@
 # 6. where the rotation's price goes: `lab/power_clock_probe.py` (the Gluon prefill rotated,
 #    unrotated, unrotated on inputs rotated beforehand, and cuDNN, each run for a fixed wall
 #    time with the SM clock and board power sampled), 32k non-causal and 1k causal.
-# 7. the lazy rescale (lab option `lazy_rescale`, fp16 P·V): its GPU test against the served
-#    build, then the lab varlen probe, served build against it, causal and not, D 128.
+# 7. the lazy rescale (served with fp16 P·V at head_dim 128 since 2026-12-07): its GPU test
+#    against the eager build, then the lab varlen probe, served (lazy) against the eager
+#    rescale (`_eager`), causal and not, D 128, in the balanced order.
 # 8. `bench kernels` at Llama-3.1-8B's heads (32 query, 8 KV): the Gluon prefill with and
 #    without rotation, the Triton prefill without it, and cuDNN. The bench's default is 32
 #    KV heads, where the store (and its K rotation) weighs 4x what it does in that model.
@@ -85,7 +86,7 @@ if want 7; then
     -k lazy_rescale > "$out/lazy-gpu-test.log" 2>&1 && for mask in causal none; do
     timeout 150 python3 lab/gluon_ws_prefill_probe.py --varlen --pv fp16 --head-dim 128 \
       --rotate on --masks "$mask" --timings serving,prompt16k \
-      --variants gluon_ws_varlen_persistent,gluon_ws_varlen_persistent_lazy \
+      --variants gluon_ws_varlen_persistent,gluon_ws_varlen_persistent_eager \
       --out "$out/lazy-$mask.json" > "$out/lazy-$mask.log" 2>&1
     grep '"timing"' "$out/lazy-$mask.log" | cut -c1-200
   done
