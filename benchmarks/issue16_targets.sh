@@ -28,8 +28,11 @@
 #    (`bench kernels`' decode shape; needs `ncu` on the machine): what holds the 8-bit
 #    kernel at 94% of the copy bandwidth where the 16-bit one reads at 106%
 #    (lab/KERNEL_NOTES.md, "sage_decode: two instruction cuts that compile longer").
+# 10. programmatic dependent launch for the batch-1 GEMVs (`lab/pdl_gemv_probe.py`): whether a
+#    GEMV that reads its first weight tile before waiting for its input hides the ramp that
+#    keeps qkv_proj and o_proj at 58-80% of the copy bandwidth.
 # Each part has its own time limit, so that one stuck part leaves the others' results.
-all_parts=1,2,3,4,5,6,7,8,9
+all_parts=1,2,3,4,5,6,7,8,9,10
 source "$(dirname "$0")/parts.sh"
 M="--model-path llama-3.1-8b --load-format dummy"
 
@@ -98,4 +101,7 @@ if want 9; then
   grep -E "decode_split_kernel|Duration|DRAM Throughput|Issue Slots Busy|No Eligible" \
     "$out/ncu-decode-64x8k.txt" | head -30
 fi
+want 10 && timeout 150 python3 lab/pdl_gemv_probe.py --out "$out/pdl-gemv.json" \
+  > "$out/pdl-gemv.log" 2>&1
+want 10 && tail -14 "$out/pdl-gemv.log"
 true  # a part left out is not a failure
