@@ -43,20 +43,16 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from lab.gemv_probe import L2_DEFEAT_BYTES
+from lab.gemv_probe import SHAPES as GEMV_SHAPES
 from sageserve.bench.kernels_timing import COPY_BYTES, Timer, copy_bandwidth, eager_and_graph
 from sageserve.bench.run_record import device_info, software
 from sageserve.launch_math import next_power_of_2
 
-# (name, N, K) of Llama-3.1-8B's decode products at batch 1: y[N] = W[N, K] x[K].
-SHAPES = [
-    ("qkv_proj", 6144, 4096),
-    ("o_proj", 4096, 4096),
-    ("gate_up_proj", 28672, 4096),
-    ("down_proj", 4096, 14336),
-]
+# Llama-3.1-8B's decode products but lm_head (read at full speed already: gemv_probe).
+SHAPES = [shape for shape in GEMV_SHAPES if shape[0] != "lm_head"]
 SMOKE_SHAPES = [("smoke", 96, 1024)]
 CONFIGS = [(16, 512, 4), (8, 1024, 4)]  # (BLOCK_N, BLOCK_K, num_warps)
-L2_DEFEAT_BYTES = 512 << 20
 EPS = tl.constexpr(1e-5)
 
 

@@ -19,7 +19,10 @@ from lab.gluon_prefill_probe import HEAD_DIM, KEYS, _accuracy
 from lab.gluon_ws.config import DEFAULT_STAGES, TILE
 from lab.gluon_ws.equal import gluon_ws_prefill
 from lab.gluon_ws.gpu import WS_VARIANTS, _time
-from sageserve.attention.sage_attn.kernels.gluon.config import block_keys_refusal
+from sageserve.attention.sage_attn.kernels.gluon.config import (
+    block_keys_refusal,
+    resolve_lazy_rescale,
+)
 from sageserve.attention.sage_attn.kernels.gluon.plan import work_plan
 from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_ws
 
@@ -394,8 +397,10 @@ def refused(numerics: Numerics, variant: str) -> str | None:
     """Why the kernel refuses these numerics with this variant's options (None: it runs
     them)."""
     options = VARLEN_VARIANTS[variant]
-    if options.lazy_rescale and numerics.pv == "fp8":
-        return "lazy_rescale needs fp16 P·V"
+    try:
+        resolve_lazy_rescale(options.lazy_rescale, numerics.pv == "fp8", numerics.head_dim)
+    except ValueError as refusal:
+        return str(refusal)
     return block_keys_refusal(numerics.pv == "fp8", numerics.head_dim, options.block_keys,
                               options.prequantize)  # fmt: skip
 

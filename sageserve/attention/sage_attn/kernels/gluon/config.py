@@ -80,6 +80,17 @@ def default_lazy_rescale(pv_fp8: bool, head_dim: int) -> bool:
     return not pv_fp8 and head_dim == 128
 
 
+def resolve_lazy_rescale(requested: bool | None, pv_fp8: bool, head_dim: int) -> bool:
+    """The lazy rescale a launch gets: `requested`, or `default_lazy_rescale` when None.
+    ValueError when it is asked for with FP8 P·V."""
+    if requested is None:
+        return default_lazy_rescale(pv_fp8, head_dim)
+    if requested and pv_fp8:
+        raise ValueError("lazy_rescale needs fp16 P·V: FP8 P·V rescales every block by its "
+                         "own unit (the block's largest V scale)")  # fmt: skip
+    return requested
+
+
 def launch_options(stages: int, maxnreg: int, rotate: int, block_keys: int,
                    slots: int = 0, lazy_rescale: bool = False) -> dict:  # fmt: skip
     """Constexprs and launch options shared by the launcher and the offline compile.

@@ -23,8 +23,8 @@ from sageserve.attention.sage_attn.kernels.gluon.config import (
     DEFAULT_STAGES,
     KEYS,
     MAXNREG,
-    default_lazy_rescale,
     launch_options,
+    resolve_lazy_rescale,
     v16_slots,
 )
 from sageserve.attention.sage_attn.kernels.gluon.prefill import (
@@ -85,9 +85,7 @@ def compile_sm90(build: Build, num_q_heads: int = 32, num_kv_heads: int = 8):
     rotate_here = _rotate_constexpr(build.rotate and not build.prequantize,
                                     build.rotate_in_registers)  # fmt: skip
     slots = v16_slots(build.pv == "fp8", build.head_dim, build.block_keys)
-    lazy = build.lazy_rescale
-    if lazy is None:
-        lazy = default_lazy_rescale(build.pv == "fp8", build.head_dim)
+    lazy = resolve_lazy_rescale(build.lazy_rescale, build.pv == "fp8", build.head_dim)
     options = launch_options(build.stages, build.maxnreg, rotate_here, build.block_keys, slots,
                              lazy)  # fmt: skip
     constexprs = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "CAUSAL": build.causal}

@@ -25,8 +25,8 @@ from sageserve.attention.sage_attn.kernels.gluon.config import (
     ROTATE_SHARED,
     block_keys_refusal,
     default_block_keys,
-    default_lazy_rescale,
     launch_options,
+    resolve_lazy_rescale,
     v16_slots,
 )
 from sageserve.attention.sage_attn.kernels.gluon.consumer import _consumer
@@ -246,13 +246,7 @@ def sage_attention_ws(
     block_keys = block_keys or default_block_keys(dim)
     if refusal := block_keys_refusal(pv_fp8, dim, block_keys, prequantize):
         raise ValueError(refusal)
-    if lazy_rescale is None:
-        lazy_rescale = default_lazy_rescale(pv_fp8, dim)
-    if lazy_rescale and pv_fp8:
-        raise ValueError(
-            "lazy_rescale needs fp16 P·V: FP8 P·V rescales every block by its "
-            "own unit (the block's largest V scale)"
-        )
+    lazy_rescale = resolve_lazy_rescale(lazy_rescale, pv_fp8, dim)
     stages = stages or DEFAULT_STAGES
     if plan.shape[0] == 0:
         return out
