@@ -38,11 +38,15 @@ all_parts=1,2,3,4,5,6,7,8,9
 source "$(dirname "$0")/parts.sh"
 
 if want 1; then
-  timeout 280 python3 -m pytest -x -q -m gpu -p no:cacheprovider tests/test_gluon_prefill.py \
-    "tests/test_attention_backends.py::test_backend_matches_dense_reference_on_gpu" -k gluon \
-    "tests/test_server_route_warmup.py::test_nothing_compiles_while_serving_on_gpu" \
+  timeout 200 python3 -m pytest -x -q -m gpu -p no:cacheprovider tests/test_gluon_prefill.py \
     > "$out/gpu-tests.log" 2>&1
   status=$?
+  # Apart: a -k filter would apply to every file and deselect the warm-up test (found
+  # 2026-12-07: the parity cases serve impl='auto', whose ids do not say gluon).
+  timeout 240 python3 -m pytest -x -q -m gpu -p no:cacheprovider \
+    "tests/test_attention_backends.py::test_backend_matches_dense_reference_on_gpu" \
+    "tests/test_server_route_warmup.py::test_nothing_compiles_while_serving_on_gpu" \
+    >> "$out/gpu-tests.log" 2>&1 || status=$?
   # The Triton prefill (the oracle, and the default --sage-impl): its kernel GPU tests.
   timeout 200 python3 -m pytest -x -q -m gpu -p no:cacheprovider \
     tests/test_kernels_sage_attention.py >> "$out/gpu-tests.log" 2>&1 || status=$?

@@ -170,6 +170,13 @@ def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
         "kernels (CUDA; CPU always uses the torch ops)",
     )
     group.add_argument(
+        "--disable-fused-gemv",
+        action="store_true",
+        help="compute a batch-1 decode step's projections with cuBLAS instead of the Triton "
+        "GEMV launched with programmatic dependent launch (used with the fused layers on "
+        "sm_90+ GPUs)",
+    )
+    group.add_argument(
         "--disable-overlap-schedule",
         action="store_true",
         help="read each step's sampled tokens back before preparing the next step, instead "
@@ -234,6 +241,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             disable_sampling=args.disable_cuda_graph_sampling,
         ),
         fused_layers=not args.disable_fused_layers,
+        fused_gemv=not args.disable_fused_gemv,
         warmup=not args.skip_warmup,
         overlap_schedule=not args.disable_overlap_schedule,
     )

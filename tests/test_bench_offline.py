@@ -80,12 +80,12 @@ def test_engines_cover_every_switch() -> None:
     cfg = OfflineBenchConfig(("torch",), (True, False), (True, False), (1,), (8,), (4,), 1, 0,
                              prefill_cap=(True, False))  # fmt: skip
     engines = cfg.engines()
-    assert engines == [("torch", f, o, c, True) for f in (True, False) for o in (True, False)
-                       for c in (True, False)]  # fmt: skip
+    assert engines == [("torch", f, o, c, True, f) for f in (True, False)
+                       for o in (True, False) for c in (True, False)]  # fmt: skip
     configs = [
         EngineConfig(fused_layers=f, overlap_schedule=o,
                      scheduler=SchedulerConfig(max_prefill_tokens_while_decoding=None if c else 0))
-        for _, f, o, c, _ in engines
+        for _, f, o, c, _, _ in engines
     ]  # fmt: skip
     assert [engine_name(c) for c in configs] == [
         "torch", "torch+no-cap", "torch+no-overlap", "torch+no-overlap+no-cap",
@@ -101,6 +101,19 @@ def test_engines_cover_every_switch() -> None:
                            graph_sampling=(False, False))  # fmt: skip
     with pytest.raises(ValueError, match="choose from greedy, top-p"):
         OfflineBenchConfig(("torch",), (True,), (True,), (1,), (8,), (4,), 1, 0, sampling="beam")
+
+
+def test_fused_gemv_switch_names_the_cublas_engine() -> None:
+    """--fused-gemv on,off builds the default engine and one with cuBLAS products, named
+    "+cublas"; with the fused layers off there is no GEMV: one engine, "+unfused"."""
+    cfg = OfflineBenchConfig(("triton",), (True, False), (True,), (1,), (8,), (4,), 1, 0,
+                             fused_gemv=(True, False))  # fmt: skip
+    names = [engine_name(EngineConfig(fused_layers=f, fused_gemv=g))
+             for _, f, _, _, _, g in cfg.engines()]  # fmt: skip
+    assert names == ["torch", "torch+cublas", "torch+unfused"]
+    with pytest.raises(ValueError, match="--fused-gemv takes"):
+        OfflineBenchConfig(("torch",), (True,), (True,), (1,), (8,), (4,), 1, 0,
+                           fused_gemv=(True, True))  # fmt: skip
 
 
 def test_top_p_sampling_and_graph_sampling_switch(tmp_path: Path) -> None:

@@ -187,9 +187,9 @@ def test_tiny_mistral_matches_transformers() -> None:
 
 
 def test_tiny_llama31_with_fused_triton_layers_matches_transformers() -> None:
-    """The fused RMSNorm, rotary and SiLU-mul kernels (Triton's interpreter on CPU) in a
-    whole model: prefill, then decode steps, against transformers. A short prompt: the
-    interpreter runs one program per token and layer."""
+    """The fused RMSNorm, rotary and SiLU-mul kernels and the decode steps' GEMV (Triton's
+    interpreter on CPU) in a whole model: prefill, then decode steps, against transformers.
+    A short prompt: the interpreter runs one program per token and layer."""
     torch.manual_seed(3)
     hf_config = transformers.LlamaConfig(
         **_tiny_kwargs(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING),
@@ -198,6 +198,9 @@ def test_tiny_llama31_with_fused_triton_layers_matches_transformers() -> None:
     hf_model = transformers.LlamaForCausalLM(hf_config).eval()
     model = ours_from_hf(hf_model)
     model.use_triton_layers(True)
+    model.use_triton_gemv(True)
     fused = [m for m in model.modules() if getattr(m, "use_triton", False)]
     assert len(fused) == 2 * 2 + 1 + 2 + 1  # norms, final norm, MLPs, rotary
+    gemvs = [m for m in model.modules() if getattr(m, "use_gemv", False)]
+    assert len(gemvs) == 2 * 4  # qkv, o, gate_up, down: the decode steps' products
     assert_matches_reference(model, hf_model, prompt_len=17, decode_steps=4)

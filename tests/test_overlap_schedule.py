@@ -239,6 +239,8 @@ def test_flag_and_info() -> None:
     assert engine_config_from_args(parser.parse_args([])).overlap_schedule
     args = parser.parse_args(["--disable-overlap-schedule"])
     assert not engine_config_from_args(args).overlap_schedule
+    assert engine_config_from_args(parser.parse_args([])).fused_gemv
+    assert not engine_config_from_args(parser.parse_args(["--disable-fused-gemv"])).fused_gemv
 
 
 def test_engine_info_names_the_schedule(smollm2: LoadedModel) -> None:

@@ -2,8 +2,9 @@
 attention backend, without HTTP (SGLang's `bench_one_batch` plays this part).
 
 An engine is a backend with the fused layer kernels on (its name) or off (name+unfused),
-the overlap schedule on or off (+no-overlap), and the prefill cap while decoding at the
-engine's default or off (+no-cap; it matters to the whole-batch pass, `--whole-batch`).
+the batch-1 GEMV on or off (+cublas), the overlap schedule on or off (+no-overlap), and
+the prefill cap while decoding at the engine's default or off (+no-cap; it matters to the
+whole-batch pass, `--whole-batch`).
 The weights load once; each round builds every engine in turn (A, B, A, B ...),
 warms it (one untimed pass of every batch x input length, two output tokens, so Triton's
 prefill kernels are compiled before timing; decode graphs were captured at build), then
@@ -66,6 +67,7 @@ class OfflineBenchConfig:
     whole_batch: bool = False
     sampling: str = "greedy"
     graph_sampling: tuple[bool, ...] = (True,)
+    fused_gemv: tuple[bool, ...] = (True,)
 
     def __post_init__(self) -> None:
         bad = [b for b in self.backends if b not in backend_names()]
@@ -80,7 +82,8 @@ class OfflineBenchConfig:
                              f"got {self.output_lens}")  # fmt: skip
         switches = (("--fused-layers", self.fused_layers), ("--overlap", self.overlap),
                     ("--prefill-cap", self.prefill_cap),
-                    ("--graph-sampling", self.graph_sampling))  # fmt: skip
+                    ("--graph-sampling", self.graph_sampling),
+                    ("--fused-gemv", self.fused_gemv))  # fmt: skip
         for flag, values in switches:
             if not values or len(set(values)) != len(values):
                 raise ValueError(f"{flag} takes on, off, or on,off")
@@ -89,11 +92,14 @@ class OfflineBenchConfig:
         if self.sampling not in SAMPLING:
             raise ValueError(f"--sampling {self.sampling!r}: choose from {', '.join(SAMPLING)}")
 
-    def engines(self) -> list[tuple[str, bool, bool, bool, bool]]:
-        """(backend, fused layers, overlap schedule, prefill cap, graph sampling) of every
-        engine of a round, in build order."""
-        switches = (self.fused_layers, self.overlap, self.prefill_cap, self.graph_sampling)
-        return list(itertools.product(self.backends, *switches))
+    def engines(self) -> list[tuple[str, bool, bool, bool, bool, bool]]:
+        """(backend, fused layers, overlap schedule, prefill cap, graph sampling, fused GEMV)
+        of every engine of a round, in build order. Without the fused layers there is no
+        GEMV: such engines appear once, GEMV off."""
+        switches = (self.fused_layers, self.overlap, self.prefill_cap, self.graph_sampling,
+                    self.fused_gemv)  # fmt: skip
+        engines = [(*e[:5], e[5] and e[1]) for e in itertools.product(self.backends, *switches)]
+        return list(dict.fromkeys(engines))
 
     def points(self) -> list[GridPoint]:
         sizes = itertools.product(self.batch_sizes, self.input_lens, self.output_lens)
@@ -119,6 +125,10 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
     add("--graph-sampling", default="on",
         help="on, off, or on,off: decode steps sampled in the CUDA graphs, or by the eager "
         "sampler after the replay (--disable-cuda-graph-sampling)")  # fmt: skip
+    add("--fused-gemv", default="on",
+        help="on, off, or on,off: batch-1 decode projections by the Triton GEMV with "
+        "programmatic dependent launch (sm_90+, fused layers on), or by cuBLAS "
+        "(--disable-fused-gemv)")  # fmt: skip
     add("--whole-batch", action="store_true",
         help="also time each point as LLM.generate runs it: fresh prompts queued at once, "
         "decoding beside the rest's prefill (generate_s, generate_tok_s)")  # fmt: skip
@@ -166,6 +176,7 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> OfflineB
         whole_batch=args.whole_batch,
         sampling=args.sampling,
         graph_sampling=_switches("--graph-sampling", args.graph_sampling),
+        fused_gemv=_switches("--fused-gemv", args.fused_gemv),
     )
 
 
@@ -191,13 +202,13 @@ def run_benchmark(
                         device=device, seed=base.seed)  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.seed)
     for round_index in range(cfg.rounds):
-        for backend, fused, overlap, capped, in_graph in cfg.engines():
+        for backend, fused, overlap, capped, in_graph, gemv in cfg.engines():
             scheduler = base.scheduler
             if not capped:
                 scheduler = replace(scheduler, max_prefill_tokens_while_decoding=0)
             graphs = replace(base.cuda_graph, disable_sampling=not in_graph)
             config = replace(base, attention_backend=backend, fused_layers=fused,
-                             overlap_schedule=overlap, scheduler=scheduler,
+                             fused_gemv=gemv, overlap_schedule=overlap, scheduler=scheduler,
                              cuda_graph=graphs)  # fmt: skip
             _run_engine(cfg, config, loaded, generator, result, round_index)
             write_json(result, out)
@@ -252,10 +263,11 @@ def _run_engine(
 
 
 def engine_name(config: EngineConfig) -> str:
-    """The backend, then what differs from the defaults: "+unfused", "+no-overlap",
-    "+no-cap", "+eager-sampling"."""
+    """The backend, then what differs from the defaults: "+unfused", "+cublas",
+    "+no-overlap", "+no-cap", "+eager-sampling"."""
     name = config.attention_backend
     name += "" if config.fused_layers else "+unfused"
+    name += "" if config.fused_gemv or not config.fused_layers else "+cublas"
     name += "" if config.overlap_schedule else "+no-overlap"
     name += "+no-cap" if config.scheduler.max_prefill_tokens_while_decoding == 0 else ""
     return name + ("+eager-sampling" if config.cuda_graph.disable_sampling else "")
@@ -320,7 +332,7 @@ def _method() -> dict[str, str]:
     return {
         "point": offline_measure.__doc__.strip(),
         "rounds": "weights loaded once; per round every engine (backend x fused layers x "
-        "overlap x prefill cap x graph sampling) in "
+        "overlap x prefill cap x graph sampling x fused GEMV) in "
         "turn (A, B, A, B ...), each warmed by an untimed pass of every batch x input "
         "length (2 output tokens); figures are median [min, max] over rounds",
         "copy_bandwidth": "dst.copy_(src) of one uint8 buffer on the device, (bytes read + "

@@ -33,6 +33,7 @@ from sageserve.engine.step_plan import ChunkPlan, plan_step
 from sageserve.engine.stop import StopChecker
 from sageserve.engine.teacher_forced import borrowed_pages, check_scorable, forward_chunks
 from sageserve.engine.warmup import warm_up
+from sageserve.layers.fused.pdl import pdl_supported
 from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.startup_phases import startup_phase
@@ -130,6 +131,7 @@ class Engine:
         config = self._config
         cache = config.cache
         self._loaded.model.use_triton_layers(self._fused_layers)
+        self._loaded.model.use_triton_gemv(self._fused_gemv)
         options = BackendOptions(
             cache.kv_cache_dtype,
             self._loaded.dtype,
@@ -150,13 +152,14 @@ class Engine:
         self._scheduler = Scheduler(self._scheduler_config(runner), self._block_manager)
         logger.info(
             "engine ready: model=%s dtype=%s device=%s attention=%s context=%d fused_layers=%s "
-            "overlap_schedule=%s",
+            "fused_gemv=%s overlap_schedule=%s",
             self._loaded.source,
             str(self._loaded.dtype).removeprefix("torch."),
             self._device,
             backend.name,
             self._max_model_len,
             self._fused_layers,
+            self._fused_gemv,
             config.overlap_schedule,
         )
 
@@ -179,6 +182,12 @@ class Engine:
         for whole models on CPU)."""
         return self._config.fused_layers and self._device.type == "cuda"
 
+    @property
+    def _fused_gemv(self) -> bool:
+        """The batch-1 GEMV with the fused layers, where programmatic dependent launch is
+        (sm_90+): it was measured only there (BENCHMARKS.md, 2026-12-07)."""
+        return self._config.fused_gemv and self._fused_layers and pdl_supported(self._device)
+
     def _describe(self) -> EngineInfo:
         runner, config = self._runner, self._config
         return EngineInfo(
@@ -200,6 +209,7 @@ class Engine:
             ),
             enable_prefix_cache=config.cache.enable_prefix_cache,
             fused_layers=self._fused_layers,
+            fused_gemv=self._fused_gemv,
             overlap_schedule=config.overlap_schedule,
             memory=static_memory(runner),
         )

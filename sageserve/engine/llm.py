@@ -56,6 +56,7 @@ class LLM:
         cuda_graph_max_bs: int = 64,
         piecewise_cuda_graph_max_tokens: int = 512,
         disable_fused_layers: bool = False,
+        disable_fused_gemv: bool = False,
         skip_warmup: bool = False,
         disable_overlap_schedule: bool = False,
     ) -> None:
@@ -88,6 +89,7 @@ class LLM:
                 piecewise_max_tokens=piecewise_cuda_graph_max_tokens,
             ),
             fused_layers=not disable_fused_layers,
+            fused_gemv=not disable_fused_gemv,
             warmup=not skip_warmup,
             overlap_schedule=not disable_overlap_schedule,
         )

@@ -1,16 +1,36 @@
-"""Linear layers that fuse several HF projections into one matmul."""
+"""Linear layers of the decoder: a one-row product as a GEMV kernel, and several HF
+projections fused into one matmul."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from sageserve.layers.fused.gemv import gemv
 
-class MergedLinear(nn.Linear):
+
+class DecodeLinear(nn.Linear):
+    """`nn.Linear` that computes a single row with the Triton GEMV (layers/fused/gemv.py)
+    when `use_gemv` is set: batch-1 decode, where cuBLAS's small products read the weights
+    below the copy bandwidth. Other row counts, and `use_gemv` off, take `F.linear`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.use_gemv = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in_features] -> [T, out_features]."""
+        if self.use_gemv and x.shape[0] == 1:
+            return gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(DecodeLinear):
     """One matmul for several projections of the same input, stacked along the output dim.
 
     The weight is [sum(out_sizes), in_features]; shard i occupies rows
-    offsets[i]:offsets[i] + out_sizes[i]. `load_shard` copies an HF projection into its rows.
+    offsets[i]:offsets[i] + out_sizes[i]; `shard` gives the rows an HF projection loads into.
     """
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from sageserve.attention.context import AttentionContext
 from sageserve.layers.activation import silu_and_mul
 from sageserve.layers.fused.silu_mul import silu_mul
-from sageserve.layers.linear import MergedLinear
+from sageserve.layers.linear import DecodeLinear, MergedLinear
 from sageserve.layers.rmsnorm import RMSNorm
 from sageserve.layers.rotary import RotaryEmbedding, Rotation
 from sageserve.models.config import ModelConfig
@@ -43,7 +43,7 @@ class LlamaAttention(nn.Module):
             [config.q_size, config.kv_size, config.kv_size],
             bias=config.attention_bias,
         )
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.o_proj = DecodeLinear(config.q_size, config.hidden_size, bias=False)
         self.splits = [config.q_size, config.kv_size, config.kv_size]
 
     def forward(self, x: torch.Tensor, rotation: Rotation, attn: AttentionContext) -> torch.Tensor:
@@ -64,7 +64,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [inter, inter], bias=False)
-        self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
+        self.down_proj = DecodeLinear(inter, config.hidden_size, bias=False)
         self.use_triton = False  # silu(gate) * up in one fused kernel (layers/fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +144,14 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm | LlamaMLP | RotaryEmbedding):
                 module.use_triton = enabled
+
+    def use_triton_gemv(self, enabled: bool) -> None:
+        """Compute the decoder layers' projections of a one-row step (batch-1 decode) with
+        the Triton GEMV (layers/fused/gemv.py) or with `F.linear` (the default). The LM head
+        keeps `F.linear`: it reads at the copy bandwidth already (lab/gemv_probe.py)."""
+        for module in self.model.layers.modules():
+            if isinstance(module, DecodeLinear):
+                module.use_gemv = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""

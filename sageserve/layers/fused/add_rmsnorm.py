@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from sageserve.launch_math import next_power_of_2
+from sageserve.layers.fused.pdl import pdl_launch, pdl_supported
 
 MAX_HIDDEN = 16384
 
@@ -18,8 +20,11 @@ MAX_HIDDEN = 16384
 @triton.jit
 def _add_rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, hidden, eps,
-    stride_x, stride_r, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    stride_x, stride_r, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # the next kernel (a batch-1 GEMV) may start loading its weights now
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < hidden
@@ -55,7 +60,8 @@ def add_rmsnorm(
     _add_rmsnorm_kernel[(tokens,)](
         x, x if residual is None else residual, weight, out, total, hidden, eps,
         x.stride(0), 0 if residual is None else residual.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl_supported(x.device),
+        num_warps=_warps(block), **pdl_launch(x.device),
     )  # fmt: skip
     return out, total
 

@@ -8,14 +8,20 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from sageserve.launch_math import cdiv
+from sageserve.layers.fused.pdl import pdl_launch, pdl_supported
 
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, inter, stride_in, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, out_ptr, inter, stride_in, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):  # fmt: skip
+    if PDL:  # the next kernel (a batch-1 GEMV) may start loading its weights now
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < inter
@@ -35,5 +41,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
     if tokens:
         grid = (tokens, cdiv(inter, BLOCK))
-        _silu_mul_kernel[grid](gate_up, out, inter, gate_up.stride(0), BLOCK=BLOCK, num_warps=4)
+        _silu_mul_kernel[grid](gate_up, out, inter, gate_up.stride(0), BLOCK=BLOCK,
+                               PDL=pdl_supported(gate_up.device), num_warps=4,
+                               **pdl_launch(gate_up.device))  # fmt: skip
     return out

@@ -1,0 +1,109 @@
+"""A one-row product y = x Wᵀ (+ b) for batch-1 decode, launched with programmatic dependent
+launch where the GPU has it (sm_90+; layers/fused/pdl.py).
+
+At batch 1 a decode step is its weight reads, and cuBLAS's small products read well below
+the copy bandwidth: a 12-50 MB read does not reach full speed in 15-50 µs, and it starts
+only after the kernel before it has drained. Here every program loads its first weight
+tile, then waits for the kernel that writes x, so that ramp overlaps that kernel's tail
+(`lab/pdl_gemv_probe.py`, BENCHMARKS.md 2026-12-07). Sums are fp32, in another order than
+cuBLAS's: results differ from `F.linear` in the last places.
+
+Grid: one program per BLOCK_N output columns; each walks K in BLOCK_K tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from sageserve.launch_math import cdiv, next_power_of_2
+from sageserve.layers.fused.pdl import pdl_launch, pdl_supported
+
+BLOCK_N = 8
+MAX_BLOCK_K = 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, N, K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    if PDL:
+        gdc_launch_dependents()
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
+    # Weights are constant: the first tile may be read before the wait.
+    w = _weight_tile(w_rows, cols < N, 0, K, BLOCK_K)
+    if PDL:
+        gdc_wait()
+    acc = _tile_product(w, x_ptr, 0, K, BLOCK_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        acc += _tile_product(_weight_tile(w_rows, cols < N, k0, K, BLOCK_K), x_ptr, k0, K,
+                             BLOCK_K)  # fmt: skip
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
+def _weight_tile(w_rows, live, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[cols, k0:k0 + BLOCK_K]; the K mask only where K is not a multiple of BLOCK_K, so
+    that the common case keeps 16-byte loads."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    if K % BLOCK_K == 0:
+        w = tl.load(w_rows + ks[None, :], mask=live[:, None], other=0.0)
+    else:
+        w = tl.load(w_rows + ks[None, :], mask=live[:, None] & (ks < K)[None, :], other=0.0)
+    return w
+
+
+@triton.jit
+def _tile_product(w, x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N] fp32 partial sums of w [BLOCK_N, BLOCK_K] times x[k0:k0 + BLOCK_K]."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + ks, mask=ks < K, other=0.0)
+    return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]ᵀ (+ bias [N]) -> [1, N] in x's dtype, as `F.linear` gives
+    it up to the summation order. `out` ([1, N], contiguous) receives it if given.
+
+    Raises ValueError for more than one row, mismatched dtypes or shapes, or a weight
+    whose rows are not contiguous.
+    """
+    _check(x, weight, bias)
+    n, k = weight.shape
+    if out is None:
+        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (1, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous [1, {n}] {x.dtype}, got {tuple(out.shape)}")
+    x = x.contiguous()
+    _gemv_kernel[(cdiv(n, BLOCK_N),)](
+        x, weight, weight if bias is None else bias, out, n, k,
+        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=min(MAX_BLOCK_K, next_power_of_2(k)),
+        PDL=pdl_supported(x.device), num_warps=NUM_WARPS, **pdl_launch(x.device),
+    )  # fmt: skip
+    return out
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"gemv takes one row x [1, K], got {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.stride() != (x.shape[1], 1):
+        raise ValueError(
+            f"weight must be contiguous [N, {x.shape[1]}], got {tuple(weight.shape)} "
+            f"strides {weight.stride()}"
+        )
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")

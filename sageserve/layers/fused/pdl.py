@@ -1,0 +1,30 @@
+"""Programmatic dependent launch (sm_90+): a kernel may start while its predecessor runs.
+
+A kernel launched with `launch_pdl` starts once every program of the kernel before it has
+executed `gdc_launch_dependents` (or exited); its own `gdc_wait` then blocks until that
+kernel has finished and its writes are visible. So a kernel launched this way must wait
+before it reads anything an earlier kernel wrote and before it writes anything an earlier
+kernel reads; only reads of constant data (weights) may come before the wait. Without the
+launch option both calls are no-ops, so the same compiled kernel serves either launch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """The Triton launch option that enables PDL on `device`, or none where it cannot
+    (CPU and Triton's interpreter, GPUs before sm_90)."""
+    return {"launch_pdl": True} if pdl_supported(device) else {}
+
+
+def pdl_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and _capability(device.index) >= (9, 0)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)

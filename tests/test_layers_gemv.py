@@ -1,0 +1,112 @@
+"""The batch-1 GEMV (sageserve/layers/fused/gemv.py) against an fp64 product, and
+`DecodeLinear`'s choice between it and `F.linear`.
+
+On CPU the kernel runs in Triton's interpreter (fp32, fp16); bf16 and the launch with
+programmatic dependent launch run on a GPU, the latter as a chain of PDL kernels inside a
+CUDA graph, where a missing wait would read a half-written input.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sageserve.layers.activation import silu_and_mul
+from sageserve.layers.fused.add_rmsnorm import add_rmsnorm
+from sageserve.layers.fused.gemv import gemv
+from sageserve.layers.fused.silu_mul import silu_mul
+from sageserve.layers.linear import DecodeLinear, MergedLinear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu))
+
+
+def draw(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+def assert_close_to_fp64(y: torch.Tensor, x, weight, bias) -> None:
+    """y within the fp32 summation error plus one rounding to y's dtype of the exact
+    product: |y - exact| <= 2^-23 * K * sum|w||x| + half a place of y's dtype."""
+    exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    magnitude = F.linear(x.double().abs(), weight.double().abs())
+    sum_error = 2.0**-23 * x.shape[1] * magnitude
+    rounding = exact.abs() * torch.finfo(y.dtype).eps  # a whole place: generous by 2x
+    assert ((y.double() - exact).abs() <= sum_error + rounding).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(7, 64), (200, 576), (333, 1100), (96, 2048)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_an_exact_product(dtype: torch.dtype, n: int, k: int, with_bias: bool):
+    x, weight = draw(1, k, dtype=dtype), draw(n, k, dtype=dtype, scale=k**-0.5)
+    bias = draw(n, dtype=dtype) if with_bias else None
+    out = torch.full((1, n), float("nan"), dtype=dtype, device=DEVICE)
+    y = gemv(x, weight, bias, out=out)
+    assert y is out and not y.isnan().any()
+    assert_close_to_fp64(y, x, weight, bias)
+
+
+def test_gemv_rejects_what_it_cannot_compute() -> None:
+    x, weight = draw(1, 64, dtype=torch.float32), draw(16, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="one row"):
+        gemv(draw(2, 64, dtype=torch.float32), weight)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemv(x, draw(64, 16, dtype=torch.float32).t())
+    with pytest.raises(ValueError, match="share a dtype"):
+        gemv(x.half(), weight)
+    with pytest.raises(ValueError, match="bias must be"):
+        gemv(x, weight, torch.zeros(15, device=DEVICE))
+    with pytest.raises(ValueError, match="out must be"):
+        gemv(x, weight, out=torch.empty(1, 15, device=DEVICE))
+
+
+@pytest.mark.parametrize("layer_class", [DecodeLinear, MergedLinear])
+def test_decode_linear_takes_the_gemv_for_one_row_only(layer_class) -> None:
+    """One row: the GEMV's result bit for bit; several rows, or the GEMV off: F.linear's."""
+    args = (96, [40, 24, 24]) if layer_class is MergedLinear else (96, 88)
+    layer = layer_class(*args, bias=True).to(DEVICE).requires_grad_(False)
+    one, many = draw(1, 96, dtype=torch.float32), draw(7, 96, dtype=torch.float32)
+    assert torch.equal(layer(one), F.linear(one, layer.weight, layer.bias))
+    layer.use_gemv = True
+    assert torch.equal(layer(one), gemv(one, layer.weight, layer.bias))
+    assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+
+
+@pytest.mark.gpu
+def test_a_pdl_chain_in_a_cuda_graph_matches_eager_torch_on_gpu() -> None:
+    """norm -> GEMV -> SiLU-mul -> GEMV -> norm, each launched with programmatic dependent
+    launch (sm_90+), captured once and replayed on new inputs: every replay must equal the
+    same kernels run eagerly one by one (a kernel that read before its wait would see the
+    previous replay's or a half-written input)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    hidden, inter, dtype = 4096, 14336, torch.bfloat16
+    norm_w = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    gate_up_w = draw(2 * inter, hidden, dtype=dtype, scale=hidden**-0.5)
+    down_w = draw(hidden, inter, dtype=dtype, scale=inter**-0.5)
+    h, residual = draw(1, hidden, dtype=dtype), draw(1, hidden, dtype=dtype)
+
+    def chain():
+        x, total = add_rmsnorm(h, residual, norm_w, 1e-5)
+        y = gemv(silu_mul(gemv(x, gate_up_w)), down_w)
+        return (*add_rmsnorm(y, total, norm_w, 1e-5), y)
+
+    chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    for _ in range(5):
+        h.copy_(draw(1, hidden, dtype=dtype))
+        residual.copy_(draw(1, hidden, dtype=dtype))
+        for tensor in captured:
+            tensor.fill_(float("nan"))
+        graph.replay()
+        eager = chain()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(captured, eager, strict=True))
+    # And the kernels compute the layer: cuBLAS and torch's SiLU-mul on the last inputs.
+    x = add_rmsnorm(h, residual, norm_w, 1e-5)[0]
+    reference = F.linear(silu_and_mul(F.linear(x, gate_up_w)), down_w)
+    assert F.cosine_similarity(reference.float(), eager[2].float()).item() > 0.9999
