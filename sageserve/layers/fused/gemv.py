@@ -13,6 +13,8 @@ Grid: one program per BLOCK_N output columns; each walks K in BLOCK_K tiles.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -21,9 +23,28 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from sageserve.launch_math import cdiv, next_power_of_2
 from sageserve.layers.fused.pdl import pdl_launch, pdl_supported
 
-BLOCK_N = 8
-MAX_BLOCK_K = 1024
-NUM_WARPS = 4
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch settings: output columns per program, K per tile, warps per program."""
+
+    block_n: int = 8
+    block_k: int = 1024
+    num_warps: int = 4
+
+    @classmethod
+    def parse(cls, text: str) -> GemvConfig:
+        """ "8x1024x4" -> GemvConfig(8, 1024, 4) (the lab probe's --configs)."""
+        block_n, block_k, num_warps = (int(part) for part in text.split("x"))
+        return cls(block_n, block_k, num_warps)
+
+    def label(self) -> str:
+        return f"{self.block_n}x{self.block_k}x{self.num_warps}"
+
+
+# The lab probe's best with PDL for o_proj, gate_up_proj and down_proj of Llama-3.1-8B on an
+# H100 (lab/pdl_gemv_probe.py, BENCHMARKS.md 2026-12-07).
+DEFAULT_CONFIG = GemvConfig()
 
 
 @triton.jit
@@ -73,6 +94,7 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    config: GemvConfig = DEFAULT_CONFIG,
 ) -> torch.Tensor:
     """x [1, K] @ weight [N, K]ᵀ (+ bias [N]) -> [1, N] in x's dtype, as `F.linear` gives
     it up to the summation order. `out` ([1, N], contiguous) receives it if given.
@@ -87,10 +109,10 @@ def gemv(
     elif out.shape != (1, n) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"out must be contiguous [1, {n}] {x.dtype}, got {tuple(out.shape)}")
     x = x.contiguous()
-    _gemv_kernel[(cdiv(n, BLOCK_N),)](
-        x, weight, weight if bias is None else bias, out, n, k,
-        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=min(MAX_BLOCK_K, next_power_of_2(k)),
-        PDL=pdl_supported(x.device), num_warps=NUM_WARPS, **pdl_launch(x.device),
+    _gemv_kernel[(cdiv(n, config.block_n),)](
+        x, weight, weight if bias is None else bias, out, n, k, HAS_BIAS=bias is not None,
+        BLOCK_N=config.block_n, BLOCK_K=min(config.block_k, next_power_of_2(k)),
+        PDL=pdl_supported(x.device), num_warps=config.num_warps, **pdl_launch(x.device),
     )  # fmt: skip
     return out
 
