@@ -8,13 +8,13 @@ as in a layer: the fused RMSNorm (launching its dependents at once, as served) a
 product, inside CUDA graphs that cycle enough weight copies that L2 holds none:
 
 - `cublas`: the norm, then `F.linear` (the engine with --disable-fused-gemv);
-- `gemv_BNxBKxW`: the norm, then the served GEMV with BLOCK_N x BLOCK_K x warps
-  (`--configs`; PDL on sm_90+).
+- `gemv_served`: the norm, then the served GEMV at its launch setting (`config_for(K)`);
+- `gemv_BNxBKxW`: the same with BLOCK_N x BLOCK_K x warps (`--configs`; PDL on sm_90+).
 
 Prints µs per pair, the weight bytes / time and its fraction of the copy bandwidth measured
 in the same run; checks every product against fp32.
 
-    PYTHONPATH=. python lab/pdl_gemv_probe.py --out pdl-gemv.json --configs 8x1024x4,16x512x4
+    PYTHONPATH=. python lab/pdl_gemv_probe.py --out pdl-gemv.json --configs 8x1024x4,4x2048x4
     TRITON_INTERPRET=1 PYTHONPATH=. python lab/pdl_gemv_probe.py --device cpu --out smoke.json
         (a smoke test on a tiny shape)
 """
@@ -40,7 +40,7 @@ from sageserve.layers.fused.gemv import GemvConfig, gemv
 # Llama-3.1-8B's decode products but lm_head (read at full speed already: gemv_probe).
 SHAPES = [shape for shape in GEMV_SHAPES if shape[0] != "lm_head"]
 SMOKE_SHAPES = [("smoke", 96, 1024)]
-DEFAULT_CONFIGS = "8x1024x4,16x512x4"
+DEFAULT_CONFIGS = "8x1024x4,4x2048x4,2x4096x4"
 
 
 def _variants(h, norm_w, weights, configs: list[GemvConfig]) -> dict[str, list]:
@@ -49,7 +49,7 @@ def _variants(h, norm_w, weights, configs: list[GemvConfig]) -> dict[str, list]:
     def pair(product):
         return [lambda w=w: product(add_rmsnorm(h, None, norm_w, 1e-5)[0], w) for w in weights]
 
-    variants = {"cublas": pair(F.linear)}
+    variants = {"cublas": pair(F.linear), "gemv_served": pair(lambda x, w: gemv(x, w))}
     for config in configs:
         variants[f"gemv_{config.label()}"] = pair(lambda x, w, c=config: gemv(x, w, config=c))
     return variants

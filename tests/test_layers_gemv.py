@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from sageserve.layers.activation import silu_and_mul
 from sageserve.layers.fused.add_rmsnorm import add_rmsnorm
-from sageserve.layers.fused.gemv import gemv
+from sageserve.layers.fused.gemv import GemvConfig, config_for, gemv
 from sageserve.layers.fused.silu_mul import silu_mul
 from sageserve.layers.linear import DecodeLinear, MergedLinear
 
@@ -46,6 +46,23 @@ def test_gemv_matches_an_exact_product(dtype: torch.dtype, n: int, k: int, with_
     y = gemv(x, weight, bias, out=out)
     assert y is out and not y.isnan().any()
     assert_close_to_fp64(y, x, weight, bias)
+
+
+def test_launch_settings_follow_the_sweep() -> None:
+    """8192-element tiles: 4 x 2048 for Llama-3.1-8B's K = 4096, 2 x 4096 for its down_proj
+    (K = 14336); smaller K takes its next power of two, at most 32 columns a program."""
+    assert config_for(4096) == GemvConfig(4, 2048, 4)
+    assert config_for(14336) == GemvConfig(2, 4096, 4)
+    assert config_for(576) == GemvConfig(8, 1024, 4)
+    assert config_for(64) == GemvConfig(32, 64, 4)
+    assert GemvConfig.parse("16x512x8") == GemvConfig(16, 512, 8)
+
+
+@pytest.mark.parametrize("config", [None, GemvConfig(2, 128, 1), GemvConfig(32, 256, 8)])
+def test_gemv_is_right_at_other_launch_settings(config) -> None:
+    """Settings whose tiles cover K unevenly (333 columns, K = 1100)."""
+    x, weight = draw(1, 1100, dtype=torch.float32), draw(333, 1100, dtype=torch.float32)
+    assert_close_to_fp64(gemv(x, weight, config=config), x, weight, None)
 
 
 def test_gemv_rejects_what_it_cannot_compute() -> None:

@@ -28,9 +28,9 @@ from sageserve.layers.fused.pdl import pdl_launch, pdl_supported
 class GemvConfig:
     """Launch settings: output columns per program, K per tile, warps per program."""
 
-    block_n: int = 8
-    block_k: int = 1024
-    num_warps: int = 4
+    block_n: int
+    block_k: int
+    num_warps: int
 
     @classmethod
     def parse(cls, text: str) -> GemvConfig:
@@ -42,9 +42,19 @@ class GemvConfig:
         return f"{self.block_n}x{self.block_k}x{self.num_warps}"
 
 
-# The lab probe's best with PDL for o_proj, gate_up_proj and down_proj of Llama-3.1-8B on an
-# H100 (lab/pdl_gemv_probe.py, BENCHMARKS.md 2026-12-07).
-DEFAULT_CONFIG = GemvConfig()
+# Elements of W a program reads per tile. In the lab probe's sweep (H100, Llama-3.1-8B's
+# four decode products, 14 settings; BENCHMARKS.md 2026-12-07) the best setting of every
+# product read 8192-element tiles with 4 warps: 4 x 2048 for K = 4096 (qkv, o, gate_up),
+# 2 x 4096 for K = 14336 (down).
+TILE_ELEMENTS = 8192
+
+
+def config_for(k: int) -> GemvConfig:
+    """The launch setting for a product over K inputs: 8192-element tiles, K-wide tiles of
+    4096 from K = 8192 up, 2048 below (or K's next power of two, if smaller; at most 32
+    columns a program then)."""
+    block_k = min(4096 if k >= 8192 else 2048, next_power_of_2(k))
+    return GemvConfig(min(32, TILE_ELEMENTS // block_k), block_k, 4)
 
 
 @triton.jit
@@ -94,10 +104,11 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    config: GemvConfig = DEFAULT_CONFIG,
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """x [1, K] @ weight [N, K]ᵀ (+ bias [N]) -> [1, N] in x's dtype, as `F.linear` gives
-    it up to the summation order. `out` ([1, N], contiguous) receives it if given.
+    it up to the summation order. `out` ([1, N], contiguous) receives it if given;
+    `config` defaults to `config_for(K)`.
 
     Raises ValueError for more than one row, mismatched dtypes or shapes, or a weight
     whose rows are not contiguous.
@@ -109,6 +120,7 @@ def gemv(
     elif out.shape != (1, n) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"out must be contiguous [1, {n}] {x.dtype}, got {tuple(out.shape)}")
     x = x.contiguous()
+    config = config or config_for(k)
     _gemv_kernel[(cdiv(n, config.block_n),)](
         x, weight, weight if bias is None else bias, out, n, k, HAS_BIAS=bias is not None,
         BLOCK_N=config.block_n, BLOCK_K=min(config.block_k, next_power_of_2(k)),
