@@ -8,7 +8,8 @@ tile, then waits for the kernel that writes x, so that ramp overlaps that kernel
 (`lab/pdl_gemv_probe.py`, BENCHMARKS.md 2026-12-07). Sums are fp32, in another order than
 cuBLAS's: results differ from `F.linear` in the last places.
 
-Grid: one program per BLOCK_N output columns; each walks K in BLOCK_K tiles.
+Grid: one program per BLOCK_N output columns; each walks K in BLOCK_K tiles (`config_for`:
+the launch setting a sweep on an H100 chose).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class GemvConfig:
 
     @classmethod
     def parse(cls, text: str) -> GemvConfig:
-        """ "8x1024x4" -> GemvConfig(8, 1024, 4) (the lab probe's --configs)."""
+        """Parse BLOCK_NxBLOCK_KxWARPS, e.g. 8x1024x4 (the lab probe's --configs)."""
         block_n, block_k, num_warps = (int(part) for part in text.split("x"))
         return cls(block_n, block_k, num_warps)
 
