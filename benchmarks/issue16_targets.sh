@@ -28,9 +28,9 @@
 #    (`bench kernels`' decode shape; needs `ncu` on the machine): what holds the 8-bit
 #    kernel at 94% of the copy bandwidth where the 16-bit one reads at 106%
 #    (lab/KERNEL_NOTES.md, "sage_decode: two instruction cuts that compile longer").
-# 10. programmatic dependent launch for the batch-1 GEMVs (`lab/pdl_gemv_probe.py`): whether a
-#    GEMV that reads its first weight tile before waiting for its input hides the ramp that
-#    keeps qkv_proj and o_proj at 58-80% of the copy bandwidth.
+# 10. the served batch-1 GEMV (programmatic dependent launch) against cuBLAS, at its launch
+#    setting and two others, norm + product pairs per Llama-3.1-8B weight
+#    (`lab/pdl_gemv_probe.py`; `--configs` sweeps more).
 # Each part has its own time limit, so that one stuck part leaves the others' results.
 all_parts=1,2,3,4,5,6,7,8,9,10
 source "$(dirname "$0")/parts.sh"
