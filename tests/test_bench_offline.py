@@ -12,7 +12,7 @@ import pytest
 from sageserve.bench.offline import OfflineBenchConfig, engine_name
 from sageserve.bench.offline_measure import GridPoint, decode_bound, decode_rate
 from sageserve.cli import main
-from sageserve.config import EngineConfig, SchedulerConfig
+from sageserve.config import EngineConfig
 from sageserve.engine.info import MemoryUsage
 from sageserve.engine.memory_usage import step_weight_bytes
 from sageserve.models.config import ModelConfig
@@ -82,11 +82,7 @@ def test_engines_cover_every_switch() -> None:
     engines = cfg.engines()
     assert engines == [("torch", f, o, c, True, f) for f in (True, False)
                        for o in (True, False) for c in (True, False)]  # fmt: skip
-    configs = [
-        EngineConfig(fused_layers=f, overlap_schedule=o,
-                     scheduler=SchedulerConfig(max_prefill_tokens_while_decoding=None if c else 0))
-        for _, f, o, c, _, _ in engines
-    ]  # fmt: skip
+    configs = [engine.config(EngineConfig()) for engine in engines]
     assert [engine_name(c) for c in configs] == [
         "torch", "torch+no-cap", "torch+no-overlap", "torch+no-overlap+no-cap",
         "torch+unfused", "torch+unfused+no-cap", "torch+unfused+no-overlap",
@@ -108,9 +104,8 @@ def test_fused_gemv_switch_names_the_cublas_engine() -> None:
     "+cublas"; with the fused layers off there is no GEMV: one engine, "+unfused"."""
     cfg = OfflineBenchConfig(("triton",), (True, False), (True,), (1,), (8,), (4,), 1, 0,
                              fused_gemv=(True, False))  # fmt: skip
-    names = [engine_name(EngineConfig(fused_layers=f, fused_gemv=g))
-             for _, f, _, _, _, g in cfg.engines()]  # fmt: skip
-    assert names == ["torch", "torch+cublas", "torch+unfused"]
+    names = [engine_name(engine.config(EngineConfig())) for engine in cfg.engines()]
+    assert names == ["triton", "triton+cublas", "triton+unfused"]
     with pytest.raises(ValueError, match="--fused-gemv takes"):
         OfflineBenchConfig(("torch",), (True,), (True,), (1,), (8,), (4,), 1, 0,
                            fused_gemv=(True, True))  # fmt: skip

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,6 +49,27 @@ from sageserve.engine.engine import Engine
 from sageserve.engine.info import MemoryUsage
 from sageserve.engine_args import engine_config_from_args
 from sageserve.models.loader import LoadedModel, load_model
+
+
+class EngineVariant(NamedTuple):
+    """One engine of a round: the backend and its switches."""
+
+    backend: str
+    fused_layers: bool
+    overlap: bool
+    prefill_cap: bool
+    graph_sampling: bool
+    fused_gemv: bool
+
+    def config(self, base: EngineConfig) -> EngineConfig:
+        """`base` with this engine's backend and switches (prefill cap off: 0 tokens)."""
+        scheduler = base.scheduler
+        if not self.prefill_cap:
+            scheduler = replace(scheduler, max_prefill_tokens_while_decoding=0)
+        graphs = replace(base.cuda_graph, disable_sampling=not self.graph_sampling)
+        return replace(base, attention_backend=self.backend, fused_layers=self.fused_layers,
+                       fused_gemv=self.fused_gemv, overlap_schedule=self.overlap,
+                       scheduler=scheduler, cuda_graph=graphs)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -92,13 +113,13 @@ class OfflineBenchConfig:
         if self.sampling not in SAMPLING:
             raise ValueError(f"--sampling {self.sampling!r}: choose from {', '.join(SAMPLING)}")
 
-    def engines(self) -> list[tuple[str, bool, bool, bool, bool, bool]]:
-        """(backend, fused layers, overlap schedule, prefill cap, graph sampling, fused GEMV)
-        of every engine of a round, in build order. Without the fused layers there is no
+    def engines(self) -> list[EngineVariant]:
+        """Every engine of a round, in build order. Without the fused layers there is no
         GEMV: such engines appear once, GEMV off."""
         switches = (self.fused_layers, self.overlap, self.prefill_cap, self.graph_sampling,
                     self.fused_gemv)  # fmt: skip
-        engines = [(*e[:5], e[5] and e[1]) for e in itertools.product(self.backends, *switches)]
+        engines = [EngineVariant(*e) for e in itertools.product(self.backends, *switches)]
+        engines = [e._replace(fused_gemv=e.fused_gemv and e.fused_layers) for e in engines]
         return list(dict.fromkeys(engines))
 
     def points(self) -> list[GridPoint]:
@@ -202,15 +223,8 @@ def run_benchmark(
                         device=device, seed=base.seed)  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.seed)
     for round_index in range(cfg.rounds):
-        for backend, fused, overlap, capped, in_graph, gemv in cfg.engines():
-            scheduler = base.scheduler
-            if not capped:
-                scheduler = replace(scheduler, max_prefill_tokens_while_decoding=0)
-            graphs = replace(base.cuda_graph, disable_sampling=not in_graph)
-            config = replace(base, attention_backend=backend, fused_layers=fused,
-                             fused_gemv=gemv, overlap_schedule=overlap, scheduler=scheduler,
-                             cuda_graph=graphs)  # fmt: skip
-            _run_engine(cfg, config, loaded, generator, result, round_index)
+        for engine in cfg.engines():
+            _run_engine(cfg, engine.config(base), loaded, generator, result, round_index)
             write_json(result, out)
     _finish_rows(result)
     result["complete"] = True
