@@ -5,7 +5,8 @@
 #   bash benchmarks/issue16_targets.sh OUT_DIR [PARTS]
 #
 # PARTS: which of the parts below to run, e.g. 1,2 (default: all). Their time limits add up
-# to more than one 10-minute device call: split them, e.g. "1,2,4", "3,5", "6,7", then 8.
+# to more than one 10-minute device call: split them, e.g. "1,2,4", "3,5", "6,7", then
+# "8,10,11".
 #
 # 1. offline: single stream (1 x 512 in, 128 out) and 64 x 8k, with the decode bound from
 #    the copy bandwidth measured in the same run (`sageserve bench offline`);
@@ -31,8 +32,11 @@
 # 10. the served batch-1 GEMV (programmatic dependent launch) against cuBLAS, at its launch
 #    setting and two others, norm + product pairs per Llama-3.1-8B weight
 #    (`lab/pdl_gemv_probe.py`; `--configs` sweeps more).
+# 11. single stream (1 x 512 in, 128 out) with the batch-1 GEMV on and off
+#    (`--disable-fused-gemv`), both backends, two rounds alternated (`sageserve bench offline
+#    --fused-gemv on,off`).
 # Each part has its own time limit, so that one stuck part leaves the others' results.
-all_parts=1,2,3,4,5,6,7,8,9,10
+all_parts=1,2,3,4,5,6,7,8,9,10,11
 source "$(dirname "$0")/parts.sh"
 M="--model-path llama-3.1-8b --load-format dummy"
 
@@ -104,4 +108,8 @@ fi
 want 10 && timeout 150 python3 lab/pdl_gemv_probe.py --out "$out/pdl-gemv.json" \
   > "$out/pdl-gemv.log" 2>&1
 want 10 && tail -14 "$out/pdl-gemv.log"
+want 11 && timeout 150 python3 -m sageserve bench offline $M --backends sage_attn,triton \
+  --fused-gemv on,off --batch-sizes 1 --input-lens 512 --output-lens 128 --rounds 2 \
+  --out "$out/offline-gemv.json" > "$out/offline-gemv.log" 2>&1
+want 11 && tail -12 "$out/offline-gemv.log"
 true  # a part left out is not a failure
