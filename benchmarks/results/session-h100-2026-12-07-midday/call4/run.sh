@@ -1,3 +1,3 @@
-# Device call 3 (warm, right after call 2; the joined GGUF still there): the tests call 2's
+# Device call 4 (warm, right after call 2 and the failed call 3; the joined GGUF still there): the tests call 2's
 # `-k engine_with_the_gluon` deselected (the parity test's cases and the warm-up test).
 python3 -c "import zipfile, glob; [zipfile.ZipFile(w).extractall('site') for w in glob.glob('.whl/*.whl')]"; export PYTHONPATH=$PWD/site:$PWD:$PWD/.device/pkg; mkdir -p /tmp/r3; timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 "tests/test_attention_backends.py::test_backend_matches_dense_reference_on_gpu" "tests/test_server_route_warmup.py::test_nothing_compiles_while_serving_on_gpu" > /tmp/r3/gguf-tests2.log 2>&1; echo rc=$?; tail -12 /tmp/r3/gguf-tests2.log; cp /tmp/r3/gguf-tests2.log $OUT/
