@@ -12,7 +12,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from sageserve.launch_math import next_power_of_2
-from sageserve.layers.fused.pdl import pdl_launch, pdl_supported
+from sageserve.layers.fused.pdl import pdl_options
 
 MAX_HIDDEN = 16384
 
@@ -60,8 +60,8 @@ def add_rmsnorm(
     _add_rmsnorm_kernel[(tokens,)](
         x, x if residual is None else residual, weight, out, total, hidden, eps,
         x.stride(0), 0 if residual is None else residual.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl_supported(x.device),
-        num_warps=_warps(block), **pdl_launch(x.device),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block),
+        **pdl_options(x.device),
     )  # fmt: skip
     return out, total
 

@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from sageserve.launch_math import cdiv, next_power_of_2
-from sageserve.layers.fused.pdl import pdl_launch, pdl_supported
+from sageserve.layers.fused.pdl import pdl_options
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def gemv(
     _gemv_kernel[(cdiv(n, config.block_n),)](
         x, weight, weight if bias is None else bias, out, n, k, HAS_BIAS=bias is not None,
         BLOCK_N=config.block_n, BLOCK_K=min(config.block_k, next_power_of_2(k)),
-        PDL=pdl_supported(x.device), num_warps=config.num_warps, **pdl_launch(x.device),
+        num_warps=config.num_warps, **pdl_options(x.device),
     )  # fmt: skip
     return out
 

@@ -15,10 +15,11 @@ import functools
 import torch
 
 
-def pdl_launch(device: torch.device) -> dict[str, bool]:
-    """The Triton launch option that enables PDL on `device`, or none where it cannot
-    (CPU and Triton's interpreter, GPUs before sm_90)."""
-    return {"launch_pdl": True} if pdl_supported(device) else {}
+def pdl_options(device: torch.device) -> dict[str, bool]:
+    """Keyword arguments for a kernel with a `PDL` constexpr: PDL=True plus the Triton launch
+    option where `device` has programmatic dependent launch, else PDL=False alone (CPU and
+    Triton's interpreter, GPUs before sm_90)."""
+    return {"PDL": True, "launch_pdl": True} if pdl_supported(device) else {"PDL": False}
 
 
 def pdl_supported(device: torch.device) -> bool:

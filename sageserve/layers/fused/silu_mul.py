@@ -11,7 +11,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from sageserve.launch_math import cdiv
-from sageserve.layers.fused.pdl import pdl_launch, pdl_supported
+from sageserve.layers.fused.pdl import pdl_options
 
 BLOCK = 1024
 
@@ -42,6 +42,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if tokens:
         grid = (tokens, cdiv(inter, BLOCK))
         _silu_mul_kernel[grid](gate_up, out, inter, gate_up.stride(0), BLOCK=BLOCK,
-                               PDL=pdl_supported(gate_up.device), num_warps=4,
-                               **pdl_launch(gate_up.device))  # fmt: skip
+                               num_warps=4, **pdl_options(gate_up.device))  # fmt: skip
     return out
