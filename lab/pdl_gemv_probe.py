@@ -1,18 +1,19 @@
-"""Launch settings of the batch-1 GEMV with programmatic dependent launch (issue 16).
+"""Launch settings of the small-batch GEMV with programmatic dependent launch (issue 16).
 
-At batch 1 the decode step is its weight reads, and the small products read below the copy
-bandwidth (`lab/gemv_probe.py`). The served GEMV (`sageserve/layers/fused/gemv.py`) loads
+At batches of 1-8 the decode step is its weight reads, and the small products read below
+the copy bandwidth (`lab/gemv_probe.py`). The served GEMV (`sageserve/layers/fused/gemv.py`) loads
 its first weight tile before waiting for the kernel that writes its input, so its ramp
 overlaps that kernel's tail. This times, per Llama-3.1-8B decode weight, a pair of kernels
 as in a layer: the fused RMSNorm (launching its dependents at once, as served) and then the
 product, inside CUDA graphs that cycle enough weight copies that L2 holds none:
 
 - `cublas`: the norm, then `F.linear` (the engine with --disable-fused-gemv);
-- `gemv_served`: the norm, then the served GEMV at its launch setting (`config_for(K)`);
+- `gemv_served`: the norm, then the served GEMV at its launch setting (`config_for(K, rows)`);
 - `gemv_BNxBKxW`: the same with BLOCK_N x BLOCK_K x warps (`--configs`; PDL on sm_90+).
 
 Prints µs per pair, the weight bytes / time and its fraction of the copy bandwidth measured
-in the same run; checks every product against fp32.
+in the same run; checks every product against fp32. `--rows 1,2,4,8`: the decode batches
+(rows of x) to time, each product at each.
 
     PYTHONPATH=. python lab/pdl_gemv_probe.py --out pdl-gemv.json --configs 8x1024x4,4x2048x4
     TRITON_INTERPRET=1 PYTHONPATH=. python lab/pdl_gemv_probe.py --device cpu --out smoke.json
@@ -22,6 +23,7 @@ in the same run; checks every product against fp32.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import sys
@@ -62,14 +64,16 @@ def _max_error(calls, w: torch.Tensor, h: torch.Tensor, norm_w: torch.Tensor) ->
     return float((out.float() - want).abs().max() / want.abs().max())
 
 
-def measure_shape(name: str, n: int, k: int, configs, timer: Timer, bandwidth: float, dev):
-    gen = torch.Generator(device=dev).manual_seed(n + k)
+def measure_shape(name: str, n: int, k: int, rows: int, configs, timer: Timer,
+                  bandwidth: float, dev):  # fmt: skip
+    gen = torch.Generator(device=dev).manual_seed(n + k + rows)
     copies = max(2, -(-L2_DEFEAT_BYTES // (n * k * 2))) if timer.cuda else 2
     weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen) / k**0.5
                for _ in range(copies)]  # fmt: skip
-    h = torch.randn(1, k, device=dev, dtype=torch.bfloat16, generator=gen)
+    h = torch.randn(rows, k, device=dev, dtype=torch.bfloat16, generator=gen)
     norm_w = (1 + 0.1 * torch.randn(k, device=dev, generator=gen)).bfloat16()
-    row = {"shape": name, "n": n, "k": k, "weight_copies": copies, "variants": {}}
+    row = {"shape": name, "n": n, "k": k, "rows": rows, "weight_copies": copies,
+           "variants": {}}  # fmt: skip
     entries = {}
     for label, calls in _variants(h, norm_w, weights, configs).items():
         error = _max_error(calls, weights[0], h, norm_w)
@@ -90,8 +94,9 @@ def measure_shape(name: str, n: int, k: int, configs, timer: Timer, bandwidth: f
 def _print(row: dict) -> None:
     for label, v in row["variants"].items():
         speed = f"{v['us']:8.1f} us {v['fraction_of_copy']:.3f} of copy" if "us" in v else "-"
-        print(f"{row['shape']:13s} {label:18s} {speed}  err {v['max_rel_error']:.1e} "
-              f"{v.get('graph_error') or v.get('error') or ''}", flush=True)  # fmt: skip
+        print(f"{row['shape']:13s} x{row['rows']} {label:18s} {speed}  "
+              f"err {v['max_rel_error']:.1e} {v.get('graph_error') or v.get('error') or ''}",
+              flush=True)  # fmt: skip
 
 
 def main() -> int:
@@ -99,6 +104,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test (interpreter)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help="GEMV settings BLOCK_NxBLOCK_KxWARPS, comma-separated")  # fmt: skip
+    parser.add_argument("--rows", default="1", help="rows of x (decode batch), comma-separated")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -109,8 +115,8 @@ def main() -> int:
               "date": datetime.now(UTC).isoformat(), "device": device_info(device),
               "software": software(), "copy_bandwidth": bandwidth, "rows": []}  # fmt: skip
     shapes = SHAPES if device.type == "cuda" else SMOKE_SHAPES
-    for name, n, k in shapes:
-        row = measure_shape(name, n, k, configs, timer, bandwidth["gb_per_s"], device)
+    for (name, n, k), rows in itertools.product(shapes, map(int, args.rows.split(","))):
+        row = measure_shape(name, n, k, rows, configs, timer, bandwidth["gb_per_s"], device)
         result["rows"].append(row)
         _print(row)
         with open(args.out, "w") as f:

@@ -172,9 +172,9 @@ def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--disable-fused-gemv",
         action="store_true",
-        help="compute a batch-1 decode step's projections with cuBLAS instead of the Triton "
-        "GEMV launched with programmatic dependent launch (used with the fused layers on "
-        "sm_90+ GPUs)",
+        help="compute the projections of steps of 1 to 8 rows (small-batch decode) with "
+        "cuBLAS instead of the Triton GEMV launched with programmatic dependent launch "
+        "(used with the fused layers on sm_90+ GPUs)",
     )
     group.add_argument(
         "--disable-overlap-schedule",

@@ -2,7 +2,7 @@
 attention backend, without HTTP (SGLang's `bench_one_batch` plays this part).
 
 An engine is a backend with the fused layer kernels on (its name) or off (name+unfused),
-the batch-1 GEMV on or off (+cublas), the overlap schedule on or off (+no-overlap), and
+the small-batch GEMV on or off (+cublas), the overlap schedule on or off (+no-overlap), and
 the prefill cap while decoding at the engine's default or off (+no-cap; it matters to the
 whole-batch pass, `--whole-batch`).
 The weights load once; each round builds every engine in turn (A, B, A, B ...),
@@ -147,7 +147,7 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
         help="on, off, or on,off: decode steps sampled in the CUDA graphs, or by the eager "
         "sampler after the replay (--disable-cuda-graph-sampling)")  # fmt: skip
     add("--fused-gemv", default="on",
-        help="on, off, or on,off: batch-1 decode projections by the Triton GEMV with "
+        help="on, off, or on,off: decode projections of 1-8 rows by the Triton GEMV with "
         "programmatic dependent launch (sm_90+, fused layers on), or by cuBLAS "
         "(--disable-fused-gemv)")  # fmt: skip
     add("--whole-batch", action="store_true",

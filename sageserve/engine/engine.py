@@ -184,7 +184,7 @@ class Engine:
 
     @property
     def _fused_gemv(self) -> bool:
-        """The batch-1 GEMV with the fused layers, where programmatic dependent launch is
+        """The small-batch GEMV with the fused layers, where programmatic dependent launch is
         (sm_90+): it was measured only there (BENCHMARKS.md, 2026-12-07)."""
         return self._config.fused_gemv and self._fused_layers and pdl_supported(self._device)
 

@@ -5,7 +5,9 @@ Triton compiles a kernel for each new specialization of its integer arguments (1
 of 16, anything else) and constexprs; the steps below cover them for every step kind the
 scheduler makes: a prefill of several sequences of mixed lengths (1, 7, 16, 200 tokens),
 decode steps of that batch, a prompt longer than two chunks (chunked prefill over a cached
-prefix), and a prefix-cache hit; with a prefill cap while decoding, a prompt of two capped
+prefix), a prefix-cache hit, and decode steps of 2, 4 and 8 requests (the small-batch GEMV
+compiles a variant per power of two of rows: eager decode steps, without CUDA graphs, need
+them as the graph buckets do); with a prefill cap while decoding, a prompt of two capped
 chunks and a rest arriving while 1, 7 and 16 requests decode (chunks over a cached prefix
 beside decode rows: the steps that cap makes). Then steps of 64, 128, ... tokens up to the
 step's token budget (one chunk), each alone: cuBLAS chooses a GEMM kernel by the number of
@@ -42,6 +44,8 @@ NEW_TOKENS = 3
 CACHE_HIT_EXTRA = 17
 FIRST_ALONE_LENGTH = 64  # the mixed batch covers shorter steps
 DECODING_COUNTS = (1, 7, 16)  # decode rows beside a capped chunk: one, odd, a multiple of 16
+DECODE_WIDTHS = (2, 4, 8)  # the GEMV's tile rows past one (layers/fused/gemv.py)
+DECODE_WIDTH_LENGTH = 5
 
 
 def warmup_batches(engine: Engine) -> list[list[list[int]]]:
@@ -57,6 +61,9 @@ def warmup_batches(engine: Engine) -> list[list[list[int]]]:
         batches.append([prompt(long_len)])
     if mixed and len(mixed[-1]) + CACHE_HIT_EXTRA <= longest:
         batches.append([mixed[-1] + prompt(CACHE_HIT_EXTRA)])
+    for width in DECODE_WIDTHS:
+        if width * (DECODE_WIDTH_LENGTH + NEW_TOKENS) <= info.pool_capacity_tokens:
+            batches.append([prompt(DECODE_WIDTH_LENGTH) for _ in range(width)])
     room = info.pool_capacity_tokens - NEW_TOKENS * cdiv(info.chunked_prefill_size, longest)
     for n in _gemm_row_counts(min(info.chunked_prefill_size, room)):
         batches.append([prompt(length) for length in _split(n, longest)])

@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sageserve.layers.fused.gemv import gemv
+from sageserve.layers.fused.gemv import MAX_ROWS, gemv
 
 
 class DecodeLinear(nn.Linear):
-    """`nn.Linear` that computes a single row with the Triton GEMV (layers/fused/gemv.py)
-    when `use_gemv` is set: batch-1 decode, where cuBLAS's small products read the weights
-    below the copy bandwidth. Other row counts, and `use_gemv` off, take `F.linear`."""
+    """`nn.Linear` that computes up to MAX_ROWS (8) rows with the Triton GEMV
+    (layers/fused/gemv.py) when `use_gemv` is set: small decode batches, where cuBLAS's
+    small products read the weights below the copy bandwidth. More rows, and `use_gemv`
+    off, take `F.linear`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -21,7 +22,7 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in_features] -> [T, out_features]."""
-        if self.use_gemv and x.shape[0] == 1:
+        if self.use_gemv and x.shape[0] <= MAX_ROWS:
             return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
