@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from sageserve.attention.sage_attn.kernels import PV_BLOCK
 from sageserve.attention.sage_attn.kernels.prefill import (
@@ -59,6 +60,7 @@ from sageserve.attention.sage_attn.kernels.rotate import (
 )
 from sageserve.attention.triton_common import decode_split_count, sm_count
 from sageserve.launch_math import cdiv, next_power_of_2
+from sageserve.layers.fused.pdl import pdl_supported
 
 # Every split starts at a multiple of this many keys (what plan_splits guarantees).
 SPLIT_ALIGN = tl.constexpr(KEY_ALIGN)
@@ -359,8 +361,14 @@ def _sage_decode_combine_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, q_row_ptr, kv_len_ptr,
     stride_ot, stride_oh, num_splits,
     num_q_heads: tl.constexpr, head_dim: tl.constexpr, SPLITS: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, query head): merge its non-empty splits and normalize (unfused)."""
+    """One (sequence, query head): merge its non-empty splits and normalize (unfused).
+    LAUNCH_DEPENDENTS (sm_90+): the next kernel, if launched with programmatic dependent
+    launch (o_proj's GEMV), may start at once and read its first weights meanwhile; it
+    waits for this kernel to finish before reading the output (layers/fused/pdl.py)."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     kv_len = tl.load(kv_len_ptr + seq)
@@ -518,7 +526,7 @@ def sage_decode_paged(
             out, workspace.acc, workspace.ml, q_rows, kv_len,
             out.stride(0), out.stride(1), splits,
             num_q_heads=q_heads, head_dim=dim, SPLITS=next_power_of_2(splits),
-            num_warps=4,
+            LAUNCH_DEPENDENTS=pdl_supported(q.device), num_warps=4,
         )  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from sageserve.attention.page_tables import int32_on_device, padded_tables
 from sageserve.attention.triton_common import (
@@ -37,6 +38,7 @@ from sageserve.attention.triton_common import (
     sm_count,
 )
 from sageserve.launch_math import next_power_of_2
+from sageserve.layers.fused.pdl import pdl_supported
 
 BLOCK_N = 64
 # Programs to aim for per SM: several keep a memory-bound kernel's loads in flight.
@@ -162,11 +164,16 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     out_ptr, acc_ptr, ml_ptr, q_row_ptr, stride_ot, stride_oh, num_splits,
     num_q_heads: tl.constexpr, head_dim: tl.constexpr, SPLITS_TILE: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, query head): weigh each split by exp2(its max - the max), normalize.
 
     The num_splits partials sit in a SPLITS_TILE-row tile (one compiled variant for every
-    split count); rows past num_splits weigh nothing, like empty splits."""
+    split count); rows past num_splits weigh nothing, like empty splits. LAUNCH_DEPENDENTS
+    (sm_90+): the next kernel, if launched with programmatic dependent launch (o_proj's
+    GEMV), may start at once; it waits for this one before reading the output."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.arange(0, SPLITS_TILE)
@@ -218,6 +225,7 @@ def paged_decode(
     )  # fmt: skip
     _decode_merge_kernel[(batch, q_heads)](
         out, plan.acc, plan.ml, plan.q_row, out.stride(0), out.stride(1), splits,
-        num_q_heads=q_heads, head_dim=dim, SPLITS_TILE=MAX_SPLITS, num_warps=4,
+        num_q_heads=q_heads, head_dim=dim, SPLITS_TILE=MAX_SPLITS,
+        LAUNCH_DEPENDENTS=pdl_supported(q.device), num_warps=4,
     )  # fmt: skip
     return out
