@@ -117,7 +117,7 @@ want 11 && timeout 150 python3 -m sageserve bench offline $M --backends sage_att
   --out "$out/offline-gemv.json" > "$out/offline-gemv.log" 2>&1
 want 11 && tail -12 "$out/offline-gemv.log"
 want 12 && timeout 150 python3 lab/pdl_gemv_probe.py --rows 2,4,8 \
-  --configs 8x1024x4,4x2048x4,16x512x4,16x1024x8 --out "$out/pdl-gemv-rows.json" \
+  --configs 8x1024x4,4x2048x4,8x512x4,16x512x4 --out "$out/pdl-gemv-rows.json" \
   > "$out/pdl-gemv-rows.log" 2>&1
 want 12 && grep -E "cublas|served" "$out/pdl-gemv-rows.log" | cut -c1-80
 want 12 && timeout 200 python3 -m sageserve bench offline $M --backends sage_attn \
