@@ -35,10 +35,10 @@
 # 11. single stream (1 x 512 in, 128 out) with the batch-1 GEMV on and off
 #    (`--disable-fused-gemv`), both backends, two rounds alternated (`sageserve bench offline
 #    --fused-gemv on,off`).
-# 12. the GEMV at decode batches 2, 4 and 8: the probe's norm + product pairs against cuBLAS
-#    at the served setting and three others (`lab/pdl_gemv_probe.py --rows 2,4,8`), then
-#    `bench offline` at batches 1, 2, 4, 8 (512 in, 128 out) with the GEMV on and off,
-#    sage_attn, two rounds alternated.
+# 12. the GEMV at decode batches 2 and 4 (8 rows: cuBLAS's since the first run of this
+#    part): the probe's norm + product pairs against cuBLAS at the served setting and three
+#    others (`lab/pdl_gemv_probe.py --rows 2,4`), then `bench offline` at batches 1, 2, 4,
+#    8 (512 in, 128 out) with the GEMV on and off, sage_attn, two rounds alternated.
 # Each part has its own time limit, so that one stuck part leaves the others' results.
 all_parts=1,2,3,4,5,6,7,8,9,10,11,12
 source "$(dirname "$0")/parts.sh"
@@ -116,7 +116,7 @@ want 11 && timeout 150 python3 -m sageserve bench offline $M --backends sage_att
   --fused-gemv on,off --batch-sizes 1 --input-lens 512 --output-lens 128 --rounds 2 \
   --out "$out/offline-gemv.json" > "$out/offline-gemv.log" 2>&1
 want 11 && tail -12 "$out/offline-gemv.log"
-want 12 && timeout 150 python3 lab/pdl_gemv_probe.py --rows 2,4,8 \
+want 12 && timeout 150 python3 lab/pdl_gemv_probe.py --rows 2,4 \
   --configs 8x1024x4,4x2048x4,8x512x4,16x512x4 --out "$out/pdl-gemv-rows.json" \
   > "$out/pdl-gemv-rows.log" 2>&1
 want 12 && grep -E "cublas|served" "$out/pdl-gemv-rows.log" | cut -c1-80

@@ -132,7 +132,7 @@ class EngineConfig:
     # On CUDA, RMSNorm (+ residual add), rotary and SiLU-mul run as fused Triton kernels
     # (sageserve/layers/fused); False keeps the torch ops. CPU always uses the torch ops.
     fused_layers: bool = True
-    # With the fused layers on an sm_90+ GPU, the projections of a step of 1 to 8 rows
+    # With the fused layers on an sm_90+ GPU, the projections of a step of 1 to 4 rows
     # (small-batch decode) run as a Triton GEMV launched with programmatic dependent launch
     # (sageserve/layers/fused/gemv.py); False keeps cuBLAS there.
     fused_gemv: bool = True

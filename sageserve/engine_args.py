@@ -172,7 +172,7 @@ def _add_cuda_graph_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--disable-fused-gemv",
         action="store_true",
-        help="compute the projections of steps of 1 to 8 rows (small-batch decode) with "
+        help="compute the projections of steps of 1 to 4 rows (small-batch decode) with "
         "cuBLAS instead of the Triton GEMV launched with programmatic dependent launch "
         "(used with the fused layers on sm_90+ GPUs)",
     )

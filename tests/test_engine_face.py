@@ -225,10 +225,10 @@ def test_warm_up_leaves_the_engine_as_it_found_it(loaded: LoadedModel) -> None:
     finals = drain(cold)
     want = [finals[i].token_ids for i in ids]
     engine = make_engine(loaded)
-    # pool 256 tokens: a 4 x 200-token batch and a 261-token prompt do not fit; then 2, 4
-    # and 8 short prompts (decode widths), single prompts of 64 tokens up to one chunk (128)
+    # pool 256 tokens: a 4 x 200-token batch and a 261-token prompt do not fit; then 2 and
+    # 4 short prompts (decode widths), single prompts of 64 tokens up to one chunk (128)
     lengths = [[len(p) for p in b] for b in warmup_batches(engine)]
-    assert lengths == [[1, 7, 16], [33], [5] * 2, [5] * 4, [5] * 8, [64], [128]]
+    assert lengths == [[1, 7, 16], [33], [5] * 2, [5] * 4, [64], [128]]
     engine._warm_up()
     stats = engine.stats()
     assert (stats.num_steps, stats.max_batch_seen, stats.num_cached_pages) == (0, 0, 0)
@@ -279,7 +279,7 @@ def test_warm_up_fills_the_step_budget_when_the_context_is_shorter(loaded) -> No
     config = dataclasses.replace(make_engine(loaded)._config, context_length=90)
     engine = Engine(config, loaded)
     lengths = [[len(p) for p in b] for b in warmup_batches(engine)]
-    assert lengths == [[1, 7, 16], [33], [5] * 2, [5] * 4, [5] * 8, [64], [87, 41]]
+    assert lengths == [[1, 7, 16], [33], [5] * 2, [5] * 4, [64], [87, 41]]
     seen = []
     schedule = engine._scheduler.schedule
 
@@ -302,5 +302,5 @@ def test_warm_up_batches_grow_with_the_pool(loaded: LoadedModel) -> None:
     engine = Engine(config, loaded)
     lengths = [[len(p) for p in b] for b in warmup_batches(engine)]
     # context 512 bounds the mixed batch
-    assert lengths == [[1, 7, 16], [2 * CHUNK + 5], [33], [5] * 2, [5] * 4, [5] * 8, [64],
+    assert lengths == [[1, 7, 16], [2 * CHUNK + 5], [33], [5] * 2, [5] * 4, [64],
                        [CHUNK]]  # fmt: skip

@@ -147,7 +147,7 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
         help="on, off, or on,off: decode steps sampled in the CUDA graphs, or by the eager "
         "sampler after the replay (--disable-cuda-graph-sampling)")  # fmt: skip
     add("--fused-gemv", default="on",
-        help="on, off, or on,off: decode projections of 1-8 rows by the Triton GEMV with "
+        help="on, off, or on,off: decode projections of 1-4 rows by the Triton GEMV with "
         "programmatic dependent launch (sm_90+, fused layers on), or by cuBLAS "
         "(--disable-fused-gemv)")  # fmt: skip
     add("--whole-batch", action="store_true",

@@ -5,7 +5,7 @@ Triton compiles a kernel for each new specialization of its integer arguments (1
 of 16, anything else) and constexprs; the steps below cover them for every step kind the
 scheduler makes: a prefill of several sequences of mixed lengths (1, 7, 16, 200 tokens),
 decode steps of that batch, a prompt longer than two chunks (chunked prefill over a cached
-prefix), a prefix-cache hit, and decode steps of 2, 4 and 8 requests (the small-batch GEMV
+prefix), a prefix-cache hit, and decode steps of 2 and 4 requests (the small-batch GEMV
 compiles a variant per power of two of rows: eager decode steps, without CUDA graphs, need
 them as the graph buckets do); with a prefill cap while decoding, a prompt of two capped
 chunks and a rest arriving while 1, 7 and 16 requests decode (chunks over a cached prefix
@@ -44,7 +44,7 @@ NEW_TOKENS = 3
 CACHE_HIT_EXTRA = 17
 FIRST_ALONE_LENGTH = 64  # the mixed batch covers shorter steps
 DECODING_COUNTS = (1, 7, 16)  # decode rows beside a capped chunk: one, odd, a multiple of 16
-DECODE_WIDTHS = (2, 4, 8)  # the GEMV's tile rows past one (layers/fused/gemv.py)
+DECODE_WIDTHS = (2, 4)  # the GEMV's tile rows past one (layers/fused/gemv.py)
 DECODE_WIDTH_LENGTH = 5
 
 

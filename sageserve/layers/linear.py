@@ -11,7 +11,7 @@ from sageserve.layers.fused.gemv import MAX_ROWS, gemv
 
 
 class DecodeLinear(nn.Linear):
-    """`nn.Linear` that computes up to MAX_ROWS (8) rows with the Triton GEMV
+    """`nn.Linear` that computes up to MAX_ROWS (4) rows with the Triton GEMV
     (layers/fused/gemv.py) when `use_gemv` is set: small decode batches, where cuBLAS's
     small products read the weights below the copy bandwidth. More rows, and `use_gemv`
     off, take `F.linear`."""

@@ -146,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
                 module.use_triton = enabled
 
     def use_triton_gemv(self, enabled: bool) -> None:
-        """Compute the decoder layers' projections of a step of 1 to 8 rows (small-batch
+        """Compute the decoder layers' projections of a step of 1 to 4 rows (small-batch
         decode) with the Triton GEMV (layers/fused/gemv.py) or with `F.linear` (the
         default). The LM head keeps `F.linear`: it reads at the copy bandwidth already
         (lab/gemv_probe.py)."""

@@ -1,4 +1,4 @@
-"""A few-row product y = x Wᵀ (+ b) for decode steps of 1 to 8 rows, launched with
+"""A few-row product y = x Wᵀ (+ b) for decode steps of 1 to 4 rows, launched with
 programmatic dependent launch where the GPU has it (sm_90+; layers/fused/pdl.py).
 
 At small batches a decode step is its weight reads, and cuBLAS's small products read well
@@ -28,7 +28,10 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from sageserve.launch_math import cdiv, next_power_of_2
 from sageserve.layers.fused.pdl import pdl_options
 
-MAX_ROWS = 8  # more rows than this: a GEMM's work, F.linear's
+# More rows than this: F.linear's. At 8 rows the GEMV read Llama-3.1-8B's decode weights
+# slower than cuBLAS at every setting tried (H100, lab/pdl_gemv_probe.py --rows 2,4,8;
+# BENCHMARKS.md 2026-12-07 afternoon): its per-thread sums of 8 rows took 187 registers.
+MAX_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -54,18 +57,17 @@ class GemvConfig:
 # every product read 8192-element tiles with 4 warps: 4 x 2048 for K = 4096 (qkv, o,
 # gate_up), 2 x 4096 for K = 14336 (down).
 TILE_ELEMENTS = 8192
-# Columns per program for several rows. Every program reads all of x (rows x K) through
-# L2 besides its share of W, so x's traffic is rows / BLOCK_N of W's: 8 columns keep it at
-# most W's at 8 rows, with a thread's partial sums (rows x 8 columns) in 64 registers.
+# Columns per program at 3-4 rows. Every program reads all of x (rows x K) through L2
+# besides its share of W, so x's traffic is rows / BLOCK_N of W's.
 MULTI_ROW_BLOCK_N = 8
 
 
 def config_for(k: int, rows: int = 1) -> GemvConfig:
-    """The launch setting for a product over K inputs and `rows` rows (1 to MAX_ROWS):
-    8192-element tiles of 4 warps. One row: K-wide tiles of 4096 from K = 8192 up, 2048
-    below (or K's next power of two, if smaller; at most 32 columns a program then).
-    Several rows: 8 columns by 1024 (or K's next power of two, if smaller)."""
-    if rows > 1:
+    """The launch setting for a product over K inputs and `rows` rows (1 to MAX_ROWS), as
+    the H100 sweeps chose: 8192-element tiles of 4 warps. 1-2 rows: K-wide tiles of 4096
+    from K = 8192 up, 2048 below (or K's next power of two, if smaller; at most 32 columns
+    a program then). 3-4 rows: 8 columns by 1024 (or K's next power of two, if smaller)."""
+    if rows > 2:
         return GemvConfig(MULTI_ROW_BLOCK_N, min(1024, next_power_of_2(k)), 4)
     block_k = min(4096 if k >= 8192 else 2048, next_power_of_2(k))
     return GemvConfig(min(32, TILE_ELEMENTS // block_k), block_k, 4)
