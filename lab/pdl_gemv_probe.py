@@ -9,7 +9,9 @@ product, inside CUDA graphs that cycle enough weight copies that L2 holds none:
 
 - `cublas`: the norm, then `F.linear` (the engine with --disable-fused-gemv);
 - `gemv_served`: the norm, then the served GEMV at its launch setting (`config_for(K, rows)`);
-- `gemv_BNxBKxW`: the same with BLOCK_N x BLOCK_K x warps (`--configs`; PDL on sm_90+).
+- `gemv_BNxBKxW`: the same with BLOCK_N x BLOCK_K x warps (`--configs`; PDL on sm_90+);
+- `mma_BNxBKxWsS`: the tensor-core variant (`lab/gemv_mma.py`) with S pipeline stages
+  (`--mma-configs`), at any rows up to 16.
 
 Prints µs per pair, the weight bytes / time and its fraction of the copy bandwidth measured
 in the same run; checks every product against fp32. `--rows 1,2,4,8`: the decode batches
@@ -32,12 +34,13 @@ from datetime import UTC, datetime
 import torch
 import torch.nn.functional as F
 
+from lab.gemv_mma import gemv_mma
 from lab.gemv_probe import L2_DEFEAT_BYTES
 from lab.gemv_probe import SHAPES as GEMV_SHAPES
 from sageserve.bench.kernels_timing import COPY_BYTES, Timer, copy_bandwidth, eager_and_graph
 from sageserve.bench.run_record import device_info, software
 from sageserve.layers.fused.add_rmsnorm import add_rmsnorm
-from sageserve.layers.fused.gemv import GemvConfig, gemv
+from sageserve.layers.fused.gemv import MAX_ROWS, GemvConfig, gemv
 
 # Llama-3.1-8B's decode products but lm_head (read at full speed already: gemv_probe).
 SHAPES = [shape for shape in GEMV_SHAPES if shape[0] != "lm_head"]
@@ -45,15 +48,22 @@ SMOKE_SHAPES = [("smoke", 96, 1024)]
 DEFAULT_CONFIGS = "8x1024x4,4x2048x4,2x4096x4"
 
 
-def _variants(h, norm_w, weights, configs: list[GemvConfig]) -> dict[str, list]:
-    """label -> calls, one per weight copy, each the norm then the product."""
+def _variants(h, norm_w, weights, configs: list[GemvConfig], mma: list[str]) -> dict[str, list]:
+    """label -> calls, one per weight copy, each the norm then the product. The served
+    GEMV's variants only up to its MAX_ROWS; the tensor-core one (`lab/gemv_mma.py`) at
+    each `mma` setting BNxBKxWsSTAGES."""
 
     def pair(product):
         return [lambda w=w: product(add_rmsnorm(h, None, norm_w, 1e-5)[0], w) for w in weights]
 
-    variants = {"cublas": pair(F.linear), "gemv_served": pair(lambda x, w: gemv(x, w))}
-    for config in configs:
-        variants[f"gemv_{config.label()}"] = pair(lambda x, w, c=config: gemv(x, w, config=c))
+    variants = {"cublas": pair(F.linear)}
+    if h.shape[0] <= MAX_ROWS:
+        variants["gemv_served"] = pair(lambda x, w: gemv(x, w))
+        for config in configs:
+            variants[f"gemv_{config.label()}"] = pair(lambda x, w, c=config: gemv(x, w, config=c))
+    for text in mma:
+        config, stages = GemvConfig.parse(text.split("s")[0]), int(text.split("s")[1])
+        variants[f"mma_{text}"] = pair(lambda x, w, c=config, n=stages: gemv_mma(x, w, c, n))
     return variants
 
 
@@ -64,7 +74,7 @@ def _max_error(calls, w: torch.Tensor, h: torch.Tensor, norm_w: torch.Tensor) ->
     return float((out.float() - want).abs().max() / want.abs().max())
 
 
-def measure_shape(name: str, n: int, k: int, rows: int, configs, timer: Timer,
+def measure_shape(name: str, n: int, k: int, rows: int, configs, mma, timer: Timer,
                   bandwidth: float, dev):  # fmt: skip
     gen = torch.Generator(device=dev).manual_seed(n + k + rows)
     copies = max(2, -(-L2_DEFEAT_BYTES // (n * k * 2))) if timer.cuda else 2
@@ -75,7 +85,7 @@ def measure_shape(name: str, n: int, k: int, rows: int, configs, timer: Timer,
     row = {"shape": name, "n": n, "k": k, "rows": rows, "weight_copies": copies,
            "variants": {}}  # fmt: skip
     entries = {}
-    for label, calls in _variants(h, norm_w, weights, configs).items():
+    for label, calls in _variants(h, norm_w, weights, configs, mma).items():
         error = _max_error(calls, weights[0], h, norm_w)
         graph_entries, graph_error = eager_and_graph(label, calls, timer, graph=True)
         entries[label] = graph_entries.get(f"{label}:graph", graph_entries[f"{label}:eager"])
@@ -105,6 +115,9 @@ def main() -> int:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help="GEMV settings BLOCK_NxBLOCK_KxWARPS, comma-separated")  # fmt: skip
     parser.add_argument("--rows", default="1", help="rows of x (decode batch), comma-separated")
+    parser.add_argument("--mma-configs", default="",
+                        help="tensor-core GEMV settings BNxBKxWsSTAGES (lab/gemv_mma.py), "
+                        "e.g. 16x256x4s4,32x256x4s3")  # fmt: skip
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -116,7 +129,9 @@ def main() -> int:
               "software": software(), "copy_bandwidth": bandwidth, "rows": []}  # fmt: skip
     shapes = SHAPES if device.type == "cuda" else SMOKE_SHAPES
     for (name, n, k), rows in itertools.product(shapes, map(int, args.rows.split(","))):
-        row = measure_shape(name, n, k, rows, configs, timer, bandwidth["gb_per_s"], device)
+        mma = [text for text in args.mma_configs.split(",") if text]
+        row = measure_shape(name, n, k, rows, configs, mma, timer, bandwidth["gb_per_s"],
+                            device)  # fmt: skip
         result["rows"].append(row)
         _print(row)
         with open(args.out, "w") as f:
