@@ -10,10 +10,10 @@ all rows. Sums are fp32, in another order than cuBLAS's: results differ from `F.
 the last places.
 
 Grid: one program per BLOCK_N output columns; each walks K in BLOCK_K tiles (`config_for`:
-the launch setting a sweep on an H100 chose). A thread owns 8 consecutive inputs of a tile
-for every column and row (one 16-byte load per column; x's 8 values reused across the
-columns); it keeps those partial sums across tiles and they are reduced across threads
-once, at the end.
+the launch setting a sweep on an H100 chose). Each thread owns runs of 8 consecutive
+inputs of a tile, for every column and row (one 16-byte load per column and run; x's 8
+values reused across the columns); it keeps those runs' partial sums across tiles, and
+they are reduced across threads once, at the end.
 """
 
 from __future__ import annotations
