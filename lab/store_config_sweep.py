@@ -14,6 +14,11 @@ setting's cache must equal the default setting's bit for bit (a launch setting n
 changes a code).
 
     PYTHONPATH=. python lab/store_config_sweep.py --out store-sweep.json [--shapes 16384x8]
+        [--variants sage_fp16pv,sage_fp16pv_tcrot,sage_fp16pv_norot] [--configs t64-w8-p1,...]
+
+`--variants` adds `bench kernels`' store variants, e.g. `sage_fp16pv_tcrot` (K rotated by a
+tensor-core product: one wgmma per tile from 64-token tiles on sm_90, mma.sync below);
+`--configs` keeps only the named grid settings (the default is always timed).
 """
 
 from __future__ import annotations
@@ -41,13 +46,15 @@ VARIANTS = ("sage_fp16pv", "sage_fp16pv_norot")
 PAGE_SIZE = 64
 
 
-def configs() -> dict[str, StoreConfig | None]:
-    """None: the library's choice for the launch (`default_config`); then the grid."""
+def configs(keep: set[str] | None = None) -> dict[str, StoreConfig | None]:
+    """None: the library's choice for the launch (`default_config`); then the grid (only
+    the settings named in `keep`, when given)."""
     grid: dict[str, StoreConfig | None] = {"default": None}
-    for block_t, warps, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 4)):
+    for block_t, warps, per_sm in itertools.product((16, 32, 64, 128), (4, 8), (1, 2, 4)):
         for maxnreg in (None, 128):
             name = f"t{block_t}-w{warps}-p{per_sm}" + ("-r128" if maxnreg else "")
-            grid[name] = StoreConfig(block_t, warps, maxnreg, programs_per_sm=per_sm)
+            if name in keep if keep is not None else block_t < 128:
+                grid[name] = StoreConfig(block_t, warps, maxnreg, programs_per_sm=per_sm)
     return grid
 
 
@@ -75,11 +82,18 @@ def _cache_after(variant: ks.StoreVariant, call) -> list[torch.Tensor]:
     return [t.view(torch.uint8).clone() for t in tensors]
 
 
-def sweep_shape(tokens: int, kv_heads: int, timer: Timer, device: torch.device) -> dict:
-    """Every setting of both variants at one shape: µs per call and GB/s moved."""
+def sweep_shape(
+    tokens: int,
+    kv_heads: int,
+    timer: Timer,
+    device: torch.device,
+    variants: tuple[str, ...] = VARIANTS,
+    keep: set[str] | None = None,
+) -> dict:
+    """Every setting of every variant at one shape: µs per call and GB/s moved."""
     settings = {"seed": 0, "page_size": PAGE_SIZE, "dtype": torch.bfloat16}
     shape = ks.make_shape(tokens, kv_heads, settings)
-    sets = ks.rotation_sets(shape, list(VARIANTS), device)
+    sets = ks.rotation_sets(shape, list(variants), device)
     inputs = ks.make_inputs(shape, sets, device)
     rows: dict[str, dict] = {}
     entries = {}
@@ -88,10 +102,10 @@ def sweep_shape(tokens: int, kv_heads: int, timer: Timer, device: torch.device) 
     # (H100, 2026-12-07) rebound one name to each variant in turn, which let the first
     # variant's cache be freed under its graphs, and its first replay hit an illegal
     # address; that this was the cause is not yet confirmed on a GPU.
-    variants = {name: ks.build_variant(name, shape, inputs, device) for name in VARIANTS}
-    for name, variant in variants.items():
+    built = {name: ks.build_variant(name, shape, inputs, device) for name in variants}
+    for name, variant in built.items():
         reference = None
-        for label, config in configs().items():
+        for label, config in configs(keep).items():
             calls = _calls(variant, inputs.steps, config)
             after = _cache_after(variant, calls[0])
             reference = reference or after
@@ -121,11 +135,15 @@ def main() -> int:
     parser.add_argument("--shapes", default="16384x8,16384x32,448x8")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test (interpreter)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--configs", default="", help="grid settings to keep, e.g. t64-w8-p1")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
     timer = Timer(device, warmup=2, repeats=args.repeats, sample_ms=20.0)
-    measure = functools.partial(sweep_shape, timer=timer, device=device)
+    keep = set(args.configs.split(",")) if args.configs else None
+    measure = functools.partial(sweep_shape, timer=timer, device=device,
+                                variants=tuple(args.variants.split(",")), keep=keep)  # fmt: skip
     run_sweep("store config sweep (issue 18)", args.shapes, args.out, timer, measure, _print)
     return 0
 
@@ -134,11 +152,11 @@ def _print(shape_result: dict, copy_gb_per_s: float) -> None:
     s = shape_result["shape"]
     print(f"{s['tokens']} x {s['kv_heads']}:")
     timed = [kv for kv in shape_result["rows"].items() if "us" in kv[1]]
-    for key, row in sorted(timed, key=lambda kv: kv[1]["us"])[:12]:
+    for key, row in sorted(timed, key=lambda kv: kv[1]["us"])[:16]:
         same = "" if row["bitwise_default"] else "  NOT BITWISE"
         print(f"  {key:32s} {row['us']:8.1f} us  {row['gb_per_s']:6.0f} GB/s "
               f"({row['gb_per_s'] / copy_gb_per_s:.0%}){same}")  # fmt: skip
-    for name in VARIANTS:
+    for name in sorted({key.split(":")[0] for key in shape_result["rows"]}):
         row = shape_result["rows"].get(f"{name}:default", {})
         if "us" in row:
             print(f"  {name}:default {row['us']:.1f} us")
