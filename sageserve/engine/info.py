@@ -44,7 +44,7 @@ class EngineInfo:
     max_prefill_tokens_while_decoding: int | None
     enable_prefix_cache: bool
     fused_layers: bool  # RMSNorm, rotary and SiLU-mul as fused Triton kernels
-    fused_gemv: bool  # 1-8 row decode projections as a Triton GEMV (sm_90+, PDL)
+    fused_gemv: bool  # 1-4 row decode projections as a Triton GEMV (sm_90+, PDL)
     overlap_schedule: bool  # step N+1 prepared while the device runs step N
     memory: MemoryUsage
 

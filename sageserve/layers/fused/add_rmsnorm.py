@@ -22,7 +22,7 @@ def _add_rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, hidden, eps,
     stride_x, stride_r, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # the next kernel (a batch-1 GEMV) may start loading its weights now
+    if PDL:  # the next kernel (the small-batch GEMV) may start loading its weights now
         gdc_launch_dependents()
         gdc_wait()
     row = tl.program_id(0).to(tl.int64)

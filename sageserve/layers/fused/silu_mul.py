@@ -19,7 +19,7 @@ BLOCK = 1024
 @triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, inter, stride_in, BLOCK: tl.constexpr,
                      PDL: tl.constexpr):  # fmt: skip
-    if PDL:  # the next kernel (a batch-1 GEMV) may start loading its weights now
+    if PDL:  # the next kernel (the small-batch GEMV) may start loading its weights now
         gdc_launch_dependents()
         gdc_wait()
     row = tl.program_id(0).to(tl.int64)
