@@ -62,8 +62,9 @@ def _variants(h, norm_w, weights, configs: list[GemvConfig], mma: list[str]) -> 
         for config in configs:
             variants[f"gemv_{config.label()}"] = pair(lambda x, w, c=config: gemv(x, w, config=c))
     for text in mma:
-        config, stages = GemvConfig.parse(text.split("s")[0]), int(text.split("s")[1])
-        variants[f"mma_{text}"] = pair(lambda x, w, c=config, n=stages: gemv_mma(x, w, c, n))
+        setting, stages = text.split("s")
+        config = GemvConfig.parse(setting)
+        variants[f"mma_{text}"] = pair(lambda x, w, c=config, n=int(stages): gemv_mma(x, w, c, n))
     return variants
 
 

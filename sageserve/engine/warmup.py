@@ -6,17 +6,17 @@ of 16, anything else) and constexprs; the steps below cover them for every step 
 scheduler makes: a prefill of several sequences of mixed lengths (1, 7, 16, 200 tokens),
 decode steps of that batch, a prompt longer than two chunks (chunked prefill over a cached
 prefix), a prefix-cache hit, and decode steps of 2 and 4 requests (the small-batch GEMV
-compiles a variant per power of two of rows: eager decode steps, without CUDA graphs, need
-them as the graph buckets do); with a prefill cap while decoding, a prompt of two capped
-chunks and a rest arriving while 1, 7 and 16 requests decode (chunks over a cached prefix
-beside decode rows: the steps that cap makes). Then steps of 64, 128, ... tokens up to the
-step's token budget (one chunk), each alone: cuBLAS chooses a GEMM kernel by the number of
-rows (the step's tokens), the KV store its launch configuration by the same count, and CUDA
-loads a kernel's module the first time it runs (lazy loading, the default), so a step size
-the warm-up never ran could pay that on a user's request. A step longer than the context is
-several prompts at once: concurrent requests fill the budget whatever the context length (a
-1024-token context with a 2048-token budget left the store's widest launch to the first
-burst of requests, on an H100).
+compiles a variant per power of two of rows up to its MAX_ROWS: eager decode steps, without
+CUDA graphs, need them as the graph buckets do); with a prefill cap while decoding, a
+prompt of two capped chunks and a rest arriving while 1, 7 and 16 requests decode (chunks
+over a cached prefix beside decode rows: the steps that cap makes). Then steps of 64, 128,
+... tokens up to the step's token budget (one chunk), each alone: cuBLAS chooses a GEMM
+kernel by the number of rows (the step's tokens), the KV store its launch configuration by
+the same count, and CUDA loads a kernel's module the first time it runs (lazy loading, the
+default), so a step size the warm-up never ran could pay that on a user's request. A step
+longer than the context is several prompts at once: concurrent requests fill the budget
+whatever the context length (a 1024-token context with a 2048-token budget left the store's
+widest launch to the first burst of requests, on an H100).
 Prompts are random token ids from a fixed seed, greedy, with their own seed, so the engine's
 seed stream is untouched; they stream (an output every step, as for a server's requests);
 the prefix cache is flushed afterwards.
@@ -35,6 +35,7 @@ import torch
 
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.launch_math import cdiv
+from sageserve.layers.fused.gemv import MAX_ROWS as GEMV_MAX_ROWS
 
 if TYPE_CHECKING:
     from sageserve.engine.engine import Engine
@@ -44,7 +45,8 @@ NEW_TOKENS = 3
 CACHE_HIT_EXTRA = 17
 FIRST_ALONE_LENGTH = 64  # the mixed batch covers shorter steps
 DECODING_COUNTS = (1, 7, 16)  # decode rows beside a capped chunk: one, odd, a multiple of 16
-DECODE_WIDTHS = (2, 4)  # the GEMV's tile rows past one (layers/fused/gemv.py)
+# The GEMV's tile rows past one (layers/fused/gemv.py): powers of two up to its MAX_ROWS.
+DECODE_WIDTHS = tuple(2**i for i in range(1, GEMV_MAX_ROWS.bit_length()))
 DECODE_WIDTH_LENGTH = 5
 
 
