@@ -56,7 +56,7 @@ for round in $(seq 1 "$rounds"); do
       k=$((k + 1))
       name="bench-$i-r$round"; [ ${#loads[@]} -gt 1 ] && name="$name-$k"
       python3 -m sageserve bench serving --url "http://127.0.0.1:$port" $load \
-        --out "$out/$name.json" 2>&1 | grep -E "ITL|TTFT|tok/s|errors" | sed "s/^/[$i r$round $k] /"
+        --out "$out/$name.json" 2>&1 | grep -E "ITL|TTFT|tok/s|errors|server steps" | sed "s/^/[$i r$round $k] /"
     done
     if [ "${FRESH_TRITON_CACHE:-0}" = 1 ]; then report_kernels "$out/kernels-$i-r$round.txt"; fi
     kill $pid; wait $pid 2>/dev/null

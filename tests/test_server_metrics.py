@@ -107,6 +107,14 @@ def test_metrics_count_requests_and_tokens(server: Server) -> None:
     assert _delta(before, after, "sageserve_e2e_request_latency_seconds_sum") > 0
     inf = _delta(before, after, "sageserve_e2e_request_latency_seconds_bucket", le="+Inf")
     assert inf == num
+    # Requests one at a time: each has a prefill step and decode steps, none mixed.
+    steps = "sageserve_step_duration_seconds_count"
+    assert _delta(before, after, steps, kind="prefill") >= num
+    assert _delta(before, after, steps, kind="decode") >= num * (MAX_NEW_TOKENS - 1)
+    assert _delta(before, after, steps, kind="mixed") == 0
+    wall = _delta(before, after, "sageserve_step_duration_seconds_sum", kind="decode")
+    wait = _delta(before, after, "sageserve_step_device_wait_seconds_sum", kind="decode")
+    assert 0 <= wait <= wall
 
 
 def test_metrics_pool_gauges_return_to_zero_when_idle(server: Server) -> None:
@@ -163,6 +171,10 @@ def test_bench_serving_against_the_server(server: Server, tmp_path: Path) -> Non
     assert API_KEY not in out.read_text()
     assert result["server_info"]["vocab_size"] > 0 and "date" in result
     assert result["kv_pool_after"]["pages_leaked"] == 0
+    steps = result["server_steps"]
+    assert steps["decode"]["steps"] > 0 and steps["prefill"]["steps"] > 0
+    assert 0 <= steps["decode"]["device_wait_mean_s"] <= steps["decode"]["mean_s"]
+    assert steps["decode"]["p50_at_most_s"] <= steps["decode"]["p99_at_most_s"]
     after = _wait_idle(server)
     completed = _delta(before, after, "sageserve_requests_total", finish_reason="length")
     assert completed == summary["requests_completed"]

@@ -11,6 +11,10 @@ GET /health (see `_warm_connections`). Per request::
 An event that brings k tokens at once counts its gap as k inter-token latencies of gap / k.
 An error is a non-200 answer, a broken stream (no [DONE], a transport error, malformed
 data) or a request that ended aborted. The exit code is 1 if any request failed.
+
+Against a sageserve server the result also holds the server's own step timings over the run
+(`server_steps`: /metrics scraped before and after), which tell whether the long gaps were
+long steps and whether those waited for the device.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from typing import Any
 
 import httpx
 
-PERCENTILES = (50, 90, 99)
+from sageserve.bench import server_steps
+
+PERCENTILES = (50, 90, 95, 99, 99.9)
 # Prompt token ids are drawn from [ID_LOW, vocab_size - ID_LOW): clear of the special tokens
 # tokenizers put at either end of the vocabulary.
 ID_LOW = 100
@@ -238,6 +244,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def _distribution(values: list[float]) -> dict[str, float | None]:
     stats: dict[str, float | None] = {f"p{q}": percentile(values, q) for q in PERCENTILES}
+    stats["max"] = max(values) if values else None
     stats["mean"] = sum(values) / len(values) if values else None
     return stats
 
@@ -382,6 +389,7 @@ def _command(config: BenchConfig) -> str:
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     """Run the load against the server; the whole result (as written by --out)."""
     server = _server_info(config)
+    steps_before = server_steps.scrape(config.url, config.headers)
     records, elapsed = asyncio.run(_run_load(config, int(server["vocab_size"])))
     settings = {k: v for k, v in asdict(config).items() if k != "api_key"}
     settings["api_key"] = "<given>" if config.api_key else None
@@ -394,13 +402,23 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         "server_info": server,
         "results": summarize(records, elapsed),
         "kv_pool_after": _pool_after(config),
+        "server_steps": _steps_over_run(config, steps_before),
     }
+
+
+def _steps_over_run(config: BenchConfig, before: server_steps.Samples | None) -> dict | None:
+    """The server's step timings over the run, by kind (None: the server reports none)."""
+    after = server_steps.scrape(config.url, config.headers)
+    if before is None or after is None:
+        return None
+    return server_steps.step_summary(before, after)
 
 
 def run(args: argparse.Namespace) -> int:
     """`sageserve bench serving`: print a summary, write --out; 1 if any request failed."""
     result = run_benchmark(config_from_args(args))
     print(format_summary(result["results"]))
+    print(server_steps.format_steps(result["server_steps"]))
     pool = result["kv_pool_after"]
     print(f"KV pool after: {pool['num_free_pages']}/{pool['num_usable_pages']} pages free")
     if args.out:

@@ -30,6 +30,7 @@ from sageserve.engine.sampler import SampledTokens, Sampler, SamplingRow, logpro
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.scheduler import ScheduledChunk, Scheduler, prefill_cap_while_decoding
 from sageserve.engine.step_plan import ChunkPlan, plan_step
+from sageserve.engine.step_timing import StepTiming, step_composition
 from sageserve.engine.stop import StopChecker
 from sageserve.engine.teacher_forced import borrowed_pages, check_scorable, forward_chunks
 from sageserve.engine.warmup import warm_up
@@ -82,6 +83,8 @@ class Engine:
         self._max_batch_seen = 0
         self._logits_hooks: list[LogitsHook] = []
         self._in_flight: LaunchedStep | None = None  # queued, not yet read back (overlap)
+        self._last_step: StepTiming | None = None
+        self._device_wait_s = 0.0  # of the step() call under way
         self._info = self._describe()
         if warm_up_now:
             self.warm_up()
@@ -417,10 +420,12 @@ class Engine:
         Without overlap each step is read back at once.
         """
         self._check_open()
+        start, self._device_wait_s = time.perf_counter(), 0.0
         touched: list[Request] = []
         if self._in_flight is not None and self._in_flight.needs_values_before_next:
             touched += self._read_back_in_flight()
         sched = self._scheduler.schedule()
+        composition = step_composition(sched.chunks)
         launched = self._launch(sched.chunks) if sched.chunks else None
         touched += self._read_back_in_flight()
         self._in_flight = launched
@@ -430,7 +435,16 @@ class Engine:
         touched += [self._finish_out_of_pool(req) for req in sched.unservable]
         if not self.has_unfinished_requests():
             self._in_flight = None  # every request in it has finished
-        return self._outputs(touched)
+        outputs = self._outputs(touched)
+        wall = time.perf_counter() - start
+        self._last_step = StepTiming(*composition, wall, self._device_wait_s)
+        return outputs
+
+    @property
+    def last_step(self) -> StepTiming | None:
+        """What the latest `step()` call launched and where its time went (None before the
+        first)."""
+        return self._last_step
 
     def _outputs(self, touched: list[Request]) -> list[RequestOutput]:
         """Outputs of the touched requests that stream or finished (each once)."""
@@ -502,7 +516,9 @@ class Engine:
         if step is None:
             return []
         alive = [p.chunk.request for p in step.plans if not p.chunk.request.is_finished]
+        waited = time.perf_counter()
         values = step.read_back()
+        self._device_wait_s += time.perf_counter() - waited
         for plan, lp in zip(step.prompt_plans, values.prompt_logprobs, strict=True):
             self._record_prompt_logprobs(plan, lp)
         self._take_tokens(step.sampled, values)

@@ -490,6 +490,8 @@ class EngineLoop:
             self._post(self._fail, ids, error)
             return
         self.metrics.observe(outputs)
+        if self._engine.last_step is not None:
+            self.metrics.observe_step(self._engine.last_step)
         self._post(self._dispatch, outputs)
 
     def _abort_all(self) -> list[str]:

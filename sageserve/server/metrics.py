@@ -6,11 +6,14 @@ gauges are read at scrape time from the latest `EngineStats` snapshot::
 
     engine thread                          scrape (event loop)
     step() / abort() -> observe(outputs)   render() -> counters, histograms
-    step() raised    -> observe_failed()                gauges <- stats() snapshot
+    step()           -> observe_step()                  gauges <- stats() snapshot
+    step() raised    -> observe_failed()
 
 Time to first token and end-to-end latency come from the engine's own timestamps
 (`RequestOutput.metrics`); inter-token latency is the time between two outputs of a request
-that carry new tokens, split evenly over the tokens the later one adds.
+that carry new tokens, split evenly over the tokens the later one adds. Each step call's wall
+time and the part of it spent waiting for the device (`StepTiming`), by the kind of step it
+launched, tell a long inter-token gap made by the device from one made by the host.
 """
 
 from __future__ import annotations
@@ -25,13 +28,18 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 if TYPE_CHECKING:
     from sageserve.engine.info import EngineInfo, EngineStats
     from sageserve.engine.request import RequestOutput
+    from sageserve.engine.step_timing import StepTiming
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
 
 PREFIX = "sageserve"
 # Seconds; wide enough for a CPU at the low end and a GPU at the high end.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# Fine from 5 to 40 ms, where a GPU's decode steps and the mixed steps that stall them fall
+# (issue 16's 32-client ITL p99 / p50).
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03,
+               0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)  # fmt: skip
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, *ITL_BUCKETS[3:])
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 # finish_reason label of requests lost to a failed engine step (they have no final output).
 FAILED_REASON = "error"
@@ -52,6 +60,7 @@ class ServerMetrics:
         self._progress: dict[str, tuple[int, float]] = {}
         self._init_counters()
         self._init_histograms()
+        self._init_step_histograms()
         self._init_gauges()
 
     def _init_counters(self) -> None:
@@ -88,6 +97,23 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+    def _init_step_histograms(self) -> None:
+        kind = "kind (decode, mixed, prefill, none: what the step launched)"
+        self.step_duration = Histogram(
+            f"{PREFIX}_step_duration_seconds",
+            f"Wall seconds of one engine step call, by {kind}",
+            ["kind"],
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.step_device_wait = Histogram(
+            f"{PREFIX}_step_device_wait_seconds",
+            f"Seconds of one engine step call spent waiting for the device, by {kind}",
+            ["kind"],
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
+
     def _init_gauges(self) -> None:
         gauges: dict[str, tuple[str, Callable[[], float]]] = {
             "num_requests_running": ("Requests running in the engine", self._running),
@@ -110,6 +136,12 @@ class ServerMetrics:
             self._observe_tokens(out, now)
             if out.finished:
                 self._observe_finished(out)
+
+    def observe_step(self, timing: StepTiming) -> None:
+        """Count one engine step call's wall time and device wait, by its kind (engine
+        thread)."""
+        self.step_duration.labels(kind=timing.kind).observe(timing.wall_s)
+        self.step_device_wait.labels(kind=timing.kind).observe(timing.device_wait_s)
 
     def observe_failed(self, request_ids: Iterable[str]) -> None:
         """Count requests aborted by a failed engine step (they have no final output)."""

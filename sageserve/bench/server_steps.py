@@ -1,0 +1,98 @@
+"""The server's own step timings over a `bench serving` run: /metrics before and after.
+
+A sageserve server counts each engine step call's wall time and the part of it spent
+waiting for the device, by the kind of step launched (`sageserve_step_duration_seconds`,
+`sageserve_step_device_wait_seconds`; `engine/step_timing.py`). Differencing two scrapes
+gives the run's steps: whether its long inter-token gaps are long steps, and whether those
+waited for the device (GPU-bound) or not (host-bound). Other servers have no such metrics:
+then the run records none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+DURATION = "sageserve_step_duration_seconds"
+DEVICE_WAIT = "sageserve_step_device_wait_seconds"
+QUANTILES = (50, 99)
+
+# (sample name, kind, bucket bound or None) -> value
+Samples = dict[tuple[str, str, float | None], float]
+
+
+def scrape(url: str, headers: dict[str, str]) -> Samples | None:
+    """The step histograms' samples from GET {url}/metrics; None when the server does not
+    answer 200 or has no step metrics."""
+    try:
+        response = httpx.get(f"{url}/metrics", headers=headers, timeout=30)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    samples = parse(response.text)
+    return samples or None
+
+
+def parse(text: str) -> Samples:
+    """The step histograms' samples of a Prometheus text exposition."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in (DURATION, DEVICE_WAIT):
+            continue
+        for s in family.samples:
+            le = s.labels.get("le")
+            samples[(s.name, s.labels["kind"], float(le) if le is not None else None)] = s.value
+    return samples
+
+
+def step_summary(before: Samples, after: Samples) -> dict[str, dict[str, Any]]:
+    """Per kind of step, over the run: steps, mean wall and device-wait seconds, and the
+    bucket bounds under which 50% and 99% of the steps' wall times fell."""
+    summary = {}
+    kinds = sorted({kind for (name, kind, _) in after if name == f"{DURATION}_count"})
+    for kind in kinds:
+        count = _delta(before, after, f"{DURATION}_count", kind)
+        if count <= 0:
+            continue
+        row: dict[str, Any] = {
+            "steps": int(count),
+            "mean_s": _delta(before, after, f"{DURATION}_sum", kind) / count,
+            "device_wait_mean_s": _delta(before, after, f"{DEVICE_WAIT}_sum", kind) / count,
+        }
+        buckets = _bucket_deltas(before, after, kind)
+        for q in QUANTILES:
+            row[f"p{q}_at_most_s"] = _bound_at(buckets, count * q / 100)
+        summary[kind] = row
+    return summary
+
+
+def format_steps(summary: dict[str, dict[str, Any]] | None) -> str:
+    """One line: each kind's steps, mean wall, mean device wait and p99 bound, in ms."""
+    if not summary:
+        return "server steps: not reported by the server"
+    parts = [
+        f"{kind} {row['steps']} x {row['mean_s'] * 1e3:.1f} ms (device wait "
+        f"{row['device_wait_mean_s'] * 1e3:.1f}, p99 <= {row['p99_at_most_s'] * 1e3:.1f})"
+        for kind, row in summary.items()
+    ]
+    return "server steps: " + "; ".join(parts)
+
+
+def _delta(before: Samples, after: Samples, name: str, kind: str, le: float | None = None) -> float:
+    key = (name, kind, le)
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def _bucket_deltas(before: Samples, after: Samples, kind: str) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count over the run), by bound."""
+    name = f"{DURATION}_bucket"
+    bounds = sorted(le for (n, k, le) in after if n == name and k == kind and le is not None)
+    return [(le, _delta(before, after, name, kind, le)) for le in bounds]
+
+
+def _bound_at(buckets: list[tuple[float, float]], rank: float) -> float:
+    """The smallest bucket bound whose cumulative count reaches rank."""
+    return next(le for le, cumulative in buckets if cumulative >= rank)
