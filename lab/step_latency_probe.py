@@ -22,6 +22,7 @@ import pstats
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -89,6 +90,8 @@ def mixed_steps(engine: Engine, batch: int, input_len: int, new_len: int) -> dic
         profiled_ms, _ = _timed_step(engine)
         profiled_ms2, _ = _timed_step(engine)
     engine.add_request(_prompt(engine, new_len, 97), params)
+    free_running = _free_running_steps(engine, 8)
+    engine.add_request(_prompt(engine, new_len, 96), params)
     host = cProfile.Profile()
     host.enable()
     host_ms = [_timed_step(engine)[0] for _ in range(2)]
@@ -101,7 +104,22 @@ def mixed_steps(engine: Engine, batch: int, input_len: int, new_len: int) -> dic
         "batch": batch, "input_len": input_len, "new_prompt_len": new_len,
         "decode_step_ms": decode, "steps_after_arrival": around,
         "profiled_steps_ms": [profiled_ms, profiled_ms2], **_gpu_busy(prof, steps=2),
+        "free_running_steps": free_running,
     }  # fmt: skip
+
+
+def _free_running_steps(engine: Engine, count: int) -> list[dict]:
+    """`count` steps as the server runs them, nothing synchronized: each one's kind, wall
+    and device-wait ms (`Engine.last_step`). A step whose call waited ~0 for the device was
+    host-bound: its launches took longer than the device's previous step."""
+    rows = []
+    for _ in range(count):
+        syncs = _synchronizing_calls(engine)
+        t = engine.last_step
+        rows.append({"kind": t.kind, "prefill_tokens": t.prefill_tokens, "wall_ms": 1e3 * t.wall_s,
+                     "device_wait_ms": 1e3 * t.device_wait_s, "syncs": syncs})  # fmt: skip
+        print(f"free-running step: {rows[-1]}", flush=True)
+    return rows
 
 
 def _gpu_busy(prof: profile, steps: int) -> dict:
@@ -112,6 +130,20 @@ def _gpu_busy(prof: profile, steps: int) -> dict:
     return {"gpu_busy_ms": _busy_us(intervals) / 1e3, "kernels": len(intervals),
             "window_ms": window_us / 1e3,
             "top_kernels": _top_kernels(intervals, steps, 20)}  # fmt: skip
+
+
+def _synchronizing_calls(engine: Engine) -> list[str]:
+    """One `step()` under torch's sync debug mode: where each call that waited for the
+    device came from (file:line of the innermost sageserve frame). The read-back of the
+    step in flight is one; any other is a hidden wait inside planning or launching."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
 def main() -> None:
