@@ -104,5 +104,9 @@ def test_step_summary_differences_two_scrapes() -> None:
 
 
 def test_a_server_without_step_metrics_reports_none() -> None:
-    assert server_steps.parse("# nothing here\nother_metric 1.0\n") == {}
+    assert server_steps.parse("# nothing here\nother_metric 1.0\n") is None
+    no_step_yet = server_steps.parse(_exposition([]))
+    assert no_step_yet == {}
+    after = server_steps.parse(_exposition([("prefill", 0.03, 0.0)]))
+    assert server_steps.step_summary(no_step_yet, after)["prefill"]["steps"] == 1
     assert server_steps.format_steps(None) == "server steps: not reported by the server"

@@ -24,28 +24,30 @@ Samples = dict[tuple[str, str, float | None], float]
 
 
 def scrape(url: str, headers: dict[str, str]) -> Samples | None:
-    """The step histograms' samples from GET {url}/metrics; None when the server does not
-    answer 200 or has no step metrics."""
+    """The step histograms' samples from GET {url}/metrics (empty before the server's first
+    step); None when the server does not answer 200 or has no step metrics."""
     try:
         response = httpx.get(f"{url}/metrics", headers=headers, timeout=30)
     except httpx.HTTPError:
         return None
     if response.status_code != 200:
         return None
-    samples = parse(response.text)
-    return samples or None
+    return parse(response.text)
 
 
-def parse(text: str) -> Samples:
-    """The step histograms' samples of a Prometheus text exposition."""
+def parse(text: str) -> Samples | None:
+    """The step histograms' samples of a Prometheus text exposition: empty before the
+    server's first step, None when it has no such histograms."""
     samples: Samples = {}
+    found = False
     for family in text_string_to_metric_families(text):
         if family.name not in (DURATION, DEVICE_WAIT):
             continue
+        found = True
         for s in family.samples:
             le = s.labels.get("le")
             samples[(s.name, s.labels["kind"], float(le) if le is not None else None)] = s.value
-    return samples
+    return samples if found else None
 
 
 def step_summary(before: Samples, after: Samples) -> dict[str, dict[str, Any]]:
