@@ -1,25 +1,36 @@
-"""The server with another GIL switch interval: is a mixed step's host time the interpreter
-lock's? (issue 16.)
+"""The server with a lab variant of its host path: another GIL switch interval, or Triton
+kernels launched directly (`sageserve.kernel_launch`). (Issue 16: are the host-bound mixed
+steps under 32 streaming clients the interpreter lock's, or the launches'?)
 
 Under 32 streaming clients the server's mixed steps (decodes plus a prefill chunk) took
-17.8 ms (triton) and 21.0 ms (sage_attn) of host time and none waiting for the device
-(`bench serving`'s server steps, BENCHMARKS.md, 2026-12-07 evening), where the same step's GPU
-work is ~15 ms. Each eager launch and torch op of such a step lets go of the lock and takes it
-back; when the event loop's thread runs Python meanwhile, each take waits up to the switch
-interval (`engine_loop.GIL_SWITCH_INTERVAL_S`, 0.5 ms). This starts the server with the interval
-given, so that runs with a shorter one show whether the steps shorten:
+17.8 ms (triton) and 21.0 ms (sage_attn) and waited ~0 for the device (`bench serving`'s
+server steps, BENCHMARKS.md, 2026-12-07 evening), where the same step's GPU work is ~15 ms.
+Each eager launch and torch op of such a step lets go of the lock and takes it back; when
+the event loop's thread runs Python meanwhile, each take waits up to the switch interval
+(`engine_loop.GIL_SWITCH_INTERVAL_S`, 0.5 ms). And each Triton launch binds its arguments
+(~25 µs of host time a launch on an H100 machine), which a direct launch skips.
 
-    PYTHONPATH=. python lab/serve_switch_interval.py 0.0001 --model-path ... --port 30123
+    PYTHONPATH=. python lab/serve_variant.py [--gil-switch-interval S] [--direct-launch on|off] \
+        -- --model-path ... --port 30123
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from sageserve import launch_server
+from sageserve import kernel_launch, launch_server
 from sageserve.server import engine_loop
 
 if __name__ == "__main__":
-    engine_loop.GIL_SWITCH_INTERVAL_S = float(sys.argv[1])
-    print(f"GIL switch interval {engine_loop.GIL_SWITCH_INTERVAL_S} s", flush=True)
-    sys.exit(launch_server.main(sys.argv[2:]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gil-switch-interval", type=float, default=None)
+    parser.add_argument("--direct-launch", choices=["on", "off"], default=None)
+    variant, server_args = parser.parse_known_args()
+    if variant.gil_switch_interval is not None:
+        engine_loop.GIL_SWITCH_INTERVAL_S = variant.gil_switch_interval
+    if variant.direct_launch is not None:
+        kernel_launch.ENABLED = variant.direct_launch == "on"
+    print(f"GIL switch interval {engine_loop.GIL_SWITCH_INTERVAL_S} s, direct launches "
+          f"{'on' if kernel_launch.ENABLED else 'off'}", flush=True)  # fmt: skip
+    sys.exit(launch_server.main([a for a in server_args if a != "--"]))

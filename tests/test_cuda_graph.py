@@ -533,3 +533,26 @@ def _generate_all(engine: Engine, prompts: list[list[int]], params: list[Samplin
     stats = engine.stats()
     assert stats.num_free_pages == stats.num_usable_pages
     return [done[i] for i in ids]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "sage_attn"])
+def test_direct_launches_change_no_output_on_gpu(backend: str, monkeypatch) -> None:
+    """The serving path with Triton kernels launched directly (`kernel_launch`) and through
+    Triton's launch path: the same kernels on the same inputs, so the same bits."""
+    from sageserve import kernel_launch
+
+    loaded = _tiny_model(torch.float16, torch.device("cuda"))
+    gen = torch.Generator().manual_seed(11)
+    lengths = [5, 70, 130, 33, 200, 9]
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lengths]
+    params = [SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=3)
+              for _ in lengths]  # fmt: skip
+    outputs = {}
+    for direct in (True, False):
+        monkeypatch.setattr(kernel_launch, "ENABLED", direct)
+        config = _serving_and_plain(backend)["serving"]
+        with LLM.from_engine_config(config, loaded).engine as engine:
+            outputs[direct] = _generate_all(engine, prompts, params)
+    for a, b in zip(outputs[True], outputs[False], strict=True):
+        assert_outputs_match(a, b, exact=True, top_n=3, exact_tol=0.0)

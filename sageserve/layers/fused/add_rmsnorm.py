@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from sageserve.kernel_launch import launch
 from sageserve.launch_math import next_power_of_2
 from sageserve.layers.fused.pdl import pdl_options
 
@@ -57,7 +58,7 @@ def add_rmsnorm(
     if tokens == 0:
         return out, total
     block = next_power_of_2(hidden)
-    _add_rmsnorm_kernel[(tokens,)](
+    launch(_add_rmsnorm_kernel, (tokens,),
         x, x if residual is None else residual, weight, out, total, hidden, eps,
         x.stride(0), 0 if residual is None else residual.stride(0),
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block),

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from sageserve.kernel_launch import launch
 from sageserve.launch_math import cdiv, next_power_of_2
 from sageserve.layers.fused.pdl import pdl_options
 
@@ -152,7 +153,7 @@ def gemv(
     config = config or config_for(k, rows)
     # At least one run of 8 inputs per thread (`_tile_sums`); a shorter K is masked.
     block_k = max(8, min(config.block_k, next_power_of_2(k)))
-    _gemv_kernel[(cdiv(n, config.block_n),)](
+    launch(_gemv_kernel, (cdiv(n, config.block_n),),
         x, weight, weight if bias is None else bias, out, m, n, k, ROWS=rows,
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=block_k,
         num_warps=config.num_warps, **pdl_options(x.device),

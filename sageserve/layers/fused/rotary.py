@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sageserve.kernel_launch import launch
 from sageserve.launch_math import next_power_of_2
 
 
@@ -65,7 +66,7 @@ def rotary_qk(
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if tokens:
-        _rotary_kernel[(tokens,)](
+        launch(_rotary_kernel, (tokens,),
             q, k, positions, cos_sin, q_out, k_out,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_q_heads, k.shape[1],
             HALF=dim // 2, Q_HEADS=next_power_of_2(num_q_heads),

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from sageserve.kernel_launch import launch
 from sageserve.launch_math import cdiv
 from sageserve.layers.fused.pdl import pdl_options
 
@@ -41,6 +42,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
     if tokens:
         grid = (tokens, cdiv(inter, BLOCK))
-        _silu_mul_kernel[grid](gate_up, out, inter, gate_up.stride(0), BLOCK=BLOCK,
+        launch(_silu_mul_kernel, grid, gate_up, out, inter, gate_up.stride(0), BLOCK=BLOCK,
                                num_warps=4, **pdl_options(gate_up.device))  # fmt: skip
     return out

@@ -59,6 +59,7 @@ from sageserve.attention.sage_attn.kernels.rotate import (
     hadamard_tile,
 )
 from sageserve.attention.triton_common import decode_split_count, sm_count
+from sageserve.kernel_launch import launch
 from sageserve.launch_math import cdiv, next_power_of_2
 from sageserve.layers.fused.pdl import pdl_supported
 
@@ -505,7 +506,7 @@ def sage_decode_paged(
         sub_n = PV_BLOCK
     run = key_run(page_size, sub_n)
     group_p2 = next_power_of_2(group)
-    _sage_decode_split_kernel[(batch, kv_heads, splits)](
+    launch(_sage_decode_split_kernel, (batch, kv_heads, splits),
         q, balance if balance is not None else k_scale,
         k_cache, k_scale, v_cache, v_scale, page_table, q_rows, kv_len,
         workspace.acc, workspace.ml, workspace.counter, out,
@@ -522,7 +523,7 @@ def sage_decode_paged(
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
     )  # fmt: skip
     if not config.fused_combine:
-        _sage_decode_combine_kernel[(batch, q_heads)](
+        launch(_sage_decode_combine_kernel, (batch, q_heads),
             out, workspace.acc, workspace.ml, q_rows, kv_len,
             out.stride(0), out.stride(1), splits,
             num_q_heads=q_heads, head_dim=dim, SPLITS=next_power_of_2(splits),

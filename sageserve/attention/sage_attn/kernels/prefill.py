@@ -35,6 +35,7 @@ from sageserve.attention.sage_attn.kernels.rotate import (
 # and vectorizes): rows are padded with the null page to a multiple of KEY_ALIGN tokens past
 # the longest sequence, as for the 16-bit kernels.
 from sageserve.attention.triton_common import KEY_ALIGN
+from sageserve.kernel_launch import launch
 from sageserve.launch_math import cdiv
 
 MIN_SCALE = tl.constexpr(2.0**-24)
@@ -496,7 +497,7 @@ def sage_attention_paged(
         caches = cache_descriptors(*caches, config.block_n, descriptor_memo)
     # Query blocks first (adjacent programs share a head's keys in L2), then heads, sequences.
     grid = (cdiv(max_q_len, config.block_m), q_heads, page_table.shape[0])
-    _sage_attention_kernel[grid](
+    launch(_sage_attention_kernel, grid,
         q, q_scale if q_scale is not None else k_scale,
         balance if balance is not None else k_scale, out, *caches,
         page_table, q_start, q_len, kv_len,

@@ -23,6 +23,7 @@ from sageserve.attention.sage_attn.kernels.rotate import (
     check_rotation,
     hadamard_tile,
 )
+from sageserve.kernel_launch import launch
 from sageserve.launch_math import cdiv
 
 
@@ -98,7 +99,7 @@ def quantize_q(
     rows = tokens * heads
     if rows:
         group = heads // balance.shape[0] if balance is not None else 1
-        _quantize_q_kernel[(cdiv(rows, BLOCK_ROWS),)](
+        launch(_quantize_q_kernel, (cdiv(rows, BLOCK_ROWS),),
             q, balance, codes, scales, rows, q.stride(0), q.stride(1), sm_scale,
             heads=heads, group=group, D=dim, STAGES=dim.bit_length() - 1, BLOCK=BLOCK_ROWS,
             ROTATE=int(rotation), HAS_BALANCE=balance is not None,

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from sageserve.attention.sage_attn.rotation import check_head_dim
 from sageserve.attention.triton_common import interpreting
+from sageserve.kernel_launch import launch
 from sageserve.launch_math import cdiv
 
 BLOCK_ROWS = 16
@@ -146,7 +147,7 @@ def rotate_rows(
                          f"{tuple(out.shape)}")  # fmt: skip
     rows = tokens * heads
     if rows:
-        _rotate_kernel[(cdiv(rows, BLOCK_ROWS),)](
+        launch(_rotate_kernel, (cdiv(rows, BLOCK_ROWS),),
             x, out, rows, x.stride(0), x.stride(1),
             heads=heads, D=dim, STAGES=dim.bit_length() - 1, BLOCK=BLOCK_ROWS,
             ROTATE=int(rotation),

@@ -37,6 +37,7 @@ from sageserve.attention.sage_attn.kernels.rotate import (
     hadamard_tile,
 )
 from sageserve.attention.triton_common import interpreting, sm_count
+from sageserve.kernel_launch import launch
 from sageserve.launch_math import cdiv, next_power_of_2
 
 MIN_SCALE = tl.constexpr(2.0**-24)
@@ -356,7 +357,7 @@ def store_kv(
     programs = cdiv(cdiv(tokens, block_t), per_program) * heads
     fast_div = not interpreting() if config.fast_div is None else config.fast_div
     dummy = k_scale  # never read when the matching flag is off
-    _store_kv_kernel[(programs,)](
+    launch(_store_kv_kernel, (programs,),
         k, v,
         k_mean if k_mean is not None else dummy,
         balance if balance is not None else dummy,

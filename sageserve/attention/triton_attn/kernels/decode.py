@@ -37,6 +37,7 @@ from sageserve.attention.triton_common import (
     online_softmax_step,
     sm_count,
 )
+from sageserve.kernel_launch import launch
 from sageserve.launch_math import next_power_of_2
 from sageserve.layers.fused.pdl import pdl_supported
 
@@ -216,14 +217,14 @@ def paged_decode(
         return out
     group = q_heads // kv_heads
     scale = (dim**-0.5 if sm_scale is None else sm_scale) * LOG2E
-    _decode_split_kernel[(batch, kv_heads, splits)](
+    launch(_decode_split_kernel, (batch, kv_heads, splits),
         q, k_cache, v_cache, plan.page_table, plan.q_row, plan.kv_len, plan.acc, plan.ml,
         q.stride(0), q.stride(1), plan.page_table.stride(0), scale, splits,
         num_kv_heads=kv_heads, group=group, page_size=plan.page_size, head_dim=dim,
         BLOCK_H=max(16, next_power_of_2(group)), BLOCK_N=BLOCK_N,
         num_warps=4, num_stages=3,
     )  # fmt: skip
-    _decode_merge_kernel[(batch, q_heads)](
+    launch(_decode_merge_kernel, (batch, q_heads),
         out, plan.acc, plan.ml, plan.q_row, out.stride(0), out.stride(1), splits,
         num_q_heads=q_heads, head_dim=dim, SPLITS_TILE=MAX_SPLITS,
         LAUNCH_DEPENDENTS=pdl_supported(q.device), num_warps=4,

@@ -31,6 +31,7 @@ from sageserve.attention.triton_common import (
     key_offsets,
     online_softmax_step,
 )
+from sageserve.kernel_launch import launch
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ def paged_prefill(
     caches = (k_cache, v_cache)
     if tma:
         caches = tuple(_descriptor(t, cfg.block_n) for t in caches)
-    _paged_prefill_kernel[(q_heads, num_blocks)](
+    launch(_paged_prefill_kernel, (q_heads, num_blocks),
         q, out, *caches,
         plan.page_table, plan.q_start, plan.q_len, plan.kv_len, plan.block_seq, plan.block_row,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), plan.page_table.stride(0),

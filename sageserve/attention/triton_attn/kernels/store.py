@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from sageserve.attention.triton_common import HEAD_DIMS, check_cache_dtype
+from sageserve.kernel_launch import launch
 from sageserve.launch_math import cdiv
 
 BLOCK_T = 16
@@ -55,7 +56,7 @@ def store_kv(
     _check_store_args(k, v, slot_mapping, k_cache, v_cache)
     if tokens == 0:
         return
-    _store_kv_kernel[(cdiv(tokens, BLOCK_T), heads)](
+    launch(_store_kv_kernel, (cdiv(tokens, BLOCK_T), heads),
         k, v, slot_mapping, k_cache, v_cache, tokens,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         num_kv_heads=heads, head_dim=dim, BLOCK_T=BLOCK_T, num_warps=4,

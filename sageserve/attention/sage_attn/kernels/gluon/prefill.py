@@ -34,6 +34,7 @@ from sageserve.attention.sage_attn.kernels.gluon.producer import _producer, _wid
 from sageserve.attention.sage_attn.kernels.quantize_q import quantize_q
 from sageserve.attention.sage_attn.kernels.rotate import HadamardKernel
 from sageserve.attention.triton_common import sm_count
+from sageserve.kernel_launch import launch
 
 
 @gluon.jit
@@ -256,7 +257,7 @@ def sage_attention_ws(
     if persistent:
         grid = min(grid, sm_count(q.device, cpu_sms=1))
     codes, scales, stride_t, stride_h, stride_s = q_args
-    _sage_ws_prefill_kernel[(grid,)](
+    launch(_sage_ws_prefill_kernel, (grid,),
         codes, scales, k_desc, v_desc, k_scale, v_scale, page_table, out, plan, q_start, q_len,
         kv_len, plan.shape[0], stride_t, stride_h, stride_s, page_table.stride(0),
         out.stride(0), out.stride(1), sm_scale, num_q_heads=heads,
