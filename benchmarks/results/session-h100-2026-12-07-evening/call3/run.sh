@@ -1,0 +1,2 @@
+# Device call 3 (issue 16), on call 2's machine while warm: the step probe again for its cProfile.
+python3 -c "import zipfile, glob; [zipfile.ZipFile(w).extractall('site') for w in glob.glob('.whl/*.whl')]"; export PYTHONPATH=$PWD/site:$PWD; mkdir -p $OUT/r3; for b in sage_attn triton; do timeout 100 python3 lab/step_latency_probe.py --backend $b --new-len 1024 --out $OUT/r3/step-probe-$b.json > $OUT/r3/step-probe-$b.log 2>&1; grep -A40 "Ordered by" $OUT/r3/step-probe-$b.log | cut -c1-150 | head -45; done
