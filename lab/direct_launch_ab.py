@@ -22,31 +22,13 @@ import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 
-import torch
-
+from lab.step_latency_probe import _prompt, decoding
 from sageserve import kernel_launch
 from sageserve.bench.run_record import device_info, software
 from sageserve.config import EngineConfig
 from sageserve.engine.engine import Engine
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.models.loader import load_model
-
-
-def _prompt(engine: Engine, n: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, engine.info.vocab_size, (n,), generator=generator).tolist()
-
-
-def _decoding(engine: Engine, batch: int, input_len: int) -> None:
-    """`batch` requests queued and stepped until each decodes."""
-    params = SamplingParams(temperature=0, max_new_tokens=4096, ignore_eos=True)
-    waiting = {engine.add_request(_prompt(engine, input_len, i), params) for i in range(batch)}
-    while waiting:
-        for out in engine.step():
-            if out.metrics.first_token_time is not None:
-                waiting.discard(out.request_id)
-    for _ in range(8):
-        engine.step()
 
 
 def _arrival(engine: Engine, new_len: int, seed: int, direct: bool) -> list[dict]:
@@ -81,7 +63,7 @@ def main() -> None:
               "device": device_info(config.torch_device()), "software": software(),
               "backend": args.backend, "direct": [], "through_triton": []}  # fmt: skip
     with Engine(config, loaded) as engine:
-        _decoding(engine, args.batch, args.input_len)
+        decoding(engine, args.batch, args.input_len)
         for r in range(args.rounds):
             for direct in (True, False):
                 rows = _arrival(engine, args.new_len, 100 + 2 * r + direct, direct)

@@ -71,8 +71,8 @@ def _timed_step(engine: Engine) -> tuple[float, int]:
     return 1e3 * (time.perf_counter() - start), engine.stats().num_running
 
 
-def mixed_steps(engine: Engine, batch: int, input_len: int, new_len: int) -> dict:
-    """Step times around one new prompt's prefill while `batch` requests decode."""
+def decoding(engine: Engine, batch: int, input_len: int) -> None:
+    """`batch` requests of `input_len` random tokens queued and stepped until each decodes."""
     params = SamplingParams(temperature=0, max_new_tokens=4096, ignore_eos=True)
     waiting = {engine.add_request(_prompt(engine, input_len, i), params) for i in range(batch)}
     while waiting:
@@ -81,6 +81,12 @@ def mixed_steps(engine: Engine, batch: int, input_len: int, new_len: int) -> dic
                 waiting.discard(out.request_id)
     for _ in range(8):
         engine.step()
+
+
+def mixed_steps(engine: Engine, batch: int, input_len: int, new_len: int) -> dict:
+    """Step times around one new prompt's prefill while `batch` requests decode."""
+    params = SamplingParams(temperature=0, max_new_tokens=4096, ignore_eos=True)
+    decoding(engine, batch, input_len)
     decode = [_timed_step(engine)[0] for _ in range(10)]
     engine.add_request(_prompt(engine, new_len, 99), params)
     around = [_timed_step(engine) for _ in range(6)]

@@ -98,21 +98,17 @@ class ServerMetrics:
         )
 
     def _init_step_histograms(self) -> None:
+        self.step_duration = self._step_histogram(
+            "step_duration_seconds", "Wall seconds of one engine step call"
+        )
+        self.step_device_wait = self._step_histogram(
+            "step_device_wait_seconds", "Seconds one engine step call waited for the device"
+        )
+
+    def _step_histogram(self, name: str, doc: str) -> Histogram:
         kind = "kind (decode, mixed, prefill, none: what the step launched)"
-        self.step_duration = Histogram(
-            f"{PREFIX}_step_duration_seconds",
-            f"Wall seconds of one engine step call, by {kind}",
-            ["kind"],
-            buckets=STEP_BUCKETS,
-            registry=self.registry,
-        )
-        self.step_device_wait = Histogram(
-            f"{PREFIX}_step_device_wait_seconds",
-            f"Seconds of one engine step call spent waiting for the device, by {kind}",
-            ["kind"],
-            buckets=STEP_BUCKETS,
-            registry=self.registry,
-        )
+        return Histogram(f"{PREFIX}_{name}", f"{doc}, by {kind}", ["kind"],
+                         buckets=STEP_BUCKETS, registry=self.registry)  # fmt: skip
 
     def _init_gauges(self) -> None:
         gauges: dict[str, tuple[str, Callable[[], float]]] = {
