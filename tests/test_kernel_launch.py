@@ -106,3 +106,18 @@ def test_direct_launches_match_triton_launches(enabled: bool, monkeypatch) -> No
     cached = axpy.__dict__.get("_sageserve_direct")
     if enabled:
         assert cached is not None and len(cached.compiled) >= 8
+
+
+def test_only_a_registered_launch_hook_sends_launches_through_triton() -> None:
+    """Triton 3.6 keeps an empty HookChain as its launch hook: that is no profiler."""
+    from triton import knobs
+
+    assert not kernel_launch._hooked()
+    hook = knobs.runtime.launch_enter_hook
+    calls: list = []
+    hook.add(calls.append)
+    try:
+        assert kernel_launch._hooked()
+    finally:
+        hook.remove(calls.append)
+    assert not kernel_launch._hooked()
