@@ -95,7 +95,8 @@ class DirectLauncher:
         """A key at least as fine as Triton's specialization of these values and options."""
         key = [tuple(sorted(options.items()))]
         for value, constexpr, flags in zip(values, self.constexpr, self.flags, strict=True):
-            key.append(("c", value) if constexpr else self._arg_key(value, flags))
+            # A constexpr's type too: True == 1 == 1.0 in Python, not in Triton's key.
+            key.append((type(value), value) if constexpr else self._arg_key(value, flags))
         return tuple(key)
 
     def _arg_key(self, value: Any, flags: tuple[bool, bool, bool]) -> Any:

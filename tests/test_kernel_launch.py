@@ -70,6 +70,9 @@ def test_key_holds_constexprs_and_options() -> None:
         assert values[6:] == [block, flip] and options == {"num_warps": warps}
         keys.add(launcher.specialization_key(values, options))
     assert len(keys) == 8
+    as_int, _ = launcher.bind(args, {"BLOCK": 16, "FLIP": 1})
+    as_bool, _ = launcher.bind(args, {"BLOCK": 16, "FLIP": True})
+    assert launcher.specialization_key(as_int, {}) != launcher.specialization_key(as_bool, {})
 
 
 def test_the_interpreter_kernel_goes_through_triton() -> None:
