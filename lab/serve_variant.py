@@ -1,6 +1,8 @@
-"""The server with a lab variant of its host path: another GIL switch interval, or Triton
-kernels launched directly (`sageserve.kernel_launch`). (Issue 16: are the host-bound mixed
-steps under 32 streaming clients the interpreter lock's, or the launches'?)
+"""The server with a lab variant of its host path: the engine on a thread of the server's
+process instead of its own process, another GIL switch interval, or Triton kernels launched
+directly (`sageserve.kernel_launch`; with the engine on a thread only: the flag is this
+process's, and a spawned engine process imports the module afresh). (Issue 16: are the
+host-bound mixed steps under 32 streaming clients the interpreter lock's, or the launches'?)
 
 Under 32 streaming clients the server's mixed steps (decodes plus a prefill chunk) took
 17.8 ms (triton) and 21.0 ms (sage_attn) and waited ~0 for the device (`bench serving`'s
@@ -10,8 +12,8 @@ the event loop's thread runs Python meanwhile, each take waits up to the switch 
 (`engine_loop.GIL_SWITCH_INTERVAL_S`, 0.5 ms). And each Triton launch binds its arguments
 (~25 µs of host time a launch on an H100 machine), which a direct launch skips.
 
-    PYTHONPATH=. python lab/serve_variant.py [--gil-switch-interval S] [--direct-launch on|off] \
-        -- --model-path ... --port 30123
+    PYTHONPATH=. python lab/serve_variant.py [--engine process|thread] \
+        [--gil-switch-interval S] [--direct-launch on|off] -- --model-path ... --port 30123
 """
 
 from __future__ import annotations
@@ -26,11 +28,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gil-switch-interval", type=float, default=None)
     parser.add_argument("--direct-launch", choices=["on", "off"], default=None)
+    parser.add_argument("--engine", choices=["process", "thread"], default="process")
     variant, server_args = parser.parse_known_args()
+    if variant.direct_launch is not None and variant.engine == "process":
+        parser.error("--direct-launch needs --engine thread (a spawned process resets it)")
     if variant.gil_switch_interval is not None:
         engine_loop.GIL_SWITCH_INTERVAL_S = variant.gil_switch_interval
     if variant.direct_launch is not None:
         kernel_launch.ENABLED = variant.direct_launch == "on"
-    print(f"GIL switch interval {engine_loop.GIL_SWITCH_INTERVAL_S} s, direct launches "
+    print(f"engine on a {variant.engine}, GIL switch interval "
+          f"{engine_loop.GIL_SWITCH_INTERVAL_S} s, direct launches "
           f"{'on' if kernel_launch.ENABLED else 'off'}", flush=True)  # fmt: skip
-    sys.exit(launch_server.main([a for a in server_args if a != "--"]))
+    args = [a for a in server_args if a != "--"]
+    sys.exit(launch_server.main(args, engine_host=variant.engine))

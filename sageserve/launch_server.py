@@ -10,15 +10,18 @@ import argparse
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from sageserve.engine_args import add_engine_args, engine_config_from_args
 from sageserve.models.default_model import DEFAULT_MODEL
 from sageserve.server.args import ServerArgs, add_server_args, server_args_from_args
 
 if TYPE_CHECKING:
+    from sageserve.config import EngineConfig
     from sageserve.engine.info import EngineInfo
-    from sageserve.server.engine_loop import EngineLoop
+    from sageserve.server.engine_loop import EngineHost, EngineLoop
+
+EngineHostKind = Literal["process", "thread"]
 
 logger = logging.getLogger("sageserve.launch_server")
 
@@ -38,24 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    """Load the model, start the engine thread, serve until interrupted.
+def run(args: argparse.Namespace, engine_host: EngineHostKind = "process") -> int:
+    """Load the model in the engine's process, serve until interrupted.
 
+    engine_host: "process" (served: the engine in a process of its own) or "thread" (in
+    this process, sharing its interpreter lock; for lab comparisons).
     Returns 2 (after a message naming the problem) for bad flags or an unusable model, 1 when
-    the engine thread stopped on a fault, 0 after a clean shutdown.
+    the engine stopped on a fault, 0 after a clean shutdown.
     """
     from sageserve.server.serve import serve
 
     try:
-        server_args, engine_loop = _load(args)
+        server_args, engine_loop = _load(args, engine_host)
     except ValueError as err:
         print(f"sageserve: error: {err}", file=sys.stderr)
         return 2
     return serve(engine_loop, server_args)
 
 
-def _load(args: argparse.Namespace) -> tuple[ServerArgs, EngineLoop]:
-    from sageserve.engine.engine import Engine
+def _load(args: argparse.Namespace, engine_host: EngineHostKind) -> tuple[ServerArgs, EngineLoop]:
     from sageserve.server.engine_loop import EngineLoop
     from sageserve.server.limits import RequestLimits
 
@@ -64,22 +68,33 @@ def _load(args: argparse.Namespace) -> tuple[ServerArgs, EngineLoop]:
     _setup_logging(server_args)
     start = time.monotonic()
     logger.info("loading %s ...", engine_config.model_path or DEFAULT_MODEL)
-    engine = Engine(engine_config, warm_up_now=False)  # the engine thread warms it up
+    host = _engine_host(engine_host, engine_config, server_args)
     limits = RequestLimits.for_context(
-        engine.info.context_length,
+        host.info.context_length,
         max_prompt_chars=server_args.max_prompt_chars,
         max_batch_size=server_args.max_batch_size,
     )
-    engine_loop = EngineLoop(engine, server_args.max_queued_requests, limits)
+    engine_loop = EngineLoop(host, limits=limits)
     _log_ready(engine_loop.info, time.monotonic() - start)
     return server_args, engine_loop
 
 
+def _engine_host(kind: EngineHostKind, config: EngineConfig, server_args: ServerArgs) -> EngineHost:
+    """The engine, loaded but not warmed up (its loop warms it up before it serves)."""
+    if kind == "process":
+        from sageserve.server.engine_process import EngineProcess
+
+        return EngineProcess(config, server_args.max_queued_requests, server_args.log_level)
+    from sageserve.engine.engine import Engine
+    from sageserve.server.engine_thread import EngineThread
+
+    return EngineThread(Engine(config, warm_up_now=False), server_args.max_queued_requests)
+
+
 def _setup_logging(server_args: ServerArgs) -> None:
-    logging.basicConfig(
-        level=server_args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from sageserve.server.engine_process import LOG_FORMAT
+
+    logging.basicConfig(level=server_args.log_level.upper(), format=LOG_FORMAT)
 
 
 def _log_ready(info: EngineInfo, seconds: float) -> None:
@@ -98,8 +113,8 @@ def _log_ready(info: EngineInfo, seconds: float) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+def main(argv: list[str] | None = None, engine_host: EngineHostKind = "process") -> int:
+    return run(build_parser().parse_args(argv), engine_host)
 
 
 if __name__ == "__main__":

@@ -40,11 +40,15 @@ def tokenizerless() -> LoadedModel:
     return LoadedModel(model.eval(), config, None, torch.float32, "tiny dummy model")
 
 
-def _loop(loaded: LoadedModel) -> EngineLoop:
+def _engine(loaded: LoadedModel) -> Engine:
     config = EngineConfig(
         dtype="float32", device="cpu", context_length=256, cache=CacheConfig(max_total_tokens=512)
     )
-    return EngineLoop(Engine(config, loaded))
+    return Engine(config, loaded)
+
+
+def _loop(loaded: LoadedModel) -> EngineLoop:
+    return EngineLoop(_engine(loaded))
 
 
 def test_the_warm_up_requests_cover_both_apis_and_leave_the_engine_whole(
@@ -53,7 +57,8 @@ def test_the_warm_up_requests_cover_both_apis_and_leave_the_engine_whole(
     """/generate, /v1/completions and (SmolLM2 has a chat template) /v1/chat/completions all
     answer a complete stream, through the API key check; afterwards no request is left, the
     pool is whole and the prefix cache empty."""
-    loop = _loop(smollm2)
+    engine = _engine(smollm2)
+    loop = EngineLoop(engine)
     args = ServerArgs(api_key="sk-test")
     app = build_app(loop, args, warm_up_routes=False)
     paths = [path for path, _ in route_warmup.warmup_requests(loop, args.served_model_name)]
@@ -67,10 +72,10 @@ def test_the_warm_up_requests_cover_both_apis_and_leave_the_engine_whole(
         return count
 
     assert asyncio.run(run()) == 3
-    stats = loop._engine.stats()
+    stats = engine.stats()
     assert stats.num_steps >= 3 * route_warmup.NEW_TOKENS
     assert stats.num_free_pages == stats.num_usable_pages and stats.num_cached_pages == 0
-    assert not loop._engine.has_unfinished_requests()
+    assert not engine.has_unfinished_requests()
 
 
 def test_health_is_503_until_the_route_warm_up_is_done(

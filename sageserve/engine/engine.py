@@ -68,7 +68,7 @@ class Engine:
         self, config: EngineConfig, loaded: LoadedModel | None = None, warm_up_now: bool = True
     ) -> None:
         """warm_up_now: False leaves `warm_up` to the caller, to run on the thread that will
-        drive the engine (the server's engine thread)."""
+        drive the engine (the server's engine loop)."""
         self._config = config
         self._device = config.torch_device()
         self._loaded = loaded or self._load_model()

@@ -35,7 +35,7 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 
 # Every step of a request builds and scatters one value per entry into its logits row (host
-# work on the engine thread, which serves the whole batch), so the count bounds what one
+# work on the engine's loop, which serves the whole batch), so the count bounds what one
 # request can add to every step; banning or favouring a few words needs far fewer.
 MAX_LOGIT_BIAS_ENTRIES = 1024
 # OpenAI's range: -100 bans a token, +100 all but forces it.

@@ -50,7 +50,7 @@ HEALTH_GENERATE_TIMEOUT_S = 20
 def build_app(
     engine_loop: EngineLoop, server_args: ServerArgs, warm_up_routes: bool | None = None
 ) -> FastAPI:
-    """The server's app; its lifespan starts and stops the engine thread.
+    """The server's app; its lifespan starts and stops the engine's loop.
 
     warm_up_routes: send the route warm-up's requests (route_warmup.py) once the engine
     thread is ready, before /health answers 200; None: when the engine warms up (CUDA)."""
@@ -89,7 +89,7 @@ def build_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 while the engine thread serves (open without an API key, for probes); 503
+        """200 while the engine serves (open without an API key, for probes); 503
         while it warms up or once it has stopped."""
         if engine_loop.is_ready and routes_ready.is_set():
             return JSONResponse({"status": "ok"})
@@ -117,7 +117,7 @@ def build_app(
 async def _warm_up_routes(
     app: FastAPI, engine_loop: EngineLoop, server_args: ServerArgs, done: asyncio.Event
 ) -> None:
-    """Once the engine thread is ready: the route warm-up, then `done`. A failure stops the
+    """Once the engine is ready: the route warm-up, then `done`. A failure stops the
     server (exit status 1): one that cannot answer its own requests must not say ready."""
     if not await engine_loop.wait_ready():
         return

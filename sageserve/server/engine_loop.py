@@ -1,24 +1,25 @@
-"""The engine on its own thread, behind an asyncio API for the HTTP server.
+"""The engine behind an asyncio API for the HTTP server.
 
-The engine is not thread-safe, so only the engine thread touches it. The event loop hands it
-commands (add, abort) through a `queue.Queue`; the thread hands each step's outputs back with
-`loop.call_soon_threadsafe`, where they are routed to the streams waiting for them::
+The engine runs on a host of its own (a process, engine_process.py, as served; or a thread,
+engine_thread.py) and speaks only in messages (engine_core.py). The event loop hands it
+commands; the host hands back one Report per engine iteration, applied on the event loop,
+where outputs are routed to the streams waiting for them::
 
-    event loop                         engine thread
-    submit() ── _Add ──────────────>   engine.add_request (ValueError -> that request's 400)
-    OutputStream <── outputs ───────   engine.step()        (one call per step)
-    OutputStream.close() ── _Abort ─>  engine.abort         (frees the request's pages)
+    event loop                              engine host
+    submit() ── Add(ticket) ──────────────>  engine.add_request (ValueError -> that request's 400)
+    ticket's future <── Report.settled ────
+    OutputStream <── Report.outputs ───────  engine.step()        (one report per iteration)
+    OutputStream.close() ── Abort ────────>  engine.abort         (frees the request's pages)
 
 Requests submitted together (a batch, or OpenAI's `n`) share one OutputStream, so the HTTP
 layer can stream them interleaved.
 
-Text is tokenized (and chat templates applied) on a third thread with its own tokenizer, so
-a long prompt stalls neither the event loop nor the engine's steps.
+Text is tokenized (and chat templates applied) on a thread with its own tokenizer, so a
+long prompt stalls neither the event loop nor the engine's steps.
 
-Failures stay with the request that caused them: a bad request is refused at admission, an
-internal fault while admitting it fails it alone (500), a failing step fails the requests
-in flight (500) and the loop goes on. Should the engine thread itself stop, every waiting
-request gets 503 at once, later ones too, and `on_death` is called so the server can exit.
+Failures stay with the request that caused them (engine_core.py). Should the engine's host
+itself stop, every waiting request gets 503 at once, later ones too, and `on_death` is
+called so the server can exit.
 """
 
 from __future__ import annotations
@@ -26,24 +27,25 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import itertools
 import logging
-import queue
 import sys
 import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sageserve.engine.admission import encode_prompt
 from sageserve.engine.engine import Engine
-from sageserve.engine.info import EngineStats
+from sageserve.engine.info import EngineInfo, EngineStats
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.stop import StopChecker
 from sageserve.engine.token_bytes import TokenBytes
+from sageserve.server.engine_core import Abort, Add, Command, FlushCache, Report, Stop
+from sageserve.server.engine_thread import EngineThread
 from sageserve.server.errors import (
     EngineDeadError,
     InvalidRequestError,
@@ -58,30 +60,37 @@ logger = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
 T = TypeVar("T")
 
-
-@dataclass
-class _Add:
-    prompts: list[list[int]]
-    params: list[SamplingParams]
-    request_ids: list[str]
-    future: asyncio.Future[None]
-
-
-@dataclass
-class _Abort:
-    request_ids: list[str]
-
-
-@dataclass
-class _FlushCache:
-    future: asyncio.Future[None]
-
-
-_STOP = object()
-# The server's GIL switch interval (Python's default: 5 ms). The 32-client figures in
-# BENCHMARKS.md (issue 16, H100) that meet the ITL target were measured with 0.5 ms; 5 ms was
-# not measured against it cleanly (those runs also compiled kernels on first use).
+# The server's GIL switch interval (Python's default: 5 ms). A thread that wakes (the engine
+# thread, or the engine process's command writer) waits up to this long for the lock while
+# the event loop runs Python. The 32-client figures in BENCHMARKS.md (issue 16, H100) were
+# measured with 0.5 ms.
 GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+class EngineHost(Protocol):
+    """Where the engine's loop runs: EngineThread or EngineProcess."""
+
+    info: EngineInfo
+    tokenizer: Any
+    warms_up: bool
+    initial_stats: EngineStats
+    max_queued_requests: int | None
+
+    def start(self, deliver: Callable[[Report], None], on_exit: Callable[[str], None]) -> None:
+        """Start the loop; `deliver` gets each Report, `on_exit` the reason of a death (from
+        any thread)."""
+
+    def send(self, command: Command) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+    def join(self, timeout: float) -> None: ...
+
+    def decode(self, outputs: list[Any]) -> list[RequestOutput]:
+        """A Report's outputs as RequestOutputs (on the event loop)."""
+
+    def forget(self, request_ids: list[str]) -> None:
+        """Requests that ended without a final output (a failed step)."""
 
 
 class OutputStream:
@@ -158,85 +167,88 @@ class OutputStream:
 
 
 class EngineLoop:
-    """Runs an Engine on a dedicated thread; submit, stream and abort from asyncio."""
+    """Runs an Engine on a host of its own; submit, stream and abort from asyncio.
+
+    engine: an EngineHost, or an Engine (run on an EngineThread with max_queued_requests;
+    with a host, the host's limit applies and max_queued_requests must be None).
+    """
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | EngineHost,
         max_queued_requests: int | None = None,
         limits: RequestLimits | None = None,
     ) -> None:
-        self.max_queued_requests = max_queued_requests
-        self.info = engine.info
+        host = EngineThread(engine, max_queued_requests) if isinstance(engine, Engine) else engine
+        if host is not engine and max_queued_requests is not None:
+            raise ValueError("max_queued_requests belongs to the host that was passed")
+        self._host: EngineHost = host
+        self.max_queued_requests = host.max_queued_requests
+        self.info = host.info
         self.limits = limits or RequestLimits.for_context(self.info.context_length)
         # NOTE: a tokenizer object must not be shared between threads: the event loop
         # decodes token texts with one copy, the tokenizer thread encodes with another.
-        self.tokenizer = copy.deepcopy(engine.tokenizer)
-        self._encoder = copy.deepcopy(engine.tokenizer)
+        self.tokenizer = copy.deepcopy(host.tokenizer)
+        self._encoder = copy.deepcopy(host.tokenizer)
         self._encoder_thread = ThreadPoolExecutor(1, thread_name_prefix="sageserve-tokenizer")
-        # The engine's latest snapshot, published by the engine thread after every iteration
-        # (for /get_server_info and the metrics' gauges); taken here before the thread starts.
-        self.stats: EngineStats = engine.stats()
+        # The engine's latest snapshot, from its latest report (for /get_server_info and the
+        # metrics' gauges).
+        self.stats: EngineStats = host.initial_stats
         self.metrics = ServerMetrics(self.info, lambda: self.stats)
-        self.failure: str | None = None  # why the engine thread stopped, once it has
+        self.failure: str | None = None  # why the engine stopped, once it has
         self.on_death: Callable[[], None] | None = None
-        self._engine = engine
-        self._commands: queue.Queue[Any] = queue.Queue()
         self._routes: dict[str, tuple[OutputStream, int]] = {}
-        self._pending_adds: set[asyncio.Future[None]] = set()
+        self._waiting: dict[int, asyncio.Future[None]] = {}  # commands' tickets
+        self._tickets = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()  # set once the engine thread has warmed up
+        self._started = False
+        self._ready = threading.Event()  # set once the engine has warmed up
         self.token_text = functools.lru_cache(maxsize=65536)(self._decode_token)
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
 
     # ------------------------------------------------------------- event loop side
 
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will submit requests.
+        """Start the engine's loop; call from the event loop that will submit requests.
 
         Also shortens the process's GIL switch interval to GIL_SWITCH_INTERVAL_S."""
-        # Every torch op and kernel launch of a step lets go of the GIL and takes it back;
-        # while the event loop's thread runs Python, each take waits up to the switch
-        # interval (5 ms by default), and a step of hundreds of launches queues behind it.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="sageserve-engine", daemon=True)
-        self._thread.start()
+        self._started = True
+        self._host.start(self._deliver, self._exit)
 
     def stop(self) -> None:
-        """Stop the thread (requests in flight are aborted) and wait for it."""
-        self._commands.put(_STOP)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        """Stop the engine (requests in flight are aborted) and wait for it."""
+        self._host.send(Stop())
+        self._host.join(30)
         self._encoder_thread.shutdown(wait=False, cancel_futures=True)
 
     @property
     def is_ready(self) -> bool:
-        """True once the engine thread has warmed up and serves (until it stops)."""
+        """True once the engine has warmed up and serves (until it stops)."""
         return self.is_alive and self._ready.is_set()
 
     @property
     def warms_up(self) -> bool:
-        """Whether the engine thread runs the warm-up before it serves (CUDA, warm-up on)."""
-        return self._engine.warms_up
+        """Whether the engine runs the warm-up before it serves (CUDA, warm-up on)."""
+        return self._host.warms_up
 
     async def wait_ready(self, poll_s: float = 0.05) -> bool:
-        """Wait until the engine thread serves (True) or has stopped (False)."""
+        """Wait until the engine serves (True) or has stopped (False)."""
         while not self._ready.is_set():
-            if self.failure is not None or (self._thread and not self._thread.is_alive()):
+            if self.failure is not None or (self._started and not self._host.is_alive()):
                 return False
             await asyncio.sleep(poll_s)
         return self.is_alive
 
     def stop_serving(self, reason: str) -> None:
         """Fail every request, now and later, and tell the server to exit (event loop side):
-        what an engine-thread fault does, for a fault found outside it."""
+        what an engine fault does, for a fault found outside it."""
         self._engine_died(reason)
 
     @property
     def is_alive(self) -> bool:
-        return self.failure is None and self._thread is not None and self._thread.is_alive()
+        return self.failure is None and self._started and self._host.is_alive()
 
     async def with_tokenizer(self, fn: Callable[[Any], T]) -> T:
         """`fn(tokenizer)` on the tokenizer thread (encoding, chat templates)."""
@@ -279,21 +291,27 @@ class EngineLoop:
         # Routes exist before the engine sees the requests: their first outputs may reach
         # the event loop before this coroutine resumes from the future below.
         self._routes.update({rid: (stream, i) for i, rid in enumerate(ids)})
-        future = asyncio.get_running_loop().create_future()
-        self._pending_adds.add(future)
-        self._commands.put(_Add(token_ids, list(params), ids, future))
         try:
-            await future
+            await self._command(lambda ticket: Add(token_ids, list(params), ids, ticket))
         except (InvalidRequestError, QueueFullError, RequestFailedError, EngineDeadError):
-            self.release(ids, [])  # the engine thread took none of them
+            self.release(ids, [])  # the engine took none of them
             raise
         except BaseException:
             # The client left while waiting: the engine may hold them by now.
             self.release(ids, ids)
             raise
-        finally:
-            self._pending_adds.discard(future)
         return stream
+
+    async def _command(self, command: Callable[[int], Add | FlushCache]) -> None:
+        """Send the command made with a new ticket; wait until the engine settles it."""
+        ticket = next(self._tickets)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[ticket] = future
+        try:
+            self._host.send(command(ticket))
+            await future
+        finally:
+            self._waiting.pop(ticket, None)
 
     def _check_alive(self) -> None:
         if not self.is_alive:
@@ -338,7 +356,7 @@ class EngineLoop:
         """
         if request_id not in self._routes:
             return False
-        self._commands.put(_Abort([request_id]))
+        self._host.send(Abort([request_id]))
         return True
 
     async def flush_cache(self) -> None:
@@ -347,16 +365,47 @@ class EngineLoop:
         Raises InvalidRequestError while requests are in flight: their pages stay in use and
         a partial flush would be a surprise, so the cache is flushed only when idle.
         """
-        future = asyncio.get_running_loop().create_future()
-        self._commands.put(_FlushCache(future))
-        await future
+        await self._command(FlushCache)
 
     def release(self, request_ids: list[str], unfinished: list[str]) -> None:
         """Forget a stream's routes and abort its unfinished requests in the engine."""
         for rid in request_ids:
             self._routes.pop(rid, None)
         if unfinished:
-            self._commands.put(_Abort(unfinished))
+            self._host.send(Abort(unfinished))
+
+    # ------------------------------------------------- the engine's reports, applied
+
+    def _deliver(self, report: Report) -> None:
+        """The host's callback (any thread): apply the report on the event loop."""
+        if report.ready:
+            self._ready.set()
+        self._post(self._apply, report)
+
+    def _exit(self, reason: str) -> None:
+        """The host's callback when the engine has died (any thread)."""
+        self._post(self._engine_died, reason)
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None, "EngineLoop.start() was not called"
+        self._loop.call_soon_threadsafe(callback, *args)
+
+    def _apply(self, report: Report) -> None:
+        self.stats = report.stats
+        for ticket, error in report.settled:
+            future = self._waiting.get(ticket)
+            if future is not None:
+                _settle(future, error)
+        outputs = self._host.decode(report.outputs)
+        self.metrics.observe(outputs)
+        if report.step is not None:
+            self.metrics.observe_step(report.step)
+        self._dispatch(outputs)
+        if report.failed:
+            self._host.forget(report.failed)
+            self.metrics.observe_failed(report.failed)
+            error = RequestFailedError("internal error in the engine step serving this request")
+            self._fail(report.failed, error)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         by_stream: dict[OutputStream, list[tuple[int, RequestOutput]]] = {}
@@ -377,7 +426,7 @@ class EngineLoop:
         """Fail every waiting request and every later one; tell the server to exit."""
         self.failure = reason
         error = EngineDeadError(f"the engine has stopped ({reason}); the server is shutting down")
-        for future in list(self._pending_adds):
+        for future in list(self._waiting.values()):
             _settle(future, error)
         self._fail(list(self._routes), error)
         if self.on_death is not None:
@@ -386,126 +435,6 @@ class EngineLoop:
     def _decode_token(self, token_id: int) -> str:
         """The text of one token on its own (for logprob entries; cached as token_text)."""
         return self.tokenizer.decode([token_id])
-
-    # ----------------------------------------------------------------- engine thread
-
-    def _run(self) -> None:
-        try:
-            self._serve()
-        except BaseException as err:
-            # NOTE: _apply and _step keep request failures to their requests; reaching here
-            # means the loop itself is broken: hand the failure to the event loop and stop.
-            logger.critical("the engine thread stopped", exc_info=True)
-            self._post(self._engine_died, f"{type(err).__name__}: {err}")
-
-    def _serve(self) -> None:
-        self._engine.warm_up()
-        self._ready.set()
-        logger.info("engine loop started")
-        self._publish_stats()
-        while True:
-            idle = not self._engine.has_unfinished_requests()
-            commands = self._drain(block=idle)
-            for command in commands:
-                if command is _STOP:
-                    self._abort_all()
-                    logger.info("engine loop stopped")
-                    return
-                self._apply(command)
-            if self._engine.has_unfinished_requests():
-                self._step()
-            self._publish_stats()
-
-    def _drain(self, block: bool) -> list[Any]:
-        commands = [self._commands.get()] if block else []
-        while True:
-            try:
-                commands.append(self._commands.get_nowait())
-            except queue.Empty:
-                return commands
-
-    def _apply(self, command: _Add | _Abort | _FlushCache) -> None:
-        if isinstance(command, _FlushCache):
-            self._post(_settle, command.future, self._flush_cache())
-            return
-        if isinstance(command, _Abort):
-            aborted = [self._engine.abort(rid) for rid in command.request_ids]
-            outputs = [out for out in aborted if out is not None]
-            self.metrics.observe(outputs)
-            self._post(self._dispatch, outputs)
-            return
-        try:
-            self._add(command)
-        except (InvalidRequestError, QueueFullError) as err:
-            self._post(_settle, command.future, err)
-        except Exception:
-            logger.exception("admitting request(s) %s failed", ", ".join(command.request_ids))
-            for rid in command.request_ids:
-                self._engine.abort(rid)
-            message = f"internal error while admitting request {command.request_ids[0]}"
-            self._post(_settle, command.future, RequestFailedError(message))
-        else:
-            self._post(_settle, command.future, None)
-
-    def _add(self, command: _Add) -> None:
-        limit = self.max_queued_requests
-        if limit is not None:
-            in_flight = self._engine.stats().num_unfinished + len(command.prompts)
-            if in_flight > self.info.max_running_requests + limit:
-                raise QueueFullError(
-                    f"too many requests in flight (at most {self.info.max_running_requests} "
-                    f"running and {limit} queued); retry later"
-                )
-        added: list[str] = []
-        try:
-            for prompt, params, rid in zip(
-                command.prompts, command.params, command.request_ids, strict=True
-            ):
-                added.append(self._engine.add_request(prompt, params, rid))
-        except ValueError as err:
-            for rid in added:
-                self._engine.abort(rid)
-            raise InvalidRequestError(str(err)) from err
-
-    def _flush_cache(self) -> InvalidRequestError | None:
-        if self._engine.has_unfinished_requests():
-            return InvalidRequestError(
-                "requests are in flight; the prefix cache is flushed only when the server is idle"
-            )
-        self._engine.flush_prefix_cache()
-        return None
-
-    def _step(self) -> None:
-        try:
-            outputs = self._engine.step()
-        except Exception:
-            # NOTE: one failing step must not take the server down: log it with its
-            # traceback, fail the requests it may have touched, and keep serving. Which
-            # request broke a batched step is unknown, so all of them fail.
-            ids = self._engine.request_ids()
-            logger.exception("engine step failed; failing requests %s", ", ".join(ids))
-            self._abort_all()
-            self.metrics.observe_failed(ids)
-            error = RequestFailedError("internal error in the engine step serving this request")
-            self._post(self._fail, ids, error)
-            return
-        self.metrics.observe(outputs)
-        if self._engine.last_step is not None:
-            self.metrics.observe_step(self._engine.last_step)
-        self._post(self._dispatch, outputs)
-
-    def _abort_all(self) -> list[str]:
-        ids = self._engine.request_ids()
-        for rid in ids:
-            self._engine.abort(rid)
-        return ids
-
-    def _publish_stats(self) -> None:
-        self.stats = self._engine.stats()
-
-    def _post(self, callback: Any, *args: Any) -> None:
-        assert self._loop is not None, "EngineLoop.start() was not called"
-        self._loop.call_soon_threadsafe(callback, *args)
 
 
 def streamable_text(out: RequestOutput, stop: Sequence[str]) -> str:

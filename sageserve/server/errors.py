@@ -1,4 +1,4 @@
-"""What can go wrong with a request between the HTTP layer and the engine thread.
+"""What can go wrong with a request between the HTTP layer and the engine.
 
 Each maps to one HTTP status (see app._add_error_handlers): the client's mistake is a 400,
 a full queue a 503 to retry, an internal fault with one request a 500, and a dead engine a
@@ -21,4 +21,5 @@ class RequestFailedError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; the server is shutting down."""
+    """The engine has stopped (its loop failed or its process exited); the server is
+    shutting down."""

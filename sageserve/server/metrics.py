@@ -1,10 +1,11 @@
 """Prometheus metrics of the server (`GET /metrics`), in a registry of their own.
 
-The engine thread reports every RequestOutput it hands out (`observe`), so the counters and
-latency histograms see each request exactly once at its end and each token as it comes. The
+Every RequestOutput the engine hands out is reported (`observe`, on the event loop as each
+engine report arrives), so the counters and latency histograms see each request exactly once
+at its end and each token as it comes. The
 gauges are read at scrape time from the latest `EngineStats` snapshot::
 
-    engine thread                          scrape (event loop)
+    engine report (event loop)             scrape (event loop)
     step() / abort() -> observe(outputs)   render() -> counters, histograms
     step()           -> observe_step()                  gauges <- stats() snapshot
     step() raised    -> observe_failed()
@@ -48,7 +49,7 @@ FAILED_REASON = "error"
 class ServerMetrics:
     """Counters, histograms and gauges of one server, in their own CollectorRegistry.
 
-    `observe` and `observe_failed` must be called from one thread (the engine thread): they
+    `observe` and `observe_failed` must be called from one thread (the event loop): they
     keep per-request progress. `render` may be called from any thread.
     """
 
@@ -123,10 +124,10 @@ class ServerMetrics:
         for name, (doc, read) in gauges.items():
             Gauge(f"{PREFIX}_{name}", doc, registry=self.registry).set_function(read)
 
-    # ---------------------------------------------------------------- engine thread
+    # ------------------------------------------------------------- engine reports
 
     def observe(self, outputs: Iterable[RequestOutput]) -> None:
-        """Count the progress of each output (call once per step / abort, engine thread)."""
+        """Count the progress of each output (once per step / abort, in order)."""
         now = time.monotonic()
         for out in outputs:
             self._observe_tokens(out, now)

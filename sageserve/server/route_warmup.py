@@ -1,6 +1,6 @@
 """Warm the HTTP routes before /health answers 200.
 
-The engine thread's warm-up (engine/warmup.py) runs the model's kinds of steps; a user's
+The engine's warm-up (engine/warmup.py) runs the model's kinds of steps; a user's
 first request also runs code that the engine never does: the route's request model, the
 streamed response, token texts and logprob entries, the chat template. Like SGLang's
 launcher, which sends a /generate to its own server before it reports ready, the server

@@ -1,9 +1,9 @@
-"""Run the app under uvicorn until SIGINT/SIGTERM or until the engine thread stops.
+"""Run the app under uvicorn until SIGINT/SIGTERM or until the engine stops.
 
 Shutdown is graceful and bounded: uvicorn stops accepting connections, requests in flight
 get --shutdown-timeout seconds to finish, the rest are cancelled (their engine requests
-aborted, pages freed), then the engine thread stops. A dead engine thread triggers the same
-shutdown, and the exit status says it (1).
+aborted, pages freed), then the engine stops. A dead engine (its loop failed, its process
+exited) triggers the same shutdown, and the exit status says it (1).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def uvicorn_server(engine_loop: EngineLoop, server_args: ServerArgs) -> uvicorn.Server:
-    """The uvicorn server for the app; it exits on its own if the engine thread stops."""
+    """The uvicorn server for the app; it exits on its own if the engine stops."""
     config = uvicorn.Config(
         build_app(engine_loop, server_args),
         host=server_args.host,
@@ -33,7 +33,7 @@ def uvicorn_server(engine_loop: EngineLoop, server_args: ServerArgs) -> uvicorn.
     server = uvicorn.Server(config)
 
     def exit_on_death() -> None:
-        logger.critical("the engine thread has stopped: shutting the server down")
+        logger.critical("the engine has stopped: shutting the server down")
         server.should_exit = True
 
     engine_loop.on_death = exit_on_death
@@ -41,6 +41,6 @@ def uvicorn_server(engine_loop: EngineLoop, server_args: ServerArgs) -> uvicorn.
 
 
 def serve(engine_loop: EngineLoop, server_args: ServerArgs) -> int:
-    """Serve until asked to stop; 1 if the engine thread stopped on a fault, else 0."""
+    """Serve until asked to stop; 1 if the engine stopped on a fault, else 0."""
     uvicorn_server(engine_loop, server_args).run()
     return 1 if engine_loop.failure is not None else 0
