@@ -43,18 +43,19 @@ def _params() -> list[SamplingParams]:
 
 
 async def _serve(loop: EngineLoop) -> list[list[RequestOutput]]:
-    """Every output of each request (streamed), after the loop has warmed up."""
+    """Every output of each request (streamed), after the loop has warmed up. The requests
+    go in one submission: admitted together, they share every step (a batch of another
+    shape may round the logprobs differently)."""
     loop.start()
     try:
         assert await loop.wait_ready()
-        streams = [await loop.submit([p], [s]) for p, s in zip(PROMPTS, _params(), strict=True)]
-        return await asyncio.gather(*(_collect(stream) for stream in streams))
+        outputs: list[list[RequestOutput]] = [[] for _ in PROMPTS]
+        async with await loop.submit(PROMPTS, _params()) as stream:
+            async for index, out in stream:
+                outputs[index].append(out)
+        return outputs
     finally:
         loop.stop()
-
-
-async def _collect(stream) -> list[RequestOutput]:
-    return [out async for _, out in stream]
 
 
 def _comparable(outs: list[RequestOutput]) -> tuple:
@@ -155,3 +156,9 @@ def test_the_engine_process_exits_when_the_server_process_has_gone(config: Engin
     while host.is_alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert host._process.exitcode == 0
+
+
+def test_an_engine_process_never_started_is_stopped_at_once(config: EngineConfig) -> None:
+    host = EngineProcess(config, log_level="warning")
+    EngineLoop(host).stop()
+    assert not host.is_alive()

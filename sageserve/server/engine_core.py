@@ -67,7 +67,7 @@ class Report:
     Applied in this order: settled tickets, outputs (aborts' then the step's), failed ids.
     """
 
-    stats: EngineStats
+    stats: EngineStats | None = None  # at the iteration's end
     ready: bool = False  # the first report: the warm-up is done, the engine serves
     settled: list[tuple[int, Exception | None]] = field(default_factory=list)
     outputs: list[RequestOutput] = field(default_factory=list)
@@ -89,10 +89,10 @@ class EngineCore:
         """Warm up, then loop until a Stop command; `receive(block)` drains the inbox
         (waiting for one command first when `block`)."""
         self.engine.warm_up()
-        self._send(Report(self.engine.stats(), ready=True))
+        self._send(Report(stats=self.engine.stats(), ready=True))
         logger.info("engine loop started")
         while True:
-            report = Report(self.engine.stats())
+            report = Report()
             for command in receive(not self.engine.has_unfinished_requests()):
                 if isinstance(command, Stop):
                     self._abort_all()

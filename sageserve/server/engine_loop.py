@@ -391,7 +391,8 @@ class EngineLoop:
         self._loop.call_soon_threadsafe(callback, *args)
 
     def _apply(self, report: Report) -> None:
-        self.stats = report.stats
+        if report.stats is not None:
+            self.stats = report.stats
         for ticket, error in report.settled:
             future = self._waiting.get(ticket)
             if future is not None:

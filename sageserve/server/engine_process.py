@@ -130,11 +130,13 @@ class EngineProcess:
         return self._process.is_alive()
 
     def join(self, timeout: float) -> None:
-        """Wait for the child to exit (after a Stop); terminate it past the timeout."""
+        """Wait for the child to exit (after a Stop); terminate it past the timeout, or at
+        once if it was never started (nothing would write it the Stop)."""
         self._stopping = True
-        self._process.join(timeout)
+        self._process.join(timeout if self._loop is not None else 0)
         if self._process.is_alive():
-            logger.error("the engine process did not stop in %.0f s: terminating it", timeout)
+            if self._loop is not None:
+                logger.error("the engine process did not stop in %.0f s: terminating", timeout)
             self._process.terminate()
             self._process.join(5)
         self._outbox.put(None)
