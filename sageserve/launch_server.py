@@ -49,26 +49,28 @@ def run(args: argparse.Namespace, engine_host: EngineHostKind = "process") -> in
     Returns 2 (after a message naming the problem) for bad flags or an unusable model, 1 when
     the engine stopped on a fault, 0 after a clean shutdown.
     """
-    from sageserve.server.serve import serve
-
     try:
         server_args, engine_loop = _load(args, engine_host)
     except ValueError as err:
         print(f"sageserve: error: {err}", file=sys.stderr)
         return 2
+    from sageserve.server.serve import serve
+
     return serve(engine_loop, server_args)
 
 
 def _load(args: argparse.Namespace, engine_host: EngineHostKind) -> tuple[ServerArgs, EngineLoop]:
-    from sageserve.server.engine_loop import EngineLoop
-    from sageserve.server.limits import RequestLimits
-
     engine_config = engine_config_from_args(args)
     server_args = server_args_from_args(args)
     _setup_logging(server_args)
     start = time.monotonic()
     logger.info("loading %s ...", engine_config.model_path or DEFAULT_MODEL)
     host = _engine_host(engine_host, engine_config, server_args)
+    # While an engine process loads, this process imports the server's own modules.
+    from sageserve.server.engine_loop import EngineLoop
+    from sageserve.server.limits import RequestLimits
+    from sageserve.server.serve import serve  # noqa: F401
+
     limits = RequestLimits.for_context(
         host.info.context_length,
         max_prompt_chars=server_args.max_prompt_chars,

@@ -82,7 +82,9 @@ def test_the_engine_process_serves_what_the_engine_thread_serves(config: EngineC
 def test_a_model_the_engine_refuses_is_a_value_error_naming_it(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.gguf")
     with pytest.raises(ValueError, match=r"missing\.gguf' does not exist"):
-        EngineProcess(EngineConfig(model_path=missing, device="cpu"), log_level="warning")
+        EngineProcess(
+            EngineConfig(model_path=missing, device="cpu"), log_level="warning"
+        ).wait_loaded()
 
 
 def test_the_engines_refusals_come_back_as_on_a_thread(config: EngineConfig) -> None:
@@ -151,6 +153,7 @@ def test_a_killed_engine_process_fails_the_waiting_requests(config: EngineConfig
 def test_the_engine_process_exits_when_the_server_process_has_gone(config: EngineConfig) -> None:
     """The server's ends of the pipes close when its process dies: the child sees EOF."""
     host = EngineProcess(config, log_level="warning")
+    host.wait_loaded()  # (until read, the child's answer fills the pipe and it waits there)
     host._commands.close()
     deadline = time.monotonic() + 60  # it warms up first (a no-op on CPU), then reads
     while host.is_alive() and time.monotonic() < deadline:

@@ -21,13 +21,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from sageserve.engine.engine import Engine
 from sageserve.engine.info import EngineStats
 from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.step_timing import StepTiming
 from sageserve.server.errors import InvalidRequestError, QueueFullError, RequestFailedError
+
+if TYPE_CHECKING:
+    # Only the engine's host needs the engine's code: the server's process of an
+    # EngineProcess imports this module without it while the child loads.
+    from sageserve.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from sageserve.config import EngineConfig
-from sageserve.engine.engine import Engine
 from sageserve.engine.info import EngineInfo, EngineStats
 from sageserve.engine.request import RequestOutput
 from sageserve.server.engine_core import Command, EngineCore, Report
@@ -60,11 +59,9 @@ class _Died:
 
 
 class EngineProcess:
-    """Hosts an EngineCore in a spawned process; blocks in __init__ until it has loaded.
-
-    Raises ValueError (the child's message) for a model or flag the engine refuses, and
-    RuntimeError when the child exits while loading.
-    """
+    """Hosts an EngineCore in a spawned process. The constructor spawns it and returns; the
+    first use of what the child loads (`info`, `tokenizer`, ...) waits for it
+    (`wait_loaded`)."""
 
     def __init__(
         self,
@@ -86,19 +83,43 @@ class EngineProcess:
         # Only the child holds these ends now: when it exits, our reads see EOF.
         child_commands.close()
         child_reports.close()
-        loaded = self._wait_loaded()
-        self.info, self.tokenizer = loaded.info, loaded.tokenizer
-        self.warms_up, self.initial_stats = loaded.warms_up, loaded.stats
+        self._loaded: _Loaded | None = None
         self._decoder = OutputDecoder()
         self._outbox: queue.Queue[Command | None] = queue.Queue()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    # What the child answers once it has loaded (the first use waits for it, so the caller
+    # can do its own start-up meanwhile).
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.wait_loaded().info
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.wait_loaded().tokenizer
+
+    @property
+    def warms_up(self) -> bool:
+        return self.wait_loaded().warms_up
+
+    @property
+    def initial_stats(self) -> EngineStats:
+        return self.wait_loaded().stats
+
     @property
     def pid(self) -> int | None:
         return self._process.pid
 
-    def _wait_loaded(self) -> _Loaded:
+    def wait_loaded(self) -> _Loaded:
+        """Block until the child has loaded the model.
+
+        Raises ValueError (the child's message) for a model or flag the engine refuses, and
+        RuntimeError when the child exits while loading.
+        """
+        if self._loaded is not None:
+            return self._loaded
         try:
             message = self._reports.recv()
         except EOFError:
@@ -111,6 +132,7 @@ class EngineProcess:
             self._process.join(timeout=10)
             raise ValueError(message.message)
         assert isinstance(message, _Loaded), message
+        self._loaded = message
         return message
 
     def start(self, deliver: Callable[[Report], None], on_exit: Callable[[str], None]) -> None:
@@ -190,6 +212,9 @@ def run_engine_process(
     """The child's main: load, report, serve until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    # Here, not at the top: the server spawns this process before importing the engine.
+    from sageserve.engine.engine import Engine
+
     try:
         engine = Engine(config, warm_up_now=False)  # the loop warms it up, then reports ready
     except ValueError as err:
