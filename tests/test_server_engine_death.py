@@ -18,10 +18,12 @@ from server_process import free_port
 
 from sageserve.config import CacheConfig, EngineConfig
 from sageserve.engine.engine import Engine
+from sageserve.engine.sampling_params import SamplingParams
 from sageserve.models.loader import LoadedModel, load_model
 from sageserve.server.app import build_app
 from sageserve.server.args import ServerArgs
 from sageserve.server.engine_loop import EngineLoop
+from sageserve.server.errors import RequestFailedError
 from sageserve.server.serve import serve
 
 BODY = {"text": "Hello", "sampling_params": {"max_new_tokens": 4}}
@@ -131,6 +133,39 @@ def test_a_fault_admitting_one_request_fails_only_that_request(smollm2: LoadedMo
     assert all(r.status_code == 200 for r in (innocent, *others)), [r.text for r in others]
     assert health.status_code == 200
     assert engine.stats().num_steps > 0 and not engine.has_unfinished_requests()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(smollm2: LoadedModel) -> None:
+    """The requests in flight when a step raises fail (500), counted with finish reason
+    "error"; their pages are freed and the next request is served."""
+    engine = _engine(smollm2)
+    step, calls = engine.step, []
+
+    def step_failing_once() -> Any:
+        calls.append(None)
+        if len(calls) == 3:
+            raise RuntimeError("injected fault in a step")
+        return step()
+
+    engine.step = step_failing_once  # type: ignore[method-assign]
+    loop = EngineLoop(engine)
+
+    async def ask() -> int:
+        loop.start()
+        assert await loop.wait_ready()
+        failing = await loop.submit(["Hello", "Hi"], [SamplingParams(max_new_tokens=16)] * 2)
+        with pytest.raises(RequestFailedError, match="internal error in the engine step"):
+            await asyncio.wait_for(failing.finals(), 60)
+        after = await loop.submit(["Hello"], [SamplingParams(max_new_tokens=3)])
+        (out,) = await asyncio.wait_for(after.finals(), 60)
+        await loop.flush_cache()
+        loop.stop()
+        return out.num_completion_tokens
+
+    assert asyncio.run(ask()) == 3
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_usable_pages and stats.num_cached_pages == 0
+    assert b'sageserve_requests_total{finish_reason="error"} 2.0' in loop.metrics.render()
 
 
 def test_an_unexpected_fault_in_a_route_is_an_openai_style_500(smollm2: LoadedModel) -> None:
