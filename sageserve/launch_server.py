@@ -82,7 +82,8 @@ def _load(args: argparse.Namespace, engine_host: EngineHostKind) -> tuple[Server
 
 
 def _engine_host(kind: EngineHostKind, config: EngineConfig, server_args: ServerArgs) -> EngineHost:
-    """The engine, loaded but not warmed up (its loop warms it up before it serves)."""
+    """The engine's host: a spawned process that loads the model (its answer is awaited on
+    first use), or a thread over an Engine loaded here. Its loop warms it up before serving."""
     if kind == "process":
         from sageserve.server.engine_process import EngineProcess
 
