@@ -87,11 +87,14 @@ def _engine_host(kind: EngineHostKind, config: EngineConfig, server_args: Server
     if kind == "process":
         from sageserve.server.engine_process import EngineProcess
 
-        return EngineProcess(config, server_args.max_queued_requests, server_args.log_level)
+        return EngineProcess(
+            config, server_args.max_queued_requests, server_args.log_level, server_args.freeze_gc
+        )
     from sageserve.engine.engine import Engine
     from sageserve.server.engine_thread import EngineThread
 
-    return EngineThread(Engine(config, warm_up_now=False), server_args.max_queued_requests)
+    engine = Engine(config, warm_up_now=False)
+    return EngineThread(engine, server_args.max_queued_requests, server_args.freeze_gc)
 
 
 def _setup_logging(server_args: ServerArgs) -> None:

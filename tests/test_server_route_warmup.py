@@ -78,11 +78,13 @@ def test_the_warm_up_requests_cover_both_apis_and_leave_the_engine_whole(
     assert not engine.has_unfinished_requests()
 
 
+@pytest.mark.parametrize("freeze_gc", [True, False])
 def test_health_is_503_until_the_route_warm_up_is_done(
-    smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+    smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch, freeze_gc: bool
 ) -> None:
     """With the engine thread ready but the route warm-up held back, /health says the engine
-    is warming up; once it is done (and the startup heap frozen), 200."""
+    is warming up; once it is done (and the startup heap frozen, unless
+    --disable-gc-freeze), 200."""
     release, entered = threading.Event(), threading.Event()
     real = route_warmup.warm_up_routes
 
@@ -93,9 +95,9 @@ def test_health_is_503_until_the_route_warm_up_is_done(
 
     monkeypatch.setattr(app_module, "warm_up_routes", held)
     frozen: list[bool] = []  # the real freeze would keep this test process's cycles forever
-    monkeypatch.setattr(app_module, "_freeze_startup_heap", lambda: frozen.append(True))
+    monkeypatch.setattr(app_module, "freeze_startup_heap", lambda process: frozen.append(True))
     loop = _loop(smollm2)
-    app = build_app(loop, ServerArgs(), warm_up_routes=True)
+    app = build_app(loop, ServerArgs(freeze_gc=freeze_gc), warm_up_routes=True)
 
     async def ask() -> tuple[int, int]:
         async with app.router.lifespan_context(app):
@@ -112,7 +114,7 @@ def test_health_is_503_until_the_route_warm_up_is_done(
         return warming, ready
 
     assert asyncio.run(ask()) == (503, 200)
-    assert frozen == [True]  # after the warm-up, before ready
+    assert frozen == [True] * freeze_gc  # after the warm-up, before ready
 
 
 def test_a_failing_warm_up_request_stops_the_server(

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 DURATION = "sageserve_step_duration_seconds"
 DEVICE_WAIT = "sageserve_step_device_wait_seconds"
+GC_PAUSE = "sageserve_gc_pause_seconds"
 QUANTILES = (50, 99)
 
 # (sample name, kind, bucket bound or None) -> value
@@ -41,13 +42,20 @@ def parse(text: str) -> Samples | None:
     samples: Samples = {}
     found = False
     for family in text_string_to_metric_families(text):
-        if family.name not in (DURATION, DEVICE_WAIT):
+        if family.name not in (DURATION, DEVICE_WAIT, GC_PAUSE):
             continue
-        found = True
+        found = found or family.name != GC_PAUSE
         for s in family.samples:
             le = s.labels.get("le")
-            samples[(s.name, s.labels["kind"], float(le) if le is not None else None)] = s.value
+            samples[(s.name, _kind(s.labels), float(le) if le is not None else None)] = s.value
     return samples if found else None
+
+
+def _kind(labels: dict[str, str]) -> str:
+    """A step histogram's kind; a collection's "process gen N"."""
+    if "kind" in labels:
+        return labels["kind"]
+    return f"{labels['process']} gen {labels['generation']}"
 
 
 def step_summary(before: Samples, after: Samples) -> dict[str, dict[str, Any]]:
@@ -71,6 +79,38 @@ def step_summary(before: Samples, after: Samples) -> dict[str, dict[str, Any]]:
     return summary
 
 
+def gc_summary(before: Samples, after: Samples) -> dict[str, dict[str, Any]]:
+    """Per process and generation, the run's collections: count, total and mean seconds,
+    and the bucket bound under which the longest fell."""
+    summary = {}
+    kinds = sorted({kind for (name, kind, _) in after if name == f"{GC_PAUSE}_count"})
+    for kind in kinds:
+        count = _delta(before, after, f"{GC_PAUSE}_count", kind)
+        if count <= 0:
+            continue
+        total = _delta(before, after, f"{GC_PAUSE}_sum", kind)
+        buckets = _bucket_deltas(before, after, kind, GC_PAUSE)
+        summary[kind] = {
+            "collections": int(count),
+            "total_s": total,
+            "mean_s": total / count,
+            "max_at_most_s": _bound_at(buckets, count),
+        }
+    return summary
+
+
+def format_gc(summary: dict[str, dict[str, Any]] | None) -> str:
+    """One line: each process and generation's collections, total ms and longest bound."""
+    if summary is None:
+        return "server gc pauses: not reported by the server"
+    parts = [
+        f"{kind} {row['collections']} x {row['mean_s'] * 1e3:.2f} ms (total "
+        f"{row['total_s'] * 1e3:.1f}, max <= {row['max_at_most_s'] * 1e3:g})"
+        for kind, row in summary.items()
+    ]
+    return "server gc pauses: " + ("; ".join(parts) or "none")
+
+
 def format_steps(summary: dict[str, dict[str, Any]] | None) -> str:
     """One line: each kind's steps, mean wall, mean device wait and p99 bound, in ms."""
     if not summary:
@@ -88,9 +128,11 @@ def _delta(before: Samples, after: Samples, name: str, kind: str, le: float | No
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
-def _bucket_deltas(before: Samples, after: Samples, kind: str) -> list[tuple[float, float]]:
+def _bucket_deltas(
+    before: Samples, after: Samples, kind: str, family: str = DURATION
+) -> list[tuple[float, float]]:
     """(upper bound, cumulative count over the run), by bound."""
-    name = f"{DURATION}_bucket"
+    name = f"{family}_bucket"
     bounds = sorted(le for (n, k, le) in after if n == name and k == kind and le is not None)
     return [(le, _delta(before, after, name, kind, le)) for le in bounds]
 

@@ -402,16 +402,20 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         "server_info": server,
         "results": summarize(records, elapsed),
         "kv_pool_after": _pool_after(config),
-        "server_steps": _steps_over_run(config, steps_before),
+        **_steps_over_run(config, steps_before),
     }
 
 
-def _steps_over_run(config: BenchConfig, before: server_steps.Samples | None) -> dict | None:
-    """The server's step timings over the run, by kind (None: the server reports none)."""
+def _steps_over_run(config: BenchConfig, before: server_steps.Samples | None) -> dict:
+    """The server's step timings over the run, by kind, and its garbage collections, by
+    process and generation (None: the server reports none)."""
     after = server_steps.scrape(config.url, config.headers)
     if before is None or after is None:
-        return None
-    return server_steps.step_summary(before, after)
+        return {"server_steps": None, "server_gc": None}
+    return {
+        "server_steps": server_steps.step_summary(before, after),
+        "server_gc": server_steps.gc_summary(before, after),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -419,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmark(config_from_args(args))
     print(format_summary(result["results"]))
     print(server_steps.format_steps(result["server_steps"]))
+    print(server_steps.format_gc(result["server_gc"]))
     pool = result["kv_pool_after"]
     print(f"KV pool after: {pool['num_free_pages']}/{pool['num_usable_pages']} pages free")
     if args.out:

@@ -8,7 +8,6 @@ within its size and time limits, then JSON assumed for unlabelled bodies.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +29,7 @@ from sageserve.server.errors import (
     QueueFullError,
     RequestFailedError,
 )
+from sageserve.server.gc_heap import freeze_startup_heap
 from sageserve.server.json_body import DefaultJSONBody
 from sageserve.server.metrics import CONTENT_TYPE_LATEST
 from sageserve.server.model_files import ModelFiles
@@ -130,18 +130,9 @@ async def _warm_up_routes(
         engine_loop.stop_serving(f"the route warm-up failed: {err}")
         return
     logger.info("warm-up: %d requests through the HTTP routes", count)
-    _freeze_startup_heap()
+    if server_args.freeze_gc:
+        freeze_startup_heap("server")
     done.set()
-
-
-def _freeze_startup_heap() -> None:
-    """Collect the startup's garbage, then move every surviving object (model, tokenizer,
-    graphs' Python state) to the permanent generation: a later full collection then skips
-    them, so its pause stays short while serving (vLLM freezes its heap after startup too)."""
-    gc.collect()
-    gc.freeze()
-    frozen = gc.get_freeze_count()
-    logger.info("startup heap frozen: %d objects left out of garbage collection", frozen)
 
 
 async def _generate_one_token(engine_loop: EngineLoop) -> None:

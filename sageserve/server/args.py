@@ -20,6 +20,8 @@ class ServerArgs:
     max_prompt_chars: None = the context length x limits.CHARS_PER_TOKEN_BOUND.
     Timeouts are in seconds.
     served_model_names: the names the OpenAI API accepts; the first is the one reported.
+    freeze_gc: freeze each process's startup heap out of garbage collection once it is
+    ready (server/gc_heap.py); off only to compare.
     """
 
     host: str = "127.0.0.1"
@@ -35,6 +37,7 @@ class ServerArgs:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     served_model_names: tuple[str, ...] = (DEFAULT_MODEL,)
+    freeze_gc: bool = True
 
     @property
     def served_model_name(self) -> str:
@@ -98,6 +101,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="the model name(s) the OpenAI API accepts; responses report the first. With one "
         "name, any `model` in a request is accepted (as in SGLang); default: --model-path",
     )
+    group.add_argument(
+        "--disable-gc-freeze",
+        action="store_true",
+        help="keep the startup's objects in Python's garbage collection (by default each "
+        "process freezes them out once ready, so full collections stay short; to compare)",
+    )
 
 
 def _add_limit_args(group: argparse._ArgumentGroup) -> None:
@@ -158,4 +167,5 @@ def server_args_from_args(args: argparse.Namespace) -> ServerArgs:
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level,
         served_model_names=tuple(args.served_model_name or [args.model_path or DEFAULT_MODEL]),
+        freeze_gc=not args.disable_gc_freeze,
     )

@@ -8,7 +8,7 @@ engine_process.py) and speaks only in picklable messages, so both hosts run the 
       Add        -> engine.add_request              settled: (ticket, error or None)
       Abort      -> engine.abort                    outputs: RequestOutputs of aborts + the step
       FlushCache -> engine.flush_prefix_cache       failed:  ids of a step that raised
-      (work)     -> engine.step()                   step, stats
+      (work)     -> engine.step()                   step, stats, gc_pauses
 
 Failures stay with the request that caused them: a bad request is refused at admission
 (its ticket settles with the error), an internal fault while admitting it fails it alone, a
@@ -28,6 +28,7 @@ from sageserve.engine.request import RequestOutput
 from sageserve.engine.sampling_params import SamplingParams
 from sageserve.engine.step_timing import StepTiming
 from sageserve.server.errors import InvalidRequestError, QueueFullError, RequestFailedError
+from sageserve.server.gc_heap import GcPauses, freeze_startup_heap
 
 if TYPE_CHECKING:
     # Only the engine's host needs the engine's code: the server's process of an
@@ -78,23 +79,38 @@ class Report:
     outputs: list[RequestOutput] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     step: StepTiming | None = None
+    gc_pauses: list[tuple[int, float]] = field(default_factory=list)  # (generation, seconds)
 
 
 class EngineCore:
-    """Runs an Engine's loop: apply the commands waiting, step while there is work."""
+    """Runs an Engine's loop: apply the commands waiting, step while there is work.
+
+    freeze_heap: after the warm-up, freeze the process's heap out of garbage collection
+    (gc_heap.py). gc_pauses: the process's collections, reported with each iteration (a
+    host in a process of its own; on a thread the server's process reports its own).
+    """
 
     def __init__(
-        self, engine: Engine, max_queued_requests: int | None, send: Callable[[Report], None]
+        self,
+        engine: Engine,
+        max_queued_requests: int | None,
+        send: Callable[[Report], None],
+        freeze_heap: bool = True,
+        gc_pauses: GcPauses | None = None,
     ) -> None:
         self.engine = engine
         self.max_queued_requests = max_queued_requests
         self._send = send
+        self._freeze_heap = freeze_heap
+        self._gc_pauses = gc_pauses
 
     def serve(self, receive: Callable[[bool], list[Command]]) -> None:
         """Warm up, then loop until a Stop command; `receive(block)` drains the inbox
         (waiting for one command first when `block`)."""
         self.engine.warm_up()
-        self._send(Report(stats=self.engine.stats(), ready=True))
+        if self._freeze_heap:
+            freeze_startup_heap("engine")
+        self._send(self._finished(Report(ready=True)))  # with the start-up's collections
         logger.info("engine loop started")
         while True:
             report = Report()
@@ -106,8 +122,14 @@ class EngineCore:
                 self._apply(command, report)
             if self.engine.has_unfinished_requests():
                 self._step(report)
-            report.stats = self.engine.stats()
-            self._send(report)
+            self._send(self._finished(report))
+
+    def _finished(self, report: Report) -> Report:
+        """The report with the engine's stats and the collections since the last one."""
+        report.stats = self.engine.stats()
+        if self._gc_pauses is not None:
+            report.gc_pauses = self._gc_pauses.drain()
+        return report
 
     def _apply(self, command: Add | Abort | FlushCache, report: Report) -> None:
         if isinstance(command, FlushCache):

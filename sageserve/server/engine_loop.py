@@ -52,6 +52,7 @@ from sageserve.server.errors import (
     QueueFullError,
     RequestFailedError,
 )
+from sageserve.server.gc_heap import GcPauses
 from sageserve.server.limits import RequestLimits
 from sageserve.server.metrics import ServerMetrics
 
@@ -201,8 +202,10 @@ class EngineLoop:
         self._waiting: dict[int, asyncio.Future[None]] = {}  # commands' tickets
         self._tickets = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._started = False
         self._ready = threading.Event()  # set once the engine has warmed up
+        self._gc_pauses = GcPauses()  # this process's collections, while started
         self.token_text = functools.lru_cache(maxsize=65536)(self._decode_token)
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
 
@@ -214,7 +217,9 @@ class EngineLoop:
         Also shortens the process's GIL switch interval to GIL_SWITCH_INTERVAL_S."""
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._started = True
+        self._gc_pauses.install()
         self._host.start(self._deliver, self._exit)
 
     def stop(self) -> None:
@@ -222,6 +227,7 @@ class EngineLoop:
         self._host.send(Stop())
         self._host.join(30)
         self._encoder_thread.shutdown(wait=False, cancel_futures=True)
+        self._gc_pauses.uninstall()
 
     @property
     def is_ready(self) -> bool:
@@ -387,8 +393,13 @@ class EngineLoop:
         self._post(self._engine_died, reason)
 
     def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run `callback` on the event loop: now when called there (an engine process's
+        reports are read on it), else through the loop's thread-safe queue."""
         assert self._loop is not None, "EngineLoop.start() was not called"
-        self._loop.call_soon_threadsafe(callback, *args)
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+        else:
+            self._loop.call_soon_threadsafe(callback, *args)
 
     def _apply(self, report: Report) -> None:
         if report.stats is not None:
@@ -401,6 +412,8 @@ class EngineLoop:
         self.metrics.observe(outputs)
         if report.step is not None:
             self.metrics.observe_step(report.step)
+        self.metrics.observe_gc("engine", report.gc_pauses)
+        self.metrics.observe_gc("server", self._gc_pauses.drain())
         self._dispatch(outputs)
         if report.failed:
             self._host.forget(report.failed)

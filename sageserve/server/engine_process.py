@@ -9,7 +9,8 @@ framing, SSE text) no longer delays the engine's launches. Two one-way pipes joi
     EngineLoop <── Report ── event loop reader <─pipe── Report, outputs as OutputDeltas
 
 The child builds the Engine from the EngineConfig, answers `_Loaded` (info, tokenizer,
-stats) or `_LoadFailed` (the ValueError a bad model or flag gives), warms up and serves. It
+stats) or `_LoadFailed` (the ValueError a bad model or flag gives), warms up, freezes its
+startup heap out of garbage collection (gc_heap.py) and serves, timing its collections. It
 ignores SIGINT: a Ctrl-C reaches the whole process group, and the server's process decides
 when the engine stops (after its graceful shutdown). It exits when told to stop, when its
 pipe closes (the server's process has gone), or on a fault, which it reports (`_Died`) first.
@@ -33,6 +34,7 @@ from sageserve.config import EngineConfig
 from sageserve.engine.info import EngineInfo, EngineStats
 from sageserve.engine.request import RequestOutput
 from sageserve.server.engine_core import Command, EngineCore, Report
+from sageserve.server.gc_heap import GcPauses
 from sageserve.server.output_wire import OutputDecoder, OutputDelta, OutputEncoder
 
 logger = logging.getLogger(__name__)
@@ -68,14 +70,16 @@ class EngineProcess:
         config: EngineConfig,
         max_queued_requests: int | None = None,
         log_level: str = "info",
+        freeze_heap: bool = True,
     ) -> None:
         self.max_queued_requests = max_queued_requests
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         child_commands, self._commands = context.Pipe(duplex=False)
         self._reports, child_reports = context.Pipe(duplex=False)
+        child_ends = (child_commands, child_reports)
         self._process = context.Process(
             target=run_engine_process,
-            args=(config, max_queued_requests, log_level, child_commands, child_reports),
+            args=(config, max_queued_requests, log_level, freeze_heap, *child_ends),
             name="sageserve-engine",
             daemon=True,
         )
@@ -172,16 +176,20 @@ class EngineProcess:
         self._decoder.forget(request_ids)
 
     def _read_reports(self) -> None:
-        try:
-            while self._reports.poll(0):
+        """Deliver every report waiting (on the event loop, where they are applied)."""
+        while True:
+            try:
+                if self._reports.closed or not self._reports.poll(0):
+                    return  # closed: a delivered report stopped the server
                 message = self._reports.recv()
-                if isinstance(message, _Died):
-                    self._exited(message.reason)
-                    return
-                self._deliver(message)
-        except (EOFError, OSError):
-            self._process.join(timeout=5)
-            self._exited(f"the engine process exited (exit code {self._process.exitcode})")
+            except (EOFError, OSError):
+                self._process.join(timeout=5)
+                self._exited(f"the engine process exited (exit code {self._process.exitcode})")
+                return
+            if isinstance(message, _Died):
+                self._exited(message.reason)
+                return
+            self._deliver(message)
 
     def _exited(self, reason: str) -> None:
         self._close_reader()
@@ -206,6 +214,7 @@ def run_engine_process(
     config: EngineConfig,
     max_queued_requests: int | None,
     log_level: str,
+    freeze_heap: bool,
     commands: Connection,
     reports: Connection,
 ) -> None:
@@ -229,7 +238,8 @@ def run_engine_process(
         reports.send(report)
 
     try:
-        EngineCore(engine, max_queued_requests, send).serve(_receiver(commands))
+        core = EngineCore(engine, max_queued_requests, send, freeze_heap, GcPauses().install())
+        core.serve(_receiver(commands))
     except (EOFError, BrokenPipeError):
         logger.info("the server's process has gone: the engine process exits")
     except BaseException as err:

@@ -21,11 +21,19 @@ logger = logging.getLogger(__name__)
 
 
 class EngineThread:
-    """Hosts an EngineCore on a daemon thread; commands through a queue.Queue."""
+    """Hosts an EngineCore on a daemon thread; commands through a queue.Queue.
 
-    def __init__(self, engine: Engine, max_queued_requests: int | None = None) -> None:
+    freeze_heap: freeze the process's heap after the warm-up (gc_heap.py). Off by default:
+    a frozen object is never collected, which a process making many engines (a test
+    session) must not do.
+    """
+
+    def __init__(
+        self, engine: Engine, max_queued_requests: int | None = None, freeze_heap: bool = False
+    ) -> None:
         self.engine = engine
         self.max_queued_requests = max_queued_requests
+        self.freeze_heap = freeze_heap
         self.info = engine.info
         self.tokenizer = engine.tokenizer
         self.warms_up = engine.warms_up
@@ -35,7 +43,7 @@ class EngineThread:
 
     def start(self, deliver: Callable[[Report], None], on_exit: Callable[[str], None]) -> None:
         """Run the loop; `deliver(report)` and `on_exit(reason)` are called on its thread."""
-        core = EngineCore(self.engine, self.max_queued_requests, deliver)
+        core = EngineCore(self.engine, self.max_queued_requests, deliver, self.freeze_heap)
 
         def run() -> None:
             try:

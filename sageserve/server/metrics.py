@@ -9,6 +9,7 @@ gauges are read at scrape time from the latest `EngineStats` snapshot::
     step() / abort() -> observe(outputs)   render() -> counters, histograms
     step()           -> observe_step()                  gauges <- stats() snapshot
     step() raised    -> observe_failed()
+    gc pauses        -> observe_gc()        (the engine's with its reports, the server's own)
 
 Time to first token and end-to-end latency come from the engine's own timestamps
 (`RequestOutput.metrics`); inter-token latency is the time between two outputs of a request
@@ -41,6 +42,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40,
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03,
                0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)  # fmt: skip
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, *ITL_BUCKETS[3:])
+GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 # finish_reason label of requests lost to a failed engine step (they have no final output).
 FAILED_REASON = "error"
@@ -62,6 +64,7 @@ class ServerMetrics:
         self._init_counters()
         self._init_histograms()
         self._init_step_histograms()
+        self._init_gc_histogram()
         self._init_gauges()
 
     def _init_counters(self) -> None:
@@ -111,6 +114,16 @@ class ServerMetrics:
         return Histogram(f"{PREFIX}_{name}", f"{doc}, by {kind}", ["kind"],
                          buckets=STEP_BUCKETS, registry=self.registry)  # fmt: skip
 
+    def _init_gc_histogram(self) -> None:
+        self.gc_pause = Histogram(
+            f"{PREFIX}_gc_pause_seconds",
+            "Seconds a Python garbage collection stopped a process, by process (engine; "
+            "server, which with the engine on its thread is the whole server) and generation",
+            ["process", "generation"],
+            buckets=GC_BUCKETS,
+            registry=self.registry,
+        )
+
     def _init_gauges(self) -> None:
         gauges: dict[str, tuple[str, Callable[[], float]]] = {
             "num_requests_running": ("Requests running in the engine", self._running),
@@ -139,6 +152,11 @@ class ServerMetrics:
         thread)."""
         self.step_duration.labels(kind=timing.kind).observe(timing.wall_s)
         self.step_device_wait.labels(kind=timing.kind).observe(timing.device_wait_s)
+
+    def observe_gc(self, process: str, pauses: Iterable[tuple[int, float]]) -> None:
+        """Count garbage collections of `process`: (generation, seconds) each."""
+        for generation, seconds in pauses:
+            self.gc_pause.labels(process=process, generation=str(generation)).observe(seconds)
 
     def observe_failed(self, request_ids: Iterable[str]) -> None:
         """Count requests aborted by a failed engine step (they have no final output)."""
