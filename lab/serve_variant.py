@@ -13,23 +13,36 @@ the event loop's thread runs Python meanwhile, each take waits up to the switch 
 (~25 µs of host time a launch on an H100 machine), which a direct launch skips.
 
     PYTHONPATH=. python lab/serve_variant.py [--engine process|thread] \
-        [--gil-switch-interval S] [--direct-launch on|off] -- --model-path ... --port 30123
+        [--gil-switch-interval S] [--direct-launch on|off] [--engine-profile OUT] \
+        -- --model-path ... --port 30123
+
+--engine-profile OUT: the engine process's steps under cProfile, by kind
+(`lab/engine_profile.py`; OUT.txt when the server stops).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sageserve import kernel_launch, launch_server
-from sageserve.server import engine_loop
+from sageserve.server import engine_loop, engine_process
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gil-switch-interval", type=float, default=None)
     parser.add_argument("--direct-launch", choices=["on", "off"], default=None)
     parser.add_argument("--engine", choices=["process", "thread"], default="process")
+    parser.add_argument("--engine-profile", default=None, metavar="OUT")
     variant, server_args = parser.parse_known_args()
+    if variant.engine_profile is not None:
+        if variant.engine == "thread":
+            parser.error("--engine-profile needs --engine process")
+        from lab import engine_profile
+
+        os.environ[engine_profile.ENV] = os.path.abspath(variant.engine_profile)
+        engine_process.run_engine_process = engine_profile.run_profiled  # the spawn target
     if variant.direct_launch is not None and variant.engine == "process":
         parser.error("--direct-launch needs --engine thread (a spawned process resets it)")
     if variant.gil_switch_interval is not None:

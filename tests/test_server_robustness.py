@@ -365,3 +365,16 @@ def test_json_of_every_route_is_answered(server: Server) -> None:
     assert server.client.get("/v1/models").status_code == 200
     assert server.client.get("/openapi.json").status_code == 200
     assert json.loads(server.client.get("/get_model_info").text)["vocab_size"] == VOCAB
+
+
+def test_ctrl_c_shuts_down_and_exits_130_without_a_traceback(
+    request: pytest.FixtureRequest,
+) -> None:
+    with launched(MODEL, BASE_FLAGS, show_log=lambda: request.session.testsfailed > 0) as proc:
+        Server(proc).assert_healthy()
+        proc.process.send_signal(signal.SIGINT)
+        code = proc.process.wait(timeout=30)
+        log = proc.log.read_text()
+    assert code == 130, log
+    assert "Application shutdown complete" in log and "engine loop stopped" in log
+    assert "Traceback" not in log, log

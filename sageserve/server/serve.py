@@ -40,7 +40,17 @@ def uvicorn_server(engine_loop: EngineLoop, server_args: ServerArgs) -> uvicorn.
     return server
 
 
+# Exit status after a Ctrl-C (SIGINT), as a shell reports a process it ended: 128 + 2.
+INTERRUPTED = 130
+
+
 def serve(engine_loop: EngineLoop, server_args: ServerArgs) -> int:
-    """Serve until asked to stop; 1 if the engine stopped on a fault, else 0."""
-    uvicorn_server(engine_loop, server_args).run()
+    """Serve until asked to stop; 1 if the engine stopped on a fault, INTERRUPTED after a
+    Ctrl-C, else 0 (a SIGTERM ends the process with that signal, as uvicorn re-raises it)."""
+    try:
+        uvicorn_server(engine_loop, server_args).run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises the Ctrl-C it shut down on: the shutdown is done, so exit with
+        # the status that says so rather than a traceback.
+        return 1 if engine_loop.failure is not None else INTERRUPTED
     return 1 if engine_loop.failure is not None else 0

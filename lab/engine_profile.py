@@ -1,0 +1,77 @@
+"""The engine process under cProfile, one profile per kind of step (issue 16: where do
+sage_attn's mixed steps spend their host time inside the server's engine process?).
+
+Under 32 streaming clients sage_attn's mixed steps took 15.6-17.7 ms in the engine process
+with ~0 device wait, against 11.3-12.4 ms for the engine alone (BENCHMARKS.md, "The engine
+in a process of its own"). `lab/serve_variant.py --engine-profile OUT` spawns the engine
+process through `run_profiled` below: every `engine.step()` runs under a fresh
+`cProfile.Profile`, whose statistics are added to its kind's (decode, mixed, prefill); when
+the server stops, OUT.txt gets each kind's steps, mean wall time (inflated by the profiler)
+and top functions by own and cumulative time, and OUT-<kind>.pstats the raw statistics.
+The profiler slows Python several-fold: read the shares, not the times, and take ITL from
+a run without it.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import time
+from typing import Any
+
+ENV = "SAGESERVE_ENGINE_PROFILE"  # the output path's stem, set by serve_variant
+TOP = 45
+
+
+class _ByKind:
+    def __init__(self) -> None:
+        self.stats: dict[str, pstats.Stats] = {}
+        self.walls: dict[str, list[float]] = {}
+
+    def add(self, kind: str, profile: cProfile.Profile, wall: float) -> None:
+        if kind in self.stats:
+            self.stats[kind].add(profile)
+        else:
+            self.stats[kind] = pstats.Stats(profile)
+        self.walls.setdefault(kind, []).append(wall)
+
+    def write(self, stem: str) -> None:
+        out = io.StringIO()
+        for kind, stats in sorted(self.stats.items()):
+            walls = self.walls[kind]
+            out.write(f"=== {kind}: {len(walls)} steps, mean {sum(walls) / len(walls) * 1e3:.2f} "
+                      "ms wall under the profiler\n")  # fmt: skip
+            stats.dump_stats(f"{stem}-{kind}.pstats")
+            for order in ("tottime", "cumulative"):
+                out.write(f"--- by {order}\n")
+                stats.stream = out
+                stats.sort_stats(order).print_stats(TOP)
+        with open(f"{stem}.txt", "w") as f:
+            f.write(out.getvalue())
+
+
+def run_profiled(*args: Any) -> None:
+    """`run_engine_process(*args)` with every step profiled; the spawn target."""
+    from sageserve.server import engine_core, engine_process
+
+    by_kind = _ByKind()
+    real_step = engine_core.EngineCore._step
+
+    def profiled_step(self: engine_core.EngineCore, report: engine_core.Report) -> None:
+        profile = cProfile.Profile()
+        start = time.perf_counter()
+        profile.enable()
+        try:
+            real_step(self, report)
+        finally:
+            profile.disable()
+        kind = report.step.kind if report.step is not None else "failed"
+        by_kind.add(kind, profile, time.perf_counter() - start)
+
+    engine_core.EngineCore._step = profiled_step  # type: ignore[method-assign]
+    try:
+        engine_process.run_engine_process(*args)
+    finally:
+        by_kind.write(os.environ[ENV])
