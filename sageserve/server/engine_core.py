@@ -86,7 +86,7 @@ class EngineCore:
     """Runs an Engine's loop: apply the commands waiting, step while there is work.
 
     freeze_heap: after the warm-up, freeze the process's heap out of garbage collection
-    (gc_heap.py). gc_pauses: the process's collections, reported with each iteration (a
+    (gc_heap.py; the host decides: a frozen object is never collected). gc_pauses: the process's collections, reported with each iteration (a
     host in a process of its own; on a thread the server's process reports its own).
     """
 
@@ -95,7 +95,7 @@ class EngineCore:
         engine: Engine,
         max_queued_requests: int | None,
         send: Callable[[Report], None],
-        freeze_heap: bool = True,
+        freeze_heap: bool = False,
         gc_pauses: GcPauses | None = None,
     ) -> None:
         self.engine = engine
