@@ -1,4 +1,5 @@
-"""The engine process under cProfile, one profile per kind of step (issue 16: where do
+"""Spawn targets for `lab/serve_variant.py`'s engine process: the engine under cProfile, one
+profile per kind of step, or with Triton's launches made directly. (Issue 16: where do
 sage_attn's mixed steps spend their host time inside the server's engine process?).
 
 Under 32 streaming clients sage_attn's mixed steps took 15.6-17.7 ms in the engine process
@@ -22,6 +23,7 @@ import time
 from typing import Any
 
 ENV = "SAGESERVE_ENGINE_PROFILE"  # the output path's stem, set by serve_variant
+DIRECT_LAUNCH_ENV = "SAGESERVE_LAB_DIRECT_LAUNCH"  # "on" / "off", set by serve_variant
 TOP = 45
 
 
@@ -75,3 +77,13 @@ def run_profiled(*args: Any) -> None:
         engine_process.run_engine_process(*args)
     finally:
         by_kind.write(os.environ[ENV])
+
+
+def run_with_direct_launch(*args: Any) -> None:
+    """`run_engine_process(*args)` with `kernel_launch.ENABLED` as serve_variant asked (a
+    spawned process imports the module afresh, with its default); the spawn target."""
+    from sageserve import kernel_launch
+    from sageserve.server import engine_process
+
+    kernel_launch.ENABLED = os.environ[DIRECT_LAUNCH_ENV] == "on"
+    engine_process.run_engine_process(*args)

@@ -1,7 +1,7 @@
 """The server with a lab variant of its host path: the engine on a thread of the server's
 process instead of its own process, another GIL switch interval, or Triton kernels launched
-directly (`sageserve.kernel_launch`; with the engine on a thread only: the flag is this
-process's, and a spawned engine process imports the module afresh). (Issue 16: are the
+directly (`sageserve.kernel_launch`; with the engine in its own process, the spawn target
+sets it there: `lab/engine_profile.run_with_direct_launch`). (Issue 16: are the
 host-bound mixed steps under 32 streaming clients the interpreter lock's, or the launches'?)
 
 Under 32 streaming clients the server's mixed steps (decodes plus a prefill chunk) took
@@ -43,12 +43,17 @@ if __name__ == "__main__":
 
         os.environ[engine_profile.ENV] = os.path.abspath(variant.engine_profile)
         engine_process.run_engine_process = engine_profile.run_profiled  # the spawn target
-    if variant.direct_launch is not None and variant.engine == "process":
-        parser.error("--direct-launch needs --engine thread (a spawned process resets it)")
     if variant.gil_switch_interval is not None:
         engine_loop.GIL_SWITCH_INTERVAL_S = variant.gil_switch_interval
     if variant.direct_launch is not None:
         kernel_launch.ENABLED = variant.direct_launch == "on"
+        if variant.engine == "process":  # the spawned engine imports the module afresh
+            if variant.engine_profile is not None:
+                parser.error("--direct-launch with --engine process excludes --engine-profile")
+            from lab import engine_profile
+
+            os.environ[engine_profile.DIRECT_LAUNCH_ENV] = variant.direct_launch
+            engine_process.run_engine_process = engine_profile.run_with_direct_launch
     print(f"engine on a {variant.engine}, GIL switch interval "
           f"{engine_loop.GIL_SWITCH_INTERVAL_S} s, direct launches "
           f"{'on' if kernel_launch.ENABLED else 'off'}", flush=True)  # fmt: skip

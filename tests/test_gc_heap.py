@@ -199,3 +199,23 @@ def test_the_flag_turns_the_freezing_off() -> None:
     parser = build_parser()
     assert server_args_from_args(parser.parse_args([])).freeze_gc
     assert not server_args_from_args(parser.parse_args(["--disable-gc-freeze"])).freeze_gc
+
+
+def test_a_scrape_counts_the_servers_own_collections_so_far() -> None:
+    """An idle server gets no engine reports: its freeze's full collection must still be
+    counted by the first scrape after it, not by a benchmark's window later on."""
+    stats = EngineStats(0, 0, 0, 0, 64, 64, 0, 0)
+    pauses = GcPauses().install()
+    gc.disable()  # only the collection below: none may start while rendering
+    try:
+        metrics = ServerMetrics(SimpleNamespace(page_size=16), lambda: stats, pauses)  # type: ignore[arg-type]
+        pauses.drain()
+        gc.collect(2)
+        first = server_steps.parse(metrics.render().decode())
+        second = server_steps.parse(metrics.render().decode())
+    finally:
+        gc.enable()
+        pauses.uninstall()
+    assert first is not None and second is not None
+    assert first[("sageserve_gc_pause_seconds_count", "server gen 2", None)] == 1
+    assert server_steps.gc_summary(first, second) == {}  # nothing new between the scrapes

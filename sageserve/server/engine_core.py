@@ -86,8 +86,9 @@ class EngineCore:
     """Runs an Engine's loop: apply the commands waiting, step while there is work.
 
     freeze_heap: after the warm-up, freeze the process's heap out of garbage collection
-    (gc_heap.py; the host decides: a frozen object is never collected). gc_pauses: the process's collections, reported with each iteration (a
-    host in a process of its own; on a thread the server's process reports its own).
+    (gc_heap.py; the host decides: a frozen object is never collected). gc_pauses: the
+    process's collections, reported with each iteration (a host in a process of its own; on
+    a thread the server's process reports its own).
     """
 
     def __init__(

@@ -195,7 +195,8 @@ class EngineLoop:
         # The engine's latest snapshot, from its latest report (for /get_server_info and the
         # metrics' gauges).
         self.stats: EngineStats = host.initial_stats
-        self.metrics = ServerMetrics(self.info, lambda: self.stats)
+        self._gc_pauses = GcPauses()  # this process's collections, while started
+        self.metrics = ServerMetrics(self.info, lambda: self.stats, self._gc_pauses)
         self.failure: str | None = None  # why the engine stopped, once it has
         self.on_death: Callable[[], None] | None = None
         self._routes: dict[str, tuple[OutputStream, int]] = {}
@@ -205,7 +206,6 @@ class EngineLoop:
         self._loop_thread: int | None = None
         self._started = False
         self._ready = threading.Event()  # set once the engine has warmed up
-        self._gc_pauses = GcPauses()  # this process's collections, while started
         self.token_text = functools.lru_cache(maxsize=65536)(self._decode_token)
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
 

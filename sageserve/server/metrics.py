@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from sageserve.engine.info import EngineInfo, EngineStats
     from sageserve.engine.request import RequestOutput
     from sageserve.engine.step_timing import StepTiming
+    from sageserve.server.gc_heap import GcPauses
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
 
@@ -55,10 +56,16 @@ class ServerMetrics:
     keep per-request progress. `render` may be called from any thread.
     """
 
-    def __init__(self, info: EngineInfo, stats: Callable[[], EngineStats]) -> None:
+    def __init__(
+        self,
+        info: EngineInfo,
+        stats: Callable[[], EngineStats],
+        own_gc: GcPauses | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._info = info
         self._stats = stats
+        self._own_gc = own_gc  # this process's collections, counted at each scrape too
         # request id -> (output tokens seen, monotonic time the last of them was seen)
         self._progress: dict[str, tuple[int, float]] = {}
         self._init_counters()
@@ -198,7 +205,10 @@ class ServerMetrics:
     # ---------------------------------------------------------------------- scrape
 
     def render(self) -> bytes:
-        """The registry in Prometheus' text format."""
+        """The registry in Prometheus' text format (this process's collections up to now
+        counted first: an idle server sends no engine reports to count them with)."""
+        if self._own_gc is not None:
+            self.observe_gc("server", self._own_gc.drain())
         return generate_latest(self.registry)
 
     def _running(self) -> float:
