@@ -9,6 +9,8 @@ exited) triggers the same shutdown, and the exit status says it (1).
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 import uvicorn
 
@@ -47,6 +49,11 @@ INTERRUPTED = 130
 def serve(engine_loop: EngineLoop, server_args: ServerArgs) -> int:
     """Serve until asked to stop; 1 if the engine stopped on a fault, INTERRUPTED after a
     Ctrl-C, else 0 (a SIGTERM ends the process with that signal, as uvicorn re-raises it)."""
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn handles SIGINT whatever this process inherited (a shell starts background
+        # jobs with it ignored) and re-raises it after its shutdown into the handler it
+        # found: with Python's own handler that is the KeyboardInterrupt below.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         uvicorn_server(engine_loop, server_args).run()
     except KeyboardInterrupt:
