@@ -86,4 +86,5 @@ def run_with_direct_launch(*args: Any) -> None:
     from sageserve.server import engine_process
 
     kernel_launch.ENABLED = os.environ[DIRECT_LAUNCH_ENV] == "on"
+    print(f"engine process: direct launches {os.environ[DIRECT_LAUNCH_ENV]}", flush=True)
     engine_process.run_engine_process(*args)
