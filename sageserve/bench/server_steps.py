@@ -62,11 +62,7 @@ def step_summary(before: Samples, after: Samples) -> dict[str, dict[str, Any]]:
     """Per kind of step, over the run: steps, mean wall and device-wait seconds, and the
     bucket bounds under which 50% and 99% of the steps' wall times fell."""
     summary = {}
-    kinds = sorted({kind for (name, kind, _) in after if name == f"{DURATION}_count"})
-    for kind in kinds:
-        count = _delta(before, after, f"{DURATION}_count", kind)
-        if count <= 0:
-            continue
+    for kind, count in _counts_over_run(before, after, DURATION).items():
         row: dict[str, Any] = {
             "steps": int(count),
             "mean_s": _delta(before, after, f"{DURATION}_sum", kind) / count,
@@ -83,11 +79,7 @@ def gc_summary(before: Samples, after: Samples) -> dict[str, dict[str, Any]]:
     """Per process and generation, the run's collections: count, total and mean seconds,
     and the bucket bound under which the longest fell."""
     summary = {}
-    kinds = sorted({kind for (name, kind, _) in after if name == f"{GC_PAUSE}_count"})
-    for kind in kinds:
-        count = _delta(before, after, f"{GC_PAUSE}_count", kind)
-        if count <= 0:
-            continue
+    for kind, count in _counts_over_run(before, after, GC_PAUSE).items():
         total = _delta(before, after, f"{GC_PAUSE}_sum", kind)
         buckets = _bucket_deltas(before, after, kind, GC_PAUSE)
         summary[kind] = {
@@ -121,6 +113,14 @@ def format_steps(summary: dict[str, dict[str, Any]] | None) -> str:
         for kind, row in summary.items()
     ]
     return "server steps: " + "; ".join(parts)
+
+
+def _counts_over_run(before: Samples, after: Samples, family: str) -> dict[str, float]:
+    """A histogram family's observations over the run, by kind (kinds with none left out)."""
+    name = f"{family}_count"
+    kinds = sorted({kind for (n, kind, _) in after if n == name})
+    counts = {kind: _delta(before, after, name, kind) for kind in kinds}
+    return {kind: count for kind, count in counts.items() if count > 0}
 
 
 def _delta(before: Samples, after: Samples, name: str, kind: str, le: float | None = None) -> float:

@@ -412,8 +412,7 @@ class EngineLoop:
         self.metrics.observe(outputs)
         if report.step is not None:
             self.metrics.observe_step(report.step)
-        self.metrics.observe_gc("engine", report.gc_pauses)
-        self.metrics.observe_gc("server", self._gc_pauses.drain())
+        self.metrics.observe_gc("engine", report.gc_pauses)  # the server's: at each scrape
         self._dispatch(outputs)
         if report.failed:
             self._host.forget(report.failed)

@@ -9,7 +9,8 @@ gauges are read at scrape time from the latest `EngineStats` snapshot::
     step() / abort() -> observe(outputs)   render() -> counters, histograms
     step()           -> observe_step()                  gauges <- stats() snapshot
     step() raised    -> observe_failed()
-    gc pauses        -> observe_gc()        (the engine's with its reports, the server's own)
+    gc pauses        -> observe_gc()        (the engine's with its reports; render() counts
+                                             the server's own)
 
 Time to first token and end-to-end latency come from the engine's own timestamps
 (`RequestOutput.metrics`); inter-token latency is the time between two outputs of a request
@@ -65,7 +66,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._info = info
         self._stats = stats
-        self._own_gc = own_gc  # this process's collections, counted at each scrape too
+        self._own_gc = own_gc  # this process's collections, counted at each scrape
         # request id -> (output tokens seen, monotonic time the last of them was seen)
         self._progress: dict[str, tuple[int, float]] = {}
         self._init_counters()
