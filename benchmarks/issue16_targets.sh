@@ -39,8 +39,13 @@
 #    part): the probe's norm + product pairs against cuBLAS at the served setting and three
 #    others (`lab/pdl_gemv_probe.py --rows 2,4`), then `bench offline` at batches 1, 2, 4,
 #    8 (512 in, 128 out) with the GEMV on and off, sage_attn, two rounds alternated.
+# 13. K/V stores inside the piecewise graphs: their GPU tests (replay against eager, the
+#    engine with piecewise graphs against every step eager), then 32 clients, 1024 in /
+#    256 out, with the stores inside the pieces (served) and eagerly with attention
+#    (`lab/serve_variant.py --piece-store off`) alternated, sage_attn two rounds, triton
+#    one: ITL p99 / p50 and the server's mixed steps (wall, device wait).
 # Each part has its own time limit, so that one stuck part leaves the others' results.
-all_parts=1,2,3,4,5,6,7,8,9,10,11,12
+all_parts=1,2,3,4,5,6,7,8,9,10,11,12,13
 source "$(dirname "$0")/parts.sh"
 M="--model-path llama-3.1-8b --load-format dummy"
 
@@ -124,4 +129,27 @@ want 12 && timeout 200 python3 -m sageserve bench offline $M --backends sage_att
   --fused-gemv on,off --batch-sizes 1,2,4,8 --input-lens 512 --output-lens 128 --rounds 2 \
   --out "$out/offline-gemv-rows.json" > "$out/offline-gemv-rows.log" 2>&1
 want 12 && tail -12 "$out/offline-gemv-rows.log"
+want 13 && timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
+  tests/test_piecewise_graph.py > "$out/piece-store-gpu-tests.log" 2>&1
+want 13 && tail -3 "$out/piece-store-gpu-tests.log"
+if want 13; then
+  for run in sage_attn-r1 triton-r1 sage_attn-r2; do
+    backend=${run%-r*}
+    for store in on off; do
+      name="c32-$backend-store-$store-${run##*-}"
+      python3 lab/serve_variant.py --piece-store $store -- --port 30123 $M \
+        --attention-backend $backend > "$out/server-$name.log" 2>&1 &
+      pid=$!
+      for _ in $(seq 1 200); do
+        kill -0 $pid 2>/dev/null || { echo "[$name] server died"; break; }
+        python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:30123/health', timeout=2)" 2>/dev/null && break
+        sleep 0.5
+      done
+      timeout 90 python3 -m sageserve bench serving --url http://127.0.0.1:30123 \
+        --concurrency 32 --num-requests 64 --input-len 1024 --output-len 256 \
+        --out "$out/bench-$name.json" 2>&1 | grep -E "ITL|server steps" | sed "s/^/[$name] /"
+      kill $pid; wait $pid 2>/dev/null; sleep 2
+    done
+  done
+fi
 true  # a part left out is not a failure

@@ -1,6 +1,7 @@
 """Spawn targets for `lab/serve_variant.py`'s engine process: the engine under cProfile, one
-profile per kind of step, or with Triton's launches made directly. (Issue 16: where do
-sage_attn's mixed steps spend their host time inside the server's engine process?).
+profile per kind of step, or with lab switches (Triton's launches made directly; K/V stores
+inside the piecewise graphs off). (Issue 16: where do sage_attn's mixed steps spend their
+host time inside the server's engine process?).
 
 Under 32 streaming clients sage_attn's mixed steps took 15.6-17.7 ms in the engine process
 with ~0 device wait, against 11.3-12.4 ms for the engine alone (BENCHMARKS.md, "The engine
@@ -24,6 +25,7 @@ from typing import Any
 
 ENV = "SAGESERVE_ENGINE_PROFILE"  # the output path's stem, set by serve_variant
 DIRECT_LAUNCH_ENV = "SAGESERVE_LAB_DIRECT_LAUNCH"  # "on" / "off", set by serve_variant
+PIECE_STORE_ENV = "SAGESERVE_LAB_PIECE_STORE"  # "on" / "off", set by serve_variant
 TOP = 45
 
 
@@ -79,12 +81,30 @@ def run_profiled(*args: Any) -> None:
         by_kind.write(os.environ[ENV])
 
 
-def run_with_direct_launch(*args: Any) -> None:
-    """`run_engine_process(*args)` with `kernel_launch.ENABLED` as serve_variant asked (a
-    spawned process imports the module afresh, with its default); the spawn target."""
-    from sageserve import kernel_launch
+def run_with_switches(*args: Any) -> None:
+    """`run_engine_process(*args)` with the switches serve_variant asked for (a spawned
+    process imports every module afresh, with its defaults): `kernel_launch.ENABLED`, and
+    K/V stores inside the piecewise graphs or not; the spawn target."""
     from sageserve.server import engine_process
 
-    kernel_launch.ENABLED = os.environ[DIRECT_LAUNCH_ENV] == "on"
-    print(f"engine process: direct launches {os.environ[DIRECT_LAUNCH_ENV]}", flush=True)
+    direct, piece_store = os.environ.get(DIRECT_LAUNCH_ENV), os.environ.get(PIECE_STORE_ENV)
+    if direct is not None:
+        from sageserve import kernel_launch
+
+        kernel_launch.ENABLED = direct == "on"
+    if piece_store == "off":
+        disable_piece_stores()
+    print(f"engine process: direct launches {direct or 'as served'}, piece stores "
+          f"{piece_store or 'as served'}", flush=True)  # fmt: skip
     engine_process.run_engine_process(*args)
+
+
+def disable_piece_stores() -> None:
+    """Every backend stores K/V with its attention, eagerly, in the piecewise graphs' steps
+    (the base class's `piece_store`, None), as before the stores moved into the pieces."""
+    from sageserve.attention.base import AttentionBackend
+    from sageserve.attention.sage_attn.backend import SageAttentionBackend
+    from sageserve.attention.triton_attn.backend import TritonBackend
+
+    for cls in (TritonBackend, SageAttentionBackend):
+        cls.piece_store = AttentionBackend.piece_store  # type: ignore[method-assign]

@@ -22,8 +22,12 @@ difference is what Triton's launch path costs per layer.
 most cumulative time per call (Triton's binder, cache key, launcher and TMA-descriptor
 encoding among them). cProfile inflates every figure; the shares are what it is for.
 
+`--call attend_stored` times what a piecewise step launches between its pieces when the
+backend stores K/V inside them (`backend.attend_stored` into a given output) instead of
+`backend.forward` (store and attention, a new output); `--call both` alternates the two.
+
     PYTHONPATH=. python lab/host_wrapper_probe.py [--repeats 2000] [--device cuda]
-        [--breakdown 500]
+        [--breakdown 500] [--call forward|attend_stored|both]
 """
 
 from __future__ import annotations
@@ -48,13 +52,20 @@ Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 64
 VARIANTS = ("triton16", "sage_fp16pv", "sage_fp16pv_bfly")
 
 
-def _no_launches() -> None:
-    """Every `kernel[grid](...)` call returns at once (interpreter and compiled kinds)."""
+def _no_launches() -> list[int]:
+    """Every `kernel[grid](...)` call returns at once (interpreter and compiled kinds),
+    adding one to the returned counter."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    JITFunction.run = lambda self, *args, **kwargs: None
-    InterpretedFunction.run = lambda self, *args, **kwargs: None
+    counter = [0]
+
+    def count(self, *args, **kwargs) -> None:
+        counter[0] += 1
+
+    JITFunction.run = count
+    InterpretedFunction.run = count
+    return counter
 
 
 def _mixed_batch(device: torch.device):
@@ -99,7 +110,7 @@ def _breakdown(call, calls: int, top: int = 25) -> list[dict]:
 
 
 def _time(variant: str, repeats: int, device: torch.device, counter=None,
-          breakdown: int = 0) -> dict:  # fmt: skip
+          breakdown: int = 0, attend_stored: bool = False) -> dict:  # fmt: skip
     cfg = model_config(Q_HEADS, KV_HEADS, HEAD_DIM)
     backend = make_backend(variant, cfg, torch.float16, device)
     batch, num_pages = _mixed_batch(device)
@@ -108,10 +119,14 @@ def _time(variant: str, repeats: int, device: torch.device, counter=None,
     q = torch.randn(tokens, Q_HEADS, HEAD_DIM, dtype=torch.float16, device=device)
     k = torch.randn(tokens, KV_HEADS, HEAD_DIM, dtype=torch.float16, device=device)
     v = torch.randn_like(k)
+    out = torch.randn_like(q)
     meta = backend.build_metadata(batch)
 
     def call():
-        backend.forward(0, q, k, v, cache, meta)
+        if attend_stored:
+            backend.attend_stored(0, q, cache, meta, out)
+        else:
+            backend.forward(0, q, k, v, cache, meta)
 
     for _ in range(20):
         call()
@@ -140,11 +155,20 @@ def main() -> None:
         metavar="CALLS",
         help="then profile this many calls with cProfile (0: none)",
     )
+    parser.add_argument("--call", default="forward", choices=["forward", "attend_stored", "both"])
+    parser.add_argument("--rounds", type=int, default=1, help="alternations of every timing")
     args = parser.parse_args()
     device = torch.device(args.device)
     counter = _count_launches() if device.type == "cuda" else _no_launches()
     torch.set_num_threads(1)
-    rows = {v: _time(v, args.repeats, device, counter, args.breakdown) for v in VARIANTS}
+    calls = ["forward", "attend_stored"] if args.call == "both" else [args.call]
+    rows: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            for call in calls:
+                row = _time(variant, args.repeats, device, counter, args.breakdown,
+                            attend_stored=call == "attend_stored")  # fmt: skip
+                rows.setdefault(f"{variant} {call}", []).append(row)
     head = {"triton": triton.__version__, "torch": torch.__version__, "device": args.device}
     print(json.dumps(head | rows, indent=1))
 

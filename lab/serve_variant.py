@@ -1,8 +1,10 @@
 """The server with a lab variant of its host path: the engine on a thread of the server's
-process instead of its own process, another GIL switch interval, or Triton kernels launched
-directly (`sageserve.kernel_launch`; with the engine in its own process, the spawn target
-sets it there: `lab/engine_profile.run_with_direct_launch`). (Issue 16: are the
-host-bound mixed steps under 32 streaming clients the interpreter lock's, or the launches'?)
+process instead of its own process, another GIL switch interval, Triton kernels launched
+directly (`sageserve.kernel_launch`), or K/V stored eagerly with attention in the piecewise
+graphs' steps as before they moved into the pieces (`--piece-store off`); with the engine in
+its own process, the spawn target sets the last two there
+(`lab/engine_profile.run_with_switches`). (Issue 16: are the host-bound mixed steps under
+32 streaming clients the interpreter lock's, or the launches'?)
 
 Under 32 streaming clients the server's mixed steps (decodes plus a prefill chunk) took
 17.8 ms (triton) and 21.0 ms (sage_attn) and waited ~0 for the device (`bench serving`'s
@@ -13,7 +15,8 @@ the event loop's thread runs Python meanwhile, each take waits up to the switch 
 (~25 µs of host time a launch on an H100 machine), which a direct launch skips.
 
     PYTHONPATH=. python lab/serve_variant.py [--engine process|thread] \
-        [--gil-switch-interval S] [--direct-launch on|off] [--engine-profile OUT] \
+        [--gil-switch-interval S] [--direct-launch on|off] [--piece-store on|off] \
+        [--engine-profile OUT] \
         -- --model-path ... --port 30123
 
 --engine-profile OUT: the engine process's steps under cProfile, by kind
@@ -33,6 +36,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gil-switch-interval", type=float, default=None)
     parser.add_argument("--direct-launch", choices=["on", "off"], default=None)
+    parser.add_argument("--piece-store", choices=["on", "off"], default=None)
     parser.add_argument("--engine", choices=["process", "thread"], default="process")
     parser.add_argument("--engine-profile", default=None, metavar="OUT")
     variant, server_args = parser.parse_known_args()
@@ -47,15 +51,25 @@ if __name__ == "__main__":
         engine_loop.GIL_SWITCH_INTERVAL_S = variant.gil_switch_interval
     if variant.direct_launch is not None:
         kernel_launch.ENABLED = variant.direct_launch == "on"
-        if variant.engine == "process":  # the spawned engine imports the module afresh
-            if variant.engine_profile is not None:
-                parser.error("--direct-launch with --engine process excludes --engine-profile")
-            from lab import engine_profile
+    if variant.piece_store == "off":
+        from lab import engine_profile
 
-            os.environ[engine_profile.DIRECT_LAUNCH_ENV] = variant.direct_launch
-            engine_process.run_engine_process = engine_profile.run_with_direct_launch
+        engine_profile.disable_piece_stores()
+    switched = variant.direct_launch is not None or variant.piece_store is not None
+    if switched and variant.engine == "process":  # the spawned engine imports them afresh
+        if variant.engine_profile is not None:
+            parser.error("--direct-launch / --piece-store with --engine process exclude "
+                         "--engine-profile")  # fmt: skip
+        from lab import engine_profile
+
+        for env, value in ((engine_profile.DIRECT_LAUNCH_ENV, variant.direct_launch),
+                           (engine_profile.PIECE_STORE_ENV, variant.piece_store)):  # fmt: skip
+            if value is not None:
+                os.environ[env] = value
+        engine_process.run_engine_process = engine_profile.run_with_switches
     print(f"engine on a {variant.engine}, GIL switch interval "
           f"{engine_loop.GIL_SWITCH_INTERVAL_S} s, direct launches "
-          f"{'on' if kernel_launch.ENABLED else 'off'}", flush=True)  # fmt: skip
+          f"{'on' if kernel_launch.ENABLED else 'off'}, piece stores "
+          f"{variant.piece_store or 'on'}", flush=True)  # fmt: skip
     args = [a for a in server_args if a != "--"]
     sys.exit(launch_server.main(args, engine_host=variant.engine))

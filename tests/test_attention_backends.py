@@ -135,23 +135,49 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: in
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
+# Rows a piecewise step pads its tokens with: their K/V (random here) must store nothing
+# that a sequence reads.
+PIECE_PADDING = 5
+
+
 def _run_step(backend, kv_cache, seqs, spans, page_size, num_q_heads, gen):
-    """Run one step of every layer; returns [(queries, outputs on the CPU)] per layer."""
+    """Run one step of every layer; returns [(queries, outputs on the CPU)] per layer.
+
+    Layer 0 goes through `forward`; layer 1 too when the backend has no piece store, else
+    as a piecewise graph runs it: `store` over the rows padded by PIECE_PADDING, then
+    `attend_stored`. Both write into a given output poisoned with NaN."""
     options = backend.options
     slices = [SequenceSlice(s.page_table, p, n) for s, (p, n) in zip(seqs, spans, strict=True)]
     ids = [[0] * n for _, n in spans]
     batch = build_forward_batch(slices, ids, [], page_size, options.device)
     meta = backend.build_metadata(batch)
+    size = batch.num_tokens + PIECE_PADDING
+    store = backend.piece_store(kv_cache, size)
+    if store is not None:
+        backend.write_piece_store(store, batch, size)
     results = []
     for layer in range(2):
         k = torch.cat([s.k[layer, p : p + n] for s, (p, n) in zip(seqs, spans, strict=True)])
         v = torch.cat([s.v[layer, p : p + n] for s, (p, n) in zip(seqs, spans, strict=True)])
         head_dim = k.shape[-1]
         q = torch.randn(k.shape[0], num_q_heads, head_dim, generator=gen).to(options.model_dtype)
-        on_device = (t.to(options.device, options.model_dtype) for t in (q, k, v))
-        out = backend.forward(layer, *on_device, kv_cache, meta)
-        results.append((q.float(), out.cpu()))
+        q, k, v = (t.to(options.device, options.model_dtype) for t in (q, k, v))
+        poisoned = torch.full_like(q, float("nan"))
+        if layer == 1 and store is not None:
+            padded_k, padded_v = (_pad_rows(t, PIECE_PADDING, gen) for t in (k, v))
+            backend.store(layer, padded_k, padded_v, kv_cache, store, size)
+            out = backend.attend_stored(layer, q, kv_cache, meta, poisoned)
+        else:
+            out = backend.forward(layer, q, k, v, kv_cache, meta, out=poisoned)
+        assert out is poisoned
+        results.append((q.float().cpu(), out.cpu()))
     return results
+
+
+def _pad_rows(x: torch.Tensor, rows: int, gen: torch.Generator) -> torch.Tensor:
+    """x [T, H, D] with `rows` random rows after it."""
+    extra = torch.randn(rows, *x.shape[1:], generator=gen).to(x.device, x.dtype)
+    return torch.cat([x, extra])
 
 
 def _check_output(variant: Variant, layer: int, out: torch.Tensor, ref: torch.Tensor) -> None:

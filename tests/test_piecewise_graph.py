@@ -18,6 +18,7 @@ from cache_snapshots import assert_written_only, restore, snapshot
 from int8_flips import assert_logprob_rows_close, assert_outputs_match
 from tiny_models import tiny_llama_config
 
+from sageserve.attention.base import PieceStore
 from sageserve.attention.batch import SequenceSlice, build_forward_batch
 from sageserve.attention.graph_sizes import padded_token_count, piecewise_token_counts
 from sageserve.attention.sage_attn.options import SageOptions
@@ -37,7 +38,7 @@ BACKENDS = [
     ("triton", SageOptions()),
     ("sage_attn", SageOptions(impl="triton")),
     ("sage_attn", SageOptions(impl="triton", skip_layers=(1,))),
-    # Prefill queries rotated and quantized by a pass inside the captured pieces.
+    # Prefill queries rotated and quantized by a pass before the prefill kernel.
     ("sage_attn", SageOptions(impl="triton", rotation_kernel="prepass")),
 ]
 BACKEND_IDS = ["torch", "triton", "sage_attn", "sage_attn-exact-layer-1", "sage_attn-prepass"]
@@ -167,6 +168,59 @@ def test_static_path_equals_eager_on_cpu(backend: str, sage: SageOptions) -> Non
     eight_bit = backend == "sage_attn"
     _check_static_path(runner, pieces, CPU, atol=None if eight_bit else 1e-5)
     assert pieces.num_runs == 5
+
+
+PIECE_STORES = [
+    ("torch", SageOptions(), False),
+    ("triton", SageOptions(), True),
+    ("sage_attn", SageOptions(impl="triton"), True),
+    ("sage_attn", SageOptions(impl="triton", skip_layers=(1,)), True),
+    ("sage_attn", SageOptions(impl="reference"), False),
+]
+
+
+@pytest.mark.parametrize(("backend", "sage", "in_pieces"), PIECE_STORES)
+def test_kv_stored_inside_the_pieces_where_the_backend_can(
+    backend: str, sage: SageOptions, in_pieces: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend with a piece store stores K/V inside the pieces (captured) and launches
+    only `attend_stored` between them; one without stores with its attention, eagerly."""
+    engine = Engine(_engine_config(backend, sage, "cpu"), _tiny_model(torch.float32, CPU))
+    runner = engine._runner
+    pieces = PiecewiseGraphRunner(
+        runner.model, runner.backend, runner.kv_cache, [16, 32], capture=False
+    )
+    assert (pieces.piece_store is not None) == in_pieces
+    calls: list[str] = []
+    for name in ("forward", "attend_stored", "store"):
+        original = getattr(runner.backend, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(runner.backend, name, spy)
+    gen = torch.Generator().manual_seed(3)
+    table = tuple((torch.randperm(runner.num_pages - 1, generator=gen)[:2] + 1).tolist())
+    pieces.run(_batch([SequenceSlice(table, 0, 20)], gen, CPU))
+    layers = runner.model.config.num_layers
+    expected = ["store", "attend_stored"] if in_pieces else ["forward"]
+    assert calls == expected * layers
+
+
+def test_piece_store_tables() -> None:
+    """Every row starts as padding; `first` views the tables' own memory; `pad` resets the
+    rows past a step's tokens up to its size and leaves the rest alone."""
+    store = PieceStore.allocate(8, {"slot": -1, "page": 9}, CPU)
+    assert store.tables["slot"].tolist() == [-1] * 8 and store.tables["page"].tolist() == [9] * 8
+    rows = store.first(6)
+    assert rows["slot"].data_ptr() == store.tables["slot"].data_ptr() and len(rows["slot"]) == 6
+    store.tables["slot"].copy_(torch.arange(8))
+    store.pad(2, 6)
+    assert store.tables["slot"].tolist() == [0, 1, -1, -1, -1, -1, 6, 7]
+    for size in (0, 9):
+        with pytest.raises(ValueError, match=f"has no first {size}"):
+            store.first(size)
 
 
 def _prompts_and_params(seed: int) -> tuple[list[list[int]], list[SamplingParams]]:

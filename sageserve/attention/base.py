@@ -7,6 +7,12 @@ metadata once (`build_metadata`), then every layer calls `forward` with that met
 A backend whose decode is CUDA-graph safe also keeps static metadata per captured batch
 size (`graph_metadata`) and writes each replayed step into it (`graph_update`); see
 `sageserve/engine/cuda_graph.py` for how the engine captures and replays.
+
+A backend may also split `forward` in two for the piecewise graphs of steps with prefill
+(`sageserve/engine/piecewise_graph.py`): `store` writes the step's K/V through static
+tables (`piece_store`, filled per step by `write_piece_store`), so that it is captured in
+the graphed piece before attention, and `attend_stored` attends over keys already stored,
+the only part left to launch eagerly.
 """
 
 from __future__ import annotations
@@ -88,6 +94,48 @@ class GraphMetadata:
     page_size: int
     meta: Any
     buffers: StaticBuffers
+
+
+@dataclass
+class PieceStore:
+    """Where the new K/V rows of a piecewise step go, at fixed addresses for the captured
+    pieces (`AttentionBackend.piece_store`).
+
+    tables: name -> [rows] int64 device tensor: row t names where token t of the step goes
+    (backend-specific: a slot, or a page and an offset). Rows past the step's tokens hold
+    the table's `padding` value, which stores nothing (or into a scratch slot nothing
+    reads). A step padded to `size` tokens stores its first `size` rows. exact: the store
+    of the layers a backend hands to another backend (sage_attn's exact layers), or None.
+    """
+
+    rows: int
+    tables: dict[str, torch.Tensor]
+    padding: dict[str, int]
+    exact: PieceStore | None = None
+
+    @classmethod
+    def allocate(
+        cls, rows: int, padding: dict[str, int], device: torch.device,
+        exact: PieceStore | None = None,
+    ) -> PieceStore:  # fmt: skip
+        """One table per name of padding, every row padding."""
+        tables = {
+            name: torch.full((rows,), value, dtype=torch.int64, device=device)
+            for name, value in padding.items()
+        }
+        return cls(rows, tables, padding, exact)
+
+    def first(self, size: int) -> dict[str, torch.Tensor]:
+        """Each table's first `size` rows (views at the tables' own addresses)."""
+        if not 0 < size <= self.rows:
+            raise ValueError(f"a piece store of {self.rows} rows has no first {size}")
+        return {name: table[:size] for name, table in self.tables.items()}
+
+    def pad(self, start: int, size: int) -> None:
+        """Rows start .. size - 1 of every table back to padding: a step of fewer tokens
+        than the last one must not store its padding rows at that step's slots."""
+        for name, table in self.first(size).items():
+            table[start:].fill_(self.padding[name])
 
 
 class AttentionBackend(ABC):
@@ -193,12 +241,52 @@ class AttentionBackend(ABC):
         v: torch.Tensor,
         kv_cache: Any,
         meta: Any,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Store this step's k, v in the cache, then attend over each sequence's keys.
 
         q: [num_tokens, num_q_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
-        Returns [num_tokens, num_q_heads, head_dim] in q's dtype.
+        out: where to write the result (q's shape and dtype), or None for a new tensor.
+        Returns [num_tokens, num_q_heads, head_dim] in q's dtype (out itself when given).
         """
+
+    # ------------------------------------------------- K/V stores inside piecewise graphs
+
+    def piece_store(self, kv_cache: Any, rows: int) -> PieceStore | None:
+        """Static store tables for steps of up to `rows` tokens, every row padding, or None
+        (the default): this backend stores only inside `forward`, so a piecewise step
+        launches its store eagerly with its attention.
+
+        A backend returning tables implements `write_piece_store`, `store` (no host sync,
+        no allocation: captured in a CUDA graph) and `attend_stored`.
+        """
+        return None
+
+    def write_piece_store(self, store: PieceStore, batch: ForwardBatch, size: int) -> None:
+        """Point the first `size` rows of `store` at the step's new slots (row t: token t,
+        from batch.slot_mapping), rows num_tokens.. size - 1 at padding, without a host sync.
+        size: the step's padded token count, >= batch.num_tokens."""
+        raise NotImplementedError(f"the {self.name} backend stores only inside forward")
+
+    def store(
+        self,
+        layer_id: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: Any,
+        store: PieceStore,
+        size: int,
+    ) -> None:
+        """Store k, v [size, num_kv_heads, head_dim] of layer layer_id where the first `size`
+        rows of `store` say (padding rows store nothing anyone reads)."""
+        raise NotImplementedError(f"the {self.name} backend stores only inside forward")
+
+    def attend_stored(
+        self, layer_id: int, q: torch.Tensor, kv_cache: Any, meta: Any, out: torch.Tensor
+    ) -> torch.Tensor:
+        """`forward` without its store: the step's K/V are already in the cache (`store`).
+        q, out: [num_tokens, num_q_heads, head_dim]; returns out."""
+        raise NotImplementedError(f"the {self.name} backend stores only inside forward")
 
 
 class StepAttention:
@@ -210,7 +298,16 @@ class StepAttention:
         self.meta = meta
 
     def attend(
-        self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
-        return self.backend.forward(layer_id, q, k, v, self.kv_cache, self.meta)
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] (into out when given)."""
+        return self.backend.forward(layer_id, q, k, v, self.kv_cache, self.meta, out)
+
+    def attend_stored(self, layer_id: int, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """q, out: [T, Hq, D]: attention over K/V that `AttentionBackend.store` wrote."""
+        return self.backend.attend_stored(layer_id, q, self.kv_cache, self.meta, out)

@@ -145,7 +145,7 @@ def _plan(variant: DecodeVariant, shape: DecodeShape, tables, sets: int, device)
 def _decode_call(variant: DecodeVariant, meta) -> Callable[[], None]:
     """The decode part of the backend's forward for layer 0, writing variant.out."""
     cache, out, backend = variant.cache, variant.out, variant.backend
-    if hasattr(meta, "kernel"):  # sage_attn: as its _forward_kernels calls the decode kernel
+    if hasattr(meta, "kernel"):  # sage_attn: as its _attend_kernels calls the decode kernel
         from sageserve.attention.sage_attn.kernels.decode import sage_decode_paged
 
         c = backend.layer_constants(0)

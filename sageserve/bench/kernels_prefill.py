@@ -251,7 +251,7 @@ def noncausal_support(variant: str) -> str | None:
 
 
 def _sage_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
-    """sage_attn's kernel calls for layer 0, as its `_forward_kernels` makes them:
+    """sage_attn's kernel calls for layer 0, as `_store_kernels` and `_attend_kernels` make them:
     (store, store + attention into `out`)."""
     from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
     from sageserve.attention.sage_attn.kernels.store import store_kv
@@ -282,7 +282,7 @@ def _sage_replica(backend, cache, meta, data: PrefillData, out: torch.Tensor):
 
 
 def _prepass_full(backend, caches, meta, data: PrefillData, out: torch.Tensor, store):
-    """--sage-rotation-kernel prepass as `_forward_kernels` calls it: queries rotated and
+    """--sage-rotation-kernel prepass as `_attend_kernels` calls it: queries rotated and
     quantized by one pass, then the prefill kernel over the codes."""
     from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
     from sageserve.attention.sage_attn.kernels.quantize_q import quantize_q
@@ -302,7 +302,7 @@ def _prepass_full(backend, caches, meta, data: PrefillData, out: torch.Tensor, s
 
 
 def _gluon_full(backend, cache, meta, data: PrefillData, out: torch.Tensor, store):
-    """The --sage-impl gluon prefill as `_forward_kernels` calls it (non-causal: the same
+    """The --sage-impl gluon prefill as `_attend_kernels` calls it (non-causal: the same
     kernel over a non-causal plan)."""
     from sageserve.attention.sage_attn.kernels.gluon.plan import work_plan
     from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_ws

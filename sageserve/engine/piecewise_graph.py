@@ -5,31 +5,41 @@ attention depends on every sequence's query and key lengths. Run eagerly, its fe
 launches from Python take ~25 ms on an H100/H200 with an 8B model, whatever the chunk's
 size, and every decoding request waits that long for its next token. Here the step is cut
 at its attention calls, as vLLM's piecewise graphs are: everything between two attention
-calls (o_proj, norms, MLP, the next layer's QKV projection and rotary) is captured per
-padded token count (`graph_sizes.padded_token_count`), and only attention (store, prefill,
-decode kernels) launches eagerly between the replays, with the metadata the backend builds
-for the step as in an eager step.
+calls (o_proj, norms, MLP, the next layer's QKV projection and rotary, and the layer's K/V
+store) is captured per padded token count (`graph_sizes.padded_token_count`), and only
+attention (the prefill and decode kernels) launches eagerly between the replays, with the
+metadata the backend builds for the step as in an eager step.
+
+The K/V store sits inside the pieces when the backend has a piece store
+(`AttentionBackend.piece_store`: static tables of where each row goes, every row past the
+step's tokens padding, rewritten on the device before each step by `write_piece_store`):
+one eager launch a layer less, whose host time (~50 µs a Triton launch on an H100 machine)
+paces a mixed step whose chunk is short. A backend without one (the torch reference, the
+8-bit reference path) stores with its attention, eagerly.
 
 Capture (start-up, CUDA only): for each token count, largest first, into one memory pool,
 the model runs over static input ids and positions [2, size] with an attention context
-(`_Boundary`) that copies the layer's q, k, v into static buffers (shared by every layer and
-size), ends the graph being captured, begins the next one and returns a static output
-buffer. A model of L layers gives L + 1 graphs; the last ends with the final norm.
+(`_Boundary`) that stores the layer's k, v through the piece store (or copies them into
+static buffers), copies q into a static buffer (shared by every layer and size), ends the
+graph being captured, begins the next one and returns a static output buffer. A model of
+L layers gives L + 1 graphs; the last ends with the final norm.
 
-Replay: ids and positions go into the first n rows; then for each layer: replay its graph,
-run the backend's attention over the first n rows of the static q, k, v, copy the result
-into the static output; then the last graph. Logits are computed eagerly from the hidden
-rows the step asked for. Padded rows keep the ids and positions an earlier step left: they
-compute values nobody reads, and no row's result depends on another row's.
+Replay: ids and positions go into the first n rows, the step's slots into the piece store;
+then for each layer: replay its graph, run the backend's attention over the first n rows
+of the static q straight into the static output; then the last graph. Logits are computed
+eagerly from the hidden rows the step asked for. Padded rows keep the ids and positions an
+earlier step left: they compute values nobody reads, store where nothing is read, and no
+row's result depends on another row's.
 
-Cost of the cut: per layer one copy of q, k and v into the static buffers (in the graph)
-and one copy of attention's output (eager); the rest runs as captured.
+Cost of the cut: per layer one copy of q into its static buffer (in the graph; k and v too
+without a piece store); attention writes its output where the next piece reads it.
 
 `capture=False` runs the same static-buffer path eagerly: how it is tested on CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -72,18 +82,29 @@ class PiecewiseStep:
     hidden: torch.Tensor | None = None
 
 
+StoreLayer = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
 class _Boundary:
-    """The attention context of the static path: copies each layer's q, k, v into the
-    static buffers, calls `at_attention(layer_id)` and returns the static output.
+    """The attention context of the static path: stores each layer's k, v through the
+    backend's piece store (or copies them into the static buffers when it has none), copies
+    q, calls `at_attention(layer_id)` and returns the static output.
 
     at_attention ends one graph and begins the next while capturing, runs the step's
     attention over the first n rows when not capturing (capture=False), or is None while
-    warming up for a capture (no attention: the pieces never contain it)."""
+    warming up for a capture (no attention: the pieces never contain it). store_layer:
+    `(layer_id, k, v)` stores the layer's size rows, inside the piece; None: the backend
+    stores with its attention, eagerly."""
 
     def __init__(
-        self, buffers: StaticQKV, size: int, at_attention: Callable[[int], None] | None = None
+        self,
+        buffers: StaticQKV,
+        size: int,
+        at_attention: Callable[[int], None] | None = None,
+        store_layer: StoreLayer | None = None,
     ) -> None:
-        self.buffers, self.size, self.at_attention = buffers, size, at_attention
+        self.buffers, self.size = buffers, size
+        self.at_attention, self.store_layer = at_attention, store_layer
 
     def attend(
         self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -91,8 +112,11 @@ class _Boundary:
         """q: [size, Hq, D]; k, v: [size, Hkv, D] -> the static output [size, Hq, D]."""
         b, size = self.buffers, self.size
         b.q[:size].copy_(q)
-        b.k[:size].copy_(k)
-        b.v[:size].copy_(v)
+        if self.store_layer is not None:
+            self.store_layer(layer_id, k, v)
+        else:
+            b.k[:size].copy_(k)
+            b.v[:size].copy_(v)
         if self.at_attention is not None:
             self.at_attention(layer_id)
         return b.out[:size]
@@ -121,6 +145,7 @@ class PiecewiseGraphRunner:
         self.model, self.backend, self.kv_cache = model, backend, kv_cache
         self.token_counts = sorted(token_counts)
         self.buffers = _static_qkv(model, self.token_counts[-1], self.device)
+        self.piece_store = backend.piece_store(kv_cache, self.token_counts[-1])
         self.num_runs = 0
         self.capture_seconds = 0.0
         start = time.perf_counter()
@@ -147,19 +172,36 @@ class PiecewiseGraphRunner:
         step = self.steps[padded_token_count(n)]
         step.inputs[0, :n].copy_(batch.input_ids)
         step.inputs[1, :n].copy_(batch.positions)
+        if self.piece_store is not None:
+            self.backend.write_piece_store(self.piece_store, batch, step.size)
         attn = StepAttention(self.backend, self.kv_cache, self.backend.build_metadata(batch))
         self.num_runs += 1
         if step.graphs:
             hidden = self._replay(step, attn, n)
         else:
-            boundary = _Boundary(self.buffers, step.size, lambda i: self._attend(attn, i, n))
+            at_attention = functools.partial(self._attend, attn, n=n)
+            store_layer = self._store_layer(step.size)
+            boundary = _Boundary(self.buffers, step.size, at_attention, store_layer)
             hidden = self.model(step.inputs[0], step.inputs[1], boundary)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     def _attend(self, attn: StepAttention, layer_id: int, n: int) -> None:
-        """Layer layer_id's attention over the first n rows of the static q, k, v."""
+        """Layer layer_id's attention over the first n rows of the static q (and k, v when
+        the backend stores with its attention), into the static output."""
         b = self.buffers
-        b.out[:n].copy_(attn.attend(layer_id, b.q[:n], b.k[:n], b.v[:n]))
+        if self.piece_store is not None:
+            attn.attend_stored(layer_id, b.q[:n], b.out[:n])
+        else:
+            attn.attend(layer_id, b.q[:n], b.k[:n], b.v[:n], out=b.out[:n])
+
+    def _store_layer(self, size: int) -> StoreLayer | None:
+        """How the pieces of `size` tokens store a layer's k, v: through the backend's piece
+        store, or None when it has none (its attention stores them, eagerly)."""
+        store = self.piece_store
+        if store is None:
+            return None
+        backend, cache = self.backend, self.kv_cache
+        return lambda layer_id, k, v: backend.store(layer_id, k, v, cache, store, size)
 
     def _replay(self, step: PiecewiseStep, attn: StepAttention, n: int) -> torch.Tensor:
         """The pieces in capture order, each layer's attention between: hidden [size, H]."""
@@ -201,7 +243,8 @@ class PiecewiseGraphRunner:
             begin()
             try:
                 ids, positions = step.inputs
-                step.hidden = self.model(ids, positions, _Boundary(self.buffers, step.size, cut))
+                boundary = _Boundary(self.buffers, step.size, cut, self._store_layer(step.size))
+                step.hidden = self.model(ids, positions, boundary)
             finally:
                 step.graphs[-1].capture_end()
         torch.cuda.current_stream(self.device).wait_stream(stream)
@@ -211,8 +254,9 @@ class PiecewiseGraphRunner:
         # kernels and sets up cuBLAS for this row count, none of which may happen in a capture.
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(WARMUP_RUNS):
-                self.model(step.inputs[0], step.inputs[1], _Boundary(self.buffers, step.size))
+            boundary = _Boundary(self.buffers, step.size, None, self._store_layer(step.size))
+            for _ in range(WARMUP_RUNS):  # the store's padding rows go where nothing is read
+                self.model(step.inputs[0], step.inputs[1], boundary)
         torch.cuda.current_stream(self.device).wait_stream(stream)
 
 
@@ -244,10 +288,11 @@ def piecewise_graph_runner(
     runner = PiecewiseGraphRunner(model, backend, kv_cache, counts)
     logger.info(
         "CUDA graphs: %d pieces per step captured for token counts up to %d in %.1f s, "
-        "%.0f MiB; longer steps with prefill run eagerly",
+        "%.0f MiB, K/V stored %s; longer steps with prefill run eagerly",
         len(runner.steps[counts[-1]].graphs),
         counts[-1],
         runner.capture_seconds,
         (torch.cuda.memory_reserved(device) - reserved) / 2**20,
+        "inside the pieces" if runner.piece_store is not None else "eagerly with attention",
     )
     return runner

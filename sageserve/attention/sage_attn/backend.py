@@ -23,6 +23,9 @@ padded batch size over static metadata (`graph_metadata`), filled per step in on
 host-to-device copy (`graph_update`); padded rows have kv_len 0 (output 0) and store into
 the scratch page. The decode splits are planned from static quantities in eager steps too
 (the padded batch size, `max_context`), so both paths cut the keys into the same splits.
+The piecewise graphs of steps with prefill capture the quantizing store (`piece_store`:
+page and offset tables padded with the scratch page) and launch only the attention
+kernels between the pieces (`attend_stored`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from sageserve.attention.base import (
     AttentionShape,
     BackendOptions,
     KVCacheSpec,
+    PieceStore,
 )
 from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.graph_sizes import padded_batch_size
@@ -498,14 +502,17 @@ class SageAttentionBackend(AttentionBackend):
         v: torch.Tensor,
         kv_cache: SageKVCache,
         meta: SageMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] (q's dtype) with 8-bit numerics."""
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] (q's dtype; into out when given)
+        with 8-bit numerics."""
         i = self.slot_of[layer_id]
         if layer_id in self.skipped:
-            return self.exact.forward(i, q, k, v, kv_cache.exact, meta.exact)
-        out = torch.empty_like(q)
+            return self.exact.forward(i, q, k, v, kv_cache.exact, meta.exact, out)
+        out = torch.empty_like(q) if out is None else out
         if meta.kernel is not None:  # the kernels rotate q and k as they load them
-            return self._forward_kernels(layer_id, q, k, v, kv_cache, meta, out)
+            self._store_kernels(layer_id, k, v, kv_cache, meta.store_pages, meta.store_offsets)
+            return self._attend_kernels(layer_id, q, kv_cache, meta, out)
         q, k = self.rotate(q), self.rotate(k)
         self._store(i, k, v, kv_cache, meta, layer_id)
         for seq in meta.seqs:
@@ -559,34 +566,40 @@ class SageAttentionBackend(AttentionBackend):
         return self._reference_attention(layer_id, q, k_codes, k_scale.float(), v_codes,
                                          v_scale.float())  # fmt: skip
 
-    def _forward_kernels(
+    def _store_kernels(
         self,
         layer_id: int,
-        q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         cache: SageKVCache,
-        meta: SageMetadata,
-        out: torch.Tensor,
-    ) -> torch.Tensor:
-        """The Triton path: fused quantize-and-store, then paged 8-bit attention into out.
+        pages: torch.Tensor,
+        offsets: torch.Tensor,
+    ) -> None:
+        """The fused quantize-and-store of 8-bit layer layer_id: k, v [T, Hkv, D]
+        (unrotated: the kernel rotates k as it loads it) to pages, offsets [T] int64."""
+        from sageserve.attention.sage_attn.kernels.store import store_kv
 
-        q: [T, Hq, D], k, v: [T, Hkv, D] (unrotated: with the rotation on, the kernels rotate
-        q and k as they load them); out: [T, Hq, D]. Prefill chunks go through the prefill
-        kernel (the Gluon one with --sage-impl gluon), single-row sequences (decodes) through
-        the split-KV decode kernel; each writes its own rows of out.
+        c = self.layer_constants(layer_id)
+        store_kv(k, v, c.k_mean, c.balance, pages, offsets, *cache.layer(self.slot_of[layer_id]),
+                 rotation=self.rotation)  # fmt: skip
+
+    def _attend_kernels(
+        self, layer_id: int, q: torch.Tensor, cache: SageKVCache, meta: SageMetadata,
+        out: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """Paged 8-bit attention of 8-bit layer layer_id over keys already stored, into out.
+
+        q, out: [T, Hq, D] (q unrotated: with the rotation on, the kernels rotate q as they
+        load it). Prefill chunks go through the prefill kernel (the Gluon one with
+        --sage-impl gluon), single-row sequences (decodes) through the split-KV decode
+        kernel; each writes its own rows of out.
         """
         from sageserve.attention.sage_attn.kernels.decode import sage_decode_paged
         from sageserve.attention.sage_attn.kernels.prefill import sage_attention_paged
         from sageserve.attention.sage_attn.kernels.quantize_q import quantize_q
-        from sageserve.attention.sage_attn.kernels.store import store_kv
 
-        i = self.slot_of[layer_id]
-        c = self.layer_constants(layer_id)
-        rotation = self.rotation
-        caches = cache.layer(i)
-        store_kv(k, v, c.k_mean, c.balance, meta.store_pages, meta.store_offsets, *caches,
-                 rotation=rotation)  # fmt: skip
+        c, rotation = self.layer_constants(layer_id), self.rotation
+        caches = cache.layer(self.slot_of[layer_id])
         pre, dec = meta.kernel.prefill, meta.kernel.decode
         if pre is not None and pre.plan is not None:
             from sageserve.attention.sage_attn.kernels.gluon.prefill import sage_attention_ws
@@ -609,6 +622,64 @@ class SageAttentionBackend(AttentionBackend):
                               out, dec.workspace, sm_scale=c.sm_scale, rotation=rotation,
                               q_levels=self.sage.q_levels)  # fmt: skip
         return out
+
+    # ------------------------------------------------- K/V stores inside piecewise graphs
+
+    def piece_store(self, kv_cache: SageKVCache, rows: int) -> PieceStore | None:
+        """pages, offsets [rows] int64, padding the scratch page at offset 0, and the exact
+        layers' store; None on the reference path (it stores eagerly) or when the exact
+        layers' backend has no piece store."""
+        if not self.use_kernels:
+            return None
+        exact = None
+        if self.exact is not None:
+            exact = self.exact.piece_store(kv_cache.exact, rows)
+            if exact is None:
+                return None
+        padding = {"pages": kv_cache.scratch_page, "offsets": 0}
+        return PieceStore.allocate(rows, padding, self.options.device, exact)
+
+    def write_piece_store(self, store: PieceStore, batch: ForwardBatch, size: int) -> None:
+        """Four launches on the device (page and offset of each new slot, then padding),
+        and the exact layers' store."""
+        if store.exact is not None:
+            self.exact.write_piece_store(store.exact, batch, size)
+        n, rows = batch.num_tokens, store.first(size)
+        torch.floor_divide(batch.slot_mapping, batch.page_size, out=rows["pages"][:n])
+        torch.remainder(batch.slot_mapping, batch.page_size, out=rows["offsets"][:n])
+        store.pad(n, size)
+
+    def store(
+        self,
+        layer_id: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: SageKVCache,
+        store: PieceStore,
+        size: int,
+    ) -> None:
+        """k, v: [size, Hkv, D] of layer layer_id (unrotated) where the first `size` rows of
+        store say; an exact layer's through the exact backend's store."""
+        if layer_id in self.skipped:
+            i = self.slot_of[layer_id]
+            self.exact.store(i, k, v, kv_cache.exact, store.exact, size)
+            return
+        rows = store.first(size)
+        self._store_kernels(layer_id, k, v, kv_cache, rows["pages"], rows["offsets"])
+
+    def attend_stored(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        kv_cache: SageKVCache,
+        meta: SageMetadata,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """q, out: [T, Hq, D]: `forward` over K/V that `store` already wrote."""
+        if layer_id in self.skipped:
+            i = self.slot_of[layer_id]
+            return self.exact.attend_stored(i, q, kv_cache.exact, meta.exact, out)
+        return self._attend_kernels(layer_id, q, kv_cache, meta, out)
 
     def _decode_workspace(self, rows: int, page_size: int) -> DecodeWorkspace:
         """The split workspace for `rows` decodes, planned from static quantities only: the

@@ -123,12 +123,14 @@ class TorchNativeBackend(AttentionBackend):
         v: torch.Tensor,
         kv_cache: PagedKVCache,
         meta: TorchNativeMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] (exact softmax attention)."""
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] (exact softmax attention), into
+        out when given."""
         k_layer, v_layer = kv_cache.k[layer_id], kv_cache.v[layer_id]
         k_layer[meta.slot_mapping] = k.to(k_layer.dtype)
         v_layer[meta.slot_mapping] = v.to(v_layer.dtype)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         with _sdpa_backends(q.device):
             for seq in meta.prefills:
                 out[seq.q_start : seq.q_end] = _attend_prefill(q, k_layer, v_layer, seq)

@@ -16,6 +16,8 @@ CUDA graphs: decode is captured per padded batch size over static metadata
 workspace), which `graph_update` fills in one host-to-device copy; padded rows have kv_len 0
 (output 0) and slot -1 (the store skips them). The split count is planned for the padded
 batch size in eager steps too (`graph_sizes`), so both paths compute the same attention.
+The piecewise graphs of steps with prefill capture the store too (`piece_store`: a slot
+table padded with -1) and launch only the prefill and decode kernels (`attend_stored`).
 
 Runs on CUDA in fp16 or bf16. Without CUDA it runs only under Triton's interpreter
 (TRITON_INTERPRET=1, as the tests do), in fp16 or fp32 — never a silent torch fallback.
@@ -34,6 +36,7 @@ from sageserve.attention.base import (
     BackendOptions,
     GraphMetadata,
     KVCacheSpec,
+    PieceStore,
 )
 from sageserve.attention.batch import ForwardBatch
 from sageserve.attention.graph_sizes import padded_batch_size
@@ -203,20 +206,56 @@ class TritonBackend(AttentionBackend):
         v: torch.Tensor,
         kv_cache: PagedKVCache,
         meta: TritonMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] in q's dtype.
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D] in q's dtype (into out if given).
 
         Stores k, v at meta.slot_mapping, then attends: prefill rows and decode rows of a
         mixed step each by their kernel, into one output.
         """
+        store_kv(k, v, meta.slot_mapping, kv_cache.k[layer_id], kv_cache.v[layer_id])
+        out = torch.empty_like(q) if out is None else out
+        return self.attend_stored(layer_id, q, kv_cache, meta, out)
+
+    def attend_stored(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        kv_cache: PagedKVCache,
+        meta: TritonMetadata,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """q, out: [T, Hq, D]: the prefill and decode kernels over K/V already stored."""
         k_layer, v_layer = kv_cache.k[layer_id], kv_cache.v[layer_id]
-        store_kv(k, v, meta.slot_mapping, k_layer, v_layer)
-        out = torch.empty_like(q)
         if meta.prefill is not None:
             paged_prefill(q, k_layer, v_layer, meta.prefill, out)
         if meta.decode is not None:
             paged_decode(q, k_layer, v_layer, meta.decode, out)
         return out
+
+    # ------------------------------------------------- K/V stores inside piecewise graphs
+
+    def piece_store(self, kv_cache: PagedKVCache, rows: int) -> PieceStore:
+        """slot [rows] int64, padding -1 (the store skips it)."""
+        return PieceStore.allocate(rows, {"slot": -1}, self.options.device)
+
+    def write_piece_store(self, store: PieceStore, batch: ForwardBatch, size: int) -> None:
+        """Two launches on the device: the step's slots, then -1 on the padding rows."""
+        n = batch.num_tokens
+        store.first(size)["slot"][:n].copy_(batch.slot_mapping, non_blocking=True)
+        store.pad(n, size)
+
+    def store(
+        self,
+        layer_id: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: PagedKVCache,
+        store: PieceStore,
+        size: int,
+    ) -> None:
+        """k, v: [size, Hkv, D] into layer layer_id's cache at the first `size` slots."""
+        store_kv(k, v, store.first(size)["slot"], kv_cache.k[layer_id], kv_cache.v[layer_id])
 
     # ------------------------------------------------------------ CUDA graphs
 
