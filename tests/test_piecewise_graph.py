@@ -234,13 +234,15 @@ def _prompts_and_params(seed: int) -> tuple[list[list[int]], list[SamplingParams
     return prompts, params
 
 
-def test_engine_steps_through_the_pieces_on_cpu() -> None:
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_engine_steps_through_the_pieces_on_cpu(backend: str) -> None:
     """The engine (overlap schedule on, chunks of 96 beside decodes) with the piecewise
     path installed: every step runs through it, and greedy outputs match the eager
-    engine's (fp32; tokens equal up to a near-tie, logprobs to 1e-5)."""
+    engine's (fp32; tokens equal up to a near-tie, logprobs to 1e-5). triton stores K/V
+    inside the pieces (its piece store), torch with its attention."""
     loaded = _tiny_model(torch.float32, CPU)
     config = dataclasses.replace(
-        _engine_config("torch", SageOptions(), "cpu"),
+        _engine_config(backend, SageOptions(), "cpu"),
         scheduler=dataclasses.replace(EngineConfig().scheduler, chunked_prefill_size=96),
     )
     prompts, params = _prompts_and_params(11)
