@@ -40,10 +40,11 @@
 #    others (`lab/pdl_gemv_probe.py --rows 2,4`), then `bench offline` at batches 1, 2, 4,
 #    8 (512 in, 128 out) with the GEMV on and off, sage_attn, two rounds alternated.
 # 13. K/V stores inside the piecewise graphs: their GPU tests (replay against eager, the
-#    engine with piecewise graphs against every step eager), then 32 clients, 1024 in /
-#    256 out, with the stores inside the pieces (served) and eagerly with attention
-#    (`lab/serve_variant.py --piece-store off`) alternated, sage_attn two rounds, triton
-#    one: ITL p99 / p50 and the server's mixed steps (wall, device wait).
+#    engine with piecewise graphs against every step eager) and the direct launches'
+#    engine test, then 32 clients, 1024 in / 256 out, sage_attn, two rounds alternated:
+#    stores inside the pieces (served), stores eagerly with attention (`lab/serve_variant.py
+#    --piece-store off`), and stores inside with Triton's launches made directly
+#    (`--direct-launch on`): ITL p99 / p50 and the server's mixed steps (wall, device wait).
 # Each part has its own time limit, so that one stuck part leaves the others' results.
 all_parts=1,2,3,4,5,6,7,8,9,10,11,12,13
 source "$(dirname "$0")/parts.sh"
@@ -129,16 +130,17 @@ want 12 && timeout 200 python3 -m sageserve bench offline $M --backends sage_att
   --fused-gemv on,off --batch-sizes 1,2,4,8 --input-lens 512 --output-lens 128 --rounds 2 \
   --out "$out/offline-gemv-rows.json" > "$out/offline-gemv-rows.log" 2>&1
 want 12 && tail -12 "$out/offline-gemv-rows.log"
-want 13 && timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
-  tests/test_piecewise_graph.py > "$out/piece-store-gpu-tests.log" 2>&1
+want 13 && timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
+  tests/test_piecewise_graph.py tests/test_cuda_graph.py -k "piecewise or direct" \
+  > "$out/piece-store-gpu-tests.log" 2>&1
 want 13 && tail -3 "$out/piece-store-gpu-tests.log"
 if want 13; then
-  for run in sage_attn-r1 triton-r1 sage_attn-r2; do
-    backend=${run%-r*}
-    for store in on off; do
-      name="c32-$backend-store-$store-${run##*-}"
-      python3 lab/serve_variant.py --piece-store $store -- --port 30123 $M \
-        --attention-backend $backend > "$out/server-$name.log" 2>&1 &
+  for round in 1 2; do
+    for variant in "store-in" "store-eager:--piece-store off" "store-in-direct:--direct-launch on"; do
+      name="c32-sage_attn-${variant%%:*}-r$round"
+      flags=""; [[ $variant == *:* ]] && flags=${variant#*:}
+      python3 lab/serve_variant.py $flags -- --port 30123 $M --attention-backend sage_attn \
+        > "$out/server-$name.log" 2>&1 &
       pid=$!
       for _ in $(seq 1 200); do
         kill -0 $pid 2>/dev/null || { echo "[$name] server died"; break; }
