@@ -584,9 +584,13 @@ class SageAttentionBackend(AttentionBackend):
                  rotation=self.rotation)  # fmt: skip
 
     def _attend_kernels(
-        self, layer_id: int, q: torch.Tensor, cache: SageKVCache, meta: SageMetadata,
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        cache: SageKVCache,
+        meta: SageMetadata,
         out: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """Paged 8-bit attention of 8-bit layer layer_id over keys already stored, into out.
 
         q, out: [T, Hq, D] (q unrotated: with the rotation on, the kernels rotate q as they
