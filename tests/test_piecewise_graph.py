@@ -1,10 +1,12 @@
 """Piecewise CUDA graphs: token counts, the runner's static path, the engine with it.
 
 On CPU the static path runs eagerly (`PiecewiseGraphRunner(capture=False)`): the model over
-padded static inputs, each layer's q, k, v through the static buffers, attention over the
+padded static inputs, each layer's K/V stored through the backend's piece store over every
+padded row (or, without one, copied with q into the static buffers), attention over the
 real rows. Against the eager step it must give the same logits (to the linear layers'
 rounding at another row count; on the 8-bit path up to a code flip, int8_flips.py) and
-write the cache at the step's new slots only. The `gpu` tests capture and replay.
+write the cache at the step's new slots only (padding rows nowhere a sequence reads). The
+`gpu` tests capture and replay.
 """
 
 from __future__ import annotations
