@@ -44,7 +44,11 @@
 #    engine test, then 32 clients, 1024 in / 256 out, sage_attn, two rounds alternated:
 #    stores inside the pieces (served), stores eagerly with attention (`lab/serve_variant.py
 #    --piece-store off`), and stores inside with Triton's launches made directly
-#    (`--direct-launch on`): ITL p99 / p50 and the server's mixed steps (wall, device wait).
+#    (`--direct-launch on`): ITL p99 / p50 and the server's mixed steps (wall, device wait);
+#    before the servers, the next candidate's price: a mixed step's decode rows (split and
+#    merge) launched eagerly against replayed from a CUDA graph, host µs per layer
+#    (`lab/host_wrapper_probe.py --call decode`). Servers stop starting after 540 s of the
+#    script.
 # Each part has its own time limit, so that one stuck part leaves the others' results.
 all_parts=1,2,3,4,5,6,7,8,9,10,11,12,13
 source "$(dirname "$0")/parts.sh"
@@ -134,9 +138,13 @@ want 13 && timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
   tests/test_piecewise_graph.py tests/test_cuda_graph.py -k "piecewise or direct" \
   > "$out/piece-store-gpu-tests.log" 2>&1
 want 13 && tail -3 "$out/piece-store-gpu-tests.log"
+want 13 && timeout 120 python3 lab/host_wrapper_probe.py --device cuda --call decode \
+  --repeats 1000 > "$out/decode-graph-probe.json" 2> "$out/decode-graph-probe.log"
+want 13 && cat "$out/decode-graph-probe.json"
 if want 13; then
   for round in 1 2; do
     for variant in "store-in" "store-eager:--piece-store off" "store-in-direct:--direct-launch on"; do
+      (( SECONDS > 540 )) && { echo "part 13: no time left for $variant, round $round"; continue; }
       name="c32-sage_attn-${variant%%:*}-r$round"
       flags=""; [[ $variant == *:* ]] && flags=${variant#*:}
       python3 lab/serve_variant.py $flags -- --port 30123 $M --attention-backend sage_attn \

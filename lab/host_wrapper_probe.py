@@ -26,8 +26,13 @@ encoding among them). cProfile inflates every figure; the shares are what it is 
 backend stores K/V inside them (`backend.attend_stored` into a given output) instead of
 `backend.forward` (store and attention, a new output); `--call both` alternates the two.
 
+`--call decode` (CUDA only) prices the next candidate: the 31 decode rows' attention alone
+(split and merge kernels, `attend_stored` over decode-only metadata), launched eagerly
+against the same launches captured once in a CUDA graph and replayed (as per-layer graphs
+over the decode graphs' static tables would do in a mixed step).
+
     PYTHONPATH=. python lab/host_wrapper_probe.py [--repeats 2000] [--device cuda]
-        [--breakdown 500] [--call forward|attend_stored|both]
+        [--breakdown 500] [--call forward|attend_stored|both|decode]
 """
 
 from __future__ import annotations
@@ -78,6 +83,39 @@ def _mixed_batch(device: torch.device):
     slices.append(SequenceSlice(tables[31], 768, 256))
     ids = [[0] * s.query_len for s in slices]
     return build_forward_batch(slices, ids, [], PAGE, device), 32 * pages + 1
+
+
+def _decode_rows(variant: str, repeats: int, device: torch.device, counter) -> dict:
+    """The mixed batch's 31 decodes alone: attend_stored launched eagerly, then captured in
+    a CUDA graph and replayed; host µs per call of each (CUDA only)."""
+    from sageserve.attention.batch import build_forward_batch
+
+    backend = make_backend(variant, model_config(Q_HEADS, KV_HEADS, HEAD_DIM), torch.float16,
+                           device)  # fmt: skip
+    mixed, num_pages = _mixed_batch(device)
+    decodes = [s for s in mixed.seqs if s.query_len == 1]
+    batch = build_forward_batch(decodes, [[0]] * len(decodes), [], PAGE, device)
+    cache = backend.allocate(num_pages, PAGE)
+    q = torch.randn(len(decodes), Q_HEADS, HEAD_DIM, dtype=torch.float16, device=device)
+    out = torch.randn_like(q)
+    meta = backend.build_metadata(batch)
+
+    def eager():
+        backend.attend_stored(0, q, cache, meta, out)
+
+    for _ in range(20):
+        eager()
+    before = counter[0]
+    eager()
+    launches = counter[0] - before
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        eager()
+    rows = {"launches": launches}
+    for name, call in (("eager", eager), ("graph", graph.replay), ("eager_again", eager)):
+        rows[f"{name}_us"] = host_seconds_per_call(call, repeats, device) * 1e6
+    return rows
 
 
 def _count_launches() -> list[int]:
@@ -155,12 +193,21 @@ def main() -> None:
         metavar="CALLS",
         help="then profile this many calls with cProfile (0: none)",
     )
-    parser.add_argument("--call", default="forward", choices=["forward", "attend_stored", "both"])
+    parser.add_argument(
+        "--call", default="forward", choices=["forward", "attend_stored", "both", "decode"]
+    )
     parser.add_argument("--rounds", type=int, default=1, help="alternations of every timing")
     args = parser.parse_args()
     device = torch.device(args.device)
     counter = _count_launches() if device.type == "cuda" else _no_launches()
     torch.set_num_threads(1)
+    head = {"triton": triton.__version__, "torch": torch.__version__, "device": args.device}
+    if args.call == "decode":
+        if device.type != "cuda":
+            parser.error("--call decode captures a CUDA graph: it needs --device cuda")
+        rows = {v: _decode_rows(v, args.repeats, device, counter) for v in VARIANTS}
+        print(json.dumps(head | rows, indent=1))
+        return
     calls = ["forward", "attend_stored"] if args.call == "both" else [args.call]
     rows: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
@@ -169,7 +216,6 @@ def main() -> None:
                 row = _time(variant, args.repeats, device, counter, args.breakdown,
                             attend_stored=call == "attend_stored")  # fmt: skip
                 rows.setdefault(f"{variant} {call}", []).append(row)
-    head = {"triton": triton.__version__, "torch": torch.__version__, "device": args.device}
     print(json.dumps(head | rows, indent=1))
 
 
