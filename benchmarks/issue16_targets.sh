@@ -40,8 +40,9 @@
 #    others (`lab/pdl_gemv_probe.py --rows 2,4`), then `bench offline` at batches 1, 2, 4,
 #    8 (512 in, 128 out) with the GEMV on and off, sage_attn, two rounds alternated.
 # 13. K/V stores inside the piecewise graphs: their GPU tests (replay against eager, the
-#    engine with piecewise graphs against every step eager) and the direct launches'
-#    engine test, then 32 clients, 1024 in / 256 out, sage_attn, two rounds alternated:
+#    engine with piecewise graphs against every step eager, the shared parity test, whose
+#    layer 1 goes through store and attend_stored) and the direct launches' engine test,
+#    then 32 clients, 1024 in / 256 out, sage_attn, two rounds alternated:
 #    stores inside the pieces (served), stores eagerly with attention (`lab/serve_variant.py
 #    --piece-store off`), and stores inside with Triton's launches made directly
 #    (`--direct-launch on`): ITL p99 / p50 and the server's mixed steps (wall, device wait);
@@ -138,6 +139,9 @@ want 13 && timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
   tests/test_piecewise_graph.py tests/test_cuda_graph.py -k "piecewise or direct" \
   > "$out/piece-store-gpu-tests.log" 2>&1
 want 13 && tail -3 "$out/piece-store-gpu-tests.log"
+want 13 && timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider \
+  tests/test_attention_backends.py > "$out/parity-gpu-tests.log" 2>&1
+want 13 && tail -3 "$out/parity-gpu-tests.log"
 want 13 && timeout 120 python3 lab/host_wrapper_probe.py --device cuda --call decode \
   --repeats 1000 > "$out/decode-graph-probe.json" 2> "$out/decode-graph-probe.log"
 want 13 && cat "$out/decode-graph-probe.json"
