@@ -108,10 +108,14 @@ class PieceStore:
     of the layers a backend hands to another backend (sage_attn's exact layers), or None.
     """
 
-    rows: int
     tables: dict[str, torch.Tensor]
     padding: dict[str, int]
     exact: PieceStore | None = None
+
+    @property
+    def rows(self) -> int:
+        """How many tokens a step may store through these tables."""
+        return len(next(iter(self.tables.values())))
 
     @classmethod
     def allocate(
@@ -123,7 +127,7 @@ class PieceStore:
             name: torch.full((rows,), value, dtype=torch.int64, device=device)
             for name, value in padding.items()
         }
-        return cls(rows, tables, padding, exact)
+        return cls(tables, padding, exact)
 
     def first(self, size: int) -> dict[str, torch.Tensor]:
         """Each table's first `size` rows (views at the tables' own addresses)."""
